@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - set up, then run the main job (prune, retrain, bench, report) on built-in synthetic data
+#   make test   - set up, then run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export OMP_WAIT_POLICY := PASSIVE
+
+.PHONY: venv test demo bench lint
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/surgery sweep recipes/quickstart.yaml
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python benchmarks/prune_speed.py --csv benchmarks/prune_speed.csv
+
+lint: $(STAMP)
+	$(BIN)/ruff check surgery cli tests benchmarks

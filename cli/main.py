@@ -1,0 +1,61 @@
+"""The ``surgery`` command. Commands are thin wrappers over the library; this module maps known
+errors to one clear line (full traceback with ``SURGERY_DEBUG=1``)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported anywhere
+
+import sys  # noqa: E402
+
+import typer  # noqa: E402
+
+from cli.console import console, err_console  # noqa: E402
+
+app = typer.Typer(
+    name="surgery",
+    help="Physical structured pruning for object detectors: prune, retrain, bench, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+# one module per command group, each with ``register(app)``
+COMMAND_MODULES = ("models_cmd", "prune_cmd", "data_cmd", "train_cmd", "eval_cmd", "bench_cmd", "sweep_cmd", "export_cmd")
+
+
+def _register() -> None:
+    for optional in COMMAND_MODULES:
+        try:
+            mod = __import__(f"cli.{optional}", fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != f"cli.{optional}":
+                raise
+            continue
+        mod.register(app)
+
+
+_register()
+
+
+@app.callback()
+def _root() -> None:
+    """Physical structured pruning for object detectors: prune, retrain, bench, report."""
+
+
+def main() -> None:
+    from surgery.errors import SurgeryError
+
+    try:
+        app()  # standalone: typer/click handle usage errors and exit codes
+    except SurgeryError as e:
+        if os.environ.get("SURGERY_DEBUG") == "1":
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        err_console.print("[dim](set SURGERY_DEBUG=1 for the full traceback)[/]")
+        sys.exit(2)
+
+
+__all__ = ["app", "main", "console"]

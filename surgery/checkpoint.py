@@ -1,0 +1,227 @@
+"""Checkpoints that rebuild without pickled code.
+
+A checkpoint is a plain dict saved with ``torch.save`` and read with ``weights_only=True``:
+
+- ``model``: the :class:`~surgery.models.ModelSpec` (builder name or ``module:function`` + kwargs)
+- ``kind``: ``dense``, ``structured`` (channels cut) or ``masked`` (unstructured weight masks)
+- ``plan``: JSON-able pruning plan (groups, widths, Torch-Pruning's ``pruning_history()``, anchors)
+- ``masks``: for masked models, ``{param_name: bool tensor}`` kept during retraining
+- ``recipe``: the resolved recipe, ``metrics``: anything measured, ``train_state``: for ``--resume``
+- ``state_dict``: the weights
+
+:func:`load` rebuilds the architecture from the original builder, re-applies the structural part of
+the plan (anchor shapes), resizes every layer to the saved shapes and loads the weights. Writes are
+atomic (temporary file + rename), so a killed run never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .models import ModelSpec, build_model
+
+FORMAT = "surgery-checkpoint"
+FORMAT_VERSION = 1
+KINDS = ("dense", "structured", "masked")
+
+
+@dataclass
+class Checkpoint:
+    spec: ModelSpec
+    state_dict: dict[str, torch.Tensor]
+    kind: str = "dense"
+    plan: dict[str, Any] | None = None
+    masks: dict[str, torch.Tensor] | None = None
+    recipe: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    train_state: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "model": self.spec.to_dict(),
+            "kind": self.kind,
+            "plan": self.plan,
+            "masks": self.masks,
+            "recipe": self.recipe,
+            "metrics": self.metrics,
+            "train_state": self.train_state,
+            "meta": self.meta,
+            "state_dict": self.state_dict,
+        }
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    spec: ModelSpec,
+    *,
+    kind: str = "dense",
+    plan: dict[str, Any] | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+    recipe: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` and how to rebuild it, atomically."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    model = getattr(model, "module", model)  # unwrap DDP
+    ckpt = Checkpoint(
+        spec=spec,
+        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        kind=kind,
+        plan=plan,
+        masks={k: v.detach().cpu().bool() for k, v in masks.items()} if masks else None,
+        recipe=recipe,
+        metrics=dict(metrics or {}),
+        train_state=train_state,
+        meta={
+            "torch": torch.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    return atomic_save(ckpt.to_dict(), path)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        read_checkpoint(p)
+    except CheckpointError:
+        return False
+    return True
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a surgery checkpoint (no model is built)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, wrong magic, unsafe pickle...
+        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a torch file ({e.__class__.__name__})") from e
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a surgery checkpoint (a plain state dict can be given as the model's weights instead)"
+        )
+    if obj.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer surgery (format {obj.get('version')})")
+    return Checkpoint(
+        spec=ModelSpec.from_dict(obj["model"]),
+        state_dict=obj["state_dict"],
+        kind=obj.get("kind", "dense"),
+        plan=obj.get("plan"),
+        masks=obj.get("masks"),
+        recipe=obj.get("recipe"),
+        metrics=obj.get("metrics") or {},
+        train_state=obj.get("train_state"),
+        meta=obj.get("meta") or {},
+        path=path,
+    )
+
+
+def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Give every layer the shapes found in ``state_dict`` (the cut widths), keeping attributes
+    (``out_channels``, ``groups`` of depthwise convs, ``num_features``...) consistent."""
+    for mname, module in model.named_modules():
+        changed = False
+        for pname, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            saved = state_dict.get(f"{mname}.{pname}" if mname else pname)
+            if saved is None or tensor is None or saved.shape == tensor.shape:
+                continue
+            new = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, pname, nn.Parameter(new, requires_grad=tensor.requires_grad))
+            else:
+                module._buffers[pname] = new
+            changed = True
+        if changed:
+            _sync_attributes(module)
+
+
+def _sync_attributes(module: nn.Module) -> None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        w = module.weight
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            module.in_channels = w.shape[0]
+            module.out_channels = w.shape[1] * module.groups if not depthwise else w.shape[0]
+        else:
+            module.out_channels = w.shape[0]
+            module.in_channels = w.shape[1] * module.groups if not depthwise else w.shape[0]
+        if depthwise:
+            module.groups = module.in_channels = module.out_channels = w.shape[0]
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        module.num_features = (module.weight if module.weight is not None else module.running_mean).shape[0]
+    elif isinstance(module, nn.GroupNorm):
+        module.num_channels = module.weight.shape[0]
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Checkpoint]:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    ckpt = read_checkpoint(path)
+    spec = ModelSpec(ckpt.spec.name, {**ckpt.spec.kwargs})
+    # the architecture comes from the builder; the weights from the checkpoint
+    if "weights" in spec.kwargs:
+        spec.kwargs["weights"] = None
+    if "weights_backbone" in spec.kwargs:
+        spec.kwargs["weights_backbone"] = None
+    try:
+        model = build_model(spec)
+    except Exception as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {path}: cannot rebuild model {spec.name!r}: {e}") from e
+    if ckpt.plan:
+        from .anchors import apply_anchor_plan
+
+        apply_anchor_plan(model, ckpt.plan.get("anchors"))
+    resize_to_state_dict(model, ckpt.state_dict)
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not match model {spec.name!r}: {str(e).splitlines()[0]}") from e
+    return model.to(device), ckpt
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a surgery checkpoint (pruned, masked or dense) as a ready ``nn.Module``."""
+    return load_checkpoint(path, device)[0]

@@ -1,0 +1,307 @@
+"""Recipes: versioned YAML validated into dataclasses.
+
+A recipe is data. It is read with ``yaml.safe_load`` and every key is checked against the
+dataclasses below: an unknown key or a bad value raises :class:`RecipeError` naming the file, the
+dotted key and what is allowed. CLI flags override recipe values through :func:`apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ModelSection:
+    name: str = "fcos_resnet18_slim"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # None, a torchvision weights name ("DEFAULT") or a checkpoint path
+
+
+@dataclass
+class DataSection:
+    # "synthetic" (the built-in generated set), "coco:ROOT", "voc:ROOT", or an annotation json path
+    source: str = "synthetic"
+    root: str | None = None  # where the synthetic set is cached (default: ~/.cache/surgery)
+    images: int = 2000  # synthetic: training images (val gets a tenth, at least 20)
+    size: int = 160  # synthetic: image side in pixels
+    seed: int = 0
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        _check(self.images > 0, "images", "a positive integer")
+        _check(self.size >= 32, "size", "an integer >= 32")
+        kinds = ("synthetic", "coco:", "voc:")
+        _check(
+            self.source == "synthetic" or self.source.startswith(kinds[1:]) or self.source.endswith(".json"),
+            "source",
+            "'synthetic', 'coco:ROOT', 'voc:ROOT' or a COCO annotation .json",
+        )
+
+
+@dataclass
+class AGPSection:
+    """Zhu & Gupta's automated gradual pruning: s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3."""
+
+    initial_sparsity: float = 0.0
+    final_sparsity: float = 0.8
+    start_step: int = 0
+    end_step: int = 1000
+    frequency: int = 50
+
+    def validate(self) -> None:
+        _check(0.0 <= self.initial_sparsity < 1.0, "initial_sparsity", "a number in [0, 1)")
+        _check(0.0 < self.final_sparsity < 1.0, "final_sparsity", "a number in (0, 1)")
+        _check(self.initial_sparsity <= self.final_sparsity, "initial_sparsity", "<= final_sparsity")
+        _check(0 <= self.start_step < self.end_step, "end_step", "an integer > start_step >= 0")
+        _check(self.frequency >= 1, "frequency", "an integer >= 1")
+
+
+@dataclass
+class AnchorSection:
+    """Which anchor shapes to keep: indices into each level's (size x aspect-ratio) list."""
+
+    keep_sizes: list[int] | None = None  # per-level size indices to keep (same for every level)
+    keep_aspect_ratios: list[float] | None = None  # aspect-ratio values to keep
+
+
+@dataclass
+class PruneSection:
+    method: str = "l1"  # l1 | l2 | bn (structured) | magnitude (masked)
+    ratio: float = 0.5  # fraction of channels removed per coupled group
+    global_ranking: bool = False
+    round_to: int = 1
+    min_channels: int = 8
+    overrides: dict[str, float] = field(default_factory=dict)  # layer-name glob -> ratio
+    skip: list[str] = field(default_factory=list)  # layer-name globs never cut
+    anchors: AnchorSection | None = None
+    # masked pruning
+    sparsity: float = 0.8
+    scope: str = "layer"  # layer | global
+    agp: AGPSection | None = None
+
+    def validate(self) -> None:
+        _check(self.method in ("l1", "l2", "bn", "magnitude"), "method", "one of l1, l2, bn, magnitude")
+        _check(0.0 < self.ratio < 1.0, "ratio", "a number strictly between 0 and 1")
+        _check(0.0 < self.sparsity < 1.0, "sparsity", "a number strictly between 0 and 1")
+        _check(self.round_to >= 1, "round_to", "an integer >= 1")
+        _check(self.min_channels >= 1, "min_channels", "an integer >= 1")
+        _check(self.scope in ("layer", "global"), "scope", "'layer' or 'global'")
+        for k, v in self.overrides.items():
+            _check(0.0 <= v < 1.0, f"overrides.{k}", "a ratio in [0, 1)")
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    epochs: float | None = None  # if set, overrides steps (epochs x batches per epoch)
+    batch_size: int = 8
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | step | constant
+    step_milestones: list[float] = field(default_factory=lambda: [0.7, 0.9])  # fractions of steps
+    clip_grad: float | None = 10.0
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 200
+    log_every: int = 10
+    hflip: float = 0.5
+    amp: bool = True  # used on CUDA only
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.steps >= 1, "steps", "an integer >= 1")
+        _check(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        _check(self.optimizer in ("adamw", "sgd"), "optimizer", "'adamw' or 'sgd'")
+        _check(self.lr > 0, "lr", "a positive number")
+        _check(self.schedule in ("cosine", "step", "constant"), "schedule", "cosine, step or constant")
+        _check(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        _check(0.0 <= self.hflip <= 1.0, "hflip", "a probability in [0, 1]")
+
+
+@dataclass
+class BenchSection:
+    input_size: int = 320
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
+    warmup: int = 3
+    runs: int = 20
+    threads: int = 2
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        _check(self.input_size >= 32, "input_size", "an integer >= 32")
+        _check(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes", "positive integers")
+        _check(self.runs >= 1, "runs", "an integer >= 1")
+        _check(self.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'")
+
+
+@dataclass
+class SweepSection:
+    ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    match_masked: bool = True  # add masked variants at the same parameter reduction as each ratio
+    out: str = "runs/sweep"
+
+    def validate(self) -> None:
+        _check(all(0 < r < 1 for r in self.ratios), "ratios", "numbers strictly between 0 and 1")
+        _check(all(0 < s < 1 for s in self.sparsities), "sparsities", "numbers strictly between 0 and 1")
+
+
+@dataclass
+class Recipe:
+    version: int = SCHEMA_VERSION
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    prune: PruneSection = field(default_factory=PruneSection)
+    train: TrainSection = field(default_factory=TrainSection)  # dense baseline
+    retrain: TrainSection = field(default_factory=lambda: TrainSection(steps=300, warmup_steps=20))
+    bench: BenchSection = field(default_factory=BenchSection)
+    sweep: SweepSection = field(default_factory=SweepSection)
+    source: str | None = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# validation machinery
+
+
+class _FieldError(Exception):
+    def __init__(self, key: str, allowed: str, value: Any = None) -> None:
+        super().__init__(key)
+        self.key, self.allowed, self.value = key, allowed, value
+
+
+def _check(ok: bool, key: str, allowed: str) -> None:
+    if not ok:
+        raise _FieldError(key, allowed)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, key)
+            except _FieldError as e:
+                errors.append(e.allowed)
+        raise _FieldError(key, " or ".join(errors + (["null"] if type(None) in args else [])), value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _FieldError(key, "a mapping", value)
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _FieldError(key, f"a list of {getattr(args[0], '__name__', args[0])}", value)
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _FieldError(key, "a mapping", value)
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _FieldError(key, "true or false", value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _FieldError(key, "an integer", value)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _FieldError(key, "a number", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _FieldError(key, "a string", value)
+        return value
+    raise TypeError(f"unsupported recipe type {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    values = {}
+    for k, v in data.items():
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _FieldError(f"{prefix}{k}", f"one of: {', '.join(fields)}{hint}", v)
+        values[k] = _convert(hints[k], v, f"{prefix}{k}")
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        try:
+            obj.validate()
+        except _FieldError as e:
+            raise _FieldError(f"{prefix}{e.key}", e.allowed, getattr(obj, e.key.split(".")[0], None)) from None
+    return obj
+
+
+def _error(source: str, e: _FieldError) -> RecipeError:
+    got = "" if e.value is None else f" (got {e.value!r})"
+    return RecipeError(f"{source}: bad value for '{e.key}'{got}: expected {e.allowed}")
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    version = data.get("version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise RecipeError(f"{source}: recipe version {version!r} is not supported (this surgery reads {SCHEMA_VERSION})")
+    try:
+        recipe = _build(Recipe, data)
+    except _FieldError as e:
+        raise _error(source, e) from None
+    recipe.source = source
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    return recipe_from_dict(data, str(path))
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """Return a new recipe with dotted keys (``"prune.ratio"``) replaced; ``None`` values are ignored."""
+    data = recipe.to_dict()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+        node[leaf] = value
+    return recipe_from_dict(data, recipe.source or "<recipe>")
