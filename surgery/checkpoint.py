@@ -107,7 +107,7 @@ def save_checkpoint(
         metrics=dict(metrics or {}),
         train_state=train_state,
         meta={
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),  # TorchVersion is not weights_only-loadable
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     )
