@@ -467,7 +467,7 @@ class DetectionDataset(Dataset):
         self.has_masks = all(r.segs is not None and all(s for s in r.segs) for r in self.records) and any(
             len(r.labels) for r in self.records
         )
-        self.has_keypoints = any("keypoints" in a for a in data.gt["annotations"][:1000])
+        self.has_keypoints = any("keypoints" in a for a in data.gt["annotations"])
         self.with_masks = bool(with_masks and self.has_masks)
 
     # ---------------------------------------------------------------------------------------
@@ -919,7 +919,6 @@ def build_dataset(
         return VOCDetection(source[4:], split, train=train, hflip=hflip, name=source)
     if source.endswith(".json"):
         ann = Path(source).expanduser()
-        _read_coco_json(ann)  # clear errors before looking for images
         return CocoDetection(_json_image_dirs(ann), ann, train=train, with_masks=with_masks, hflip=hflip, name=source, split=split)
     raise DataError(f"unknown data source {source!r}: expected 'synthetic', 'coco:ROOT', 'voc:ROOT' or a COCO annotation .json")
 
