@@ -80,12 +80,19 @@ def _check_sparsity(sparsity: float, scope: str) -> None:
 def _mask_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """A bool mask over ``scores`` (flat) with exactly the ``k`` smallest set to False.
 
-    A stable sort breaks ties by position, so the count is exact and the result deterministic.
+    Linear time (``kthvalue``); ties at the threshold are pruned in order of position, so the
+    count is exact and the result deterministic.
     """
-    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.argsort(scores, stable=True)
-        mask[order[:k]] = False
+    n = scores.numel()
+    if k <= 0:
+        return torch.ones(n, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    threshold = torch.kthvalue(scores, k).values
+    mask = scores > threshold  # ties at the threshold start pruned
+    need = k - int((scores < threshold).sum())  # how many of the ties must stay pruned
+    ties = torch.nonzero(scores == threshold).flatten()
+    mask[ties[need:]] = True
     return mask
 
 
