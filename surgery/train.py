@@ -380,19 +380,10 @@ class _ResumableSampler(DistributedSampler):
         return iter(indices[skip:])
 
 
-def _fallback_collate(batch: list[Any]) -> tuple[Any, ...]:
-    return tuple(zip(*batch, strict=True))
-
-
 def _make_loader(dataset: Dataset, batch_size: int, sampler: _ResumableSampler, num_workers: int, seed: int) -> DataLoader:
+    from .data import make_loader
+
     drop_last = len(sampler) >= batch_size
-    try:
-        from .data import make_loader
-    except ImportError:
-        return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-            collate_fn=_fallback_collate, drop_last=drop_last,
-        )  # fmt: skip
     return make_loader(
         dataset, batch_size, shuffle=False, num_workers=num_workers, sampler=sampler, seed=seed, drop_last=drop_last
     )

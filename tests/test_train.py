@@ -331,3 +331,23 @@ def test_ddp_two_processes_gloo(tmp_path: Path):
     assert ckpt.kind == "masked" and ckpt.train_state["step"] == 3 and ckpt.train_state["world_size"] == 2
     for name, m in ckpt.masks.items():
         assert torch.equal(m, r0["masks"][name])
+
+
+def test_eval_hook_records_metrics_in_history_and_checkpoint(tmp_path: Path):
+    from surgery.data import build_dataset
+
+    kw = dict(synth_root=tmp_path / "synth", images=16, size=SIZE)
+    train_set = build_dataset("synthetic", "train", train=True, **kw)
+    val_set = build_dataset("synthetic", "val", train=False, **kw)
+    spec = ModelSpec(SPEC.name, {**SPEC.kwargs, "num_classes": train_set.num_classes})
+    torch.manual_seed(0)
+    out = tmp_path / "run.pt"
+    cfg = _cfg(steps=3, eval_every=2)
+    result = Trainer(
+        build_model(spec), spec, train_set, cfg, val_set=val_set, out=out, eval_max_images=4
+    ).train()
+    assert [h["step"] for h in result.history] == [2, 3]
+    assert {"mAP", "mAP50"} <= set(result.metrics)
+    ckpt = read_checkpoint(out)
+    assert ckpt.metrics["mAP50"] == result.metrics["mAP50"]
+    assert [h["step"] for h in ckpt.train_state["history"]] == [2, 3]
