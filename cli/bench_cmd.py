@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich import box
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.console import console
+
+
+def _si(x: float | None, unit: str = "", digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.{digits}f}{suffix}{unit}"
+    return f"{x:.0f}{unit}"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.2f}"
+
+
+def _load_dataset(source: str) -> Any:
+    """Build the validation split of ``source`` with surgery.data (lazily: bench works without it)."""
+    from surgery import data as sdata
+    from surgery.recipe import DataSection
+
+    section = DataSection(source=source)
+    section.validate()
+    for name in ("build_dataset", "load_dataset", "make_dataset", "get_dataset"):
+        fn = getattr(sdata, name, None)
+        if callable(fn):
+            try:
+                return fn(section, split="val")
+            except TypeError:
+                return fn(section)
+    from surgery.errors import DataError
+
+    raise DataError("surgery.data has no dataset builder (build_dataset/load_dataset) to read --data")
+
+
+def bench(
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoints to compare; the FIRST is the dense reference."),
+    data: str | None = typer.Option(None, "--data", help="Dataset for mAP (synthetic, coco:ROOT, voc:ROOT, ann.json)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    input_size: int = typer.Option(320, "--input-size", help="Square input side in pixels."),
+    runs: int = typer.Option(20, "--runs", help="Timed runs per model and batch size."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed warm-up runs per model and batch size."),
+    threads: int = typer.Option(2, "--threads", help="torch.set_num_threads during timing."),
+    batch_size: list[int] = typer.Option([1, 4], "--batch-size", help="Batch size (repeat for several)."),
+    csv: Path | None = typer.Option(None, "--csv", help="Write every number to this CSV (fixed columns)."),
+) -> None:
+    """Measure params, MACs, latency (interleaved across models), file size and optionally mAP."""
+    from surgery.measure import bench_checkpoints, write_csv
+    from surgery.recipe import recipe_from_dict
+
+    options = {"input_size": input_size, "batch_sizes": list(batch_size), "warmup": warmup, "runs": runs,
+               "threads": threads, "device": device}
+    cfg = recipe_from_dict({"bench": options}, "bench options").bench
+    dataset = _load_dataset(data) if data else None
+
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("loading", total=None)
+
+        def progress(what: str, done: float, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        rows = bench_checkpoints(checkpoints, cfg, dataset=dataset, progress=progress)
+
+    table = Table(
+        title=f"bench {input_size}px {device}, {rows[0].threads if rows else threads} threads, "
+        f"median of {runs} interleaved runs; x = vs {Path(rows[0].checkpoint).name if rows else 'first'}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("checkpoint", no_wrap=True, overflow="fold")
+    table.add_column("bs", justify="right")
+    table.add_column("params\nnonzero", justify="right")
+    table.add_column("MACs", justify="right")
+    table.add_column("ms\np90", justify="right")
+    table.add_column("img/s", justify="right")
+    table.add_column("gzip", justify="right")
+    with_map = any(r.mAP is not None for r in rows)
+    if with_map:
+        table.add_column("mAP\nmAP50", justify="right")
+    table.add_column("params x\nMACs x", justify="right")
+    table.add_column("latency\nx", justify="right")
+    for r in rows:
+        kind = r.kind if r.method in (r.kind, "dense") else f"{r.kind} {r.method}"
+        cells = [
+            f"{Path(r.checkpoint).name}\n[dim]{kind}[/]",
+            str(r.batch_size),
+            f"{_si(r.params)}\n{_si(r.params_nonzero)}",
+            _si(r.macs),
+            f"{r.latency_ms_median:.1f}\n{r.latency_ms_p90:.1f}",
+            f"{r.images_per_s:.1f}",
+            _si(r.file_gzip_bytes, "B", 1),
+        ]
+        if with_map:
+            cells.append("-" if r.mAP is None else f"{r.mAP:.3f}\n{r.mAP50 or 0:.3f}")
+        cells += [f"{_ratio(r.params_ratio)}\n{_ratio(r.macs_ratio)}", _ratio(r.latency_ratio)]
+        table.add_row(*cells)
+    console.print(table)
+    console.print(
+        "[dim]MACs: fvcore (1 fused multiply-add = 1), two-stage models at their test-time RoI count; "
+        "masked models keep dense MACs and are timed with masks folded into the weights; "
+        "gzip: the weights alone, gzipped.[/]"
+    )
+    if csv is not None:
+        write_csv(rows, csv)
+        console.print(f"wrote {csv}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
