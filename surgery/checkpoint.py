@@ -210,16 +210,45 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"checkpoint {path}: cannot rebuild model {spec.name!r}: {e}") from e
-    if ckpt.plan:
-        from .anchors import apply_anchor_plan
-
-        apply_anchor_plan(model, ckpt.plan.get("anchors"))
+    apply_structure(model, ckpt.plan)
     resize_to_state_dict(model, ckpt.state_dict)
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not match model {spec.name!r}: {str(e).splitlines()[0]}") from e
     return model.to(device), ckpt
+
+
+def apply_structure(model: nn.Module, plan: dict[str, Any] | None) -> None:
+    """Re-apply the non-weight part of a plan chain (anchor shapes), oldest first."""
+    if not plan:
+        return
+    apply_structure(model, plan.get("previous"))
+    if plan.get("anchors"):
+        from .anchors import apply_anchor_plan
+
+        apply_anchor_plan(model, plan["anchors"])
+
+
+def looks_like_path(source: str) -> bool:
+    return Path(source).suffix in {".pt", ".pth", ".ckpt"} or Path(source).is_file()
+
+
+def resolve_model(
+    source: str, kwargs: dict[str, Any] | None = None, weights: str | None = None
+) -> tuple[nn.Module, ModelSpec, Checkpoint | None]:
+    """A model from a registered name, ``module:function`` or a surgery checkpoint path.
+
+    Returns the model, the spec that rebuilds its architecture, and the checkpoint if any.
+    """
+    if ":" not in source and looks_like_path(source):
+        model, ckpt = load_checkpoint(source)
+        return model, ckpt.spec, ckpt
+    kw = dict(kwargs or {})
+    if weights is not None:
+        kw["weights"] = weights
+    spec = ModelSpec(source, kw)
+    return build_model(spec), spec, None
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -13,15 +13,18 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import resolve_model, save_checkpoint
 from .errors import PruningError
 from .graph import LAYER_TYPES, ChannelGroup, DetectorGraph, trace
 from .importance import get_importance
-from .recipe import PruneSection
+from .models import ModelSpec
+from .recipe import PruneSection, Recipe
 
 
 @dataclass
@@ -277,6 +280,49 @@ def prune_model(
     return PruneResult(plan=plan, report=report, graph=graph)
 
 
+@dataclass
+class PruneOutcome:
+    """What :func:`prune_checkpoint` wrote."""
+
+    path: Path
+    kind: str  # structured | masked
+    spec: ModelSpec
+    structured: PruneResult | None = None
+    masked: Any = None  # surgery.masked.MaskedResult
+
+
+def prune_checkpoint(
+    source: str,
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    trace_size: int = 256,
+    macs_input_size: int | None = None,
+) -> PruneOutcome:
+    """Prune a model (registered name, ``module:function`` or checkpoint) as the recipe says and
+    write the pruned checkpoint atomically. ``method: magnitude`` gives a masked model."""
+    model, spec, prior = resolve_model(source, recipe.model.kwargs, recipe.model.weights)
+    cfg = recipe.prune
+    previous = prior.plan if prior is not None else None
+    if cfg.method == "magnitude":
+        from .masked import prune_masked
+
+        masked = prune_masked(model, cfg.sparsity, cfg.scope)
+        plan = {"method": "magnitude", "sparsity": cfg.sparsity, "scope": cfg.scope, "previous": previous,
+                **{k: v for k, v in masked.to_dict().items() if k != "layer_sparsity"}}
+        path = save_checkpoint(out, model, spec, kind="masked", plan=plan, masks=masked.masks,
+                               recipe=recipe.to_dict(), metrics={"params": count_params(model)})
+        return PruneOutcome(path=path, kind="masked", spec=spec, masked=masked)
+    result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size)
+    result.plan["previous"] = previous
+    metrics = {"params": result.report.params_after}
+    if result.report.macs_after is not None:
+        metrics["macs"] = result.report.macs_after
+    path = save_checkpoint(out, model, spec, kind="structured", plan=result.plan, recipe=recipe.to_dict(),
+                           metrics=metrics)
+    return PruneOutcome(path=path, kind="structured", spec=spec, structured=result)
+
+
 def inspect_model(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str] = ()) -> DetectorGraph:
     """Trace without cutting (what ``surgery inspect`` shows)."""
     check_patterns(model, skip, "skip")
@@ -303,5 +349,6 @@ __all__ = [
     "keep_count",
     "layer_widths",
     "plan_channels",
+    "prune_checkpoint",
     "prune_model",
 ]

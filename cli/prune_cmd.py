@@ -1,0 +1,156 @@
+"""``surgery prune`` and ``surgery inspect``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cli.common import parse_kv, resolve_recipe
+from cli.console import console
+
+
+def _fmt(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def _parse_anchors(text: str | None) -> dict | None:
+    """``"ratios=0.5,1.0;sizes=0"`` -> AnchorSection dict."""
+    if not text:
+        return None
+    out: dict = {}
+    for part in text.split(";"):
+        key, _, vals = part.partition("=")
+        key = key.strip()
+        try:
+            if key in ("ratios", "aspect_ratios", "keep_aspect_ratios"):
+                out["keep_aspect_ratios"] = [float(v) for v in vals.split(",") if v.strip()]
+            elif key in ("sizes", "keep_sizes"):
+                out["keep_sizes"] = [int(v) for v in vals.split(",") if v.strip()]
+            else:
+                raise ValueError(key)
+        except ValueError:
+            from surgery.errors import RecipeError
+
+            raise RecipeError(
+                f"--anchors {text!r}: expected 'ratios=R1,R2' and/or 'sizes=I1,I2' separated by ';'"
+            ) from None
+    return out
+
+
+def prune(
+    model: str = typer.Option(None, "--model", "-m", help="Registered name, package.module:function, or a checkpoint."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML; flags override its values."),
+    ratio: float = typer.Option(None, help="Fraction of channels cut in every coupled group (0 < r < 1)."),
+    method: str = typer.Option(None, help="l1 | l2 | bn (structured) or magnitude (masked)."),
+    global_ranking: bool = typer.Option(None, "--global/--uniform", help="Rank channels across all groups."),
+    round_to: int = typer.Option(None, help="Round kept widths up to a multiple of this (8, 16)."),
+    min_channels: int = typer.Option(None, help="Never keep fewer channels in a group."),
+    override: list[str] = typer.Option(None, "--override", help="LAYER_GLOB=RATIO (repeatable)."),
+    skip: list[str] = typer.Option(None, "--skip", help="LAYER_GLOB never cut (repeatable)."),
+    anchors: str = typer.Option(None, help="Keep only these anchor shapes: 'ratios=1.0;sizes=0,1'."),
+    sparsity: float = typer.Option(None, help="Masked pruning: fraction of weights zeroed."),
+    scope: str = typer.Option(None, help="Masked pruning: layer | global."),
+    weights: str = typer.Option(None, help="torchvision weights name (DEFAULT) or a local weights file."),
+    kwarg: list[str] = typer.Option(None, "--kwarg", "-k", help="Builder argument KEY=VALUE (repeatable)."),
+    macs_size: int = typer.Option(None, help="Input size for the MACs count (default: recipe bench.input_size)."),
+    out: Path = typer.Option(Path("pruned.pt"), "--out", "-o", help="Where to write the pruned checkpoint."),
+) -> None:
+    """Cut channels (or mask weights) of a detector and save a checkpoint that reloads without code."""
+    from surgery.errors import RecipeError
+    from surgery.prune import prune_checkpoint
+
+    overrides = {
+        "prune.ratio": ratio,
+        "prune.method": method,
+        "prune.global_ranking": global_ranking,
+        "prune.round_to": round_to,
+        "prune.min_channels": min_channels,
+        "prune.overrides": {k: float(v) for k, v in parse_kv(override, "--override").items()} or None,
+        "prune.skip": list(skip) if skip else None,
+        "prune.anchors": _parse_anchors(anchors),
+        "prune.sparsity": sparsity,
+        "prune.scope": scope,
+        "model.weights": weights,
+    }
+    rec = resolve_recipe(recipe, overrides)
+    if kwarg:
+        rec.model.kwargs.update(parse_kv(kwarg, "--kwarg"))
+    source = model or rec.model.name
+    if not source:
+        raise RecipeError("no model: pass --model or a recipe with model.name")
+    with console.status(f"[bold]pruning {source}[/] (tracing, ranking, cutting)…"):
+        outcome = prune_checkpoint(source, rec, out, macs_input_size=macs_size or rec.bench.input_size)
+    if outcome.masked is not None:
+        m = outcome.masked
+        console.print(
+            f"masked {source}: {m.sparsity:.0%} of conv/linear weights zeroed ({m.scope}); "
+            f"params {_fmt(m.total_params)} (unchanged), non-zero {_fmt(m.nonzeros_before)} -> {_fmt(m.nonzeros_after)}"
+        )
+    else:
+        _print_report(source, outcome.structured.report)
+    console.print(f"saved [bold]{outcome.path}[/] (kind: {outcome.kind})")
+
+
+def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
+    table = Table(title=f"{source}: {report.method} ratio {report.ratio} ({'global' if report.global_ranking else 'uniform'})")
+    for col in ("group", "root layer", "layers", "channels", "kept"):
+        table.add_column(col, justify="right" if col in ("group", "layers", "channels") else "left")
+    for g in report.groups:
+        kept = f"{g.channels_after}" if g.prunable else f"[dim]{g.reason}[/]"
+        table.add_row(str(g.index), g.root, str(len(g.layers)), str(g.channels_before), kept)
+    console.print(table)
+    macs = ""
+    if report.macs_ratio is not None:
+        macs = f"  MACs {_fmt(report.macs_before)} -> {_fmt(report.macs_after)} ({report.macs_ratio:.0%}, fvcore)"
+    console.print(
+        f"params {_fmt(report.params_before)} -> {_fmt(report.params_after)} ({report.params_ratio:.0%}){macs}\n"
+        f"output layers kept whole: {', '.join(report.output_layers)}\n"
+        f"analysis {report.seconds_analysis:.2f}s, cut {report.seconds_cut:.2f}s"
+    )
+    if report.anchors:
+        for gen in report.anchors["generators"]:
+            after = [len(k) for k in gen["keep"]]
+            console.print(f"anchors {gen['path']}: per level {gen['before']} -> {after}")
+
+
+def inspect(
+    model: str = typer.Option(None, "--model", "-m", help="Registered name, package.module:function, or a checkpoint."),
+    recipe: Path = typer.Option(None, "--recipe", "-r"),
+    skip: list[str] = typer.Option(None, "--skip", help="LAYER_GLOB never cut (repeatable)."),
+    kwarg: list[str] = typer.Option(None, "--kwarg", "-k", help="Builder argument KEY=VALUE (repeatable)."),
+    layers: bool = typer.Option(False, "--layers", help="List every layer of every group."),
+) -> None:
+    """Show the coupled channel groups and their widths without cutting anything."""
+    from surgery.checkpoint import resolve_model
+    from surgery.errors import RecipeError
+    from surgery.prune import inspect_model
+
+    rec = resolve_recipe(recipe, {"prune.skip": list(skip) if skip else None})
+    rec.model.kwargs.update(parse_kv(kwarg, "--kwarg"))
+    source = model or rec.model.name
+    if not source:
+        raise RecipeError("no model: pass --model or a recipe with model.name")
+    with console.status(f"tracing {source}…"):
+        net, _, _ = resolve_model(source, rec.model.kwargs, rec.model.weights)
+        graph = inspect_model(net, skip=rec.prune.skip)
+    table = Table(title=f"{source}: {len(graph.groups)} coupled channel groups")
+    for col in ("group", "root layer", "channels", "producers", "consumers", "prunable"):
+        table.add_column(col)
+    for g in graph.groups:
+        prod = ", ".join(g.producers) if layers else str(len(g.producers))
+        cons = ", ".join(g.consumers) if layers else str(len(g.consumers))
+        table.add_row(str(g.index), g.root, str(g.channels), prod, cons, "yes" if g.prunable else f"no ({g.reason})")
+    console.print(table)
+    console.print(f"output layers (never cut): {', '.join(graph.output_layers)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prune")(prune)
+    app.command("inspect")(inspect)
