@@ -1,0 +1,209 @@
+"""Ranking criteria, global ranking, overrides, skips, rounding, anchor surgery, user-built and
+FrozenBatchNorm2d detectors, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import surgery
+from surgery.anchors import prune_anchors
+from surgery.checkpoint import save_checkpoint
+from surgery.errors import PruningError
+from surgery.graph import dummy_inputs, trace
+from surgery.importance import list_importances
+from surgery.models import ModelSpec, build_model
+from surgery.prune import keep_count, prune_model
+from surgery.recipe import AnchorSection, PruneSection
+from tests.helpers import TEST_SIZE, assert_outputs_close, eval_outputs, small_model
+
+SLIM = {"num_classes": 5, "min_size": 128, "max_size": 128}
+
+
+def _slim() -> nn.Module:
+    return build_model("fcos_resnet18_slim", **SLIM)
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def test_keep_count_rounding_and_floors() -> None:
+    assert keep_count(256, 0.5) == 128
+    assert keep_count(100, 0.5, round_to=8) == 56
+    assert keep_count(64, 0.9, min_channels=16) == 16
+    assert keep_count(256, 0.5, multiple_of=32) == 128
+    assert keep_count(256, 0.6, multiple_of=32) == 128  # 102.4 -> 128, stays GroupNorm-divisible
+    assert keep_count(10, 0.5, min_channels=16) == 10  # never widens
+
+
+@pytest.mark.parametrize("method", list_importances())
+def test_every_ranking_method_prunes(method: str) -> None:
+    model = _slim()
+    res = prune_model(model, PruneSection(method=method, ratio=0.5))
+    assert res.report.params_ratio < 0.5
+    out = eval_outputs(model, [torch.rand(3, 128, 128)])
+    assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_bn_ranking_cuts_smallest_gammas() -> None:
+    model = _slim()
+    bn = model.backbone.body.bn1
+    with torch.no_grad():
+        bn.weight.fill_(1.0)
+        bn.weight[[3, 5, 7, 11]] = 1e-4
+    graph = trace(model)
+    from surgery.prune import plan_channels
+
+    plan = plan_channels(graph, PruneSection(method="bn", ratio=4 / 64, min_channels=1))
+    group = graph.group_of("backbone.body.conv1")
+    assert plan[group.index] == [3, 5, 7, 11]
+
+
+def test_round_to_and_min_channels() -> None:
+    model = _slim()
+    res = prune_model(model, PruneSection(ratio=0.55, round_to=16, min_channels=32))
+    for g in res.report.groups:
+        if g.prunable and g.channels_after < g.channels_before:
+            assert g.channels_after % 16 == 0, g
+            assert g.channels_after >= 32, g
+
+
+def test_skip_and_override_patterns() -> None:
+    model = _slim()
+    before = _widths(model)
+    prune_model(model, PruneSection(ratio=0.5, skip=["backbone.fpn.layer_blocks.*"], overrides={"head.classification_head.conv.*": 0.25}))
+    after = _widths(model)
+    for n in before:
+        if n.startswith("backbone.fpn.layer_blocks"):
+            assert after[n] == before[n], n
+    assert after["head.classification_head.conv.0"] == 96  # 128 * 0.75, GroupNorm(32)-divisible
+    assert after["backbone.body.layer1.0.conv1"] == 32  # the default ratio elsewhere
+
+
+def test_global_ranking_varies_widths_and_hits_the_ratio() -> None:
+    model = _slim()
+    res = prune_model(model, PruneSection(ratio=0.4, global_ranking=True, min_channels=1))
+    prunable = [g for g in res.report.groups if g.prunable]
+    ratios = {round(g.channels_after / g.channels_before, 2) for g in prunable}
+    assert len(ratios) > 2  # not uniform
+    removed = 1 - res.report.channels_after / res.report.channels_before
+    assert 0.3 < removed < 0.5
+
+
+def test_bad_patterns_and_methods_are_clear_errors() -> None:
+    with pytest.raises(PruningError, match="matches no layer"):
+        prune_model(_slim(), PruneSection(skip=["backbone.nothing_here"]))
+    with pytest.raises(PruningError, match="matches no layer"):
+        prune_model(_slim(), PruneSection(overrides={"head.nope*": 0.2}))
+    with pytest.raises(PruningError, match="masked"):
+        prune_model(_slim(), PruneSection(method="magnitude"))
+
+
+# ---------------------------------------------------------------------------------------------
+# anchors
+
+
+def _head_outputs(model: nn.Module, images: list[torch.Tensor]):
+    model.eval()
+    with torch.no_grad():
+        imgs, _ = model.transform(images)
+        feats = model.backbone(imgs.tensors)
+        feats = list(feats.values()) if isinstance(feats, dict) else feats
+        if hasattr(model, "rpn"):
+            obj, deltas = model.rpn.head(feats)
+            anchors = model.rpn.anchor_generator(imgs, feats)
+            return {"cls": obj, "box": deltas}, anchors
+        return model.head(feats), model.anchor_generator(imgs, feats)
+
+
+def test_anchor_surgery_retinanet_keeps_surviving_predictions() -> None:
+    model = small_model("retinanet_resnet50_fpn", num_classes=7)
+    images = [torch.rand(3, TEST_SIZE, TEST_SIZE)]
+    heads_before, anchors_before = _head_outputs(model, images)
+    plan = prune_anchors(model, AnchorSection(keep_aspect_ratios=[1.0], keep_sizes=[0, 2]))
+    keep = plan["generators"][0]["keep"][0]
+    assert keep == [3, 5]  # ratio 1.0 is the middle ratio: anchors 3..5, sizes 0 and 2
+    assert model.head.classification_head.cls_logits.out_channels == 2 * 7
+    assert model.head.regression_head.bbox_reg.out_channels == 2 * 4
+    heads_after, anchors_after = _head_outputs(model, images)
+    # per-level anchors: [H*W*A, 4] -> keep the same anchors
+    a0 = anchors_before[0].view(-1, 9, 4)[:, keep].reshape(-1, 4)
+    torch.testing.assert_close(anchors_after[0], a0)
+    cls_b = heads_before["cls_logits"].view(1, -1, 9, 7)[:, :, keep].reshape(1, -1, 7)
+    torch.testing.assert_close(heads_after["cls_logits"], cls_b)
+    box_b = heads_before["bbox_regression"].view(1, -1, 9, 4)[:, :, keep].reshape(1, -1, 4)
+    torch.testing.assert_close(heads_after["bbox_regression"], box_b)
+    out = eval_outputs(model, images)
+    assert torch.isfinite(out[0]["boxes"]).all()
+
+
+def test_anchor_surgery_rpn_and_reload(tmp_path) -> None:
+    spec = ModelSpec("fasterrcnn_mobilenet_v3_large_320_fpn", {"min_size": TEST_SIZE, "max_size": TEST_SIZE})
+    model = build_model(spec)
+    images = [torch.rand(3, TEST_SIZE, TEST_SIZE)]
+    res = prune_model(model, PruneSection(ratio=0.3, anchors=AnchorSection(keep_aspect_ratios=[0.5, 2.0])))
+    gen = res.plan["anchors"]["generators"][0]
+    assert gen["before"] == [15] * 3 and [len(k) for k in gen["keep"]] == [10] * 3
+    assert model.rpn.head.cls_logits.out_channels == 10
+    assert model.rpn.head.bbox_pred.out_channels == 40
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [10] * 3
+    path = save_checkpoint(tmp_path / "a.pt", model, spec, kind="structured", plan=res.plan)
+    reloaded = surgery.load(path)
+    assert reloaded.rpn.anchor_generator.num_anchors_per_location() == [10] * 3
+    assert_outputs_close(eval_outputs(model, images), eval_outputs(reloaded, images), atol=1e-5)
+
+
+def test_anchor_surgery_ssd_per_level_heads() -> None:
+    model = build_model("ssdlite320_mobilenet_v3_large", num_classes=5)
+    before = model.anchor_generator.num_anchors_per_location()
+    images = [torch.rand(3, 320, 320)]
+    heads_before, _ = _head_outputs(model, images)
+    plan = prune_anchors(model, AnchorSection(keep_aspect_ratios=[1.0, 2.0]))
+    after = [len(k) for k in plan["generators"][0]["keep"]]
+    assert before == [6] * 6 and after == [4] * 6
+    heads_after, _ = _head_outputs(model, images)
+    # SSD concatenates levels; compare level 0 (first H*W*A rows)
+    keep = plan["generators"][0]["keep"][0]
+    n_after0 = heads_after["bbox_regression"].shape[1]
+    assert n_after0 == heads_before["bbox_regression"].shape[1] * 4 // 6
+    b = heads_before["bbox_regression"]
+    # level 0 is 20x20 at 320 px for SSDlite: rows [0, 400*6)
+    lvl0_b = b[:, : 400 * 6].view(1, 400, 6, 4)[:, :, keep].reshape(1, -1, 4)
+    torch.testing.assert_close(heads_after["bbox_regression"][:, : 400 * 4], lvl0_b)
+
+
+def test_fcos_has_no_anchors_to_cut() -> None:
+    with pytest.raises(PruningError, match="anchor-free"):
+        prune_model(_slim(), PruneSection(anchors=AnchorSection(keep_sizes=[0])))
+
+
+# ---------------------------------------------------------------------------------------------
+# user-built detectors, FrozenBatchNorm2d, frozen stages
+
+
+@pytest.mark.parametrize("target", ["tests.custom_detectors:fasterrcnn_resnet18_fpn", "tests/custom_detectors.py:fasterrcnn_resnet18_fpn"])
+def test_user_built_detector_with_frozen_bn_prunes_and_reloads(target: str, tmp_path) -> None:
+    spec = ModelSpec(target, {"num_classes": 4})
+    model = build_model(spec)
+    frozen_bn = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen_bn
+    frozen_names = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "backbone.body.conv1.weight" in frozen_names  # frozen stem
+    stem_before = model.backbone.body.conv1.out_channels
+    res = prune_model(model, PruneSection(ratio=0.5))
+    # frozen stages are pruned too, and stay frozen; FrozenBN buffers are cut consistently
+    assert model.backbone.body.conv1.out_channels == stem_before // 2
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen_names
+    for m in frozen_bn:
+        assert m.weight.shape == m.bias.shape == m.running_mean.shape == m.running_var.shape
+    assert model.backbone.body.bn1.weight.shape[0] == stem_before // 2
+    assert res.report.params_ratio < 0.5
+    images = [torch.rand(3, 256, 256)]
+    model.train()
+    imgs, targets = dummy_inputs(model, 256)
+    sum(model(imgs, targets).values()).backward()
+    path = save_checkpoint(tmp_path / "u.pt", model, spec, kind="structured", plan=res.plan)
+    assert_outputs_close(eval_outputs(model, images), eval_outputs(surgery.load(path), images), atol=1e-5)
