@@ -207,12 +207,21 @@ class EvalHook(HookBase):
     """
 
     def __init__(
-        self, dataset: Dataset, every: int = 0, *, batch_size: int = 8, max_images: int | None = None
+        self,
+        dataset: Dataset,
+        every: int = 0,
+        *,
+        batch_size: int = 8,
+        max_images: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        on_result: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> None:
         self.dataset = dataset
         self.every = every
         self.batch_size = batch_size
         self.max_images = max_images
+        self.progress = progress  # (images done, total) during an evaluation
+        self.on_result = on_result  # (step, metrics) after each evaluation
         self._last_step = -1
 
     def _run(self, trainer: Trainer) -> None:
@@ -224,7 +233,12 @@ class EvalHook(HookBase):
         was_training = module.training
         try:
             result = evaluate(
-                module, self.dataset, batch_size=self.batch_size, device=str(trainer.device), max_images=self.max_images
+                module,
+                self.dataset,
+                batch_size=self.batch_size,
+                device=str(trainer.device),
+                max_images=self.max_images,
+                progress=self.progress,
             )
         finally:
             module.train(was_training)
@@ -232,6 +246,8 @@ class EvalHook(HookBase):
         trainer.metrics = metrics
         trainer.history.append({"step": trainer.step, **metrics})
         self._last_step = trainer.step
+        if self.on_result is not None:
+            self.on_result(trainer.step, metrics)
 
     def after_step(self, trainer: Trainer) -> None:
         if self.every > 0 and trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
