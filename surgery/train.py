@@ -596,8 +596,10 @@ class Trainer:
         else:
             self.total_steps = cfg.steps
         self.optimizer = self._build_optimizer()
-        total = self.total_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, cfg))
+        # reads total_steps at every step: a hook may still set it during the warm-up (time budgets)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, cfg)
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.module.train()
         if self.dist.distributed and dist.is_initialized():

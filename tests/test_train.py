@@ -351,3 +351,32 @@ def test_eval_hook_records_metrics_in_history_and_checkpoint(tmp_path: Path):
     ckpt = read_checkpoint(out)
     assert ckpt.metrics["mAP50"] == result.metrics["mAP50"]
     assert [h["step"] for h in ckpt.train_state["history"]] == [2, 3]
+
+
+def test_cli_train_then_retrain_with_agp(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from surgery.masked import sparsity_report
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {name: fcos_resnet18_slim, kwargs: {min_size: 64, max_size: 64}}\n"
+        f"data: {{source: synthetic, root: {tmp_path / 'synth'}, images: 16, size: 64}}\n"
+        "train: {steps: 2, batch_size: 4, warmup_steps: 1, log_every: 1}\n"
+        "retrain: {steps: 3, batch_size: 4, warmup_steps: 1, log_every: 1}\n"
+    )
+    dense = tmp_path / "dense.pt"
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "-r", str(recipe), "--out", str(dense), "--no-eval"])
+    assert r.exit_code == 0, r.output
+    ckpt = read_checkpoint(dense)
+    assert ckpt.kind == "dense" and ckpt.spec.kwargs["num_classes"] == 5 and ckpt.train_state["step"] == 2
+    out = tmp_path / "rt.pt"
+    r = runner.invoke(app, ["retrain", str(dense), "--out", str(out), "--sparsity", "0.5", "--agp", "--no-eval"])
+    assert r.exit_code == 0, r.output
+    model, ckpt = load_checkpoint(out)
+    assert ckpt.kind == "masked" and ckpt.train_state["step"] == 3  # the recipe came from the checkpoint
+    assert sparsity_report(model).sparsity == pytest.approx(0.5, abs=1e-3)
+    r = runner.invoke(app, ["retrain", str(dense), "--agp"])
+    assert r.exit_code != 0
