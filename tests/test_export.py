@@ -1,0 +1,116 @@
+"""ONNX export, verified with onnxruntime against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import surgery.export as sexport
+from surgery.checkpoint import save_checkpoint
+from surgery.export import ExportError, export_onnx, run_onnx
+from surgery.models import ModelSpec, build_model
+
+pytest.importorskip("onnxruntime")
+
+
+def _compare(model: torch.nn.Module, onnx_path, size: int, seed: int = 5) -> None:
+    """Independent check on another image: same detections (as a set: near-equal scores may swap)."""
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = model.eval()([image])[0]
+    got = run_onnx(onnx_path, image)
+    assert got["boxes"].shape == tuple(ref["boxes"].shape) and len(got["boxes"]) > 0
+    np.testing.assert_allclose(np.sort(got["scores"]), np.sort(ref["scores"].numpy()), atol=1e-4)
+    d = np.abs(got["boxes"][:, None, :] - ref["boxes"].numpy()[None, :, :]).max(-1)
+    assert d.min(axis=1).max() < 1e-3 and d.min(axis=0).max() < 1e-3
+
+
+@pytest.mark.parametrize("fpn_channels", [128, 64])  # 64: a "pruned" (thinner) model exports too
+def test_fcos_slim_exports_and_matches(tmp_path, fpn_channels):
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", fpn_channels=fpn_channels).eval()
+    model.score_thresh = 0.0  # an untrained model: keep detections so there is something to compare
+    res = export_onnx(model, tmp_path / "m.onnx", 160)
+    assert res.path.is_file() and res.file_bytes == res.path.stat().st_size > 0
+    assert res.exporter == "torchscript" and res.output_names == ["boxes", "scores", "labels"]
+    assert res.verified is True and res.num_detections == model.detections_per_img
+    assert res.max_abs_diff["boxes"] < 1e-3 and res.max_abs_diff["scores"] < 1e-4
+    assert not list(tmp_path.glob(".*tmp"))
+    _compare(model, res.path, 160)
+
+
+def test_no_detections_verifies_a_relaxed_copy(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim").eval()  # untrained: nothing above score_thresh=0.2
+    res = export_onnx(model, tmp_path / "m.onnx", 160)
+    assert res.verified is True and res.num_detections and any("score_thresh=0" in n for n in res.notes)
+    assert model.score_thresh == 0.2  # the caller's model is untouched
+    out = run_onnx(res.path, torch.rand(3, 160, 160))
+    assert out["boxes"].shape == (0, 4)  # the written file keeps the real threshold
+
+
+def test_verification_catches_a_mismatch(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", fpn_channels=64).eval()
+    model.score_thresh = 0.0
+    real = sexport.run_onnx
+
+    def shifted(path, image):
+        out = real(path, image)
+        out["boxes"] = out["boxes"] + 1.0
+        return out
+
+    monkeypatch.setattr(sexport, "run_onnx", shifted)
+    with pytest.raises(ExportError, match="does not match"):
+        export_onnx(model, tmp_path / "bad.onnx", 160)
+    assert not (tmp_path / "bad.onnx").exists()  # nothing half-verified is left behind
+
+
+def test_export_failure_is_a_clear_error(tmp_path):
+    class NotADetector(torch.nn.Module):
+        def forward(self, images):
+            raise RuntimeError("boom")
+
+    with pytest.raises(ExportError, match="does not run"):
+        export_onnx(NotADetector(), tmp_path / "x.onnx", 64)
+
+
+def test_fasterrcnn_mobilenet_exports_and_matches(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("fasterrcnn_mobilenet_v3_large_320_fpn").eval()
+    model.roi_heads.score_thresh = 0.0
+    res = export_onnx(model, tmp_path / "frcnn.onnx", 320)
+    assert res.output_names == ["boxes", "labels", "scores"]  # torchvision's order for two-stage models
+    # untrained: many scores tie at the cut-off (not comparable), the others must match
+    assert res.verified is True and res.num_detections and res.ambiguous < res.num_detections // 2
+    assert res.max_abs_diff["boxes"] < 1e-3 and res.max_abs_diff["scores"] < 1e-5
+
+
+def test_cli_export(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", fpn_channels=64)
+    ckpt = save_checkpoint(tmp_path / "thin.pt", model, ModelSpec("fcos_resnet18_slim"), kind="structured")
+    out = tmp_path / "thin.onnx"
+    result = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(out), "--input-size", "160"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and "onnxruntime matches" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,size",
+    [("retinanet_resnet50_fpn", 256), ("ssdlite320_mobilenet_v3_large", 320), ("maskrcnn_resnet50_fpn", 224)],
+)
+def test_other_builders_export(tmp_path, name, size):
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    for holder in (model, getattr(model, "roi_heads", None)):
+        if holder is not None and hasattr(holder, "score_thresh"):
+            holder.score_thresh = 0.0
+    res = export_onnx(model, tmp_path / f"{name}.onnx", size)
+    assert res.verified is not False and res.num_detections
