@@ -117,10 +117,14 @@ def _ratio_for(group: ChannelGroup, cfg: PruneSection) -> float:
 
 def keep_count(channels: int, ratio: float, *, round_to: int = 1, min_channels: int = 1, multiple_of: int = 1) -> int:
     """Channels kept in a group: ``ceil(channels * (1 - ratio))`` rounded up to ``round_to`` (and
-    to GroupNorm's group count), at least ``min_channels``, never more than ``channels``."""
+    to GroupNorm's group count, at least two channels per group), at least ``min_channels``, never
+    more than ``channels``."""
     step = math.lcm(max(1, round_to), max(1, multiple_of))
     keep = math.ceil(channels * (1.0 - ratio) - 1e-9)
-    keep = max(keep, min_channels, 1)
+    # GroupNorm needs more than one value per group: with one channel per group a 1x1 map (P7 of a
+    # small image) fails, so keep at least two channels per group.
+    floor = 2 * multiple_of if multiple_of > 1 else 1
+    keep = max(keep, min_channels, floor)
     keep = math.ceil(keep / step) * step
     if keep >= channels or channels % max(1, multiple_of) != 0:
         return channels

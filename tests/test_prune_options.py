@@ -36,6 +36,7 @@ def test_keep_count_rounding_and_floors() -> None:
     assert keep_count(64, 0.9, min_channels=16) == 16
     assert keep_count(256, 0.5, multiple_of=32) == 128
     assert keep_count(256, 0.6, multiple_of=32) == 128  # 102.4 -> 128, stays GroupNorm-divisible
+    assert keep_count(64, 0.5, multiple_of=32) == 64  # 32 would leave 1 channel per group
     assert keep_count(10, 0.5, min_channels=16) == 10  # never widens
 
 
