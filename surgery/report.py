@@ -1,0 +1,286 @@
+"""Tables and plots for a sweep: structured (channels cut) vs masked (weights zeroed) pruning.
+
+Rows are plain dicts, one per model, with the keys the sweep writes: ``method`` ("dense",
+"structured-l1", "masked", ...), ``ratio`` (channels removed), ``sparsity`` (weights zeroed),
+``params``, ``params_nonzero``, ``macs``, ``latency_ms``, ``map_pruned`` (right after pruning),
+``map_retrained``, ``map50_pruned``, ``map50_retrained`` and ``dense_control_map`` (the dense model
+trained for as many extra steps as the pruned one was retrained: the fair reference). Missing
+values are shown as "-". Plots use matplotlib's Agg backend and each returns the PNG's path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HEADER = ("method", "% pruned", "params", "MACs", "latency", "mAP pruned", "mAP retrained", "retained mAP")
+
+
+def _num(x: Any) -> float | None:
+    if x is None or x == "":
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def fmt_count(x: Any) -> str:
+    """12_600_000 -> ``12.6M``, 1.34e9 -> ``1.34G``."""
+    v = _num(x)
+    if v is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{suffix}"
+    return f"{v:.0f}"
+
+
+def _is_dense(row: dict[str, Any]) -> bool:
+    return str(row.get("method", "")).lower() == "dense"
+
+
+def _is_masked(row: dict[str, Any]) -> bool:
+    m = str(row.get("method", "")).lower()
+    return m.startswith("masked") or m in ("magnitude", "unstructured")
+
+
+def pruned_fraction(row: dict[str, Any]) -> float | None:
+    """What was pruned, as a fraction: ``sparsity`` for masked rows, ``ratio`` for structured ones."""
+    if _is_dense(row):
+        return 0.0
+    if _is_masked(row):
+        return _num(row.get("sparsity")) if _num(row.get("sparsity")) is not None else _num(row.get("ratio"))
+    return _num(row.get("ratio")) if _num(row.get("ratio")) is not None else _num(row.get("sparsity"))
+
+
+def _final_map(row: dict[str, Any]) -> float | None:
+    v = _num(row.get("map_retrained"))
+    return v if v is not None else _num(row.get("map_pruned"))
+
+
+def _dense_reference(rows: Sequence[dict[str, Any]]) -> float | None:
+    for r in rows:
+        if _is_dense(r):
+            v = _num(r.get("dense_control_map"))
+            return v if v is not None else _final_map(r)
+    return None
+
+
+def _fmt_map(x: Any) -> str:
+    v = _num(x)
+    return "-" if v is None else f"{v:.3f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """``| method | % pruned | params | MACs | latency | mAP pruned | mAP retrained | retained mAP |``.
+
+    ``% pruned``: channels removed (structured) or weights zeroed (masked). ``params`` of a masked
+    row shows its non-zero count next to the (unchanged) total. ``retained mAP``: mAP after
+    retraining over the dense control's (the row's own ``dense_control_map``, else the dense
+    row's), in percent.
+    """
+    fallback = _dense_reference(rows)
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|"]
+    for r in rows:
+        frac = pruned_fraction(r)
+        pct = "-" if frac is None else f"{100 * frac:.0f}%"
+        if not _is_dense(r) and frac is not None:
+            pct += " weights" if _is_masked(r) else " channels"
+        params = fmt_count(r.get("params"))
+        nz = _num(r.get("params_nonzero"))
+        if nz is not None and _num(r.get("params")) is not None and nz < float(r["params"]):
+            params += f" ({fmt_count(nz)} nonzero)"
+        lat = _num(r.get("latency_ms"))
+        ref = _num(r.get("dense_control_map"))
+        ref = ref if ref is not None else fallback
+        final = _final_map(r)
+        retained = "-" if final is None or not ref else f"{100 * final / ref:.1f}%"
+        cells = [
+            str(r.get("method", "-")),
+            pct,
+            params,
+            fmt_count(r.get("macs")),
+            "-" if lat is None else f"{lat:.1f} ms",
+            _fmt_map(r.get("map_pruned")),
+            _fmt_map(r.get("map_retrained")),
+            retained,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def _by_method(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get("method", "?")), []).append(r)
+    return groups
+
+
+_MARKERS = {"dense": "*", "masked": "s"}
+
+
+def _style(method: str, i: int) -> dict[str, Any]:
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    marker = _MARKERS.get(method, _MARKERS["masked"] if method.startswith("masked") else "o")
+    return {"color": "black" if method == "dense" else colors[i % len(colors)], "marker": marker}
+
+
+def plot_map_vs_macs(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """mAP (after retraining; hollow markers: right after pruning) against GMACs, one line per
+    method, each point labelled with its % pruned. Masked models keep the dense MACs, so they
+    stack vertically at the dense x position: that is the point of the plot."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (method, rs) in enumerate(_by_method(rows).items()):
+        st = _style(method, i)
+        pts = sorted(
+            ((float(r["macs"]) / 1e9, _final_map(r), _num(r.get("map_pruned")), pruned_fraction(r)) for r in rs
+             if _num(r.get("macs")) is not None),
+            key=lambda p: p[0],
+        )
+        xs = [p[0] for p in pts if p[1] is not None]
+        ys = [p[1] for p in pts if p[1] is not None]
+        ms = 14 if method == "dense" else 7
+        if xs:
+            ax.plot(xs, ys, linestyle="-" if method != "dense" else "", label=method, markersize=ms, **st)
+        hx = [p[0] for p in pts if p[2] is not None and p[1] is not None and p[2] != p[1]]
+        hy = [p[2] for p in pts if p[2] is not None and p[1] is not None and p[2] != p[1]]
+        if hx:
+            ax.plot(hx, hy, linestyle="", marker=st["marker"], markerfacecolor="none", color=st["color"],
+                    markersize=ms, label=f"{method} (before retraining)")
+        for x, y, _, frac in pts:
+            if y is not None and frac:
+                ax.annotate(f"{100 * frac:.0f}%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("GMACs per image (fvcore)")
+    ax.set_ylabel("mAP")
+    ax.set_title("Accuracy vs compute")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_latency_vs_ratio(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Latency (ms) against % pruned (channels for structured, weights for masked), one line per
+    method; the dense model is a dashed horizontal line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dense = [_num(r.get("latency_ms")) for r in rows if _is_dense(r)]
+    dense = [d for d in dense if d is not None]
+    if dense:
+        ax.axhline(dense[0], color="black", linestyle="--", label=f"dense ({dense[0]:.1f} ms)")
+    for i, (method, rs) in enumerate(_by_method(rows).items()):
+        if method == "dense":
+            continue
+        pts = sorted(
+            (100 * f, lat)
+            for r in rs
+            if (f := pruned_fraction(r)) is not None and (lat := _num(r.get("latency_ms"))) is not None
+        )
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **_style(method, i))
+    ax.set_xlabel("% pruned (structured: channels removed; masked: weights zeroed)")
+    ax.set_ylabel("latency (ms per batch, median)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Latency vs pruning")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_layer_widths(widths_before: dict[str, int], widths_after: dict[str, int], path: str | Path) -> Path:
+    """Horizontal bars per layer (or coupled group): the width before pruning in grey, after in
+    colour, with the kept fraction written next to each bar."""
+    plt = _plt()
+    names = list(widths_before) + [n for n in widths_after if n not in widths_before]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(names) + 1.2)))
+    ys = range(len(names))
+    before = [widths_before.get(n, 0) for n in names]
+    after = [widths_after.get(n, widths_before.get(n, 0)) for n in names]
+    ax.barh(ys, before, color="lightgray", label="before")
+    ax.barh(ys, after, color="tab:blue", height=0.55, label="after")
+    for y, b, a in zip(ys, before, after):
+        if b:
+            ax.text(max(b, a), y, f" {a}/{b}", va="center", fontsize=7)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("channels")
+    ax.set_title("Layer widths")
+    ax.set_xlim(0, max(before + after + [1]) * 1.18)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_detections_grid(
+    images: Sequence[torch.Tensor],
+    predictions: dict[str, Sequence[dict[str, Any]]],
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    score_thresh: float = 0.3,
+) -> Path:
+    """A grid: one row per image, one column per model, predicted boxes above ``score_thresh``
+    drawn with their label and score. ``images`` are ``3 x H x W`` float tensors in [0, 1];
+    ``predictions[model][i]`` is the model's torchvision-style output dict for image ``i``."""
+    plt = _plt()
+    from matplotlib.patches import Rectangle
+
+    models = list(predictions)
+    nr, nc = max(1, len(images)), max(1, len(models))
+    fig, axes = plt.subplots(nr, nc, figsize=(3.2 * nc, 3.2 * nr), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for i in range(nr):
+        for j in range(nc):
+            ax = axes[i][j]
+            ax.axis("off")
+            if i >= len(images):
+                continue
+            img = images[i].detach().cpu().float()
+            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy() if img.dim() == 3 else img.numpy())
+            if i == 0 and j < len(models):
+                ax.set_title(models[j], fontsize=9)
+            if j >= len(models) or i >= len(predictions[models[j]]):
+                continue
+            pred = predictions[models[j]][i]
+            boxes = torch.as_tensor(pred.get("boxes", torch.zeros(0, 4))).detach().cpu()
+            n = len(boxes)
+            scores = torch.as_tensor(pred.get("scores", torch.ones(n))).detach().cpu()
+            labels = torch.as_tensor(pred.get("labels", torch.zeros(n, dtype=torch.long))).detach().cpu()
+            for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+                if score < score_thresh:
+                    continue
+                x0, y0, x1, y1 = box
+                color = cmap(int(label) % 10)
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5))
+                name = class_names[int(label)] if class_names and 0 <= int(label) < len(class_names) else str(label)
+                ax.text(x0, y0, f"{name} {score:.2f}", fontsize=6, color="white", va="bottom",
+                        bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+    fig.tight_layout()
+    return _save(fig, path)
