@@ -24,23 +24,22 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None or x != x else f"{x:.2f}"
 
 
-def _load_dataset(source: str) -> Any:
-    """Build the validation split of ``source`` with surgery.data (lazily: bench works without it)."""
-    from surgery import data as sdata
-    from surgery.recipe import DataSection
+def _load_dataset(source: str, reference: Path) -> Any:
+    """The validation split of ``source`` (the synthetic set as the reference checkpoint's recipe made it)."""
+    from surgery.checkpoint import read_checkpoint
+    from surgery.data import build_dataset
 
-    section = DataSection(source=source)
-    section.validate()
-    for name in ("build_dataset", "load_dataset", "make_dataset", "get_dataset"):
-        fn = getattr(sdata, name, None)
-        if callable(fn):
-            try:
-                return fn(section, split="val")
-            except TypeError:
-                return fn(section)
-    from surgery.errors import DataError
-
-    raise DataError("surgery.data has no dataset builder (build_dataset/load_dataset) to read --data")
+    kwargs: dict[str, Any] = {}
+    if source == "synthetic":
+        recipe_data: dict[str, Any] = dict((read_checkpoint(reference).recipe or {}).get("data") or {})
+        kwargs = {
+            "synth_root": recipe_data.get("root"),
+            "images": int(recipe_data.get("images", 2000)),
+            "size": int(recipe_data.get("size", 160)),
+            "seed": int(recipe_data.get("seed", 0)),
+        }
+    with console.status(f"preparing {source} (val)..."):
+        return build_dataset(source, "val", train=False, **kwargs)
 
 
 def bench(
@@ -61,7 +60,7 @@ def bench(
     options = {"input_size": input_size, "batch_sizes": list(batch_size), "warmup": warmup, "runs": runs,
                "threads": threads, "device": device}
     cfg = recipe_from_dict({"bench": options}, "bench options").bench
-    dataset = _load_dataset(data) if data else None
+    dataset = _load_dataset(data, checkpoints[0]) if data else None
 
     with Progress(
         TextColumn("[progress.description]{task.description}"),

@@ -237,3 +237,20 @@ def test_cli_bench_missing_checkpoint_is_one_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["bench", str(tmp_path / "nope.pt")])
     assert result.exit_code != 0
     assert "does not exist" in str(result.exception) or "does not exist" in result.output
+
+
+def test_cli_bench_with_data_fills_map(tmp_path, ckpts):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from surgery.data import synthesize
+
+    root = synthesize(tmp_path / "shapes", images=4, size=64, seed=1, val_images=4).root
+    out = tmp_path / "map.csv"
+    args = ["bench", str(ckpts[0]), "--data", f"coco:{root}", "--input-size", str(SIZE), "--runs", "1",
+            "--warmup", "0", "--threads", "1", "--batch-size", "1", "--csv", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with open(out, newline="") as f:
+        row = next(csv.DictReader(f))
+    assert row["mAP"] != "" and 0.0 <= float(row["mAP"]) <= 1.0 and row["mAP50"] != ""
