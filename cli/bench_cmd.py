@@ -111,6 +111,14 @@ def bench(
         cells += [f"{_ratio(r.params_ratio)}\n{_ratio(r.macs_ratio)}", _ratio(r.latency_ratio)]
         table.add_row(*cells)
     console.print(table)
+    notes: dict[str, dict[str, None]] = {}
+    for r in rows:
+        for n in r.notes:
+            notes.setdefault(n, {})[Path(r.checkpoint).name] = None
+    every = {Path(r.checkpoint).name for r in rows}
+    for n, names in notes.items():
+        who = "" if set(names) == every else f" ({', '.join(names)})"
+        console.print(f"[yellow]note{who}:[/] {n}", highlight=False)
     console.print(
         "[dim]MACs: fvcore (1 fused multiply-add = 1), two-stage models at their test-time RoI count; "
         "masked models keep dense MACs and are timed with masks folded into the weights; "

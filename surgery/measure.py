@@ -185,6 +185,7 @@ class MacsResult:
     rois: int | None = None  # RoIs the box head actually saw (two-stage), else None
     detections: int | None = None  # detections per image the fixed workload asked for
     roi_align_macs: int = 0  # included in total: RoIAlign bilinear interpolation cost
+    backbone_input: tuple[int, int] | None = None  # (H, W) after the model's transform resized the image
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -267,6 +268,14 @@ def count_macs(
         hooks.append(
             heads.box_roi_pool.register_forward_hook(lambda m, i, o: seen.__setitem__("rois", int(o.shape[0])))
         )
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+
+        def grab(m: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                seen["h"], seen["w"] = int(args[0].shape[-2]), int(args[0].shape[-1])
+
+        hooks.append(backbone.register_forward_pre_hook(grab))
     was_training = model.training
     model.eval()
     image = _example_images(1, input_size, _model_device(model))
@@ -301,6 +310,12 @@ def count_macs(
         notes.append("roi_align counted as output elements x sampling points x 4 (bilinear)")
     if is_two_stage(model) and seen.get("rois") is not None and rois is not None and seen["rois"] != rois:
         notes.append(f"asked for {rois} RoIs, the box head saw {seen['rois']} (too few anchors)")
+    bb = (seen["h"], seen["w"]) if "h" in seen else None
+    if bb is not None and bb != (input_size, input_size):
+        notes.append(
+            f"the model's transform resizes the {input_size}x{input_size} image to {bb[0]}x{bb[1]} "
+            "(its min_size/max_size); the backbone runs at that size"
+        )
     return MacsResult(
         total=total,
         by_module=by_module,
@@ -309,6 +324,7 @@ def count_macs(
         rois=seen.get("rois"),
         detections=detections,
         roi_align_macs=ra_total,
+        backbone_input=bb,
         notes=notes,
     )
 
@@ -540,6 +556,7 @@ class BenchRow:
     macs_ratio: float
     latency_ratio: float
     checkpoint: str
+    notes: list[str] = field(default_factory=list)  # not in the CSV
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -630,7 +647,9 @@ def bench_checkpoints(
         models[key] = model
         tick(f"loaded {path.name}")
         det = configured_detections(model)
-        info[key]["macs"] = count_macs(model, cfg.input_size, rois=rois, detections=det).total
+        macs = count_macs(model, cfg.input_size, rois=rois, detections=det)
+        info[key]["macs"] = macs.total
+        info[key]["notes"] = [n for n in macs.notes if not n.startswith("element-wise")]
         tick(f"MACs {path.name}")
 
     lat_total = len(cfg.batch_sizes) * (cfg.warmup + cfg.runs)
@@ -694,6 +713,7 @@ def bench_checkpoints(
                 macs_ratio=_ratio(i["macs"], info[ref_key]["macs"]),
                 latency_ratio=_ratio(r.median_ms, ref_lat.get(r.batch_size)),
                 checkpoint=r.name,
+                notes=list(i["notes"]),
             )
         )
     return rows

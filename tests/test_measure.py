@@ -69,6 +69,9 @@ def test_thinner_model_has_fewer_params_and_macs(slim, thin):
     assert m_slim.by_module["head"] > 0 and m_thin.by_module["head"] < m_slim.by_module["head"]
     assert sum(m_slim.by_module.values()) == m_slim.total
     assert m_slim.uncounted  # element-wise ops are reported, not silently dropped
+    assert m_slim.backbone_input == (SIZE, SIZE) and not any("resizes" in n for n in m_slim.notes)
+    big = count_macs(slim, 2 * SIZE)  # the model's transform resizes to its min_size: say so
+    assert big.backbone_input == (SIZE, SIZE) and any("resizes" in n for n in big.notes)
 
 
 def test_masked_copy_same_params_and_macs_fewer_nonzeros(slim, masked):
@@ -139,15 +142,18 @@ def test_latency_interleaved_results(slim, thin):
     assert not slim.training
 
 
-def test_file_size_gzip_favours_zeroed_model(tmp_path, slim, masked):
+def test_file_size_gzip_favours_zeroed_model(tmp_path):
+    dense = torch.nn.Sequential(torch.nn.Conv2d(64, 128, 3), torch.nn.Conv2d(128, 256, 3))
+    masked_ = copy.deepcopy(dense)
+    zero_smallest(masked_, 0.8)
     dense_path, masked_path = tmp_path / "dense.pt", tmp_path / "masked.pt"
-    torch.save(slim.state_dict(), dense_path)
-    torch.save(masked.state_dict(), masked_path)
+    torch.save(dense.state_dict(), dense_path)
+    torch.save(masked_.state_dict(), masked_path)
     (db, dg), (mb, mg) = file_size(dense_path), file_size(masked_path)
     assert db == dense_path.stat().st_size and abs(mb - db) < 0.01 * db  # same shapes, same raw size
-    assert dg > 0.9 * db  # random float weights barely compress
+    assert dg > 0.85 * db  # random float weights barely compress
     assert mg < 0.6 * mb and mg < 0.7 * dg
-    assert state_dict_size(masked)[1] < state_dict_size(slim)[1]
+    assert state_dict_size(masked_)[1] < 0.7 * state_dict_size(dense)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +162,7 @@ def test_file_size_gzip_favours_zeroed_model(tmp_path, slim, masked):
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, slim, masked):
+def ckpts(tmp_path_factory, slim):
     d = tmp_path_factory.mktemp("ckpts")
     spec = ModelSpec("fcos_resnet18_slim")
     dense = save_checkpoint(d / "dense.pt", slim, spec, kind="dense")
