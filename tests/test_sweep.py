@@ -1,0 +1,73 @@
+"""A tiny sweep runs end to end, writes every artefact, and a re-run resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from surgery.measure import BENCH_COLUMNS
+from surgery.recipe import recipe_from_dict
+from surgery.sweep import SWEEP_COLUMNS, run_sweep
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    return recipe_from_dict({
+        "model": {"name": "fcos_resnet18_slim", "kwargs": {"num_classes": 5, "min_size": 64, "max_size": 64}},
+        "data": {"source": "synthetic", "images": 16, "size": 64, "root": str(root / "data")},
+        "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2},
+        "retrain": {"steps": 2, "batch_size": 4, "warmup_steps": 0},
+        "sweep": {"ratios": [0.5], "sparsities": [0.8], "out": str(root / "out")},
+        "bench": {"input_size": 64, "batch_sizes": [1], "runs": 2, "warmup": 1},
+    }), root / "out"
+
+
+def test_tiny_sweep_end_to_end_and_resume(tiny_recipe) -> None:
+    recipe, out = tiny_recipe
+    stages: list[str] = []
+    res = run_sweep(recipe, on_stage=lambda name, i, n: stages.append(name))
+    assert not res.skipped
+    for name in ("results.csv", "results.md", "bench.csv", "state.json", "dense.pt", "control.pt"):
+        assert (out / name).is_file(), name
+    for key in ("map_vs_macs", "latency_vs_ratio", "layer_widths", "detections"):
+        assert res.plots[key].is_file() and res.plots[key].stat().st_size > 1000, key
+
+    with open(res.csv) as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == SWEEP_COLUMNS
+        rows = {r["variant"]: r for r in reader}
+    # dense, structured at 0.5, masked matched to the structured parameter count, masked at 0.8
+    assert len(rows) == 4 and {"dense", "l1-0.5", "masked-0.8"} <= set(rows)
+    dense, l1 = rows["dense"], rows["l1-0.5"]
+    masked = [r for v, r in rows.items() if v.startswith("masked")]
+    assert int(l1["params"]) < 0.5 * int(dense["params"]) and float(l1["macs_ratio"]) < 0.5
+    for m in masked:
+        assert int(m["params"]) == int(dense["params"]) and int(m["params_nonzero"]) < int(dense["params"])
+        assert float(m["macs_ratio"]) == pytest.approx(1.0)
+    matched = min(masked, key=lambda r: abs(int(r["params_nonzero"]) - int(l1["params"])))
+    assert abs(int(matched["params_nonzero"]) - int(l1["params"])) < 0.02 * int(dense["params"])
+    for r in rows.values():
+        for k in ("map_pruned", "map_retrained", "dense_control_map"):
+            assert 0.0 <= float(r[k]) <= 1.0
+    with open(res.bench_csv) as f:
+        assert tuple(csv.DictReader(f).fieldnames) == BENCH_COLUMNS
+    assert "| method |" in res.markdown.read_text()
+
+    # a re-run skips every finished step and gives the same table
+    res2 = run_sweep(recipe)
+    assert {"dense", "control", "l1-0.5:prune", "l1-0.5:retrain"} <= set(res2.skipped)
+    assert [r["map_retrained"] for r in res2.rows] == [r["map_retrained"] for r in res.rows]
+
+
+def test_interrupted_sweep_redoes_only_missing_steps(tiny_recipe) -> None:
+    recipe, out = tiny_recipe
+    state = json.loads((out / "state.json").read_text())
+    # simulate a run killed during the structured retrain: its checkpoint and record are gone
+    (out / "l1-0.5.pt").unlink()
+    res = run_sweep(recipe)
+    assert "l1-0.5:retrain" not in res.skipped and "l1-0.5:prune" in res.skipped
+    assert "dense" in res.skipped and (out / "l1-0.5.pt").is_file()
+    assert set(json.loads((out / "state.json").read_text())["steps"]) == set(state["steps"])
