@@ -1,0 +1,63 @@
+"""The model registry: every torchvision builder, the project's own, user-built ones and weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import surgery
+from surgery.checkpoint import save_checkpoint
+from surgery.errors import CheckpointError, UnknownModelError
+from surgery.models import ModelSpec, build_model, list_models
+
+
+def test_lists_every_torchvision_detection_builder() -> None:
+    tv = set(torchvision.models.list_models(module=torchvision.models.detection))
+    assert len(tv) >= 12
+    assert tv <= set(list_models())
+    assert "fcos_resnet18_slim" in list_models()
+
+
+def test_unknown_names_suggest_close_ones() -> None:
+    with pytest.raises(UnknownModelError, match="Did you mean: fcos_resnet50_fpn"):
+        build_model("fcos_resnet50_fpm")
+    with pytest.raises(UnknownModelError, match="cannot import"):
+        build_model("no_such_pkg.mod:fn")
+    with pytest.raises(UnknownModelError, match="has no callable"):
+        build_model("tests.custom_detectors:nope")
+
+
+def test_local_weights_file_and_dense_checkpoint(tmp_path) -> None:
+    src = build_model("fcos_resnet18_slim")
+    torch.save({"model": src.state_dict()}, tmp_path / "w.pth")  # torchvision reference-script layout
+    loaded = build_model(ModelSpec("fcos_resnet18_slim", {"weights": str(tmp_path / "w.pth")}))
+    for (k, a), b in zip(src.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    # a dense surgery checkpoint reloads too, and is accepted as weights
+    path = save_checkpoint(tmp_path / "d.pt", src, ModelSpec("fcos_resnet18_slim"))
+    assert torch.equal(surgery.load(path).head.classification_head.cls_logits.weight,
+                       src.head.classification_head.cls_logits.weight)
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        build_model(ModelSpec("fcos_resnet18_slim", {"weights": str(tmp_path / "bad.pth")}))
+    torch.save({"x": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="does not match"):
+        build_model(ModelSpec("fcos_resnet18_slim", {"weights": str(tmp_path / "other.pth")}))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_model(ModelSpec("fcos_resnet18_slim", {"weights": str(tmp_path / "missing.pth")}))
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch) -> None:
+    model = build_model("fcos_resnet18_slim")
+    path = save_checkpoint(tmp_path / "c.pt", model, ModelSpec("fcos_resnet18_slim"))
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, model, ModelSpec("fcos_resnet18_slim"))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
