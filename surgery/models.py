@@ -144,7 +144,22 @@ def build_model(spec: ModelSpec | str, **overrides: Any) -> nn.Module:
         if "weights" in default_kwargs(spec.name):
             kwargs["weights"] = None
             kwargs["weights_backbone"] = None
-    model = builder(**kwargs)
+    try:
+        model = builder(**kwargs)
+    except TypeError as e:
+        raise UnknownModelError(f"model {spec.name!r} rejected its arguments {sorted(kwargs)}: {e}") from e
+    except (KeyError, ValueError) as e:
+        if kwargs.get("weights") is not None and (isinstance(e, KeyError) or "weight" in str(e).lower()):
+            raise UnknownModelError(
+                f"model {spec.name!r}: unknown weights {kwargs['weights']!r} ({e}); use DEFAULT, a torchvision "
+                "weights name, or a local weights file"
+            ) from e
+        raise
+    except OSError as e:  # urllib's URLError is an OSError: no internet for pretrained weights
+        raise CheckpointError(
+            f"model {spec.name!r}: cannot download weights {kwargs.get('weights')!r} ({e}); "
+            "pass a local .pth file as the weights instead"
+        ) from e
     if not isinstance(model, nn.Module):
         raise UnknownModelError(f"model {spec.name!r}: builder returned {type(model).__name__}, not nn.Module")
     if weights_file is not None:

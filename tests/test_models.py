@@ -28,6 +28,13 @@ def test_unknown_names_suggest_close_ones() -> None:
         build_model("tests.custom_detectors:nope")
 
 
+def test_bad_weights_and_arguments_are_clear() -> None:
+    with pytest.raises(UnknownModelError, match="unknown weights 'FOO'"):
+        build_model(ModelSpec("fcos_resnet50_fpn", {"weights": "FOO"}))
+    with pytest.raises(UnknownModelError, match="rejected its arguments"):
+        build_model(ModelSpec("tests.custom_detectors:fasterrcnn_resnet18_fpn", {"trainable_layers": 2, "num_classe": 3}))
+
+
 def test_local_weights_file_and_dense_checkpoint(tmp_path) -> None:
     src = build_model("fcos_resnet18_slim")
     torch.save({"model": src.state_dict()}, tmp_path / "w.pth")  # torchvision reference-script layout
