@@ -9,15 +9,7 @@ from rich.table import Table
 
 from cli.common import parse_kv, resolve_recipe
 from cli.console import console
-
-
-def _fmt(n: float | None, unit: str = "") -> str:
-    if n is None:
-        return "-"
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
+from surgery.report import fmt_count as _fmt
 
 
 def _parse_anchors(text: str | None) -> dict | None:

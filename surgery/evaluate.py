@@ -17,8 +17,6 @@ import contextlib
 import copy
 import io
 import json
-import os
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_open
 from .errors import DataError
 
 BBOX_KEYS = (
@@ -253,16 +252,8 @@ def _encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f)
 
 
 def _model_device(model: nn.Module) -> torch.device | None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .errors import SurgeryError
 
 
@@ -106,13 +105,9 @@ def export_onnx(
             names = _output_names(model([example]))
     except Exception as e:
         raise ExportError(f"{type(model).__name__} does not run on a {input_size}px image: {e}") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     notes: list[str] = []
     t0 = time.perf_counter()
-    try:
+    with atomic_path(path) as tmp:
         exporter = "torchscript"
         try:
             _export(model, example, tmp, opset, names, dynamo=False)
@@ -149,10 +144,6 @@ def export_onnx(
             _verify(model, tmp, input_size, result, atol, rtol)
             if result.verified is None and result.num_detections == 0:
                 _verify_without_threshold(model, example, tmp.with_suffix(".verify.onnx"), opset, result, atol, rtol)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return result
 
 

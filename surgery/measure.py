@@ -35,9 +35,7 @@ import gzip
 import io
 import logging
 import math
-import os
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .atomic import atomic_open
 from .errors import SurgeryError
 
 if TYPE_CHECKING:
@@ -735,20 +734,12 @@ def write_csv(rows: Sequence[BenchRow | dict[str, Any]], path: str | Path) -> Pa
     """Write rows with the :data:`BENCH_COLUMNS` header (always the same, in that order),
     atomically (temporary file + rename). Missing keys of dict rows are left empty."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(BENCH_COLUMNS)
-            for row in rows:
-                d = row.to_dict() if isinstance(row, BenchRow) else row
-                w.writerow([_csv_value(d.get(c)) for c in BENCH_COLUMNS])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(BENCH_COLUMNS)
+        for row in rows:
+            d = row.to_dict() if isinstance(row, BenchRow) else row
+            w.writerow([_csv_value(d.get(c)) for c in BENCH_COLUMNS])
     return path
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_open
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .models import ModelSpec, build_model
 from .recipe import PruneSection, Recipe
@@ -75,10 +74,8 @@ class _State:
 
     def put(self, step: str, result: dict[str, Any], files: list[Path]) -> None:
         self.data["steps"][step] = {**result, "files": [str(f) for f in files]}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
+        with atomic_open(self.path, "w") as f:
             json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
 
 
 def _ratio_tag(x: float) -> str:
@@ -306,13 +303,11 @@ def _row(variant, method, ratio, sparsity, bench, pruned, retrained, dense, cont
 
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".csv")
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(SWEEP_COLUMNS))
         w.writeheader()
         for r in rows:
             w.writerow({k: "" if r.get(k) is None else r[k] for k in SWEEP_COLUMNS})
-    os.replace(tmp, path)
 
 
 def _markdown(rows: list[dict[str, Any]], recipe: Recipe, dense: dict, control: dict) -> str:
