@@ -586,6 +586,14 @@ def _ratio(x: float | None, ref: float | None) -> float:
     return float(x) / float(ref) if x is not None and ref else float("nan")
 
 
+def set_input_size(model: nn.Module, size: int) -> None:
+    """Make a torchvision-style detector resize its images to ``size`` (``GeneralizedRCNNTransform``
+    ``min_size``/``max_size``); models with a fixed size (SSD) are left alone."""
+    transform = getattr(model, "transform", None)
+    if transform is not None and hasattr(transform, "min_size") and getattr(transform, "fixed_size", None) is None:
+        transform.min_size, transform.max_size = (int(size),), int(size)
+
+
 def bench_checkpoints(
     paths: Sequence[str | Path],
     cfg: BenchSection,
@@ -630,6 +638,8 @@ def bench_checkpoints(
         if ckpt.kind == "masked":
             fold_masks(model, ckpt.masks)
         model.eval()
+        if cfg.resize_model:
+            set_input_size(model, cfg.input_size)
         params, nonzero = count_params(model)
         fbytes, fgzip = state_dict_size(model)
         info[key] = {

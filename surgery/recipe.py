@@ -144,6 +144,9 @@ class BenchSection:
     runs: int = 20
     threads: int = 2
     device: str = "cpu"
+    # False: the model keeps its own resize (min_size/max_size saved with it); True: the network
+    # runs at input_size (its transform is set to input_size), i.e. the latency of that deployment
+    resize_model: bool = False
 
     def validate(self) -> None:
         _check(self.input_size >= 32, "input_size", "an integer >= 32")
