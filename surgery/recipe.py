@@ -121,9 +121,6 @@ class TrainSection:
     hflip: float = 0.5
     amp: bool = True  # used on CUDA only
     seed: int = 0
-    # re-estimate BatchNorm statistics on this many training batches before the first step (a cut
-    # or a mask leaves every downstream BatchNorm with stale running statistics); 0 = off
-    bn_recalibration_batches: int = 0
 
     def validate(self) -> None:
         _check(self.steps >= 1, "steps", "an integer >= 1")
@@ -133,7 +130,6 @@ class TrainSection:
         _check(self.schedule in ("cosine", "step", "constant"), "schedule", "cosine, step or constant")
         _check(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
         _check(0.0 <= self.hflip <= 1.0, "hflip", "a probability in [0, 1]")
-        _check(self.bn_recalibration_batches >= 0, "bn_recalibration_batches", "an integer >= 0")
 
 
 @dataclass
@@ -174,9 +170,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     prune: PruneSection = field(default_factory=PruneSection)
     train: TrainSection = field(default_factory=TrainSection)  # dense baseline
-    retrain: TrainSection = field(
-        default_factory=lambda: TrainSection(steps=300, warmup_steps=20, bn_recalibration_batches=20)
-    )
+    retrain: TrainSection = field(default_factory=lambda: TrainSection(steps=300, warmup_steps=20))
     bench: BenchSection = field(default_factory=BenchSection)
     sweep: SweepSection = field(default_factory=SweepSection)
     source: str | None = field(default=None, metadata={"internal": True})

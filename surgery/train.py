@@ -465,49 +465,6 @@ def _to_device(images: Sequence[torch.Tensor], targets: Sequence[dict[str, Any]]
 _HOOK_ORDER = {"MaskHook": 0, "EvalHook": 1, "CheckpointHook": 2}
 
 
-def recalibrate_batchnorm(
-    model: nn.Module,
-    dataset: Dataset,
-    num_batches: int,
-    *,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-) -> int:
-    """Re-estimate every BatchNorm's running statistics (cumulative average over ``num_batches``
-    training batches, no weight update). After channels are cut or weights masked, downstream
-    BatchNorm statistics no longer match their inputs, which costs most of the "mAP right after the
-    cut"; recalibrating first lets the retraining budget go to the weights. Uses its own seeded
-    loader, so the training data order (and ``--resume``) is unaffected. Returns the batches used."""
-    from .data import make_loader
-
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns or num_batches <= 0:
-        return 0
-    modes = {m: m.training for m in model.modules()}
-    momenta = {m: m.momentum for m in bns}
-    loader = make_loader(dataset, batch_size, shuffle=True, seed=seed + 7919)
-    used = 0
-    try:
-        model.train()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average
-        with torch.no_grad():
-            for images, targets, *_ in loader:
-                images, targets = _to_device(images, targets, torch.device(device))
-                model(images, targets)  # detectors need targets in train mode; the losses are ignored
-                used += 1
-                if used >= num_batches:
-                    break
-    finally:
-        for m, mom in momenta.items():
-            m.momentum = mom
-        for m, mode in modes.items():
-            m.train(mode)
-    return used
-
-
 class Trainer:
     """Train a detector (dense, channel-pruned or masked) for ``cfg.steps`` (or ``cfg.epochs``).
 
@@ -831,9 +788,6 @@ class Trainer:
         resumed = resume and self._resume()
         if not resumed:
             _seed_everything(self.cfg.seed + self.dist.rank)
-            if self.cfg.bn_recalibration_batches > 0:
-                recalibrate_batchnorm(self.module, self.train_set, self.cfg.bn_recalibration_batches,
-                                      batch_size=self.cfg.batch_size, device=self.device, seed=self.cfg.seed)
         self.start_step = self.step
         for h in self.hooks:
             h.before_train(self)
