@@ -48,7 +48,7 @@ def sweep(
     for col in ("variant", "params", "MACs ratio", "latency ms", "latency ratio", "mAP pruned", "mAP retrained", "retained"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in result.rows:
-        nz = f" ({r['params_nonzero'] / 1e6:.2f}M nz)" if r["params_nonzero"] < r["params"] else ""
+        nz = f" ({r['params_nonzero'] / 1e6:.2f}M nz)" if r["params_nonzero"] < 0.99 * r["params"] else ""
         table.add_row(
             r["variant"], f"{r['params'] / 1e6:.2f}M{nz}", f"{r['macs_ratio']:.2f}", f"{r['latency_ms']:.1f}",
             f"{r['latency_ratio']:.2f}", f"{r['map_pruned']:.3f}", f"{r['map_retrained']:.3f}",

@@ -94,7 +94,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             pct += " weights" if _is_masked(r) else " channels"
         params = fmt_count(r.get("params"))
         nz = _num(r.get("params_nonzero"))
-        if nz is not None and _num(r.get("params")) is not None and nz < float(r["params"]):
+        if nz is not None and _num(r.get("params")) is not None and nz < 0.99 * float(r["params"]):  # masked rows (dense ones have a few zeros from init)
             params += f" ({fmt_count(nz)} nonzero)"
         lat = _num(r.get("latency_ms"))
         ref = _num(r.get("dense_control_map"))
