@@ -178,66 +178,56 @@ def run_sweep(
         skipped.append("control")
 
     # 3. variants -----------------------------------------------------------------------------
-    variants: list[dict[str, Any]] = []
-    method = recipe.prune.method if recipe.prune.method != "magnitude" else "l1"
-    for r in ratios:
-        name = f"{method}-{_ratio_tag(r)}"
+    def run_variant(name: str, method: str, ratio: float | None, sparsity: float | None, cut) -> dict[str, Any]:
+        """prune (``cut(model, spec, path) -> counts``) + eval, then retrain + eval, each resumable."""
         pruned_path, retrained_path = out / f"{name}.pruned.pt", out / f"{name}.pt"
         stage(f"{name}: prune + eval")
         pr = state.get(f"{name}:prune")
         if pr is None:
             model, ck = load_checkpoint(dense_path)
-            cfg = PruneSection(**{**vars(recipe.prune), "method": method, "ratio": r})
-            res = prune_model(model, cfg)
-            save_checkpoint(pruned_path, model, ck.spec, kind="structured", plan=res.plan, recipe=recipe.to_dict())
-            pr = {"params": res.report.params_after, "params_before": res.report.params_before, **score(model)}
+            pr = {**cut(model, ck.spec, pruned_path), **score(model)}
             state.put(f"{name}:prune", pr, [pruned_path])
         else:
             skipped.append(f"{name}:prune")
         stage(f"{name}: retrain + eval")
         rt = state.get(f"{name}:retrain")
         if rt is None:
-            model, ck = load_checkpoint(pruned_path)
-            info = train(model, ck.spec, recipe.retrain, retrained_path, kind="structured", plan=ck.plan)
+            model, ck = load_checkpoint(pruned_path)  # masks of masked variants are kept while training
+            info = train(model, ck.spec, recipe.retrain, retrained_path, kind=ck.kind, plan=ck.plan, masks=ck.masks)
             rt = {**info, **score(load_checkpoint(retrained_path)[0])}
             state.put(f"{name}:retrain", rt, [retrained_path])
         else:
             skipped.append(f"{name}:retrain")
-        variants.append({"variant": name, "method": f"structured-{method}", "ratio": r, "sparsity": None,
-                         "pruned": pr, "retrained": rt, "checkpoint": retrained_path, "pruned_path": pruned_path})
+        return {"variant": name, "method": method, "ratio": ratio, "sparsity": sparsity, "pruned": pr,
+                "retrained": rt, "checkpoint": retrained_path, "pruned_path": pruned_path}
 
+    def channel_cut(ratio: float):
+        def cut(model, spec, path):
+            res = prune_model(model, PruneSection(**{**vars(recipe.prune), "method": method, "ratio": ratio}))
+            save_checkpoint(path, model, spec, kind="structured", plan=res.plan, recipe=recipe.to_dict())
+            return {"params": res.report.params_after, "params_before": res.report.params_before}
+
+        return cut
+
+    def weight_mask(sparsity: float):
+        def cut(model, spec, path):
+            mres = prune_masked(model, sparsity, recipe.prune.scope)
+            plan = {"method": "magnitude", "sparsity": sparsity, "scope": recipe.prune.scope}
+            save_checkpoint(path, model, spec, kind="masked", plan=plan, masks=mres.masks, recipe=recipe.to_dict())
+            return {"params": mres.total_params, "params_nonzero": mres.nonzeros_after}
+
+        return cut
+
+    method = recipe.prune.method if recipe.prune.method != "magnitude" else "l1"
+    variants = [
+        run_variant(f"{method}-{_ratio_tag(r)}", f"structured-{method}", r, None, channel_cut(r)) for r in ratios
+    ]
     sparsities: list[float] = []
     if recipe.sweep.match_masked:
         probe = build_model(spec)
-        for v in variants:
-            sparsities.append(matched_sparsity(probe, v["pruned"]["params"]))
+        sparsities = [matched_sparsity(probe, v["pruned"]["params"]) for v in variants]
     sparsities += [s for s in recipe.sweep.sparsities if all(abs(s - x) > 1e-3 for x in sparsities)]
-    for s in sparsities:
-        name = f"masked-{_ratio_tag(s)}"
-        pruned_path, retrained_path = out / f"{name}.pruned.pt", out / f"{name}.pt"
-        stage(f"{name}: prune + eval")
-        pr = state.get(f"{name}:prune")
-        if pr is None:
-            model, ck = load_checkpoint(dense_path)
-            mres = prune_masked(model, s, recipe.prune.scope)
-            plan = {"method": "magnitude", "sparsity": s, "scope": recipe.prune.scope}
-            save_checkpoint(pruned_path, model, ck.spec, kind="masked", plan=plan, masks=mres.masks,
-                            recipe=recipe.to_dict())
-            pr = {"params": mres.total_params, "params_nonzero": mres.nonzeros_after, **score(model)}
-            state.put(f"{name}:prune", pr, [pruned_path])
-        else:
-            skipped.append(f"{name}:prune")
-        stage(f"{name}: retrain with masks + eval")
-        rt = state.get(f"{name}:retrain")
-        if rt is None:
-            model, ck = load_checkpoint(pruned_path)
-            info = train(model, ck.spec, recipe.retrain, retrained_path, kind="masked", plan=ck.plan, masks=ck.masks)
-            rt = {**info, **score(load_checkpoint(retrained_path)[0])}
-            state.put(f"{name}:retrain", rt, [retrained_path])
-        else:
-            skipped.append(f"{name}:retrain")
-        variants.append({"variant": name, "method": "masked", "ratio": None, "sparsity": s,
-                         "pruned": pr, "retrained": rt, "checkpoint": retrained_path, "pruned_path": pruned_path})
+    variants += [run_variant(f"masked-{_ratio_tag(s)}", "masked", None, s, weight_mask(s)) for s in sparsities]
 
     # 4. bench --------------------------------------------------------------------------------
     stage("bench (interleaved latency, MACs, sizes)")
