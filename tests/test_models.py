@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torchvision
@@ -59,6 +61,9 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch) -> None:
     model = build_model("fcos_resnet18_slim")
     path = save_checkpoint(tmp_path / "c.pt", model, ModelSpec("fcos_resnet18_slim"))
     before = path.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
