@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import resolve_model, save_checkpoint
 from .errors import PruningError
-from .graph import LAYER_TYPES, ChannelGroup, DetectorGraph, trace
+from .graph import ChannelGroup, DetectorGraph, trace
 from .importance import get_importance
 from .models import ModelSpec
 from .recipe import PruneSection, Recipe
@@ -342,7 +342,6 @@ def _macs(model: nn.Module, size: int | None) -> int | None:
 
 
 __all__ = [
-    "LAYER_TYPES",
     "GroupReport",
     "PruneReport",
     "PruneResult",
