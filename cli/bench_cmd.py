@@ -9,15 +9,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.console import console
-
-
-def _si(x: float | None, unit: str = "", digits: int = 2) -> str:
-    if x is None:
-        return "-"
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.{digits}f}{suffix}{unit}"
-    return f"{x:.0f}{unit}"
+from surgery.report import fmt_count
 
 
 def _ratio(x: float | None) -> str:
@@ -104,11 +96,11 @@ def bench(
         cells = [
             f"{Path(r.checkpoint).name}\n[dim]{kind}[/]",
             str(r.batch_size),
-            f"{_si(r.params)}\n{_si(r.params_nonzero)}",
-            _si(r.macs),
+            f"{fmt_count(r.params)}\n{fmt_count(r.params_nonzero)}",
+            fmt_count(r.macs),
             f"{r.latency_ms_median:.1f}\n{r.latency_ms_p90:.1f}",
             f"{r.images_per_s:.1f}",
-            _si(r.file_gzip_bytes, "B", 1),
+            fmt_count(r.file_gzip_bytes) + "B",
         ]
         if with_map:
             cells.append("-" if r.mAP is None else f"{r.mAP:.3f}\n{r.mAP50 or 0:.3f}")
