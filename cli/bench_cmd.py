@@ -44,6 +44,7 @@ def bench(
     threads: int = typer.Option(2, "--threads", help="torch.set_num_threads during timing."),
     batch_size: list[int] = typer.Option([1, 4], "--batch-size", help="Batch size (repeat for several)."),
     csv: Path | None = typer.Option(None, "--csv", help="Write every number to this CSV (fixed columns)."),
+    rois: int = typer.Option(None, "--rois", min=1, help="Two-stage models: time and count MACs at this fixed RoI count."),
     resize_model: bool = typer.Option(
         False, "--resize-model/--keep-model-size",
         help="Run the network at --input-size (sets the detector's resize) instead of its saved min_size.",
@@ -54,7 +55,7 @@ def bench(
     from surgery.recipe import recipe_from_dict
 
     options = {"input_size": input_size, "batch_sizes": list(batch_size), "warmup": warmup, "runs": runs,
-               "threads": threads, "device": device, "resize_model": resize_model}
+               "threads": threads, "device": device, "resize_model": resize_model, "rois": rois}
     cfg = recipe_from_dict({"bench": options}, "bench options").bench
     dataset = _load_dataset(data, checkpoints[0]) if data else None
 

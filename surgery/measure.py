@@ -613,6 +613,7 @@ def bench_checkpoints(
     """
     from .checkpoint import load_checkpoint
 
+    rois = rois if rois is not None else cfg.rois
     paths = [Path(p) for p in paths]
     if not paths:
         raise MeasureError("bench needs at least one checkpoint")
@@ -675,6 +676,7 @@ def bench_checkpoints(
         runs=cfg.runs,
         threads=cfg.threads,
         device=cfg.device,
+        rois=rois,
         progress=lat_progress if lat_total else None,
     )
     tick("latency")

@@ -143,12 +143,16 @@ class BenchSection:
     # False: the model keeps its own resize (min_size/max_size saved with it); True: the network
     # runs at input_size (its transform is set to input_size), i.e. the latency of that deployment
     resize_model: bool = False
+    # two-stage models: MACs and latency with exactly this many RoIs reaching the box head
+    # (None: the model's own test-time post-NMS count), so variants are compared at equal work
+    rois: int | None = None
 
     def validate(self) -> None:
         _check(self.input_size >= 32, "input_size", "an integer >= 32")
         _check(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes", "positive integers")
         _check(self.runs >= 1, "runs", "an integer >= 1")
         _check(self.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'")
+        _check(self.rois is None or self.rois >= 1, "rois", "a positive integer or null")
 
 
 @dataclass

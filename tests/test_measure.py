@@ -260,3 +260,16 @@ def test_cli_bench_with_data_fills_map(tmp_path, ckpts):
     with open(out, newline="") as f:
         row = next(csv.DictReader(f))
     assert row["mAP"] != "" and 0.0 <= float(row["mAP"]) <= 1.0 and row["mAP50"] != ""
+
+
+def test_bench_two_stage_at_a_fixed_roi_count(tmp_path):
+    from surgery.models import ModelSpec, build_model
+    from surgery.recipe import BenchSection
+
+    spec = ModelSpec("fasterrcnn_mobilenet_v3_large_320_fpn", {"min_size": 128, "max_size": 128})
+    path = save_checkpoint(tmp_path / "frcnn.pt", build_model(spec), spec)
+    cfg = BenchSection(input_size=128, batch_sizes=[1], warmup=0, runs=1, rois=20)
+    few = bench_checkpoints([path], cfg)[0]
+    cfg.rois = 80
+    many = bench_checkpoints([path], cfg)[0]
+    assert few.macs < many.macs  # the box head ran on exactly 20 vs 80 RoIs
