@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_open
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import is_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .models import ModelSpec, build_model
 from .recipe import PruneSection, Recipe
 
@@ -151,7 +151,7 @@ def run_sweep(
     stage("dense baseline")
     dense = state.get("dense")
     if dense is None:
-        if recipe.model.weights and Path(recipe.model.weights).is_file() and read_checkpoint_safe(recipe.model.weights):
+        if recipe.model.weights and is_checkpoint(recipe.model.weights):
             model, ck = load_checkpoint(recipe.model.weights)
             spec = ck.spec
             save_checkpoint(dense_path, model, spec, kind="dense", recipe=recipe.to_dict())
@@ -252,14 +252,6 @@ def run_sweep(
     plots = _plots(rows, variants, out, val_set, control_path, recipe)
     return SweepResult(out=out, rows=rows, csv=csv_path, markdown=md, bench_csv=bench_csv, plots=plots,
                        seconds=time.perf_counter() - t_start, skipped=skipped)
-
-
-def read_checkpoint_safe(path: str | Path) -> bool:
-    try:
-        read_checkpoint(path)
-    except Exception:  # noqa: BLE001 - not a surgery checkpoint: treated as plain weights
-        return False
-    return True
 
 
 def _row(variant, method, ratio, sparsity, bench, pruned, retrained, dense, control, ckpt, recipe) -> dict[str, Any]:
