@@ -56,7 +56,7 @@ def prune(
 ) -> None:
     """Cut channels (or mask weights) of a detector and save a checkpoint that reloads without code."""
     from surgery.errors import RecipeError
-    from surgery.prune import prune_checkpoint
+    from surgery.workflows import prune_and_save
 
     overrides = {
         "prune.ratio": ratio,
@@ -78,7 +78,7 @@ def prune(
     if not source:
         raise RecipeError("no model: pass --model or a recipe with model.name")
     with console.status(f"[bold]pruning {source}[/] (tracing, ranking, cutting)…"):
-        outcome = prune_checkpoint(source, rec, out, macs_input_size=macs_size or rec.bench.input_size)
+        outcome = prune_and_save(source, rec, out, macs_input_size=macs_size or rec.bench.input_size)
     if outcome.masked is not None:
         m = outcome.masked
         console.print(

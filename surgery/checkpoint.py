@@ -4,7 +4,7 @@ A checkpoint is a plain dict saved with ``torch.save`` and read with ``weights_o
 
 - ``model``: the :class:`~surgery.models.ModelSpec` (builder name or ``module:function`` + kwargs)
 - ``kind``: ``dense``, ``structured`` (channels cut) or ``masked`` (unstructured weight masks)
-- ``plan``: JSON-able pruning plan (groups, widths, Torch-Pruning's ``pruning_history()``, anchors)
+- ``plan``: the pruning plan (:mod:`surgery.plan`, stored as a dict: groups, widths, anchors, chain)
 - ``masks``: for masked models, ``{param_name: bool tensor}`` kept during retraining
 - ``recipe``: the resolved recipe, ``metrics``: anything measured, ``train_state``: for ``--resume``
 - ``state_dict``: the weights
@@ -27,6 +27,7 @@ from torch import nn
 from .atomic import atomic_open
 from .errors import CheckpointError
 from .models import ModelSpec, build_model
+from .plan import Plan, plan_chain, plan_from_dict
 
 FORMAT = "surgery-checkpoint"
 FORMAT_VERSION = 1
@@ -38,7 +39,7 @@ class Checkpoint:
     spec: ModelSpec
     state_dict: dict[str, torch.Tensor]
     kind: str = "dense"
-    plan: dict[str, Any] | None = None
+    plan: Plan | None = None
     masks: dict[str, torch.Tensor] | None = None
     recipe: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -52,7 +53,7 @@ class Checkpoint:
             "version": FORMAT_VERSION,
             "model": self.spec.to_dict(),
             "kind": self.kind,
-            "plan": self.plan,
+            "plan": self.plan.to_dict() if self.plan is not None else None,
             "masks": self.masks,
             "recipe": self.recipe,
             "metrics": self.metrics,
@@ -75,7 +76,7 @@ def save_checkpoint(
     spec: ModelSpec,
     *,
     kind: str = "dense",
-    plan: dict[str, Any] | None = None,
+    plan: Plan | dict[str, Any] | None = None,
     masks: dict[str, torch.Tensor] | None = None,
     recipe: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
@@ -89,7 +90,7 @@ def save_checkpoint(
         spec=spec,
         state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
         kind=kind,
-        plan=plan,
+        plan=plan_from_dict(plan),
         masks={k: v.detach().cpu().bool() for k, v in masks.items()} if masks else None,
         recipe=recipe,
         metrics=dict(metrics or {}),
@@ -100,6 +101,23 @@ def save_checkpoint(
         },
     )
     return atomic_save(ckpt.to_dict(), path)
+
+
+def save_pruned(
+    path: str | Path,
+    model: nn.Module,
+    spec: ModelSpec,
+    plan: Plan,
+    *,
+    masks: dict[str, torch.Tensor] | None = None,
+    recipe: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """The one way a pruning step (structured or masked) writes its checkpoint: the kind comes
+    from the plan, masks of a masked plan are required."""
+    if plan.kind == "masked" and not masks:
+        raise ValueError("a masked plan is saved with its masks")
+    return save_checkpoint(path, model, spec, kind=plan.kind, plan=plan, masks=masks, recipe=recipe, metrics=metrics)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -134,7 +152,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         spec=ModelSpec.from_dict(obj["model"]),
         state_dict=obj["state_dict"],
         kind=obj.get("kind", "dense"),
-        plan=obj.get("plan"),
+        plan=plan_from_dict(obj.get("plan"), where=str(path)),
         masks=obj.get("masks"),
         recipe=obj.get("recipe"),
         metrics=obj.get("metrics") or {},
@@ -207,15 +225,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(device), ckpt
 
 
-def apply_structure(model: nn.Module, plan: dict[str, Any] | None) -> None:
+def apply_structure(model: nn.Module, plan: Plan | None) -> None:
     """Re-apply the non-weight part of a plan chain (anchor shapes), oldest first."""
-    if not plan:
-        return
-    apply_structure(model, plan.get("previous"))
-    if plan.get("anchors"):
-        from .anchors import apply_anchor_plan
+    for p in reversed(plan_chain(plan)):
+        if getattr(p, "anchors", None):
+            from .anchors import apply_anchor_plan
 
-        apply_anchor_plan(model, plan["anchors"])
+            apply_anchor_plan(model, p.anchors)
 
 
 def looks_like_path(source: str) -> bool:

@@ -563,18 +563,13 @@ class BenchRow:
 
 
 def _method_of(ckpt: Any) -> str:
-    plan = ckpt.plan or {}
-    if ckpt.kind == "dense":
-        return str(plan.get("method") or "dense")
-    if ckpt.kind == "masked":
-        return str(plan.get("method") or "masked")
-    return str(plan.get("method") or "structured")
+    method = getattr(ckpt.plan, "method", None)
+    return str(method or ckpt.kind)
 
 
 def _sparsity_of(ckpt: Any) -> float | None:
-    plan = ckpt.plan or {}
-    if plan.get("sparsity") is not None:
-        return float(plan["sparsity"])
+    if getattr(ckpt.plan, "sparsity", None) is not None:
+        return float(ckpt.plan.sparsity)
     if ckpt.masks:
         n = sum(m.numel() for m in ckpt.masks.values())
         kept = sum(int(m.sum().item()) for m in ckpt.masks.values())
@@ -646,7 +641,7 @@ def bench_checkpoints(
         info[key] = {
             "model": ckpt.spec.name,
             "method": _method_of(ckpt),
-            "ratio": (ckpt.plan or {}).get("ratio"),
+            "ratio": getattr(ckpt.plan, "ratio", None),
             "sparsity": _sparsity_of(ckpt),
             "kind": ckpt.kind,
             "params": params,

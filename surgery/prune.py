@@ -1,8 +1,9 @@
 """Structured pruning: rank each coupled group's channels and physically cut the weakest.
 
 ``prune_model`` = trace (``graph``) -> rank (``importance``) -> plan widths -> cut -> anchors.
-The plan is JSON-able and goes into the checkpoint; :mod:`surgery.checkpoint` rebuilds the model
-from the original builder, the plan's anchor part and the saved shapes.
+The result's :class:`~surgery.plan.StructuredPlan` goes into the checkpoint; :mod:`surgery.checkpoint`
+rebuilds the model from the original builder, the plan's anchor part and the saved shapes.
+:func:`surgery.workflows.prune_and_save` is the whole step (resolve a model, prune, save).
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import resolve_model, save_checkpoint
 from .errors import PruningError
 from .graph import ChannelGroup, DetectorGraph, trace
 from .importance import get_importance
-from .models import ModelSpec
-from .recipe import PruneSection, Recipe
+from .plan import StructuredPlan
+from .recipe import PruneSection
 
 
 @dataclass
@@ -78,7 +77,7 @@ class PruneReport:
 
 @dataclass
 class PruneResult:
-    plan: dict[str, Any]
+    plan: StructuredPlan
     report: PruneReport
     graph: DetectorGraph | None = field(default=None, repr=False)
 
@@ -261,70 +260,25 @@ def prune_model(
         macs_before=macs_before,
         macs_after=_macs(model, macs_input_size),
     )
-    plan = {
-        "method": cfg.method,
-        "ratio": cfg.ratio,
-        "global_ranking": cfg.global_ranking,
-        "round_to": cfg.round_to,
-        "min_channels": cfg.min_channels,
-        "overrides": dict(cfg.overrides),
-        "skip": list(cfg.skip),
-        "output_layers": list(graph.output_layers),
-        "groups": [
-            {**g.to_dict(), "pruned": channel_plan.get(g.index, [])} for g in graph.groups
-        ],
-        # Torch-Pruning's replayable record: [root layer, is_out_channel_pruning, indices]
-        "history": [[n, bool(o), [int(i) for i in idx]] for n, o, idx in graph.dg.pruning_history()],
-        "anchors": anchors_plan,
-        "widths_before": widths_before,
-        "widths_after": layer_widths(model),
-        "params_before": params_before,
-        "params_after": report.params_after,
-    }
+    plan = StructuredPlan(
+        method=cfg.method,
+        ratio=cfg.ratio,
+        global_ranking=cfg.global_ranking,
+        round_to=cfg.round_to,
+        min_channels=cfg.min_channels,
+        overrides=dict(cfg.overrides),
+        skip=list(cfg.skip),
+        output_layers=list(graph.output_layers),
+        groups=[{**g.to_dict(), "pruned": channel_plan.get(g.index, [])} for g in graph.groups],
+        anchors=anchors_plan,
+        widths_before=widths_before,
+        widths_after=layer_widths(model),
+        params_before=params_before,
+        params_after=report.params_after,
+        achieved_params_ratio=report.params_ratio,
+        achieved_macs_ratio=report.macs_ratio,
+    )
     return PruneResult(plan=plan, report=report, graph=graph)
-
-
-@dataclass
-class PruneOutcome:
-    """What :func:`prune_checkpoint` wrote."""
-
-    path: Path
-    kind: str  # structured | masked
-    spec: ModelSpec
-    structured: PruneResult | None = None
-    masked: Any = None  # surgery.masked.MaskedResult
-
-
-def prune_checkpoint(
-    source: str,
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    trace_size: int = 256,
-    macs_input_size: int | None = None,
-) -> PruneOutcome:
-    """Prune a model (registered name, ``module:function`` or checkpoint) as the recipe says and
-    write the pruned checkpoint atomically. ``method: magnitude`` gives a masked model."""
-    model, spec, prior = resolve_model(source, recipe.model.kwargs, recipe.model.weights)
-    cfg = recipe.prune
-    previous = prior.plan if prior is not None else None
-    if cfg.method == "magnitude":
-        from .masked import prune_masked
-
-        masked = prune_masked(model, cfg.sparsity, cfg.scope)
-        plan = {"method": "magnitude", "sparsity": cfg.sparsity, "scope": cfg.scope, "previous": previous,
-                **{k: v for k, v in masked.to_dict().items() if k != "layer_sparsity"}}
-        path = save_checkpoint(out, model, spec, kind="masked", plan=plan, masks=masked.masks,
-                               recipe=recipe.to_dict(), metrics={"params": count_params(model)})
-        return PruneOutcome(path=path, kind="masked", spec=spec, masked=masked)
-    result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size)
-    result.plan["previous"] = previous
-    metrics = {"params": result.report.params_after}
-    if result.report.macs_after is not None:
-        metrics["macs"] = result.report.macs_after
-    path = save_checkpoint(out, model, spec, kind="structured", plan=result.plan, recipe=recipe.to_dict(),
-                           metrics=metrics)
-    return PruneOutcome(path=path, kind="structured", spec=spec, structured=result)
 
 
 def inspect_model(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str] = ()) -> DetectorGraph:
@@ -352,6 +306,5 @@ __all__ = [
     "keep_count",
     "layer_widths",
     "plan_channels",
-    "prune_checkpoint",
     "prune_model",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,6 +104,30 @@ class PruneSection:
 
 
 @dataclass
+class DistillSection:
+    """Retraining with the dense model as teacher (:mod:`surgery.distill`)."""
+
+    type: str = "none"  # none | imitation (fine-grained feature imitation, Wang et al. 2019)
+    teacher: str | None = None  # a checkpoint; null / "auto": the dense checkpoint the plan was pruned from
+    weight: float = 1.0  # imitation loss weight (loss: mean squared error per channel at the masked locations / 2)
+    warmup_steps: int = 0  # no imitation for the first N steps
+    psi: float = 0.5  # anchor-based heads: IoU > psi x the box's best anchor IoU
+    center_radius: float = 1.5  # anchor-free heads: within this many strides of a box centre
+    levels: list[str] | None = None  # feature levels imitated (default: every level the heads read)
+    response_weight: float = 0.0  # > 0: also distill the classification outputs (dense heads)
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.type in ("none", "imitation"), "type", "'none' or 'imitation'")
+        _check(math.isfinite(self.weight) and self.weight >= 0, "weight", "a number >= 0")
+        _check(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        _check(0.0 < self.psi <= 1.0, "psi", "a number in (0, 1]")
+        _check(math.isfinite(self.center_radius) and self.center_radius > 0, "center_radius", "a positive number")
+        _check(math.isfinite(self.response_weight) and self.response_weight >= 0, "response_weight", "a number >= 0")
+        _check(math.isfinite(self.temperature) and self.temperature > 0, "temperature", "a positive number")
+
+
+@dataclass
 class TrainSection:
     steps: int = 1000
     epochs: float | None = None  # if set, overrides steps (epochs x batches per epoch)
@@ -121,6 +146,7 @@ class TrainSection:
     hflip: float = 0.5
     amp: bool = True  # used on CUDA only
     seed: int = 0
+    distill: DistillSection | None = None  # retraining only: learn from the dense model too
 
     def validate(self) -> None:
         _check(self.steps >= 1, "steps", "an integer >= 1")

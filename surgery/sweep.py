@@ -18,6 +18,7 @@ finished steps, and an interrupted training step resumes from its last checkpoin
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import time
@@ -30,8 +31,10 @@ import torch
 
 from .atomic import atomic_open
 from .checkpoint import is_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from .hooks import LoggingHook
 from .models import ModelSpec, build_model
 from .recipe import PruneSection, Recipe
+from .train import build_trainer
 
 SWEEP_COLUMNS: tuple[str, ...] = (
     "variant", "method", "ratio", "sparsity", "params", "params_nonzero", "macs", "latency_ms", "latency_ms_p90",
@@ -102,12 +105,9 @@ def run_sweep(
     on_step: Callable[[Any], None] | None = None,
 ) -> SweepResult:
     """Run (or resume) the whole sweep the recipe describes; see the module docstring."""
-    from .data import build_dataset
     from .evaluate import evaluate
-    from .masked import prune_masked
     from .measure import bench_checkpoints, write_csv
-    from .prune import prune_model
-    from .train import LoggingHook, Trainer
+    from .workflows import load_datasets, prune_loaded
 
     t_start = time.perf_counter()
     out = Path(out or recipe.sweep.out)
@@ -126,11 +126,8 @@ def run_sweep(
         if on_stage:
             on_stage(name, stage_i, total_stages)
 
-    d = recipe.data
-    data_kw = {"synth_root": d.root, "images": d.images, "size": d.size, "seed": d.seed}
     stage("data")
-    train_set = build_dataset(d.source, "train", train=True, hflip=recipe.train.hflip, **data_kw)
-    val_set = build_dataset(d.source, "val", train=False, **data_kw)
+    train_set, val_set = load_datasets(recipe, hflip=recipe.train.hflip)
 
     def score(model: torch.nn.Module) -> dict[str, float]:
         m = evaluate(model, val_set, batch_size=8, device=device).metrics
@@ -138,8 +135,8 @@ def run_sweep(
 
     def train(model, spec, cfg, path: Path, *, kind: str, plan=None, masks=None) -> dict[str, Any]:
         hooks = [LoggingHook(on_step)] if on_step else []
-        trainer = Trainer(model, spec, train_set, cfg, out=path, hooks=hooks, device=device, kind=kind,
-                          plan=plan, masks=masks, recipe=recipe)
+        trainer = build_trainer(model, spec, train_set, cfg, out=path, hooks=hooks, device=device, kind=kind,
+                                plan=plan, masks=masks, recipe=recipe)
         res = trainer.train(resume=path.is_file())
         return {"steps": res.steps, "seconds": res.seconds, "s_per_step": res.s_per_step}
 
@@ -201,33 +198,30 @@ def run_sweep(
         return {"variant": name, "method": method, "ratio": ratio, "sparsity": sparsity, "pruned": pr,
                 "retrained": rt, "checkpoint": retrained_path, "pruned_path": pruned_path}
 
-    def channel_cut(ratio: float):
+    def cut_with(**prune: Any):
         def cut(model, spec, path):
-            res = prune_model(model, PruneSection(**{**vars(recipe.prune), "method": method, "ratio": ratio}))
-            save_checkpoint(path, model, spec, kind="structured", plan=res.plan, recipe=recipe.to_dict())
-            return {"params": res.report.params_after, "params_before": res.report.params_before}
-
-        return cut
-
-    def weight_mask(sparsity: float):
-        def cut(model, spec, path):
-            mres = prune_masked(model, sparsity, recipe.prune.scope)
-            plan = {"method": "magnitude", "sparsity": sparsity, "scope": recipe.prune.scope}
-            save_checkpoint(path, model, spec, kind="masked", plan=plan, masks=mres.masks, recipe=recipe.to_dict())
-            return {"params": mres.total_params, "params_nonzero": mres.nonzeros_after}
+            rec = copy.deepcopy(recipe)
+            rec.prune = PruneSection(**{**vars(recipe.prune), **prune})
+            done = prune_loaded(model, spec, None, rec, path, source=str(dense_path))
+            if done.masked is not None:
+                return {"params": done.masked.total_params, "params_nonzero": done.masked.nonzeros_after}
+            report = done.structured.report
+            return {"params": report.params_after, "params_before": report.params_before}
 
         return cut
 
     method = recipe.prune.method if recipe.prune.method != "magnitude" else "l1"
     variants = [
-        run_variant(f"{method}-{_ratio_tag(r)}", f"structured-{method}", r, None, channel_cut(r)) for r in ratios
+        run_variant(f"{method}-{_ratio_tag(r)}", f"structured-{method}", r, None, cut_with(method=method, ratio=r))
+        for r in ratios
     ]
     sparsities: list[float] = []
     if recipe.sweep.match_masked:
         probe = build_model(spec)
         sparsities = [matched_sparsity(probe, v["pruned"]["params"]) for v in variants]
     sparsities += [s for s in recipe.sweep.sparsities if all(abs(s - x) > 1e-3 for x in sparsities)]
-    variants += [run_variant(f"masked-{_ratio_tag(s)}", "masked", None, s, weight_mask(s)) for s in sparsities]
+    variants += [run_variant(f"masked-{_ratio_tag(s)}", "masked", None, s, cut_with(method="magnitude", sparsity=s))
+                 for s in sparsities]
 
     # 4. bench --------------------------------------------------------------------------------
     stage("bench (interleaved latency, MACs, sizes)")
@@ -323,7 +317,7 @@ def _plots(rows, variants, out: Path, val_set, control_path: Path, recipe: Recip
     if structured:
         mid = min(structured, key=lambda v: abs(v["ratio"] - 0.5))
         plan = read_checkpoint(mid["pruned_path"]).plan
-        plots["layer_widths"] = plot_layer_widths(plan["widths_before"], plan["widths_after"], out / "layer_widths.png")
+        plots["layer_widths"] = plot_layer_widths(plan.widths_before, plan.widths_after, out / "layer_widths.png")
         models = {"dense": control_path, f"{mid['variant']} pruned": mid["pruned_path"],
                   f"{mid['variant']} retrained": mid["checkpoint"]}
         masked = [v for v in variants if v["method"] == "masked"]

@@ -1,15 +1,11 @@
-"""A small detection trainer with hooks (in the style of detectron2's ``HookBase``).
+"""A small detection trainer with hooks (in the style of detectron2's ``SimpleTrainer``).
 
 :class:`Trainer` runs a step-based loop over a :class:`~torch.utils.data.Dataset` of
 ``(image, target)`` items: SGD or AdamW, linear warm-up then cosine (or step, or constant) decay,
-gradient clipping, AMP on CUDA, ``torchrun`` data parallelism, exact resume and NaN/inf detection.
-Everything around the step lives in hooks:
-
-- :class:`MaskHook` keeps masked (unstructured) weights exactly zero, optionally raising the
-  sparsity on an :class:`~surgery.masked.AGPSchedule`;
-- :class:`EvalHook` evaluates on a validation set;
-- :class:`CheckpointHook` writes atomic checkpoints (rank 0 only) that ``--resume`` continues from;
-- :class:`LoggingHook` hands a :class:`StepInfo` to a callback (the CLI draws a progress bar).
+gradient clipping, AMP on CUDA, ``torchrun`` data parallelism and NaN/inf detection. Everything
+else is a hook (:mod:`surgery.hooks`), called in registration order: masks, evaluation,
+checkpoints and resume, logging, extra loss terms and the modules they train (distillation).
+:func:`build_trainer` assembles the usual hooks for a model to be saved as a surgery checkpoint.
 
 The library never prints.
 """
@@ -17,13 +13,11 @@ The library never prints.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,327 +26,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .checkpoint import read_checkpoint, save_checkpoint
-from .errors import CheckpointError, DataError, TrainingError
-from .masked import AGPSchedule, apply_masks, magnitude_masks, mask_gradients, masks_sparsity, unwrap
+from .distributed import DistInfo, average_gradients, current_dist, destroy_distributed, init_distributed
+from .errors import DataError, TrainingError
+from .hooks import CheckpointHook, EvalHook, HookBase, LoggingHook, MaskHook, StepInfo
+from .masked import masks_sparsity, unwrap
 from .models import ModelSpec
+from .plan import Plan
 from .recipe import TrainSection
-
-# --------------------------------------------------------------------------------------------
-# distributed
-
-
-@dataclass
-class DistInfo:
-    """Where this process sits in a ``torchrun`` launch (a single process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def device(self, device: str | torch.device) -> torch.device:
-        """The device this rank uses: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
-        d = torch.device(device)
-        if d.type == "cuda" and d.index is None and self.distributed:
-            return torch.device("cuda", self.local_rank)
-        return d
-
-
-def init_distributed(device: str | torch.device = "cpu", timeout_s: float = 1800.0) -> DistInfo:
-    """Join the process group when launched by ``torchrun`` (``RANK``/``WORLD_SIZE`` set).
-
-    Uses NCCL for CUDA and gloo for CPU. Without those variables (or with a world of one) this
-    returns ``DistInfo()`` and initialises nothing. Call :func:`destroy_distributed` at the end.
-    """
-    env = os.environ
-    if "RANK" not in env or "WORLD_SIZE" not in env:
-        return DistInfo()
-    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-    local = int(env.get("LOCAL_RANK", rank))
-    if world <= 1:
-        return DistInfo(rank=rank, world_size=world, local_rank=local)
-    if dist.is_initialized():
-        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, backend=dist.get_backend())
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        if not torch.cuda.is_available():
-            raise TrainingError("--device cuda was asked for but CUDA is not available")
-        torch.cuda.set_device(local)
-    backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, backend=backend)
-
-
-def destroy_distributed() -> None:
-    """Leave the process group (a no-op when none is initialised)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _current_dist() -> DistInfo:
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(
-            rank=dist.get_rank(),
-            world_size=dist.get_world_size(),
-            local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
-            backend=dist.get_backend(),
-        )
-    return DistInfo()
-
-
-# --------------------------------------------------------------------------------------------
-# hooks
-
-
-@dataclass
-class StepInfo:
-    """What :class:`LoggingHook` reports (losses and speed averaged since the previous report)."""
-
-    step: int
-    total: int
-    losses: dict[str, float]
-    lr: float
-    images_per_s: float
-    epoch: int = 0
-    seconds: float = 0.0  # since training (re)started
-    eta_s: float = 0.0
-
-    @property
-    def loss(self) -> float:
-        return sum(self.losses.values())
-
-
-class HookBase:
-    """Called around the loop. ``trainer.step`` counts completed optimizer steps."""
-
-    def before_train(self, trainer: Trainer) -> None:
-        """Before the first step (after a resume has restored the state)."""
-
-    def after_backward(self, trainer: Trainer) -> None:
-        """After the gradients exist (unscaled), before clipping and the optimizer step."""
-
-    def after_step(self, trainer: Trainer) -> None:
-        """After each optimizer step; ``trainer.step`` is already incremented."""
-
-    def after_train(self, trainer: Trainer) -> None:
-        """After the last step (not called when training stops with an error)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """State saved in checkpoints for ``--resume``."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-
-
-class LoggingHook(HookBase):
-    """Every ``every`` steps (default ``cfg.log_every``) and at the last step, on rank 0, call
-    ``callback(StepInfo)``."""
-
-    def __init__(self, callback: Callable[[StepInfo], None], every: int | None = None) -> None:
-        self.callback = callback
-        self.every = every
-        self._reset(time.perf_counter())
-
-    def _reset(self, now: float) -> None:
-        self._sums: dict[str, float] = {}
-        self._n = 0
-        self._t = now
-
-    def before_train(self, trainer: Trainer) -> None:
-        self._reset(time.perf_counter())
-        self._t0 = self._t
-
-    def after_step(self, trainer: Trainer) -> None:
-        for k, v in trainer.last_losses.items():
-            self._sums[k] = self._sums.get(k, 0.0) + v
-        self._n += 1
-        every = self.every or trainer.cfg.log_every or 1
-        if not trainer.dist.is_main or (trainer.step % every and trainer.step != trainer.total_steps):
-            return
-        now = time.perf_counter()
-        elapsed = max(now - self._t, 1e-9)
-        done = trainer.step - trainer.start_step
-        run_s = now - self._t0
-        eta = run_s / max(done, 1) * (trainer.total_steps - trainer.step)
-        self.callback(
-            StepInfo(
-                step=trainer.step,
-                total=trainer.total_steps,
-                losses={k: v / self._n for k, v in self._sums.items()},
-                lr=trainer.lr,
-                images_per_s=self._n * trainer.global_batch / elapsed,
-                epoch=trainer.epoch,
-                seconds=run_s,
-                eta_s=eta,
-            )
-        )
-        self._reset(now)
-
-
-class EvalHook(HookBase):
-    """Evaluate on ``dataset`` every ``every`` steps (0: only at the end) and after training.
-
-    Runs on rank 0 with :func:`surgery.evaluate.evaluate`; each result is appended to
-    ``trainer.history`` (``{"step": ..., **metrics}``) and kept in ``trainer.metrics``.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        every: int = 0,
-        *,
-        batch_size: int = 8,
-        max_images: int | None = None,
-        progress: Callable[[int, int], None] | None = None,
-        on_result: Callable[[int, dict[str, Any]], None] | None = None,
-    ) -> None:
-        self.dataset = dataset
-        self.every = every
-        self.batch_size = batch_size
-        self.max_images = max_images
-        self.progress = progress  # (images done, total) during an evaluation
-        self.on_result = on_result  # (step, metrics) after each evaluation
-        self._last_step = -1
-
-    def _run(self, trainer: Trainer) -> None:
-        if not trainer.dist.is_main or self._last_step == trainer.step:
-            return
-        from .evaluate import evaluate
-
-        module = trainer.module
-        was_training = module.training
-        try:
-            result = evaluate(
-                module,
-                self.dataset,
-                batch_size=self.batch_size,
-                device=str(trainer.device),
-                max_images=self.max_images,
-                progress=self.progress,
-            )
-        finally:
-            module.train(was_training)
-        metrics = {k: float(v) if isinstance(v, (int, float)) else v for k, v in dict(result.metrics).items()}
-        trainer.metrics = metrics
-        trainer.history.append({"step": trainer.step, **metrics})
-        self._last_step = trainer.step
-        if self.on_result is not None:
-            self.on_result(trainer.step, metrics)
-
-    def after_step(self, trainer: Trainer) -> None:
-        if self.every > 0 and trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
-            self._run(trainer)
-
-    def after_train(self, trainer: Trainer) -> None:
-        self._run(trainer)
-
-
-class CheckpointHook(HookBase):
-    """Every ``every`` steps write ``path`` with the full training state (for ``--resume``); after
-    training write the final checkpoint there. Rank 0 only; writes are atomic."""
-
-    def __init__(self, path: str | Path, every: int = 200) -> None:
-        self.path = Path(path)
-        self.every = every
-        self.last_saved: int | None = None
-
-    def after_step(self, trainer: Trainer) -> None:
-        if self.every > 0 and trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
-            trainer.save(self.path, full_state=True)
-            self.last_saved = trainer.step
-
-    def after_train(self, trainer: Trainer) -> None:
-        trainer.save(self.path, full_state=False)
-        self.last_saved = trainer.step
-
-
-class MaskHook(HookBase):
-    """Keep masked weights exactly zero: re-apply the masks after every optimizer step (and zero
-    their gradients before it).
-
-    Given an :class:`~surgery.masked.AGPSchedule` instead of masks, recompute magnitude masks at
-    the scheduled steps; the sparsity never decreases and pruned weights stay pruned (masks
-    passed to the trainer, e.g. those of a masked checkpoint, are the starting point).
-    """
-
-    def __init__(
-        self,
-        masks: dict[str, torch.Tensor] | AGPSchedule,
-        scope: str = "layer",
-        names: list[str] | None = None,
-    ) -> None:
-        if isinstance(masks, AGPSchedule):
-            self.schedule: AGPSchedule | None = masks
-            self.masks: dict[str, torch.Tensor] | None = None
-        else:
-            self.schedule = None
-            self.masks = dict(masks)
-        self.scope = scope
-        self.names = names
-        self.last_update: int | None = None
-        self._restored = False
-
-    @property
-    def sparsity(self) -> float:
-        return masks_sparsity(self.masks) if self.masks else 0.0
-
-    def before_train(self, trainer: Trainer) -> None:
-        if self.masks is None and trainer.initial_masks:
-            self.masks = dict(trainer.initial_masks)
-        if self.masks is not None:
-            params = dict(trainer.module.named_parameters())
-            self.masks = {n: m.to(params[n].device, torch.bool) if n in params else m for n, m in self.masks.items()}
-        if self.schedule is not None and not self._restored and self.schedule.should_update(trainer.step):
-            self._update(trainer)
-        if self.masks:
-            apply_masks(trainer.module, self.masks)
-
-    def _update(self, trainer: Trainer) -> None:
-        assert self.schedule is not None
-        target = self.schedule.sparsity_at(trainer.step)
-        if self.masks is None and target <= 0.0:
-            self.last_update = trainer.step
-            return
-        self.masks = magnitude_masks(trainer.module, target, self.scope, self.names, previous=self.masks)
-        self.last_update = trainer.step
-
-    def after_backward(self, trainer: Trainer) -> None:
-        if self.masks:
-            mask_gradients(trainer.module, self.masks)
-
-    def after_step(self, trainer: Trainer) -> None:
-        if self.schedule is not None and self.schedule.should_update(trainer.step):
-            self._update(trainer)
-        if self.masks:
-            apply_masks(trainer.module, self.masks)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "last_update": self.last_update,
-            "sparsity": self.sparsity,
-            "schedule": self.schedule.to_dict() if self.schedule else None,
-            "scope": self.scope,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last_update = state.get("last_update")
-        if state.get("masks"):
-            self.masks = dict(state["masks"])
-        self._restored = True
-
-
-# --------------------------------------------------------------------------------------------
-# trainer
 
 
 @dataclass
@@ -462,77 +142,51 @@ def _to_device(images: Sequence[torch.Tensor], targets: Sequence[dict[str, Any]]
     return images, targets
 
 
-_HOOK_ORDER = {"MaskHook": 0, "EvalHook": 1, "CheckpointHook": 2}
-
-
 class Trainer:
-    """Train a detector (dense, channel-pruned or masked) for ``cfg.steps`` (or ``cfg.epochs``).
+    """Train a detector for ``cfg.steps`` (or ``cfg.epochs``), calling ``hooks`` in order.
 
-    ``out`` is the checkpoint path: periodic checkpoints (every ``cfg.checkpoint_every`` steps, with
-    the optimizer/scheduler/RNG state) and the final one are written there, keeping ``spec``,
-    ``kind``, ``plan`` and ``recipe`` so :func:`surgery.checkpoint.load` rebuilds the same
-    structure. ``masks`` (``{param name: bool}``) are re-applied after every step; a masked model
-    is saved as ``kind="masked"`` unless it is also ``structured``.
+    Args:
+        model: the detector (torchvision interface: a dict of losses in train mode).
+        train_set: ``(image, target)`` items.
+        cfg: optimizer, schedule, batch size, clipping, AMP, seed.
+        hooks: see :mod:`surgery.hooks`; :func:`build_trainer` gives the usual ones.
+        device: ``cpu`` or ``cuda`` (``cuda:LOCAL_RANK`` under torchrun).
+        dist_info: the process group (default: the current one).
+        num_workers: data loader worker processes.
+        find_unused_parameters: passed to DDP (heads that skip a branch for an image).
 
-    Built-in hooks are added when not given: a :class:`MaskHook` for ``masks``, an
-    :class:`EvalHook` for ``val_set`` (every ``cfg.eval_every`` steps and at the end) and a
-    :class:`CheckpointHook` for ``out``.
+    State hooks may read or set: ``module`` (the unwrapped model), ``step``, ``total_steps``,
+    ``masks`` (kept by :class:`~surgery.hooks.MaskHook`), ``kind``, ``metrics``, ``history``,
+    ``last_losses``.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        spec: ModelSpec,
         train_set: Dataset,
         cfg: TrainSection,
         *,
-        val_set: Dataset | None = None,
-        out: str | Path | None = None,
         hooks: Sequence[HookBase] = (),
         device: str | torch.device = "cpu",
-        masks: dict[str, torch.Tensor] | None = None,
-        kind: str = "dense",
-        plan: dict[str, Any] | None = None,
-        recipe: Any = None,
-        metrics: dict[str, Any] | None = None,
         dist_info: DistInfo | None = None,
         num_workers: int = 0,
         find_unused_parameters: bool = True,
-        eval_batch_size: int = 8,
-        eval_max_images: int | None = None,
     ) -> None:
-        self.dist = dist_info or _current_dist()
+        self.dist = dist_info or current_dist()
         self.device = self.dist.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainingError("--device cuda was asked for but CUDA is not available")
         self.module = unwrap(model).to(self.device)
         self.model: nn.Module = self.module
-        self.spec = spec
         self.train_set = train_set
-        self.val_set = val_set
         self.cfg = cfg
-        self.out = Path(out) if out is not None else None
-        self.initial_masks = masks
-        self.kind = kind
-        self.plan = plan
-        self.recipe = recipe.to_dict() if hasattr(recipe, "to_dict") else recipe
-        self.base_metrics = dict(metrics or {})
+        self.hooks = list(hooks)
         self.num_workers = num_workers
         self.find_unused_parameters = find_unused_parameters
+        self.extra_modules = [m.to(self.device) for h in self.hooks for m in h.modules()]
 
-        hooks = list(hooks)
-        if masks is not None and not any(isinstance(h, MaskHook) for h in hooks):
-            hooks.append(MaskHook(masks))
-        if val_set is not None and not any(isinstance(h, EvalHook) for h in hooks):
-            hooks.append(EvalHook(val_set, cfg.eval_every, batch_size=eval_batch_size, max_images=eval_max_images))
-        if self.out is not None and not any(isinstance(h, CheckpointHook) for h in hooks):
-            hooks.append(CheckpointHook(self.out, cfg.checkpoint_every))
-        # masks first (everything after sees zeroed weights), then evaluation, then checkpoints
-        self.hooks = sorted(hooks, key=lambda h: _HOOK_ORDER.get(type(h).__name__, 3))
-        if self.out is None:
-            ck = next((h for h in self.hooks if isinstance(h, CheckpointHook)), None)
-            self.out = ck.path if ck else None
-
+        self.kind = "dense"
+        self.masks: dict[str, torch.Tensor] | None = None
         self.step = 0
         self.start_step = 0
         self.epoch = 0
@@ -549,13 +203,6 @@ class Trainer:
     # ---------------------------------------------------------------- properties
 
     @property
-    def masks(self) -> dict[str, torch.Tensor] | None:
-        for h in self.hooks:
-            if isinstance(h, MaskHook) and h.masks is not None:
-                return h.masks
-        return self.initial_masks
-
-    @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else self.cfg.lr
 
@@ -567,12 +214,18 @@ class Trainer:
     def use_amp(self) -> bool:
         return bool(self.cfg.amp) and self.device.type == "cuda"
 
+    @property
+    def checkpoint_path(self) -> Path | None:
+        ck = next((h for h in self.hooks if isinstance(h, CheckpointHook)), None)
+        return ck.path if ck is not None else None
+
     # ---------------------------------------------------------------- setup
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
         decay, no_decay = [], []
-        for p in self.module.parameters():
+        params = [p for m in [self.module, *self.extra_modules] for p in m.parameters()]
+        for p in params:
             if p.requires_grad:
                 (decay if p.ndim > 1 else no_decay).append(p)  # no decay on biases and norm layers
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
@@ -602,6 +255,8 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.module.train()
+        for m in self.extra_modules:
+            m.train()
         if self.dist.distributed and dist.is_initialized():
             from torch.nn.parallel import DistributedDataParallel
 
@@ -631,8 +286,8 @@ class Trainer:
             seen[name] = seen.get(name, 0) + 1
         return keys
 
-    def train_state(self, full_state: bool = True) -> dict[str, Any]:
-        """What a checkpoint records for ``--resume``."""
+    def state_dict(self, full_state: bool = True) -> dict[str, Any]:
+        """The training state a checkpoint records for ``--resume`` (weights are saved apart)."""
         state: dict[str, Any] = {
             "step": self.step,
             "epoch": self.epoch,
@@ -650,46 +305,8 @@ class Trainer:
             state["rng"] = _rng_state()
         return state
 
-    def save(self, path: str | Path, full_state: bool = True) -> Path | None:
-        """Write a checkpoint (rank 0 only; other ranks return ``None``)."""
-        if not self.dist.is_main:
-            return None
-        masks = self.masks
-        kind = self.kind
-        if masks and kind == "dense":
-            kind = "masked"
-        metrics = {**self.base_metrics, **self.metrics}
-        metrics["train"] = {
-            "steps": self.step,
-            "losses": self._mean_losses(),
-            **({"sparsity": masks_sparsity(masks)} if masks else {}),
-        }
-        return save_checkpoint(
-            path,
-            self.module,
-            self.spec,
-            kind=kind,
-            plan=self.plan,
-            masks=masks,
-            recipe=self.recipe,
-            metrics=metrics,
-            train_state=self.train_state(full_state),
-        )
-
-    def _resume(self) -> bool:
-        """Restore the state saved at ``out``; ``False`` when there is nothing to resume from."""
-        if self.out is None or not self.out.exists():
-            return False
-        ckpt = read_checkpoint(self.out)
-        ts = ckpt.train_state
-        if not ts or "step" not in ts:
-            raise CheckpointError(f"{self.out} has no training state to resume from")
-        try:
-            self.module.load_state_dict(ckpt.state_dict, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(
-                f"cannot resume from {self.out}: it does not match this model ({str(e).splitlines()[0]})"
-            ) from e
+    def load_state_dict(self, ts: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: step, optimizer, scheduler, RNG, history, hook states."""
         assert self.optimizer is not None and self.scheduler is not None and self.scaler is not None
         if ts.get("optimizer"):
             self.optimizer.load_state_dict(ts["optimizer"])
@@ -711,16 +328,11 @@ class Trainer:
             self.metrics = {k: v for k, v in self.history[-1].items() if k != "step"}
         hook_states = ts.get("hooks") or {}
         for key, h in zip(self._hook_keys(), self.hooks, strict=True):
-            st = hook_states.get(key)
-            if st is not None:
-                if isinstance(h, MaskHook):
-                    st = {**st, "masks": ckpt.masks}
-                h.load_state_dict(st)
-        if ckpt.masks and self.initial_masks is None:
-            self.initial_masks = ckpt.masks
-        return True
+            if hook_states.get(key) is not None:
+                h.load_state_dict(hook_states[key])
 
-    def _mean_losses(self) -> dict[str, float]:
+    def mean_losses(self) -> dict[str, float]:
+        """Each loss term averaged over the last ``cfg.log_every`` steps."""
         if not self._recent:
             return {}
         keys = self._recent[-1].keys()
@@ -743,11 +355,12 @@ class Trainer:
                 if bad
                 else f"a loss on another rank (this is rank {self.dist.rank})"
             )
+            out = self.checkpoint_path
             saved = next((h.last_saved for h in self.hooks if isinstance(h, CheckpointHook)), None)
             kept = (
-                f"; the last good checkpoint {self.out} (step {saved}) was kept"
+                f"; the last good checkpoint {out} (step {saved}) was kept"
                 if saved is not None
-                else (f"; {self.out} was not written" if self.out else "")
+                else (f"; {out} was not written" if out else "")
             )
             raise TrainingError(
                 f"training diverged at step {step}/{self.total_steps}: non-finite loss {what}{kept}. "
@@ -758,22 +371,25 @@ class Trainer:
     def _train_step(self, images: Any, targets: Any) -> None:
         assert self.optimizer is not None and self.scheduler is not None and self.scaler is not None
         images, targets = _to_device(images, targets, self.device)
+        images, targets = list(images), list(targets)
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            losses = self.model(list(images), list(targets))
-        if not isinstance(losses, dict) or not losses:
-            raise TrainingError(
-                f"model {self.spec.name!r} returned {type(losses).__name__} in training mode, not a dict of losses"
-            )
+            losses = self.model(images, targets)
+            if not isinstance(losses, dict) or not losses:
+                raise TrainingError(f"the model returned {type(losses).__name__} in training mode, not a dict of losses")
+            for h in self.hooks:
+                losses = {**losses, **h.loss_terms(self, images, targets)}
         values = self._check_finite(losses)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.use_amp:
             self.scaler.unscale_(self.optimizer)
+        average_gradients((p for m in self.extra_modules for p in m.parameters()), self.dist)
         for h in self.hooks:
             h.after_backward(self)
         if self.cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.clip_grad)
+            params = [p for m in [self.module, *self.extra_modules] for p in m.parameters()]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -781,12 +397,14 @@ class Trainer:
         self._recent.append(values)
 
     def train(self, resume: bool = False) -> TrainResult:
-        """Run to ``total_steps``. With ``resume`` continue from the checkpoint at ``out`` (when it
-        exists): weights, step, optimizer, scheduler, RNG, mask schedule and data position."""
+        """Run to ``total_steps``. With ``resume`` the hook that owns the checkpoint restores the
+        saved state first (weights, step, optimizer, scheduler, RNG, masks, data position)."""
         self._setup()
         self.step = 0
-        resumed = resume and self._resume()
-        if not resumed:
+        if resume:
+            for h in self.hooks:
+                h.resume(self)
+        if self.step == 0:
             _seed_everything(self.cfg.seed + self.dist.rank)
         self.start_step = self.step
         for h in self.hooks:
@@ -805,17 +423,80 @@ class Trainer:
         if self.dist.distributed and dist.is_initialized():
             dist.barrier()
         done = self.step - self.start_step
-        masks = self.masks
+        out = self.checkpoint_path
         return TrainResult(
             steps=self.step,
             start_step=self.start_step,
             seconds=self.seconds,
             images_per_s=done * self.global_batch / self.seconds if self.seconds > 0 else 0.0,
             s_per_step=self.seconds / done if done else 0.0,
-            losses=self._mean_losses(),
+            losses=self.mean_losses(),
             metrics=dict(self.metrics),
-            checkpoint=self.out if self.out is not None and self.dist.is_main else None,
-            kind="masked" if masks and self.kind == "dense" else self.kind,
-            sparsity=masks_sparsity(masks) if masks else None,
+            checkpoint=out if out is not None and self.dist.is_main else None,
+            kind=self.kind,
+            sparsity=masks_sparsity(self.masks) if self.masks else None,
             history=list(self.history),
         )
+
+
+def build_trainer(
+    model: nn.Module,
+    spec: ModelSpec,
+    train_set: Dataset,
+    cfg: TrainSection,
+    *,
+    val_set: Dataset | None = None,
+    out: str | Path | None = None,
+    hooks: Sequence[HookBase] = (),
+    masks: dict[str, torch.Tensor] | None = None,
+    kind: str = "dense",
+    plan: Plan | None = None,
+    recipe: Any = None,
+    metrics: dict[str, Any] | None = None,
+    eval_batch_size: int = 8,
+    eval_max_images: int | None = None,
+    **trainer_kw: Any,
+) -> Trainer:
+    """A :class:`Trainer` with the usual hooks, in this order: masks (a :class:`MaskHook` for
+    ``masks`` unless ``hooks`` has one), evaluation on ``val_set`` (unless ``hooks`` has an
+    :class:`EvalHook`), the checkpoint at ``out`` recording ``spec``/``kind``/``plan``/``recipe``
+    (unless ``hooks`` has a :class:`CheckpointHook`), then the rest of ``hooks`` as given.
+    ``trainer_kw`` goes to :class:`Trainer` (``device``, ``dist_info``, ``num_workers``...)."""
+    hooks = list(hooks)
+    mask_hooks = [h for h in hooks if isinstance(h, MaskHook)]
+    if masks is not None and not mask_hooks:
+        mask_hooks = [MaskHook(masks)]
+    ordered: list[HookBase] = list(mask_hooks)
+    given_eval = [h for h in hooks if isinstance(h, EvalHook)]
+    if given_eval:
+        ordered += given_eval
+    elif val_set is not None:
+        ordered.append(EvalHook(val_set, cfg.eval_every, batch_size=eval_batch_size, max_images=eval_max_images))
+    given_ck = [h for h in hooks if isinstance(h, CheckpointHook)]
+    if given_ck:
+        ordered += given_ck
+    elif out is not None:
+        ordered.append(CheckpointHook(out, spec, cfg.checkpoint_every, kind=kind, plan=plan, recipe=recipe,
+                                      metrics=metrics))
+    ordered += [h for h in hooks if h not in ordered]
+    trainer = Trainer(model, train_set, cfg, hooks=ordered, **trainer_kw)
+    trainer.kind = "masked" if masks and kind == "dense" else kind
+    trainer.masks = dict(masks) if masks else None
+    return trainer
+
+
+__all__ = [
+    "CheckpointHook",
+    "DistInfo",
+    "EvalHook",
+    "HookBase",
+    "LoggingHook",
+    "MaskHook",
+    "StepInfo",
+    "TrainResult",
+    "Trainer",
+    "build_trainer",
+    "destroy_distributed",
+    "init_distributed",
+    "lr_factor",
+]

@@ -55,7 +55,7 @@ def test_prune_every_builder(name: str, tmp_path) -> None:
     for layer in report.output_layers:
         mod = model.get_submodule(layer)
         width = mod.out_channels if hasattr(mod, "out_channels") else mod.out_features
-        assert width == result.plan["widths_before"][layer], layer
+        assert width == result.plan.widths_before[layer], layer
     # FPN and head convs are thinner (SSD300's head is only output convs: their inputs shrink)
     if fpn_before:
         assert any(widths[n] < c for n, c in fpn_before.items()), "FPN not pruned"

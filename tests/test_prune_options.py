@@ -146,7 +146,7 @@ def test_anchor_surgery_rpn_and_reload(tmp_path) -> None:
     model = build_model(spec)
     images = [torch.rand(3, TEST_SIZE, TEST_SIZE)]
     res = prune_model(model, PruneSection(ratio=0.3, anchors=AnchorSection(keep_aspect_ratios=[0.5, 2.0])))
-    gen = res.plan["anchors"]["generators"][0]
+    gen = res.plan.anchors["generators"][0]
     assert gen["before"] == [15] * 3 and [len(k) for k in gen["keep"]] == [10] * 3
     assert model.rpn.head.cls_logits.out_channels == 10
     assert model.rpn.head.bbox_pred.out_channels == 40

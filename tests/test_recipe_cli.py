@@ -105,15 +105,15 @@ def test_cli_prune_inspect_and_reprune(tmp_path) -> None:
     assert "params" in res.output and out.exists()
     model = surgery.load(out)
     ckpt = surgery.checkpoint.read_checkpoint(out)
-    assert ckpt.kind == "structured" and ckpt.plan["ratio"] == 0.5
-    assert ckpt.plan["history"] and ckpt.recipe["prune"]["round_to"] == 8
-    assert sum(p.numel() for p in model.parameters()) == ckpt.plan["params_after"]
+    assert ckpt.kind == "structured" and ckpt.plan.ratio == 0.5
+    assert ckpt.plan.pruned_channels > 0 and ckpt.recipe["prune"]["round_to"] == 8
+    assert sum(p.numel() for p in model.parameters()) == ckpt.plan.params_after
     # a checkpoint is accepted wherever a model is: prune it again, and inspect it
     out2 = tmp_path / "p2.pt"
     res = runner.invoke(app, ["prune", "--model", str(out), "--ratio", "0.5", "--out", str(out2)])
     assert res.exit_code == 0, res.output
     again = surgery.load(out2)
-    assert sum(p.numel() for p in again.parameters()) < ckpt.plan["params_after"] * 0.5
+    assert sum(p.numel() for p in again.parameters()) < ckpt.plan.params_after * 0.5
     res = runner.invoke(app, ["inspect", "--model", str(out2)])
     assert res.exit_code == 0 and "output layers" in res.output
     # masked pruning through the same command

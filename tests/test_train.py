@@ -20,7 +20,7 @@ from surgery.train import (
     LoggingHook,
     MaskHook,
     StepInfo,
-    Trainer,
+    build_trainer,
     init_distributed,
     lr_factor,
 )
@@ -104,7 +104,7 @@ def test_loss_goes_down_on_a_tiny_set():
     rec = Recorder()
     infos: list[StepInfo] = []
     cfg = _cfg(steps=14, lr=2e-3, log_every=7)
-    result = Trainer(_model(), SPEC, Shapes(8), cfg, hooks=[rec, LoggingHook(infos.append)]).train()
+    result = build_trainer(_model(), SPEC, Shapes(8), cfg, hooks=[rec, LoggingHook(infos.append)]).train()
     assert result.steps == 14 and rec.steps == list(range(1, 15))
     first, last = sum(rec.losses[:3]) / 3, sum(rec.losses[-3:]) / 3
     assert last < 0.8 * first, rec.losses
@@ -116,13 +116,13 @@ def test_loss_goes_down_on_a_tiny_set():
 
 def test_epochs_convert_to_steps():
     cfg = _cfg(epochs=1.5, batch_size=4)  # 8 images -> 2 batches per epoch -> 3 steps
-    assert Trainer(_model(), SPEC, Shapes(8), cfg).train().steps == 3
+    assert build_trainer(_model(), SPEC, Shapes(8), cfg).train().steps == 3
 
 
 def test_same_seed_same_losses():
     def run(seed: int) -> list[float]:
         rec = Recorder()
-        Trainer(_model(0), SPEC, Shapes(8), _cfg(steps=3, seed=seed), hooks=[rec]).train()
+        build_trainer(_model(0), SPEC, Shapes(8), _cfg(steps=3, seed=seed), hooks=[rec]).train()
         return rec.losses
 
     a, b = run(0), run(0)
@@ -134,7 +134,7 @@ def test_masked_zeros_stay_zero_and_checkpoint_keeps_masks(tmp_path: Path):
     model = _model()
     result = prune_masked(model, 0.7, "layer")
     out = tmp_path / "masked.pt"
-    Trainer(model, SPEC, Shapes(8), _cfg(steps=3, lr=5e-3), out=out, masks=result.masks).train()
+    build_trainer(model, SPEC, Shapes(8), _cfg(steps=3, lr=5e-3), out=out, masks=result.masks).train()
     for name, p in prunable_parameters(model).items():
         assert torch.all(p[~result.masks[name]] == 0), name
     # some kept weights did move (the test would pass trivially otherwise)
@@ -158,7 +158,7 @@ def test_agp_raises_sparsity_and_never_unprunes(tmp_path: Path):
 
     agp = AGPSchedule(initial_sparsity=0.2, final_sparsity=0.6, start_step=0, end_step=4, frequency=2)
     out = tmp_path / "agp.pt"
-    trainer = Trainer(_model(), SPEC, Shapes(8), _cfg(steps=5), out=out, hooks=[MaskHook(agp), Snap()])
+    trainer = build_trainer(_model(), SPEC, Shapes(8), _cfg(steps=5), out=out, hooks=[MaskHook(agp), Snap()])
     trainer.train()
     for before, after in zip(history, history[1:], strict=False):
         for name in before:
@@ -186,7 +186,7 @@ def test_retrain_keeps_structure_of_a_cut_model(tmp_path: Path):
         c3.weight = torch.nn.Parameter(c3.weight[:, :64].clone())
         c3.in_channels = 64
     out = tmp_path / "cut.pt"
-    Trainer(model, SPEC, Shapes(8), _cfg(steps=2), out=out, kind="structured", recipe={"note": 1}).train()
+    build_trainer(model, SPEC, Shapes(8), _cfg(steps=2), out=out, kind="structured", recipe={"note": 1}).train()
     rebuilt, ckpt = load_checkpoint(out)
     assert ckpt.kind == "structured" and ckpt.recipe == {"note": 1}
     assert rebuilt.head.classification_head.conv[0].weight.shape[0] == 64
@@ -205,7 +205,7 @@ class Poison(HookBase):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path):
     out = tmp_path / "run.pt"
-    trainer = Trainer(_model(), SPEC, Shapes(8), _cfg(steps=6, checkpoint_every=2), out=out, hooks=[Poison(2)])
+    trainer = build_trainer(_model(), SPEC, Shapes(8), _cfg(steps=6, checkpoint_every=2), out=out, hooks=[Poison(2)])
     with pytest.raises(TrainingError, match=r"step 3/6.*classification") as err:
         trainer.train()
     assert "last good checkpoint" in str(err.value)
@@ -220,16 +220,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path):
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path):
     cfg = _cfg(steps=6, checkpoint_every=2, schedule="cosine", warmup_steps=2)
     ref = _model()
-    Trainer(ref, SPEC, Shapes(12), cfg, out=tmp_path / "ref.pt").train()
+    build_trainer(ref, SPEC, Shapes(12), cfg, out=tmp_path / "ref.pt").train()
 
     out = tmp_path / "run.pt"
     with pytest.raises(KeyboardInterrupt):
-        Trainer(_model(), SPEC, Shapes(12), cfg, out=out, hooks=[Kill(5)]).train()
+        build_trainer(_model(), SPEC, Shapes(12), cfg, out=out, hooks=[Kill(5)]).train()
     assert read_checkpoint(out).train_state["step"] == 4
 
     resumed = _model(seed=123)  # different init: everything must come from the checkpoint
     rec = Recorder()
-    trainer = Trainer(resumed, SPEC, Shapes(12), cfg, out=out, hooks=[rec])
+    trainer = build_trainer(resumed, SPEC, Shapes(12), cfg, out=out, hooks=[rec])
     result = trainer.train(resume=True)
     assert result.start_step == 4 and result.steps == 6 and rec.steps == [5, 6]
     assert read_checkpoint(out).train_state["step"] == 6
@@ -239,7 +239,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path):
     for k in ref_sd:
         assert torch.allclose(ref_sd[k].float(), res_sd[k].float(), atol=1e-5), k
     # resuming a finished run does no steps
-    assert Trainer(_model(), SPEC, Shapes(12), cfg, out=out).train(resume=True).start_step == 6
+    assert build_trainer(_model(), SPEC, Shapes(12), cfg, out=out).train(resume=True).start_step == 6
 
 
 def test_resume_keeps_agp_masks(tmp_path: Path):
@@ -247,10 +247,10 @@ def test_resume_keeps_agp_masks(tmp_path: Path):
     agp = AGPSchedule(0.0, 0.5, 0, 6, 2)
     out = tmp_path / "agp.pt"
     with pytest.raises(KeyboardInterrupt):
-        Trainer(_model(), SPEC, Shapes(8), cfg, out=out, hooks=[MaskHook(agp), Kill(3)]).train()
+        build_trainer(_model(), SPEC, Shapes(8), cfg, out=out, hooks=[MaskHook(agp), Kill(3)]).train()
     saved = read_checkpoint(out).masks
     assert saved is not None
-    trainer = Trainer(_model(seed=5), SPEC, Shapes(8), cfg, out=out, hooks=[MaskHook(AGPSchedule(0.0, 0.5, 0, 6, 2))])
+    trainer = build_trainer(_model(seed=5), SPEC, Shapes(8), cfg, out=out, hooks=[MaskHook(AGPSchedule(0.0, 0.5, 0, 6, 2))])
     trainer.train(resume=True)
     for name, m in saved.items():
         assert not torch.any(trainer.masks[name].cpu() & ~m)
@@ -271,16 +271,17 @@ def test_init_distributed_without_torchrun(monkeypatch):
 def _ddp_worker(rank: int, port: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    import surgery.hooks as hooks_mod
     import surgery.train as train_mod
 
     saves = []
-    real_save = train_mod.save_checkpoint
+    real_save = hooks_mod.save_checkpoint
 
     def counting_save(path, *a, **kw):
         saves.append(str(path))
         return real_save(path, *a, **kw)
 
-    train_mod.save_checkpoint = counting_save
+    hooks_mod.save_checkpoint = counting_save
     info = train_mod.init_distributed()
     try:
         model = _model()
@@ -292,7 +293,7 @@ def _ddp_worker(rank: int, port: int, tmp: str) -> None:
         agp = AGPSchedule(0.3, 0.6, 0, 2, 1)
         out = Path(tmp) / "ddp.pt"
         cfg = _cfg(steps=3, batch_size=2, checkpoint_every=2)
-        trainer = Trainer(model, SPEC, Shapes(8), cfg, out=out, masks=masks, hooks=[MaskHook(agp)], dist_info=info)
+        trainer = build_trainer(model, SPEC, Shapes(8), cfg, out=out, masks=masks, hooks=[MaskHook(agp)], dist_info=info)
         trainer.train()
         torch.save(
             {
@@ -343,7 +344,7 @@ def test_eval_hook_records_metrics_in_history_and_checkpoint(tmp_path: Path):
     torch.manual_seed(0)
     out = tmp_path / "run.pt"
     cfg = _cfg(steps=3, eval_every=2)
-    result = Trainer(
+    result = build_trainer(
         build_model(spec), spec, train_set, cfg, val_set=val_set, out=out, eval_max_images=4
     ).train()
     assert [h["step"] for h in result.history] == [2, 3]

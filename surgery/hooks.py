@@ -1,0 +1,351 @@
+"""Hooks around the training loop (detectron2's ``HookBase`` style), each owning one concern.
+
+The :class:`~surgery.train.Trainer` calls every hook in the order it was registered:
+
+- ``resume(trainer)`` once, when ``train(resume=True)`` is asked for, before anything else;
+- ``before_train(trainer)``;
+- per step: ``loss_terms(trainer, images, targets)`` after the model's forward (extra loss terms,
+  e.g. distillation), ``after_backward(trainer)`` before clipping and the optimizer step,
+  ``after_step(trainer)`` after it;
+- ``after_train(trainer)``.
+
+A hook may also bring ``modules()`` whose parameters the optimizer trains with the model (the
+adaptation layers of feature imitation): they are moved to the trainer's device, averaged across
+ranks under DDP and saved in the hook's own ``state_dict`` (never in the model's checkpoint).
+
+:func:`surgery.train.build_trainer` assembles the usual list: masks, evaluation, checkpoints,
+then the caller's hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .checkpoint import read_checkpoint, save_checkpoint
+from .errors import CheckpointError
+from .masked import AGPSchedule, apply_masks, magnitude_masks, mask_gradients, masks_sparsity
+from .models import ModelSpec
+from .plan import Plan
+
+if TYPE_CHECKING:
+    from .train import Trainer
+
+
+@dataclass
+class StepInfo:
+    """What :class:`LoggingHook` reports (losses and speed averaged since the previous report)."""
+
+    step: int
+    total: int
+    losses: dict[str, float]
+    lr: float
+    images_per_s: float
+    epoch: int = 0
+    seconds: float = 0.0  # since training (re)started
+    eta_s: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses.values())
+
+
+class HookBase:
+    """Called around the loop. ``trainer.step`` counts completed optimizer steps."""
+
+    def resume(self, trainer: Trainer) -> None:
+        """Restore saved training state (only the hook that owns checkpoints does)."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        """Before the first step (after a resume has restored the state)."""
+
+    def loss_terms(self, trainer: Trainer, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Extra loss terms for this step, added to the model's losses (and logged by name)."""
+        return {}
+
+    def after_backward(self, trainer: Trainer) -> None:
+        """After the gradients exist (unscaled), before clipping and the optimizer step."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        """After each optimizer step; ``trainer.step`` is already incremented."""
+
+    def after_train(self, trainer: Trainer) -> None:
+        """After the last step (not called when training stops with an error)."""
+
+    def modules(self) -> list[nn.Module]:
+        """Extra modules the optimizer trains along with the model."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """State saved in checkpoints for ``--resume``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+class LoggingHook(HookBase):
+    """Every ``every`` steps (default ``cfg.log_every``) and at the last step, on rank 0, call
+    ``callback(StepInfo)``."""
+
+    def __init__(self, callback: Callable[[StepInfo], None], every: int | None = None) -> None:
+        self.callback = callback
+        self.every = every
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self._sums: dict[str, float] = {}
+        self._n = 0
+        self._t = now
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._reset(time.perf_counter())
+        self._t0 = self._t
+
+    def after_step(self, trainer: Trainer) -> None:
+        for k, v in trainer.last_losses.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._n += 1
+        every = self.every or trainer.cfg.log_every or 1
+        if not trainer.dist.is_main or (trainer.step % every and trainer.step != trainer.total_steps):
+            return
+        now = time.perf_counter()
+        elapsed = max(now - self._t, 1e-9)
+        done = trainer.step - trainer.start_step
+        run_s = now - self._t0
+        self.callback(
+            StepInfo(
+                step=trainer.step,
+                total=trainer.total_steps,
+                losses={k: v / self._n for k, v in self._sums.items()},
+                lr=trainer.lr,
+                images_per_s=self._n * trainer.global_batch / elapsed,
+                epoch=trainer.epoch,
+                seconds=run_s,
+                eta_s=run_s / max(done, 1) * (trainer.total_steps - trainer.step),
+            )
+        )
+        self._reset(now)
+
+
+class EvalHook(HookBase):
+    """Evaluate on ``dataset`` every ``every`` steps (0: only at the end) and after training.
+
+    Runs on rank 0 with :func:`surgery.evaluate.evaluate`; each result is appended to
+    ``trainer.history`` (``{"step": ..., **metrics}``) and kept in ``trainer.metrics``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        every: int = 0,
+        *,
+        batch_size: int = 8,
+        max_images: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        on_result: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.every = every
+        self.batch_size = batch_size
+        self.max_images = max_images
+        self.progress = progress  # (images done, total) during an evaluation
+        self.on_result = on_result  # (step, metrics) after each evaluation
+        self._last_step = -1
+
+    def _run(self, trainer: Trainer) -> None:
+        if not trainer.dist.is_main or self._last_step == trainer.step:
+            return
+        from .evaluate import evaluate
+
+        module = trainer.module
+        was_training = module.training
+        try:
+            result = evaluate(
+                module,
+                self.dataset,
+                batch_size=self.batch_size,
+                device=str(trainer.device),
+                max_images=self.max_images,
+                progress=self.progress,
+            )
+        finally:
+            module.train(was_training)
+        metrics = {k: float(v) if isinstance(v, (int, float)) else v for k, v in dict(result.metrics).items()}
+        trainer.metrics = metrics
+        trainer.history.append({"step": trainer.step, **metrics})
+        self._last_step = trainer.step
+        if self.on_result is not None:
+            self.on_result(trainer.step, metrics)
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.every > 0 and trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
+            self._run(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self._run(trainer)
+
+
+class CheckpointHook(HookBase):
+    """Owns the checkpoint file: every ``every`` steps write ``path`` with the full training state
+    (for ``--resume``), after training the final checkpoint, and on ``resume`` restore from it.
+    Rank 0 writes; writes are atomic. ``spec``, ``kind``, ``plan``, ``recipe`` and ``metrics`` are
+    recorded so :func:`surgery.checkpoint.load` rebuilds the same structure."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        spec: ModelSpec,
+        every: int = 200,
+        *,
+        kind: str = "dense",
+        plan: Plan | None = None,
+        recipe: Any = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.spec = spec
+        self.every = every
+        self.kind = kind
+        self.plan = plan
+        self.recipe = recipe.to_dict() if hasattr(recipe, "to_dict") else recipe
+        self.base_metrics = dict(metrics or {})
+        self.last_saved: int | None = None
+
+    def resume(self, trainer: Trainer) -> None:
+        if not self.path.exists():
+            return
+        ckpt = read_checkpoint(self.path)
+        ts = ckpt.train_state
+        if not ts or "step" not in ts:
+            raise CheckpointError(f"{self.path} has no training state to resume from")
+        try:
+            trainer.module.load_state_dict(ckpt.state_dict, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"cannot resume from {self.path}: it does not match this model ({str(e).splitlines()[0]})"
+            ) from e
+        if ckpt.masks:
+            trainer.masks = dict(ckpt.masks)
+        trainer.load_state_dict(ts)
+        self.last_saved = trainer.step
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.every > 0 and trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
+            self.save(trainer, full_state=True)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.save(trainer, full_state=False)
+
+    def save(self, trainer: Trainer, full_state: bool = True) -> Path | None:
+        """Write the checkpoint (rank 0 only; other ranks return ``None``)."""
+        if not trainer.dist.is_main:
+            return None
+        masks = trainer.masks
+        metrics = {**self.base_metrics, **trainer.metrics}
+        metrics["train"] = {
+            "steps": trainer.step,
+            "losses": trainer.mean_losses(),
+            **({"sparsity": masks_sparsity(masks)} if masks else {}),
+        }
+        path = save_checkpoint(
+            self.path,
+            trainer.module,
+            self.spec,
+            kind=trainer.kind,
+            plan=self.plan,
+            masks=masks,
+            recipe=self.recipe,
+            metrics=metrics,
+            train_state=trainer.state_dict(full_state),
+        )
+        self.last_saved = trainer.step
+        return path
+
+
+class MaskHook(HookBase):
+    """Keep masked weights exactly zero: re-apply the masks after every optimizer step (and zero
+    their gradients before it). The masks live in ``trainer.masks``, which this hook keeps.
+
+    Given an :class:`~surgery.masked.AGPSchedule` instead of masks, recompute magnitude masks at
+    the scheduled steps; the sparsity never decreases and pruned weights stay pruned (masks
+    already in ``trainer.masks``, e.g. those of a masked checkpoint, are the starting point).
+    """
+
+    def __init__(
+        self,
+        masks: dict[str, torch.Tensor] | AGPSchedule,
+        scope: str = "layer",
+        names: list[str] | None = None,
+    ) -> None:
+        if isinstance(masks, AGPSchedule):
+            self.schedule: AGPSchedule | None = masks
+            self.masks: dict[str, torch.Tensor] | None = None
+        else:
+            self.schedule = None
+            self.masks = dict(masks)
+        self.scope = scope
+        self.names = names
+        self.last_update: int | None = None
+        self._restored = False
+
+    @property
+    def sparsity(self) -> float:
+        return masks_sparsity(self.masks) if self.masks else 0.0
+
+    def before_train(self, trainer: Trainer) -> None:
+        if trainer.masks is not None and (self.masks is None or self._restored):
+            self.masks = dict(trainer.masks)  # a masked checkpoint's or a resumed run's masks
+        if self.masks is not None:
+            params = dict(trainer.module.named_parameters())
+            self.masks = {n: m.to(params[n].device, torch.bool) if n in params else m for n, m in self.masks.items()}
+        if self.schedule is not None and not self._restored and self.schedule.should_update(trainer.step):
+            self._update(trainer)
+        self._apply(trainer)
+
+    def _update(self, trainer: Trainer) -> None:
+        assert self.schedule is not None
+        target = self.schedule.sparsity_at(trainer.step)
+        if self.masks is None and target <= 0.0:
+            self.last_update = trainer.step
+            return
+        self.masks = magnitude_masks(trainer.module, target, self.scope, self.names, previous=self.masks)
+        self.last_update = trainer.step
+
+    def _apply(self, trainer: Trainer) -> None:
+        if self.masks:
+            apply_masks(trainer.module, self.masks)
+            trainer.masks = self.masks
+            if trainer.kind == "dense":
+                trainer.kind = "masked"
+
+    def after_backward(self, trainer: Trainer) -> None:
+        if self.masks:
+            mask_gradients(trainer.module, self.masks)
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.schedule is not None and self.schedule.should_update(trainer.step):
+            self._update(trainer)
+        self._apply(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_update": self.last_update,
+            "sparsity": self.sparsity,
+            "schedule": self.schedule.to_dict() if self.schedule else None,
+            "scope": self.scope,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_update = state.get("last_update")
+        self._restored = True
+
+
+__all__ = ["CheckpointHook", "EvalHook", "HookBase", "LoggingHook", "MaskHook", "StepInfo"]

@@ -1,0 +1,364 @@
+"""The pipeline steps as the CLI and the sweep run them: prune and save, train from a recipe,
+retrain a checkpoint. Each takes a resolved :class:`~surgery.recipe.Recipe` and returns a typed
+result; progress reaches the caller through :class:`Callbacks` (the library never prints).
+
+Under ``torchrun`` the training workflows build the (cached) datasets on rank 0 first and only
+rank 0 reports and writes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .checkpoint import Checkpoint, load_checkpoint, resolve_model, save_pruned
+from .distill import FeatureImitation
+from .distributed import DistInfo, current_dist, main_process_first
+from .errors import DataError, RecipeError
+from .hooks import EvalHook, HookBase, LoggingHook, MaskHook, StepInfo
+from .models import ModelSpec, build_model, get_builder
+from .plan import MaskedPlan
+from .prune import PruneResult, count_params, prune_model
+from .recipe import AGPSection, Recipe, TrainSection, apply_overrides, load_recipe, recipe_from_dict
+from .train import TrainResult, build_trainer
+
+
+@dataclass
+class Callbacks:
+    """How a workflow reports progress (all optional; called on rank 0 only)."""
+
+    on_step: Callable[[StepInfo], None] | None = None  # every cfg.log_every steps
+    on_eval_progress: Callable[[int, int], None] | None = None  # images evaluated, total
+    on_eval: Callable[[int, dict[str, Any]], None] | None = None  # step, metrics
+    on_note: Callable[[str], None] | None = None  # one-line notes (adjusted settings, resume)
+    on_stage: Callable[[str], None] | None = None  # "preparing data", "training"...
+
+    def note(self, text: str) -> None:
+        if self.on_note is not None:
+            self.on_note(text)
+
+    def stage(self, text: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(text)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def data_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """``build_dataset`` arguments for the recipe's data section (the synthetic set's size/seed)."""
+    d = recipe.data
+    if d.source != "synthetic":
+        return {}
+    return {"synth_root": d.root, "images": d.images, "size": d.size, "seed": d.seed}
+
+
+def load_datasets(
+    recipe: Recipe, *, hflip: float = 0.0, val: bool = True, dist_info: DistInfo | None = None
+) -> tuple[Dataset, Dataset | None]:
+    """The recipe's training set (with ``hflip``) and validation set (``None`` unless ``val``);
+    under torchrun rank 0 builds (and caches) them first."""
+    from .data import build_dataset
+
+    src, kw = recipe.data.source, data_kwargs(recipe)
+
+    def build() -> tuple[Dataset, Dataset | None]:
+        train_set = build_dataset(src, "train", train=True, hflip=hflip, **kw)
+        val_set = build_dataset(src, "val", train=False, **kw) if val else None
+        return train_set, val_set
+
+    return main_process_first(dist_info or current_dist(), build)
+
+
+def check_classes(model_classes: Any, dataset: Any) -> None:
+    """One clear error when the data has more classes than the model's outputs."""
+    if model_classes is not None and dataset.num_classes > int(model_classes):
+        raise DataError(
+            f"the dataset has {dataset.num_classes} classes (with background) but the model only "
+            f"{model_classes}: train a model with num_classes={dataset.num_classes} (--kwarg num_classes=N)"
+        )
+
+
+def _accepts(builder: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+# --------------------------------------------------------------------------------------------
+# prune
+
+
+@dataclass
+class PruneOutcome:
+    """What :func:`prune_and_save` wrote."""
+
+    path: Path
+    kind: str  # structured | masked
+    spec: ModelSpec
+    structured: PruneResult | None = None
+    masked: Any = None  # surgery.masked.MaskedResult
+
+
+def prune_and_save(
+    source: str,
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    trace_size: int = 256,
+    macs_input_size: int | None = None,
+) -> PruneOutcome:
+    """Prune a model (registered name, ``module:function`` or checkpoint) as the recipe says and
+    write the pruned checkpoint atomically. ``method: magnitude`` gives a masked model. The plan
+    records where it came from (the default distillation teacher) and the plan it continues."""
+    model, spec, prior = resolve_model(source, recipe.model.kwargs, recipe.model.weights)
+    return prune_loaded(model, spec, prior, recipe, out, source=source, trace_size=trace_size,
+                        macs_input_size=macs_input_size)
+
+
+def prune_loaded(
+    model: nn.Module,
+    spec: ModelSpec,
+    prior: Checkpoint | None,
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    source: str | None = None,
+    trace_size: int = 256,
+    macs_input_size: int | None = None,
+) -> PruneOutcome:
+    """:func:`prune_and_save` for a model already in memory (``prior``: its checkpoint, if any)."""
+    cfg = recipe.prune
+    previous = prior.plan if prior is not None else None
+    origin = str(prior.path) if prior is not None and prior.path is not None else source
+    if cfg.method == "magnitude":
+        from .masked import prune_masked
+
+        masked = prune_masked(model, cfg.sparsity, cfg.scope)
+        plan = MaskedPlan(sparsity=cfg.sparsity, scope=cfg.scope, total_params=masked.total_params,
+                          nonzeros_before=masked.nonzeros_before, nonzeros_after=masked.nonzeros_after,
+                          source=origin, previous=previous)
+        path = save_pruned(out, model, spec, plan, masks=masked.masks, recipe=recipe.to_dict(),
+                           metrics={"params": count_params(model)})
+        return PruneOutcome(path=path, kind="masked", spec=spec, masked=masked)
+    result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size)
+    result.plan.previous = previous
+    result.plan.source = origin
+    metrics = {"params": result.report.params_after}
+    if result.report.macs_after is not None:
+        metrics["macs"] = result.report.macs_after
+    path = save_pruned(out, model, spec, result.plan, recipe=recipe.to_dict(), metrics=metrics)
+    return PruneOutcome(path=path, kind="structured", spec=spec, structured=result)
+
+
+# --------------------------------------------------------------------------------------------
+# train / retrain
+
+
+@dataclass
+class TrainOutcome:
+    result: TrainResult
+    out: Path
+    spec: ModelSpec
+    recipe: Recipe
+    device: str
+    world_size: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+def _fit(
+    model: nn.Module,
+    spec: ModelSpec,
+    recipe: Recipe,
+    cfg: TrainSection,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    out: Path,
+    *,
+    device: str,
+    resume: bool,
+    dist_info: DistInfo,
+    callbacks: Callbacks,
+    hooks: Sequence[HookBase] = (),
+    **kw: Any,
+) -> TrainOutcome:
+    hooks = list(hooks)
+    if callbacks.on_step is not None:
+        hooks.append(LoggingHook(callbacks.on_step))
+    if val_set is not None:
+        hooks.append(EvalHook(val_set, cfg.eval_every, progress=callbacks.on_eval_progress,
+                              on_result=callbacks.on_eval))
+    trainer = build_trainer(model, spec, train_set, cfg, val_set=val_set, out=out, hooks=hooks, device=device,
+                            recipe=recipe, dist_info=dist_info, num_workers=recipe.data.num_workers, **kw)
+    if resume and dist_info.is_main:
+        callbacks.note(f"resuming from {out}" if out.exists() else f"--resume: {out} does not exist yet; starting from step 0")
+    callbacks.stage("training")
+    result = trainer.train(resume=resume)
+    return TrainOutcome(result=result, out=out, spec=spec, recipe=recipe, device=str(trainer.device),
+                        world_size=dist_info.world_size)
+
+
+def train_from_recipe(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    resume: bool = False,
+    evaluate: bool = True,
+    dist_info: DistInfo | None = None,
+    callbacks: Callbacks | None = None,
+    hooks: Sequence[HookBase] = (),
+) -> TrainOutcome:
+    """Train the recipe's dense model (``model`` section) on its data with its ``train`` section.
+
+    ``num_classes`` comes from the data when the recipe does not set it and the builder takes
+    it; ``model.weights`` (a torchvision weights name or a file) initialises the network. The
+    seed makes the initial weights reproducible."""
+    cb = callbacks or Callbacks()
+    info = dist_info or current_dist()
+    name = recipe.model.name
+    if not name:
+        raise RecipeError("no model: pass --model or a recipe with model.name")
+    cb.stage("preparing data")
+    train_set, val_set = load_datasets(recipe, hflip=recipe.train.hflip, val=evaluate, dist_info=info)
+    kwargs = dict(recipe.model.kwargs)
+    if "num_classes" not in kwargs and _accepts(get_builder(name), "num_classes"):
+        kwargs["num_classes"] = train_set.num_classes
+    recipe.model.kwargs = dict(kwargs)
+    check_classes(kwargs.get("num_classes"), train_set)
+    torch.manual_seed(recipe.train.seed)  # same seed, same initial weights
+    spec = ModelSpec(name, kwargs)  # the checkpoint holds the weights: rebuild without them
+    model = build_model(spec, weights=recipe.model.weights) if recipe.model.weights else build_model(spec)
+    return _fit(model, spec, recipe, recipe.train, train_set, val_set, Path(out), device=device, resume=resume,
+                dist_info=info, callbacks=cb, hooks=hooks)
+
+
+def recipe_for_checkpoint(ckpt: Checkpoint, recipe_path: str | Path | None, overrides: dict[str, Any]) -> Recipe:
+    """The recipe a retraining uses: the given file, else the one saved in the checkpoint, else
+    the defaults; ``overrides`` (dotted keys, ``None`` ignored) on top."""
+    if recipe_path is not None:
+        return apply_overrides(load_recipe(recipe_path), overrides)
+    base = Recipe(source="<defaults>")
+    if ckpt.recipe:
+        try:
+            base = recipe_from_dict(ckpt.recipe, f"{ckpt.path} (recipe)")
+        except RecipeError:
+            pass  # a recipe of an older schema: the defaults, with the flags on top
+    return apply_overrides(base, overrides)
+
+
+def agp_schedule(recipe: Recipe, total_steps: int, final: float, initial: float) -> tuple[AGPSection, list[str]]:
+    """An AGP schedule reaching ``final`` sparsity within ``total_steps``: the recipe's
+    ``prune.agp`` clipped to the run, or by default pruning during the first two thirds."""
+    notes: list[str] = []
+    end = max(1, int(total_steps * 2 / 3))  # prune during the first two thirds, then fine-tune
+    section = AGPSection(initial_sparsity=initial, final_sparsity=final, start_step=0, end_step=end,
+                         frequency=max(1, end // 10))
+    r = recipe.prune.agp
+    if r is not None:
+        end = min(r.end_step, total_steps)
+        section = AGPSection(initial_sparsity=min(r.initial_sparsity, final), final_sparsity=final,
+                             start_step=min(r.start_step, end - 1), end_step=end, frequency=r.frequency)
+        if end < r.end_step:
+            notes.append(f"AGP end_step {r.end_step} is past the last step; using {end}")
+    return section, notes
+
+
+def distill_hook(recipe: Recipe, ckpt: Checkpoint, student: nn.Module) -> FeatureImitation | None:
+    """The distillation hook the recipe's ``retrain.distill`` asks for (``None``: no distillation).
+    The teacher is ``distill.teacher`` or the dense checkpoint the plan chain was pruned from."""
+    from .distill import teacher_path
+
+    cfg = recipe.retrain.distill
+    if cfg is None or cfg.type == "none":
+        return None
+    path = teacher_path(ckpt.plan, cfg.teacher)
+    if path is None:
+        raise RecipeError(
+            f"distillation needs a teacher: {ckpt.path} records no checkpoint it was pruned from; "
+            "pass --teacher DENSE.pt (or retrain.distill.teacher)"
+        )
+    teacher, _ = load_checkpoint(path)
+    return FeatureImitation(teacher, student, cfg, teacher_path=path)
+
+
+def retrain_checkpoint(
+    ckpt_path: str | Path,
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    resume: bool = False,
+    evaluate: bool = True,
+    sparsity: float | None = None,
+    agp: bool = False,
+    dist_info: DistInfo | None = None,
+    callbacks: Callbacks | None = None,
+    hooks: Sequence[HookBase] = (),
+) -> TrainOutcome:
+    """Retrain a pruned, masked or dense checkpoint with the recipe's ``retrain`` section; masks
+    of a masked checkpoint stay exact. ``sparsity`` masks that fraction of the weights (at once,
+    or gradually on an AGP schedule with ``agp``)."""
+    from .masked import AGPSchedule, apply_masks, magnitude_masks, masks_sparsity
+
+    if agp and sparsity is None:
+        raise RecipeError("--agp needs --sparsity (the final sparsity)")
+    cb = callbacks or Callbacks()
+    info = dist_info or current_dist()
+    model, ckpt = load_checkpoint(ckpt_path)
+    cfg = recipe.retrain
+    cb.stage("preparing data")
+    train_set, val_set = load_datasets(recipe, hflip=cfg.hflip, val=evaluate, dist_info=info)
+    check_classes(ckpt.spec.kwargs.get("num_classes"), train_set)
+    masks, hooks = ckpt.masks, list(hooks)
+    if sparsity is not None and agp:
+        per_epoch = max(1, len(train_set) // max(1, info.world_size) // cfg.batch_size)
+        total = max(1, math.ceil(cfg.epochs * per_epoch)) if cfg.epochs is not None else cfg.steps
+        section, notes = agp_schedule(recipe, total, sparsity, masks_sparsity(masks) if masks else 0.0)
+        for n in notes:
+            cb.note(n)
+        hooks.insert(0, MaskHook(AGPSchedule.from_section(section), recipe.prune.scope))
+        recipe.prune.agp = section
+        recipe.prune.sparsity = sparsity
+    elif sparsity is not None:
+        masks = magnitude_masks(model, sparsity, recipe.prune.scope, previous=masks)
+        apply_masks(model, masks)
+        recipe.prune.sparsity = sparsity
+    what = ckpt.kind + (f", {masks_sparsity(masks):.0%} of masked weights zero" if masks else "")
+    distill = distill_hook(recipe, ckpt, model)
+    if distill is not None:
+        hooks.append(distill)
+        what += f", imitating {distill.teacher_path}"
+    cb.note(f"retraining {ckpt_path} ({ckpt.spec.name}, {what})")
+    torch.manual_seed(cfg.seed)
+    source_metrics = {k: v for k, v in ckpt.metrics.items() if isinstance(v, (int, float, str))}
+    return _fit(model, ckpt.spec, recipe, cfg, train_set, val_set, Path(out), device=device, resume=resume,
+                dist_info=info, callbacks=cb, hooks=hooks, masks=masks, kind=ckpt.kind, plan=ckpt.plan,
+                metrics={"input": {"checkpoint": str(ckpt_path), "kind": ckpt.kind, **source_metrics}})
+
+
+__all__ = [
+    "Callbacks",
+    "PruneOutcome",
+    "TrainOutcome",
+    "agp_schedule",
+    "check_classes",
+    "data_kwargs",
+    "load_datasets",
+    "prune_and_save",
+    "prune_loaded",
+    "recipe_for_checkpoint",
+    "retrain_checkpoint",
+    "train_from_recipe",
+]
