@@ -91,6 +91,7 @@ class PruneSection:
     sparsity: float = 0.8
     scope: str = "layer"  # layer | global
     agp: AGPSection | None = None
+    steps: int = 1  # progressive pruning: cut in this many rounds, retraining in between
 
     def validate(self) -> None:
         _check(self.method in ("l1", "l2", "bn", "magnitude"), "method", "one of l1, l2, bn, magnitude")
@@ -98,6 +99,7 @@ class PruneSection:
         _check(0.0 < self.sparsity < 1.0, "sparsity", "a number strictly between 0 and 1")
         _check(self.round_to >= 1, "round_to", "an integer >= 1")
         _check(self.min_channels >= 1, "min_channels", "an integer >= 1")
+        _check(self.steps >= 1, "steps", "an integer >= 1")
         _check(self.scope in ("layer", "global"), "scope", "'layer' or 'global'")
         for k, v in self.overrides.items():
             _check(0.0 <= v < 1.0, f"overrides.{k}", "a ratio in [0, 1)")
@@ -184,6 +186,11 @@ class BenchSection:
 @dataclass
 class SweepSection:
     ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    # fractions of the dense MACs to keep (each reached by searching the ratio, see prune.target_macs)
+    target_macs: list[float] = field(default_factory=list)
+    # ways to prune and recover, compared side by side: "criterion[+distill][+progressive]"
+    # (l1, taylor+distill, l1+distill+progressive...); empty: prune.method alone
+    techniques: list[str] = field(default_factory=list)
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
     match_masked: bool = True  # add masked variants at the same parameter reduction as each ratio
     out: str = "runs/sweep"
@@ -191,6 +198,14 @@ class SweepSection:
     def validate(self) -> None:
         _check(all(0 < r < 1 for r in self.ratios), "ratios", "numbers strictly between 0 and 1")
         _check(all(0 < s < 1 for s in self.sparsities), "sparsities", "numbers strictly between 0 and 1")
+        _check(all(0 < t < 1 for t in self.target_macs), "target_macs", "fractions strictly between 0 and 1")
+        for t in self.techniques:
+            try:
+                from .sweep import parse_technique
+
+                parse_technique(t)
+            except RecipeError as e:
+                raise _FieldError("techniques", str(e).split(": ", 1)[-1]) from None
 
 
 @dataclass

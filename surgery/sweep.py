@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -31,15 +32,17 @@ import torch
 
 from .atomic import atomic_open
 from .checkpoint import is_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from .errors import RecipeError
 from .hooks import LoggingHook
 from .models import ModelSpec, build_model
-from .recipe import PruneSection, Recipe
+from .plan import plan_chain
+from .recipe import DistillSection, PruneSection, Recipe
 from .train import build_trainer
 
 SWEEP_COLUMNS: tuple[str, ...] = (
-    "variant", "method", "ratio", "sparsity", "params", "params_nonzero", "macs", "latency_ms", "latency_ms_p90",
+    "variant", "method", "ratio", "target_macs", "sparsity", "params", "params_nonzero", "macs", "latency_ms", "latency_ms_p90",
     "params_ratio", "macs_ratio", "latency_ratio", "map_pruned", "map50_pruned", "map_retrained",
-    "map50_retrained", "dense_map", "dense_control_map", "retained_map", "retrain_steps", "input_size",
+    "map50_retrained", "dense_map", "dense_control_map", "retained_map", "retrain_steps", "retrain_seconds", "input_size",
     "threads", "torch", "checkpoint",
 )
 
@@ -96,6 +99,30 @@ def matched_sparsity(model: torch.nn.Module, params_target: int) -> float:
     return float(min(0.99, max(0.01, round(s, 3))))
 
 
+@dataclass(frozen=True)
+class Technique:
+    """One way to prune and recover, written ``criterion[+distill][+progressive]`` in a recipe's
+    ``sweep.techniques`` (``l1``, ``taylor+distill``, ``l1+distill+progressive``...)."""
+
+    text: str
+    criterion: str
+    distill: bool = False
+    progressive: bool = False
+
+
+def parse_technique(text: str) -> Technique:
+    from .importance import list_importances
+
+    parts = [p.strip() for p in text.split("+") if p.strip()]
+    criteria = [p for p in parts if p not in ("distill", "progressive")]
+    if len(criteria) != 1 or criteria[0] not in list_importances():
+        raise RecipeError(
+            f"sweep technique {text!r}: expected one ranking criterion ({', '.join(list_importances())}) "
+            "optionally joined with '+distill' and/or '+progressive'"
+        )
+    return Technique(text=text, criterion=criteria[0], distill="distill" in parts, progressive="progressive" in parts)
+
+
 def run_sweep(
     recipe: Recipe,
     out: str | Path | None = None,
@@ -115,9 +142,14 @@ def run_sweep(
     state = _State(out / "state.json")
     skipped: list[str] = []
 
-    ratios = list(recipe.sweep.ratios)
-    n_masked = len(ratios) * int(recipe.sweep.match_masked) + len(recipe.sweep.sparsities)
-    total_stages = 5 + 2 * len(ratios) + 2 * n_masked
+    default = recipe.prune.method if recipe.prune.method != "magnitude" else "l1"
+    techniques = [parse_technique(t) for t in (recipe.sweep.techniques or [default])]
+    rounds_of = {t.text: (max(1, recipe.prune.steps) if t.progressive else 1) for t in techniques}
+    points: list[tuple[str, dict[str, Any]]] = [(_ratio_tag(r), {"ratio": r}) for r in recipe.sweep.ratios]
+    points += [(f"macs{_ratio_tag(t)}", {"target_macs": t}) for t in recipe.sweep.target_macs]
+    n_struct = sum(rounds_of[t.text] for t in techniques) * len(points)
+    n_masked = len(points) * int(recipe.sweep.match_masked) + len(recipe.sweep.sparsities)
+    total_stages = 5 + 2 * n_struct + 2 * n_masked
     stage_i = 0
 
     def stage(name: str) -> None:
@@ -133,8 +165,14 @@ def run_sweep(
         m = evaluate(model, val_set, batch_size=8, device=device).metrics
         return {"mAP": float(m["mAP"]), "mAP50": float(m["mAP50"])}
 
-    def train(model, spec, cfg, path: Path, *, kind: str, plan=None, masks=None) -> dict[str, Any]:
+    def train(model, spec, cfg, path: Path, *, kind: str, plan=None, masks=None, distill=False) -> dict[str, Any]:
         hooks = [LoggingHook(on_step)] if on_step else []
+        if distill:
+            from .distill import FeatureImitation
+
+            dcfg = recipe.retrain.distill if recipe.retrain.distill is not None else DistillSection()
+            dcfg = dataclasses.replace(dcfg, type="imitation")
+            hooks.append(FeatureImitation(load_checkpoint(dense_path)[0], model, dcfg, teacher_path=str(dense_path)))
         trainer = build_trainer(model, spec, train_set, cfg, out=path, hooks=hooks, device=device, kind=kind,
                                 plan=plan, masks=masks, recipe=recipe)
         res = trainer.train(resume=path.is_file())
@@ -154,6 +192,7 @@ def run_sweep(
             save_checkpoint(dense_path, model, spec, kind="dense", recipe=recipe.to_dict())
             info = {"steps": 0, "seconds": 0.0, "source": str(recipe.model.weights)}
         else:
+            torch.manual_seed(recipe.train.seed)  # the same initial weights on every run
             model = build_model(spec, weights=recipe.model.weights) if recipe.model.weights else build_model(spec)
             info = train(model, spec, recipe.train, dense_path, kind="dense")
             model, _ = load_checkpoint(dense_path)
@@ -175,53 +214,74 @@ def run_sweep(
         skipped.append("control")
 
     # 3. variants -----------------------------------------------------------------------------
-    def run_variant(name: str, method: str, ratio: float | None, sparsity: float | None, cut) -> dict[str, Any]:
-        """prune (``cut(model, spec, path) -> counts``) + eval, then retrain + eval, each resumable."""
-        pruned_path, retrained_path = out / f"{name}.pruned.pt", out / f"{name}.pt"
-        stage(f"{name}: prune + eval")
-        pr = state.get(f"{name}:prune")
-        if pr is None:
-            model, ck = load_checkpoint(dense_path)
-            pr = {**cut(model, ck.spec, pruned_path), **score(model)}
-            state.put(f"{name}:prune", pr, [pruned_path])
-        else:
-            skipped.append(f"{name}:prune")
-        stage(f"{name}: retrain + eval")
-        rt = state.get(f"{name}:retrain")
-        if rt is None:
-            model, ck = load_checkpoint(pruned_path)  # masks of masked variants are kept while training
-            info = train(model, ck.spec, recipe.retrain, retrained_path, kind=ck.kind, plan=ck.plan, masks=ck.masks)
-            rt = {**info, **score(load_checkpoint(retrained_path)[0])}
-            state.put(f"{name}:retrain", rt, [retrained_path])
-        else:
-            skipped.append(f"{name}:retrain")
-        return {"variant": name, "method": method, "ratio": ratio, "sparsity": sparsity, "pruned": pr,
-                "retrained": rt, "checkpoint": retrained_path, "pruned_path": pruned_path}
+    def run_variant(name: str, method: str, point: dict[str, Any], prune: Callable[[int], dict[str, Any]],
+                    rounds: int = 1, distill: bool = False) -> dict[str, Any]:
+        """``rounds`` x (prune with ``prune(round)`` + eval, retrain + eval), each step resumable;
+        the retraining budget is split over the rounds (the same total for every variant)."""
+        source, seconds = dense_path, 0.0
+        for k in range(1, rounds + 1):
+            key = name if k == rounds else f"{name}.r{k}"
+            pruned_path, retrained_path = out / f"{key}.pruned.pt", out / f"{key}.pt"
+            stage(f"{key}: prune + eval")
+            pr = state.get(f"{key}:prune")
+            if pr is None:
+                model, ck = load_checkpoint(source)
+                rec = copy.deepcopy(recipe)
+                rec.prune = PruneSection(**{**vars(recipe.prune), **prune(k)})
+                done = prune_loaded(model, ck.spec, ck if k > 1 else None, rec, pruned_path, source=str(source),
+                                    macs_input_size=recipe.bench.input_size if "ratio" not in point else None)
+                if done.masked is not None:
+                    counts = {"params": done.masked.total_params, "params_nonzero": done.masked.nonzeros_after}
+                else:
+                    counts = {"params": done.structured.report.params_after}
+                pr = {**counts, **score(model)}
+                state.put(f"{key}:prune", pr, [pruned_path])
+            else:
+                skipped.append(f"{key}:prune")
+            stage(f"{key}: retrain + eval")
+            rt = state.get(f"{key}:retrain")
+            steps = recipe.retrain.steps // rounds + (recipe.retrain.steps % rounds if k == rounds else 0)
+            if rt is None:
+                model, ck = load_checkpoint(pruned_path)  # masks of masked variants are kept while training
+                cfg = dataclasses.replace(recipe.retrain, steps=steps, epochs=None)
+                info = train(model, ck.spec, cfg, retrained_path, kind=ck.kind, plan=ck.plan, masks=ck.masks,
+                             distill=distill)
+                rt = {**info, **score(load_checkpoint(retrained_path)[0])}
+                state.put(f"{key}:retrain", rt, [retrained_path])
+            else:
+                skipped.append(f"{key}:retrain")
+            seconds += float(rt.get("seconds", 0.0))
+            source = retrained_path
+        return {"variant": name, "method": method, "ratio": point.get("ratio"), "sparsity": point.get("sparsity"),
+                "target_macs": point.get("target_macs"), "pruned": pr, "retrained": {**rt, "seconds": seconds},
+                "checkpoint": source, "pruned_path": out / f"{name}.pruned.pt"}
 
-    def cut_with(**prune: Any):
-        def cut(model, spec, path):
-            rec = copy.deepcopy(recipe)
-            rec.prune = PruneSection(**{**vars(recipe.prune), **prune})
-            done = prune_loaded(model, spec, None, rec, path, source=str(dense_path))
-            if done.masked is not None:
-                return {"params": done.masked.total_params, "params_nonzero": done.masked.nonzeros_after}
-            report = done.structured.report
-            return {"params": report.params_after, "params_before": report.params_before}
+    def structured_round(tech: Technique, point: dict[str, Any], rounds: int, name: str):
+        def prune(k: int) -> dict[str, Any]:
+            args: dict[str, Any] = {"method": tech.criterion, "target_macs": None, "target_params": None}
+            if "ratio" in point:  # each round keeps (1 - r)^(1/rounds) of the channels left
+                args["ratio"] = 1.0 - (1.0 - point["ratio"]) ** (1.0 / rounds)
+            else:  # round k reaches target^(k/rounds) of the dense MACs
+                kept = _kept_macs(out / f"{name}.r{k - 1}.pruned.pt") if k > 1 else 1.0
+                args["target_macs"] = min(0.999, point["target_macs"] ** (k / rounds) / kept)
+            return args
 
-        return cut
+        return prune
 
-    method = recipe.prune.method if recipe.prune.method != "magnitude" else "l1"
-    variants = [
-        run_variant(f"{method}-{_ratio_tag(r)}", f"structured-{method}", r, None, cut_with(method=method, ratio=r))
-        for r in ratios
-    ]
+    variants = []
+    for tech in techniques:
+        for tag, point in points:
+            name, rounds = f"{tech.text}-{tag}", rounds_of[tech.text]
+            variants.append(run_variant(name, f"structured-{tech.text}", point,
+                                        structured_round(tech, point, rounds, name), rounds, tech.distill))
     sparsities: list[float] = []
     if recipe.sweep.match_masked:
         probe = build_model(spec)
-        sparsities = [matched_sparsity(probe, v["pruned"]["params"]) for v in variants]
+        first = [v for v in variants if v["method"] == f"structured-{techniques[0].text}"]
+        sparsities = [matched_sparsity(probe, v["pruned"]["params"]) for v in first]
     sparsities += [s for s in recipe.sweep.sparsities if all(abs(s - x) > 1e-3 for x in sparsities)]
-    variants += [run_variant(f"masked-{_ratio_tag(s)}", "masked", None, s, cut_with(method="magnitude", sparsity=s))
-                 for s in sparsities]
+    variants += [run_variant(f"masked-{_ratio_tag(s)}", "masked", {"sparsity": s},
+                             lambda k, s=s: {"method": "magnitude", "sparsity": s}) for s in sparsities]
 
     # 4. bench --------------------------------------------------------------------------------
     stage("bench (interleaved latency, MACs, sizes)")
@@ -238,7 +298,7 @@ def run_sweep(
                  control_path, recipe)]
     for v in variants:
         rows.append(_row(v["variant"], v["method"], v["ratio"], v["sparsity"], by_ckpt[v["checkpoint"].name],
-                         v["pruned"], v["retrained"], dense, control, v["checkpoint"], recipe))
+                         v["pruned"], v["retrained"], dense, control, v["checkpoint"], recipe, v["target_macs"]))
     csv_path = out / "results.csv"
     _write_rows(rows, csv_path)
     md = out / "results.md"
@@ -248,12 +308,23 @@ def run_sweep(
                        seconds=time.perf_counter() - t_start, skipped=skipped)
 
 
-def _row(variant, method, ratio, sparsity, bench, pruned, retrained, dense, control, ckpt, recipe) -> dict[str, Any]:
+def _kept_macs(pruned_path: Path) -> float:
+    """Fraction of the dense MACs a (progressively) pruned checkpoint kept: the product over its
+    plan chain of each cut's measured MACs ratio."""
+    kept = 1.0
+    for p in plan_chain(read_checkpoint(pruned_path).plan):
+        kept *= getattr(p, "achieved_macs_ratio", None) or 1.0
+    return kept
+
+
+def _row(variant, method, ratio, sparsity, bench, pruned, retrained, dense, control, ckpt, recipe,
+         target_macs=None) -> dict[str, Any]:
     retained = retrained["mAP"] / control["mAP"] if control.get("mAP") else None
     return {
         "variant": variant,
         "method": method,
         "ratio": ratio,
+        "target_macs": target_macs,
         "sparsity": sparsity,
         "params": bench.params,
         "params_nonzero": bench.params_nonzero,
@@ -271,6 +342,7 @@ def _row(variant, method, ratio, sparsity, bench, pruned, retrained, dense, cont
         "dense_control_map": round(control["mAP"], 4),
         "retained_map": None if retained is None else round(retained, 4),
         "retrain_steps": recipe.retrain.steps,
+        "retrain_seconds": round(float(retrained.get("seconds", 0.0)), 1),
         "input_size": recipe.bench.input_size,
         "threads": bench.threads,
         "torch": bench.torch,
