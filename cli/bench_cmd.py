@@ -43,7 +43,7 @@ def bench(
     ),
 ) -> None:
     """Measure params, MACs, latency (interleaved across models), file size and optionally mAP."""
-    from surgery.measure import bench_checkpoints, write_csv
+    from surgery.bench import bench_checkpoints, write_csv
     from surgery.recipe import recipe_from_dict
 
     options = {"input_size": input_size, "batch_sizes": list(batch_size), "warmup": warmup, "runs": runs,

@@ -8,7 +8,6 @@ from the original builder, the plan's anchor part and the saved shapes.
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import math
 import time
 from collections.abc import Sequence
@@ -21,8 +20,9 @@ from torch import nn
 
 from .checkpoint import resolve_model, save_checkpoint
 from .errors import PruningError
-from .graph import ChannelGroup, DetectorGraph, trace
+from .graph import ChannelGroup, DetectorGraph, match_layer, trace
 from .importance import get_importance
+from .measure import count_params
 from .models import ModelSpec
 from .recipe import PruneSection, Recipe
 
@@ -36,10 +36,6 @@ class GroupReport:
     channels_after: int
     prunable: bool
     reason: str = ""
-
-    @property
-    def removed(self) -> int:
-        return self.channels_before - self.channels_after
 
 
 @dataclass
@@ -83,10 +79,6 @@ class PruneResult:
     graph: DetectorGraph | None = field(default=None, repr=False)
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width of every conv/linear layer (what the report and the plots show)."""
     out = {}
@@ -102,7 +94,7 @@ def check_patterns(model: nn.Module, patterns: Sequence[str], what: str) -> None
     """Every layer pattern must match at least one module, else one clear error."""
     names = [n for n, _ in model.named_modules() if n]
     for p in patterns:
-        if not any(fnmatch.fnmatchcase(n, p) or n == p or n.startswith(p + ".") for n in names):
+        if not any(match_layer(n, [p]) for n in names):
             close = difflib.get_close_matches(p, names, n=3)
             hint = f" Close names: {', '.join(close)}." if close else " Run `surgery inspect` for the layer names."
             raise PruningError(f"{what} pattern {p!r} matches no layer of this model.{hint}")
@@ -110,7 +102,7 @@ def check_patterns(model: nn.Module, patterns: Sequence[str], what: str) -> None
 
 def _ratio_for(group: ChannelGroup, cfg: PruneSection) -> float:
     for pattern, r in cfg.overrides.items():
-        if any(fnmatch.fnmatchcase(x, pattern) or x == pattern or x.startswith(pattern + ".") for x in group.producers):
+        if any(match_layer(x, [pattern]) for x in group.producers):
             return float(r)
     return cfg.ratio
 
@@ -220,7 +212,7 @@ def prune_model(
     check_patterns(model, cfg.skip, "skip")
 
     macs_before = _macs(model, macs_input_size)
-    params_before = count_params(model)
+    params_before = count_params(model).total
     widths_before = layer_widths(model)
 
     t0 = time.perf_counter()
@@ -254,7 +246,7 @@ def prune_model(
         groups=groups,
         output_layers=graph.output_layers,
         params_before=params_before,
-        params_after=count_params(model),
+        params_after=count_params(model).total,
         seconds_analysis=t1 - t0,
         seconds_cut=t2 - t1,
         anchors=anchors_plan,
@@ -315,7 +307,7 @@ def prune_checkpoint(
         plan = {"method": "magnitude", "sparsity": cfg.sparsity, "scope": cfg.scope, "previous": previous,
                 **{k: v for k, v in masked.to_dict().items() if k != "layer_sparsity"}}
         path = save_checkpoint(out, model, spec, kind="masked", plan=plan, masks=masked.masks,
-                               recipe=recipe.to_dict(), metrics={"params": count_params(model)})
+                               recipe=recipe.to_dict(), metrics={"params": count_params(model).total})
         return PruneOutcome(path=path, kind="masked", spec=spec, masked=masked)
     result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size)
     result.plan["previous"] = previous
@@ -347,7 +339,6 @@ __all__ = [
     "PruneResult",
     "apply_channel_plan",
     "check_patterns",
-    "count_params",
     "inspect_model",
     "keep_count",
     "layer_widths",

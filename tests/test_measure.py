@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.utils.prune as tprune
 
+from surgery.bench import BENCH_COLUMNS, bench_checkpoints, write_csv
 from surgery.checkpoint import save_checkpoint
 from surgery.measure import (
-    BENCH_COLUMNS,
-    bench_checkpoints,
     count_macs,
     count_params,
     file_size,
@@ -20,7 +19,6 @@ from surgery.measure import (
     fold_masks,
     measure_latency,
     state_dict_size,
-    write_csv,
 )
 from surgery.models import ModelSpec, build_model
 from surgery.recipe import BenchSection
