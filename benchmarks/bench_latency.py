@@ -3,7 +3,7 @@
 Builds one detector at a real ``--size`` input (``min_size = max_size = size``), makes pruned copies
 (structured L1 at each ``--ratios``, masked magnitude at each ``--sparsities``; untrained weights are
 fine for timing), then measures params, MACs (fvcore) and latency interleaved across all models, and
-writes the bench CSV (:data:`surgery.measure.BENCH_COLUMNS`). Usage:
+writes the bench CSV (:data:`surgery.bench.BENCH_COLUMNS`). Usage:
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_latency.py --csv benchmarks/bench_latency.csv
 """
@@ -35,15 +35,14 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, default=None)
     args = ap.parse_args()
 
+    from surgery.bench import BenchRow, write_csv
     from surgery.masked import prune_masked
     from surgery.measure import (
-        BenchRow,
         configured_detections,
         count_macs,
         count_params,
         measure_latency,
         state_dict_size,
-        write_csv,
     )
     from surgery.models import build_model, is_torchvision_model
     from surgery.prune import prune_model

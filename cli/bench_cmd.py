@@ -19,19 +19,11 @@ def _ratio(x: float | None) -> str:
 def _load_dataset(source: str, reference: Path) -> Any:
     """The validation split of ``source`` (the synthetic set as the reference checkpoint's recipe made it)."""
     from surgery.checkpoint import read_checkpoint
-    from surgery.data import build_dataset
+    from surgery.data import dataset_for
 
-    kwargs: dict[str, Any] = {}
-    if source == "synthetic":
-        recipe_data: dict[str, Any] = dict((read_checkpoint(reference).recipe or {}).get("data") or {})
-        kwargs = {
-            "synth_root": recipe_data.get("root"),
-            "images": int(recipe_data.get("images", 2000)),
-            "size": int(recipe_data.get("size", 160)),
-            "seed": int(recipe_data.get("seed", 0)),
-        }
+    recipe_data = (read_checkpoint(reference).recipe or {}).get("data") if source == "synthetic" else None
     with console.status(f"preparing {source} (val)..."):
-        return build_dataset(source, "val", train=False, **kwargs)
+        return dataset_for(recipe_data, "val", train=False, source=source)
 
 
 def bench(
@@ -51,7 +43,7 @@ def bench(
     ),
 ) -> None:
     """Measure params, MACs, latency (interleaved across models), file size and optionally mAP."""
-    from surgery.measure import bench_checkpoints, write_csv
+    from surgery.bench import bench_checkpoints, write_csv
     from surgery.recipe import recipe_from_dict
 
     options = {"input_size": input_size, "batch_sizes": list(batch_size), "warmup": warmup, "runs": runs,

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -34,24 +33,15 @@ def eval_command(
 ) -> None:
     """Evaluate a checkpoint with COCO metrics (mAP@[.5:.95], mAP50, ..., AR)."""
     from surgery.checkpoint import load_checkpoint
-    from surgery.data import build_dataset
+    from surgery.data import dataset_for
     from surgery.evaluate import evaluate
 
     model, info = load_checkpoint(ckpt, device=device)
-    recipe_data: dict[str, Any] = dict((info.recipe or {}).get("data") or {})
-    source = data or recipe_data.get("source") or "synthetic"
-    kwargs: dict[str, Any] = {}
-    if source == "synthetic":  # the synthetic set the checkpoint was trained on
-        kwargs = {
-            "synth_root": recipe_data.get("root"),
-            "images": int(recipe_data.get("images", 2000)),
-            "size": int(recipe_data.get("size", 160)),
-            "seed": int(recipe_data.get("seed", 0)),
-        }
+    recipe_data = (info.recipe or {}).get("data")  # the synthetic set the checkpoint was trained on
     with _progress("preparing data") as bar:
         task = bar.add_task("data", total=None)
-        dataset = build_dataset(
-            source, split, train=False, progress=lambda d, t: bar.update(task, completed=d, total=t), **kwargs
+        dataset = dataset_for(
+            recipe_data, split, train=False, source=data, progress=lambda d, t: bar.update(task, completed=d, total=t)
         )
     model_classes = info.spec.kwargs.get("num_classes")
     if model_classes is not None and int(model_classes) != dataset.num_classes:

@@ -18,7 +18,7 @@ def export(
     """Export a checkpoint to ONNX (fixed 3 x S x S input, pre/post-processing included)."""
     from surgery.checkpoint import load_checkpoint
     from surgery.export import export_onnx
-    from surgery.measure import fold_masks
+    from surgery.masked import fold_masks
 
     model, ckpt = load_checkpoint(checkpoint)
     if ckpt.kind == "masked":

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from cli.common import parse_kv, resolve_recipe
 from cli.console import console
+from surgery.importance import method_help
 from surgery.report import fmt_count as _fmt
 
 
@@ -40,7 +41,7 @@ def prune(
     model: str = typer.Option(None, "--model", "-m", help="Registered name, package.module:function, or a checkpoint."),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML; flags override its values."),
     ratio: float = typer.Option(None, help="Fraction of channels cut in every coupled group (0 < r < 1)."),
-    method: str = typer.Option(None, help="l1 | l2 | bn (structured) or magnitude (masked)."),
+    method: str = typer.Option(None, help=method_help()),
     global_ranking: bool = typer.Option(None, "--global/--uniform", help="Rank channels across all groups."),
     round_to: int = typer.Option(None, help="Round kept widths up to a multiple of this (8, 16)."),
     min_channels: int = typer.Option(None, help="Never keep fewer channels in a group."),

@@ -1,21 +1,48 @@
 """surgery: physical structured pruning for object detectors.
 
-The library returns typed results and never prints; the ``surgery`` CLI renders them.
+The library returns typed results and never prints; the ``surgery`` CLI renders them. Importing
+the package sets nothing in the environment and imports torch only when one of the names below is
+first used, so entry points (the CLI, ``python -m surgery``, the tests, the benchmarks) can set
+``OMP_WAIT_POLICY`` before torch loads.
 """
 
 from __future__ import annotations
 
-import os
-
-# OpenMP spin-waiting makes torch 10-40x slower on a busy 2-core machine; this only has an effect
-# if it is set before torch is first imported (the CLI and the tests set it even earlier).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .checkpoint import load, load_checkpoint, save_checkpoint  # noqa: E402
-from .errors import SurgeryError  # noqa: E402
-from .models import ModelSpec, build_model, list_models, register_model  # noqa: E402
+# public name -> the module that defines it (imported on first use)
+_EXPORTS = {
+    "load": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "SurgeryError": "errors",
+    "ModelSpec": "models",
+    "build_model": "models",
+    "list_models": "models",
+    "register_model": "models",
+}
+
+if TYPE_CHECKING:
+    from .checkpoint import load, load_checkpoint, save_checkpoint
+    from .errors import SurgeryError
+    from .models import ModelSpec, build_model, list_models, register_model
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "ModelSpec",

@@ -23,6 +23,7 @@ import torch_pruning as tp
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 
+from . import compat
 from .errors import PruningError
 from .recipe import AnchorSection
 
@@ -101,6 +102,8 @@ def apply_anchor_plan(model: nn.Module, plan: dict[str, Any] | None) -> None:
 
 
 def _filter_generator(gen: nn.Module, keep: list[list[int]]) -> None:
+    templates = [t[torch.as_tensor(k, dtype=torch.long)] for t, k in zip(compat.anchor_templates(gen), keep)]
+    compat.set_anchor_templates(gen, templates)
     if isinstance(gen, AnchorGenerator):
         new_sizes, new_ratios = [], []
         for sizes, ratios, k in zip(gen.sizes, gen.aspect_ratios, keep):
@@ -108,16 +111,11 @@ def _filter_generator(gen: nn.Module, keep: list[list[int]]) -> None:
             r_keep = sorted({i // len(sizes) for i in k})
             new_sizes.append(tuple(sizes[i] for i in s_keep))
             new_ratios.append(tuple(ratios[i] for i in r_keep))
-        gen.cell_anchors = [ca[torch.as_tensor(k, dtype=torch.long)] for ca, k in zip(gen.cell_anchors, keep)]
         gen.sizes, gen.aspect_ratios = tuple(new_sizes), tuple(new_ratios)
     else:
-        gen._wh_pairs = [wh[torch.as_tensor(k, dtype=torch.long)] for wh, k in zip(gen._wh_pairs, keep)]
         gen.aspect_ratios = [
             [ar for j, ar in enumerate(ars) if 2 + 2 * j in k] for ars, k in zip(gen.aspect_ratios, keep)
         ]
-        counts = [len(k) for k in keep]
-        # squares may be gone, so the class's 2 + 2*len(ratios) no longer holds
-        gen.num_anchors_per_location = lambda counts=counts: list(counts)
 
 
 def _sync_num_anchors(parent: nn.Module, keep: list[list[int]]) -> None:

@@ -175,7 +175,7 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             if isinstance(tensor, nn.Parameter):
                 setattr(module, pname, nn.Parameter(new, requires_grad=tensor.requires_grad))
             else:
-                module._buffers[pname] = new
+                setattr(module, pname, new)  # an existing buffer: nn.Module keeps it a buffer
             changed = True
         if changed:
             _sync_attributes(module)

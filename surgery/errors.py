@@ -34,3 +34,7 @@ class DataError(SurgeryError):
 
 class TrainingError(SurgeryError):
     """Training had to stop (for example a NaN/inf loss)."""
+
+
+class MeasureError(SurgeryError):
+    """A measurement cannot be done as asked (no CUDA device, a model that does not run...)."""

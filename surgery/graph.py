@@ -33,17 +33,16 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch_pruning as tp
-import torchvision
 from torch import nn
 from torchvision.ops import misc as tv_misc
-from torchvision.ops import poolers
 
+from . import compat
 from .errors import PruningError
 
 # Layers that consume channels (their input channels are cut when a producer is cut) and whose
@@ -67,7 +66,7 @@ class FrozenBatchNormPruner(tp.pruner.function.BasePruningFunc):
         keep = torch.tensor([i for i in range(layer.weight.shape[0]) if i not in drop], dtype=torch.long)
         for name in ("weight", "bias", "running_mean", "running_var"):
             buf = getattr(layer, name)
-            layer._buffers[name] = torch.index_select(buf, 0, keep.to(buf.device)).contiguous()
+            layer.register_buffer(name, torch.index_select(buf, 0, keep.to(buf.device)).contiguous())
         return layer
 
     prune_in_channels = prune_out_channels
@@ -133,35 +132,11 @@ class DetectorGraph:
 
 
 @contextlib.contextmanager
-def _onnx_roi_merge() -> Iterator[None]:
-    """Make MultiScaleRoIAlign use its scatter-based ONNX branch (see module docstring, 3)."""
-    original = poolers._multiscale_roi_align
-
-    def patched(*args: Any, **kwargs: Any) -> torch.Tensor:
-        saved = torchvision._is_tracing
-        torchvision._is_tracing = lambda: True
-        try:
-            return original(*args, **kwargs)
-        finally:
-            torchvision._is_tracing = saved
-
-    poolers._multiscale_roi_align = patched
-    try:
-        yield
-    finally:
-        poolers._multiscale_roi_align = original
-
-
-@contextlib.contextmanager
 def _trace_mode(model: nn.Module, size: int) -> Iterator[None]:
     """Train mode with frozen statistics, every parameter requiring grad, a small input size."""
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
-    transform = getattr(model, "transform", None)
-    saved_sizes = None
-    if transform is not None and hasattr(transform, "min_size") and getattr(transform, "fixed_size", None) is None:
-        saved_sizes = (transform.min_size, transform.max_size)
-        transform.min_size, transform.max_size = (size,), size
+    saved_sizes = compat.set_resize(model, (size,), size)
     # Fewer proposals and sampled RoIs: the coupling is the same, the ROI heads run 10x faster.
     saved_counts = _shrink_roi_counts(model)
     try:
@@ -171,7 +146,7 @@ def _trace_mode(model: nn.Module, size: int) -> Iterator[None]:
                 m.eval()
         for p in model.parameters():
             p.requires_grad_(True)
-        with torch.enable_grad(), _onnx_roi_merge():
+        with torch.enable_grad(), compat.onnx_roi_merge():
             yield
     finally:
         for m, mode in modes.items():
@@ -179,27 +154,26 @@ def _trace_mode(model: nn.Module, size: int) -> Iterator[None]:
         for p, g in grads.items():
             p.requires_grad_(g)
         if saved_sizes is not None:
-            transform.min_size, transform.max_size = saved_sizes
-        for obj, attr, value in saved_counts:
-            if isinstance(obj, dict):
-                obj[attr] = value
-            else:
-                setattr(obj, attr, value)
+            compat.set_resize(model, *saved_sizes)
+        for undo in reversed(saved_counts):
+            undo()
 
 
-def _shrink_roi_counts(model: nn.Module, rois: int = 32) -> list[tuple[Any, str, Any]]:
-    saved: list[tuple[Any, str, Any]] = []
+def _shrink_roi_counts(model: nn.Module, rois: int = 32) -> list[Callable[[], Any]]:
+    """Cap the RPN's training top-n and the samplers' RoIs per image at ``rois``; returns undo steps."""
+    undo: list[Callable[[], Any]] = []
+    for rpn in compat.rpn_modules(model):
+        for stage in ("pre", "post"):
+            old = compat.rpn_top_n(rpn, stage, "training")
+            if old is not None:
+                compat.set_rpn_top_n(rpn, stage, "training", min(old, rois))
+                undo.append(lambda rpn=rpn, stage=stage, old=old: compat.set_rpn_top_n(rpn, stage, "training", old))
     for m in model.modules():
-        for dict_attr in ("_pre_nms_top_n", "_post_nms_top_n"):  # torchvision RegionProposalNetwork
-            d = getattr(m, dict_attr, None)
-            if isinstance(d, dict) and "training" in d:
-                saved.append((d, "training", d["training"]))
-                d["training"] = min(d["training"], rois)
         sampler = getattr(m, "fg_bg_sampler", None)  # RPN and RoIHeads samplers
         if sampler is not None and hasattr(sampler, "batch_size_per_image"):
-            saved.append((sampler, "batch_size_per_image", sampler.batch_size_per_image))
+            undo.append(lambda s=sampler, n=sampler.batch_size_per_image: setattr(s, "batch_size_per_image", n))
             sampler.batch_size_per_image = min(sampler.batch_size_per_image, rois)
-    return saved
+    return undo
 
 
 def dummy_inputs(model: nn.Module, size: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -330,7 +304,11 @@ def trace(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str] = ()) 
     return DetectorGraph(model=model, dg=dg, output_layers=output_names, groups=groups, trace_size=trace_size)
 
 
-def _matches(name: str, patterns: Sequence[str]) -> str | None:
+def match_layer(name: str, patterns: Sequence[str]) -> str | None:
+    """The first of ``patterns`` that names layer ``name``, or ``None``. A pattern names a layer
+    when it matches it as a glob (``fnmatchcase``: ``head.*``, ``backbone.body.layer?``) or is the
+    layer itself or one of its parents (``backbone.fpn`` names ``backbone.fpn.inner_blocks.0``).
+    Used for ``skip`` and ``overrides`` alike."""
     for p in patterns:
         if fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + "."):
             return p
@@ -340,7 +318,7 @@ def _matches(name: str, patterns: Sequence[str]) -> str | None:
 def _collect_groups(
     dg: tp.DependencyGraph, model: nn.Module, output_modules: list[nn.Module], skip: Sequence[str]
 ) -> list[ChannelGroup]:
-    names = dg._module2name
+    names = compat.tp_module_names(dg)
     groups: list[ChannelGroup] = []
     visited: set[nn.Module] = set()
     outputs = set(output_modules)
@@ -384,7 +362,7 @@ def _collect_groups(
         if is_output:
             cg.prunable, cg.reason = False, "output layer"
         else:
-            hit = next((p for p in (_matches(x, skip) for x in producers) if p), None)
+            hit = next((p for p in (match_layer(x, skip) for x in producers) if p), None)
             if hit:
                 cg.prunable, cg.reason = False, f"skipped by {hit!r}"
             elif n <= 1:

@@ -5,7 +5,7 @@ gradually during training (automated gradual pruning, AGP, as in Distiller). Onl
 convolutions, transposed convolutions and linear layers are pruned, never biases or norm layers.
 
 Masks are ``{parameter name: bool tensor}`` (``True`` = kept). They are *folded* into the weights
-(:func:`apply_masks` zeroes the pruned entries in place), so a masked model is a plain model with
+(:func:`fold_masks` zeroes the pruned entries in place), so a masked model is a plain model with
 zeros and no hooks; the masks are kept only as data, to re-apply after every optimizer step while
 retraining and to record in the checkpoint.
 """
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import compat
 from .errors import PruningError
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
@@ -169,9 +170,19 @@ def broadcast_masks(masks: dict[str, torch.Tensor], src: int = 0) -> dict[str, t
 
 
 @torch.no_grad()
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the pruned weights in place (exactly ``0.0``), i.e. fold the masks into the weights."""
-    params = prunable_parameters(model, list(masks))
+def fold_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Fold masks into the weights: zero the pruned weights in place (exactly ``0.0``). In place;
+    returns ``model``. The one mask-folding function: the trainer re-applies masks with it after
+    every optimizer step (as :func:`apply_masks`), bench and export fold a masked checkpoint's masks.
+
+    Any ``torch.nn.utils.prune`` re-parametrisation (``weight_orig`` x ``weight_mask`` forward
+    pre-hooks) is first turned back into a plain weight, so a masked model is timed and exported
+    exactly like a dense one of the same shape (no hook overhead in its favour or against it).
+    ``masks`` (``{param_name: bool tensor}``, ``True`` = kept) must name Conv/ConvTranspose/Linear
+    weights of the same shapes.
+    """
+    compat.remove_prune_reparametrizations(unwrap(model))
+    params = prunable_parameters(model, list(masks or {}))
     for name, p in params.items():
         m = masks[name]
         if m.shape != p.shape:
@@ -179,6 +190,10 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         if m.device != p.device:
             m = m.to(p.device)
         p.masked_fill_(~m.bool(), 0.0)
+    return model
+
+
+apply_masks = fold_masks  # the trainer's name for it
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ rebuilds the model from the original builder, the plan's anchor part and the sav
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import math
 import time
 from collections.abc import Sequence
@@ -20,8 +19,9 @@ import torch
 from torch import nn
 
 from .errors import PruningError
-from .graph import ChannelGroup, DetectorGraph, trace
+from .graph import ChannelGroup, DetectorGraph, match_layer, trace
 from .importance import get_importance
+from .measure import count_params
 from .plan import StructuredPlan
 from .recipe import PruneSection
 
@@ -35,10 +35,6 @@ class GroupReport:
     channels_after: int
     prunable: bool
     reason: str = ""
-
-    @property
-    def removed(self) -> int:
-        return self.channels_before - self.channels_after
 
 
 @dataclass
@@ -82,10 +78,6 @@ class PruneResult:
     graph: DetectorGraph | None = field(default=None, repr=False)
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def layer_widths(model: nn.Module) -> dict[str, int]:
     """Output width of every conv/linear layer (what the report and the plots show)."""
     out = {}
@@ -101,7 +93,7 @@ def check_patterns(model: nn.Module, patterns: Sequence[str], what: str) -> None
     """Every layer pattern must match at least one module, else one clear error."""
     names = [n for n, _ in model.named_modules() if n]
     for p in patterns:
-        if not any(fnmatch.fnmatchcase(n, p) or n == p or n.startswith(p + ".") for n in names):
+        if not any(match_layer(n, [p]) for n in names):
             close = difflib.get_close_matches(p, names, n=3)
             hint = f" Close names: {', '.join(close)}." if close else " Run `surgery inspect` for the layer names."
             raise PruningError(f"{what} pattern {p!r} matches no layer of this model.{hint}")
@@ -109,7 +101,7 @@ def check_patterns(model: nn.Module, patterns: Sequence[str], what: str) -> None
 
 def _ratio_for(group: ChannelGroup, cfg: PruneSection) -> float:
     for pattern, r in cfg.overrides.items():
-        if any(fnmatch.fnmatchcase(x, pattern) or x == pattern or x.startswith(pattern + ".") for x in group.producers):
+        if any(match_layer(x, [pattern]) for x in group.producers):
             return float(r)
     return cfg.ratio
 
@@ -219,7 +211,7 @@ def prune_model(
     check_patterns(model, cfg.skip, "skip")
 
     macs_before = _macs(model, macs_input_size)
-    params_before = count_params(model)
+    params_before = count_params(model).total
     widths_before = layer_widths(model)
 
     t0 = time.perf_counter()
@@ -253,7 +245,7 @@ def prune_model(
         groups=groups,
         output_layers=graph.output_layers,
         params_before=params_before,
-        params_after=count_params(model),
+        params_after=count_params(model).total,
         seconds_analysis=t1 - t0,
         seconds_cut=t2 - t1,
         anchors=anchors_plan,
@@ -301,7 +293,6 @@ __all__ = [
     "PruneResult",
     "apply_channel_plan",
     "check_patterns",
-    "count_params",
     "inspect_model",
     "keep_count",
     "layer_widths",

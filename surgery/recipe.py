@@ -79,7 +79,7 @@ class AnchorSection:
 
 @dataclass
 class PruneSection:
-    method: str = "l1"  # l1 | l2 | bn (structured) | magnitude (masked)
+    method: str = "l1"  # a registered criterion (surgery.importance: l1 | l2 | bn) or magnitude (masked)
     ratio: float = 0.5  # fraction of channels removed per coupled group
     global_ranking: bool = False
     round_to: int = 1
@@ -94,7 +94,12 @@ class PruneSection:
     steps: int = 1  # progressive pruning: cut in this many rounds, retraining in between
 
     def validate(self) -> None:
-        _check(self.method in ("l1", "l2", "bn", "magnitude"), "method", "one of l1, l2, bn, magnitude")
+        from .importance import pruning_methods  # the registered criteria + magnitude
+
+        methods = pruning_methods()
+        close = difflib.get_close_matches(self.method, methods, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        _check(self.method in methods, "method", f"one of {', '.join(methods)}{hint}")
         _check(0.0 < self.ratio < 1.0, "ratio", "a number strictly between 0 and 1")
         _check(0.0 < self.sparsity < 1.0, "sparsity", "a number strictly between 0 and 1")
         _check(self.round_to >= 1, "round_to", "an integer >= 1")

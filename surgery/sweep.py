@@ -132,8 +132,8 @@ def run_sweep(
     on_step: Callable[[Any], None] | None = None,
 ) -> SweepResult:
     """Run (or resume) the whole sweep the recipe describes; see the module docstring."""
+    from .bench import bench_checkpoints, write_csv
     from .evaluate import evaluate
-    from .measure import bench_checkpoints, write_csv
     from .workflows import load_datasets, prune_loaded
 
     t_start = time.perf_counter()

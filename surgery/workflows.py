@@ -24,9 +24,10 @@ from .distill import FeatureImitation
 from .distributed import DistInfo, current_dist, main_process_first
 from .errors import DataError, RecipeError
 from .hooks import EvalHook, HookBase, LoggingHook, MaskHook, StepInfo
+from .measure import count_params
 from .models import ModelSpec, build_model, get_builder
 from .plan import MaskedPlan
-from .prune import PruneResult, count_params, prune_model
+from .prune import PruneResult, prune_model
 from .recipe import AGPSection, Recipe, TrainSection, apply_overrides, load_recipe, recipe_from_dict
 from .train import TrainResult, build_trainer
 
@@ -54,26 +55,16 @@ class Callbacks:
 # data
 
 
-def data_kwargs(recipe: Recipe) -> dict[str, Any]:
-    """``build_dataset`` arguments for the recipe's data section (the synthetic set's size/seed)."""
-    d = recipe.data
-    if d.source != "synthetic":
-        return {}
-    return {"synth_root": d.root, "images": d.images, "size": d.size, "seed": d.seed}
-
-
 def load_datasets(
     recipe: Recipe, *, hflip: float = 0.0, val: bool = True, dist_info: DistInfo | None = None
 ) -> tuple[Dataset, Dataset | None]:
     """The recipe's training set (with ``hflip``) and validation set (``None`` unless ``val``);
     under torchrun rank 0 builds (and caches) them first."""
-    from .data import build_dataset
-
-    src, kw = recipe.data.source, data_kwargs(recipe)
+    from .data import dataset_for
 
     def build() -> tuple[Dataset, Dataset | None]:
-        train_set = build_dataset(src, "train", train=True, hflip=hflip, **kw)
-        val_set = build_dataset(src, "val", train=False, **kw) if val else None
+        train_set = dataset_for(recipe.data, "train", train=True, hflip=hflip)
+        val_set = dataset_for(recipe.data, "val", train=False) if val else None
         return train_set, val_set
 
     return main_process_first(dist_info or current_dist(), build)
@@ -150,7 +141,7 @@ def prune_loaded(
                           nonzeros_before=masked.nonzeros_before, nonzeros_after=masked.nonzeros_after,
                           source=origin, previous=previous)
         path = save_pruned(out, model, spec, plan, masks=masked.masks, recipe=recipe.to_dict(),
-                           metrics={"params": count_params(model)})
+                           metrics={"params": count_params(model).total})
         return PruneOutcome(path=path, kind="masked", spec=spec, masked=masked)
     result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size)
     result.plan.previous = previous
@@ -354,7 +345,6 @@ __all__ = [
     "TrainOutcome",
     "agp_schedule",
     "check_classes",
-    "data_kwargs",
     "load_datasets",
     "prune_and_save",
     "prune_loaded",

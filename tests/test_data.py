@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,12 +17,15 @@ from surgery.data import (
     VOCDetection,
     build_dataset,
     collate_fn,
+    dataset_for,
     ensure_synthetic,
     make_loader,
     synthesize,
     synthetic_dir_name,
+    synthetic_options,
 )
 from surgery.errors import DataError
+from surgery.recipe import DataSection
 
 # --------------------------------------------------------------------------------------------
 # helpers writing tiny datasets
@@ -149,6 +153,19 @@ def test_ensure_synthetic_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert (root / DONE_MARKER).stat().st_mtime_ns == stamp  # reused, not regenerated
     ds = build_dataset("synthetic", "val", train=False, images=3, size=32, seed=1)
     assert len(ds) == 20 and ds.num_classes == 5
+
+
+def test_dataset_for_a_recipe_data_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    section = DataSection(images=3, size=32, seed=1)
+    expected = {"synth_root": None, "images": 3, "size": 32, "seed": 1}
+    assert synthetic_options(section) == synthetic_options(dataclasses.asdict(section)) == expected
+    assert synthetic_options(None) == {"synth_root": None, "images": 2000, "size": 160, "seed": 0}
+    ds = dataset_for({"images": 3, "size": 32, "seed": 1}, "val", train=False)  # a checkpoint's recipe["data"]
+    assert ds.name == "synthetic" and len(ds) == 20
+    assert (tmp_path / "cache" / synthetic_dir_name(3, 32, 1) / DONE_MARKER).is_file()
+    with pytest.raises(DataError, match="does not exist"):  # an explicit source wins over the section's
+        dataset_for(section, "val", train=False, source=f"coco:{tmp_path / 'nope'}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.utils.prune as tprune
 
+from surgery import compat
+from surgery.bench import BENCH_COLUMNS, bench_checkpoints, write_csv
 from surgery.checkpoint import save_checkpoint
 from surgery.measure import (
-    BENCH_COLUMNS,
-    bench_checkpoints,
+    configured_rois,
     count_macs,
     count_params,
     file_size,
@@ -20,7 +21,6 @@ from surgery.measure import (
     fold_masks,
     measure_latency,
     state_dict_size,
-    write_csv,
 )
 from surgery.models import ModelSpec, build_model
 from surgery.recipe import BenchSection
@@ -119,6 +119,21 @@ def test_two_stage_macs_fixed_roi_count_and_thresholds_restored(frcnn):
     after = (dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n), rpn.nms_thresh, rpn.score_thresh,
              rpn.min_size, heads.score_thresh, heads.nms_thresh, heads.detections_per_img, frcnn.training)
     assert after == before
+
+
+def test_compat_reads_and_restores_torchvision_internals(frcnn, slim):
+    rpn = frcnn.rpn
+    assert compat.rpn_modules(frcnn) == [rpn] and compat.rpn_modules(slim) == []
+    assert compat.rpn_top_n(rpn, "post", "testing") == configured_rois(frcnn) == rpn._post_nms_top_n["testing"]
+    old = compat.set_rpn_top_n(rpn, "pre", "training", 7)
+    assert rpn._pre_nms_top_n["training"] == 7
+    compat.set_rpn_top_n(rpn, "pre", "training", old)
+    assert compat.set_rpn_top_n(slim, "pre", "training", 7) is None
+    sizes = compat.set_resize(frcnn, (64,), 64)
+    assert (frcnn.transform.min_size, frcnn.transform.max_size) == ((64,), 64)
+    assert compat.set_resize(frcnn, *sizes) == ((64,), 64)
+    assert (frcnn.transform.min_size, frcnn.transform.max_size) == sizes
+    assert compat.set_resize(torch.nn.Conv2d(1, 1, 1), (64,), 64) is None
 
 
 def test_fixed_workload_restores_on_error(slim):

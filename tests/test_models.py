@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -73,3 +75,10 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch) -> None:
         save_checkpoint(path, model, ModelSpec("fcos_resnet18_slim"))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_importing_the_library_sets_no_environment_variable() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, sys, surgery; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules, surgery.ModelSpec)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[:2] == ["None", "False"] and "ModelSpec" in out  # torch loads on first use only

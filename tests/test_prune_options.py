@@ -13,10 +13,11 @@ from surgery.anchors import prune_anchors
 from surgery.checkpoint import save_checkpoint
 from surgery.errors import PruningError
 from surgery.graph import dummy_inputs, trace
-from surgery.importance import list_importances
+from surgery.importance import get_importance, list_importances, method_help, needs_data, pruning_methods
 from surgery.models import ModelSpec, build_model
 from surgery.prune import keep_count, prune_model
 from surgery.recipe import AnchorSection, PruneSection
+from surgery.registry import Registry
 from tests.helpers import TEST_SIZE, assert_outputs_close, eval_outputs, small_model
 
 SLIM = {"num_classes": 5, "min_size": 128, "max_size": 128}
@@ -47,6 +48,22 @@ def test_every_ranking_method_prunes(method: str) -> None:
     assert res.report.params_ratio < 0.5
     out = eval_outputs(model, [torch.rand(3, 128, 128)])
     assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_importance_registry_lists_suggests_and_flags_data() -> None:
+    assert list_importances()[:3] == ["l1", "l2", "bn"] and pruning_methods()[-1] == "magnitude"
+    assert list_importances(needs_data=False) == list_importances() and not needs_data("bn")
+    assert method_help().startswith("l1 | l2 | bn")
+    with pytest.raises(PruningError, match=r"choose one of l1, l2, bn \(did you mean 'l1'\?\).*magnitude"):
+        get_importance("l11")
+    reg: Registry[int] = Registry("widget", KeyError)
+    reg.register("one", lambda fn: 1)(lambda: None)
+    reg.add("two", 2)
+    assert reg.names() == ["one", "two"] and "two" in reg and len(reg) == 2 and reg.get("one") == 1
+    with pytest.raises(KeyError, match="already registered"):
+        reg.add("one", 3)
+    with pytest.raises(KeyError, match="did you mean 'two'"):
+        reg.get("tow")
 
 
 def test_bn_ranking_cuts_smallest_gammas() -> None:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from surgery.measure import BENCH_COLUMNS
+from surgery.bench import BENCH_COLUMNS
 from surgery.recipe import recipe_from_dict
 from surgery.sweep import SWEEP_COLUMNS, run_sweep
 

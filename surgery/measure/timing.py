@@ -1,0 +1,156 @@
+"""Latency: warm-up, then runs interleaved across models."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import MeasureError
+from .workload import example_images, fixed_workload, quiet
+
+
+@dataclass
+class LatencyResult:
+    name: str
+    device: str
+    threads: int  # torch.get_num_threads() during the runs
+    input_size: int
+    batch_size: int
+    warmup: int
+    runs: int
+    median_ms: float  # per batch
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    images_per_s: float  # batch_size / median
+    peak_mem_mb: float | None  # CUDA only; None on CPU (no reliable in-process number)
+    times_ms: list[float] = field(default_factory=list)
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    if len(s) == 1:
+        return s[0]
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def measure_latency(
+    models: dict[str, nn.Module],
+    input_size: int,
+    *,
+    batch_sizes: Sequence[int] = (1, 4),
+    warmup: int = 3,
+    runs: int = 20,
+    threads: int | None = 2,
+    device: str = "cpu",
+    rois: int | None = None,
+    detections: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[LatencyResult]:
+    """Time inference of several models on the same random batches, interleaved.
+
+    For each batch size: ``warmup`` untimed passes per model, then ``runs`` rounds in which every
+    model runs once (round-robin, starting one model later each round), so thermal/contention
+    drift on a shared machine is spread over all models alike. Times are per batch of
+    ``batch_size`` ``3 x input_size x input_size`` images (the model's own transform included),
+    under ``torch.inference_mode``; CUDA is synchronised around each call. ``threads`` sets
+    ``torch.set_num_threads`` for the runs (restored afterwards). Models are moved to ``device``
+    and put in eval mode (their mode is restored). By default the model's own thresholds apply
+    (real deployment latency); ``rois``/``detections`` use :func:`fixed_workload` instead.
+
+    Returns one result per (batch size, model), in that order.
+    """
+    if not models:
+        return []
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MeasureError("device 'cuda' asked for, but torch sees no CUDA device")
+    cuda = dev.type == "cuda"
+    names = list(models)
+    modes = {n: m.training for n, m in models.items()}
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    results: list[LatencyResult] = []
+    total_steps = len(batch_sizes) * (warmup + runs)
+    step = 0
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(quiet())
+            for m in models.values():
+                m.to(dev).eval()
+                if rois is not None or detections is not None:
+                    stack.enter_context(fixed_workload(m, rois, detections))
+            for bs in batch_sizes:
+                batch = example_images(bs, input_size, dev, seed=bs)
+                times: dict[str, list[float]] = {n: [] for n in names}
+                peaks: dict[str, float] = {n: 0.0 for n in names}
+                with torch.inference_mode():
+                    for _ in range(warmup):
+                        for n in names:
+                            models[n](batch)
+                        sync()
+                        step += 1
+                        if progress:
+                            progress(step, total_steps)
+                    for r in range(runs):
+                        k = r % len(names)
+                        for n in names[k:] + names[:k]:
+                            if cuda:
+                                torch.cuda.reset_peak_memory_stats(dev)
+                                before = torch.cuda.memory_allocated(dev)
+                            sync()
+                            t0 = time.perf_counter()
+                            models[n](batch)
+                            sync()
+                            times[n].append((time.perf_counter() - t0) * 1e3)
+                            if cuda:
+                                peaks[n] = max(peaks[n], torch.cuda.max_memory_allocated(dev) - before)
+                        step += 1
+                        if progress:
+                            progress(step, total_steps)
+                for n in names:
+                    t = times[n]
+                    med = statistics.median(t)
+                    peak = None
+                    if cuda:
+                        own = sum(x.numel() * x.element_size() for x in models[n].state_dict().values())
+                        peak = (peaks[n] + own) / 2**20
+                    results.append(
+                        LatencyResult(
+                            name=n,
+                            device=str(dev),
+                            threads=torch.get_num_threads(),
+                            input_size=input_size,
+                            batch_size=bs,
+                            warmup=warmup,
+                            runs=runs,
+                            median_ms=med,
+                            p90_ms=_quantile(t, 0.9),
+                            mean_ms=statistics.fmean(t),
+                            min_ms=min(t),
+                            images_per_s=bs / (med / 1e3) if med > 0 else float("inf"),
+                            peak_mem_mb=peak,
+                            times_ms=list(t),
+                        )
+                    )
+    finally:
+        torch.set_num_threads(old_threads)
+        for n, m in models.items():
+            m.train(modes[n])
+    return results
