@@ -40,13 +40,19 @@ def prune(
     model: str = typer.Option(None, "--model", "-m", help="Registered name, package.module:function, or a checkpoint."),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML; flags override its values."),
     ratio: float = typer.Option(None, help="Fraction of channels cut in every coupled group (0 < r < 1)."),
-    method: str = typer.Option(None, help="l1 | l2 | bn (structured) or magnitude (masked)."),
+    method: str = typer.Option(
+        None, help="l1 | l2 | bn | taylor | fisher (structured; taylor and fisher rank on --data) or magnitude (masked)."
+    ),
     global_ranking: bool = typer.Option(None, "--global/--uniform", help="Rank channels across all groups."),
     round_to: int = typer.Option(None, help="Round kept widths up to a multiple of this (8, 16)."),
     min_channels: int = typer.Option(None, help="Never keep fewer channels in a group."),
     override: list[str] = typer.Option(None, "--override", help="LAYER_GLOB=RATIO (repeatable)."),
     skip: list[str] = typer.Option(None, "--skip", help="LAYER_GLOB never cut (repeatable)."),
     anchors: str = typer.Option(None, help="Keep only these anchor shapes: 'ratios=1.0;sizes=0,1'."),
+    target_macs: float = typer.Option(None, help="Keep this fraction of the dense MACs (0.5): the ratio is searched."),
+    target_params: float = typer.Option(None, help="Keep this fraction of the parameters: the ratio is searched."),
+    calib_batches: int = typer.Option(None, help="taylor/fisher: calibration batches from --data (default 4)."),
+    data: str = typer.Option(None, "--data", help="Calibration data for taylor/fisher: synthetic | coco:ROOT | voc:ROOT | a COCO .json."),
     sparsity: float = typer.Option(None, help="Masked pruning: fraction of weights zeroed."),
     scope: str = typer.Option(None, help="Masked pruning: layer | global."),
     weights: str = typer.Option(None, help="torchvision weights name (DEFAULT) or a local weights file."),
@@ -69,6 +75,10 @@ def prune(
         "prune.anchors": _parse_anchors(anchors),
         "prune.sparsity": sparsity,
         "prune.scope": scope,
+        "prune.target_macs": target_macs,
+        "prune.target_params": target_params,
+        "prune.calib_batches": calib_batches,
+        "data.source": data,
         "model.weights": weights,
     }
     rec = resolve_recipe(recipe, overrides)
@@ -106,6 +116,10 @@ def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
         f"output layers kept whole: {', '.join(report.output_layers)}\n"
         f"analysis {report.seconds_analysis:.2f}s, cut {report.seconds_cut:.2f}s"
     )
+    if report.target is not None:
+        t = report.target
+        line = f"target {t.target:.1%} of the {'MACs' if t.target_macs is not None else 'params'}: ratio {t.ratio:.4f}"
+        console.print(f"{line}, achieved {t.achieved:.1%}" + (f"; [yellow]{t.note}[/]" if t.note else ""))
     if report.anchors:
         for gen in report.anchors["generators"]:
             after = [len(k) for k in gen["keep"]]

@@ -9,6 +9,9 @@ Registry of criteria (``list_importances()`` feeds the CLI's ``--method`` and th
 - ``bn``: |gamma| of the group's norm layers (network-slimming style). Torch-Pruning's
   ``BNScaleImportance`` misses ``FrozenBatchNorm2d`` (gamma is a buffer there) and GroupNorm, so
   it is computed here; groups without a norm layer fall back to ``l1``.
+- ``taylor`` / ``fisher``: data-driven (first-order Taylor, GroupFisher) over a few batches of
+  the detection loss; they need calibration data and are computed by :mod:`surgery.calibrate`
+  (``needs_data(name)`` says which criteria do).
 """
 
 from __future__ import annotations
@@ -61,7 +64,29 @@ def _norm_scale(group: ChannelGroup) -> torch.Tensor:
     return score if found else _IMPORTANCES["l1"](group)
 
 
-_IMPORTANCES: dict[str, Importance] = {"l1": _magnitude(_l1), "l2": _magnitude(_l2), "bn": _norm_scale}
+def _needs_calibration(name: str) -> Importance:
+    def score(group: ChannelGroup) -> torch.Tensor:
+        raise PruningError(
+            f"method {name!r} ranks channels with calibration data: pass calib_data to prune_model "
+            "(CLI: --data, recipe data section) or use surgery.calibrate.group_scores"
+        )
+
+    return score
+
+
+_IMPORTANCES: dict[str, Importance] = {
+    "l1": _magnitude(_l1),
+    "l2": _magnitude(_l2),
+    "bn": _norm_scale,
+    "taylor": _needs_calibration("taylor"),
+    "fisher": _needs_calibration("fisher"),
+}
+_DATA_DRIVEN = frozenset({"taylor", "fisher"})
+
+
+def needs_data(name: str) -> bool:
+    """Whether criterion ``name`` ranks with calibration batches (see :mod:`surgery.calibrate`)."""
+    return name in _DATA_DRIVEN
 
 
 def list_importances() -> list[str]:

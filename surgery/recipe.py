@@ -76,9 +76,13 @@ class AnchorSection:
     keep_aspect_ratios: list[float] | None = None  # aspect-ratio values to keep
 
 
+# structured ranking criteria (surgery.importance); taylor and fisher rank with calibration data
+STRUCTURED_METHODS = ("l1", "l2", "bn", "taylor", "fisher")
+
+
 @dataclass
 class PruneSection:
-    method: str = "l1"  # l1 | l2 | bn (structured) | magnitude (masked)
+    method: str = "l1"  # l1 | l2 | bn | taylor | fisher (structured) | magnitude (masked)
     ratio: float = 0.5  # fraction of channels removed per coupled group
     global_ranking: bool = False
     round_to: int = 1
@@ -86,13 +90,17 @@ class PruneSection:
     overrides: dict[str, float] = field(default_factory=dict)  # layer-name glob -> ratio
     skip: list[str] = field(default_factory=list)  # layer-name globs never cut
     anchors: AnchorSection | None = None
+    calib_batches: int = 4  # taylor/fisher: batches of the data section's train split to rank with
+    # fraction of the dense MACs / params to KEEP: the ratio is searched (surgery.target), ratio ignored
+    target_macs: float | None = None
+    target_params: float | None = None
     # masked pruning
     sparsity: float = 0.8
     scope: str = "layer"  # layer | global
     agp: AGPSection | None = None
 
     def validate(self) -> None:
-        _check(self.method in ("l1", "l2", "bn", "magnitude"), "method", "one of l1, l2, bn, magnitude")
+        _check(self.method in STRUCTURED_METHODS + ("magnitude",), "method", f"one of {', '.join(STRUCTURED_METHODS)}, magnitude")
         _check(0.0 < self.ratio < 1.0, "ratio", "a number strictly between 0 and 1")
         _check(0.0 < self.sparsity < 1.0, "sparsity", "a number strictly between 0 and 1")
         _check(self.round_to >= 1, "round_to", "an integer >= 1")
@@ -100,6 +108,12 @@ class PruneSection:
         _check(self.scope in ("layer", "global"), "scope", "'layer' or 'global'")
         for k, v in self.overrides.items():
             _check(0.0 <= v < 1.0, f"overrides.{k}", "a ratio in [0, 1)")
+        _check(self.calib_batches >= 1, "calib_batches", "an integer >= 1")
+        for key in ("target_macs", "target_params"):
+            value = getattr(self, key)
+            _check(value is None or 0.0 < value < 1.0, key, "a fraction to keep strictly between 0 and 1, or null")
+            _check(value is None or self.method != "magnitude", key, "null for method magnitude (masks keep the MACs)")
+        _check(self.target_macs is None or self.target_params is None, "target_params", "null when target_macs is set")
 
 
 @dataclass
