@@ -48,6 +48,10 @@ def prune(
     override: list[str] = typer.Option(None, "--override", help="LAYER_GLOB=RATIO (repeatable)."),
     skip: list[str] = typer.Option(None, "--skip", help="LAYER_GLOB never cut (repeatable)."),
     anchors: str = typer.Option(None, help="Keep only these anchor shapes: 'ratios=1.0;sizes=0,1'."),
+    target_macs: float = typer.Option(None, help="Keep this fraction of the dense MACs (0.5): the ratio is searched."),
+    target_params: float = typer.Option(None, help="Keep this fraction of the parameters: the ratio is searched."),
+    calib_batches: int = typer.Option(None, help="taylor/fisher: calibration batches from --data (default 4)."),
+    data: str = typer.Option(None, "--data", help="Calibration data for taylor/fisher: synthetic | coco:ROOT | voc:ROOT | a COCO .json."),
     sparsity: float = typer.Option(None, help="Masked pruning: fraction of weights zeroed."),
     scope: str = typer.Option(None, help="Masked pruning: layer | global."),
     weights: str = typer.Option(None, help="torchvision weights name (DEFAULT) or a local weights file."),
@@ -70,6 +74,10 @@ def prune(
         "prune.anchors": _parse_anchors(anchors),
         "prune.sparsity": sparsity,
         "prune.scope": scope,
+        "prune.target_macs": target_macs,
+        "prune.target_params": target_params,
+        "prune.calib_batches": calib_batches,
+        "data.source": data,
         "model.weights": weights,
     }
     rec = resolve_recipe(recipe, overrides)
@@ -107,6 +115,10 @@ def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
         f"output layers kept whole: {', '.join(report.output_layers)}\n"
         f"analysis {report.seconds_analysis:.2f}s, cut {report.seconds_cut:.2f}s"
     )
+    if report.target is not None:
+        t = report.target
+        line = f"target {t.target:.1%} of the {'MACs' if t.target_macs is not None else 'params'}: ratio {t.ratio:.4f}"
+        console.print(f"{line}, achieved {t.achieved:.1%}" + (f"; [yellow]{t.note}[/]" if t.note else ""))
     if report.anchors:
         for gen in report.anchors["generators"]:
             after = [len(k) for k in gen["keep"]]

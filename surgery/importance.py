@@ -10,6 +10,9 @@ validation (``prune.method``), the CLI's help text and the tests:
 - ``bn``: |gamma| of the group's norm layers (network-slimming style). Torch-Pruning's
   ``BNScaleImportance`` misses ``FrozenBatchNorm2d`` (gamma is a buffer there) and GroupNorm, so
   it is computed here; groups without a norm layer fall back to ``l1``.
+- ``taylor`` / ``fisher``: data-driven (first-order Taylor, GroupFisher) over a few batches of
+  the detection loss; they need calibration data and are computed by :mod:`surgery.calibrate`
+  (``needs_data(name)`` says which criteria do).
 
 A new criterion is a function ``score(group: ChannelGroup) -> Tensor[group.channels]`` (higher =
 more important) registered with :func:`register_importance`. One that ranks from data (Taylor,
@@ -142,3 +145,23 @@ def _norm_scale(group: ChannelGroup) -> torch.Tensor:
         score.scatter_add_(0, root, vals)
         found = True
     return score if found else get_importance("l1")(group)
+
+
+def _needs_calibration(name: str) -> Importance:
+    def score(group: ChannelGroup) -> torch.Tensor:
+        from .errors import PruningError
+
+        raise PruningError(
+            f"method {name!r} ranks channels with calibration data: pass calib_data to prune_model "
+            "(CLI: --data, recipe data section) or use surgery.calibrate.group_scores"
+        )
+
+    return score
+
+
+register_importance("taylor", needs_data=True, description="|first-order Taylor| of the detection loss over calibration batches")(
+    _needs_calibration("taylor")
+)
+register_importance("fisher", needs_data=True, description="group Fisher (GroupFisher) over calibration batches")(
+    _needs_calibration("fisher")
+)

@@ -8,10 +8,11 @@ rebuilds the model from the original builder, the plan's anchor part and the sav
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ class PruneReport:
     anchors: dict[str, Any] | None = None
     macs_before: int | None = None
     macs_after: int | None = None
+    target: Any = None  # surgery.target.TargetResult when the ratio was searched for a target
 
     @property
     def params_ratio(self) -> float:
@@ -122,10 +124,16 @@ def keep_count(channels: int, ratio: float, *, round_to: int = 1, min_channels: 
     return keep
 
 
-def plan_channels(graph: DetectorGraph, cfg: PruneSection) -> dict[int, list[int]]:
-    """Which root channels to cut in each prunable group: ``{group index: sorted indices}``."""
-    score_fn = get_importance(cfg.method)
-    scores: dict[int, torch.Tensor] = {}
+def plan_channels(
+    graph: DetectorGraph, cfg: PruneSection, *, scores: dict[int, torch.Tensor] | None = None
+) -> dict[int, list[int]]:
+    """Which root channels to cut in each prunable group: ``{group index: sorted indices}``.
+
+    ``scores``: precomputed importance per group index (:func:`surgery.calibrate.group_scores`,
+    required for the data-driven ``taylor`` and ``fisher``); groups missing from it are scored
+    with ``cfg.method``."""
+    given = scores or {}
+    scores = {}
     ratios: dict[int, float] = {}
     for g in graph.groups:
         if not g.prunable:
@@ -134,7 +142,7 @@ def plan_channels(graph: DetectorGraph, cfg: PruneSection) -> dict[int, list[int
         if r <= 0.0:
             continue
         ratios[g.index] = r
-        s = score_fn(g)
+        s = given[g.index] if g.index in given else get_importance(cfg.method)(g)
         if s.numel() != g.channels:
             raise PruningError(f"internal: importance of group {g.root} has {s.numel()} entries for {g.channels} channels")
         scores[g.index] = s
@@ -199,14 +207,29 @@ def prune_model(
     *,
     trace_size: int = 256,
     macs_input_size: int | None = None,
+    calib_data: Iterable[Any] | None = None,
 ) -> PruneResult:
-    """Prune ``model`` in place with the structured criterion in ``cfg`` (l1, l2 or bn).
+    """Prune ``model`` in place with the structured criterion in ``cfg`` (l1, l2, bn, taylor, fisher).
 
     ``macs_input_size``: also count MACs before/after (fvcore, see :mod:`surgery.measure`).
+    ``calib_data``: ``(images, targets)`` batches for the data-driven criteria (``taylor``,
+    ``fisher``; ``cfg.calib_batches`` of them are used, see :mod:`surgery.calibrate`).
+    ``cfg.target_macs`` / ``cfg.target_params``: the ratio is searched so that this fraction of
+    the dense MACs / params is kept (:func:`surgery.target.find_ratio_for_target`).
     """
+    from .calibrate import group_scores
+    from .importance import needs_data
+
     if cfg.method == "magnitude":
         raise PruningError("method 'magnitude' is masked weight pruning: use surgery.masked.prune_masked")
     get_importance(cfg.method)  # fail fast on an unknown method
+    if needs_data(cfg.method) and calib_data is None:
+        raise PruningError(
+            f"method {cfg.method!r} ranks channels on data: pass calib_data (CLI: --data / the recipe's data "
+            "section), or choose l1, l2 or bn"
+        )
+    if cfg.target_macs is not None and macs_input_size is None:
+        raise PruningError("target_macs needs macs_input_size (the recipe's bench.input_size) to count MACs")
     check_patterns(model, list(cfg.overrides), "override")
     check_patterns(model, cfg.skip, "skip")
 
@@ -216,8 +239,19 @@ def prune_model(
 
     t0 = time.perf_counter()
     graph = trace(model, trace_size=trace_size, skip=cfg.skip)
+    scores = group_scores(graph, cfg.method, calib_data=calib_data, calib_batches=cfg.calib_batches)
+    target = None
+    if cfg.target_macs is not None or cfg.target_params is not None:
+        from .target import find_ratio_for_target
+
+        target = find_ratio_for_target(
+            model, cfg, target_macs=cfg.target_macs, target_params=cfg.target_params,
+            macs_input_size=macs_input_size, trace_size=trace_size, graph=graph, scores=scores,
+            macs_before=macs_before,
+        )  # fmt: skip
+        cfg = dataclasses.replace(cfg, ratio=target.ratio)
     t1 = time.perf_counter()
-    channel_plan = plan_channels(graph, cfg)
+    channel_plan = plan_channels(graph, cfg, scores=scores)
     apply_channel_plan(graph, channel_plan)
     anchors_plan = None
     if cfg.anchors is not None:
@@ -251,10 +285,13 @@ def prune_model(
         anchors=anchors_plan,
         macs_before=macs_before,
         macs_after=_macs(model, macs_input_size),
+        target=target,
     )
+    from .importance import needs_data
+
     plan = StructuredPlan(
         method=cfg.method,
-        ratio=cfg.ratio,
+        ratio=cfg.ratio,  # with a target: the ratio the search found
         global_ranking=cfg.global_ranking,
         round_to=cfg.round_to,
         min_channels=cfg.min_channels,
@@ -267,8 +304,11 @@ def prune_model(
         widths_after=layer_widths(model),
         params_before=params_before,
         params_after=report.params_after,
+        target_macs=cfg.target_macs,
+        target_params=cfg.target_params,
         achieved_params_ratio=report.params_ratio,
         achieved_macs_ratio=report.macs_ratio,
+        calib_batches=cfg.calib_batches if needs_data(cfg.method) else None,
     )
     return PruneResult(plan=plan, report=report, graph=graph)
 

@@ -79,7 +79,7 @@ class AnchorSection:
 
 @dataclass
 class PruneSection:
-    method: str = "l1"  # a registered criterion (surgery.importance: l1 | l2 | bn) or magnitude (masked)
+    method: str = "l1"  # a registered criterion (surgery.importance: l1 | l2 | bn | taylor | fisher) or magnitude
     ratio: float = 0.5  # fraction of channels removed per coupled group
     global_ranking: bool = False
     round_to: int = 1
@@ -87,6 +87,10 @@ class PruneSection:
     overrides: dict[str, float] = field(default_factory=dict)  # layer-name glob -> ratio
     skip: list[str] = field(default_factory=list)  # layer-name globs never cut
     anchors: AnchorSection | None = None
+    calib_batches: int = 4  # taylor/fisher: batches of the data section's train split to rank with
+    # fraction of the dense MACs / params to KEEP: the ratio is searched (surgery.target), ratio ignored
+    target_macs: float | None = None
+    target_params: float | None = None
     # masked pruning
     sparsity: float = 0.8
     scope: str = "layer"  # layer | global
@@ -108,6 +112,12 @@ class PruneSection:
         _check(self.scope in ("layer", "global"), "scope", "'layer' or 'global'")
         for k, v in self.overrides.items():
             _check(0.0 <= v < 1.0, f"overrides.{k}", "a ratio in [0, 1)")
+        _check(self.calib_batches >= 1, "calib_batches", "an integer >= 1")
+        for key in ("target_macs", "target_params"):
+            value = getattr(self, key)
+            _check(value is None or 0.0 < value < 1.0, key, "a fraction to keep strictly between 0 and 1, or null")
+            _check(value is None or self.method != "magnitude", key, "null for method magnitude (masks keep the MACs)")
+        _check(self.target_macs is None or self.target_params is None, "target_params", "null when target_macs is set")
 
 
 @dataclass

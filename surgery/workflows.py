@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,17 @@ def _accepts(builder: Any, name: str) -> bool:
 # prune
 
 
+def calib_data_for(recipe: Recipe, model: nn.Module) -> Iterable[Any] | None:
+    """Calibration batches from the recipe's data section for the data-driven criteria (lazy:
+    nothing is loaded unless the criterion asks for them)."""
+    from .calibrate import calibration_data
+    from .importance import needs_data
+
+    if not needs_data(recipe.prune.method):
+        return None
+    return calibration_data(recipe.data, batches=recipe.prune.calib_batches, model=model)
+
+
 @dataclass
 class PruneOutcome:
     """What :func:`prune_and_save` wrote."""
@@ -143,7 +154,8 @@ def prune_loaded(
         path = save_pruned(out, model, spec, plan, masks=masked.masks, recipe=recipe.to_dict(),
                            metrics={"params": count_params(model).total})
         return PruneOutcome(path=path, kind="masked", spec=spec, masked=masked)
-    result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size)
+    result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size,
+                         calib_data=calib_data_for(recipe, model))
     result.plan.previous = previous
     result.plan.source = origin
     metrics = {"params": result.report.params_after}
@@ -344,6 +356,7 @@ __all__ = [
     "PruneOutcome",
     "TrainOutcome",
     "agp_schedule",
+    "calib_data_for",
     "check_classes",
     "load_datasets",
     "prune_and_save",

@@ -10,13 +10,14 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import surgery
 from surgery.anchors import prune_anchors
+from surgery.calibrate import calibration_data
 from surgery.checkpoint import save_checkpoint
 from surgery.errors import PruningError
 from surgery.graph import dummy_inputs, trace
 from surgery.importance import get_importance, list_importances, method_help, needs_data, pruning_methods
 from surgery.models import ModelSpec, build_model
 from surgery.prune import keep_count, prune_model
-from surgery.recipe import AnchorSection, PruneSection
+from surgery.recipe import AnchorSection, DataSection, PruneSection
 from surgery.registry import Registry
 from tests.helpers import TEST_SIZE, assert_outputs_close, eval_outputs, small_model
 
@@ -42,9 +43,12 @@ def test_keep_count_rounding_and_floors() -> None:
 
 
 @pytest.mark.parametrize("method", list_importances())
-def test_every_ranking_method_prunes(method: str) -> None:
+def test_every_ranking_method_prunes(method: str, tmp_path) -> None:
     model = _slim()
-    res = prune_model(model, PruneSection(method=method, ratio=0.5))
+    calib = None
+    if needs_data(method):  # taylor, fisher: one batch of a tiny synthetic set
+        calib = calibration_data(DataSection(root=str(tmp_path), images=4, size=64), batches=1)
+    res = prune_model(model, PruneSection(method=method, ratio=0.5, calib_batches=1), calib_data=calib)
     assert res.report.params_ratio < 0.5
     out = eval_outputs(model, [torch.rand(3, 128, 128)])
     assert set(out[0]) == {"boxes", "scores", "labels"}
