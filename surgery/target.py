@@ -261,7 +261,7 @@ def _measure_copy(
         from .measure import count_macs
 
         macs = int(count_macs(clone, macs_input_size).total)
-    return count_params(clone), macs
+    return count_params(clone).total, macs
 
 
 def find_ratio_for_target(

@@ -137,7 +137,7 @@ def test_frozen_batchnorm_and_frozen_stages_are_ranked(batches) -> None:
     assert scores[graph.group_of("backbone.body.conv1").index].max() > 0
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == frozen
     res = prune_model(model, PruneSection(method="fisher", ratio=0.3, calib_batches=1), trace_size=SIZE, calib_data=batches)
-    assert res.report.params_ratio < 0.8 and res.plan["calib_batches"] == 1
+    assert res.report.params_ratio < 0.8 and res.plan.calib_batches == 1
 
 
 def test_data_method_without_data_is_one_clear_error() -> None:
@@ -174,9 +174,9 @@ def test_cli_prune_taylor_on_synthetic(tmp_path) -> None:
     assert "target 50.0% of the MACs" in res.output
     ckpt = surgery.checkpoint.read_checkpoint(out)
     plan = ckpt.plan
-    assert plan["method"] == "taylor" and plan["calib_batches"] == 2 and plan["target_macs"] == 0.5
-    assert abs(plan["achieved_macs_ratio"] / 0.5 - 1) <= 0.02 and 0 < plan["ratio"] < 1
-    assert sum(p.numel() for p in surgery.load(out).parameters()) == plan["params_after"]
+    assert plan.method == "taylor" and plan.calib_batches == 2 and plan.target_macs == 0.5
+    assert abs(plan.achieved_macs_ratio / 0.5 - 1) <= 0.02 and 0 < plan.ratio < 1
+    assert sum(p.numel() for p in surgery.load(out).parameters()) == plan.params_after
     helptext = runner.invoke(app, ["prune", "--help"], env={"COLUMNS": "200"}).output
     for flag in ("--target-macs", "--target-params", "--calib-batches", "--data", "taylor", "fisher"):
         assert flag in helptext, flag

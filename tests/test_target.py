@@ -34,10 +34,10 @@ def test_target_macs_half_within_two_percent(name: str, kwargs: dict, global_ran
     assert t.within_tolerance and not t.note
     assert t.achieved_macs_ratio == pytest.approx(achieved)  # the verified copy = the real cut
     plan = res.plan
-    assert plan["target_macs"] == 0.5 and plan["target_params"] is None
-    assert plan["ratio"] == t.ratio == res.report.ratio and 0 < t.ratio < 1
-    assert plan["achieved_macs_ratio"] == pytest.approx(achieved)
-    assert plan["achieved_params_ratio"] == pytest.approx(res.report.params_ratio)
+    assert plan.target_macs == 0.5 and plan.target_params is None
+    assert plan.ratio == t.ratio == res.report.ratio and 0 < t.ratio < 1
+    assert plan.achieved_macs_ratio == pytest.approx(achieved)
+    assert plan.achieved_params_ratio == pytest.approx(res.report.params_ratio)
 
 
 def test_target_params_and_model_untouched_by_the_search() -> None:
@@ -48,7 +48,7 @@ def test_target_params_and_model_untouched_by_the_search() -> None:
     assert abs(res.achieved_params_ratio / 0.4 - 1) <= 0.02 and res.within_tolerance
     # the same ratio, applied for real, gives the params the search reported
     cut = prune_model(model, PruneSection(global_ranking=True, ratio=res.ratio), trace_size=SIZE)
-    assert count_params(model) == res.params_after == cut.report.params_after
+    assert count_params(model).total == res.params_after == cut.report.params_after
 
 
 def test_unreachable_target_reports_the_closest() -> None:
