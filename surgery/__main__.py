@@ -1,6 +1,15 @@
 """``python -m surgery`` (and ``torchrun -m surgery``) run the CLI."""
 
-from cli.main import main
+from pathlib import Path
+
+from surgery.trust import drop_implicit_cwd
+
+# ``python -m`` puts the current directory first on sys.path: a stray ``evil.py`` (or a module a
+# checkpoint names) must not be importable from there implicitly. The folder this package lives in
+# stays (it holds ``cli``).
+drop_implicit_cwd(keep=Path(__file__).resolve().parent.parent)
+
+from cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     main()
