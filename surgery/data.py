@@ -269,6 +269,9 @@ def synthesize(
     Same arguments -> byte-identical json and identical pixels. ``progress(done, total)`` is
     called after every image.
     """
+    from .validate import check_synth
+
+    check_synth(images, size, seed, val_images)
     t0 = time.perf_counter()
     out = Path(out).expanduser()
     if images < 1:
@@ -284,6 +287,9 @@ def synthesize(
         return _synth_info(out, images, n_val, size, seed, reused=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)  # mkdtemp creates 0700: a shared cache gets the permissions mkdir would
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         total = images + n_val
         done = 0
@@ -496,6 +502,8 @@ class DetectionDataset(Dataset):
                 arr = np.asarray(im, dtype=np.uint8)
         except FileNotFoundError:
             raise DataError(f"dataset {self.name}: image file {rec.path} does not exist") from None
+        except Image.DecompressionBombError as e:
+            raise DataError(f"dataset {self.name}: image {rec.path} is too large to decode safely ({e})") from None
         except OSError as e:
             raise DataError(f"dataset {self.name}: cannot read image {rec.path}: {e}") from e
         if arr.shape[0] != rec.height or arr.shape[1] != rec.width:
@@ -585,7 +593,10 @@ def _read_coco_json(ann_file: Path) -> dict[str, Any]:
 def load_coco_ground_truth(ann_file: Path, images_dir: Path | Sequence[Path]) -> _GroundTruth:
     """Parse and validate a COCO annotation file. ``images_dir`` may list candidate folders: the
     first one holding the first image's ``file_name`` is used."""
+    from .validate import check_coco_lists
+
     data = _read_coco_json(ann_file)
+    check_coco_lists(data, ann_file)
     cats = sorted(data["categories"], key=lambda c: c["id"])
     if not cats:
         raise DataError(f"{ann_file}: 'categories' is empty")
@@ -631,8 +642,10 @@ def load_coco_ground_truth(ann_file: Path, images_dir: Path | Sequence[Path]) ->
             raise DataError(f"{ann_file}: annotation {aid} has unknown category id {a['category_id']}")
         try:
             x, y, w, h = (float(v) for v in a["bbox"])
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                raise ValueError("not finite")
         except (TypeError, ValueError):
-            raise DataError(f"{ann_file}: annotation {aid} has a malformed bbox {a['bbox']!r} (expected [x, y, w, h])") from None
+            raise DataError(f"{ann_file}: annotation {aid} has a malformed bbox {a['bbox']!r} (expected [x, y, w, h] of finite numbers)") from None
         if w < 1 or h < 1:
             continue  # degenerate: dropped silently
         clipped = _check_box(x, y, w, h, int(img["width"]), int(img["height"]))
@@ -786,7 +799,10 @@ def load_voc_ground_truth(year_dir: Path, split: str) -> _GroundTruth:
             if label is None:
                 raise DataError(f"{xml}: object {k} has unknown class {cname!r} (VOC classes: {', '.join(VOC_CLASSES)})")
             diff_node = obj.find("difficult")
-            difficult = int(diff_node.text.strip() or 0) if diff_node is not None and diff_node.text else 0
+            try:
+                difficult = int(diff_node.text.strip() or 0) if diff_node is not None and diff_node.text else 0
+            except ValueError:
+                raise DataError(f"{xml}: object {k} has <difficult>{diff_node.text.strip()!r}; expected 0 or 1") from None
             bb = obj.find("bndbox")
             try:
                 xmin, ymin, xmax, ymax = (float(_xml_text(bb, t, xml)) for t in ("xmin", "ymin", "xmax", "ymax"))
@@ -914,6 +930,9 @@ def build_dataset(
         if split not in ("train", "val"):
             raise DataError(f"COCO split must be 'train' or 'val', got {split!r}")
         img_dir, ann = _coco_layout(Path(source[5:]).expanduser(), split)
+        from .validate import check_coco_splits
+
+        check_coco_splits(Path(source[5:]).expanduser(), split, ann, _coco_layout)
         return CocoDetection(img_dir, ann, train=train, with_masks=with_masks, hflip=hflip, name=source, split=split)
     if source.startswith("voc:"):
         return VOCDetection(source[4:], split, train=train, hflip=hflip, name=source)

@@ -311,12 +311,20 @@ def prune_checkpoint(
     if cfg.method == "magnitude":
         from .masked import prune_masked
 
+        prior_masks = prior.masks if prior is not None and prior.kind == "masked" else None
         masked = prune_masked(model, cfg.sparsity, cfg.scope)
+        if prior_masks:
+            _carry_masks(masked, prior_masks, cfg.sparsity, source)
         plan = {"method": "magnitude", "sparsity": cfg.sparsity, "scope": cfg.scope, "previous": previous,
                 **{k: v for k, v in masked.to_dict().items() if k != "layer_sparsity"}}
         path = save_checkpoint(out, model, spec, kind="masked", plan=plan, masks=masked.masks,
                                recipe=recipe.to_dict(), metrics={"params": count_params(model)})
         return PruneOutcome(path=path, kind="masked", spec=spec, masked=masked)
+    if prior is not None and prior.kind == "masked" and prior.masks:
+        raise PruningError(
+            f"{source} is a masked (unstructured) checkpoint: cutting channels would silently drop its masks. "
+            "Prune the dense model it came from, or mask again with --method magnitude"
+        )
     result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size)
     result.plan["previous"] = previous
     metrics = {"params": result.report.params_after}
@@ -325,6 +333,21 @@ def prune_checkpoint(
     path = save_checkpoint(out, model, spec, kind="structured", plan=result.plan, recipe=recipe.to_dict(),
                            metrics=metrics)
     return PruneOutcome(path=path, kind="structured", spec=spec, structured=result)
+
+
+def _carry_masks(masked: Any, prior: dict[str, torch.Tensor], sparsity: float, source: str) -> None:
+    """Masking a masked checkpoint again keeps every weight it had pruned (pruned weights are zero,
+    so new magnitude masks contain the old ones); a lower target than it already has is refused."""
+    from .masked import masks_sparsity
+
+    before = masks_sparsity(prior)
+    if sparsity + 1e-6 < before:
+        raise PruningError(
+            f"{source} is already {before:.0%} masked; sparsity {sparsity:g} would un-prune weights: use >= {before:.3g}"
+        )
+    for name, m in prior.items():
+        if name in masked.masks:
+            masked.masks[name] = masked.masks[name] & m.to(masked.masks[name].device, torch.bool)
 
 
 def inspect_model(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str] = ()) -> DetectorGraph:

@@ -37,6 +37,7 @@ from .errors import CheckpointError, DataError, TrainingError
 from .masked import AGPSchedule, apply_masks, magnitude_masks, mask_gradients, masks_sparsity, unwrap
 from .models import ModelSpec
 from .recipe import TrainSection
+from .safety import check_output
 
 # --------------------------------------------------------------------------------------------
 # distributed
@@ -259,21 +260,52 @@ class EvalHook(HookBase):
 
 class CheckpointHook(HookBase):
     """Every ``every`` steps write ``path`` with the full training state (for ``--resume``); after
-    training write the final checkpoint there. Rank 0 only; writes are atomic."""
+    training write the final checkpoint there. Rank 0 only; writes are atomic.
+
+    The weights after step N have not been evaluated yet: they are written to a pending file and
+    replace ``path`` only once step N+1's loss on them is finite. A divergence therefore keeps the
+    last state that was proven finite, never the update that destroyed the model."""
 
     def __init__(self, path: str | Path, every: int = 200) -> None:
         self.path = Path(path)
         self.every = every
         self.last_saved: int | None = None
+        self.pending: tuple[int, Path] | None = None
 
     def after_step(self, trainer: Trainer) -> None:
         if self.every > 0 and trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
-            trainer.save(self.path, full_state=True)
-            self.last_saved = trainer.step
+            self.discard()
+            if not _params_finite(trainer.module):
+                return  # the next loss check reports the divergence
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.pending.tmp")
+            if trainer.save(tmp, full_state=True) is not None:
+                self.pending = (trainer.step, tmp)
+
+    def after_backward(self, trainer: Trainer) -> None:
+        # this step's loss, computed on the pending weights, was finite: they are the last good state
+        if self.pending is not None:
+            step, tmp = self.pending
+            self.pending = None
+            check_output(self.path)
+            os.replace(tmp, self.path)
+            self.last_saved = step
+
+    def discard(self) -> None:
+        if self.pending is not None:
+            self.pending[1].unlink(missing_ok=True)
+            self.pending = None
 
     def after_train(self, trainer: Trainer) -> None:
+        self.discard()
+        if not _params_finite(trainer.module):
+            kept = f"{self.path} (step {self.last_saved}) was kept" if self.last_saved is not None else f"{self.path} was not written"
+            raise TrainingError(f"training diverged in the last step: the weights are not finite; {kept}")
         trainer.save(self.path, full_state=False)
         self.last_saved = trainer.step
+
+
+def _params_finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 class MaskHook(HookBase):
@@ -743,6 +775,9 @@ class Trainer:
                 if bad
                 else f"a loss on another rank (this is rank {self.dist.rank})"
             )
+            for h in self.hooks:
+                if isinstance(h, CheckpointHook):
+                    h.discard()  # unproven weights of the step that diverged
             saved = next((h.last_saved for h in self.hooks if isinstance(h, CheckpointHook)), None)
             kept = (
                 f"; the last good checkpoint {self.out} (step {saved}) was kept"
@@ -783,6 +818,8 @@ class Trainer:
     def train(self, resume: bool = False) -> TrainResult:
         """Run to ``total_steps``. With ``resume`` continue from the checkpoint at ``out`` (when it
         exists): weights, step, optimizer, scheduler, RNG, mask schedule and data position."""
+        if self.out is not None and self.dist.is_main:
+            check_output(self.out, what="training output")  # before any work, not after it
         self._setup()
         self.step = 0
         resumed = resume and self._resume()

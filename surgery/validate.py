@@ -210,3 +210,99 @@ def check_device(device: Any, flag: str = "--device") -> None:
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise RecipeError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+# --------------------------------------------------------------------------------------------
+# COCO files
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_coco_lists(data: dict[str, Any], ann_file: Path) -> None:
+    """Every image, annotation and category entry is a mapping with integer ids (the file is
+    refused with one line otherwise, not a traceback deep in the loader)."""
+    from .errors import DataError
+
+    for k, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not _is_id(c.get("id")):
+            raise DataError(f"{ann_file}: category entry {k} has no integer 'id' (got {c!r:.80})")
+    for k, im in enumerate(data["images"]):
+        if not isinstance(im, dict):
+            raise DataError(f"{ann_file}: image entry {k} is not an object")
+        if "id" in im and not _is_id(im["id"]):
+            raise DataError(f"{ann_file}: image entry {k} has id {im['id']!r}; expected an integer")
+        for key in ("width", "height"):
+            v = im.get(key)
+            if v is not None and (not _is_id(v) or not 0 < v <= 65_535):
+                raise DataError(f"{ann_file}: image entry {k} has {key} {v!r}; expected an integer in [1, 65535]")
+    for k, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict):
+            raise DataError(f"{ann_file}: annotation entry {k} is not an object")
+        for key in ("image_id", "category_id"):
+            if key in a and not _is_id(a[key]):
+                raise DataError(f"{ann_file}: annotation entry {k} has {key} {a[key]!r}; expected an integer")
+
+
+def _category_ids(ann: Path) -> list[int] | None:
+    import json
+
+    try:
+        data = json.loads(ann.read_text())
+        return sorted(int(c["id"]) for c in data["categories"])
+    except Exception:  # noqa: BLE001 - the split's own loader reports a bad file
+        return None
+
+
+def check_coco_splits(root: Path, split: str, ann: Path, layout: Any) -> None:
+    """Labels are numbered from the category list: the train and val files of one COCO folder
+    must list the same categories, or the labels (and the mAP) would silently differ per split."""
+    from .errors import DataError
+
+    other = "val" if split == "train" else "train"
+    try:
+        _, other_ann = layout(root, other)
+    except DataError:
+        return
+    mine, theirs = _category_ids(ann), _category_ids(other_ann)
+    if mine is not None and theirs is not None and mine != theirs:
+        only = sorted(set(mine) ^ set(theirs))
+        raise DataError(
+            f"{ann} and {other_ann} list different categories (ids only in one of them: {only[:10]}); labels are "
+            "numbered from the category list, so both splits must list the full, same category list"
+        )
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_synth(images: Any, size: Any, seed: Any, val_images: Any = None) -> None:
+    """Synthetic-set options in range, and a per-image memory estimate that fits (a 100000 px side
+    would need ~240 GB per image)."""
+    from .errors import DataError
+    from .recipe import MAX_SYNTH_IMAGES, MAX_SYNTH_SIZE
+
+    if not _int_at_least(images, 1) or images > MAX_SYNTH_IMAGES:
+        raise DataError(f"synthetic dataset: images {images!r}: expected an integer in [1, {MAX_SYNTH_IMAGES}]")
+    if val_images is not None and (not _int_at_least(val_images, 1) or val_images > MAX_SYNTH_IMAGES):
+        raise DataError(f"synthetic dataset: val images {val_images!r}: expected an integer in [1, {MAX_SYNTH_IMAGES}]")
+    if not _int_at_least(size, 32) or size > MAX_SYNTH_SIZE:
+        raise DataError(f"synthetic dataset: size {size!r}: expected an integer in [32, {MAX_SYNTH_SIZE}] (pixels)")
+    if not _int_at_least(seed, 0) or seed >= 2**32:
+        raise DataError(f"synthetic dataset: seed {seed!r}: expected an integer in [0, 2**32)")
+    need = size * size * 3 * 8  # uint8 image, float working copies, JPEG encoder buffers
+    avail = _available_memory()
+    if avail is not None and need > avail // 4:
+        raise DataError(
+            f"synthetic dataset: {size}x{size} px images need about {need / 2**30:.1f} GiB each; "
+            f"only {avail / 2**30:.1f} GiB of memory is available"
+        )
