@@ -105,6 +105,31 @@ def _precheck(command: str, bound: dict[str, Any]) -> None:
             check_output(path, inputs=inputs, what=flag)
 
 
+def _refuse_untrusted_early(model: Any, recipe: Any) -> None:
+    """Before datasets are built or anything trains: a --model, a recipe's model.name or its
+    model.weights checkpoint that names user code is refused now (the same check the loader does)."""
+    from surgery.checkpoint import looks_like_path, read_checkpoint
+    from surgery.trust import origin, refuse
+
+    def check_checkpoint(path: Any, label: str) -> None:
+        if isinstance(path, (str, Path)) and ":" not in str(path) and looks_like_path(str(path)) and Path(path).is_file():
+            spec = read_checkpoint(path).spec
+            if ":" in spec.name:
+                with origin(f"{label} {path}"):
+                    raise refuse(spec.name, spec.kwargs)
+
+    if isinstance(model, str) and ":" in model:
+        with origin("--model"):
+            raise refuse(model)
+    check_checkpoint(model, "checkpoint")
+    if recipe is not None and model is None:
+        rec = load_recipe(recipe)
+        if ":" in rec.model.name:
+            with origin(f"recipe {recipe}"):
+                raise refuse(rec.model.name, rec.model.kwargs)
+        check_checkpoint(rec.model.weights, f"recipe {recipe}: model.weights checkpoint")
+
+
 def guard(command: str, fn: Any) -> Any:
     """``fn`` with a ``--trust-code`` option; it runs in a trust context for that call, with its
     input files protected from being overwritten and its outputs checked up front."""
@@ -128,6 +153,8 @@ def guard(command: str, fn: Any) -> Any:
         model, recipe = bound.get("model"), bound.get("recipe")
         where = "--model" if isinstance(model, str) and ":" in model else f"recipe {recipe}" if recipe and not model else None
         with trusting(trust_code), origin(where), protecting(p for p in _inputs(bound) if isinstance(p, (str, Path))):
+            if not trust_code:
+                _refuse_untrusted_early(model, recipe)
             return fn(*args, **kwargs)
 
     wrapper.__signature__ = new_sig  # type: ignore[attr-defined]

@@ -71,7 +71,7 @@ def check_folder(path: str | Path, what: str = "output folder") -> Path:
     if p.is_symlink() and not p.is_dir():
         raise OutputError(f"{what} {p} is a symbolic link to nothing usable")
     if p.exists() and not p.is_dir():
-        raise OutputError(f"{what} {p} exists and is not a folder")
+        raise OutputError(f"{what} {p} is a file, not a folder")
     base = _nearest_existing(p)
     if not base.is_dir():
         raise OutputError(f"{what} {p}: {base} is a file, not a folder")
