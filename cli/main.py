@@ -39,21 +39,36 @@ def _register() -> None:
 
 _register()
 
+from cli.common import guard_commands  # noqa: E402
+
+guard_commands(app)  # --trust-code, outputs checked before work, inputs never overwritten
+
 
 @app.callback()
 def _root() -> None:
     """Physical structured pruning for object detectors: prune, retrain, bench, report."""
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds: temporaries are removed, locks released
+
+
 def main() -> None:
+    import signal
+
+    from rich.markup import escape
+
     from surgery.errors import SurgeryError
 
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()  # standalone: typer/click handle usage errors and exit codes
     except SurgeryError as e:
         if os.environ.get("SURGERY_DEBUG") == "1":
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        # one line; the message quotes user strings (paths, values): never interpret them as markup
+        text = " ".join(str(e).split("\n")).strip() or e.__class__.__name__
+        err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, markup=True, soft_wrap=True)
         err_console.print("[dim](set SURGERY_DEBUG=1 for the full traceback)[/]")
         sys.exit(2)
 

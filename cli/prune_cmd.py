@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.common import parse_kv, resolve_recipe
+from cli.common import parse_kv, parse_ratios, resolve_recipe
 from cli.console import console
 from surgery.importance import method_help
 from surgery.report import fmt_count as _fmt
@@ -69,7 +69,7 @@ def prune(
         "prune.global_ranking": global_ranking,
         "prune.round_to": round_to,
         "prune.min_channels": min_channels,
-        "prune.overrides": {k: float(v) for k, v in parse_kv(override, "--override").items()} or None,
+        "prune.overrides": parse_ratios(override, "--override"),
         "prune.skip": list(skip) if skip else None,
         "prune.anchors": _parse_anchors(anchors),
         "prune.sparsity": sparsity,

@@ -4,6 +4,15 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting slows a busy machine 10-40x
 
+from pathlib import Path
+
+from surgery.trust import drop_implicit_cwd
+
+# ``python -m`` puts the current directory first on sys.path: a stray ``evil.py`` (or a module a
+# checkpoint names) must not be importable from there implicitly. The folder this package lives in
+# stays (it holds ``cli``).
+drop_implicit_cwd(keep=Path(__file__).resolve().parent.parent)
+
 from cli.main import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename over the target,
-so a killed process never leaves a half-written checkpoint, CSV or JSON behind."""
+so a killed process never leaves a half-written checkpoint, CSV or JSON behind.
+
+The target is checked first (:func:`surgery.safety.check_output`): a symbolic link, device,
+folder, read-only file or one of the command's inputs is never replaced. Temporaries carry the
+writer's pid; those of killed runs are removed on the next write to the same folder."""
 
 from __future__ import annotations
 
@@ -10,14 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .safety import check_output, clean_stale_temporaries, tmp_prefix
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` if the block succeeds and is
     removed if it fails."""
     path = Path(path)
+    check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale_temporaries(path.parent, path.name)
+    fd, name = tempfile.mkstemp(prefix=tmp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -25,6 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         umask = os.umask(0)  # mkstemp creates 0600; give the file the permissions open() would
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        check_output(path)  # still not a link / device / input after the work
         os.replace(tmp, path)
     finally:
         if tmp.exists():

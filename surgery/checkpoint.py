@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_open
-from .errors import CheckpointError
+from .errors import CheckpointError, SurgeryError
 from .models import ModelSpec, build_model
 from .plan import Plan, plan_chain, plan_from_dict
 
@@ -86,6 +86,10 @@ def save_checkpoint(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     model = getattr(model, "module", model)  # unwrap DDP
+    if ":" in spec.name and spec.code is None:  # user code: record which file (and content) built it
+        from .trust import code_reference
+
+        spec = ModelSpec(spec.name, dict(spec.kwargs), code_reference(spec.name))
     ckpt = Checkpoint(
         spec=spec,
         state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -146,6 +150,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{path} is not a surgery checkpoint (a plain state dict can be given as the model's weights instead)"
         )
+    from .validate import check_checkpoint_dict
+
+    check_checkpoint_dict(obj, path)
     if obj.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer surgery (format {obj.get('version')})")
     return Checkpoint(
@@ -201,19 +208,32 @@ def _sync_attributes(module: nn.Module) -> None:
         module.num_channels = module.weight.shape[0]
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Checkpoint]:
-    """Rebuild the model a checkpoint describes and load its weights."""
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", *, trust_code: bool | None = None
+) -> tuple[nn.Module, Checkpoint]:
+    """Rebuild the model a checkpoint describes and load its weights.
+
+    A checkpoint whose builder is user code (``module:function``, ``file.py:function``) is refused
+    unless ``trust_code=True`` (``--trust-code``); the builder file's recorded hash is verified first.
+    """
+    from .trust import origin
+
     ckpt = read_checkpoint(path)
-    spec = ModelSpec(ckpt.spec.name, {**ckpt.spec.kwargs})
+    with origin(f"checkpoint {path}"):
+        return _load(path, ckpt, device, trust_code)
+
+
+def _load(path: str | Path, ckpt: Checkpoint, device: str | torch.device, trust_code: bool | None) -> tuple[nn.Module, Checkpoint]:
+    spec = ModelSpec(ckpt.spec.name, {**ckpt.spec.kwargs}, ckpt.spec.code)
     # the architecture comes from the builder; the weights from the checkpoint
     if "weights" in spec.kwargs:
         spec.kwargs["weights"] = None
     if "weights_backbone" in spec.kwargs:
         spec.kwargs["weights_backbone"] = None
     try:
-        model = build_model(spec)
+        model = build_model(spec, trust_code=trust_code)
     except Exception as e:
-        if isinstance(e, CheckpointError):
+        if isinstance(e, SurgeryError):
             raise
         raise CheckpointError(f"checkpoint {path}: cannot rebuild model {spec.name!r}: {e}") from e
     apply_structure(model, ckpt.plan)
@@ -239,22 +259,24 @@ def looks_like_path(source: str) -> bool:
 
 
 def resolve_model(
-    source: str, kwargs: dict[str, Any] | None = None, weights: str | None = None
+    source: str, kwargs: dict[str, Any] | None = None, weights: str | None = None, *, trust_code: bool | None = None
 ) -> tuple[nn.Module, ModelSpec, Checkpoint | None]:
     """A model from a registered name, ``module:function`` or a surgery checkpoint path.
 
     Returns the model, the spec that rebuilds its architecture, and the checkpoint if any.
     """
     if ":" not in source and looks_like_path(source):
-        model, ckpt = load_checkpoint(source)
+        model, ckpt = load_checkpoint(source, trust_code=trust_code)
         return model, ckpt.spec, ckpt
     kw = dict(kwargs or {})
     if weights is not None:
         kw["weights"] = weights
     spec = ModelSpec(source, kw)
-    return build_model(spec), spec, None
+    return build_model(spec, trust_code=trust_code), spec, None
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a surgery checkpoint (pruned, masked or dense) as a ready ``nn.Module``."""
-    return load_checkpoint(path, device)[0]
+def load(path: str | Path, device: str | torch.device = "cpu", *, trust_code: bool | None = None) -> nn.Module:
+    """Load a surgery checkpoint (pruned, masked or dense) as a ready ``nn.Module``.
+
+    ``trust_code=True`` is needed when the checkpoint's builder is user code (see :mod:`surgery.trust`)."""
+    return load_checkpoint(path, device, trust_code=trust_code)[0]

@@ -19,6 +19,7 @@ then the caller's hooks.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,10 +31,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .checkpoint import read_checkpoint, save_checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingError
 from .masked import AGPSchedule, apply_masks, magnitude_masks, mask_gradients, masks_sparsity
 from .models import ModelSpec
 from .plan import Plan
+from .safety import check_output
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -78,6 +80,9 @@ class HookBase:
 
     def after_train(self, trainer: Trainer) -> None:
         """After the last step (not called when training stops with an error)."""
+
+    def on_divergence(self, trainer: Trainer) -> None:
+        """A loss was not finite: training stops with an error after this."""
 
     def modules(self) -> list[nn.Module]:
         """Extra modules the optimizer trains along with the model."""
@@ -197,7 +202,11 @@ class CheckpointHook(HookBase):
     """Owns the checkpoint file: every ``every`` steps write ``path`` with the full training state
     (for ``--resume``), after training the final checkpoint, and on ``resume`` restore from it.
     Rank 0 writes; writes are atomic. ``spec``, ``kind``, ``plan``, ``recipe`` and ``metrics`` are
-    recorded so :func:`surgery.checkpoint.load` rebuilds the same structure."""
+    recorded so :func:`surgery.checkpoint.load` rebuilds the same structure.
+
+    The weights after step N have not been evaluated yet: they are written to a pending file and
+    replace ``path`` only once step N+1's loss on them is finite. A divergence therefore keeps the
+    last state that was proven finite, never the update that destroyed the model."""
 
     def __init__(
         self,
@@ -218,6 +227,7 @@ class CheckpointHook(HookBase):
         self.recipe = recipe.to_dict() if hasattr(recipe, "to_dict") else recipe
         self.base_metrics = dict(metrics or {})
         self.last_saved: int | None = None
+        self.pending: tuple[int, Path] | None = None
 
     def resume(self, trainer: Trainer) -> None:
         if not self.path.exists():
@@ -237,15 +247,46 @@ class CheckpointHook(HookBase):
         trainer.load_state_dict(ts)
         self.last_saved = trainer.step
 
+    def before_train(self, trainer: Trainer) -> None:
+        if trainer.dist.is_main:
+            check_output(self.path, what="training output")  # before the first step, not after the last
+
     def after_step(self, trainer: Trainer) -> None:
         if self.every > 0 and trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
-            self.save(trainer, full_state=True)
+            self.discard()
+            if not _params_finite(trainer.module):
+                return  # the next loss check reports the divergence
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.pending.tmp")
+            if self.save(trainer, full_state=True, path=tmp) is not None:
+                self.pending = (trainer.step, tmp)
+
+    def after_backward(self, trainer: Trainer) -> None:
+        # this step's loss, computed on the pending weights, was finite: they are the last good state
+        if self.pending is not None:
+            step, tmp = self.pending
+            self.pending = None
+            check_output(self.path)
+            os.replace(tmp, self.path)
+            self.last_saved = step
+
+    def on_divergence(self, trainer: Trainer) -> None:
+        self.discard()  # unproven weights of the step that diverged
+
+    def discard(self) -> None:
+        if self.pending is not None:
+            self.pending[1].unlink(missing_ok=True)
+            self.pending = None
 
     def after_train(self, trainer: Trainer) -> None:
+        self.discard()
+        if not _params_finite(trainer.module):
+            kept = f"{self.path} (step {self.last_saved}) was kept" if self.last_saved is not None else f"{self.path} was not written"
+            raise TrainingError(f"training diverged in the last step: the weights are not finite; {kept}")
         self.save(trainer, full_state=False)
 
-    def save(self, trainer: Trainer, full_state: bool = True) -> Path | None:
-        """Write the checkpoint (rank 0 only; other ranks return ``None``)."""
+    def save(self, trainer: Trainer, full_state: bool = True, path: Path | None = None) -> Path | None:
+        """Write the checkpoint to ``path`` (default: the hook's; rank 0 only, other ranks
+        return ``None``)."""
         if not trainer.dist.is_main:
             return None
         masks = trainer.masks
@@ -255,8 +296,8 @@ class CheckpointHook(HookBase):
             "losses": trainer.mean_losses(),
             **({"sparsity": masks_sparsity(masks)} if masks else {}),
         }
-        path = save_checkpoint(
-            self.path,
+        written = save_checkpoint(
+            path or self.path,
             trainer.module,
             self.spec,
             kind=trainer.kind,
@@ -266,8 +307,13 @@ class CheckpointHook(HookBase):
             metrics=metrics,
             train_state=trainer.state_dict(full_state),
         )
-        self.last_saved = trainer.step
-        return path
+        if path is None:
+            self.last_saved = trainer.step
+        return written
+
+
+def _params_finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
 class MaskHook(HookBase):

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-import importlib
-import importlib.util
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,45 +60,32 @@ class ModelSpec:
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # user-code builders: {"file": path, "sha256": hex} of the file that defines it (surgery.trust)
+    code: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kwargs": copy.deepcopy(self.kwargs)}
+        d = {"name": self.name, "kwargs": copy.deepcopy(self.kwargs)}
+        if self.code is not None:
+            d["code"] = dict(self.code)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(name=str(d["name"]), kwargs=dict(d.get("kwargs") or {}))
+        code = d.get("code")
+        return cls(name=str(d["name"]), kwargs=dict(d.get("kwargs") or {}), code=dict(code) if code else None)
 
 
-def _import_callable(target: str) -> Builder:
-    """Resolve ``package.module:function`` or ``path/to/file.py:function``."""
-    mod_name, _, attr = target.rpartition(":")
-    if not mod_name or not attr:
-        raise UnknownModelError(f"model {target!r}: expected 'package.module:function'")
-    try:
-        if mod_name.endswith(".py"):
-            path = Path(mod_name)
-            if not path.is_file():
-                raise UnknownModelError(f"model {target!r}: file {mod_name} does not exist")
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules.setdefault(path.stem, module)
-            spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path and "" not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise UnknownModelError(f"model {target!r}: cannot import {mod_name!r} ({e})") from e
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise UnknownModelError(f"model {target!r}: {mod_name!r} has no callable {attr!r}")
-    return fn
+def _import_callable(target: str, trust_code: bool | None = None, expected: dict[str, Any] | None = None) -> Builder:
+    """Resolve ``package.module:function`` or ``path/to/file.py:function`` (user code: only when
+    trusted, see :mod:`surgery.trust`)."""
+    from .trust import import_user_builder
+
+    return import_user_builder(target, trust_code=trust_code, expected=expected)[0]
 
 
-def get_builder(name: str) -> Builder:
+def get_builder(name: str, trust_code: bool | None = None, expected: dict[str, Any] | None = None) -> Builder:
     if ":" in name:
-        return _import_callable(name)
+        return _import_callable(name, trust_code, expected)
     if name in _OWN_BUILDERS:
         return _OWN_BUILDERS[name]
     if is_torchvision_model(name):
@@ -127,8 +111,12 @@ def _is_local_file(w: Any) -> bool:
     )
 
 
-def build_model(spec: ModelSpec | str, **overrides: Any) -> nn.Module:
+def build_model(spec: ModelSpec | str, *, trust_code: bool | None = None, **overrides: Any) -> nn.Module:
     """Build a detector from a spec.
+
+    A user-code builder (``module:function``, ``file.py:function``) runs only with ``trust_code=True``
+    (or inside :func:`surgery.trust.trusting`); its file's hash is then recorded in ``spec.code``
+    (and checked against it when ``spec.code`` is already set, e.g. from a checkpoint).
 
     ``weights`` may be ``None``, a torchvision weights name (``"DEFAULT"``, ``"COCO_V1"``; needs
     internet the first time) or a path to a local checkpoint / state dict, which is loaded after
@@ -136,7 +124,18 @@ def build_model(spec: ModelSpec | str, **overrides: Any) -> nn.Module:
     """
     if isinstance(spec, str):
         spec = ModelSpec(spec)
-    builder = get_builder(spec.name)
+    if ":" in spec.name:
+        from .trust import import_user_builder
+
+        builder, ref = import_user_builder(
+            spec.name, trust_code=trust_code, expected=spec.code, kwargs=spec.kwargs
+        )
+        spec.code = ref
+    else:
+        builder = get_builder(spec.name)
+    from .validate import check_builder_kwargs
+
+    check_builder_kwargs(spec.name, builder, {**spec.kwargs, **overrides})
     kwargs = {**default_kwargs(spec.name), **spec.kwargs, **overrides}
     weights_file = None
     if _is_local_file(kwargs.get("weights")):
@@ -154,7 +153,7 @@ def build_model(spec: ModelSpec | str, **overrides: Any) -> nn.Module:
                 f"model {spec.name!r}: unknown weights {kwargs['weights']!r} ({e}); use DEFAULT, a torchvision "
                 "weights name, or a local weights file"
             ) from e
-        raise
+        raise UnknownModelError(f"model {spec.name!r} rejected its arguments {spec.kwargs}: {e}") from e
     except OSError as e:  # urllib's URLError is an OSError: no internet for pretrained weights
         raise CheckpointError(
             f"model {spec.name!r}: cannot download weights {kwargs.get('weights')!r} ({e}); "
@@ -174,14 +173,28 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise CheckpointError(f"cannot read weights file {path}: {e}") from e
+        # (torch's message advises weights_only=False, i.e. running the file's pickled code: never)
+        raise CheckpointError(
+            f"cannot read weights file {path}: not a plain tensor file ({e.__class__.__name__}); "
+            "surgery only reads weights that load with weights_only=True"
+        ) from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"weights file {path} does not hold a state dict")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"weights file {path} does not hold a state dict (names -> tensors)")
     obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    own = model.state_dict()
+    wrong = [k for k, v in obj.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"weights file {path} does not match the model: {len(wrong)} tensors have other shapes "
+            f"(e.g. {k}: file {tuple(obj[k].shape)}, model {tuple(own[k].shape)}); check num_classes and the builder arguments"
+        )
     missing, unexpected = model.load_state_dict(obj, strict=False)
     if missing or unexpected:
         raise CheckpointError(

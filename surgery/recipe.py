@@ -21,6 +21,12 @@ import yaml
 from .errors import RecipeError
 
 SCHEMA_VERSION = 1
+MAX_SYNTH_IMAGES = 200_000
+MAX_SYNTH_SIZE = 2048
+
+
+def _finite(x: float | None) -> bool:
+    return x is None or math.isfinite(x)
 
 
 @dataclass
@@ -41,8 +47,11 @@ class DataSection:
     num_workers: int = 0
 
     def validate(self) -> None:
-        _check(self.images > 0, "images", "a positive integer")
-        _check(self.size >= 32, "size", "an integer >= 32")
+        _check(0 < self.images <= MAX_SYNTH_IMAGES, "images", f"an integer in [1, {MAX_SYNTH_IMAGES}]")
+        _check(32 <= self.size <= MAX_SYNTH_SIZE, "size", f"an integer in [32, {MAX_SYNTH_SIZE}]")
+        _check(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")
+        _check(0 <= self.num_workers <= 64, "num_workers", "an integer in [0, 64]")
+        _check(self.root is None or bool(self.root.strip()), "root", "a folder path or null")
         kinds = ("synthetic", "coco:", "voc:")
         _check(
             self.source == "synthetic" or self.source.startswith(kinds[1:]) or self.source.endswith(".json"),
@@ -110,6 +119,7 @@ class PruneSection:
         _check(self.min_channels >= 1, "min_channels", "an integer >= 1")
         _check(self.steps >= 1, "steps", "an integer >= 1")
         _check(self.scope in ("layer", "global"), "scope", "'layer' or 'global'")
+        _check(self.round_to <= 4096 and self.min_channels <= 4096, "round_to", "an integer in [1, 4096]")
         for k, v in self.overrides.items():
             _check(0.0 <= v < 1.0, f"overrides.{k}", "a ratio in [0, 1)")
         _check(self.calib_batches >= 1, "calib_batches", "an integer >= 1")
@@ -166,10 +176,22 @@ class TrainSection:
     distill: DistillSection | None = None  # retraining only: learn from the dense model too
 
     def validate(self) -> None:
-        _check(self.steps >= 1, "steps", "an integer >= 1")
-        _check(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        _check(1 <= self.steps <= 10**8, "steps", "an integer in [1, 10**8]")
+        _check(self.epochs is None or (math.isfinite(self.epochs) and 0 < self.epochs <= 10**5), "epochs",
+               "a finite number in (0, 100000] or null")
+        _check(1 <= self.batch_size <= 4096, "batch_size", "an integer in [1, 4096]")
         _check(self.optimizer in ("adamw", "sgd"), "optimizer", "'adamw' or 'sgd'")
-        _check(self.lr > 0, "lr", "a positive number")
+        _check(math.isfinite(self.lr) and 0 < self.lr <= 10, "lr", "a finite number in (0, 10]")
+        _check(math.isfinite(self.momentum) and 0 <= self.momentum < 1, "momentum", "a number in [0, 1)")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+        _check(self.clip_grad is None or (math.isfinite(self.clip_grad) and self.clip_grad > 0), "clip_grad",
+               "a finite number > 0, or null for no clipping")
+        _check(self.eval_every >= 0, "eval_every", "an integer >= 0")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
+        _check(self.log_every >= 1, "log_every", "an integer >= 1")
+        _check(all(math.isfinite(m) and 0 < m < 1 for m in self.step_milestones), "step_milestones",
+               "fractions strictly between 0 and 1")
+        _check(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")
         _check(self.schedule in ("cosine", "step", "constant"), "schedule", "cosine, step or constant")
         _check(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
         _check(0.0 <= self.hflip <= 1.0, "hflip", "a probability in [0, 1]")
@@ -191,9 +213,11 @@ class BenchSection:
     rois: int | None = None
 
     def validate(self) -> None:
-        _check(self.input_size >= 32, "input_size", "an integer >= 32")
-        _check(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes", "positive integers")
-        _check(self.runs >= 1, "runs", "an integer >= 1")
+        _check(32 <= self.input_size <= 4096, "input_size", "an integer in [32, 4096]")
+        _check(all(1 <= b <= 1024 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes", "integers in [1, 1024]")
+        _check(1 <= self.runs <= 100_000, "runs", "an integer in [1, 100000]")
+        _check(self.warmup >= 0, "warmup", "an integer >= 0")
+        _check(1 <= self.threads <= 1024, "threads", "an integer in [1, 1024]")
         _check(self.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'")
         _check(self.rois is None or self.rois >= 1, "rois", "a positive integer or null")
 
@@ -221,6 +245,7 @@ class SweepSection:
                 parse_technique(t)
             except RecipeError as e:
                 raise _FieldError("techniques", str(e).split(": ", 1)[-1]) from None
+        _check(bool(self.out.strip()), "out", "a folder path")
 
 
 @dataclass
@@ -344,11 +369,18 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file."""
+    from .trust import safe_yaml_load
+
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
+        raise RecipeError(f"recipe file {path} does not exist" if not path.exists() else f"recipe {path} is not a file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from e
+    try:
+        data = safe_yaml_load(raw, str(path))
+        data = {} if data is None else data
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from e
     return recipe_from_dict(data, str(path))

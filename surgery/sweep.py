@@ -37,6 +37,7 @@ from .hooks import LoggingHook
 from .models import ModelSpec, build_model
 from .plan import plan_chain
 from .recipe import DistillSection, PruneSection, Recipe
+from .settings import StepKeys
 from .train import build_trainer
 
 SWEEP_COLUMNS: tuple[str, ...] = (
@@ -68,18 +69,44 @@ class _State:
         if path.is_file():
             try:
                 self.data = json.loads(path.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 self.data = {"steps": {}}
+            if not isinstance(self.data, dict) or not isinstance(self.data.get("steps"), dict):
+                self.data = {"steps": {}}  # damaged: every step is redone
 
-    def get(self, step: str) -> dict[str, Any] | None:
+    def get(self, step: str, key: str | None = None) -> dict[str, Any] | None:
+        """The finished step, if it was produced by the same settings (``key``); a step produced by
+        other settings is forgotten and its files removed, so it and everything after it is redone."""
         entry = self.data["steps"].get(step)
         if entry is None:
             return None
+        if key is not None and entry.get("key") != key:
+            self._forget(step)
+            return None
+        if entry.get("started"):
+            return None  # interrupted: its training resumes from its checkpoint
         files = [Path(f) for f in entry.get("files", [])]
         return entry if all(f.is_file() for f in files) else None
 
-    def put(self, step: str, result: dict[str, Any], files: list[Path]) -> None:
-        self.data["steps"][step] = {**result, "files": [str(f) for f in files]}
+    def _forget(self, step: str) -> None:
+        entry = self.data["steps"].pop(step, None) or {}
+        for f in entry.get("files", []):
+            Path(f).unlink(missing_ok=True)
+
+    def begin(self, step: str, key: str, files: list[Path]) -> None:
+        """Mark ``step`` as started with settings ``key``; stale files of other settings are removed."""
+        entry = self.data["steps"].get(step)
+        if entry is None or entry.get("key") != key:
+            for f in files:
+                f.unlink(missing_ok=True)
+        self.data["steps"][step] = {"started": True, "key": key, "files": [str(f) for f in files]}
+        self._write()
+
+    def put(self, step: str, result: dict[str, Any], files: list[Path], key: str | None = None) -> None:
+        self.data["steps"][step] = {**result, "files": [str(f) for f in files], **({"key": key} if key else {})}
+        self._write()
+
+    def _write(self) -> None:
         with atomic_open(self.path, "w") as f:
             json.dump(self.data, f, indent=1)
 
@@ -131,13 +158,28 @@ def run_sweep(
     on_stage: Callable[[str, int, int], None] | None = None,
     on_step: Callable[[Any], None] | None = None,
 ) -> SweepResult:
-    """Run (or resume) the whole sweep the recipe describes; see the module docstring."""
+    """Run (or resume) the whole sweep the recipe describes; see the module docstring. The run
+    folder is locked: a second sweep on it refuses instead of mixing results."""
+    from .safety import RunLock, check_folder
+
+    folder = check_folder(Path(out or recipe.sweep.out), what="sweep folder")
+    with RunLock(folder, "sweep folder"):
+        return _run_sweep(recipe, folder, device=device, on_stage=on_stage, on_step=on_step)
+
+
+def _run_sweep(
+    recipe: Recipe,
+    out: Path,
+    *,
+    device: str,
+    on_stage: Callable[[str, int, int], None] | None,
+    on_step: Callable[[Any], None] | None,
+) -> SweepResult:
     from .bench import bench_checkpoints, write_csv
     from .evaluate import evaluate
     from .workflows import load_datasets, prune_loaded
 
     t_start = time.perf_counter()
-    out = Path(out or recipe.sweep.out)
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out / "state.json")
     skipped: list[str] = []
@@ -184,8 +226,10 @@ def run_sweep(
         spec.kwargs["num_classes"] = train_set.num_classes
     dense_path = out / "dense.pt"
     stage("dense baseline")
-    dense = state.get("dense")
+    keys = StepKeys(recipe)
+    dense = state.get("dense", keys.dense)
     if dense is None:
+        state.begin("dense", keys.dense, [dense_path])
         if recipe.model.weights and is_checkpoint(recipe.model.weights):
             model, ck = load_checkpoint(recipe.model.weights)
             spec = ck.spec
@@ -197,19 +241,20 @@ def run_sweep(
             info = train(model, spec, recipe.train, dense_path, kind="dense")
             model, _ = load_checkpoint(dense_path)
         dense = {**info, **score(model)}
-        state.put("dense", dense, [dense_path])
+        state.put("dense", dense, [dense_path], keys.dense)
     else:
         skipped.append("dense")
 
     # 2. dense control: the same retraining budget ---------------------------------------------
     control_path = out / "control.pt"
     stage("dense control (same retraining as every variant)")
-    control = state.get("control")
+    control = state.get("control", keys.control)
     if control is None:
+        state.begin("control", keys.control, [control_path])
         model, ck = load_checkpoint(dense_path)
         info = train(model, ck.spec, recipe.retrain, control_path, kind="dense")
         control = {**info, **score(load_checkpoint(control_path)[0])}
-        state.put("control", control, [control_path])
+        state.put("control", control, [control_path], keys.control)
     else:
         skipped.append("control")
 
@@ -223,8 +268,10 @@ def run_sweep(
             key = name if k == rounds else f"{name}.r{k}"
             pruned_path, retrained_path = out / f"{key}.pruned.pt", out / f"{key}.pt"
             stage(f"{key}: prune + eval")
-            pr = state.get(f"{key}:prune")
+            kp, kr = keys.prune(key), keys.retrain(key)
+            pr = state.get(f"{key}:prune", kp)
             if pr is None:
+                state.begin(f"{key}:prune", kp, [pruned_path])
                 model, ck = load_checkpoint(source)
                 rec = copy.deepcopy(recipe)
                 rec.prune = PruneSection(**{**vars(recipe.prune), **prune(k)})
@@ -235,19 +282,20 @@ def run_sweep(
                 else:
                     counts = {"params": done.structured.report.params_after}
                 pr = {**counts, **score(model)}
-                state.put(f"{key}:prune", pr, [pruned_path])
+                state.put(f"{key}:prune", pr, [pruned_path], kp)
             else:
                 skipped.append(f"{key}:prune")
             stage(f"{key}: retrain + eval")
-            rt = state.get(f"{key}:retrain")
+            rt = state.get(f"{key}:retrain", kr)
             steps = recipe.retrain.steps // rounds + (recipe.retrain.steps % rounds if k == rounds else 0)
             if rt is None:
+                state.begin(f"{key}:retrain", kr, [retrained_path])
                 model, ck = load_checkpoint(pruned_path)  # masks of masked variants are kept while training
                 cfg = dataclasses.replace(recipe.retrain, steps=steps, epochs=None)
                 info = train(model, ck.spec, cfg, retrained_path, kind=ck.kind, plan=ck.plan, masks=ck.masks,
                              distill=distill)
                 rt = {**info, **score(load_checkpoint(retrained_path)[0])}
-                state.put(f"{key}:retrain", rt, [retrained_path])
+                state.put(f"{key}:retrain", rt, [retrained_path], kr)
             else:
                 skipped.append(f"{key}:retrain")
             seconds += float(rt.get("seconds", 0.0))

@@ -355,6 +355,8 @@ class Trainer:
                 if bad
                 else f"a loss on another rank (this is rank {self.dist.rank})"
             )
+            for h in self.hooks:
+                h.on_divergence(self)
             out = self.checkpoint_path
             saved = next((h.last_saved for h in self.hooks if isinstance(h, CheckpointHook)), None)
             kept = (

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from .checkpoint import Checkpoint, load_checkpoint, resolve_model, save_pruned
 from .distill import FeatureImitation
 from .distributed import DistInfo, current_dist, main_process_first
-from .errors import DataError, RecipeError
+from .errors import DataError, PruningError, RecipeError
 from .hooks import EvalHook, HookBase, LoggingHook, MaskHook, StepInfo
 from .measure import count_params
 from .models import ModelSpec, build_model, get_builder
@@ -147,13 +147,21 @@ def prune_loaded(
     if cfg.method == "magnitude":
         from .masked import prune_masked
 
+        prior_masks = prior.masks if prior is not None and prior.kind == "masked" else None
         masked = prune_masked(model, cfg.sparsity, cfg.scope)
+        if prior_masks:
+            _carry_masks(masked, prior_masks, cfg.sparsity, origin)
         plan = MaskedPlan(sparsity=cfg.sparsity, scope=cfg.scope, total_params=masked.total_params,
                           nonzeros_before=masked.nonzeros_before, nonzeros_after=masked.nonzeros_after,
                           source=origin, previous=previous)
         path = save_pruned(out, model, spec, plan, masks=masked.masks, recipe=recipe.to_dict(),
                            metrics={"params": count_params(model).total})
         return PruneOutcome(path=path, kind="masked", spec=spec, masked=masked)
+    if prior is not None and prior.kind == "masked" and prior.masks:
+        raise PruningError(
+            f"{origin} is a masked (unstructured) checkpoint: cutting channels would silently drop its masks. "
+            "Prune the dense model it came from, or mask again with --method magnitude"
+        )
     result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size,
                          calib_data=calib_data_for(recipe, model))
     result.plan.previous = previous
@@ -163,6 +171,21 @@ def prune_loaded(
         metrics["macs"] = result.report.macs_after
     path = save_pruned(out, model, spec, result.plan, recipe=recipe.to_dict(), metrics=metrics)
     return PruneOutcome(path=path, kind="structured", spec=spec, structured=result)
+
+
+def _carry_masks(masked: Any, prior: dict[str, torch.Tensor], sparsity: float, source: str | None) -> None:
+    """Masking a masked checkpoint again keeps every weight it had pruned (pruned weights are zero,
+    so new magnitude masks contain the old ones); a lower target than it already has is refused."""
+    from .masked import masks_sparsity
+
+    before = masks_sparsity(prior)
+    if sparsity + 1e-6 < before:
+        raise PruningError(
+            f"{source} is already {before:.0%} masked; sparsity {sparsity:g} would un-prune weights: use >= {before:.3g}"
+        )
+    for name, m in prior.items():
+        if name in masked.masks:
+            masked.masks[name] = masked.masks[name] & m.to(masked.masks[name].device, torch.bool)
 
 
 # --------------------------------------------------------------------------------------------

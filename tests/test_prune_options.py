@@ -209,7 +209,7 @@ def test_fcos_has_no_anchors_to_cut() -> None:
 @pytest.mark.parametrize("target", ["tests.custom_detectors:fasterrcnn_resnet18_fpn", "tests/custom_detectors.py:fasterrcnn_resnet18_fpn"])
 def test_user_built_detector_with_frozen_bn_prunes_and_reloads(target: str, tmp_path) -> None:
     spec = ModelSpec(target, {"num_classes": 4})
-    model = build_model(spec)
+    model = build_model(spec, trust_code=True)
     frozen_bn = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
     assert frozen_bn
     frozen_names = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -228,4 +228,4 @@ def test_user_built_detector_with_frozen_bn_prunes_and_reloads(target: str, tmp_
     imgs, targets = dummy_inputs(model, 256)
     sum(model(imgs, targets).values()).backward()
     path = save_checkpoint(tmp_path / "u.pt", model, spec, kind="structured", plan=res.plan)
-    assert_outputs_close(eval_outputs(model, images), eval_outputs(surgery.load(path), images), atol=1e-5)
+    assert_outputs_close(eval_outputs(model, images), eval_outputs(surgery.load(path, trust_code=True), images), atol=1e-5)

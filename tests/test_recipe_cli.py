@@ -72,7 +72,8 @@ def _one_clear_line(code: int, output: str) -> str:
         (["prune", "--model", "missing/ckpt.pt"], "does not exist"),
         (["prune", "--model", "fcos_resnet18_slim", "--skip", "backbone.nope"], "matches no layer"),
         (["prune", "--model", "fcos_resnet18_slim", "--method", "l7"], "method"),
-        (["prune", "--model", "nosuchpkg.mod:fn"], "cannot import"),
+        (["prune", "--model", "nosuchpkg.mod:fn"], "--trust-code"),
+        (["prune", "--model", "nosuchpkg.mod:fn", "--trust-code"], "cannot import"),
         (["prune", "--model", "fcos_resnet18_slim", "--recipe", "nowhere.yaml"], "does not exist"),
     ],
 )

@@ -205,8 +205,9 @@ class Poison(HookBase):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path):
     out = tmp_path / "run.pt"
-    trainer = build_trainer(_model(), SPEC, Shapes(8), _cfg(steps=6, checkpoint_every=2), out=out, hooks=[Poison(2)])
-    with pytest.raises(TrainingError, match=r"step 3/6.*classification") as err:
+    # the update of step 3 destroys the model: step 2's state was proven finite by step 3's loss
+    trainer = build_trainer(_model(), SPEC, Shapes(8), _cfg(steps=6, checkpoint_every=2), out=out, hooks=[Poison(3)])
+    with pytest.raises(TrainingError, match=r"step 4/6.*classification") as err:
         trainer.train()
     assert "last good checkpoint" in str(err.value)
     good = out.read_bytes()
@@ -215,6 +216,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path):
     assert all(torch.isfinite(v).all() for v in ckpt.state_dict.values() if v.is_floating_point())
     assert out.read_bytes() == good
     assert not [p for p in tmp_path.iterdir() if p.name != "run.pt"]  # no temporary files left
+
+
+def test_divergence_never_keeps_the_destroying_update(tmp_path: Path):
+    # the update of step 2 destroys the model: the weights saved at step 2 were never evaluated
+    out = tmp_path / "run.pt"
+    trainer = build_trainer(_model(), SPEC, Shapes(8), _cfg(steps=6, checkpoint_every=2), out=out, hooks=[Poison(2)])
+    with pytest.raises(TrainingError, match=r"step 3/6.*was not written"):
+        trainer.train()
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,10 @@ def _read_coco_json(ann_file: Path) -> dict[str, Any]:
 def load_coco_ground_truth(ann_file: Path, images_dir: Path | Sequence[Path]) -> _GroundTruth:
     """Parse and validate a COCO annotation file. ``images_dir`` may list candidate folders: the
     first one holding the first image's ``file_name`` is used."""
+    from ..validate import check_coco_lists
+
     data = _read_coco_json(ann_file)
+    check_coco_lists(data, ann_file)
     cats = sorted(data["categories"], key=lambda c: c["id"])
     if not cats:
         raise DataError(f"{ann_file}: 'categories' is empty")
@@ -78,8 +82,10 @@ def load_coco_ground_truth(ann_file: Path, images_dir: Path | Sequence[Path]) ->
             raise DataError(f"{ann_file}: annotation {aid} has unknown category id {a['category_id']}")
         try:
             x, y, w, h = (float(v) for v in a["bbox"])
+            if not all(math.isfinite(v) for v in (x, y, w, h)):
+                raise ValueError("not finite")
         except (TypeError, ValueError):
-            raise DataError(f"{ann_file}: annotation {aid} has a malformed bbox {a['bbox']!r} (expected [x, y, w, h])") from None
+            raise DataError(f"{ann_file}: annotation {aid} has a malformed bbox {a['bbox']!r} (expected [x, y, w, h] of finite numbers)") from None
         if w < 1 or h < 1:
             continue  # degenerate: dropped silently
         clipped = _check_box(x, y, w, h, int(img["width"]), int(img["height"]))

@@ -110,6 +110,8 @@ class DetectionDataset(Dataset):
                 arr = np.asarray(im, dtype=np.uint8)
         except FileNotFoundError:
             raise DataError(f"dataset {self.name}: image file {rec.path} does not exist") from None
+        except Image.DecompressionBombError as e:
+            raise DataError(f"dataset {self.name}: image {rec.path} is too large to decode safely ({e})") from None
         except OSError as e:
             raise DataError(f"dataset {self.name}: cannot read image {rec.path}: {e}") from e
         if arr.shape[0] != rec.height or arr.shape[1] != rec.width:

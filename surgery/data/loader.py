@@ -75,6 +75,9 @@ def build_dataset(
         if split not in ("train", "val"):
             raise DataError(f"COCO split must be 'train' or 'val', got {split!r}")
         img_dir, ann = _coco_layout(Path(source[5:]).expanduser(), split)
+        from ..validate import check_coco_splits
+
+        check_coco_splits(Path(source[5:]).expanduser(), split, ann, _coco_layout)
         return CocoDetection(img_dir, ann, train=train, with_masks=with_masks, hflip=hflip, name=source, split=split)
     if source.startswith("voc:"):
         return VOCDetection(source[4:], split, train=train, hflip=hflip, name=source)

@@ -207,6 +207,9 @@ def synthesize(
     Same arguments -> byte-identical json and identical pixels. ``progress(done, total)`` is
     called after every image.
     """
+    from ..validate import check_synth
+
+    check_synth(images, size, seed, val_images)
     t0 = time.perf_counter()
     out = Path(out).expanduser()
     if images < 1:
@@ -222,6 +225,9 @@ def synthesize(
         return _synth_info(out, images, n_val, size, seed, reused=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)  # mkdtemp creates 0700: a shared cache gets the permissions mkdir would
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         total = images + n_val
         done = 0

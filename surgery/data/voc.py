@@ -80,7 +80,10 @@ def load_voc_ground_truth(year_dir: Path, split: str) -> _GroundTruth:
             if label is None:
                 raise DataError(f"{xml}: object {k} has unknown class {cname!r} (VOC classes: {', '.join(VOC_CLASSES)})")
             diff_node = obj.find("difficult")
-            difficult = int(diff_node.text.strip() or 0) if diff_node is not None and diff_node.text else 0
+            try:
+                difficult = int(diff_node.text.strip() or 0) if diff_node is not None and diff_node.text else 0
+            except ValueError:
+                raise DataError(f"{xml}: object {k} has <difficult>{diff_node.text.strip()!r}; expected 0 or 1") from None
             bb = obj.find("bndbox")
             try:
                 xmin, ymin, xmax, ymax = (float(_xml_text(bb, t, xml)) for t in ("xmin", "ymin", "xmax", "ymax"))

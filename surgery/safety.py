@@ -1,0 +1,193 @@
+"""Writes that cannot destroy data.
+
+- :func:`check_output` refuses an output that is a symbolic link, a device, a folder or anything
+  but a regular file, an output that is one of the call's inputs (``retrain X --out X``), an
+  unwritable folder (checked *before* the work starts) and a read-only file.
+- :func:`protecting` marks input files for the duration of a command; the atomic writer refuses to
+  replace them whatever path the output arrives by.
+- Temporary files carry the writer's pid; :func:`clean_stale_temporaries` removes those whose
+  process is gone (a killed run), never a live writer's.
+- :class:`RunLock` holds an exclusive lock on a run folder (two sweeps on one folder refuse).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import SurgeryError
+
+
+class OutputError(SurgeryError):
+    """An output path would destroy data or cannot be written."""
+
+
+_PROTECTED: dict[str, str] = {}  # realpath -> how the user named it
+
+
+def _key(path: str | Path) -> str:
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+@contextlib.contextmanager
+def protecting(paths: Iterable[str | Path | None]) -> Iterator[None]:
+    """Within the block, no output may replace any of ``paths`` (the command's inputs)."""
+    added = []
+    for p in paths:
+        if p is None or str(p) == "":
+            continue
+        k = _key(p)
+        if k not in _PROTECTED and os.path.isfile(k):
+            _PROTECTED[k] = str(p)
+            added.append(k)
+    try:
+        yield
+    finally:
+        for k in added:
+            _PROTECTED.pop(k, None)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_folder(path: str | Path, what: str = "output folder") -> Path:
+    """A folder that exists and is writable, or that can be created."""
+    p = Path(path)
+    if p.is_symlink() and not p.is_dir():
+        raise OutputError(f"{what} {p} is a symbolic link to nothing usable")
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{what} {p} is a file, not a folder")
+    base = _nearest_existing(p)
+    if not base.is_dir():
+        raise OutputError(f"{what} {p}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {p}: cannot write in {base} (permission denied)")
+    return p
+
+
+def check_output(path: str | Path, *, inputs: Iterable[str | Path | None] = (), what: str = "output") -> Path:
+    """Raise :class:`OutputError` unless ``path`` can be (re)written without destroying anything."""
+    p = Path(path)
+    if p.is_symlink():
+        raise OutputError(
+            f"{what} {p} is a symbolic link; surgery never replaces links: give the real path ({os.path.realpath(p)})"
+        )
+    if p.exists():
+        mode = os.stat(p).st_mode
+        if stat.S_ISDIR(mode):
+            raise OutputError(f"{what} {p} is a folder; give a file name")
+        if not stat.S_ISREG(mode):
+            raise OutputError(f"{what} {p} is not a regular file (a device, pipe or socket); refusing to replace it")
+        if not os.access(p, os.W_OK):
+            raise OutputError(f"{what} {p} is read-only; refusing to replace it")
+    key = _key(p)
+    for inp in inputs:
+        if inp is None or str(inp) == "":
+            continue
+        if _key(inp) == key or (p.exists() and _same_file(str(inp), str(p))):
+            raise OutputError(f"{what} {p} is also an input ({inp}); writing it would destroy the input: choose another path")
+    if key in _PROTECTED or (p.exists() and any(_same_file(k, str(p)) for k in _PROTECTED)):
+        src = _PROTECTED.get(key, str(p))
+        raise OutputError(f"{what} {p} is also an input ({src}); writing it would destroy the input: choose another path")
+    check_folder(p.parent if str(p.parent) else Path("."), what=f"{what} {p}: folder")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# temporaries
+
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Remove ``.NAME.PID.XXXX.tmp`` files in ``folder`` left by processes that no longer run."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TMP.match(e.name)
+        if not m or (name is not None and m.group("name") != name):
+            continue
+        if _alive(int(m.group("pid"))):
+            continue
+        with contextlib.suppress(OSError):
+            if e.is_file(follow_symlinks=False):
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# run-folder lock
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``folder/.surgery.lock`` (released when the process
+    ends, however it ends)."""
+
+    NAME = ".surgery.lock"
+
+    def __init__(self, folder: str | Path, what: str = "run folder") -> None:
+        self.folder = Path(folder)
+        self.what = what
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / self.NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise OutputError(
+                f"{self.what} {self.folder} is in use by another surgery process (pid {holder}); "
+                "wait for it to finish or use another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
