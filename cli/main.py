@@ -39,7 +39,7 @@ def _register() -> None:
 
 _register()
 
-from cli.common import guard_commands  # noqa: E402
+from cli.guard import guard_commands  # noqa: E402
 
 guard_commands(app)  # --trust-code, outputs checked before work, inputs never overwritten
 

@@ -13,30 +13,6 @@ from surgery.importance import method_help
 from surgery.report import fmt_count as _fmt
 
 
-def _parse_anchors(text: str | None) -> dict | None:
-    """``"ratios=0.5,1.0;sizes=0"`` -> AnchorSection dict."""
-    if not text:
-        return None
-    out: dict = {}
-    for part in text.split(";"):
-        key, _, vals = part.partition("=")
-        key = key.strip()
-        try:
-            if key in ("ratios", "aspect_ratios", "keep_aspect_ratios"):
-                out["keep_aspect_ratios"] = [float(v) for v in vals.split(",") if v.strip()]
-            elif key in ("sizes", "keep_sizes"):
-                out["keep_sizes"] = [int(v) for v in vals.split(",") if v.strip()]
-            else:
-                raise ValueError(key)
-        except ValueError:
-            from surgery.errors import RecipeError
-
-            raise RecipeError(
-                f"--anchors {text!r}: expected 'ratios=R1,R2' and/or 'sizes=I1,I2' separated by ';'"
-            ) from None
-    return out
-
-
 def prune(
     model: str = typer.Option(None, "--model", "-m", help="Registered name, package.module:function, or a checkpoint."),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML; flags override its values."),
@@ -60,6 +36,7 @@ def prune(
     out: Path = typer.Option(Path("pruned.pt"), "--out", "-o", help="Where to write the pruned checkpoint."),
 ) -> None:
     """Cut channels (or mask weights) of a detector and save a checkpoint that reloads without code."""
+    from surgery.anchors import parse_anchor_spec
     from surgery.errors import RecipeError
     from surgery.workflows import prune_and_save
 
@@ -71,7 +48,7 @@ def prune(
         "prune.min_channels": min_channels,
         "prune.overrides": parse_ratios(override, "--override"),
         "prune.skip": list(skip) if skip else None,
-        "prune.anchors": _parse_anchors(anchors),
+        "prune.anchors": parse_anchor_spec(anchors),
         "prune.sparsity": sparsity,
         "prune.scope": scope,
         "prune.target_macs": target_macs,

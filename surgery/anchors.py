@@ -165,3 +165,27 @@ def prune_anchors(model: nn.Module, cfg: AnchorSection, output_layers: list[str]
         _sync_num_anchors(parent, keep)
         plan["generators"].append({"path": path, "type": type(gen).__name__, "keep": keep, "before": counts})
     return plan
+
+
+def parse_anchor_spec(text: str | None) -> dict | None:
+    """``"ratios=0.5,1.0;sizes=0"`` (the CLI's ``--anchors``) -> an ``AnchorSection`` dict."""
+    if not text:
+        return None
+    out: dict = {}
+    for part in text.split(";"):
+        key, _, vals = part.partition("=")
+        key = key.strip()
+        try:
+            if key in ("ratios", "aspect_ratios", "keep_aspect_ratios"):
+                out["keep_aspect_ratios"] = [float(v) for v in vals.split(",") if v.strip()]
+            elif key in ("sizes", "keep_sizes"):
+                out["keep_sizes"] = [int(v) for v in vals.split(",") if v.strip()]
+            else:
+                raise ValueError(key)
+        except ValueError:
+            from .errors import RecipeError
+
+            raise RecipeError(
+                f"--anchors {text!r}: expected 'ratios=R1,R2' and/or 'sizes=I1,I2' separated by ';'"
+            ) from None
+    return out

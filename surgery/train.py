@@ -488,17 +488,6 @@ def build_trainer(
 
 
 __all__ = [
-    "CheckpointHook",
-    "DistInfo",
-    "EvalHook",
-    "HookBase",
-    "LoggingHook",
-    "MaskHook",
-    "StepInfo",
-    "TrainResult",
-    "Trainer",
-    "build_trainer",
-    "destroy_distributed",
-    "init_distributed",
-    "lr_factor",
-]
+    "CheckpointHook", "DistInfo", "EvalHook", "HookBase", "LoggingHook", "MaskHook", "StepInfo", "TrainResult",
+    "Trainer", "build_trainer", "destroy_distributed", "init_distributed", "lr_factor",
+]  # fmt: skip

@@ -126,7 +126,7 @@ def test_group_grad_product_is_the_channel_directional_derivative(name: str, kwa
 def test_frozen_batchnorm_and_frozen_stages_are_ranked(batches) -> None:
     """A user detector with FrozenBatchNorm2d and frozen first stages (Torch-Pruning's Taylor
     raises on the gradient-less layers)."""
-    model = surgery.models.build_model("tests.custom_detectors:fasterrcnn_resnet18_fpn", min_size=SIZE, max_size=SIZE)
+    model = surgery.models.build_model("tests.custom_detectors:fasterrcnn_resnet18_fpn", trust_code=True, min_size=SIZE, max_size=SIZE)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen
     # fewer proposals and sampled RoIs keep the train-mode loss quick on CPU
