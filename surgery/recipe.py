@@ -350,7 +350,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def _error(source: str, e: _FieldError) -> RecipeError:
     got = "" if e.value is None else f" (got {e.value!r})"
-    return RecipeError(f"{source}: bad value for '{e.key}'{got}: expected {e.allowed}")
+    key = f"'{e.key}'" if e.key.isprintable() else repr(e.key)  # a key with a newline stays one line
+    return RecipeError(f"{source}: bad value for {key}{got}: expected {e.allowed}")
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:

@@ -300,7 +300,13 @@ def _run_sweep(
                 skipped.append(f"{key}:retrain")
             seconds += float(rt.get("seconds", 0.0))
             source = retrained_path
-        return {"variant": name, "method": method, "ratio": point.get("ratio"), "sparsity": point.get("sparsity"),
+        ratio = point.get("ratio")
+        if ratio is None and "target_macs" in point:  # the channel ratio the search found (all rounds)
+            kept = 1.0
+            for p in plan_chain(read_checkpoint(out / f"{name}.pruned.pt").plan):
+                kept *= 1.0 - p.ratio
+            ratio = round(1.0 - kept, 4)
+        return {"variant": name, "method": method, "ratio": ratio, "sparsity": point.get("sparsity"),
                 "target_macs": point.get("target_macs"), "pruned": pr, "retrained": {**rt, "seconds": seconds},
                 "checkpoint": source, "pruned_path": out / f"{name}.pruned.pt"}
 

@@ -56,9 +56,10 @@ def test_every_ranking_method_prunes(method: str, tmp_path) -> None:
 
 def test_importance_registry_lists_suggests_and_flags_data() -> None:
     assert list_importances()[:3] == ["l1", "l2", "bn"] and pruning_methods()[-1] == "magnitude"
-    assert list_importances(needs_data=False) == list_importances() and not needs_data("bn")
+    assert list_importances(needs_data=False) == ["l1", "l2", "bn"] and not needs_data("bn")
+    assert list_importances(needs_data=True) == ["taylor", "fisher"] and needs_data("taylor")
     assert method_help().startswith("l1 | l2 | bn")
-    with pytest.raises(PruningError, match=r"choose one of l1, l2, bn \(did you mean 'l1'\?\).*magnitude"):
+    with pytest.raises(PruningError, match=r"choose one of l1, l2, bn, taylor, fisher \(did you mean 'l1'\?\).*magnitude"):
         get_importance("l11")
     reg: Registry[int] = Registry("widget", KeyError)
     reg.register("one", lambda fn: 1)(lambda: None)

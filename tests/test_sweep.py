@@ -71,3 +71,41 @@ def test_interrupted_sweep_redoes_only_missing_steps(tiny_recipe) -> None:
     assert "l1-0.5:retrain" not in res.skipped and "l1-0.5:prune" in res.skipped
     assert "dense" in res.skipped and (out / "l1-0.5.pt").is_file()
     assert set(json.loads((out / "state.json").read_text())["steps"]) == set(state["steps"])
+
+
+def test_sweep_techniques_at_a_macs_target(tmp_path) -> None:
+    """l1, l1+distill and taylor+progressive at 50% of the dense MACs, one step budget for all."""
+    from surgery.checkpoint import load, read_checkpoint
+    from surgery.plan import plan_chain
+
+    recipe = recipe_from_dict({
+        "model": {"name": "fcos_resnet18_slim", "kwargs": {"num_classes": 5, "min_size": 64, "max_size": 64}},
+        "data": {"source": "synthetic", "images": 16, "size": 64, "root": str(tmp_path / "data")},
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
+        "retrain": {"steps": 3, "batch_size": 4, "warmup_steps": 0, "distill": {"type": "none", "weight": 2.0}},
+        "prune": {"steps": 2, "calib_batches": 1, "min_channels": 4},
+        "sweep": {"ratios": [], "target_macs": [0.5], "techniques": ["l1", "l1+distill", "taylor+progressive"],
+                  "sparsities": [], "match_masked": False, "out": str(tmp_path / "out")},
+        "bench": {"input_size": 64, "batch_sizes": [1], "runs": 2, "warmup": 1},
+    })
+    res = run_sweep(recipe)
+    rows = {r["variant"]: r for r in res.rows}
+    assert set(rows) == {"dense", "l1-macs0.5", "l1+distill-macs0.5", "taylor+progressive-macs0.5"}
+    for name in ("l1-macs0.5", "l1+distill-macs0.5"):
+        assert abs(rows[name]["macs_ratio"] - 0.5) <= 0.02 * 0.5 + 0.005, rows[name]["macs_ratio"]
+    assert abs(rows["taylor+progressive-macs0.5"]["macs_ratio"] - 0.5) <= 0.05
+    assert all(r["retrain_seconds"] > 0 for r in rows.values())
+    out = res.out
+    # distillation ran (its adaptation layers are in the training state, not in the model)
+    distilled = read_checkpoint(out / "l1+distill-macs0.5.pt")
+    assert "FeatureImitation:0" in distilled.train_state["hooks"]
+    assert set(distilled.state_dict) == set(read_checkpoint(out / "l1-macs0.5.pt").state_dict)
+    # progressive: two cuts, the 3-step budget split 1 + 2, a plan chain that reloads
+    final = read_checkpoint(out / "taylor+progressive-macs0.5.pt")
+    chain = plan_chain(final.plan)
+    assert [p.kind for p in chain] == ["structured", "structured"] and [p.method for p in chain] == ["taylor"] * 2
+    assert chain[1].source.endswith("dense.pt") and chain[0].source.endswith(".r1.pt")
+    assert read_checkpoint(out / "taylor+progressive-macs0.5.r1.pt").train_state["step"] == 1
+    assert final.train_state["step"] == 2
+    model = load(out / "taylor+progressive-macs0.5.pt")
+    assert sum(p.numel() for p in model.parameters()) == chain[0].params_after
