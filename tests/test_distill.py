@@ -214,3 +214,27 @@ def test_ddp_with_distillation_two_gloo_processes(tmp_path: Path):
     assert r0["loss"] > 0 and r1["loss"] > 0
     for k in r0["adapters"]:  # gradients averaged across ranks: the adapters stay identical
         torch.testing.assert_close(r0["adapters"][k], r1["adapters"][k], atol=1e-6, rtol=1e-5)
+
+
+def test_cli_retrain_with_teacher(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    dense_path, pruned_path = _pruned_pair(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {{root: {tmp_path / 'synth'}, images: 16, size: 64}}\n"
+                      "retrain: {steps: 2, batch_size: 4, warmup_steps: 1}\n")
+    out = tmp_path / "rt.pt"
+    res = CliRunner().invoke(app, ["retrain", str(pruned_path), "-r", str(recipe), "--teacher", "auto",
+                                   "--distill-weight", "2", "--no-eval", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    ckpt = read_checkpoint(out)
+    assert "FeatureImitation:0" in ckpt.train_state["hooks"] and "imitation" in ckpt.metrics["train"]["losses"]
+    assert ckpt.recipe["retrain"]["distill"] == {**ckpt.recipe["retrain"]["distill"], "type": "imitation",
+                                                  "weight": 2.0}
+    plain = tmp_path / "plain.pt"
+    res = CliRunner().invoke(app, ["retrain", str(pruned_path), "-r", str(recipe), "--teacher", "none",
+                                   "--no-eval", "--out", str(plain)])
+    assert res.exit_code == 0, res.output
+    assert "FeatureImitation:0" not in read_checkpoint(plain).train_state["hooks"]

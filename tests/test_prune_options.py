@@ -16,7 +16,7 @@ from surgery.errors import PruningError
 from surgery.graph import dummy_inputs, trace
 from surgery.importance import get_importance, list_importances, method_help, needs_data, pruning_methods
 from surgery.models import ModelSpec, build_model
-from surgery.prune import keep_count, prune_model
+from surgery.prune import keep_count, plan_channels, prune_model
 from surgery.recipe import AnchorSection, DataSection, PruneSection
 from surgery.registry import Registry
 from tests.helpers import TEST_SIZE, assert_outputs_close, eval_outputs, small_model
@@ -230,3 +230,16 @@ def test_user_built_detector_with_frozen_bn_prunes_and_reloads(target: str, tmp_
     sum(model(imgs, targets).values()).backward()
     path = save_checkpoint(tmp_path / "u.pt", model, spec, kind="structured", plan=res.plan)
     assert_outputs_close(eval_outputs(model, images), eval_outputs(surgery.load(path, trust_code=True), images), atol=1e-5)
+
+
+def test_groupnorm_groups_lose_the_same_number_of_channels() -> None:
+    """A cut GroupNorm group stays a subset of one original group (see prune._norm_blocks)."""
+    model = build_model("fcos_resnet18_slim", **SLIM)
+    graph = trace(model, trace_size=128)
+    plan = plan_channels(graph, PruneSection(ratio=0.3, round_to=8))
+    gn_groups = [g for g in graph.groups if g.norm_groups > 1 and g.index in plan]
+    assert gn_groups
+    for g in gn_groups:
+        size = g.channels // g.norm_groups
+        per_block = [sum(1 for i in plan[g.index] if i // size == b) for b in range(g.norm_groups)]
+        assert len(set(per_block)) == 1 and per_block[0] > 0, (g.root, per_block)
