@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +200,6 @@ class TrainOutcome:
     recipe: Recipe
     device: str
     world_size: int = 1
-    notes: list[str] = field(default_factory=list)
 
 
 def _fit(
