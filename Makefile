@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv test demo bench lint
+.PHONY: venv test demo bench recovery lint
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 	$(BIN)/python benchmarks/prune_speed.py --csv benchmarks/prune_speed.csv
+
+recovery: $(STAMP)  # slow: ~35 min on 2 cores; the accuracy-recovery comparison in README.md
+	$(BIN)/surgery sweep recipes/recovery.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check surgery cli tests benchmarks
