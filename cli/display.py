@@ -27,6 +27,13 @@ def format_losses(losses: dict[str, float]) -> str:
     return " ".join(f"{SHORT.get(k, k)} {v:.3f}" for k, v in losses.items())
 
 
+def step_line(info: Any) -> str:
+    """One plain log line for a :class:`surgery.hooks.StepInfo` (logs, pipes, CI: no progress bar)."""
+    eta = f"{int(info.eta_s // 60)}:{int(info.eta_s % 60):02d}"
+    return (f"step {info.step}/{info.total}  loss {info.loss:.3f} ({format_losses(info.losses)})  "
+            f"lr {info.lr:.2e}  {info.images_per_s:.1f} img/s  eta {eta}")
+
+
 class TrainDisplay:
     """Progress of one training run; ``callbacks()`` gives the library's :class:`Callbacks`."""
 
@@ -63,6 +70,9 @@ class TrainDisplay:
                          on_note=self.on_note, on_stage=self.on_stage)
 
     def on_step(self, info: Any) -> None:  # StepInfo
+        if not console.is_terminal:  # a log file or a pipe: periodic plain lines instead of a bar
+            console.print(step_line(info), markup=False, highlight=False, soft_wrap=True)
+            return
         text = f"loss {info.loss:.3f} ({format_losses(info.losses)})  {info.images_per_s:.1f} img/s  lr {info.lr:.2e}"
         self.progress.update(self.task, total=info.total, completed=info.step, info=escape(text))
 

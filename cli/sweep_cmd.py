@@ -11,6 +11,7 @@ from rich.table import Table
 
 from cli.common import resolve_recipe
 from cli.console import console
+from cli.display import step_line
 
 
 def sweep(
@@ -36,6 +37,8 @@ def sweep(
         console.log(name)
 
     def on_step(info) -> None:  # noqa: ANN001 - surgery.train.StepInfo
+        if not console.is_terminal and (info.step % 50 == 0 or info.step == info.total):
+            console.print(step_line(info), markup=False, highlight=False, soft_wrap=True)
         losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in info.losses.items())
         progress.update(steps, visible=True, total=info.total, completed=info.step,
                         info=f"{losses} lr={info.lr:.2e} {info.images_per_s:.1f} img/s")

@@ -97,3 +97,24 @@ def test_workflows_train_prune_retrain_chain(tmp_path: Path):
                             tmp_path / "m.pt")
     chain = plan_chain(read_checkpoint(masked.path).plan)
     assert [p.kind for p in chain] == ["masked", "structured"]
+
+
+def test_cli_train_logs_plain_step_lines_outside_a_terminal(tmp_path: Path):
+    """Piped output (CI, nohup, a log file) gets periodic plain step lines, not an empty bar."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {name: fcos_resnet18_slim, kwargs: {min_size: 64, max_size: 64}}\n"
+        f"data: {{root: {tmp_path / 'synth'}, images: 16, size: 64}}\n"
+        "train: {steps: 4, batch_size: 4, warmup_steps: 1, log_every: 2}\n"
+    )
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "COLUMNS": "80"}
+    proc = subprocess.run([sys.executable, "-m", "surgery", "train", "-r", str(recipe), "--no-eval",
+                           "--out", str(tmp_path / "m.pt")], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["2/4", "4/4"]
+    assert all("loss" in ln and "lr" in ln and "img/s" in ln and "eta" in ln for ln in lines)
