@@ -36,7 +36,7 @@ from surgery.data import build_dataset  # noqa: E402
 from surgery.evaluate import evaluate  # noqa: E402
 from surgery.models import ModelSpec, build_model  # noqa: E402
 from surgery.recipe import TrainSection  # noqa: E402
-from surgery.train import HookBase, LoggingHook, StepInfo, Trainer  # noqa: E402
+from surgery.train import HookBase, LoggingHook, StepInfo, Trainer, build_trainer  # noqa: E402
 
 FIELDS = ["date", "model", "steps", "batch", "seconds", "s_per_step", "mAP", "mAP50", "torch", "threads"]
 MODEL = "fcos_resnet18_slim"
@@ -114,7 +114,7 @@ def main() -> None:
     hooks: list[HookBase] = [LoggingHook(log)]
     if budget is not None:
         hooks.insert(0, budget)
-    trainer = Trainer(model, spec, train_set, cfg, out=args.out, hooks=hooks)
+    trainer = build_trainer(model, spec, train_set, cfg, out=args.out, hooks=hooks)
     result = trainer.train()
     print(f"trained {result.steps} steps in {result.seconds:.1f} s ({result.s_per_step:.3f} s/step)", flush=True)
 
