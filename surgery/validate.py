@@ -29,6 +29,12 @@ def _params(fn: Any) -> tuple[set[str], bool]:
     return names, any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def accepts(fn: Any, name: str) -> bool:
+    """Whether callable ``fn`` takes keyword ``name`` (directly or through ``**kwargs``)."""
+    names, var_kw = _params(fn)
+    return name in names or var_kw
+
+
 def _detector_class(name: str) -> list[Any]:
     """The torchvision classes a registered builder's ``**kwargs`` end up in."""
     from torchvision.models.detection import FCOS, FasterRCNN, KeypointRCNN, MaskRCNN, RetinaNet

@@ -8,7 +8,6 @@ rank 0 reports and writes.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from .plan import MaskedPlan
 from .prune import PruneResult, prune_model
 from .recipe import AGPSection, Recipe, TrainSection, apply_overrides, load_recipe, recipe_from_dict
 from .train import TrainResult, build_trainer
+from .validate import accepts
 
 
 @dataclass
@@ -77,14 +77,6 @@ def check_classes(model_classes: Any, dataset: Any) -> None:
             f"the dataset has {dataset.num_classes} classes (with background) but the model only "
             f"{model_classes}: train a model with num_classes={dataset.num_classes} (--kwarg num_classes=N)"
         )
-
-
-def _accepts(builder: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(builder).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +250,7 @@ def train_from_recipe(
     cb.stage("preparing data")
     train_set, val_set = load_datasets(recipe, hflip=recipe.train.hflip, val=evaluate, dist_info=info)
     kwargs = dict(recipe.model.kwargs)
-    if "num_classes" not in kwargs and _accepts(get_builder(name), "num_classes"):
+    if "num_classes" not in kwargs and accepts(get_builder(name), "num_classes"):
         kwargs["num_classes"] = train_set.num_classes
     recipe.model.kwargs = dict(kwargs)
     check_classes(kwargs.get("num_classes"), train_set)

@@ -14,7 +14,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
 from surgery.checkpoint import read_checkpoint, save_checkpoint
-from surgery.distill import FeatureImitation, imitation_masks
+from surgery.distill import FeatureImitation, feature_widths, imitation_masks
 from surgery.graph import dummy_inputs
 from surgery.hooks import HookBase
 from surgery.models import ModelSpec, build_model, list_models
@@ -97,8 +97,9 @@ def test_one_distillation_step_on_every_builder(name: str):
     student = copy.deepcopy(teacher)
     prune_model(student, PruneSection(ratio=0.5), trace_size=128)
     hook = FeatureImitation(teacher, student, DistillSection(type="imitation"))
-    for conv in hook.adapters.values():  # pruned widths -> the teacher's widths
-        assert conv.out_channels > conv.in_channels or conv.out_channels == conv.in_channels
+    s_w, t_w = feature_widths(student, size), feature_widths(teacher, size)
+    for level, conv in hook.adapters.items():  # pruned widths -> the teacher's widths
+        assert (conv.in_channels, conv.out_channels) == (s_w[level], t_w[level]), level
     assert any(c.out_channels > c.in_channels for c in hook.adapters.values())
     before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     grads = _Grads(hook, teacher)
