@@ -171,13 +171,9 @@ def _verify_without_threshold(
 
 def run_onnx(path: str | Path, image: torch.Tensor) -> dict[str, Any]:
     """Run an exported detector in onnxruntime (CPU) on one ``3 x S x S`` image."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ExportError("onnxruntime is not installed (pip install 'surgery[export]')") from e
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    from .runtime import ort_session
+
+    sess = ort_session(path)
     feed = {sess.get_inputs()[0].name: image.detach().cpu().numpy()}
     outs = sess.run(None, feed)
     return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
