@@ -10,27 +10,37 @@ from cli.console import console
 
 def export(
     checkpoint: Path = typer.Argument(..., help="A surgery checkpoint (dense, structured or masked)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Where to write the .onnx file."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Where to write the .onnx file [default: next to the checkpoint, .onnx suffix]."
+    ),
     input_size: int = typer.Option(320, "--input-size", help="Square input side the graph is traced for."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare onnxruntime with PyTorch."),
+    dynamic_size: bool = typer.Option(
+        False, "--dynamic-size/--fixed-size",
+        help="Dynamic image height/width (matches PyTorch exactly only at --input-size: see the docs).",
+    ),
 ) -> None:
-    """Export a checkpoint to ONNX (fixed 3 x S x S input, pre/post-processing included)."""
+    """Export a checkpoint to ONNX: one image [3, S, S] in [0, 1] -> boxes, scores, labels (+ masks, keypoints)."""
     from surgery.checkpoint import load_checkpoint
-    from surgery.export import export_onnx
+    from surgery.export import checkpoint_metadata, export_onnx
     from surgery.masked import fold_masks
 
+    out = out if out is not None else checkpoint.with_suffix(".onnx")
     model, ckpt = load_checkpoint(checkpoint)
     if ckpt.kind == "masked":
         fold_masks(model, ckpt.masks)
+    model.eval()
     with console.status(f"exporting {checkpoint.name} at {input_size}px (opset {opset})..."):
-        res = export_onnx(model, out, input_size, opset, verify=verify)
+        meta = checkpoint_metadata(model, ckpt, input_size)
+        res = export_onnx(model, out, input_size, opset, verify=verify, metadata=meta, dynamic_size=dynamic_size)
 
     table = Table(title=f"ONNX export of {checkpoint.name}", show_header=False)
-    table.add_column("what")
-    table.add_column("value")
+    table.add_column("what", no_wrap=True)
+    table.add_column("value", overflow="fold")
     table.add_row("file", f"{res.path} ({res.file_bytes / 2**20:.1f} MiB)")
-    table.add_row("input", f"image float32 [3, {input_size}, {input_size}] in [0, 1]")
+    shape = "3, H, W" if res.dynamic_size else f"3, {input_size}, {input_size}"
+    table.add_row("input", f"image float32 [{shape}] in [0, 1], one image per call")
     table.add_row("outputs", ", ".join(res.output_names) or "-")
     table.add_row("exporter", f"{res.exporter}, opset {res.opset}, {res.export_s:.1f}s")
     if res.verified is None and not verify:

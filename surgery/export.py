@@ -3,9 +3,20 @@ layers), verified against PyTorch with onnxruntime.
 
 The graph is traced for one ``3 x S x S`` image, the model's own pre-processing (normalisation,
 resize to ``min_size``) and post-processing (box decoding, NMS, top-k) included, so the ONNX model
-takes one float image ``[3, S, S]`` in [0, 1] at exactly that size and returns the detector's own
-outputs (``boxes``, ``scores``, ``labels``, plus ``masks`` / ``keypoints`` where the model has
-them) under the names PyTorch uses.
+takes one float image ``image: [3, H, W]`` in [0, 1] and returns the detections of that image in
+one documented order for every family (:data:`OUTPUT_ORDER`): ``boxes [N, 4]`` (x1, y1, x2, y2 in
+input pixels), ``scores [N]``, ``labels [N]`` (int64), then ``masks`` / ``keypoints`` /
+``keypoints_scores`` where the model has them (torchvision itself returns two-stage outputs as
+boxes, labels, scores). The input is ``[3, S, S]`` (S: the traced size) unless ``dynamic_size``
+asks for dynamic ``H`` and ``W`` (the graph contains the model's own resize, as in torchvision's
+ONNX tests). Dynamic files match PyTorch only approximately at other sizes: ONNX ``Resize`` maps
+coordinates with the computed scale, torch's ``interpolate(recompute_scale_factor=True)`` with the
+rounded output size, a sub-pixel resampling difference (scores within ~2e-3 on the quickstart
+model); they are verified exactly at ``S`` and within :data:`DYNAMIC_TOL` at another size. One image per
+call: the number of detections differs per image, so a batch dimension would need padding that
+no family's post-processing does; the network-only part is timed batched by ``surgery bench``.
+Metadata (``surgery.*`` keys in ``metadata_props``) records the model, kind, ratio, parameters,
+MACs and class names, so ``surgery bench``/``eval``/``predict`` can take the file itself.
 
 The TorchScript-based exporter (``dynamo=False``) is used first: it needs nothing beyond torch and
 handles torchvision's detection models, which have ONNX-specific code paths for it. The dynamo
@@ -29,6 +40,9 @@ from torch import nn
 from .atomic import atomic_path
 from .errors import SurgeryError
 
+OUTPUT_ORDER: tuple[str, ...] = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
+DYNAMIC_TOL = (1e-2, 1e-2)  # (atol, rtol) at a size other than the traced one: see the module docstring
+
 
 class ExportError(SurgeryError):
     """A model cannot be exported to ONNX, or the exported model does not match PyTorch."""
@@ -47,6 +61,8 @@ class ExportResult:
     num_detections: int | None = None  # on the verification image
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # per output, matched detections
     ambiguous: int = 0  # detections tied at the score cut-off, which either side may keep
+    dynamic_size: bool = False  # H and W are dynamic axes (verified at a second size)
+    metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -63,18 +79,43 @@ def _image(size: int, seed: int) -> torch.Tensor:
 
 def _output_names(out: Any) -> list[str]:
     if isinstance(out, (list, tuple)) and out and isinstance(out[0], dict):
-        return list(out[0].keys())
+        keys = list(out[0].keys())
+        return [k for k in OUTPUT_ORDER if k in keys] + [k for k in keys if k not in OUTPUT_ORDER]
     if isinstance(out, (list, tuple)) and len(out) == 2 and isinstance(out[1], (list, tuple)):
         return _output_names(out[1])  # scripted torchvision models return (losses, detections)
     return []
 
 
-def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, names: list[str], dynamo: bool) -> None:
+class _Ordered(nn.Module):
+    """One image in, the detections as a tuple in :data:`OUTPUT_ORDER` out (torchvision returns a
+    list of dicts whose key order differs between one- and two-stage families)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model([image])
+        if isinstance(out, tuple):  # scripted torchvision models return (losses, detections)
+            out = out[1]
+        return tuple(out[0][k] for k in self.names)
+
+
+def _export(
+    model: nn.Module, example: torch.Tensor, path: Path, opset: int, names: list[str], dynamo: bool, dynamic: bool = True
+) -> None:
     kwargs: dict[str, Any] = {"opset_version": opset, "input_names": ["image"], "do_constant_folding": True}
+    target: nn.Module = model
     if names:
         kwargs["output_names"] = names
+        target = _Ordered(model, names).eval()
+        axes: dict[str, dict[int, str]] = {k: {0: "detections"} for k in names}
+        if dynamic:
+            axes["image"] = {1: "height", 2: "width"}
+        kwargs["dynamic_axes"] = axes
     with _quiet(), torch.no_grad():
-        torch.onnx.export(model, ([example],), str(path), dynamo=dynamo, **kwargs)
+        torch.onnx.export(target, (example,) if names else ([example],), str(path), dynamo=dynamo, **kwargs)
 
 
 def export_onnx(
@@ -86,8 +127,10 @@ def export_onnx(
     verify: bool = True,
     atol: float = 1e-3,
     rtol: float = 1e-4,
+    metadata: dict[str, str] | None = None,
+    dynamic_size: bool = False,
 ) -> ExportResult:
-    """Export a detector to ONNX for ``3 x input_size x input_size`` images; write atomically.
+    """Export a detector to ONNX (traced on a ``3 x input_size x input_size`` image); write atomically.
 
     With ``verify`` the ONNX model runs in onnxruntime on a random image *different from the traced
     one* (so sizes or detections frozen into the graph are caught) and its detections are matched to
@@ -95,7 +138,9 @@ def export_onnx(
     with the same label and box/score within ``atol + rtol*|value|`` (order may differ where scores
     tie). Detections tied with the lowest kept score may legitimately differ (which of several equal
     scores survives top-k / NMS is implementation-defined); they are counted in ``ambiguous``.
-    A mismatch raises :class:`ExportError`.
+    A mismatch raises :class:`ExportError`. With ``dynamic_size`` the height and width are dynamic
+    axes, and (with ``verify``) the file must also match on a non-square image of another size
+    within :data:`DYNAMIC_TOL`. ``metadata`` goes into the file's ``metadata_props``.
     """
     path = Path(path)
     model = copy.deepcopy(model).cpu().eval()
@@ -108,43 +153,106 @@ def export_onnx(
     notes: list[str] = []
     t0 = time.perf_counter()
     with atomic_path(path) as tmp:
-        exporter = "torchscript"
-        try:
-            _export(model, example, tmp, opset, names, dynamo=False)
-        except Exception as e:  # noqa: BLE001 - fall back to the dynamo exporter
-            first = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            try:
-                import onnxscript  # noqa: F401
-            except ImportError:
-                raise ExportError(
-                    f"cannot export {type(model).__name__} to ONNX: the TorchScript exporter failed ({first}) "
-                    "and the dynamo exporter needs onnxscript (pip install onnxscript)"
-                ) from e
-            notes.append(f"TorchScript exporter failed ({first}); used dynamo")
-            exporter = "dynamo"
-            try:
-                _export(model, example, tmp, opset, names, dynamo=True)
-            except Exception as e2:
-                raise ExportError(
-                    f"cannot export {type(model).__name__} to ONNX: TorchScript exporter: {first}; "
-                    f"dynamo exporter: {type(e2).__name__}: {str(e2).strip().splitlines()[0] if str(e2).strip() else ''}"
-                ) from e2
-        export_s = time.perf_counter() - t0
+        dynamic = bool(dynamic_size and names)
+        exporter = _export_either(model, example, tmp, opset, names, notes, dynamic=dynamic)
         result = ExportResult(
             path=path,
             input_size=input_size,
             opset=opset,
             exporter=exporter,
             output_names=names,
-            file_bytes=tmp.stat().st_size,
-            export_s=export_s,
+            file_bytes=0,
+            export_s=time.perf_counter() - t0,
+            dynamic_size=dynamic,
             notes=notes,
         )
+        if verify and dynamic:
+            _verify_at_other_size(model, tmp, input_size, result)
         if verify:
-            _verify(model, tmp, input_size, result, atol, rtol)
+            _verify(model, tmp, _image(input_size, seed=1), result, atol, rtol)
             if result.verified is None and result.num_detections == 0:
                 _verify_without_threshold(model, example, tmp.with_suffix(".verify.onnx"), opset, result, atol, rtol)
+        if metadata:
+            result.metadata = write_metadata(tmp, metadata)
+        result.file_bytes = tmp.stat().st_size
     return result
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _export_either(
+    model: nn.Module, example: torch.Tensor, tmp: Path, opset: int, names: list[str], notes: list[str], dynamic: bool
+) -> str:
+    """Export with the TorchScript exporter, falling back to dynamo; returns which one worked."""
+    try:
+        _export(model, example, tmp, opset, names, dynamo=False, dynamic=dynamic)
+        return "torchscript"
+    except Exception as e:  # noqa: BLE001 - fall back to the dynamo exporter
+        first = _first_line(e)
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ExportError(
+                f"cannot export {type(model).__name__} to ONNX: the TorchScript exporter failed ({first}) "
+                "and the dynamo exporter needs onnxscript (pip install onnxscript)"
+            ) from e
+        notes.append(f"TorchScript exporter failed ({first}); used dynamo")
+        try:
+            _export(model, example, tmp, opset, names, dynamo=True, dynamic=dynamic)
+        except Exception as e2:
+            raise ExportError(
+                f"cannot export {type(model).__name__} to ONNX: TorchScript exporter: {first}; "
+                f"dynamo exporter: {_first_line(e2)}"
+            ) from e2
+        return "dynamo"
+
+
+def _verify_at_other_size(model: nn.Module, path: Path, size: int, result: ExportResult) -> None:
+    """A dynamic-size export must also match PyTorch on a non-square image of another size."""
+    h, w = max(32, (size * 3) // 4), size + 32
+    image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(2))
+    probe = ExportResult(path=path, input_size=size, opset=0, exporter="", output_names=_names_of(path), file_bytes=0, export_s=0)
+    try:
+        _verify(model, path, image, probe, *DYNAMIC_TOL)
+    except ExportError as e:
+        raise ExportError(f"dynamic-size export at {h}x{w}: {e} (export without --dynamic-size instead)") from e
+    result.notes.append(f"dynamic height/width: also matches PyTorch at {h}x{w} (atol/rtol {DYNAMIC_TOL[0]:g})")
+
+
+def _names_of(path: Path) -> list[str]:
+    from .runtime import ort_session
+
+    return [o.name for o in ort_session(path).get_outputs()]
+
+
+METADATA_PREFIX = "surgery."
+
+
+def write_metadata(path: str | Path, metadata: dict[str, str]) -> dict[str, str]:
+    """Set ``surgery.<key>`` entries in an ONNX file's ``metadata_props`` (in place: call it on a
+    file being written, e.g. inside :func:`surgery.atomic.atomic_path`)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update({METADATA_PREFIX + k: str(v) for k, v in metadata.items()})
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(path))
+    return {k: str(v) for k, v in metadata.items()}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``surgery.*`` metadata of an ONNX file (without the prefix); empty for other files."""
+    from .runtime import ort_session
+
+    meta = ort_session(path).get_modelmeta().custom_metadata_map
+    return {k[len(METADATA_PREFIX):]: v for k, v in meta.items() if k.startswith(METADATA_PREFIX)}
 
 
 def _verify_without_threshold(
@@ -157,13 +265,15 @@ def _verify_without_threshold(
         if mod is not None and isinstance(getattr(mod, "score_thresh", None), float):
             mod.score_thresh = 0.0
     try:
-        _export(relaxed, example, path, opset, result.output_names, dynamo=result.exporter == "dynamo")
+        _export(
+            relaxed, example, path, opset, result.output_names, dynamo=result.exporter == "dynamo", dynamic=result.dynamic_size
+        )
         result.notes = [n for n in result.notes if not n.startswith("no detections")]
         result.notes.append(
             "no detections above the score threshold on a random image: verified a copy exported with "
             "score_thresh=0 instead (the same graph but for that constant)"
         )
-        _verify(relaxed, path, result.input_size, result, atol, rtol)
+        _verify(relaxed, path, _image(result.input_size, seed=1), result, atol, rtol)
     finally:
         if path.exists():
             path.unlink()
@@ -179,10 +289,9 @@ def run_onnx(path: str | Path, image: torch.Tensor) -> dict[str, Any]:
     return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
 
-def _verify(model: nn.Module, onnx_path: Path, size: int, result: ExportResult, atol: float, rtol: float) -> None:
+def _verify(model: nn.Module, onnx_path: Path, image: torch.Tensor, result: ExportResult, atol: float, rtol: float) -> None:
     import numpy as np
 
-    image = _image(size, seed=1)
     with _quiet(), torch.no_grad():
         ref_out = model([image])
     names = result.output_names
@@ -240,9 +349,17 @@ def _verify(model: nn.Module, onnx_path: Path, size: int, result: ExportResult, 
             a, b = ref[k][ri].astype(np.float64), got[k][gi].astype(np.float64)
             result.max_abs_diff[k] = float(np.abs(a - b).max()) if a.size else 0.0
     if bad:
+        tied = n_ref - len(np.unique(rs))
+        hint = (
+            f"; {tied + 1} of {n_ref} scores share values (an untrained or barely trained model?), and which of "
+            "several tied detections NMS / top-k keeps is implementation-defined: train the model first, or "
+            "write the file anyway with --no-verify"
+            if tied >= n_ref // 2
+            else ""
+        )
         raise ExportError(
             f"ONNX output does not match PyTorch: {bad} of {n_ref} detections have no counterpart "
-            f"(label, score and box within atol={atol}, rtol={rtol})"
+            f"(label, score and box within atol={atol}, rtol={rtol}){hint}; nothing was written"
         )
     if ambiguous:
         result.notes.append(
@@ -252,3 +369,30 @@ def _verify(model: nn.Module, onnx_path: Path, size: int, result: ExportResult, 
     result.verified = True if pairs else None
     if not pairs:
         result.notes.append("inconclusive: every detection is tied (an untrained model?)")
+
+
+def checkpoint_metadata(model: nn.Module, ckpt: Any, input_size: int) -> dict[str, str]:
+    """What ``surgery bench`` / ``eval`` need to know about an exported checkpoint without it: the
+    builder, kind, method and ratio, parameters, MACs at the export size, class names."""
+    import json
+
+    from .measure import configured_detections, count_macs, count_params
+
+    params, nonzero = count_params(model)
+    macs = count_macs(model, input_size, detections=configured_detections(model))
+    plan = ckpt.plan
+    meta = {
+        "model": ckpt.spec.name,
+        "kind": ckpt.kind,
+        "method": str(getattr(plan, "method", None) or ckpt.kind),
+        "ratio": "" if getattr(plan, "ratio", None) is None else f"{plan.ratio:g}",
+        "params": str(params),
+        "params_nonzero": str(nonzero),
+        "macs": str(macs.total),
+        "input_size": str(input_size),
+        "source": str(ckpt.path.name) if ckpt.path is not None else "",
+    }
+    names = (ckpt.meta or {}).get("class_names") or (ckpt.metrics or {}).get("class_names")
+    if names:
+        meta["class_names"] = json.dumps(list(names))
+    return meta

@@ -14,14 +14,16 @@ from surgery.models import ModelSpec, build_model
 pytest.importorskip("onnxruntime")
 
 
-def _compare(model: torch.nn.Module, onnx_path, size: int, seed: int = 5) -> None:
+def _compare(
+    model: torch.nn.Module, onnx_path, size: int, seed: int = 5, width: int | None = None, atol: float = 1e-4
+) -> None:
     """Independent check on another image: same detections (as a set: near-equal scores may swap)."""
-    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed))
+    image = torch.rand(3, size, width or size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref = model.eval()([image])[0]
     got = run_onnx(onnx_path, image)
     assert got["boxes"].shape == tuple(ref["boxes"].shape) and len(got["boxes"]) > 0
-    np.testing.assert_allclose(np.sort(got["scores"]), np.sort(ref["scores"].numpy()), atol=1e-4)
+    np.testing.assert_allclose(np.sort(got["scores"]), np.sort(ref["scores"].numpy()), atol=atol)
     d = np.abs(got["boxes"][:, None, :] - ref["boxes"].numpy()[None, :, :]).max(-1)
     assert d.min(axis=1).max() < 1e-3 and d.min(axis=0).max() < 1e-3
 
@@ -38,6 +40,22 @@ def test_fcos_slim_exports_and_matches(tmp_path, fpn_channels):
     assert res.max_abs_diff["boxes"] < 1e-3 and res.max_abs_diff["scores"] < 1e-4
     assert not list(tmp_path.glob(".*tmp"))
     _compare(model, res.path, 160)
+    assert not res.dynamic_size
+    with pytest.raises(Exception, match="(?i)dimension|shape|invalid"):
+        run_onnx(res.path, torch.rand(3, 120, 200))  # the fixed-size file refuses other sizes
+
+
+def test_dynamic_size_export_runs_any_size(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", fpn_channels=64).eval()
+    model.score_thresh = 0.0
+    res = export_onnx(model, tmp_path / "m.onnx", 160, dynamic_size=True)
+    assert res.dynamic_size and res.verified is True and any("also matches" in n for n in res.notes)
+    _compare(model, res.path, 160)  # exact at the traced size
+    # elsewhere ONNX's Resize and torch's interpolate map coordinates slightly differently: the
+    # export checked one other size within DYNAMIC_TOL; here: other sizes run, boxes in their pixels
+    out = run_onnx(res.path, torch.rand(3, 90, 130))
+    assert out["boxes"][:, 2].max() <= 130 + 1e-3 and out["boxes"][:, 3].max() <= 90 + 1e-3  # input pixels
 
 
 def test_no_detections_verifies_a_relaxed_copy(tmp_path):
@@ -67,6 +85,30 @@ def test_verification_catches_a_mismatch(tmp_path, monkeypatch):
     assert not (tmp_path / "bad.onnx").exists()  # nothing half-verified is left behind
 
 
+def test_metadata_is_written_and_read(tmp_path):
+    model = build_model("fcos_resnet18_slim", fpn_channels=64).eval()
+    res = export_onnx(model, tmp_path / "m.onnx", 96, verify=False, metadata={"model": "fcos_resnet18_slim", "macs": 123})
+    assert sexport.read_metadata(res.path) == {"model": "fcos_resnet18_slim", "macs": "123"}
+    assert not res.dynamic_size
+
+
+def test_tied_scores_mismatch_gives_a_hint(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", fpn_channels=64).eval()
+    model.score_thresh = 0.0
+    torch.nn.init.zeros_(model.head.classification_head.cls_logits.weight)  # every score the same
+    real = sexport.run_onnx
+
+    def reordered(path, image):  # what another implementation may do with tied detections
+        out = real(path, image)
+        return {k: v[::-1].copy() + (7.0 if k == "boxes" else 0) for k, v in out.items()}
+
+    monkeypatch.setattr(sexport, "run_onnx", reordered)
+    with pytest.raises(ExportError, match="share values.*--no-verify"):
+        export_onnx(model, tmp_path / "tied.onnx", 96)
+    assert not (tmp_path / "tied.onnx").exists()
+
+
 def test_export_failure_is_a_clear_error(tmp_path):
     class NotADetector(torch.nn.Module):
         def forward(self, images):
@@ -81,7 +123,7 @@ def test_fasterrcnn_mobilenet_exports_and_matches(tmp_path):
     model = build_model("fasterrcnn_mobilenet_v3_large_320_fpn").eval()
     model.roi_heads.score_thresh = 0.0
     res = export_onnx(model, tmp_path / "frcnn.onnx", 320)
-    assert res.output_names == ["boxes", "labels", "scores"]  # torchvision's order for two-stage models
+    assert res.output_names == ["boxes", "scores", "labels"]  # one order for every family (torchvision: b, l, s)
     # untrained: many scores tie at the cut-off (not comparable), the others must match
     assert res.verified is True and res.num_detections and res.ambiguous < res.num_detections // 2
     assert res.max_abs_diff["boxes"] < 1e-3 and res.max_abs_diff["scores"] < 1e-5
