@@ -21,7 +21,7 @@ def _progress(label: str) -> Progress:
 
 
 def eval_command(
-    ckpt: Path = typer.Argument(..., help="A surgery checkpoint (dense, structured or masked)."),
+    ckpt: Path = typer.Argument(..., help="A surgery checkpoint (dense, structured or masked) or an exported .onnx file."),
     data: str | None = typer.Option(
         None, "--data", help="'synthetic', 'coco:ROOT', 'voc:ROOT' or a COCO .json (default: the checkpoint's recipe, else synthetic)."
     ),
@@ -32,11 +32,11 @@ def eval_command(
     json_out: Path | None = typer.Option(None, "--json", help="Write the COCO results (detections) to this file."),
 ) -> None:
     """Evaluate a checkpoint with COCO metrics (mAP@[.5:.95], mAP50, ..., AR)."""
-    from surgery.checkpoint import load_checkpoint
     from surgery.data import dataset_for
     from surgery.evaluate import evaluate
+    from surgery.runtime import load_detector
 
-    model, info = load_checkpoint(ckpt, device=device)
+    model, info = load_detector(ckpt, device=device)
     recipe_data = (info.recipe or {}).get("data")  # the synthetic set the checkpoint was trained on
     with _progress("preparing data") as bar:
         task = bar.add_task("data", total=None)

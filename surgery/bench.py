@@ -4,8 +4,10 @@ latency, weight file size, optionally mAP) and write the rows under a fixed CSV 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +19,17 @@ from torch import nn
 from . import compat
 from .atomic import atomic_open
 from .errors import MeasureError
-from .masked import fold_masks
-from .measure import configured_detections, count_macs, count_params, measure_latency, state_dict_size
+from .measure import (
+    configured_detections,
+    count_macs,
+    count_params,
+    file_size,
+    fixed_workload,
+    state_dict_size,
+)
+from .measure.split import NETWORK_MODULES
+from .measure.timing import summarize, time_interleaved
+from .measure.workload import example_images, quiet
 
 if TYPE_CHECKING:
     from .recipe import BenchSection
@@ -31,16 +42,21 @@ BENCH_COLUMNS: tuple[str, ...] = (
     "ratio",
     "sparsity",
     "kind",
+    "runtime",
     "device",
     "torch",
     "threads",
+    "memory_format",
     "input_size",
     "batch_size",
+    "detections",
     "params",
     "params_nonzero",
     "macs",
     "latency_ms_median",
     "latency_ms_p90",
+    "network_ms_median",
+    "pipeline_ms_median",
     "images_per_s",
     "peak_mem_mb",
     "file_bytes",
@@ -50,29 +66,43 @@ BENCH_COLUMNS: tuple[str, ...] = (
     "params_ratio",
     "macs_ratio",
     "latency_ratio",
+    "network_ratio",
     "checkpoint",
 )
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
 class BenchRow:
-    """One CSV row: one checkpoint at one batch size. Ratios are against the first checkpoint."""
+    """One CSV row: one model at one batch size. Ratios are against the first model.
+
+    ``latency_ms_*`` is end to end (the model's transform, network, decoding, NMS) on a batch;
+    ``network_ms_median`` the backbone + neck + head convolutions alone and ``pipeline_ms_median``
+    everything else, measured separately on the same inputs (see :mod:`surgery.measure.split`).
+    ``detections`` is the fixed count every model keeps per image while timed, so dense and pruned
+    models do the same post-processing work.
+    """
 
     model: str
     method: str
     ratio: float | None
     sparsity: float | None
     kind: str
+    runtime: str
     device: str
     torch: str
     threads: int
+    memory_format: str
     input_size: int
     batch_size: int
+    detections: int | None
     params: int
     params_nonzero: int
-    macs: int
+    macs: int | None
     latency_ms_median: float
     latency_ms_p90: float
+    network_ms_median: float | None
+    pipeline_ms_median: float | None
     images_per_s: float
     peak_mem_mb: float | None
     file_bytes: int
@@ -82,6 +112,7 @@ class BenchRow:
     params_ratio: float
     macs_ratio: float
     latency_ratio: float
+    network_ratio: float
     checkpoint: str
     notes: list[str] = field(default_factory=list)  # not in the CSV
 
@@ -109,6 +140,87 @@ def _ratio(x: float | None, ref: float | None) -> float:
     return float(x) / float(ref) if x is not None and ref else float("nan")
 
 
+def _num(meta: dict[str, str], key: str) -> float | None:
+    try:
+        return float(meta[key])
+    except (KeyError, ValueError):
+        return None
+
+
+@dataclass
+class _Subject:
+    """One model under one runtime: what is timed, and what is known about it."""
+
+    key: str
+    runtime: str
+    model: nn.Module  # torch detector, or an OnnxDetector
+    info: dict[str, Any]
+    onnx: Path | None = None  # the file ONNX Runtime runs (timing: fixed detection count)
+    scopes: tuple[str, ...] = ()
+    memory_format: str = "-"
+
+
+def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) -> _Subject:
+    from .export import export_onnx
+    from .measure.split import onnx_scopes
+    from .runtime import OnnxDetector, is_onnx, load_detector
+
+    key = str(path)
+    if is_onnx(path):
+        det, ckpt = load_detector(path, "cpu", threads=cfg.threads)
+        meta = ckpt.meta.get("onnx", {})
+        fbytes, fgzip = file_size(path)
+        params = int(_num(meta, "params") or 0)
+        info = {"model": ckpt.spec.name, "method": meta.get("method", "onnx"), "ratio": _num(meta, "ratio"),
+                "sparsity": None, "kind": ckpt.kind, "params": params,
+                "params_nonzero": int(_num(meta, "params_nonzero") or params),
+                "file_bytes": fbytes, "file_gzip_bytes": fgzip, "macs": _num(meta, "macs"), "detections": None,
+                "notes": [f"{path.name}: an ONNX file, timed as exported (its own thresholds and input size)"]}
+        macs_size = _num(meta, "input_size")
+        if macs_size is not None and int(macs_size) != cfg.input_size:
+            info["notes"].append(f"{path.name}: MACs are from its export at {int(macs_size)}px")
+        return _Subject(key, "onnxruntime", det, info, onnx=path, scopes=onnx_scopes(NETWORK_MODULES))
+    model, ckpt = load_detector(path, device=cfg.device)
+    if cfg.resize_model:
+        compat.set_resize(model, (int(cfg.input_size),), int(cfg.input_size))  # SSD: fixed size, kept
+    params, nonzero = count_params(model)
+    fbytes, fgzip = state_dict_size(model)
+    det = configured_detections(model)
+    macs = count_macs(model, cfg.input_size, rois=rois, detections=det)
+    info = {"model": ckpt.spec.name, "method": _method_of(ckpt), "ratio": getattr(ckpt.plan, "ratio", None),
+            "sparsity": _sparsity_of(ckpt), "kind": ckpt.kind, "params": params, "params_nonzero": nonzero,
+            "file_bytes": fbytes, "file_gzip_bytes": fgzip, "macs": macs.total, "detections": det,
+            "notes": [n for n in macs.notes if not n.startswith("element-wise")]}
+    if cfg.runtime == "torch":
+        return _Subject(key, "torch", model, info)
+    onnx = tmp / f"{len(list(tmp.iterdir()))}-{path.stem}.onnx"
+    with fixed_workload(model, rois, det):  # the detection count is baked into the graph
+        export_onnx(model, onnx, cfg.input_size, verify=False)
+    info["torch_model"] = model  # mAP is measured on the real thresholds: see _evaluate
+    return _Subject(key, "onnxruntime", OnnxDetector(onnx, cfg.threads), info, onnx=onnx, scopes=onnx_scopes(model))
+
+
+def _memory_format(subject: _Subject, cfg: BenchSection, batch: list[torch.Tensor]) -> str:
+    """channels_last where it helps: ``auto`` times both layouts (5 runs each, batch as given) and
+    keeps the faster; oneDNN's convolutions are often faster in NHWC on x86."""
+    if subject.runtime != "torch" or cfg.channels_last == "off":
+        return "contiguous" if subject.runtime == "torch" else "-"
+    model = subject.model
+    if cfg.channels_last == "on":
+        model.to(memory_format=torch.channels_last)
+        return "channels_last"
+    with torch.inference_mode():
+        fns = {"contiguous": lambda: model(batch)}
+        t_cont = time_interleaved(fns, warmup=1, runs=5)["contiguous"]
+        model.to(memory_format=torch.channels_last)
+        fns = {"channels_last": lambda: model(batch)}
+        t_last = time_interleaved(fns, warmup=1, runs=5)["channels_last"]
+    if statistics.median(t_last) < statistics.median(t_cont):
+        return "channels_last"
+    model.to(memory_format=torch.contiguous_format)
+    return "contiguous"
+
+
 def bench_checkpoints(
     paths: Sequence[str | Path],
     cfg: BenchSection,
@@ -117,132 +229,185 @@ def bench_checkpoints(
     progress: Progress | None = None,
     rois: int | None = None,
 ) -> list[BenchRow]:
-    """Benchmark checkpoints side by side; the first one is the dense reference for the ratios.
+    """Benchmark checkpoints (or exported ``.onnx`` files) side by side; the first is the reference.
 
-    Each checkpoint is loaded with :func:`surgery.checkpoint.load_checkpoint`, masked ones get
-    their masks folded into the weights, then: parameters, MACs at ``cfg.input_size`` (two-stage
-    models at ``rois`` RoIs, default the model's own test-time post-NMS top-n, and its
-    ``detections_per_img``), interleaved latency for every ``cfg.batch_sizes`` on ``cfg.device``
-    with ``cfg.threads``, size of the weights (plain and gzipped), and mAP / mAP50 when ``dataset``
-    is given. One row per (checkpoint, batch size).
+    Each checkpoint is loaded with :func:`surgery.runtime.load_detector` (masks folded into the
+    weights), then: parameters, MACs at ``cfg.input_size`` (two-stage models at ``rois`` RoIs,
+    default the model's own test-time post-NMS top-n), and for every ``cfg.batch_sizes`` the
+    end-to-end, network and pipeline latency, interleaved across models, with every model keeping
+    exactly its ``detections_per_img`` detections (score threshold 0) so post-processing costs the
+    same for all. ``cfg.runtime`` ``onnxruntime`` exports each checkpoint (fixed workload baked
+    in) and times it in ONNX Runtime, its network/pipeline split from ONNX Runtime's profiler;
+    ``.onnx`` files always run in ONNX Runtime. Size of the weights (plain and gzipped), and mAP /
+    mAP50 when ``dataset`` is given (with the models' own thresholds). One row per (model, batch).
     """
-    from .checkpoint import load_checkpoint
+    import tempfile
 
     rois = rois if rois is not None else cfg.rois
     paths = [Path(p) for p in paths]
     if not paths:
         raise MeasureError("bench needs at least one checkpoint")
+    if len(set(map(str, paths))) != len(paths):
+        raise MeasureError(f"a checkpoint is given twice: {[str(p) for p in paths]}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise MeasureError("--device cuda asked for, but torch sees no CUDA device")
     n = len(paths)
-    total = 2 * n + (n if dataset is not None else 0) + 1
-    done = 0
+    total = n + len(cfg.batch_sizes) + (n if dataset is not None else 0) + 1
+    done = 0.0
 
-    def tick(what: str) -> None:
+    def tick(what: str, amount: float = 1.0) -> None:
         nonlocal done
-        done += 1
+        done += amount
         if progress:
             progress(what, done, total)
 
-    models: dict[str, nn.Module] = {}
-    info: dict[str, dict[str, Any]] = {}
-    for path in paths:
-        key = str(path)
-        if key in models:
-            raise MeasureError(f"checkpoint {path} is given twice")
-        model, ckpt = load_checkpoint(path, device=cfg.device)
-        if ckpt.kind == "masked":
-            fold_masks(model, ckpt.masks)
-        model.eval()
-        if cfg.resize_model:
-            compat.set_resize(model, (int(cfg.input_size),), int(cfg.input_size))  # SSD: fixed size, kept
-        params, nonzero = count_params(model)
-        fbytes, fgzip = state_dict_size(model)
-        info[key] = {
-            "model": ckpt.spec.name,
-            "method": _method_of(ckpt),
-            "ratio": getattr(ckpt.plan, "ratio", None),
-            "sparsity": _sparsity_of(ckpt),
-            "kind": ckpt.kind,
-            "params": params,
-            "params_nonzero": nonzero,
-            "file_bytes": fbytes,
-            "file_gzip_bytes": fgzip,
-        }
-        models[key] = model
-        tick(f"loaded {path.name}")
-        det = configured_detections(model)
-        macs = count_macs(model, cfg.input_size, rois=rois, detections=det)
-        info[key]["macs"] = macs.total
-        info[key]["notes"] = [n for n in macs.notes if not n.startswith("element-wise")]
-        tick(f"MACs {path.name}")
-
-    lat_total = len(cfg.batch_sizes) * (cfg.warmup + cfg.runs)
-
-    def lat_progress(step: int, steps: int) -> None:
-        if progress:
-            progress("latency", done + step / max(steps, 1), total)
-
-    lat = measure_latency(
-        models,
-        cfg.input_size,
-        batch_sizes=tuple(cfg.batch_sizes),
-        warmup=cfg.warmup,
-        runs=cfg.runs,
-        threads=cfg.threads,
-        device=cfg.device,
-        rois=rois,
-        progress=lat_progress if lat_total else None,
-    )
-    tick("latency")
-
-    maps: dict[str, tuple[float | None, float | None]] = {}
-    for key, model in models.items():
-        if dataset is None:
-            maps[key] = (None, None)
-            continue
-        from .evaluate import evaluate
-
-        res = evaluate(model, dataset, batch_size=8, device=cfg.device)
-        maps[key] = (res.metrics.get("mAP"), res.metrics.get("mAP50"))
-        tick(f"mAP {Path(key).name}")
-
-    ref_key = str(paths[0])
-    ref_lat = {r.batch_size: r.median_ms for r in lat if r.name == ref_key}
-    rows: list[BenchRow] = []
-    for r in sorted(lat, key=lambda r: (list(models).index(r.name), r.batch_size)):
-        i = info[r.name]
-        rows.append(
-            BenchRow(
-                model=i["model"],
-                method=i["method"],
-                ratio=i["ratio"],
-                sparsity=i["sparsity"],
-                kind=i["kind"],
-                device=r.device,
-                torch=torch.__version__,
-                threads=r.threads,
-                input_size=cfg.input_size,
-                batch_size=r.batch_size,
-                params=i["params"],
-                params_nonzero=i["params_nonzero"],
-                macs=i["macs"],
-                latency_ms_median=r.median_ms,
-                latency_ms_p90=r.p90_ms,
-                images_per_s=r.images_per_s,
-                peak_mem_mb=r.peak_mem_mb,
-                file_bytes=i["file_bytes"],
-                file_gzip_bytes=i["file_gzip_bytes"],
-                mAP=maps[r.name][0],
-                mAP50=maps[r.name][1],
-                params_ratio=_ratio(i["params"], info[ref_key]["params"]),
-                macs_ratio=_ratio(i["macs"], info[ref_key]["macs"]),
-                latency_ratio=_ratio(r.median_ms, ref_lat.get(r.batch_size)),
-                checkpoint=r.name,
-                notes=list(i["notes"]),
-            )
-        )
+    with tempfile.TemporaryDirectory(prefix="surgery-bench-") as tmpdir:
+        subjects: list[_Subject] = []
+        for path in paths:
+            subjects.append(_load_subject(path, cfg, rois, Path(tmpdir)))
+            tick(f"loaded {path.name}")
+        timings = _time_all(subjects, cfg, rois, tick)
+        maps = {s.key: _evaluate(s, dataset, cfg) for s in subjects} if dataset is not None else {}
+        if dataset is not None:
+            tick("mAP", n)
+    rows = _rows(subjects, timings, maps, cfg)
+    if progress:
+        progress("done", total, total)
     return rows
+
+
+def _time_all(
+    subjects: list[_Subject], cfg: BenchSection, rois: int | None, tick: Callable[[str, float], None]
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Per (model, batch size): end-to-end, network and pipeline milliseconds and the memory format."""
+    from .measure.split import network_stubbed, onnx_split_ms, record_calls, replay_network
+
+    dev = torch.device(cfg.device)
+    cuda = dev.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else None
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(quiet())
+            for s in subjects:
+                if s.runtime == "torch":
+                    stack.enter_context(fixed_workload(s.model, rois, s.info["detections"]))
+            for bs in cfg.batch_sizes:
+                batch = example_images(bs, cfg.input_size, dev, seed=bs)
+                fns: dict[str, Callable[[], Any]] = {}
+                for s in subjects:
+                    if s.runtime == "torch":
+                        if s.memory_format == "-":
+                            s.memory_format = _memory_format(s, cfg, batch)
+                        calls = record_calls(s.model, batch)
+
+                        def pipeline(m: nn.Module = s.model, calls: list = calls, b: list = batch) -> None:
+                            with network_stubbed(calls):
+                                m(b)
+
+                        fns[f"{s.key}\0network"] = lambda calls=calls: replay_network(calls)
+                        fns[f"{s.key}\0pipeline"] = pipeline
+                    fns[f"{s.key}\0e2e"] = lambda m=s.model, b=batch: m(b)
+                with torch.inference_mode():
+                    times = time_interleaved(
+                        fns, warmup=cfg.warmup, runs=cfg.runs, sync=sync,
+                        progress=lambda: tick("latency", 1 / max(cfg.warmup + cfg.runs, 1)),
+                    )
+                for s in subjects:
+                    t = {part: times.get(f"{s.key}\0{part}") for part in ("e2e", "network", "pipeline")}
+                    row: dict[str, Any] = {"e2e": summarize(t["e2e"]), "memory_format": s.memory_format}
+                    if s.runtime == "torch":
+                        row["network"] = statistics.median(t["network"])
+                        row["pipeline"] = statistics.median(t["pipeline"])
+                    else:
+                        feeds = [{s.model.input_name: img.cpu().numpy()} for img in _fit(s.model, batch)]
+                        split = onnx_split_ms(s.onnx, feeds, s.scopes, threads=cfg.threads,
+                                              warmup=1, runs=max(1, min(cfg.runs, 10)))
+                        # the profiler's per-node times add overhead: split the measured
+                        # end-to-end time by the profiled share of network kernel time
+                        kernel = split.network_ms + split.pipeline_ms
+                        share = split.network_ms / kernel if kernel > 0 and split.network_nodes else None
+                        e2e = row["e2e"][0]
+                        row["network"] = None if share is None else e2e * share
+                        row["pipeline"] = None if share is None else e2e - row["network"]
+                    out[(s.key, bs)] = row
+    finally:
+        torch.set_num_threads(old_threads)
+    return out
+
+
+def _fit(det: Any, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The images as an :class:`~surgery.runtime.OnnxDetector` feeds them (resized to a fixed-size input)."""
+    import torch.nn.functional as F
+
+    if det.fixed is None:
+        return batch
+    return [F.interpolate(x[None].float().cpu(), size=det.fixed, mode="bilinear", align_corners=False)[0]
+            if tuple(x.shape[-2:]) != det.fixed else x.cpu() for x in batch]
+
+
+def _evaluate(s: _Subject, dataset: Any, cfg: BenchSection) -> tuple[float | None, float | None]:
+    """mAP of what a user deploys: the model's own thresholds (an ONNX Runtime subject made from a
+    checkpoint is exported again without the timing workload)."""
+    import tempfile
+
+    from .evaluate import evaluate
+    from .export import export_onnx
+    from .runtime import OnnxDetector
+
+    model = s.model
+    with tempfile.TemporaryDirectory(prefix="surgery-eval-") as tmp:
+        if "torch_model" in s.info:
+            path = Path(tmp) / "eval.onnx"
+            export_onnx(s.info["torch_model"], path, cfg.input_size, verify=False)
+            model = OnnxDetector(path, cfg.threads)
+        res = evaluate(model, dataset, batch_size=8, device=cfg.device if s.runtime == "torch" else "cpu")
+    return res.metrics.get("mAP"), res.metrics.get("mAP50")
+
+
+def _rows(
+    subjects: list[_Subject], timings: dict[tuple[str, int], dict[str, Any]],
+    maps: dict[str, tuple[float | None, float | None]], cfg: BenchSection,
+) -> list[BenchRow]:
+    ref = subjects[0]
+    notes = compare_notes(subjects)
+    rows: list[BenchRow] = []
+    for s in subjects:
+        i = s.info
+        for bs in cfg.batch_sizes:
+            t, r0 = timings[(s.key, bs)], timings[(ref.key, bs)]
+            med, p90 = t["e2e"]
+            rows.append(BenchRow(
+                model=i["model"], method=i["method"], ratio=i["ratio"], sparsity=i["sparsity"], kind=i["kind"],
+                runtime=s.runtime, device=cfg.device if s.runtime == "torch" else "cpu", torch=torch.__version__,
+                threads=cfg.threads, memory_format=t["memory_format"], input_size=cfg.input_size, batch_size=bs,
+                detections=i["detections"], params=i["params"], params_nonzero=i["params_nonzero"],
+                macs=None if i["macs"] is None else int(i["macs"]), latency_ms_median=med, latency_ms_p90=p90,
+                network_ms_median=t["network"], pipeline_ms_median=t["pipeline"],
+                images_per_s=bs / (med / 1e3) if med > 0 else float("inf"), peak_mem_mb=None,
+                file_bytes=i["file_bytes"], file_gzip_bytes=i["file_gzip_bytes"],
+                mAP=maps.get(s.key, (None, None))[0], mAP50=maps.get(s.key, (None, None))[1],
+                params_ratio=_ratio(i["params"], ref.info["params"]), macs_ratio=_ratio(i["macs"], ref.info["macs"]),
+                latency_ratio=_ratio(med, r0["e2e"][0]), network_ratio=_ratio(t["network"], r0["network"]),
+                checkpoint=s.key, notes=list(i["notes"]) + notes,
+            ))
+    return rows
+
+
+def compare_notes(subjects: Sequence[_Subject]) -> list[str]:
+    """Warnings about the comparison itself: different architectures or runtimes side by side."""
+    notes = []
+    models = {s.info["model"] for s in subjects}
+    if len(models) > 1:
+        notes.append(
+            f"comparing different models ({', '.join(sorted(models))}): the ratios are not a pruning result"
+        )
+    runtimes = {s.runtime for s in subjects}
+    if len(runtimes) > 1:
+        notes.append(f"comparing runtimes ({', '.join(sorted(runtimes))}): latency ratios mix runtime and model")
+    return notes
 
 
 def _csv_value(v: Any) -> str:

@@ -395,4 +395,7 @@ def checkpoint_metadata(model: nn.Module, ckpt: Any, input_size: int) -> dict[st
     names = (ckpt.meta or {}).get("class_names") or (ckpt.metrics or {}).get("class_names")
     if names:
         meta["class_names"] = json.dumps(list(names))
+    if ckpt.recipe:  # the data section says which (synthetic) set the model was trained on
+        meta["recipe"] = json.dumps(ckpt.recipe, default=str)
+    meta["num_classes"] = str(ckpt.spec.kwargs.get("num_classes", ""))
     return meta

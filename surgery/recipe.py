@@ -211,8 +211,14 @@ class BenchSection:
     # two-stage models: MACs and latency with exactly this many RoIs reaching the box head
     # (None: the model's own test-time post-NMS count), so variants are compared at equal work
     rois: int | None = None
+    # torch (eager) or onnxruntime (each checkpoint exported, then timed in ONNX Runtime)
+    runtime: str = "torch"
+    # torch on CPU: "auto" times NCHW and channels_last (NHWC) and keeps the faster; "on" / "off"
+    channels_last: str = "auto"
 
     def validate(self) -> None:
+        _check(self.runtime in ("torch", "onnxruntime"), "runtime", "'torch' or 'onnxruntime'")
+        _check(self.channels_last in ("auto", "on", "off"), "channels_last", "'auto', 'on' or 'off'")
         _check(32 <= self.input_size <= 4096, "input_size", "an integer in [32, 4096]")
         _check(all(1 <= b <= 1024 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes", "integers in [1, 1024]")
         _check(1 <= self.runs <= 100_000, "runs", "an integer in [1, 100000]")

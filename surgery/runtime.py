@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from .errors import SurgeryError
 
 
@@ -42,3 +45,102 @@ def ort_session(path: str | Path, threads: int | None = None, *, spinning: bool 
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeUnavailable(f"onnxruntime cannot load {path}: {first}") from e
+
+
+def is_onnx(path: str | Path) -> bool:
+    """An ONNX file: ``.onnx`` suffix, or a protobuf starting with the ``ir_version`` field (a torch
+    checkpoint is a zip, ``PK``, or a pickle, ``0x80``)."""
+    p = Path(path)
+    if p.suffix.lower() == ".onnx":
+        return True
+    try:
+        with open(p, "rb") as f:
+            return f.read(1) == b"\x08"
+    except OSError:
+        return False
+
+
+class OnnxDetector(nn.Module):
+    """An exported detector run by ONNX Runtime, callable like a torchvision detector in eval mode:
+    ``model(images)`` with a list of ``3 x H x W`` float tensors in [0, 1] returns one dict per
+    image with ``boxes`` (in that image's pixels), ``scores``, ``labels`` (+ ``masks`` /
+    ``keypoints``). A fixed-size file (``[3, S, S]``) gets each image resized to ``S x S`` and its
+    boxes, keypoints and masks mapped back. It is an ``nn.Module`` without parameters so the code
+    that evaluates and times torch models (``.eval()``, ``.to()``, ``parameters()``) takes it too.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        super().__init__()
+        from .export import read_metadata
+
+        self.path = Path(path)
+        self.session = ort_session(path, threads)
+        shape = self.session.get_inputs()[0].shape
+        if len(shape) != 3:
+            raise RuntimeUnavailable(f"{path}: expected a surgery export (one image [3, H, W] in), the input is {shape}")
+        self.input_name = self.session.get_inputs()[0].name
+        self.fixed = (int(shape[1]), int(shape[2])) if all(isinstance(d, int) for d in shape[1:]) else None
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        missing = [k for k in ("boxes", "scores", "labels") if k not in self.output_names]
+        if missing:
+            raise RuntimeUnavailable(f"{path}: not a detector export (no {', '.join(missing)} output)")
+        self.metadata = read_metadata(path)
+
+    def forward(self, images: list[torch.Tensor], targets: Any = None) -> list[dict[str, torch.Tensor]]:
+        return [run_image(self, img) for img in images]
+
+
+def run_image(det: OnnxDetector, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One image through an :class:`OnnxDetector`; outputs as CPU torch tensors in the image's pixels."""
+    import torch.nn.functional as F
+
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    x = image.detach().float().cpu()
+    if det.fixed is not None and (h, w) != det.fixed:
+        x = F.interpolate(x[None], size=det.fixed, mode="bilinear", align_corners=False)[0]
+    outs = det.session.run(None, {det.input_name: x.contiguous().numpy()})
+    res = {name: torch.from_numpy(v) for name, v in zip(det.output_names, outs)}
+    if det.fixed is not None and (h, w) != det.fixed:
+        sy, sx = h / det.fixed[0], w / det.fixed[1]
+        scale = torch.tensor([sx, sy, sx, sy])
+        res["boxes"] = res["boxes"] * scale
+        if "keypoints" in res:
+            res["keypoints"] = res["keypoints"] * torch.tensor([sx, sy, 1.0])
+        if "masks" in res and res["masks"].numel():
+            res["masks"] = F.interpolate(res["masks"].float(), size=(h, w), mode="bilinear", align_corners=False)
+    res["labels"] = res["labels"].long()
+    return res
+
+
+def load_detector(path: str | Path, device: str = "cpu", *, threads: int | None = None) -> tuple[nn.Module, Any]:
+    """A checkpoint or an ONNX export, ready for inference: ``(model, checkpoint)``.
+
+    Checkpoints load with :func:`surgery.checkpoint.load_checkpoint` (masks folded in); an ONNX file
+    becomes an :class:`OnnxDetector` (CPU, ONNX Runtime) with a :class:`~surgery.checkpoint.Checkpoint`
+    made from its ``surgery.*`` metadata (model, kind, recipe; no weights). Both come back in eval mode.
+    """
+    import json
+
+    from .checkpoint import Checkpoint, load_checkpoint
+    from .masked import fold_masks
+    from .models import ModelSpec
+
+    if is_onnx(path):
+        if str(device) != "cpu":
+            raise RuntimeUnavailable(f"{path}: ONNX files run on the CPU here (got --device {device})")
+        det = OnnxDetector(path, threads)
+        meta = det.metadata
+        kwargs = {"num_classes": int(meta["num_classes"])} if meta.get("num_classes", "").isdigit() else {}
+        ckpt = Checkpoint(
+            spec=ModelSpec(meta.get("model", Path(path).stem), kwargs),
+            state_dict={},
+            kind=meta.get("kind", "onnx"),
+            recipe=json.loads(meta["recipe"]) if meta.get("recipe") else None,
+            meta={"onnx": meta, **({"class_names": json.loads(meta["class_names"])} if meta.get("class_names") else {})},
+            path=Path(path),
+        )
+        return det.eval(), ckpt
+    model, ckpt = load_checkpoint(path, device=device)
+    if ckpt.kind == "masked":
+        fold_masks(model, ckpt.masks)
+    return model.eval(), ckpt

@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +43,49 @@ def _quantile(values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    runs: int = 20,
+    sync: Callable[[], None] | None = None,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Milliseconds of each of ``runs`` calls of every function, after ``warmup`` untimed rounds.
+
+    Rounds are round-robin with a rotating start, so drift on a shared machine (another process,
+    thermal throttling) is spread over all functions alike. ``sync`` runs before and after each
+    timed call (CUDA); ``progress()`` after each round.
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+        if sync:
+            sync()
+        if progress:
+            progress()
+    for r in range(runs):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            fns[n]()
+            if sync:
+                sync()
+            times[n].append((time.perf_counter() - t0) * 1e3)
+        if progress:
+            progress()
+    return times
+
+
+def summarize(times: Sequence[float]) -> tuple[float, float]:
+    """(median, p90) of a list of milliseconds."""
+    return statistics.median(times), _quantile(times, 0.9)
 
 
 def measure_latency(

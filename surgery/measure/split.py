@@ -1,0 +1,197 @@
+"""Latency that explains itself: the *network* (backbone + neck + heads: the convolutions pruning
+thins) timed apart from the *pipeline* (the model's transform, anchors, box decoding, NMS, RoI
+selection and pooling, mask pasting: what pruning leaves alone), on the same inputs.
+
+PyTorch (:func:`record_calls`, :func:`replay_network`, :func:`network_stubbed`): one forward
+records each network module's call (inputs and outputs). The *network* time is those calls
+replayed on their recorded inputs; the *pipeline* time is the whole model run with every network
+module answering instantly with its recorded output. Both are real, separate measurements, so
+``network + pipeline`` matching the end-to-end time is a check, not an identity.
+
+ONNX Runtime (:func:`onnx_split_ms`): the exported graph runs with ONNX Runtime's profiler on,
+and each node's kernel time is attributed to the network when its scope (the TorchScript exporter
+names nodes ``/backbone/body/layer1/.../Conv``; quantization keeps those names in its Q/DQ nodes)
+starts with a network module's path, to the pipeline otherwise.
+
+Which modules are "the network": :data:`NETWORK_MODULES` for torchvision's families; a model can
+name its own with a ``network_modules`` attribute (a list of dotted submodule names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import MeasureError
+
+NETWORK_MODULES: tuple[str, ...] = (
+    "backbone",  # body + FPN / extra layers
+    "head",  # FCOS, RetinaNet, SSD heads
+    "rpn.head",
+    "roi_heads.box_head",
+    "roi_heads.box_predictor",
+    "roi_heads.mask_head",
+    "roi_heads.mask_predictor",
+    "roi_heads.keypoint_head",
+    "roi_heads.keypoint_predictor",
+)
+
+
+def network_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's network submodules by dotted name (outermost only, in model order)."""
+    wanted = getattr(model, "network_modules", None) or NETWORK_MODULES
+    named = dict(model.named_modules())
+    found = {n: named[n] for n in wanted if n in named}
+    if not found:
+        raise MeasureError(
+            f"{type(model).__name__} has none of the network modules {list(wanted)}: give it a "
+            "`network_modules` attribute listing its backbone/neck/head submodules"
+        )
+    return found
+
+
+@dataclass
+class Call:
+    """One recorded call of a network module."""
+
+    name: str
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any
+
+
+def record_calls(model: nn.Module, images: Sequence[torch.Tensor]) -> list[Call]:
+    """Run ``model(images)`` once (no grad) and record every network-module call, in order."""
+    calls: list[Call] = []
+    handles = []
+    for name, mod in network_modules(model).items():
+
+        def hook(m: nn.Module, args: tuple, kwargs: dict, out: Any, name: str = name) -> None:
+            calls.append(Call(name, m, args, kwargs, out))
+
+        handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            model(list(images))
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls:
+        raise MeasureError(f"{type(model).__name__}: no network module ran during a forward")
+    return calls
+
+
+def replay_network(calls: Sequence[Call]) -> None:
+    """Run every recorded network call again on its recorded inputs (the network time)."""
+    for c in calls:
+        c.module(*c.args, **c.kwargs)
+
+
+@contextlib.contextmanager
+def network_stubbed(calls: Sequence[Call]) -> Iterator[None]:
+    """Network modules return their recorded outputs instantly (in call order, cycling), so a
+    forward of the model costs only its pipeline. The real forwards are restored afterwards."""
+    by_module: dict[nn.Module, list[Any]] = {}
+    for c in calls:
+        by_module.setdefault(c.module, []).append(c.output)
+    counters = {m: 0 for m in by_module}
+
+    def stub(mod: nn.Module) -> Any:
+        outs = by_module[mod]
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            i = counters[mod]
+            counters[mod] = i + 1
+            return outs[i % len(outs)]
+
+        return forward
+
+    try:
+        for mod in by_module:
+            mod.forward = stub(mod)  # instance attribute: nn.Module.__call__ finds it first
+        yield
+    finally:
+        for mod in by_module:
+            mod.__dict__.pop("forward", None)
+
+
+def onnx_scopes(model_or_names: nn.Module | Sequence[str]) -> tuple[str, ...]:
+    """ONNX node-name prefixes of the network modules (``rpn.head`` -> ``/rpn/head/``, and
+    ``/model/rpn/head/`` for :func:`surgery.export.export_onnx`'s output-ordering wrapper)."""
+    names = list(network_modules(model_or_names)) if isinstance(model_or_names, nn.Module) else list(model_or_names)
+    return tuple(f"{root}/{n.replace('.', '/')}/" for n in names for root in ("", "/model"))
+
+
+@dataclass
+class OnnxSplit:
+    network_ms: float  # per run: kernel time of nodes in a network scope
+    pipeline_ms: float  # per run: kernel time of every other node
+    network_nodes: int
+    pipeline_nodes: int
+
+
+def onnx_split_ms(
+    path: str | Path,
+    feeds: Sequence[dict[str, Any]],
+    scopes: Sequence[str] = (),
+    *,
+    threads: int | None = None,
+    warmup: int = 2,
+    runs: int = 10,
+) -> OnnxSplit:
+    """Profile ``runs`` passes over ``feeds`` (one ``session.run`` per feed) and split the kernel
+    time into network (node names under ``scopes``, default :data:`NETWORK_MODULES`') and pipeline.
+    Per pass over all feeds, in ms."""
+    from ..runtime import import_onnxruntime
+
+    ort = import_onnxruntime()
+    scopes = tuple(scopes) or onnx_scopes(NETWORK_MODULES)
+    with tempfile.TemporaryDirectory(prefix="surgery-profile-") as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "profile")
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        for _ in range(warmup):
+            for f in feeds:
+                sess.run(None, f)
+        for _ in range(runs):
+            for f in feeds:
+                sess.run(None, f)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    # the warm-up passes are the first model_run events: count from the first timed one
+    run_starts = sorted(float(e["ts"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    skip = warmup * len(feeds)
+    first = run_starts[skip] if len(run_starts) > skip else 0.0
+    net = pipe = 0.0
+    net_nodes: set[str] = set()
+    pipe_nodes: set[str] = set()
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        if float(e.get("ts", 0)) < first:
+            continue  # warm-up passes
+        node = e["name"][: -len("_kernel_time")]
+        if node.startswith(scopes):
+            net += float(e["dur"])
+            net_nodes.add(node)
+        else:
+            pipe += float(e["dur"])
+            pipe_nodes.add(node)
+    runs = max(runs, 1)
+    return OnnxSplit(net / runs / 1e3, pipe / runs / 1e3, len(net_nodes), len(pipe_nodes))
