@@ -1,0 +1,109 @@
+"""Deployment latency: network vs pipeline split, ONNX files through bench and eval, ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from surgery.bench import bench_checkpoints
+from surgery.checkpoint import save_checkpoint
+from surgery.data import build_dataset, synthesize
+from surgery.evaluate import evaluate
+from surgery.export import export_onnx
+from surgery.measure.split import network_stubbed, record_calls, replay_network
+from surgery.models import ModelSpec, build_model
+from surgery.prune import prune_model
+from surgery.recipe import BenchSection, PruneSection
+from surgery.runtime import OnnxDetector, load_detector
+
+pytest.importorskip("onnxruntime")
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A dense fcos_resnet18_slim and the same model with 50% of its channels cut."""
+    d = tmp_path_factory.mktemp("deploy")
+    torch.manual_seed(0)
+    dense = build_model("fcos_resnet18_slim").eval()
+    spec = ModelSpec("fcos_resnet18_slim")
+    dense_p = save_checkpoint(d / "dense.pt", dense, spec, kind="dense")
+    import copy
+
+    pruned = copy.deepcopy(dense)
+    res = prune_model(pruned, PruneSection(ratio=0.5), trace_size=SIZE, macs_input_size=SIZE)
+    assert res.report.macs_after < 0.5 * res.report.macs_before
+    pruned_p = save_checkpoint(d / "half.pt", pruned, spec, kind="structured", plan=res.plan)
+    return dense_p, pruned_p
+
+
+def test_split_replays_the_network_and_stubs_it_out():
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", fpn_channels=64).eval()
+    images = [torch.rand(3, SIZE, SIZE)]
+    calls = record_calls(model, images)
+    assert [c.name for c in calls] == ["backbone", "head"]
+    ran = []
+    handle = model.head.classification_head.register_forward_pre_hook(lambda m, a: ran.append(1))  # inside the head
+    with torch.inference_mode():
+        replay_network(calls)
+        assert len(ran) == 1
+        with network_stubbed(calls):
+            out = model(images)  # the stubbed head does not run, yet the detections are the same
+        assert len(ran) == 1
+        ref = model(images)
+    handle.remove()
+    assert torch.equal(out[0]["boxes"], ref[0]["boxes"]) and "forward" not in vars(model.head)
+
+
+def test_network_and_pipeline_add_up_and_pruning_shrinks_the_network(ckpts):
+    cfg = BenchSection(input_size=SIZE, batch_sizes=[1], warmup=2, runs=9, threads=1, channels_last="off")
+    dense, half = bench_checkpoints(list(ckpts), cfg)
+    for r in (dense, half):
+        parts = r.network_ms_median + r.pipeline_ms_median
+        # measured apart (replayed network, stubbed-network model): the sum is a check, not an identity
+        assert abs(parts - r.latency_ms_median) <= 0.3 * r.latency_ms_median, (parts, r.latency_ms_median)
+        assert r.detections == 100 and r.runtime == "torch"
+    assert half.macs_ratio < 0.5
+    assert half.network_ms_median < dense.network_ms_median and half.network_ratio < 1
+
+
+def test_onnxruntime_runtime_splits_by_profile(ckpts):
+    cfg = BenchSection(input_size=SIZE, batch_sizes=[1], warmup=1, runs=5, threads=1, runtime="onnxruntime")
+    dense, half = bench_checkpoints(list(ckpts), cfg)
+    assert dense.runtime == half.runtime == "onnxruntime"
+    assert dense.network_ms_median > dense.pipeline_ms_median > 0  # the convolutions dominate
+    assert half.network_ratio < 1 and half.macs_ratio < 0.5
+
+
+def test_onnx_file_evaluates_like_the_checkpoint(tmp_path, ckpts):
+    root = synthesize(tmp_path / "shapes", images=2, size=SIZE, seed=3, val_images=4).root
+    val = build_dataset(f"coco:{root}", "val", train=False)
+    model, _ = load_detector(ckpts[1])
+    model.score_thresh = 0.0  # untrained: keep detections so there is something to score
+    path = export_onnx(model, tmp_path / "half.onnx", SIZE, verify=False).path
+    ref = evaluate(model, val, batch_size=2)
+    got = evaluate(OnnxDetector(path), val, batch_size=2)
+    assert got.num_detections == ref.num_detections > 0
+    assert got.metrics["mAP50"] == pytest.approx(ref.metrics["mAP50"], abs=0.02)
+
+
+def test_cli_bench_and_eval_take_onnx_files(tmp_path, ckpts):
+    runner = CliRunner()
+    onnx = tmp_path / "half.onnx"
+    res = runner.invoke(app, ["export", str(ckpts[1]), "--out", str(onnx), "--input-size", str(SIZE), "--no-verify"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["bench", str(ckpts[0]), str(onnx), "--input-size", str(SIZE), "--runs", "2",
+                              "--warmup", "1", "-b", "1", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("["):])
+    assert [r["runtime"] for r in rows] == ["torch", "onnxruntime"]
+    assert rows[1]["params"] < rows[0]["params"] and rows[1]["macs"] < rows[0]["macs"]  # from the file's metadata
+    assert any("ONNX file" in n for n in rows[1]["notes"])
+    res = runner.invoke(app, ["eval", str(onnx), "--data", "synthetic", "--max-images", "2"])
+    assert res.exit_code == 0, res.output
+    assert "mAP" in res.output
