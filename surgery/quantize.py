@@ -201,8 +201,10 @@ def compare_detections(
     score_thresh: float = 0.3,
     iou_thresh: float = 0.9,
     score_tol: float = 0.05,
+    top_k: int | None = None,
 ) -> Agreement:
-    """Match ``candidate``'s detections to ``reference``'s on the same images (see :class:`Agreement`)."""
+    """Match ``candidate``'s detections to ``reference``'s on the same images (see :class:`Agreement`);
+    ``top_k``: only the reference's ``k`` best detections per image are checked."""
     total = matched = n_cand = 0
     ious: list[float] = []
     diffs: list[float] = []
@@ -210,7 +212,8 @@ def compare_detections(
         x = _fit(image, reference.size)
         ref, got = reference.run(x), candidate.run(x)
         n_cand += int((got["scores"] >= score_thresh).sum())
-        for box, score, label in zip(ref["boxes"], ref["scores"], ref["labels"], strict=True):
+        order = np.argsort(-ref["scores"], kind="stable")[:top_k]
+        for box, score, label in zip(ref["boxes"][order], ref["scores"][order], ref["labels"][order], strict=True):
             if score < score_thresh:
                 continue
             total += 1
@@ -297,13 +300,14 @@ def quantize_onnx(
         )
     extra: dict[str, Any] = {}
     if ranges:
-        overrides: dict[str, list[dict[str, float]]] = {}
+        bounds: dict[str, tuple[float, float]] = {}  # per input tensor: the union over the layers reading it
         for node in graph.node:
             r = ranges.get(mapped.get(node.name, ""))
             if node.name in chosen and r is not None:
-                lo, hi = overrides.get(node.input[0], [{"rmin": r[0], "rmax": r[1]}])[0].values()
-                overrides[node.input[0]] = [{"rmin": min(lo, r[0], 0.0), "rmax": max(hi, r[1], 0.0)}]
-        extra["TensorQuantOverrides"] = overrides
+                lo, hi = bounds.get(node.input[0], r)
+                bounds[node.input[0]] = (min(lo, r[0], 0.0), max(hi, r[1], 0.0))
+        # ORT wants numpy scalars of the tensor's type here
+        extra["TensorQuantOverrides"] = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for t, (lo, hi) in bounds.items()}
     images = [_fit(im, input_size).numpy().astype(np.float32) for im in calib_images]
     name = graph.input[0].name
     with atomic_path(out) as tmp, _ort_warnings_off():
