@@ -52,7 +52,13 @@ def test_ptq_quantizes_convs_keeps_outputs_float_and_agrees(trained, tmp_path):
     (IoU 0.9 tolerates ~5% per edge) and scores a few hundredths; a quantized output layer or a wrong
     range (e.g. calibrating on blank images) moves many boxes and scores by far more."""
     from surgery.graph import output_layers
-    from surgery.quantize import OnnxDetector, compare_detections, dataset_images, layer_nodes, quantize_checkpoint
+    from surgery.quantize import (
+        OnnxDetector,
+        compare_detections,
+        dataset_images,
+        layer_nodes,
+        quantize_checkpoint,
+    )
 
     res = quantize_checkpoint(trained, tmp_path / "m.int8.onnx", calib_batches=2, batch_size=4,
                               keep_float=tmp_path / "m.onnx", verify_images=4)  # fmt: skip
