@@ -15,10 +15,10 @@ from surgery.errors import RecipeError
 from surgery.recipe import load_recipe
 
 # commands that load a model, a checkpoint or a recipe
-TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "eval", "bench", "export", "sweep")
+TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "eval", "bench", "export", "sweep", "quantize")
 # parameters naming input files, and output files (-> the flag shown in errors)
 INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights")
-OUTPUT_PARAMS = {"out": "--out", "json_out": "--json", "csv": "--csv"}
+OUTPUT_PARAMS = {"out": "--out", "json_out": "--json", "csv": "--csv", "keep_float": "--keep-float"}
 FOLDER_OUTPUTS = ("sweep",)  # their --out is a run folder
 
 TRUST_HELP = (

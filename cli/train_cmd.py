@@ -99,9 +99,11 @@ def retrain(
     scope: str = typer.Option(None, "--scope", help="Masking scope: layer | global (default: recipe prune.scope)."),
     teacher: str = typer.Option(None, "--teacher", help="Distill from this checkpoint ('auto': the one pruned from; 'none': off)."),
     distill_weight: float = typer.Option(None, "--distill-weight", help="Feature-imitation loss weight (retrain.distill.weight)."),
+    qat: bool = typer.Option(False, "--qat", help="Quantization-aware: train with fake-quantized int8 layers (then surgery quantize)."),
 ) -> None:
     """Retrain a pruned, masked or dense checkpoint; masks of masked checkpoints are kept exactly."""
     from surgery.checkpoint import read_checkpoint
+    from surgery.qat import QATHook
     from surgery.train import destroy_distributed, init_distributed
     from surgery.workflows import recipe_for_checkpoint, retrain_checkpoint
 
@@ -119,7 +121,7 @@ def retrain(
         with TrainDisplay(f"retrain {ckpt.stem}", enabled=dist_info.is_main) as display:
             outcome = retrain_checkpoint(ckpt, rec, out, device=device, resume=resume, evaluate=eval_,
                                          sparsity=sparsity, agp=agp, dist_info=dist_info,
-                                         callbacks=display.callbacks())
+                                         callbacks=display.callbacks(), hooks=[QATHook()] if qat else ())
         if dist_info.is_main:
             print_train_summary(f"retrain {ckpt.stem}", outcome)
     finally:

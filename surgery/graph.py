@@ -244,6 +244,49 @@ def _find_output_layers(loss: torch.Tensor, outputs: dict[Any, nn.Module]) -> li
 # --------------------------------------------------------------------------------------------
 
 
+def _recorded_loss(m: nn.Module, inputs: Any) -> tuple[list[nn.Module], dict[nn.Module, list[torch.Tensor]]]:
+    """Run ``m`` on ``(images, targets)`` in the trace mode, recording every layer's outputs; return
+    the output layers (reached from the loss without passing through another layer) and what each
+    layer returned."""
+    layer_outputs: dict[Any, nn.Module] = {}
+    recorded: dict[nn.Module, list[torch.Tensor]] = {}
+
+    def record(module: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            layer_outputs[out.grad_fn] = module
+            recorded.setdefault(module, []).append(out)
+
+    m.train()
+    for sub in m.modules():
+        if isinstance(sub, NORM_TYPES + (nn.Dropout,)):
+            sub.eval()
+    hooks = [sub.register_forward_hook(record) for sub in m.modules() if isinstance(sub, LAYER_TYPES)]
+    try:
+        images, targets = inputs
+        loss = _losses_to_scalar(m(images, targets))
+    finally:
+        for h in hooks:
+            h.remove()
+    return _find_output_layers(loss, layer_outputs), recorded
+
+
+def output_layers(model: nn.Module, trace_size: int = 128) -> list[str]:
+    """Names of the detector's output layers (class logits, box deltas, centerness, mask and
+    keypoint logits, SSD per-level predictors), found from the autograd graph of its training
+    loss on dummy targets as :func:`trace` finds them; the model is left as it was."""
+    names = {m: n for n, m in model.named_modules()}
+    with _trace_mode(model, trace_size):
+        try:
+            found, _ = _recorded_loss(model, dummy_inputs(model, trace_size))
+        except PruningError:
+            raise
+        except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as e:
+            raise PruningError(
+                f"cannot run {type(model).__name__} in train mode with dummy targets to find its output layers: {e}"
+            ) from e
+    return [names[m] for m in found]
+
+
 def trace(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str] = ()) -> DetectorGraph:
     """Build the channel-dependency graph of ``model`` and its coupled channel groups.
 
@@ -251,31 +294,13 @@ def trace(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str] = ()) 
     marked not prunable).
     """
     all_names = {m: n for n, m in model.named_modules()}
-    layer_outputs: dict[Any, nn.Module] = {}
     leaf_outputs: list[torch.Tensor] = []
     output_modules: list[nn.Module] = []
 
-    def record(module: nn.Module, _inp: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            layer_outputs[out.grad_fn] = module
-            recorded.setdefault(module, []).append(out)
-
-    recorded: dict[nn.Module, list[torch.Tensor]] = {}
-
     def forward_fn(m: nn.Module, inputs: Any) -> list[torch.Tensor]:
-        # Torch-Pruning calls model.eval() right before this; switch to the trace mode here.
-        m.train()
-        for sub in m.modules():
-            if isinstance(sub, NORM_TYPES + (nn.Dropout,)):
-                sub.eval()
-        hooks = [sub.register_forward_hook(record) for sub in m.modules() if isinstance(sub, LAYER_TYPES)]
-        try:
-            images, targets = inputs
-            loss = _losses_to_scalar(m(images, targets))
-        finally:
-            for h in hooks:
-                h.remove()
-        output_modules.extend(_find_output_layers(loss, layer_outputs))
+        # Torch-Pruning calls model.eval() right before this; _recorded_loss switches to the trace mode.
+        found, recorded = _recorded_loss(m, inputs)
+        output_modules.extend(found)
         for om in output_modules:
             leaf_outputs.extend(recorded[om])
         return leaf_outputs

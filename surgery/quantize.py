@@ -1,0 +1,422 @@
+"""INT8 post-training quantization of exported detectors with ONNX Runtime's tooling.
+
+The float graph comes from :func:`surgery.export.export_onnx` (one ``3 x S x S`` image, the
+model's own pre- and post-processing inside). ``onnxruntime.quantization.quantize_static`` then
+writes a QDQ model: weights per-channel, activations calibrated on training images at the export
+size. Only the network's convolutions and fully-connected layers are quantized - the ONNX nodes
+that come from an ``nn.Conv*d`` / ``nn.Linear`` module - and never the output layers (class
+logits, box deltas, centerness, SSD predictors, mask/keypoint logits), which the autograd graph
+of the training loss names (:func:`surgery.graph.output_layers`): 8-bit score and box outputs are
+known to wreck detections. Decoding, NMS and RoIAlign are not Conv/MatMul/Gemm and stay float.
+
+ONNX nodes are mapped to modules through the TorchScript exporter's scope names
+(``/head/classification_head/conv/conv.0_2/Conv``: the third call of ``head.classification_head.conv.0``).
+
+After a quantization-aware fine-tune (:mod:`surgery.qat`) the activation ranges observed during
+training replace the calibrated ones (ORT's ``TensorQuantOverrides``), so the INT8 file uses the
+ranges the weights were trained for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .atomic import atomic_path
+from .errors import SurgeryError
+
+# Quantized operator types: the network's convolutions and matmuls; everything else stays float.
+QUANT_OPS = ("Conv", "MatMul", "Gemm")
+MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class QuantizeError(SurgeryError):
+    """A model cannot be quantized (it does not export, or has nothing ONNX Runtime can quantize)."""
+
+
+@dataclass
+class Agreement:
+    """How closely INT8 detections follow the float model's on the same images: a float detection
+    with score >= ``score_thresh`` is *matched* when an INT8 detection of the same label overlaps
+    it with IoU >= ``iou_thresh`` and its score is within ``score_tol``."""
+
+    images: int
+    float_detections: int  # above score_thresh
+    matched: int
+    mean_iou: float  # best same-label IoU per float detection
+    mean_score_diff: float  # over detections with a same-label overlap >= 0.5
+    max_score_diff: float
+    int8_detections: int = 0  # above score_thresh
+    score_thresh: float = 0.3
+    iou_thresh: float = 0.9
+    score_tol: float = 0.05
+
+    @property
+    def fraction(self) -> float:
+        return self.matched / self.float_detections if self.float_detections else 1.0
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    input_size: int
+    calib_images: int
+    quantized_nodes: int  # Conv/MatMul/Gemm nodes with INT8 weights
+    float_nodes: list[str]  # Conv/MatMul/Gemm nodes left in float (output layers, unmapped nodes)
+    excluded_layers: list[str]  # modules kept in float (the output layers)
+    float_bytes: int
+    int8_bytes: int
+    activation_type: str
+    weight_type: str
+    reduce_range: bool
+    ranges: str  # "calibration" or "qat" (activation ranges observed while training)
+    float_path: Path | None = None  # kept float export, if asked
+    agreement: Agreement | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX nodes <-> modules
+
+
+def node_module(node_name: str, modules: set[str] | dict[str, Any]) -> str | None:
+    """The module a TorchScript-exported node comes from, or ``None``.
+
+    The exporter names a node ``/scope/.../OpType``; each scope component names a module that ran
+    ``forward``, relative to an enclosing scope (``/backbone/body/layer1/layer1.0/conv1/Conv`` ->
+    ``backbone.body.layer1.0.conv1``), with ``_N`` appended for its N-th extra call (shared heads run
+    once per pyramid level). Each candidate is checked against the model's module names.
+    """
+    path: list[str] = []
+    for comp in node_name.strip("/").split("/")[:-1]:
+        names = [comp] + ([re.sub(r"_\d+$", "", comp)] if re.search(r"_\d+$", comp) else [])
+        resolved = None
+        for name in names:
+            segs = name.split(".")
+            for k in range(min(len(segs) - 1, len(path)), -1, -1):  # longest overlap with the path first
+                if k and path[-k:] != segs[:k]:
+                    continue
+                if ".".join(path + segs[k:]) in modules:
+                    resolved = path + segs[k:]
+                    break
+            if resolved is not None:
+                break
+        if resolved is None:
+            return None
+        path = resolved
+    return ".".join(path) or None
+
+
+def layer_nodes(graph: Any, model: nn.Module) -> dict[str, str]:
+    """``{onnx node name: module name}`` for the Conv/MatMul/Gemm nodes that come from a
+    convolution or linear module of ``model``."""
+    modules = {n: m for n, m in model.named_modules() if n}
+    out: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type in QUANT_OPS:
+            name = node_module(node.name, modules)
+            if name is not None and isinstance(modules[name], MODULE_TYPES):
+                out[node.name] = name
+    return out
+
+
+def quantized_weight_nodes(graph: Any) -> list[str]:
+    """Names of the Conv/MatMul/Gemm nodes whose weight input is INT8 (a DequantizeLinear output)."""
+    dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in graph.node if n.op_type in QUANT_OPS and len(n.input) > 1 and n.input[1] in dq]
+
+
+# --------------------------------------------------------------------------------------------
+# running an exported detector
+
+
+def _fit(image: torch.Tensor, size: int) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    return torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+class OnnxDetector(nn.Module):
+    """An exported detector behind the torchvision interface (``model(images) -> [dict]``), so
+    :func:`surgery.evaluate.evaluate` scores it like a checkpoint. Each image is resized to the
+    export's fixed ``size x size`` input and the boxes (masks, keypoints) are mapped back."""
+
+    def __init__(self, path: str | Path, size: int, threads: int | None = None) -> None:
+        super().__init__()
+        from .runtime import ort_session
+
+        self.path = Path(path)
+        self.size = int(size)
+        self.session = ort_session(path, threads)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, image: torch.Tensor) -> dict[str, np.ndarray]:
+        """The raw outputs, by name, for one image already ``3 x size x size``."""
+        outs = self.session.run(None, {self.input_name: image.detach().cpu().float().numpy()})
+        return dict(zip(self.output_names, outs, strict=True))
+
+    def forward(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        results = []
+        for image in images:
+            h, w = image.shape[-2:]
+            out = {k: torch.from_numpy(np.asarray(v)) for k, v in self.run(_fit(image, self.size)).items()}
+            sx, sy = w / self.size, h / self.size
+            if "boxes" in out:
+                out["boxes"] = out["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=out["boxes"].dtype)
+            if "keypoints" in out:
+                out["keypoints"] = out["keypoints"] * torch.tensor([sx, sy, 1.0], dtype=out["keypoints"].dtype)
+            if "masks" in out and out["masks"].numel() and (h, w) != (self.size, self.size):
+                out["masks"] = torch.nn.functional.interpolate(out["masks"].float(), size=(h, w), mode="bilinear")
+            results.append(out)
+        return results
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    lt = np.maximum(box[:2], boxes[:, :2])
+    rb = np.minimum(box[2:], boxes[:, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=1)
+    area = (box[2:] - box[:2]).prod()
+    areas = (boxes[:, 2:] - boxes[:, :2]).prod(axis=1)
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def compare_detections(
+    reference: OnnxDetector,
+    candidate: OnnxDetector,
+    images: Sequence[torch.Tensor],
+    *,
+    score_thresh: float = 0.3,
+    iou_thresh: float = 0.9,
+    score_tol: float = 0.05,
+    top_k: int | None = None,
+) -> Agreement:
+    """Match ``candidate``'s detections to ``reference``'s on the same images (see :class:`Agreement`);
+    ``top_k``: only the reference's ``k`` best detections per image are checked."""
+    total = matched = n_cand = 0
+    ious: list[float] = []
+    diffs: list[float] = []
+    for image in images:
+        x = _fit(image, reference.size)
+        ref, got = reference.run(x), candidate.run(x)
+        n_cand += int((got["scores"] >= score_thresh).sum())
+        order = np.argsort(-ref["scores"], kind="stable")[:top_k]
+        for box, score, label in zip(ref["boxes"][order], ref["scores"][order], ref["labels"][order], strict=True):
+            if score < score_thresh:
+                continue
+            total += 1
+            same = got["labels"] == label
+            if not same.any():
+                ious.append(0.0)
+                continue
+            overlap = np.where(same, _iou(box, got["boxes"]), 0.0)
+            j = int(np.argmax(overlap))
+            diff = abs(float(got["scores"][j]) - float(score))
+            ious.append(float(overlap[j]))
+            if overlap[j] >= 0.5:
+                diffs.append(diff)
+            matched += int(overlap[j] >= iou_thresh and diff <= score_tol)
+    return Agreement(
+        images=len(images), float_detections=total, matched=matched,
+        mean_iou=float(np.mean(ious)) if ious else 1.0, mean_score_diff=float(np.mean(diffs)) if diffs else 0.0,
+        max_score_diff=float(np.max(diffs)) if diffs else 0.0, int8_detections=n_cand,
+        score_thresh=score_thresh, iou_thresh=iou_thresh, score_tol=score_tol,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# quantization
+
+
+class _Reader:
+    """ORT's ``CalibrationDataReader`` protocol over a list of images."""
+
+    def __init__(self, name: str, images: Sequence[np.ndarray]) -> None:
+        self._it = iter([{name: im} for im in images])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # pragma: no cover - ORT only calls it for some calibrators
+        pass
+
+
+@contextlib.contextmanager
+def _ort_warnings_off() -> Any:
+    """ORT's quantizer logs advice through the root logger (e.g. to run its shape pre-processing,
+    which the detector's graph does not need); the library never prints."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def quantize_onnx(
+    float_path: str | Path,
+    out: str | Path,
+    model: nn.Module,
+    calib_images: Sequence[torch.Tensor],
+    *,
+    input_size: int,
+    exclude: Sequence[str] | None = None,
+    ranges: dict[str, tuple[float, float]] | None = None,
+    reduce_range: bool = False,
+) -> QuantizeResult:
+    """Write an INT8 QDQ copy of the float export ``float_path`` (of ``model``) to ``out``, atomically.
+
+    ``calib_images`` (``3 x H x W`` in [0, 1], resized to ``input_size``) calibrate the activation
+    ranges; ``ranges`` (``{module name: (min, max)}`` of each layer's input, from QAT) override them.
+    ``exclude``: modules kept in float (default: the model's output layers).
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from .graph import output_layers
+
+    t0 = time.perf_counter()
+    float_path = Path(float_path)
+    graph = onnx.load(str(float_path)).graph
+    mapped = layer_nodes(graph, model)
+    excluded = list(exclude) if exclude is not None else output_layers(model)
+    chosen = [n for n, m in mapped.items() if m not in excluded]
+    if not chosen:
+        raise QuantizeError(
+            f"{type(model).__name__}: no convolution or linear layer outside the output layers was found in the "
+            "ONNX graph, nothing to quantize"
+        )
+    extra: dict[str, Any] = {}
+    if ranges:
+        bounds: dict[str, tuple[float, float]] = {}  # per input tensor: the union over the layers reading it
+        for node in graph.node:
+            r = ranges.get(mapped.get(node.name, ""))
+            if node.name in chosen and r is not None:
+                lo, hi = bounds.get(node.input[0], r)
+                bounds[node.input[0]] = (min(lo, r[0], 0.0), max(hi, r[1], 0.0))
+        # ORT wants numpy scalars of the tensor's type here
+        extra["TensorQuantOverrides"] = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for t, (lo, hi) in bounds.items()}
+    images = [_fit(im, input_size).numpy().astype(np.float32) for im in calib_images]
+    name = graph.input[0].name
+    with atomic_path(out) as tmp, _ort_warnings_off():
+        try:
+            # U8S8 (uint8 activations, int8 weights): on this AVX2 CPU without VNNI, measured on the
+            # dense quickstart FCOS at 128 px (2 threads, interleaved): U8S8 8.6 ms, U8S8 + reduce_range
+            # 8.7 ms, U8U8 10.9 ms, S8S8 14.6 ms, FP32 13.1 ms; 224/225 detections matched for U8S8,
+            # 221 with reduce_range, 225 for U8U8. ORT's docs recommend reduce_range (7-bit weights) for
+            # U8S8 on non-VNNI x86 to avoid saturation in VPMADDUBSW's int16 pair sums; it cost accuracy
+            # and no speed here, so it is an option (--reduce-range), not the default.
+            quantize_static(
+                str(float_path), str(tmp), _Reader(name, images), quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANT_OPS), nodes_to_quantize=chosen, per_channel=True,
+                reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax, extra_options=extra,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - ORT raises many types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise QuantizeError(f"onnxruntime cannot quantize {float_path.name}: {first}") from e
+        qmodel = onnx.load(str(tmp))
+        # quantize_static leaves the shapes it inferred in value_info; with them ORT's graph
+        # optimizer folds the detector's box reshapes into static ones that fail on an empty level
+        # ("cannot reshape {0,2,2} to {0,-1}") on every image. The float export has no value_info.
+        del qmodel.graph.value_info[:]
+        onnx.save(qmodel, str(tmp))
+        quantized = quantized_weight_nodes(qmodel.graph)
+        int8_bytes = tmp.stat().st_size
+    floats = [n.name for n in graph.node if n.op_type in QUANT_OPS and n.name not in set(quantized)]
+    return QuantizeResult(
+        path=Path(out), input_size=input_size, calib_images=len(images), quantized_nodes=len(quantized),
+        float_nodes=floats, excluded_layers=excluded, float_bytes=float_path.stat().st_size, int8_bytes=int8_bytes,
+        activation_type="uint8", weight_type="int8", reduce_range=reduce_range,
+        ranges="qat" if ranges else "calibration", seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def export_size(model: nn.Module) -> int:
+    """The square input size a checkpoint is exported at by default: its transform's ``min_size``."""
+    min_size = getattr(getattr(model, "transform", None), "min_size", None)
+    if isinstance(min_size, (list, tuple)) and min_size:
+        return int(max(min_size))
+    if isinstance(min_size, int):
+        return min_size
+    raise QuantizeError(f"{type(model).__name__} has no transform.min_size: pass --input-size")
+
+
+def dataset_images(data: Any, split: str, count: int, *, source: str | None = None) -> list[torch.Tensor]:
+    """The first ``count`` images of ``split`` of a recipe's data section, without augmentation."""
+    from .data import dataset_for
+
+    ds = dataset_for(data, split, train=False, source=source)
+    return [ds.load_image(i) for i in range(min(count, len(ds)))]
+
+
+def quantize_checkpoint(
+    ckpt_path: str | Path,
+    out: str | Path,
+    *,
+    calib_batches: int = 8,
+    batch_size: int = 8,
+    input_size: int | None = None,
+    keep_float: str | Path | None = None,
+    verify_images: int = 8,
+    data: str | None = None,
+    reduce_range: bool = False,
+    trust_code: bool | None = None,
+    threads: int | None = None,
+) -> QuantizeResult:
+    """Export a surgery checkpoint (dense, structured or masked: masks are folded first) to ONNX,
+    quantize it to INT8 calibrated on ``calib_batches x batch_size`` training images of the
+    checkpoint's dataset (``data`` overrides its source), and compare INT8 with float detections
+    on ``verify_images`` validation images. A QAT checkpoint (:mod:`surgery.qat`) gives its
+    trained activation ranges instead of calibrated ones. ``keep_float`` also writes the float export."""
+    from .checkpoint import load_checkpoint
+    from .export import ExportError, export_onnx
+    from .masked import fold_masks
+    from .qat import qat_ranges
+
+    if calib_batches < 1 or batch_size < 1:
+        raise QuantizeError(f"--calib-batches and --batch-size must be >= 1, got {calib_batches} and {batch_size}")
+    t0 = time.perf_counter()
+    model, ckpt = load_checkpoint(ckpt_path, trust_code=trust_code)
+    if ckpt.masks:
+        fold_masks(model, ckpt.masks)
+    model.eval()
+    size = input_size or export_size(model)
+    recipe_data = (ckpt.recipe or {}).get("data")
+    calib = dataset_images(recipe_data, "train", calib_batches * batch_size, source=data)
+    ranges = qat_ranges(ckpt)
+    with tempfile.TemporaryDirectory(prefix="surgery-quantize-") as tmpdir:
+        float_path = Path(keep_float) if keep_float is not None else Path(tmpdir) / "float.onnx"
+        try:
+            export_onnx(model, float_path, size, verify=False)
+        except ExportError as e:
+            raise QuantizeError(f"cannot quantize {ckpt.spec.name}: {e}") from e
+        result = quantize_onnx(float_path, out, model, calib, input_size=size, ranges=ranges, reduce_range=reduce_range)
+        if verify_images > 0:
+            images = dataset_images(recipe_data, "val", verify_images, source=data)
+            result.agreement = compare_detections(
+                OnnxDetector(float_path, size, threads), OnnxDetector(result.path, size, threads), images
+            )
+    result.float_path = Path(keep_float) if keep_float is not None else None
+    result.seconds = time.perf_counter() - t0
+    if ranges:
+        result.notes.append(f"activation ranges of {len(ranges)} layers from quantization-aware training")
+    return result
+
+
+__all__ = [
+    "Agreement", "OnnxDetector", "QuantizeError", "QuantizeResult", "compare_detections", "dataset_images",
+    "export_size", "layer_nodes", "node_module", "quantize_checkpoint", "quantize_onnx", "quantized_weight_nodes",
+]  # fmt: skip
