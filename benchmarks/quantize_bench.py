@@ -4,7 +4,7 @@ For each checkpoint (e.g. the quickstart's dense model and a 50%-channel pruned 
 float ONNX, quantize it (PTQ, calibrated on ``--calib-batches x 8`` training images), fine-tune
 ``--qat-steps`` steps with fake-quantized layers (:class:`surgery.qat.QATHook`, the checkpoint's
 retrain recipe) and quantize that too; then COCO mAP of every ONNX file on the first ``--val-images``
-validation images (through :class:`surgery.quantize.OnnxDetector` and :func:`surgery.evaluate.evaluate`)
+validation images (through :class:`surgery.runtime.OnnxDetector` and :func:`surgery.evaluate.evaluate`)
 and end-to-end ONNX Runtime latency (batch 1, ``--threads`` threads, spin-waiting off), measured
 interleaved across all files so a busy machine slows them alike. Writes one CSV row per file:
 
@@ -59,7 +59,8 @@ def main() -> None:
     from surgery.checkpoint import read_checkpoint
     from surgery.data import dataset_for
     from surgery.evaluate import evaluate
-    from surgery.quantize import OnnxDetector, quantize_checkpoint
+    from surgery.quantize import quantize_checkpoint
+    from surgery.runtime import OnnxDetector
 
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def main() -> None:
         val = dataset_for((read_checkpoint(ckpt).recipe or {}).get("data"), "val", train=False)
         float_map = None
         for variant, path, res, steps in variants:
-            det = OnnxDetector(path, ptq.input_size, args.threads)
+            det = OnnxDetector(path, args.threads)
             m = evaluate(det, val, max_images=args.val_images).metrics
             float_map = m["mAP"] if float_map is None else float_map
             row = {"checkpoint": str(ckpt), "variant": variant, "onnx": str(path), "mAP": round(m["mAP"], 4),

@@ -35,6 +35,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import SurgeryError
+from .runtime import OnnxDetector
 
 # Quantized operator types: the network's convolutions and matmuls; everything else stays float.
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
@@ -100,7 +101,10 @@ def node_module(node_name: str, modules: set[str] | dict[str, Any]) -> str | Non
     once per pyramid level). Each candidate is checked against the model's module names.
     """
     path: list[str] = []
-    for comp in node_name.strip("/").split("/")[:-1]:
+    comps = node_name.strip("/").split("/")[:-1]
+    if comps and comps[0] == "model" and "model" not in modules:
+        comps = comps[1:]  # surgery.export's output-ordering wrapper holds the detector as ``model``
+    for comp in comps:
         names = [comp] + ([re.sub(r"_\d+$", "", comp)] if re.search(r"_\d+$", comp) else [])
         resolved = None
         for name in names:
@@ -139,49 +143,13 @@ def quantized_weight_nodes(graph: Any) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# running an exported detector
+# comparing an INT8 file with its float export (both run by :class:`surgery.runtime.OnnxDetector`)
 
 
 def _fit(image: torch.Tensor, size: int) -> torch.Tensor:
     if tuple(image.shape[-2:]) == (size, size):
         return image
     return torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-
-
-class OnnxDetector(nn.Module):
-    """An exported detector behind the torchvision interface (``model(images) -> [dict]``), so
-    :func:`surgery.evaluate.evaluate` scores it like a checkpoint. Each image is resized to the
-    export's fixed ``size x size`` input and the boxes (masks, keypoints) are mapped back."""
-
-    def __init__(self, path: str | Path, size: int, threads: int | None = None) -> None:
-        super().__init__()
-        from .runtime import ort_session
-
-        self.path = Path(path)
-        self.size = int(size)
-        self.session = ort_session(path, threads)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.input_name = self.session.get_inputs()[0].name
-
-    def run(self, image: torch.Tensor) -> dict[str, np.ndarray]:
-        """The raw outputs, by name, for one image already ``3 x size x size``."""
-        outs = self.session.run(None, {self.input_name: image.detach().cpu().float().numpy()})
-        return dict(zip(self.output_names, outs, strict=True))
-
-    def forward(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        results = []
-        for image in images:
-            h, w = image.shape[-2:]
-            out = {k: torch.from_numpy(np.asarray(v)) for k, v in self.run(_fit(image, self.size)).items()}
-            sx, sy = w / self.size, h / self.size
-            if "boxes" in out:
-                out["boxes"] = out["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=out["boxes"].dtype)
-            if "keypoints" in out:
-                out["keypoints"] = out["keypoints"] * torch.tensor([sx, sy, 1.0], dtype=out["keypoints"].dtype)
-            if "masks" in out and out["masks"].numel() and (h, w) != (self.size, self.size):
-                out["masks"] = torch.nn.functional.interpolate(out["masks"].float(), size=(h, w), mode="bilinear")
-            results.append(out)
-        return results
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -407,7 +375,7 @@ def quantize_checkpoint(
         if verify_images > 0:
             images = dataset_images(recipe_data, "val", verify_images, source=data)
             result.agreement = compare_detections(
-                OnnxDetector(float_path, size, threads), OnnxDetector(result.path, size, threads), images
+                OnnxDetector(float_path, threads), OnnxDetector(result.path, threads), images
             )
     result.float_path = Path(keep_float) if keep_float is not None else None
     result.seconds = time.perf_counter() - t0
@@ -417,6 +385,6 @@ def quantize_checkpoint(
 
 
 __all__ = [
-    "Agreement", "OnnxDetector", "QuantizeError", "QuantizeResult", "compare_detections", "dataset_images",
+    "Agreement", "QuantizeError", "QuantizeResult", "compare_detections", "dataset_images",
     "export_size", "layer_nodes", "node_module", "quantize_checkpoint", "quantize_onnx", "quantized_weight_nodes",
 ]  # fmt: skip

@@ -86,6 +86,16 @@ class OnnxDetector(nn.Module):
             raise RuntimeUnavailable(f"{path}: not a detector export (no {', '.join(missing)} output)")
         self.metadata = read_metadata(path)
 
+    @property
+    def size(self) -> int | None:
+        """The fixed input side of a ``[3, S, S]`` file (``None``: dynamic height and width)."""
+        return self.fixed[0] if self.fixed is not None else None
+
+    def run(self, image: torch.Tensor) -> dict[str, Any]:
+        """The raw outputs (numpy, by name) for one image already at the file's input size."""
+        outs = self.session.run(None, {self.input_name: image.detach().cpu().float().contiguous().numpy()})
+        return dict(zip(self.output_names, outs))
+
     def forward(self, images: list[torch.Tensor], targets: Any = None) -> list[dict[str, torch.Tensor]]:
         return [run_image(self, img) for img in images]
 
@@ -98,8 +108,7 @@ def run_image(det: OnnxDetector, image: torch.Tensor) -> dict[str, torch.Tensor]
     x = image.detach().float().cpu()
     if det.fixed is not None and (h, w) != det.fixed:
         x = F.interpolate(x[None], size=det.fixed, mode="bilinear", align_corners=False)[0]
-    outs = det.session.run(None, {det.input_name: x.contiguous().numpy()})
-    res = {name: torch.from_numpy(v) for name, v in zip(det.output_names, outs)}
+    res = {name: torch.from_numpy(v) for name, v in det.run(x).items()}
     if det.fixed is not None and (h, w) != det.fixed:
         sy, sx = h / det.fixed[0], w / det.fixed[1]
         scale = torch.tensor([sx, sy, sx, sy])

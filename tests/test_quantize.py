@@ -53,12 +53,12 @@ def test_ptq_quantizes_convs_keeps_outputs_float_and_agrees(trained, tmp_path):
     range (e.g. calibrating on blank images) moves many boxes and scores by far more."""
     from surgery.graph import output_layers
     from surgery.quantize import (
-        OnnxDetector,
         compare_detections,
         dataset_images,
         layer_nodes,
         quantize_checkpoint,
     )
+    from surgery.runtime import OnnxDetector
 
     res = quantize_checkpoint(trained, tmp_path / "m.int8.onnx", calib_batches=2, batch_size=4,
                               keep_float=tmp_path / "m.onnx", verify_images=4)  # fmt: skip
@@ -78,7 +78,7 @@ def test_ptq_quantizes_convs_keeps_outputs_float_and_agrees(trained, tmp_path):
     assert not any(n.op_type in ("NonMaxSuppression", "RoiAlign") and "Quant" in n.name for n in graph.node)
 
     images = dataset_images(ckpt.recipe["data"], "val", 8)
-    ref, got = OnnxDetector(res.float_path, SIZE, 2), OnnxDetector(res.path, SIZE, 2)
+    ref, got = OnnxDetector(res.float_path, 2), OnnxDetector(res.path, 2)
     agree = compare_detections(ref, got, images, score_thresh=0.0, top_k=10)
     assert agree.float_detections == 80 and agree.fraction >= 0.9, agree
     with torch.no_grad():  # the float export is the checkpoint's model
