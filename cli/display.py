@@ -115,3 +115,49 @@ def print_train_summary(title: str, outcome: Any) -> None:
     table.add_row("kind", result.kind)
     console.print(table)
     console.print(f"saved [bold]{escape(str(outcome.out))}[/]", soft_wrap=True, highlight=False)
+
+
+class TaskProgress:
+    """Progress of one long step (data generation, evaluation, calibration): a transient bar in a
+    terminal; outside one (logs, pipes, CI) a plain ``label: done/total (eta m:ss)`` line at most
+    every ``every_s`` seconds and at the end. ``update(done, total)`` is the library's callback."""
+
+    def __init__(self, label: str, every_s: float = 10.0, out: Any = None) -> None:
+        import time
+
+        self.label = label
+        self.every_s = every_s
+        self.console = out or console
+        self._clock = time.perf_counter
+        self._t0 = self._last = self._clock()
+        self._last_done = -1
+        self._bar: Progress | None = None
+        if self.console.is_terminal:
+            self._bar = Progress(TextColumn(f"[bold]{escape(label)}[/]"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=self.console, transient=True)
+            self._task = self._bar.add_task(label, total=None)
+
+    def __enter__(self) -> TaskProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def update(self, done: int, total: int | None = None) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total)
+            return
+        now = self._clock()
+        final = total is not None and done >= total
+        if done == self._last_done or (not final and now - self._last < self.every_s):
+            return
+        self._last, self._last_done = now, done
+        of = f"/{total}" if total else ""
+        eta = ""
+        if total and 0 < done < total:
+            left = (now - self._t0) / done * (total - done)
+            eta = f"  eta {int(left // 60)}:{int(left % 60):02d}"
+        self.console.print(f"{self.label}: {done}{of}{eta}", markup=False, highlight=False, soft_wrap=True)

@@ -18,7 +18,7 @@ from surgery.recipe import load_recipe
 TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "eval", "bench", "export", "sweep")
 # parameters naming input files, and output files (-> the flag shown in errors)
 INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights")
-OUTPUT_PARAMS = {"out": "--out", "json_out": "--json", "csv": "--csv"}
+OUTPUT_PARAMS = {"out": "--out", "json_out": "--json", "csv": "--csv", "detections": "--detections"}
 FOLDER_OUTPUTS = ("sweep",)  # their --out is a run folder
 
 TRUST_HELP = (

@@ -44,8 +44,18 @@ from cli.guard import guard_commands  # noqa: E402
 guard_commands(app)  # --trust-code, outputs checked before work, inputs never overwritten
 
 
+def _version(value: bool) -> None:
+    if value:
+        from surgery import __version__  # the package's __init__ imports no torch
+
+        console.print(f"surgery {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     """Physical structured pruning for object detectors: prune, retrain, bench, report."""
 
 
@@ -74,3 +84,6 @@ def main() -> None:
 
 
 __all__ = ["app", "main", "console"]
+
+if __name__ == "__main__":  # python -m cli.main
+    main()

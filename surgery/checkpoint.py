@@ -276,7 +276,8 @@ def resolve_model(
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", *, trust_code: bool | None = None) -> nn.Module:
-    """Load a surgery checkpoint (pruned, masked or dense) as a ready ``nn.Module``.
+    """Load a surgery checkpoint (pruned, masked or dense) as a ready ``nn.Module`` **in eval mode**
+    (call ``.train()`` to fine-tune it; :func:`load_checkpoint` leaves the mode as built).
 
     ``trust_code=True`` is needed when the checkpoint's builder is user code (see :mod:`surgery.trust`)."""
-    return load_checkpoint(path, device, trust_code=trust_code)[0]
+    return load_checkpoint(path, device, trust_code=trust_code)[0].eval()

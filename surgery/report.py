@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads only when a plot needs it: `surgery --help` must not import it
+    import torch
 
 HEADER = ("method", "% pruned", "params", "MACs", "latency", "mAP pruned", "mAP retrained", "retained mAP")
 
@@ -249,9 +250,10 @@ def plot_detections_grid(
     """A grid: one row per image, one column per model, predicted boxes above ``score_thresh``
     drawn with their label and score. ``images`` are ``3 x H x W`` float tensors in [0, 1];
     ``predictions[model][i]`` is the model's torchvision-style output dict for image ``i``."""
-    plt = _plt()
+    import torch
     from matplotlib.patches import Rectangle
 
+    plt = _plt()
     models = list(predictions)
     nr, nc = max(1, len(images)), max(1, len(models))
     fig, axes = plt.subplots(nr, nc, figsize=(3.2 * nc, 3.2 * nr), squeeze=False)
