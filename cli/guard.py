@@ -15,11 +15,11 @@ from surgery.errors import RecipeError
 from surgery.recipe import load_recipe
 
 # commands that load a model, a checkpoint or a recipe
-TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "eval", "bench", "export", "sweep")
+TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "eval", "bench", "export", "sweep", "predict", "info")
 # parameters naming input files, and output files (-> the flag shown in errors)
-INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights")
+INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights", "images")
 OUTPUT_PARAMS = {"out": "--out", "json_out": "--json", "csv": "--csv", "detections": "--detections"}
-FOLDER_OUTPUTS = ("sweep",)  # their --out is a run folder
+FOLDER_OUTPUTS = ("sweep", "predict")  # their --out is a folder
 
 TRUST_HELP = (
     "Allow the checkpoint / recipe / --model to run user code (a 'module:function' or 'file.py:function' "

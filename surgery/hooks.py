@@ -218,8 +218,10 @@ class CheckpointHook(HookBase):
         plan: Plan | None = None,
         recipe: Any = None,
         metrics: dict[str, Any] | None = None,
+        class_names: list[str] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.class_names = class_names
         self.spec = spec
         self.every = every
         self.kind = kind
@@ -306,6 +308,7 @@ class CheckpointHook(HookBase):
             recipe=self.recipe,
             metrics=metrics,
             train_state=trainer.state_dict(full_state),
+            class_names=self.class_names,
         )
         if path is None:
             self.last_saved = trainer.step

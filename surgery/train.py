@@ -479,7 +479,7 @@ def build_trainer(
         ordered += given_ck
     elif out is not None:
         ordered.append(CheckpointHook(out, spec, cfg.checkpoint_every, kind=kind, plan=plan, recipe=recipe,
-                                      metrics=metrics))
+                                      metrics=metrics, class_names=getattr(train_set, "class_names", None)))
     ordered += [h for h in hooks if h not in ordered]
     trainer = Trainer(model, train_set, cfg, hooks=ordered, **trainer_kw)
     trainer.kind = "masked" if masks and kind == "dense" else kind

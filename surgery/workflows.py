@@ -136,6 +136,7 @@ def prune_loaded(
     cfg = recipe.prune
     previous = prior.plan if prior is not None else None
     origin = str(prior.path) if prior is not None and prior.path is not None else source
+    class_names = prior.class_names if prior is not None else None
     if cfg.method == "magnitude":
         from .masked import prune_masked
 
@@ -147,7 +148,7 @@ def prune_loaded(
                           nonzeros_before=masked.nonzeros_before, nonzeros_after=masked.nonzeros_after,
                           source=origin, previous=previous)
         path = save_pruned(out, model, spec, plan, masks=masked.masks, recipe=recipe.to_dict(),
-                           metrics={"params": count_params(model).total})
+                           metrics={"params": count_params(model).total}, class_names=class_names)
         return PruneOutcome(path=path, kind="masked", spec=spec, masked=masked)
     if prior is not None and prior.kind == "masked" and prior.masks:
         raise PruningError(
@@ -161,7 +162,7 @@ def prune_loaded(
     metrics = {"params": result.report.params_after}
     if result.report.macs_after is not None:
         metrics["macs"] = result.report.macs_after
-    path = save_pruned(out, model, spec, result.plan, recipe=recipe.to_dict(), metrics=metrics)
+    path = save_pruned(out, model, spec, result.plan, recipe=recipe.to_dict(), metrics=metrics, class_names=class_names)
     return PruneOutcome(path=path, kind="structured", spec=spec, structured=result)
 
 
