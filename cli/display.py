@@ -115,6 +115,11 @@ def print_train_summary(title: str, outcome: Any) -> None:
     table.add_row("kind", result.kind)
     console.print(table)
     console.print(f"saved [bold]{escape(str(outcome.out))}[/]", soft_wrap=True, highlight=False)
+    files = outcome.files
+    if files is not None:
+        if files.best.exists():
+            console.print(f"best by validation mAP: {escape(str(files.best))}", soft_wrap=True, highlight=False)
+        console.print(f"metrics per step {escape(str(files.csv))}, {escape(str(files.jsonl))}", soft_wrap=True, highlight=False)
 
 
 class TaskProgress:
@@ -161,3 +166,27 @@ class TaskProgress:
             left = (now - self._t0) / done * (total - done)
             eta = f"  eta {int(left // 60)}:{int(left % 60):02d}"
         self.console.print(f"{self.label}: {done}{of}{eta}", markup=False, highlight=False, soft_wrap=True)
+
+
+def working(text: str, quiet: bool = False) -> Any:
+    """A spinner with ``text`` in a terminal; outside one, ``text…`` printed once (a log shows
+    what the command is doing); nothing with ``quiet`` (json/csv on stdout)."""
+    import contextlib
+
+    if quiet:
+        return contextlib.nullcontext()
+    if console.is_terminal:
+        return console.status(f"[bold]{escape(text)}[/]…")
+    console.print(f"{text}…", markup=False, highlight=False, soft_wrap=True)
+    return contextlib.nullcontext()
+
+
+def macs_line(before: int, after: int | None, size: int | None, rois: int | None) -> str:
+    """``MACs 166M -> 50.8M (31% kept; fvcore, one 320x320 image, 100 RoIs)``: the one way prune
+    and inspect state MACs, with what they were counted on."""
+    from surgery.report import fmt_count
+
+    on = f"one {size}x{size} image" + (f", {rois} RoIs" if rois else "")
+    if after is None:
+        return f"MACs {fmt_count(before)} ({on}, fvcore)"
+    return f"MACs {fmt_count(before)} -> {fmt_count(after)} ({after / max(1, before):.0%} kept; fvcore, {on})"

@@ -57,8 +57,6 @@ def _precheck(command: str, bound: dict[str, Any]) -> None:
             f"--kwarg does not apply to checkpoint {bound['model']}: it records its own builder arguments"
         )
     outputs = {flag: bound.get(name) for name, flag in OUTPUT_PARAMS.items() if bound.get(name) is not None}
-    if command == "retrain" and bound.get("out") is None and bound.get("ckpt") is not None:
-        outputs["--out (default)"] = Path("runs/retrain") / f"{Path(bound['ckpt']).stem}.pt"
     for flag, path in outputs.items():
         if command in FOLDER_OUTPUTS and flag == "--out":
             check_folder(path, what="--out")
