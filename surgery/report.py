@@ -18,6 +18,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch loads only when a plot needs it: `surgery --help` must not import it
     import torch
 
+# below this dense (control) mAP, "retained mAP" (pruned / dense) is not reported: the ratio of two
+# near-zero numbers says nothing about the pruning ("retained 279.9%" of a dense mAP of 0.001)
+MIN_REFERENCE_MAP = 0.05
+
 HEADER = ("method", "% pruned", "params", "MACs", "latency", "mAP pruned", "mAP retrained", "retained mAP")
 
 
@@ -84,7 +88,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     ``% pruned``: channels removed (structured) or weights zeroed (masked). ``params`` of a masked
     row shows its non-zero count next to the (unchanged) total. ``retained mAP``: mAP after
     retraining over the dense control's (the row's own ``dense_control_map``, else the dense
-    row's), in percent.
+    row's), in percent; "-" when that reference is below :data:`MIN_REFERENCE_MAP`.
     """
     fallback = _dense_reference(rows)
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|"]
@@ -101,7 +105,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         ref = _num(r.get("dense_control_map"))
         ref = ref if ref is not None else fallback
         final = _final_map(r)
-        retained = "-" if final is None or not ref else f"{100 * final / ref:.1f}%"
+        retained = "-" if final is None or not ref or ref < MIN_REFERENCE_MAP else f"{100 * final / ref:.1f}%"
         cells = [
             str(r.get("method", "-")),
             pct,

@@ -261,6 +261,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
+            if not self.dist.is_main:  # DDP's find_unused_parameters notice: once (rank 0), not once per rank
+                import warnings
+
+                warnings.filterwarnings("ignore", message=".*find_unused_parameters=True.*")
             self.model = DistributedDataParallel(
                 self.module, device_ids=ids, find_unused_parameters=self.find_unused_parameters
             )
