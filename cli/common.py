@@ -46,3 +46,18 @@ def resolve_recipe(recipe: Path | None, overrides: dict[str, Any]) -> Recipe:
     check_flag_overrides(overrides)
     base = load_recipe(recipe) if recipe is not None else Recipe(source="<defaults>")
     return apply_overrides(base, overrides)
+
+
+def run_out(out: Path | None, root: str, resume: bool) -> Path:
+    """``--out``, or ``root/expN/last.pt`` in a new run folder (``--resume``: the latest one).
+    An existing checkpoint is never silently overwritten."""
+    from surgery.records import latest_run_dir, next_run_dir
+    from surgery.safety import OutputError
+
+    if out is None:
+        latest = latest_run_dir(root) if resume else None
+        return (latest or next_run_dir(root)) / "last.pt"
+    if out.exists() and not resume:
+        raise OutputError(f"--out {out} exists: pass --resume to continue that run, or another --out "
+                          "(without --out every run gets a new folder)")
+    return out

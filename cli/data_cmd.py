@@ -3,9 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cli.console import console
+from cli.display import TaskProgress
 
 data_app = typer.Typer(help="Datasets: generate the built-in synthetic shapes set.", no_args_is_help=True)
 
@@ -21,20 +21,8 @@ def synth(
     """Generate the synthetic shapes dataset (4 classes, COCO format) into --out."""
     from surgery.data import SYNTH_CLASSES, synthesize
 
-    with Progress(
-        TextColumn("[bold]generating[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("synth", total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        info = synthesize(out, images=images, size=size, seed=seed, val_images=val_images, progress=progress)
+    with TaskProgress("generating") as bar:
+        info = synthesize(out, images=images, size=size, seed=seed, val_images=val_images, progress=bar.update)
 
     n = info.images + info.val_images
     console.print(f"[bold]Synthetic shapes[/] ({', '.join(SYNTH_CLASSES)}) in {info.root}", soft_wrap=True)

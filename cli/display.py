@@ -115,3 +115,78 @@ def print_train_summary(title: str, outcome: Any) -> None:
     table.add_row("kind", result.kind)
     console.print(table)
     console.print(f"saved [bold]{escape(str(outcome.out))}[/]", soft_wrap=True, highlight=False)
+    files = outcome.files
+    if files is not None:
+        if files.best.exists():
+            console.print(f"best by validation mAP: {escape(str(files.best))}", soft_wrap=True, highlight=False)
+        console.print(f"metrics per step {escape(str(files.csv))}, {escape(str(files.jsonl))}", soft_wrap=True, highlight=False)
+
+
+class TaskProgress:
+    """Progress of one long step (data generation, evaluation, calibration): a transient bar in a
+    terminal; outside one (logs, pipes, CI) a plain ``label: done/total (eta m:ss)`` line at most
+    every ``every_s`` seconds and at the end. ``update(done, total)`` is the library's callback."""
+
+    def __init__(self, label: str, every_s: float = 10.0, out: Any = None) -> None:
+        import time
+
+        self.label = label
+        self.every_s = every_s
+        self.console = out or console
+        self._clock = time.perf_counter
+        self._t0 = self._last = self._clock()
+        self._last_done = -1
+        self._bar: Progress | None = None
+        if self.console.is_terminal:
+            self._bar = Progress(TextColumn(f"[bold]{escape(label)}[/]"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=self.console, transient=True)
+            self._task = self._bar.add_task(label, total=None)
+
+    def __enter__(self) -> TaskProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def update(self, done: int, total: int | None = None) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total)
+            return
+        now = self._clock()
+        final = total is not None and done >= total
+        if done == self._last_done or (not final and now - self._last < self.every_s):
+            return
+        self._last, self._last_done = now, done
+        of = f"/{total}" if total else ""
+        eta = ""
+        if total and 0 < done < total:
+            left = (now - self._t0) / done * (total - done)
+            eta = f"  eta {int(left // 60)}:{int(left % 60):02d}"
+        self.console.print(f"{self.label}: {done}{of}{eta}", markup=False, highlight=False, soft_wrap=True)
+
+
+def working(text: str, quiet: bool = False) -> Any:
+    """A spinner with ``text`` in a terminal; outside one, ``text…`` printed once (a log shows
+    what the command is doing); nothing with ``quiet`` (json/csv on stdout)."""
+    import contextlib
+
+    if quiet:
+        return contextlib.nullcontext()
+    if console.is_terminal:
+        return console.status(f"[bold]{escape(text)}[/]…")
+    console.print(f"{text}…", markup=False, highlight=False, soft_wrap=True)
+    return contextlib.nullcontext()
+
+
+def macs_line(before: int, after: int | None, size: int | None, rois: int | None) -> str:
+    """``MACs 166M -> 50.8M (31% kept; fvcore, one 320x320 image, 100 RoIs)``: the one way prune
+    and inspect state MACs, with what they were counted on."""
+    from surgery.report import fmt_count
+
+    on = f"one {size}x{size} image" + (f", {rois} RoIs" if rois else "")
+    if after is None:
+        return f"MACs {fmt_count(before)} ({on}, fvcore)"
+    return f"MACs {fmt_count(before)} -> {fmt_count(after)} ({after / max(1, before):.0%} kept; fvcore, {on})"

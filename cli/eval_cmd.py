@@ -1,85 +1,72 @@
+"""``surgery eval CKPT``: COCO metrics (and VOC mAP@0.5 on VOC data) as a table, JSON or CSV;
+``--json`` writes the metrics, ``--detections`` the detections (COCO results format)."""
+
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from cli.console import console
+from cli.console import console, err_console
+from cli.display import TaskProgress
+from cli.table import FORMAT_HELP, Column, machine_readable, render
 
-
-def _progress(label: str) -> Progress:
-    return Progress(
-        TextColumn(f"[bold]{label}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
+DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a dataset folder | a COCO .json (default: the checkpoint's recipe)."
+MAIN_METRICS = ("mAP", "mAP50", "segm_mAP", "kp_mAP", "voc_mAP50")
 
 
 def eval_command(
     ckpt: Path = typer.Argument(..., help="A surgery checkpoint (dense, structured or masked) or an exported .onnx file."),
-    data: str | None = typer.Option(
-        None, "--data", help="'synthetic', 'coco:ROOT', 'voc:ROOT' or a COCO .json (default: the checkpoint's recipe, else synthetic)."
-    ),
+    data: str | None = typer.Option(None, "--data", help=DATA_HELP),
     split: str = typer.Option("val", "--split", help="train / val (VOC: also trainval, test)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     max_images: int | None = typer.Option(None, "--max-images", min=1, help="Evaluate only the first N images."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the COCO results (detections) to this file."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the metrics (and what was evaluated) to this JSON file."),
+    detections: Path | None = typer.Option(None, "--detections", help="Write the detections (COCO results format) to this file."),
+    fmt: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
 ) -> None:
     """Evaluate a checkpoint with COCO metrics (mAP@[.5:.95], mAP50, ..., AR)."""
+    from surgery.atomic import atomic_open
     from surgery.data import dataset_for
     from surgery.evaluate import evaluate
     from surgery.runtime import load_detector
 
+    out = err_console if machine_readable(fmt) else console  # json/csv: stdout is only the data
     model, info = load_detector(ckpt, device=device)
     recipe_data = (info.recipe or {}).get("data")  # the synthetic set the checkpoint was trained on
-    with _progress("preparing data") as bar:
-        task = bar.add_task("data", total=None)
-        dataset = dataset_for(
-            recipe_data, split, train=False, source=data, progress=lambda d, t: bar.update(task, completed=d, total=t)
-        )
+    with TaskProgress("preparing data", out=out) as bar:
+        dataset = dataset_for(recipe_data, split, train=False, source=data, progress=bar.update)
     model_classes = info.spec.kwargs.get("num_classes")
     if model_classes is not None and int(model_classes) != dataset.num_classes:
-        console.print(
+        out.print(
             f"[yellow]warning:[/] the model has {model_classes} classes (with background), the dataset "
             f"{dataset.num_classes}; labels the dataset does not have are ignored"
         )
-    n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    with _progress("evaluating") as bar:
-        task = bar.add_task("eval", total=n)
-        result = evaluate(
-            model,
-            dataset,
-            batch_size=batch_size,
-            device=device,
-            max_images=max_images,
-            results_file=json_out,
-            progress=lambda d, t: bar.update(task, completed=d, total=t),
-        )
-
-    console.print(
-        f"[bold]{ckpt}[/] on {dataset.name} / {dataset.split} ({result.num_images} images)", soft_wrap=True, highlight=False
-    )
-    table = Table()
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.metrics.items():
-        style = "bold" if key in ("mAP", "mAP50", "segm_mAP", "kp_mAP", "voc_mAP50") else ""
-        shown = "n/a" if key in result.undefined else f"{value:.4f}"
-        table.add_row(key, shown, style=style)
-    console.print(table)
+    with TaskProgress("evaluating", out=out) as bar:
+        result = evaluate(model, dataset, batch_size=batch_size, device=device, max_images=max_images,
+                          results_file=detections, progress=bar.update)
     ips = result.num_images / result.inference_seconds if result.inference_seconds > 0 else float("nan")
-    console.print(
-        f"{result.num_detections} detections, {result.seconds:.1f} s in all, model {ips:.1f} images/s on {device}"
-        + (" (n/a: no ground truth in that size range)" if result.undefined else "")
-    )
+    summary = {"checkpoint": str(ckpt), "dataset": dataset.name, "split": dataset.split, **result.to_dict(),
+               "images_per_s": ips}
     if json_out is not None:
-        console.print(f"results written to {json_out}", soft_wrap=True, highlight=False)
+        with atomic_open(json_out, "w") as f:
+            json.dump(summary, f, indent=2)
+    rows = [{"metric": k, "value": None if k in result.undefined else round(v, 6)} for k, v in result.metrics.items()]
+    if machine_readable(fmt):
+        render(rows, ["metric", "value"], fmt, extra={k: v for k, v in summary.items() if k != "metrics"})
+    else:
+        console.print(f"[bold]{ckpt}[/] on {dataset.name} / {dataset.split} ({result.num_images} images)",
+                      soft_wrap=True, highlight=False)
+        render(rows, ["metric", Column("value", justify="right", fmt=lambda v: f"{v:.4f}")])
+    out.print(
+        f"{result.num_detections} detections, {result.seconds:.1f} s in all, model {ips:.1f} images/s on {device}"
+        + (" ('-': no ground truth in that size range)" if result.undefined else ""), highlight=False
+    )
+    for what, path in (("metrics", json_out), ("detections", detections)):
+        if path is not None:
+            out.print(f"{what} written to {path}", soft_wrap=True, highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,11 +15,12 @@ from surgery.errors import RecipeError
 from surgery.recipe import load_recipe
 
 # commands that load a model, a checkpoint or a recipe
-TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "eval", "bench", "export", "sweep", "quantize")
+TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "eval", "bench", "export", "sweep", "quantize", "predict", "info")
 # parameters naming input files, and output files (-> the flag shown in errors)
-INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights")
-OUTPUT_PARAMS = {"out": "--out", "json_out": "--json", "csv": "--csv", "keep_float": "--keep-float"}
-FOLDER_OUTPUTS = ("sweep",)  # their --out is a run folder
+INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights", "images")
+OUTPUT_PARAMS = {"out": "--out", "json_out": "--json", "csv": "--csv", "detections": "--detections",
+                 "keep_float": "--keep-float"}
+FOLDER_OUTPUTS = ("sweep", "predict")  # their --out is a folder
 
 TRUST_HELP = (
     "Allow the checkpoint / recipe / --model to run user code (a 'module:function' or 'file.py:function' "
@@ -57,8 +58,6 @@ def _precheck(command: str, bound: dict[str, Any]) -> None:
             f"--kwarg does not apply to checkpoint {bound['model']}: it records its own builder arguments"
         )
     outputs = {flag: bound.get(name) for name, flag in OUTPUT_PARAMS.items() if bound.get(name) is not None}
-    if command == "retrain" and bound.get("out") is None and bound.get("ckpt") is not None:
-        outputs["--out (default)"] = Path("runs/retrain") / f"{Path(bound['ckpt']).stem}.pt"
     if command == "export" and bound.get("out") is None and bound.get("checkpoint") is not None:
         outputs["--out (default)"] = Path(bound["checkpoint"]).with_suffix(".onnx")
     for flag, path in outputs.items():

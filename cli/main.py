@@ -23,7 +23,8 @@ app = typer.Typer(
 
 
 # one module per command group, each with ``register(app)``
-COMMAND_MODULES = ("models_cmd", "prune_cmd", "data_cmd", "train_cmd", "eval_cmd", "bench_cmd", "sweep_cmd", "export_cmd", "quantize_cmd")
+COMMAND_MODULES = ("models_cmd", "prune_cmd", "inspect_cmd", "data_cmd", "train_cmd", "eval_cmd", "bench_cmd", "sweep_cmd",
+                   "export_cmd", "quantize_cmd", "predict_cmd", "info_cmd")
 
 
 def _register() -> None:
@@ -44,8 +45,18 @@ from cli.guard import guard_commands  # noqa: E402
 guard_commands(app)  # --trust-code, outputs checked before work, inputs never overwritten
 
 
+def _version(value: bool) -> None:
+    if value:
+        from surgery import __version__  # the package's __init__ imports no torch
+
+        console.print(f"surgery {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     """Physical structured pruning for object detectors: prune, retrain, bench, report."""
 
 
@@ -74,3 +85,6 @@ def main() -> None:
 
 
 __all__ = ["app", "main", "console"]
+
+if __name__ == "__main__":  # python -m cli.main
+    main()

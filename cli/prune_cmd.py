@@ -1,14 +1,15 @@
-"""``surgery prune`` and ``surgery inspect``."""
+"""``surgery prune``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from cli.common import parse_kv, parse_ratios, resolve_recipe
 from cli.console import console
+from cli.display import macs_line, working
+from cli.table import Column, render
 from surgery.importance import method_help
 from surgery.report import fmt_count as _fmt
 
@@ -63,7 +64,7 @@ def prune(
     source = model or rec.model.name
     if not source:
         raise RecipeError("no model: pass --model or a recipe with model.name")
-    with console.status(f"[bold]pruning {source}[/] (tracing, ranking, cutting)…"):
+    with working(f"pruning {source} (tracing, ranking, cutting)"):
         outcome = prune_and_save(source, rec, out, macs_input_size=macs_size or rec.bench.input_size)
     if outcome.masked is not None:
         m = outcome.masked
@@ -77,21 +78,16 @@ def prune(
 
 
 def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
-    table = Table(title=f"{source}: {report.method} ratio {report.ratio} ({'global' if report.global_ranking else 'uniform'})")
-    for col in ("group", "root layer", "layers", "channels", "kept"):
-        table.add_column(col, justify="right" if col in ("group", "layers", "channels") else "left")
-    for g in report.groups:
-        kept = f"{g.channels_after}" if g.prunable else f"[dim]{g.reason}[/]"
-        table.add_row(str(g.index), g.root, str(len(g.layers)), str(g.channels_before), kept)
-    console.print(table)
-    macs = ""
-    if report.macs_ratio is not None:
-        macs = f"  MACs {_fmt(report.macs_before)} -> {_fmt(report.macs_after)} ({report.macs_ratio:.0%}, fvcore)"
-    console.print(
-        f"params {_fmt(report.params_before)} -> {_fmt(report.params_after)} ({report.params_ratio:.0%}){macs}\n"
-        f"output layers kept whole: {', '.join(report.output_layers)}\n"
-        f"analysis {report.seconds_analysis:.2f}s, cut {report.seconds_cut:.2f}s"
-    )
+    rows = [{"group": g.index, "root": g.root, "layers": len(g.layers), "channels": g.channels_before,
+             "kept": g.channels_after if g.prunable else f"({g.reason})"} for g in report.groups]
+    how = "global" if report.global_ranking else "uniform"
+    render(rows, [Column("group", justify="right"), Column("root", "root layer"), Column("layers", justify="right"),
+                  Column("channels", justify="right"), "kept"], title=f"{source}: {report.method} ratio {report.ratio} ({how})")
+    console.print(f"params {_fmt(report.params_before)} -> {_fmt(report.params_after)} ({report.params_ratio:.0%} kept)"
+                  + (f", {macs_line(report.macs_before, report.macs_after, report.macs_input_size, report.macs_rois)}"
+                     if report.macs_ratio is not None else ""), highlight=False, soft_wrap=True)
+    console.print(f"output layers kept whole: {', '.join(report.output_layers)}\n"
+                  f"analysis {report.seconds_analysis:.2f}s, cut {report.seconds_cut:.2f}s", soft_wrap=True)
     if report.target is not None:
         t = report.target
         line = f"target {t.target:.1%} of the {'MACs' if t.target_macs is not None else 'params'}: ratio {t.ratio:.4f}"
@@ -102,37 +98,5 @@ def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
             console.print(f"anchors {gen['path']}: per level {gen['before']} -> {after}")
 
 
-def inspect(
-    model: str = typer.Option(None, "--model", "-m", help="Registered name, package.module:function, or a checkpoint."),
-    recipe: Path = typer.Option(None, "--recipe", "-r"),
-    skip: list[str] = typer.Option(None, "--skip", help="LAYER_GLOB never cut (repeatable)."),
-    kwarg: list[str] = typer.Option(None, "--kwarg", "-k", help="Builder argument KEY=VALUE (repeatable)."),
-    layers: bool = typer.Option(False, "--layers", help="List every layer of every group."),
-) -> None:
-    """Show the coupled channel groups and their widths without cutting anything."""
-    from surgery.checkpoint import resolve_model
-    from surgery.errors import RecipeError
-    from surgery.prune import inspect_model
-
-    rec = resolve_recipe(recipe, {"prune.skip": list(skip) if skip else None})
-    rec.model.kwargs.update(parse_kv(kwarg, "--kwarg"))
-    source = model or rec.model.name
-    if not source:
-        raise RecipeError("no model: pass --model or a recipe with model.name")
-    with console.status(f"tracing {source}…"):
-        net, _, _ = resolve_model(source, rec.model.kwargs, rec.model.weights)
-        graph = inspect_model(net, skip=rec.prune.skip)
-    table = Table(title=f"{source}: {len(graph.groups)} coupled channel groups")
-    for col in ("group", "root layer", "channels", "producers", "consumers", "prunable"):
-        table.add_column(col)
-    for g in graph.groups:
-        prod = ", ".join(g.producers) if layers else str(len(g.producers))
-        cons = ", ".join(g.consumers) if layers else str(len(g.consumers))
-        table.add_row(str(g.index), g.root, str(g.channels), prod, cons, "yes" if g.prunable else f"no ({g.reason})")
-    console.print(table)
-    console.print(f"output layers (never cut): {', '.join(graph.output_layers)}")
-
-
 def register(app: typer.Typer) -> None:
     app.command("prune")(prune)
-    app.command("inspect")(inspect)

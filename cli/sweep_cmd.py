@@ -12,6 +12,7 @@ from rich.table import Table
 from cli.common import resolve_recipe
 from cli.console import console
 from cli.display import step_line
+from cli.table import print_wide
 
 
 def sweep(
@@ -34,7 +35,7 @@ def sweep(
     def on_stage(name: str, i: int, n: int) -> None:
         progress.update(stages, description=f"[{i}/{n}] {name}", total=n, completed=i - 1)
         progress.update(steps, visible=False)
-        console.log(name)
+        console.print(f"[{i}/{n}] {name}", markup=False, highlight=False)  # no log_path: no "sweep_cmd.py:36"
 
     def on_step(info) -> None:  # noqa: ANN001 - surgery.train.StepInfo
         if not console.is_terminal and (info.step % 50 == 0 or info.step == info.total):
@@ -57,7 +58,9 @@ def sweep(
             f"{r['latency_ratio']:.2f}", f"{r['map_pruned']:.3f}", f"{r['map_retrained']:.3f}",
             "-" if r["retained_map"] is None else f"{100 * r['retained_map']:.1f}%",
         )
-    console.print(table)
+    print_wide(table)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
     if result.skipped:
         console.print(f"[dim]reused finished steps: {', '.join(result.skipped)}[/]")
     console.print(f"results: [bold]{result.csv}[/], {result.markdown}, {result.bench_csv}")

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from cli.common import parse_kv, resolve_recipe
+from cli.common import run_out as _run_out
 from cli.display import TrainDisplay, print_train_summary
 
 DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a COCO .json"
@@ -25,6 +26,10 @@ EVAL_EVERY = typer.Option(None, "--eval-every", min=0, help="Evaluate every N st
 EVAL = typer.Option(True, "--eval/--no-eval", help="Evaluate on the validation split.")
 CKPT_EVERY = typer.Option(None, "--checkpoint-every", min=0, help="Checkpoint every N steps.")
 WORKERS = typer.Option(None, "--workers", min=0, help="Data loader worker processes.")
+KWARG = typer.Option(None, "--kwarg", "-k", help="Builder argument KEY=VALUE (repeatable); num_classes=N with --weights "
+                     "or a checkpoint keeps all but the class outputs.")
+OUT_HELP = ("Checkpoint to write (default: a new run folder {root}/exp, exp2, ... with last.pt, best.pt, metrics.csv); "
+            "an existing file is only continued with --resume.")
 
 
 def _overrides(section: str, **flags: Any) -> dict[str, Any]:
@@ -49,24 +54,26 @@ def train(
     batch_size: int = BATCH,
     lr: float = LR,
     device: str = DEVICE,
-    out: Path = typer.Option(Path("runs/train/model.pt"), "--out", "-o", help="Checkpoint to write (and resume)."),
+    out: Path = typer.Option(None, "--out", "-o", help=OUT_HELP.format(root="runs/train")),
     resume: bool = RESUME,
     eval_every: int = EVAL_EVERY,
     eval_: bool = EVAL,
     checkpoint_every: int = CKPT_EVERY,
     seed: int = typer.Option(None, "--seed", help="Seed for the initial weights, data order and augmentation."),
     workers: int = WORKERS,
-    kwarg: list[str] = typer.Option(None, "--kwarg", "-k", help="Builder argument KEY=VALUE (repeatable)."),
+    kwarg: list[str] = KWARG,
+    weights: str = typer.Option(None, "--weights", help="Start from these weights: a file (state dict or checkpoint) or a torchvision name."),
 ) -> None:
-    """Train a dense detector from scratch."""
+    """Train a dense detector (from scratch, or from --weights: fine-tune to your classes)."""
     from surgery.train import destroy_distributed, init_distributed
     from surgery.workflows import train_from_recipe
 
     flags = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
                  checkpoint_every=checkpoint_every, data=data, workers=workers)  # fmt: skip
-    rec = resolve_recipe(recipe, {**_overrides("train", **flags), "model.name": model})
+    rec = resolve_recipe(recipe, {**_overrides("train", **flags), "model.name": model, "model.weights": weights})
     _clear_epochs(rec, "train", steps, epochs)
     rec.model.kwargs.update(parse_kv(kwarg, "--kwarg"))
+    out = _run_out(out, "runs/train", resume)
     dist_info = init_distributed(device)
     try:
         with TrainDisplay(f"train {rec.model.name}", enabled=dist_info.is_main) as display:
@@ -87,7 +94,7 @@ def retrain(
     batch_size: int = BATCH,
     lr: float = LR,
     device: str = DEVICE,
-    out: Path = typer.Option(None, "--out", "-o", help="Checkpoint to write (default runs/retrain/<name>.pt)."),
+    out: Path = typer.Option(None, "--out", "-o", help=OUT_HELP.format(root="runs/retrain")),
     resume: bool = RESUME,
     eval_every: int = EVAL_EVERY,
     eval_: bool = EVAL,
@@ -100,6 +107,7 @@ def retrain(
     teacher: str = typer.Option(None, "--teacher", help="Distill from this checkpoint ('auto': the one pruned from; 'none': off)."),
     distill_weight: float = typer.Option(None, "--distill-weight", help="Feature-imitation loss weight (retrain.distill.weight)."),
     qat: bool = typer.Option(False, "--qat", help="Quantization-aware: train with fake-quantized int8 layers (then surgery quantize)."),
+    kwarg: list[str] = KWARG,
 ) -> None:
     """Retrain a pruned, masked or dense checkpoint; masks of masked checkpoints are kept exactly."""
     from surgery.checkpoint import read_checkpoint
@@ -115,13 +123,14 @@ def retrain(
         over["retrain.distill.type"] = "none" if teacher == "none" else "imitation"
     rec = recipe_for_checkpoint(read_checkpoint(ckpt), recipe, over)
     _clear_epochs(rec, "retrain", steps, epochs)
-    out = out or Path("runs/retrain") / f"{ckpt.stem}.pt"
+    out = _run_out(out, "runs/retrain", resume)
     dist_info = init_distributed(device)
     try:
         with TrainDisplay(f"retrain {ckpt.stem}", enabled=dist_info.is_main) as display:
             outcome = retrain_checkpoint(ckpt, rec, out, device=device, resume=resume, evaluate=eval_,
                                          sparsity=sparsity, agp=agp, dist_info=dist_info,
-                                         callbacks=display.callbacks(), hooks=[QATHook()] if qat else ())
+                                         callbacks=display.callbacks(), hooks=[QATHook()] if qat else (),
+                                         kwargs=parse_kv(kwarg, "--kwarg") or None)
         if dist_info.is_main:
             print_train_summary(f"retrain {ckpt.stem}", outcome)
     finally:

@@ -7,6 +7,7 @@ A checkpoint is a plain dict saved with ``torch.save`` and read with ``weights_o
 - ``plan``: the pruning plan (:mod:`surgery.plan`, stored as a dict: groups, widths, anchors, chain)
 - ``masks``: for masked models, ``{param_name: bool tensor}`` kept during retraining
 - ``recipe``: the resolved recipe, ``metrics``: anything measured, ``train_state``: for ``--resume``
+- ``class_names``: label index -> name (index 0 is the background) from the data it was trained on
 - ``state_dict``: the weights
 
 :func:`load` rebuilds the architecture from the original builder, re-applies the structural part of
@@ -46,6 +47,7 @@ class Checkpoint:
     train_state: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    class_names: list[str] | None = None  # label index -> name (0: background), from the training data
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +61,7 @@ class Checkpoint:
             "metrics": self.metrics,
             "train_state": self.train_state,
             "meta": self.meta,
+            "class_names": self.class_names,
             "state_dict": self.state_dict,
         }
 
@@ -81,8 +84,10 @@ def save_checkpoint(
     recipe: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
+    class_names: list[str] | None = None,
 ) -> Path:
-    """Write ``model`` and how to rebuild it, atomically."""
+    """Write ``model`` and how to rebuild it, atomically. ``class_names``: label index -> name
+    (index 0 the background), shown by ``surgery predict`` and ``surgery info``."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     model = getattr(model, "module", model)  # unwrap DDP
@@ -99,6 +104,7 @@ def save_checkpoint(
         recipe=recipe,
         metrics=dict(metrics or {}),
         train_state=train_state,
+        class_names=[str(c) for c in class_names] if class_names else None,
         meta={
             "torch": str(torch.__version__),  # TorchVersion is not weights_only-loadable
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -116,12 +122,14 @@ def save_pruned(
     masks: dict[str, torch.Tensor] | None = None,
     recipe: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    class_names: list[str] | None = None,
 ) -> Path:
     """The one way a pruning step (structured or masked) writes its checkpoint: the kind comes
     from the plan, masks of a masked plan are required."""
     if plan.kind == "masked" and not masks:
         raise ValueError("a masked plan is saved with its masks")
-    return save_checkpoint(path, model, spec, kind=plan.kind, plan=plan, masks=masks, recipe=recipe, metrics=metrics)
+    return save_checkpoint(path, model, spec, kind=plan.kind, plan=plan, masks=masks, recipe=recipe, metrics=metrics,
+                           class_names=class_names)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -166,6 +174,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         train_state=obj.get("train_state"),
         meta=obj.get("meta") or {},
         path=path,
+        class_names=obj.get("class_names"),
     )
 
 
@@ -276,7 +285,8 @@ def resolve_model(
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", *, trust_code: bool | None = None) -> nn.Module:
-    """Load a surgery checkpoint (pruned, masked or dense) as a ready ``nn.Module``.
+    """Load a surgery checkpoint (pruned, masked or dense) as a ready ``nn.Module`` **in eval mode**
+    (call ``.train()`` to fine-tune it; :func:`load_checkpoint` leaves the mode as built).
 
     ``trust_code=True`` is needed when the checkpoint's builder is user code (see :mod:`surgery.trust`)."""
-    return load_checkpoint(path, device, trust_code=trust_code)[0]
+    return load_checkpoint(path, device, trust_code=trust_code)[0].eval()

@@ -218,8 +218,13 @@ class CheckpointHook(HookBase):
         plan: Plan | None = None,
         recipe: Any = None,
         metrics: dict[str, Any] | None = None,
+        class_names: list[str] | None = None,
+        best_path: str | Path | None = None,
     ) -> None:
         self.path = Path(path)
+        self.class_names = class_names
+        self.best_path = Path(best_path) if best_path is not None else None  # best validation mAP so far
+        self.best: dict[str, Any] | None = None  # {"step": ..., "mAP": ...} of best_path
         self.spec = spec
         self.every = every
         self.kind = kind
@@ -251,7 +256,24 @@ class CheckpointHook(HookBase):
         if trainer.dist.is_main:
             check_output(self.path, what="training output")  # before the first step, not after the last
 
+    def _keep_best(self, trainer: Trainer) -> None:
+        """Write ``best_path`` when this step's evaluation (the EvalHook runs first) beats the best."""
+        last = trainer.history[-1] if trainer.history else None
+        if self.best_path is None or last is None or last.get("step") != trainer.step or "mAP" not in last:
+            return
+        if self.best is not None and (self.best["step"] == trainer.step or last["mAP"] <= self.best["mAP"]):
+            return
+        self.best = {"step": trainer.step, "mAP": float(last["mAP"])}
+        self.save(trainer, full_state=False, path=self.best_path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+
     def after_step(self, trainer: Trainer) -> None:
+        self._keep_best(trainer)
         if self.every > 0 and trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
             self.discard()
             if not _params_finite(trainer.module):
@@ -282,6 +304,7 @@ class CheckpointHook(HookBase):
         if not _params_finite(trainer.module):
             kept = f"{self.path} (step {self.last_saved}) was kept" if self.last_saved is not None else f"{self.path} was not written"
             raise TrainingError(f"training diverged in the last step: the weights are not finite; {kept}")
+        self._keep_best(trainer)
         self.save(trainer, full_state=False)
 
     def save(self, trainer: Trainer, full_state: bool = True, path: Path | None = None) -> Path | None:
@@ -295,6 +318,7 @@ class CheckpointHook(HookBase):
             "steps": trainer.step,
             "losses": trainer.mean_losses(),
             **({"sparsity": masks_sparsity(masks)} if masks else {}),
+            **({"best": dict(self.best)} if self.best else {}),
         }
         written = save_checkpoint(
             path or self.path,
@@ -306,6 +330,7 @@ class CheckpointHook(HookBase):
             recipe=self.recipe,
             metrics=metrics,
             train_state=trainer.state_dict(full_state),
+            class_names=self.class_names,
         )
         if path is None:
             self.last_saved = trainer.step

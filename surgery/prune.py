@@ -23,6 +23,7 @@ from .errors import PruningError
 from .graph import ChannelGroup, DetectorGraph, match_layer, trace
 from .importance import get_importance
 from .measure import count_params
+from .measure.workload import is_two_stage
 from .plan import StructuredPlan
 from .recipe import PruneSection
 
@@ -53,6 +54,8 @@ class PruneReport:
     macs_before: int | None = None
     macs_after: int | None = None
     target: Any = None  # surgery.target.TargetResult when the ratio was searched for a target
+    macs_input_size: int | None = None  # MACs are counted on one square image of this side
+    macs_rois: int | None = None  # two-stage models: RoIs fed to the box head while counting
 
     @property
     def params_ratio(self) -> float:
@@ -320,6 +323,8 @@ def prune_model(
         macs_before=macs_before,
         macs_after=_macs(model, macs_input_size),
         target=target,
+        macs_input_size=macs_input_size if macs_before is not None else None,
+        macs_rois=MACS_ROIS if macs_before is not None and is_two_stage(model) else None,
     )
     from .importance import needs_data
 
@@ -353,12 +358,15 @@ def inspect_model(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str
     return trace(model, trace_size=trace_size, skip=skip)
 
 
+MACS_ROIS = 100  # the RoI count two-stage MACs are counted at (count_macs' default, as bench does)
+
+
 def _macs(model: nn.Module, size: int | None) -> int | None:
     if size is None:
         return None
     from .measure import count_macs
 
-    return int(count_macs(model, size).total)
+    return int(count_macs(model, size, rois=MACS_ROIS).total)
 
 
 __all__ = [

@@ -52,12 +52,13 @@ class DataSection:
         _check(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")
         _check(0 <= self.num_workers <= 64, "num_workers", "an integer in [0, 64]")
         _check(self.root is None or bool(self.root.strip()), "root", "a folder path or null")
-        kinds = ("synthetic", "coco:", "voc:")
-        _check(
-            self.source == "synthetic" or self.source.startswith(kinds[1:]) or self.source.endswith(".json"),
-            "source",
-            "'synthetic', 'coco:ROOT', 'voc:ROOT' or a COCO annotation .json",
-        )
+        from .data.sources import normalize_source
+        from .errors import DataError
+
+        try:
+            self.source = normalize_source(self.source)  # "COCO:x" -> "coco:x", a COCO/VOC folder -> "coco:DIR"
+        except DataError as e:
+            _check(False, "source", str(e))
 
 
 @dataclass

@@ -13,9 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads only when a plot needs it: `surgery --help` must not import it
+    import torch
+
+# below this dense (control) mAP, "retained mAP" (pruned / dense) is not reported: the ratio of two
+# near-zero numbers says nothing about the pruning ("retained 279.9%" of a dense mAP of 0.001)
+MIN_REFERENCE_MAP = 0.05
 
 HEADER = ("method", "% pruned", "params", "MACs", "latency", "mAP pruned", "mAP retrained", "retained mAP")
 
@@ -83,7 +88,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     ``% pruned``: channels removed (structured) or weights zeroed (masked). ``params`` of a masked
     row shows its non-zero count next to the (unchanged) total. ``retained mAP``: mAP after
     retraining over the dense control's (the row's own ``dense_control_map``, else the dense
-    row's), in percent.
+    row's), in percent; "-" when that reference is below :data:`MIN_REFERENCE_MAP`.
     """
     fallback = _dense_reference(rows)
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|"]
@@ -100,7 +105,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         ref = _num(r.get("dense_control_map"))
         ref = ref if ref is not None else fallback
         final = _final_map(r)
-        retained = "-" if final is None or not ref else f"{100 * final / ref:.1f}%"
+        retained = "-" if final is None or not ref or ref < MIN_REFERENCE_MAP else f"{100 * final / ref:.1f}%"
         cells = [
             str(r.get("method", "-")),
             pct,
@@ -249,9 +254,10 @@ def plot_detections_grid(
     """A grid: one row per image, one column per model, predicted boxes above ``score_thresh``
     drawn with their label and score. ``images`` are ``3 x H x W`` float tensors in [0, 1];
     ``predictions[model][i]`` is the model's torchvision-style output dict for image ``i``."""
-    plt = _plt()
+    import torch
     from matplotlib.patches import Rectangle
 
+    plt = _plt()
     models = list(predictions)
     nr, nc = max(1, len(images)), max(1, len(models))
     fig, axes = plt.subplots(nr, nc, figsize=(3.2 * nc, 3.2 * nr), squeeze=False)

@@ -261,6 +261,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
+            if not self.dist.is_main:  # DDP's find_unused_parameters notice: once (rank 0), not once per rank
+                import warnings
+
+                warnings.filterwarnings("ignore", message=".*find_unused_parameters=True.*")
             self.model = DistributedDataParallel(
                 self.module, device_ids=ids, find_unused_parameters=self.find_unused_parameters
             )
@@ -457,12 +461,14 @@ def build_trainer(
     metrics: dict[str, Any] | None = None,
     eval_batch_size: int = 8,
     eval_max_images: int | None = None,
+    best_path: str | Path | None = None,
     **trainer_kw: Any,
 ) -> Trainer:
     """A :class:`Trainer` with the usual hooks, in this order: masks (a :class:`MaskHook` for
     ``masks`` unless ``hooks`` has one), evaluation on ``val_set`` (unless ``hooks`` has an
     :class:`EvalHook`), the checkpoint at ``out`` recording ``spec``/``kind``/``plan``/``recipe``
-    (unless ``hooks`` has a :class:`CheckpointHook`), then the rest of ``hooks`` as given.
+    (unless ``hooks`` has a :class:`CheckpointHook`; ``best_path`` receives the best evaluated
+    weights by validation mAP), then the rest of ``hooks`` as given.
     ``trainer_kw`` goes to :class:`Trainer` (``device``, ``dist_info``, ``num_workers``...)."""
     hooks = list(hooks)
     mask_hooks = [h for h in hooks if isinstance(h, MaskHook)]
@@ -479,7 +485,8 @@ def build_trainer(
         ordered += given_ck
     elif out is not None:
         ordered.append(CheckpointHook(out, spec, cfg.checkpoint_every, kind=kind, plan=plan, recipe=recipe,
-                                      metrics=metrics))
+                                      metrics=metrics, class_names=getattr(train_set, "class_names", None),
+                                      best_path=best_path))
     ordered += [h for h in hooks if h not in ordered]
     trainer = Trainer(model, train_set, cfg, hooks=ordered, **trainer_kw)
     trainer.kind = "masked" if masks and kind == "dense" else kind

@@ -198,7 +198,11 @@ def import_user_builder(
             if not path.is_file() and isinstance(recorded, str) and Path(recorded).is_file():
                 path = Path(recorded)
             if not path.is_file():
-                raise UnknownModelError(f"model {name!r}: file {mod_name} does not exist")
+                where = f" nor at the recorded {recorded}" if isinstance(recorded, str) else ""
+                raise UnknownModelError(
+                    f"model {name!r}: builder file {mod_name} does not exist here ({os.getcwd()}){where}; "
+                    "put the file back or run from the folder it is relative to"
+                )
             file = os.path.abspath(path)
             _check_hash(name, file, expected)
             spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -207,13 +211,31 @@ def import_user_builder(
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         else:
+            recorded = expected.get("file") if isinstance(expected, dict) else None
             with _no_cwd_on_path():
-                file = _module_file(mod_name)
+                try:
+                    file = _module_file(mod_name)
+                except ImportError:
+                    if not (isinstance(recorded, str) and Path(recorded).is_file()):
+                        raise
+                    file = None  # not importable from here: the recorded file (hash-checked below)
+            if file is None and isinstance(recorded, str) and Path(recorded).is_file():
+                file = os.path.abspath(recorded)
                 _check_hash(name, file, expected)
-                module = importlib.import_module(mod_name)
+                spec = importlib.util.spec_from_file_location(mod_name, file)
+                if spec is None or spec.loader is None:
+                    raise UnknownModelError(f"model {name!r}: cannot load the recorded file {file}")
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            else:
+                with _no_cwd_on_path():
+                    _check_hash(name, file, expected)
+                    module = importlib.import_module(mod_name)
     except ImportError as e:
+        rec = expected.get("file") if isinstance(expected, dict) else None
+        missing = f"; the recorded file {rec} does not exist either" if isinstance(rec, str) else ""
         raise UnknownModelError(
-            f"model {name!r}: cannot import {mod_name!r} ({e}); the current directory is not searched: "
+            f"model {name!r}: cannot import {mod_name!r} ({e}){missing}; the current directory is not searched: "
             "add its folder to PYTHONPATH or give 'path/to/file.py:function'"
         ) from e
     except (ValueError, OSError, SyntaxError) as e:

@@ -157,6 +157,9 @@ def check_checkpoint_dict(obj: dict[str, Any], path: str | Path) -> None:
     for field_name in ("metrics", "meta"):
         if obj.get(field_name) is not None and not isinstance(obj[field_name], dict):
             raise bad(field_name, "a mapping or null")
+    names = obj.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise bad("class_names", "a list of strings or null")
     sd = obj.get("state_dict")
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise bad("state_dict", "a mapping of names to tensors")

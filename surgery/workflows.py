@@ -24,7 +24,7 @@ from .distributed import DistInfo, current_dist, main_process_first
 from .errors import DataError, PruningError, RecipeError
 from .hooks import EvalHook, HookBase, LoggingHook, MaskHook, StepInfo
 from .measure import count_params
-from .models import ModelSpec, build_model, get_builder
+from .models import ModelSpec, _is_local_file, build_model, get_builder
 from .plan import MaskedPlan
 from .prune import PruneResult, prune_model
 from .recipe import AGPSection, Recipe, TrainSection, apply_overrides, load_recipe, recipe_from_dict
@@ -70,13 +70,26 @@ def load_datasets(
     return main_process_first(dist_info or current_dist(), build)
 
 
-def check_classes(model_classes: Any, dataset: Any) -> None:
-    """One clear error when the data has more classes than the model's outputs."""
+def check_classes(model_classes: Any, dataset: Any, callbacks: Callbacks | None = None) -> None:
+    """One clear error when the data has more classes than the model's outputs; a note when it
+    has fewer (the extra outputs are never trained towards anything)."""
     if model_classes is not None and dataset.num_classes > int(model_classes):
         raise DataError(
             f"the dataset has {dataset.num_classes} classes (with background) but the model only "
-            f"{model_classes}: train a model with num_classes={dataset.num_classes} (--kwarg num_classes=N)"
+            f"{model_classes}: pass --kwarg num_classes={dataset.num_classes} (the class outputs are re-initialised, "
+            "every other weight is kept)"
         )
+    if model_classes is not None and dataset.num_classes < int(model_classes) and callbacks is not None:
+        callbacks.note(f"the model has {model_classes} classes (with background), the data {dataset.num_classes}: "
+                       f"--kwarg num_classes={dataset.num_classes} fine-tunes to the data's classes "
+                       "(class outputs re-initialised)")
+
+
+def _transfer_note(transfer: Any, callbacks: Callbacks) -> None:
+    if transfer is not None and transfer.reinitialised:
+        was = f" ({transfer.classes_before} classes before)" if transfer.classes_before else ""
+        callbacks.note(f"re-initialised the class outputs{was}: {', '.join(transfer.reinitialised)}; "
+                       f"{transfer.loaded} other tensors loaded")
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,8 +147,10 @@ def prune_loaded(
 ) -> PruneOutcome:
     """:func:`prune_and_save` for a model already in memory (``prior``: its checkpoint, if any)."""
     cfg = recipe.prune
+    recipe = _naming(recipe, spec)
     previous = prior.plan if prior is not None else None
     origin = str(prior.path) if prior is not None and prior.path is not None else source
+    class_names = prior.class_names if prior is not None else None
     if cfg.method == "magnitude":
         from .masked import prune_masked
 
@@ -147,7 +162,7 @@ def prune_loaded(
                           nonzeros_before=masked.nonzeros_before, nonzeros_after=masked.nonzeros_after,
                           source=origin, previous=previous)
         path = save_pruned(out, model, spec, plan, masks=masked.masks, recipe=recipe.to_dict(),
-                           metrics={"params": count_params(model).total})
+                           metrics={"params": count_params(model).total}, class_names=class_names)
         return PruneOutcome(path=path, kind="masked", spec=spec, masked=masked)
     if prior is not None and prior.kind == "masked" and prior.masks:
         raise PruningError(
@@ -161,8 +176,19 @@ def prune_loaded(
     metrics = {"params": result.report.params_after}
     if result.report.macs_after is not None:
         metrics["macs"] = result.report.macs_after
-    path = save_pruned(out, model, spec, result.plan, recipe=recipe.to_dict(), metrics=metrics)
+    path = save_pruned(out, model, spec, result.plan, recipe=recipe.to_dict(), metrics=metrics, class_names=class_names)
     return PruneOutcome(path=path, kind="structured", spec=spec, structured=result)
+
+
+def _naming(recipe: Recipe, spec: ModelSpec) -> Recipe:
+    """A copy of ``recipe`` whose model section names the model actually pruned (``--model`` and
+    ``--kwarg`` flags, or the checkpoint's builder), so the saved recipe rebuilds the same thing."""
+    import copy
+
+    saved = copy.deepcopy(recipe)
+    saved.model.name = spec.name
+    saved.model.kwargs = {k: v for k, v in spec.kwargs.items() if k not in ("weights", "weights_backbone")}
+    return saved
 
 
 def _carry_masks(masked: Any, prior: dict[str, torch.Tensor], sparsity: float, source: str | None) -> None:
@@ -192,6 +218,7 @@ class TrainOutcome:
     recipe: Recipe
     device: str
     world_size: int = 1
+    files: Any = None  # surgery.records.RunFiles: best.pt, metrics.csv / .jsonl beside the checkpoint
 
 
 def _fit(
@@ -210,20 +237,25 @@ def _fit(
     hooks: Sequence[HookBase] = (),
     **kw: Any,
 ) -> TrainOutcome:
+    from .records import RecordHook, RunFiles
+
     hooks = list(hooks)
+    files = RunFiles.for_checkpoint(out)
+    hooks.append(RecordHook(files))
     if callbacks.on_step is not None:
         hooks.append(LoggingHook(callbacks.on_step))
     if val_set is not None:
         hooks.append(EvalHook(val_set, cfg.eval_every, progress=callbacks.on_eval_progress,
                               on_result=callbacks.on_eval))
     trainer = build_trainer(model, spec, train_set, cfg, val_set=val_set, out=out, hooks=hooks, device=device,
-                            recipe=recipe, dist_info=dist_info, num_workers=recipe.data.num_workers, **kw)
+                            recipe=recipe, dist_info=dist_info, num_workers=recipe.data.num_workers,
+                            best_path=files.best if val_set is not None else None, **kw)
     if resume and dist_info.is_main:
         callbacks.note(f"resuming from {out}" if out.exists() else f"--resume: {out} does not exist yet; starting from step 0")
     callbacks.stage("training")
     result = trainer.train(resume=resume)
     return TrainOutcome(result=result, out=out, spec=spec, recipe=recipe, device=str(trainer.device),
-                        world_size=dist_info.world_size)
+                        world_size=dist_info.world_size, files=files)
 
 
 def train_from_recipe(
@@ -252,11 +284,20 @@ def train_from_recipe(
     kwargs = dict(recipe.model.kwargs)
     if "num_classes" not in kwargs and accepts(get_builder(name), "num_classes"):
         kwargs["num_classes"] = train_set.num_classes
+        names = ", ".join(getattr(train_set, "class_names", [])[1:])
+        cb.note(f"num_classes={train_set.num_classes} from the data ({names} + background)")
     recipe.model.kwargs = dict(kwargs)
-    check_classes(kwargs.get("num_classes"), train_set)
+    check_classes(kwargs.get("num_classes"), train_set, cb)
     torch.manual_seed(recipe.train.seed)  # same seed, same initial weights
     spec = ModelSpec(name, kwargs)  # the checkpoint holds the weights: rebuild without them
-    model = build_model(spec, weights=recipe.model.weights) if recipe.model.weights else build_model(spec)
+    weights = recipe.model.weights
+    if weights and _is_local_file(weights):  # a file of another num_classes: all but the class outputs
+        from .transfer import build_with_weights_file
+
+        model, transfer = build_with_weights_file(spec, weights)
+        _transfer_note(transfer, cb)
+    else:
+        model = build_model(spec, weights=weights) if weights else build_model(spec)
     return _fit(model, spec, recipe, recipe.train, train_set, val_set, Path(out), device=device, resume=resume,
                 dist_info=info, callbacks=cb, hooks=hooks)
 
@@ -323,21 +364,30 @@ def retrain_checkpoint(
     dist_info: DistInfo | None = None,
     callbacks: Callbacks | None = None,
     hooks: Sequence[HookBase] = (),
+    kwargs: dict[str, Any] | None = None,
 ) -> TrainOutcome:
     """Retrain a pruned, masked or dense checkpoint with the recipe's ``retrain`` section; masks
     of a masked checkpoint stay exact. ``sparsity`` masks that fraction of the weights (at once,
-    or gradually on an AGP schedule with ``agp``)."""
+    or gradually on an AGP schedule with ``agp``). ``kwargs`` rebuild it with other builder
+    arguments: ``num_classes`` fine-tunes to new classes (class outputs re-initialised)."""
     from .masked import AGPSchedule, apply_masks, magnitude_masks, masks_sparsity
 
     if agp and sparsity is None:
         raise RecipeError("--agp needs --sparsity (the final sparsity)")
     cb = callbacks or Callbacks()
     info = dist_info or current_dist()
-    model, ckpt = load_checkpoint(ckpt_path)
+    if kwargs:
+        from .transfer import load_checkpoint_with
+
+        model, ckpt, transfer = load_checkpoint_with(ckpt_path, kwargs)
+        _transfer_note(transfer, cb)
+    else:
+        model, ckpt = load_checkpoint(ckpt_path)
+    recipe.model.name, recipe.model.kwargs = ckpt.spec.name, dict(ckpt.spec.kwargs)  # the saved recipe names it
     cfg = recipe.retrain
     cb.stage("preparing data")
     train_set, val_set = load_datasets(recipe, hflip=cfg.hflip, val=evaluate, dist_info=info)
-    check_classes(ckpt.spec.kwargs.get("num_classes"), train_set)
+    check_classes(ckpt.spec.kwargs.get("num_classes"), train_set, cb)
     masks, hooks = ckpt.masks, list(hooks)
     if sparsity is not None and agp:
         per_epoch = max(1, len(train_set) // max(1, info.world_size) // cfg.batch_size)

@@ -262,7 +262,8 @@ def test_cli_eval(synth_root: Path, tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     assert "mAP50" in res.output and "AR100" in res.output
-    assert isinstance(json.loads(out.read_text()), list)
+    saved = json.loads(out.read_text())  # --json: the metrics; detections have their own option
+    assert set(BBOX_KEYS) <= set(saved["metrics"]) and saved["num_images"] == 2
 
 
 def test_evaluate_keypoints(tmp_path: Path) -> None:

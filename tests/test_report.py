@@ -93,3 +93,12 @@ def test_detections_grid(tmp_path):
         class_names=["bg", "circle", "square"],
     )
     _check_png(p)
+
+
+def test_weak_dense_reference_shows_no_retained_ratio(rows):
+    from surgery.report import MIN_REFERENCE_MAP
+
+    weak = [dict(r, dense_control_map=MIN_REFERENCE_MAP / 50) for r in rows]  # a dense mAP of 0.001
+    lines = markdown_table(weak).strip().splitlines()[2:]
+    assert all(line.rstrip(" |").endswith("-") for line in lines)  # not "retained 279.9%"
+    assert "%" in markdown_table(rows).strip().splitlines()[3].split(" | ")[-1]

@@ -62,7 +62,9 @@ def build_dataset(
     ``split``; images next to it, see :func:`_json_image_dirs`). ``train`` enables the horizontal
     flip (probability ``hflip``). ``progress`` reports synthetic generation.
     """
-    source = str(source)
+    from .sources import normalize_source
+
+    source = normalize_source(str(source))
     if source == "synthetic":
         if split not in ("train", "val"):
             raise DataError(f"synthetic dataset split must be 'train' or 'val', got {split!r}")
@@ -84,7 +86,7 @@ def build_dataset(
     if source.endswith(".json"):
         ann = Path(source).expanduser()
         return CocoDetection(_json_image_dirs(ann), ann, train=train, with_masks=with_masks, hflip=hflip, name=source, split=split)
-    raise DataError(f"unknown data source {source!r}: expected 'synthetic', 'coco:ROOT', 'voc:ROOT' or a COCO annotation .json")
+    raise DataError(f"unknown data source {source!r}")  # normalize_source has already refused it
 
 
 # the synthetic set a recipe gets when its data section leaves these out (DataSection's defaults)
@@ -123,6 +125,8 @@ def dataset_for(
     ``data`` is a :class:`~surgery.recipe.DataSection`, its dict form or ``None``."""
     section_source = data.get("source") if isinstance(data, Mapping) else getattr(data, "source", None)
     source = source or section_source or "synthetic"
+    if source.lower() == "synthetic":
+        source = "synthetic"
     kwargs = synthetic_options(data) if source == "synthetic" else {}
     return build_dataset(source, split, train=train, with_masks=with_masks, hflip=hflip, progress=progress, **kwargs)
 

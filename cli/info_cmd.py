@@ -1,0 +1,66 @@
+"""``surgery info CKPT``: provenance, what was cut per stage (and per layer), metrics so far."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from cli.console import console
+from cli.table import FORMAT_HELP, Column, check_format, render
+
+KEPT = Column("kept", justify="right", fmt=lambda v: f"{v:.0%}")
+
+
+def info(
+    checkpoint: Path = typer.Argument(..., help="A surgery checkpoint."),
+    layers: bool = typer.Option(False, "--layers", help="Every cut layer, not only the stages."),
+    show_recipe: bool = typer.Option(False, "--recipe", help="Print the recipe saved in the checkpoint."),
+    fmt: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP + " csv: one row per layer."),
+) -> None:
+    """Where a checkpoint came from, what was cut (before -> after), and its recorded metrics."""
+    from surgery.info import describe_checkpoint
+
+    check_format(fmt)
+    d = describe_checkpoint(checkpoint)
+    layer_rows = [{"layer": c.layer, "before": c.before, "after": c.after, "kept": c.kept} for c in d.layers]
+    if fmt == "json":
+        typer.echo(json.dumps(d.to_dict(), indent=2, default=str))
+        return
+    if fmt == "csv":
+        render(layer_rows, ["layer", "before", "after", "kept"], "csv")
+        return
+    p = lambda text: console.print(text, soft_wrap=True, highlight=False)  # noqa: E731
+    p(f"[bold]{escape(str(checkpoint))}[/]: {d.kind}, builder [bold]{escape(d.builder)}[/] {escape(str(d.kwargs))}")
+    if d.code:
+        p(f"  builder file {escape(str(d.code.get('file')))} (sha256 {str(d.code.get('sha256'))[:16]}...)")
+    if d.created:
+        p(f"  written {d.created}")
+    names = d.class_names[1:] if d.class_names else None
+    p(f"  classes: {escape(', '.join(names))}" if names else "  classes: not recorded (labels are ids)")
+    for i, step in enumerate(d.chain):
+        p(f"  {'<-' if i else 'made by'} {escape(step.what)}" + (f" from {escape(step.source)}" if step.source else ""))
+    if d.stages:
+        rows = [{"stage": s.stage, "layers": s.layers, "before": s.before, "after": s.after,
+                 "kept": s.after / s.before if s.before else 1.0} for s in d.stages]
+        render(rows, ["stage", Column("layers", justify="right"), Column("before", "channels before", "right"),
+                      Column("after", "channels after", "right"), KEPT], title="what was cut, per stage")
+    if layers and layer_rows:
+        render(layer_rows, ["layer", Column("before", justify="right"), Column("after", justify="right"), KEPT],
+               title="per layer (output channels)")
+    if d.metrics:
+        rows = [{"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else v} for k, v in d.metrics.items()]
+        render(rows, ["metric", Column("value", justify="right")], title="metrics recorded")
+    if d.history:
+        p("evaluations during training: " + ", ".join(
+            f"step {h.get('step')}: mAP {h.get('mAP', float('nan')):.4f}" for h in d.history))
+    if show_recipe and d.recipe:
+        import yaml
+
+        p(escape(yaml.safe_dump(d.recipe, sort_keys=False)))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info)

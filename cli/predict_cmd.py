@@ -1,0 +1,38 @@
+"""``surgery predict CKPT IMAGES... --out DIR``: boxes drawn with class names, and a JSON of the
+detections, over :mod:`surgery.predict`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cli.console import console
+from cli.display import TaskProgress
+
+
+def predict(
+    checkpoint: Path = typer.Argument(..., help="A surgery checkpoint (.pt)."),
+    images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
+    out: Path = typer.Option(Path("runs/predict"), "--out", "-o", help="Folder for the drawn images and detections.json."),
+    score_thresh: float = typer.Option(0.3, "--score-thresh", help="Keep detections scoring at least this (0-1)."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    draw: bool = typer.Option(True, "--draw/--no-draw", help="Write each image with its boxes."),
+) -> None:
+    """Detect objects in images: boxes drawn with class names, and a JSON of the detections."""
+    from surgery.predict import image_files, load_predictor, predict_files, write_predictions
+
+    files = image_files(images)
+    predictor = load_predictor(checkpoint, device)
+    with TaskProgress("predicting") as bar:
+        preds = predict_files(predictor, files, score_thresh=score_thresh, batch_size=batch_size, progress=bar.update)
+    path = write_predictions(preds, out, draw=draw)
+    n = sum(len(p.detections) for p in preds)
+    named = "" if predictor.class_names else " (the checkpoint records no class names: labels are ids)"
+    console.print(f"{n} detections (score >= {score_thresh}) in {len(preds)} images{named}", highlight=False)
+    console.print(f"written to {out}/ ({'drawn images, ' if draw else ''}{path.name})", markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict)

@@ -1,0 +1,144 @@
+"""Training records in a run folder: where the files of one run go (:class:`RunFiles`), run
+folders that never overwrite each other (:func:`next_run_dir`: ``runs/train/exp``, ``exp2``...),
+and :class:`RecordHook`, which appends every logged step and every evaluation to ``metrics.csv``
+and ``metrics.jsonl`` (and to TensorBoard when the ``tensorboard`` package is installed).
+
+The best checkpoint by validation mAP is written by :class:`surgery.hooks.CheckpointHook`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .hooks import HookBase
+
+if TYPE_CHECKING:
+    from .train import Trainer
+
+EVAL_COLUMNS = ("mAP", "mAP50", "mAP75")
+
+
+@dataclass
+class RunFiles:
+    """The files of one run. A checkpoint named ``last.pt`` lives in a run folder: ``best.pt``,
+    ``metrics.csv``, ``metrics.jsonl`` and ``tensorboard/`` beside it; any other name ``X.pt``
+    gets ``X.best.pt``, ``X.metrics.csv``... so two runs in one folder never share files."""
+
+    last: Path
+    best: Path
+    csv: Path
+    jsonl: Path
+    tensorboard: Path
+
+    @classmethod
+    def for_checkpoint(cls, out: str | Path) -> RunFiles:
+        out = Path(out)
+        prefix = "" if out.name == "last.pt" else f"{out.stem}."
+        d = out.parent
+        return cls(out, d / f"{prefix}best.pt", d / f"{prefix}metrics.csv", d / f"{prefix}metrics.jsonl",
+                   d / f"{prefix}tensorboard")
+
+
+def next_run_dir(root: str | Path, name: str = "exp") -> Path:
+    """``root/name``, or ``root/name2``, ``name3``... the first that does not exist yet."""
+    root = Path(root)
+    n = 1
+    while (root / (name if n == 1 else f"{name}{n}")).exists():
+        n += 1
+    return root / (name if n == 1 else f"{name}{n}")
+
+
+def latest_run_dir(root: str | Path, name: str = "exp") -> Path | None:
+    """The highest-numbered ``root/nameN`` that exists (what ``--resume`` without ``--out`` continues)."""
+    root = Path(root)
+    pattern = re.compile(rf"^{re.escape(name)}(\d*)$")
+    runs = [(int(m.group(1) or 1), p) for p in root.glob(f"{name}*") if (m := pattern.match(p.name)) and p.is_dir()]
+    return max(runs)[1] if runs else None
+
+
+class RecordHook(HookBase):
+    """Append each logged step (every ``cfg.log_every`` steps: losses, lr, img/s) and each new
+    evaluation to the run's CSV and JSONL (rank 0; a resumed run appends). Columns of the CSV are
+    fixed by its first row (step, epoch, lr, losses, seconds, val/mAP, val/mAP50, val/mAP75); the
+    JSONL has every evaluated metric."""
+
+    def __init__(self, files: RunFiles) -> None:
+        self.files = files
+        self._columns: list[str] | None = None
+        self._evals_seen = 0
+        self._tb: Any = None
+        self._t0 = 0.0
+
+    def before_train(self, trainer: Trainer) -> None:
+        import time
+
+        self._t0 = time.perf_counter()
+        self._evals_seen = len(trainer.history)
+        if not trainer.dist.is_main:
+            return
+        if trainer.step == 0:  # a new run: start the records afresh
+            for p in (self.files.csv, self.files.jsonl):
+                p.unlink(missing_ok=True)
+        elif self.files.csv.exists():
+            with open(self.files.csv, newline="") as f:
+                self._columns = next(csv.reader(f), None)
+        try:  # optional: TensorBoard only when its package is installed
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.files.tensorboard))
+        except ImportError:
+            self._tb = None
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self.files.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.files.jsonl, "a") as f:
+            f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
+        new = self._columns is None
+        if new:  # fixed by the first row: step, epoch, lr, losses, seconds and EVAL_COLUMNS
+            self._columns = [k for k in row if not k.startswith("val/") or k[4:] in EVAL_COLUMNS]
+        with open(self.files.csv, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self._columns, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def after_step(self, trainer: Trainer) -> None:
+        every = trainer.cfg.log_every or 1
+        if trainer.step % every == 0 or trainer.step == trainer.total_steps:
+            self._row(trainer, with_losses=True)
+        elif len(trainer.history) > self._evals_seen:
+            self._row(trainer, with_losses=False)
+
+    def _row(self, trainer: Trainer, with_losses: bool) -> None:
+        import time
+
+        evals = trainer.history[self._evals_seen:]
+        self._evals_seen = len(trainer.history)
+        if not trainer.dist.is_main:
+            return
+        losses = trainer.mean_losses() if with_losses else {}
+        row: dict[str, Any] = {"step": trainer.step, "epoch": trainer.epoch, "lr": trainer.lr if with_losses else None,
+                               "loss": sum(losses.values()) if losses else None,
+                               **{f"loss/{k}": losses.get(k) for k in trainer.last_losses},
+                               "seconds": round(time.perf_counter() - self._t0, 3)}  # fmt: skip
+        last = evals[-1] if evals else {}
+        row.update({f"val/{k}": last.get(k) for k in EVAL_COLUMNS})  # always present: fixed CSV columns
+        row.update({f"val/{k}": v for k, v in last.items() if k != "step" and isinstance(v, (int, float))})
+        self._write(row)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if len(trainer.history) > self._evals_seen:  # the final evaluation
+            self._row(trainer, with_losses=False)
+        if self._tb is not None:
+            self._tb.close()
+
+
+__all__ = ["RecordHook", "RunFiles", "latest_run_dir", "next_run_dir"]
