@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -32,73 +33,40 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"])
     ap.add_argument("--csv", type=Path, default=None)
     args = ap.parse_args()
 
-    from surgery.bench import BenchRow, write_csv
+    from surgery.bench import bench_checkpoints, write_csv
+    from surgery.checkpoint import save_checkpoint
     from surgery.masked import prune_masked
-    from surgery.measure import (
-        configured_detections,
-        count_macs,
-        count_params,
-        measure_latency,
-        state_dict_size,
-    )
-    from surgery.models import build_model, is_torchvision_model
+    from surgery.models import ModelSpec, build_model, is_torchvision_model
     from surgery.prune import prune_model
-    from surgery.recipe import PruneSection
+    from surgery.recipe import BenchSection, PruneSection
 
     torch.manual_seed(0)
     sized = is_torchvision_model(args.model) and not args.model.startswith("ssd")
     kwargs = {"min_size": args.size, "max_size": args.size} if sized or args.model == "fcos_resnet18_slim" else {}
-    dense = build_model(args.model, **kwargs).eval()
-    models: dict[str, tuple[torch.nn.Module, str, float | None, float | None, str]] = {
-        "dense": (dense, "dense", None, None, "dense")
-    }
-    for r in args.ratios:
-        m = copy.deepcopy(dense)
-        prune_model(m, PruneSection(ratio=r), trace_size=args.size)
-        models[f"l1-{r:g}"] = (m, "l1", r, None, "structured")
-    for s in args.sparsities:
-        m = copy.deepcopy(dense)
-        prune_masked(m, s)
-        models[f"masked-{s:g}"] = (m, "magnitude", None, s, "masked")
-
-    info = {}
-    for name, (m, *_rest) in models.items():
-        params, nonzero = count_params(m)
-        macs = count_macs(m, args.size, rois=None, detections=configured_detections(m)).total
-        info[name] = (params, nonzero, macs, *state_dict_size(m))
-        print(f"{name:>12}: {params / 1e6:6.2f}M params ({nonzero / 1e6:.2f}M nonzero), {macs / 1e9:.2f} GMACs")
-
-    lat = measure_latency(
-        {n: v[0] for n, v in models.items()},
-        args.size,
-        batch_sizes=args.batch_sizes,
-        warmup=args.warmup,
-        runs=args.runs,
-        threads=args.threads,
-        device=args.device,
-    )
-    ref_lat = {r.batch_size: r.median_ms for r in lat if r.name == "dense"}
-    rows = []
-    for r in lat:
-        _, method, ratio, sparsity, kind = models[r.name]
-        params, nonzero, macs, fbytes, fgzip = info[r.name]
-        rows.append(
-            BenchRow(
-                model=args.model, method=method, ratio=ratio, sparsity=sparsity, kind=kind, device=r.device,
-                torch=torch.__version__, threads=r.threads, input_size=args.size, batch_size=r.batch_size,
-                params=params, params_nonzero=nonzero, macs=macs, latency_ms_median=r.median_ms,
-                latency_ms_p90=r.p90_ms, images_per_s=r.images_per_s, peak_mem_mb=r.peak_mem_mb,
-                file_bytes=fbytes, file_gzip_bytes=fgzip, mAP=None, mAP50=None,
-                params_ratio=params / info["dense"][0], macs_ratio=macs / info["dense"][2],
-                latency_ratio=r.median_ms / ref_lat[r.batch_size], checkpoint=r.name,
-            )
-        )  # fmt: skip
+    spec = ModelSpec(args.model, kwargs)
+    dense = build_model(spec).eval()
+    with tempfile.TemporaryDirectory(prefix="surgery-latency-") as tmp:
+        paths = [save_checkpoint(Path(tmp) / "dense.pt", dense, spec, kind="dense")]
+        for r in args.ratios:
+            m = copy.deepcopy(dense)
+            res = prune_model(m, PruneSection(ratio=r), trace_size=args.size)
+            paths.append(save_checkpoint(Path(tmp) / f"l1-{r:g}.pt", m, spec, kind="structured", plan=res.plan))
+        for s in args.sparsities:
+            m = copy.deepcopy(dense)
+            masks = prune_masked(m, s).masks
+            paths.append(save_checkpoint(Path(tmp) / f"masked-{s:g}.pt", m, spec, kind="masked", masks=masks))
+        cfg = BenchSection(input_size=args.size, batch_sizes=args.batch_sizes, warmup=args.warmup, runs=args.runs,
+                           threads=args.threads, device=args.device, runtime=args.runtime)
+        rows = bench_checkpoints(paths, cfg)
+    for r in rows:
+        r.checkpoint = Path(r.checkpoint).stem
         print(
-            f"{r.name:>12} bs={r.batch_size}: {r.median_ms:7.1f} ms median, {r.p90_ms:7.1f} ms p90, "
-            f"{r.images_per_s:6.1f} img/s, x{rows[-1].latency_ratio:.2f} vs dense"
+            f"{r.checkpoint:>12} bs={r.batch_size}: {r.latency_ms_median:7.1f} ms e2e (network {r.network_ms_median or 0:.1f}), "
+            f"MACs x{r.macs_ratio:.2f}, e2e x{r.latency_ratio:.2f}, network x{r.network_ratio:.2f} vs dense"
         )
     if args.csv:
         write_csv(rows, args.csv)

@@ -8,7 +8,8 @@ from rich import box
 from rich.table import Table
 
 from cli.console import console
-from cli.output import print_full_width, progress_callback
+from cli.output import progress_callback
+from cli.table import print_wide
 from surgery.report import fmt_count
 
 
@@ -122,7 +123,7 @@ def _print_table(rows: list[Any], cfg: Any) -> None:
             cells.append("-" if r.mAP is None else f"{r.mAP:.3f}\n{r.mAP50 or 0:.3f}")
         cells += [f"{_ratio(r.params_ratio)}\n{_ratio(r.macs_ratio)}", f"{_ratio(r.latency_ratio)}\n{_ratio(r.network_ratio)}"]
         table.add_row(*cells)
-    print_full_width(table)
+    print_wide(table)
     notes: dict[str, dict[str, None]] = {}
     for r in rows:
         for n in r.notes:

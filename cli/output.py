@@ -1,11 +1,10 @@
-"""Output that works in a terminal and in a log: progress for long commands, tables at full width."""
+"""Progress for long commands that report ``(what, done, total)`` (bench, sweep stages)."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -35,19 +34,3 @@ def progress_callback(
 
     yield line
 
-
-def print_full_width(renderable: Any) -> None:
-    """Print a table without cutting names: outside a terminal rich assumes 80 columns and would
-    truncate (``backbone.bo…``), so the console is widened to the table's natural width."""
-    from rich.measure import Measurement
-
-    if console.is_terminal:
-        console.print(renderable)
-        return
-    width = Measurement.get(console, console.options.update(width=100_000), renderable).maximum
-    old = console.width
-    console.width = max(old, width)
-    try:
-        console.print(renderable)
-    finally:
-        console.width = old

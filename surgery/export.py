@@ -392,7 +392,7 @@ def checkpoint_metadata(model: nn.Module, ckpt: Any, input_size: int) -> dict[st
         "input_size": str(input_size),
         "source": str(ckpt.path.name) if ckpt.path is not None else "",
     }
-    names = (ckpt.meta or {}).get("class_names") or (ckpt.metrics or {}).get("class_names")
+    names = getattr(ckpt, "class_names", None)
     if names:
         meta["class_names"] = json.dumps(list(names))
     if ckpt.recipe:  # the data section says which (synthetic) set the model was trained on

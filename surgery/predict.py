@@ -54,16 +54,12 @@ class Predictor:
 
 
 def load_predictor(path: str | Path, device: str = "cpu", *, trust_code: bool | None = None) -> Predictor:
-    """A surgery checkpoint as a :class:`Predictor` (eval mode, its stored class names).
+    """A surgery checkpoint or an exported ``.onnx`` file (run by ONNX Runtime) as a
+    :class:`Predictor` (eval mode, the class names stored with it)."""
+    from .runtime import load_detector
 
-    ONNX files are not read here yet: the ONNX runtime wrapper plugs in at this one place."""
-    from .checkpoint import load_checkpoint
-
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        raise DataError(f"{path}: predict reads surgery checkpoints (.pt); ONNX files are not supported yet")
-    model, ckpt = load_checkpoint(path, device, trust_code=trust_code)
-    return Predictor(model.eval(), ckpt.class_names, str(path))
+    model, ckpt = load_detector(Path(path), device, trust_code=trust_code)
+    return Predictor(model, ckpt.class_names, str(path))
 
 
 def image_files(inputs: Iterable[str | Path]) -> list[Path]:

@@ -121,7 +121,9 @@ def run_image(det: OnnxDetector, image: torch.Tensor) -> dict[str, torch.Tensor]
     return res
 
 
-def load_detector(path: str | Path, device: str = "cpu", *, threads: int | None = None) -> tuple[nn.Module, Any]:
+def load_detector(
+    path: str | Path, device: str = "cpu", *, threads: int | None = None, trust_code: bool | None = None
+) -> tuple[nn.Module, Any]:
     """A checkpoint or an ONNX export, ready for inference: ``(model, checkpoint)``.
 
     Checkpoints load with :func:`surgery.checkpoint.load_checkpoint` (masks folded in); an ONNX file
@@ -145,11 +147,12 @@ def load_detector(path: str | Path, device: str = "cpu", *, threads: int | None 
             state_dict={},
             kind=meta.get("kind", "onnx"),
             recipe=json.loads(meta["recipe"]) if meta.get("recipe") else None,
-            meta={"onnx": meta, **({"class_names": json.loads(meta["class_names"])} if meta.get("class_names") else {})},
+            meta={"onnx": meta},
+            class_names=json.loads(meta["class_names"]) if meta.get("class_names") else None,
             path=Path(path),
         )
         return det.eval(), ckpt
-    model, ckpt = load_checkpoint(path, device=device)
+    model, ckpt = load_checkpoint(path, device=device, trust_code=trust_code)
     if ckpt.kind == "masked":
         fold_masks(model, ckpt.masks)
     return model.eval(), ckpt
