@@ -28,7 +28,8 @@ import torch  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=["fcos_resnet18_slim", "ssdlite320_mobilenet_v3_large"])
-    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--ratio", type=float, default=0.4, help="0.5 of power-of-two widths is round already")
+    ap.add_argument("--scope", default="layer", choices=["layer", "global"])
     ap.add_argument("--round-to", type=int, nargs="*", default=[1, 8, 16, 32])
     ap.add_argument("--runtimes", nargs="*", default=["torch", "onnxruntime"])
     ap.add_argument("--size", type=int, default=320)
@@ -56,7 +57,7 @@ def main() -> None:
             paths = [save_checkpoint(Path(tmp) / f"{name}-dense.pt", dense, spec, kind="dense")]
             for r in args.round_to:
                 m = copy.deepcopy(dense)
-                res = prune_model(m, PruneSection(ratio=args.ratio, round_to=r), trace_size=min(args.size, 320))
+                res = prune_model(m, PruneSection(ratio=args.ratio, round_to=r, scope=args.scope), trace_size=min(args.size, 320))
                 paths.append(save_checkpoint(Path(tmp) / f"{name}-r{r}.pt", m, spec, kind="structured", plan=res.plan))
             for runtime in args.runtimes:
                 cfg = BenchSection(input_size=args.size, batch_sizes=args.batch_sizes, warmup=args.warmup,

@@ -240,6 +240,11 @@ class SweepSection:
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
     match_masked: bool = True  # add masked variants at the same parameter reduction as each ratio
     out: str = "runs/sweep"
+    # deployment table (surgery.deploy): INT8 in ONNX Runtime for the dense control and the
+    # structured variants ("all"), the one with the smallest MACs ("smallest"), or none
+    int8: str = "none"
+    qat_steps: int = 0  # > 0: also quantization-aware fine-tuning for that many steps, then INT8
+    calib_batches: int = 8  # batches of training images calibrating INT8 post-training quantization
 
     def validate(self) -> None:
         _check(all(0 < r < 1 for r in self.ratios), "ratios", "numbers strictly between 0 and 1")
@@ -253,6 +258,9 @@ class SweepSection:
             except RecipeError as e:
                 raise _FieldError("techniques", str(e).split(": ", 1)[-1]) from None
         _check(bool(self.out.strip()), "out", "a folder path")
+        _check(self.int8 in ("none", "smallest", "all"), "int8", "'none', 'smallest' or 'all'")
+        _check(0 <= self.qat_steps <= 1_000_000, "qat_steps", "an integer >= 0")
+        _check(1 <= self.calib_batches <= 10_000, "calib_batches", "an integer in [1, 10000]")
 
 
 @dataclass

@@ -43,7 +43,7 @@ from .train import build_trainer
 
 SWEEP_COLUMNS: tuple[str, ...] = (
     "variant", "method", "ratio", "target_macs", "sparsity", "params", "params_nonzero", "macs", "latency_ms", "latency_ms_p90",
-    "params_ratio", "macs_ratio", "latency_ratio", "map_pruned", "map50_pruned", "map_retrained",
+    "params_ratio", "macs_ratio", "latency_ratio", "network_ms", "network_ratio", "map_pruned", "map50_pruned", "map_retrained",
     "map50_retrained", "dense_map", "dense_control_map", "retained_map", "retrain_steps", "retrain_seconds", "input_size",
     "threads", "torch", "checkpoint",
 )
@@ -186,6 +186,7 @@ def _run_sweep(
     on_step: Callable[[Any], None] | None,
 ) -> SweepResult:
     from .bench import bench_checkpoints, write_csv
+    from .deploy import deploy_report
     from .evaluate import evaluate
     from .workflows import load_datasets, prune_loaded
 
@@ -201,7 +202,7 @@ def _run_sweep(
     points += [(f"macs{_ratio_tag(t)}", {"target_macs": t}) for t in recipe.sweep.target_macs]
     n_struct = sum(rounds_of[t.text] for t in techniques) * len(points)
     n_masked = len(points) * int(recipe.sweep.match_masked) + len(recipe.sweep.sparsities)
-    total_stages = 5 + 2 * n_struct + 2 * n_masked
+    total_stages = 5 + 2 * n_struct + 2 * n_masked + int(recipe.sweep.int8 != "none")
     stage_i = 0
 
     def stage(name: str) -> None:
@@ -355,6 +356,13 @@ def _run_sweep(
     write_csv(bench_rows, bench_csv)
     first_bs = recipe.bench.batch_sizes[0]
     by_ckpt = {Path(b.checkpoint).name: b for b in bench_rows if b.batch_size == first_bs}
+    deploy_md = ""
+    if recipe.sweep.int8 != "none":
+        stage("deploy: INT8 in ONNX Runtime" + (" (PTQ and QAT)" if recipe.sweep.qat_steps else " (PTQ)"))
+        structured = [v for v in variants if v["method"].startswith("structured")]
+        if recipe.sweep.int8 == "smallest" and structured:
+            structured = [min(structured, key=lambda v: by_ckpt[v["checkpoint"].name].macs)]
+        deploy_md = deploy_report(recipe, out, [control_path] + [v["checkpoint"] for v in structured], val_set)
 
     # 5. report -------------------------------------------------------------------------------
     stage("report")
@@ -366,7 +374,7 @@ def _run_sweep(
     csv_path = out / "results.csv"
     _write_rows(rows, csv_path)
     md = out / "results.md"
-    md.write_text(_markdown(rows, recipe, dense, control))
+    md.write_text(_markdown(rows, recipe, dense, control) + deploy_md)
     plots = _plots(rows, variants, out, val_set, control_path, recipe)
     return SweepResult(out=out, rows=rows, csv=csv_path, markdown=md, bench_csv=bench_csv, plots=plots,
                        seconds=time.perf_counter() - t_start, skipped=skipped)
@@ -399,6 +407,8 @@ def _row(variant, method, ratio, sparsity, bench, pruned, retrained, dense, cont
         "params_ratio": round(bench.params_ratio, 4),
         "macs_ratio": round(bench.macs_ratio, 4),
         "latency_ratio": round(bench.latency_ratio, 4),
+        "network_ms": None if bench.network_ms_median is None else round(bench.network_ms_median, 3),
+        "network_ratio": round(bench.network_ratio, 4),
         "map_pruned": round(pruned["mAP"], 4),
         "map50_pruned": round(pruned["mAP50"], 4),
         "map_retrained": round(retrained["mAP"], 4),

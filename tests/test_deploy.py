@@ -31,13 +31,14 @@ def ckpts(tmp_path_factory):
     torch.manual_seed(0)
     dense = build_model("fcos_resnet18_slim").eval()
     spec = ModelSpec("fcos_resnet18_slim")
-    dense_p = save_checkpoint(d / "dense.pt", dense, spec, kind="dense")
+    recipe = {"data": {"source": "synthetic", "images": 16, "size": SIZE, "root": str(d / "data")}}  # small, local
+    dense_p = save_checkpoint(d / "dense.pt", dense, spec, kind="dense", recipe=recipe)
     import copy
 
     pruned = copy.deepcopy(dense)
     res = prune_model(pruned, PruneSection(ratio=0.5), trace_size=SIZE, macs_input_size=SIZE)
     assert res.report.macs_after < 0.5 * res.report.macs_before
-    pruned_p = save_checkpoint(d / "half.pt", pruned, spec, kind="structured", plan=res.plan)
+    pruned_p = save_checkpoint(d / "half.pt", pruned, spec, kind="structured", plan=res.plan, recipe=recipe)
     return dense_p, pruned_p
 
 
@@ -107,3 +108,20 @@ def test_cli_bench_and_eval_take_onnx_files(tmp_path, ckpts):
     res = runner.invoke(app, ["eval", str(onnx), "--data", "synthetic", "--max-images", "2"])
     assert res.exit_code == 0, res.output
     assert "mAP" in res.output
+
+
+def test_deploy_table_float_and_int8_side_by_side(tmp_path, ckpts):
+    from surgery.deploy import deploy_markdown, deploy_table
+
+    root = synthesize(tmp_path / "shapes", images=8, size=SIZE, seed=3, val_images=2).root
+    val = build_dataset(f"coco:{root}", "val", train=False)
+    rows = deploy_table(list(ckpts), tmp_path / "deploy", val, input_size=SIZE, calib_batches=1, runs=2, warmup=1,
+                        threads=1)
+    assert [(r.checkpoint, r.precision) for r in rows] == [
+        ("dense", "fp32"), ("dense", "int8-ptq"), ("half", "fp32"), ("half", "int8-ptq")]
+    dense_fp, dense_q, half_fp, half_q = rows
+    assert dense_q.file_bytes < 0.35 * dense_fp.file_bytes and half_fp.file_bytes < dense_fp.file_bytes
+    assert half_fp.network_ms < dense_fp.network_ms  # the pruned network is cheaper in ONNX Runtime too
+    assert dense_q.latency_vs_float == pytest.approx(dense_q.latency_ms / dense_fp.latency_ms)
+    table = deploy_markdown(rows, reference_ms=dense_fp.latency_ms)
+    assert table.count("\n") == 4 and "| half |" in table

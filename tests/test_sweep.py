@@ -20,7 +20,7 @@ def tiny_recipe(tmp_path_factory):
         "data": {"source": "synthetic", "images": 16, "size": 64, "root": str(root / "data")},
         "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2},
         "retrain": {"steps": 2, "batch_size": 4, "warmup_steps": 0},
-        "sweep": {"ratios": [0.5], "sparsities": [0.8], "out": str(root / "out")},
+        "sweep": {"ratios": [0.5], "sparsities": [0.8], "out": str(root / "out"), "int8": "smallest", "calib_batches": 1},
         "bench": {"input_size": 64, "batch_sizes": [1], "runs": 2, "warmup": 1},
     }), root / "out"
 
@@ -55,6 +55,15 @@ def test_tiny_sweep_end_to_end_and_resume(tiny_recipe) -> None:
     with open(res.bench_csv) as f:
         assert tuple(csv.DictReader(f).fieldnames) == BENCH_COLUMNS
     assert "| method |" in res.markdown.read_text()
+    # the deployment table: dense control and the structured variant, FP32 and INT8 PTQ in ONNX Runtime
+    with open(out / "deploy.csv") as f:
+        deploy = list(csv.DictReader(f))
+    assert [(r["checkpoint"], r["precision"]) for r in deploy] == [
+        ("control", "fp32"), ("control", "int8-ptq"), ("l1-0.5", "fp32"), ("l1-0.5", "int8-ptq")]
+    for fp, q in (deploy[:2], deploy[2:]):
+        assert int(q["file_bytes"]) < 0.5 * int(fp["file_bytes"]) and int(q["quantized_nodes"]) > 10
+        assert float(q["latency_ms"]) > 0 and float(fp["network_ms"]) > 0
+    assert "## Deployment: FP32 vs INT8" in res.markdown.read_text()
 
     # a re-run skips every finished step and gives the same table
     res2 = run_sweep(recipe)

@@ -1,0 +1,190 @@
+"""The deployment table: per checkpoint, float vs INT8 (post-training and quantization-aware) in
+ONNX Runtime - COCO mAP, network and end-to-end latency, file size - in the form of TI's
+detection tables (Float / 8-bit calibration / 8-bit QAT side by side).
+
+For each checkpoint: export the float ONNX file and quantize it (:func:`surgery.quantize.quantize_checkpoint`,
+calibrated on training images); with ``qat_steps`` also fine-tune that many steps with
+fake-quantized layers (:class:`surgery.qat.QATHook`, the checkpoint's own retrain recipe at a tenth
+of its learning rate, no distillation: the row measures quantization, nothing else) and quantize
+the result with its trained activation ranges. Every file is evaluated by the same COCO evaluator
+(:class:`surgery.runtime.OnnxDetector`) and timed by :func:`surgery.bench.bench_checkpoints` in
+ONNX Runtime, all files interleaved, network/pipeline split from ONNX Runtime's profiler. The
+files keep the models' own score thresholds (what a user deploys), so end-to-end times include
+whatever post-processing the detections need.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_open
+
+DEPLOY_COLUMNS: tuple[str, ...] = (
+    "checkpoint", "precision", "mAP", "mAP50", "mAP_minus_float", "network_ms", "latency_ms",
+    "network_vs_float", "latency_vs_float", "file_bytes", "quantized_nodes", "qat_steps", "onnx",
+)  # fmt: skip
+
+
+@dataclass
+class DeployRow:
+    checkpoint: str  # the checkpoint's file stem
+    precision: str  # fp32, int8-ptq, int8-qat
+    mAP: float | None
+    mAP50: float | None
+    mAP_minus_float: float | None
+    network_ms: float | None  # ONNX Runtime, batch 1
+    latency_ms: float  # end to end, batch 1
+    network_vs_float: float | None
+    latency_vs_float: float
+    file_bytes: int
+    quantized_nodes: int
+    qat_steps: int
+    onnx: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def qat_finetune(ckpt: str | Path, out: str | Path, steps: int) -> Path:
+    """Fine-tune ``ckpt`` for ``steps`` steps with fake-quantized layers; returns the new checkpoint."""
+    from .checkpoint import read_checkpoint
+    from .qat import QATHook
+    from .workflows import recipe_for_checkpoint, retrain_checkpoint
+
+    rec = recipe_for_checkpoint(read_checkpoint(ckpt), None, {"retrain.steps": steps, "retrain.checkpoint_every": 0})
+    rec.retrain.epochs = None
+    rec.retrain.lr = rec.retrain.lr * 0.1  # fine-tuning a trained model: a tenth of its retraining rate
+    rec.retrain.warmup_steps = min(rec.retrain.warmup_steps, steps // 4)
+    rec.retrain.distill = None
+    return retrain_checkpoint(ckpt, rec, out, evaluate=False, hooks=[QATHook()]).out
+
+
+def deploy_table(
+    checkpoints: Sequence[str | Path],
+    out_dir: str | Path,
+    val_set: Any,
+    *,
+    input_size: int | None = None,
+    calib_batches: int = 8,
+    qat_steps: int = 0,
+    max_images: int | None = None,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> list[DeployRow]:
+    """Float / INT8 PTQ / INT8 QAT rows for each checkpoint (files written under ``out_dir``)."""
+    from .bench import bench_checkpoints
+    from .evaluate import evaluate
+    from .quantize import quantize_checkpoint
+    from .recipe import BenchSection
+    from .runtime import OnnxDetector
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[tuple[str, str, Path, int, int]] = []  # (stem, precision, onnx, quantized nodes, qat steps)
+    for ckpt in map(Path, checkpoints):
+        stem = ckpt.stem
+        if progress:
+            progress(f"INT8 PTQ {stem}")
+        float_path = out_dir / f"{stem}.onnx"
+        ptq = quantize_checkpoint(ckpt, out_dir / f"{stem}.int8.onnx", calib_batches=calib_batches,
+                                  input_size=input_size, keep_float=float_path, verify_images=0, threads=threads)
+        files += [(stem, "fp32", float_path, 0, 0), (stem, "int8-ptq", ptq.path, ptq.quantized_nodes, 0)]
+        if qat_steps > 0:
+            if progress:
+                progress(f"INT8 QAT {stem} ({qat_steps} steps)")
+            qat_ckpt = qat_finetune(ckpt, out_dir / f"{stem}.qat.pt", qat_steps)
+            qat = quantize_checkpoint(qat_ckpt, out_dir / f"{stem}.qat.int8.onnx", calib_batches=calib_batches,
+                                      input_size=input_size, verify_images=0, threads=threads)
+            files.append((stem, "int8-qat", qat.path, qat.quantized_nodes, qat_steps))
+    maps: dict[Path, tuple[float, float]] = {}
+    for _stem, _precision, path, _n, _s in files:
+        if progress:
+            progress(f"mAP {path.name}")
+        m = evaluate(OnnxDetector(path, threads), val_set, batch_size=8, max_images=max_images).metrics
+        maps[path] = (m["mAP"], m["mAP50"])
+    if progress:
+        progress("ONNX Runtime latency (interleaved)")
+    size = input_size or ptq.input_size
+    cfg = BenchSection(input_size=size, batch_sizes=[1], warmup=warmup, runs=runs, threads=threads, runtime="onnxruntime")
+    timed = {Path(r.checkpoint): r for r in bench_checkpoints([f[2] for f in files], cfg)}
+    rows: list[DeployRow] = []
+    for stem, precision, path, nodes, steps in files:
+        ref_path = next(f[2] for f in files if f[0] == stem and f[1] == "fp32")
+        t, ref = timed[path], timed[ref_path]
+        rows.append(DeployRow(
+            checkpoint=stem, precision=precision, mAP=maps[path][0], mAP50=maps[path][1],
+            mAP_minus_float=maps[path][0] - maps[ref_path][0], network_ms=t.network_ms_median,
+            latency_ms=t.latency_ms_median,
+            network_vs_float=(t.network_ms_median / ref.network_ms_median
+                              if t.network_ms_median and ref.network_ms_median else None),
+            latency_vs_float=t.latency_ms_median / ref.latency_ms_median, file_bytes=path.stat().st_size,
+            quantized_nodes=nodes, qat_steps=steps, onnx=str(path),
+        ))  # fmt: skip
+    return rows
+
+
+def write_deploy_csv(rows: Sequence[DeployRow], path: str | Path) -> Path:
+    with atomic_open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=DEPLOY_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.to_dict().items()})
+    return Path(path)
+
+
+def deploy_markdown(rows: Sequence[DeployRow], reference_ms: float | None = None) -> str:
+    """The table in TI's form: one line per checkpoint, float / PTQ / QAT side by side.
+    ``reference_ms``: the dense float model's end-to-end time, for the "x faster" column."""
+    by: dict[str, dict[str, DeployRow]] = {}
+    for r in rows:
+        by.setdefault(r.checkpoint, {})[r.precision] = r
+    out = [
+        "| model | mAP float | mAP INT8 PTQ | mAP INT8 QAT | network ms FP32 / INT8 | end-to-end ms FP32 / INT8 "
+        "| INT8 vs FP32 network | MB FP32 / INT8 | INT8 vs dense FP32 end to end |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def f(x: float | None, spec: str = ".3f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    for stem, v in by.items():
+        fp, ptq, qat = v.get("fp32"), v.get("int8-ptq"), v.get("int8-qat")
+        best = qat or ptq
+        speed = f(reference_ms / best.latency_ms, ".2f") + "x" if reference_ms and best else "-"
+        out.append(
+            f"| {stem} | {f(fp.mAP if fp else None)} | {f(ptq.mAP if ptq else None)} "
+            f"({f(ptq.mAP_minus_float if ptq else None, '+.3f')}) | {f(qat.mAP if qat else None)}"
+            f"{'' if not qat else ' (' + f(qat.mAP_minus_float, '+.3f') + ')'} "
+            f"| {f(fp.network_ms if fp else None, '.1f')} / {f(ptq.network_ms if ptq else None, '.1f')} "
+            f"| {f(fp.latency_ms if fp else None, '.1f')} / {f(ptq.latency_ms if ptq else None, '.1f')} "
+            f"| {f(ptq.network_vs_float if ptq else None, '.2f')}x "
+            f"| {f(fp.file_bytes / 2**20 if fp else None, '.1f')} / {f(ptq.file_bytes / 2**20 if ptq else None, '.1f')} "
+            f"| {speed} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def deploy_report(recipe: Any, out: Path, checkpoints: Sequence[Path], val_set: Any) -> str:
+    """The sweep's deployment stage: :func:`deploy_table` for ``checkpoints`` (the dense control
+    first) with the recipe's bench settings, ``deploy.csv`` written, markdown for results.md returned."""
+    cfg, sweep = recipe.bench, recipe.sweep
+    rows = deploy_table(checkpoints, out / "deploy", val_set, input_size=cfg.input_size,
+                        calib_batches=sweep.calib_batches, qat_steps=sweep.qat_steps, runs=cfg.runs,
+                        warmup=cfg.warmup, threads=cfg.threads)
+    write_deploy_csv(rows, out / "deploy.csv")
+    dense_ms = next(r.latency_ms for r in rows if r.precision == "fp32")
+    return (
+        "\n## Deployment: FP32 vs INT8 in ONNX Runtime\n\nStatic INT8 (per-channel int8 weights, uint8 activations, "
+        f"calibrated on {sweep.calib_batches} batches of training images; output layers, decoding and NMS in float)"
+        + (f", and INT8 after {sweep.qat_steps} quantization-aware steps" if sweep.qat_steps else "")
+        + f". mAP on the validation set through the same evaluator; latency: batch 1, {cfg.input_size} px, "
+        f"{cfg.threads} threads, median of {cfg.runs} interleaved runs, network share from ONNX Runtime's "
+        "profiler. Last column: INT8 end to end against the dense FP32 file.\n\n"
+        + deploy_markdown(rows, reference_ms=dense_ms)
+    )
