@@ -40,7 +40,8 @@ def test_readme_usage_chain_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.chdir(tmp_path)
     outputs = {}
     commands = chain_commands()
-    assert [c[0] for c in commands] == ["data", "train", "prune", "retrain", "eval", "bench", "export", "predict", "info"]
+    assert [c[0] for c in commands] == ["data", "train", "prune", "retrain", "eval", "bench", "export", "quantize",
+                                        "bench", "eval", "predict", "info"]
     for args in commands:
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 0, f"surgery {' '.join(args)}\n{res.output}"
@@ -57,3 +58,6 @@ def test_readme_usage_chain_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert "retrained from pruned.pt" in outputs["info"] and "structured l1 ratio 0.5" in outputs["info"]
     assert "from dense.pt" in outputs["info"] and "rectangle, ellipse, triangle, cross" in outputs["info"]
     assert Path("retrained.onnx").stat().st_size > 0
+    # the INT8 file is smaller, benches and evaluates like a checkpoint, and predict draws from it
+    assert 0 < Path("retrained.int8.onnx").stat().st_size < 0.5 * Path("retrained.onnx").stat().st_size
+    assert "onnxruntime" in outputs["bench"] and "mAP" in outputs["eval"]
