@@ -52,8 +52,9 @@ class LetterboxTransform(nn.Module):
             h, w = int(img.shape[-2]), int(img.shape[-1])
             scale = self.max_size / max(h, w)
             nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            resized = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-            batch[i, :, :nh, :nw] = resized
+            if (nh, nw) != (h, w):
+                img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+            batch[i, :, :nh, :nw] = img
             metas.append((scale, h, w))
         if targets is None:
             return batch, None, metas
