@@ -14,7 +14,6 @@ indices from 0) and ``predict(batch) -> (boxes [B, A, 4] xyxy, scores [B, A, C] 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F

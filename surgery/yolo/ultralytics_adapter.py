@@ -24,9 +24,9 @@ import contextlib
 import copy
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from collections.abc import Iterator
 from typing import Any
 
 import torch
