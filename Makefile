@@ -11,7 +11,7 @@ export OMP_WAIT_POLICY := PASSIVE
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,yolo]'
 	touch $(STAMP)
 
 venv: $(STAMP)

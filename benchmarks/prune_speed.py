@@ -4,6 +4,9 @@
 Each builder runs in a fresh subprocess so peak RSS is its own. Usage:
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/prune_speed.py --csv benchmarks/prune_speed.csv
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/prune_speed.py --yolo --csv benchmarks/prune_speed_yolo.csv
+
+The Ultralytics YOLOs (``pip install 'surgery[yolo]'``) are included when the package is installed.
 """
 
 from __future__ import annotations
@@ -26,19 +29,44 @@ COLUMNS = [
 ]
 
 
+# Ultralytics detectors (optional extra) and the project's YOLOv2
+YOLO_MODELS = ["ultralytics:yolov8n.yaml", "ultralytics:yolov8s.yaml", "ultralytics:yolo11n.yaml",
+               "ultralytics:yolo11s.yaml", "yolov2_darknet19"]  # fmt: skip
+
+
+def _kwargs(name: str, size: int) -> dict:
+    from surgery.models import is_torchvision_model
+
+    if name.startswith("ultralytics:") or name == "yolov2_darknet19":
+        return {"size": size}
+    if (is_torchvision_model(name) and not name.startswith("ssd")) or name == "fcos_resnet18_slim":
+        return {"min_size": size, "max_size": size}
+    return {}
+
+
+def _yolo_available() -> bool:
+    from surgery.errors import UnknownModelError
+    from surgery.yolo.ultralytics_adapter import _ultralytics
+
+    try:
+        _ultralytics()
+    except UnknownModelError:
+        return False
+    return True
+
+
 def _one(name: str, size: int, ratio: float, threads: int) -> dict:
     import resource
     import time
 
     import torch
 
-    from surgery.models import build_model, is_torchvision_model
+    from surgery.models import build_model
     from surgery.prune import prune_model
     from surgery.recipe import PruneSection
 
     torch.set_num_threads(threads)
-    kwargs = {"min_size": size, "max_size": size} if (is_torchvision_model(name) and not name.startswith("ssd")) or name == "fcos_resnet18_slim" else {}
-    model = build_model(name, **kwargs)
+    model = build_model(name, **_kwargs(name, size))
     rss_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     res = prune_model(model, PruneSection(ratio=ratio), trace_size=size)
@@ -60,6 +88,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--yolo", action="store_true", help="only the YOLO family")
     ap.add_argument("--csv", type=Path, default=Path("benchmarks/prune_speed.csv"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -68,8 +97,11 @@ def main() -> None:
         return
     from surgery.models import list_models
 
+    names = args.models or (YOLO_MODELS if args.yolo else list_models() + YOLO_MODELS[:-1])
+    if not _yolo_available():
+        names = [n for n in names if not n.startswith("ultralytics:")]
     rows = []
-    for name in args.models or list_models():
+    for name in names:
         proc = subprocess.run(
             [sys.executable, __file__, "--child", name, "--size", str(args.size), "--ratio", str(args.ratio),
              "--threads", str(args.threads)],

@@ -71,22 +71,22 @@ def _refuse_untrusted_early(model: Any, recipe: Any) -> None:
     """Before datasets are built or anything trains: a --model, a recipe's model.name or its
     model.weights checkpoint that names user code is refused now (the same check the loader does)."""
     from surgery.checkpoint import looks_like_path, read_checkpoint
-    from surgery.trust import origin, refuse
+    from surgery.trust import is_user_code, origin, refuse
 
     def check_checkpoint(path: Any, label: str) -> None:
         if isinstance(path, (str, Path)) and ":" not in str(path) and looks_like_path(str(path)) and Path(path).is_file():
             spec = read_checkpoint(path).spec
-            if ":" in spec.name:
+            if is_user_code(spec.name):
                 with origin(f"{label} {path}"):
                     raise refuse(spec.name, spec.kwargs)
 
-    if isinstance(model, str) and ":" in model:
+    if isinstance(model, str) and is_user_code(model):
         with origin("--model"):
             raise refuse(model)
     check_checkpoint(model, "checkpoint")
     if recipe is not None and model is None:
         rec = load_recipe(recipe)
-        if ":" in rec.model.name:
+        if is_user_code(rec.model.name):
             with origin(f"recipe {recipe}"):
                 raise refuse(rec.model.name, rec.model.kwargs)
         check_checkpoint(rec.model.weights, f"recipe {recipe}: model.weights checkpoint")

@@ -136,6 +136,26 @@ def tp_module_names(dg: Any) -> dict[nn.Module, str]:
     return dg._module2name
 
 
+def graph_inputs(grad_fn: Any) -> list[tuple[Any, int]]:
+    """``(grad_fn, output_nr)`` of every input of an autograd node that Torch-Pruning turns into an
+    edge of its graph (``next_functions`` without ``None`` and leaf accumulators), in order."""
+    return [(f, nr) for f, nr in grad_fn.next_functions if f is not None and not is_leaf_fn(f)]
+
+
+def is_leaf_fn(grad_fn: Any) -> bool:
+    """An ``AccumulateGrad`` node (a leaf tensor: a parameter or an input)."""
+    return "accumulategrad" in grad_fn.name().lower()
+
+
+def output_shapes(grad_fn: Any) -> list[tuple[int, ...]]:
+    """Shapes of the forward outputs of the op behind ``grad_fn`` (autograd's private
+    ``_input_metadata``: one entry per output, the gradients it expects); ``[]`` if unavailable."""
+    try:
+        return [tuple(int(x) for x in m.shape) for m in grad_fn._input_metadata]
+    except (AttributeError, TypeError, RuntimeError):
+        return []
+
+
 def tp_group_graph(group: Any) -> Any:
     """The ``DependencyGraph`` a Torch-Pruning ``Group`` came from (``_DG``)."""
     return group._DG

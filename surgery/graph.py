@@ -25,7 +25,14 @@ into ``Linear``, depthwise convs, norm layers) and fix what it gets wrong on det
    requires grad during the trace and is restored afterwards.
 5. **FrozenBatchNorm2d** (pretrained torchvision detectors) keeps its affine parameters in
    buffers that Torch-Pruning does not know; a customised pruner cuts all four consistently.
-6. **Speed.** The detector's input transform is shrunk to a small size for the trace (channel
+6. **Splits and concats** (YOLO's C2f/C3k2 ``chunk``, the neck's concats, a reorg layer): Torch-
+   Pruning's index maps for them are wrong on current PyTorch; :mod:`surgery.index_maps` replaces
+   them with maps read from autograd, and groups feeding a ``chunk`` are cut equally per chunk.
+7. **Wrapped networks** whose internals Torch-Pruning cannot read may give hooks: a model's
+   ``trace_context()`` (a context manager around the trace) and ``fixed_channels()`` (``{layer:
+   reason}``: groups producing from those layers are never cut). The Ultralytics adapter uses
+   them for C2PSA attention (see :mod:`surgery.yolo.ultralytics_adapter`).
+8. **Speed.** The detector's input transform is shrunk to a small size for the trace (channel
    coupling does not depend on resolution), so analysis takes about a second on 2 CPU cores.
 """
 
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +52,7 @@ from torchvision.ops import misc as tv_misc
 
 from . import compat
 from .errors import PruningError
+from .index_maps import chunk_roots, cut_constraint, fix_index_maps
 
 # Layers that consume channels (their input channels are cut when a producer is cut) and whose
 # output channels can be the root of a group.
@@ -87,9 +96,15 @@ class ChannelGroup:
     producers: list[str]  # layers whose output channels are cut (convs, linears, norms)
     consumers: list[str]  # layers whose input channels are cut
     norm_groups: int = 1  # GroupNorm num_groups the width must stay divisible by
+    chunks: int = 1  # equal chunks the channels are split into at run time (C2f's chunk(2))
     prunable: bool = True
     reason: str = ""  # why not prunable ("output layer", "skipped by 'pattern'")
     tp_group: Any = field(default=None, repr=False)
+
+    @property
+    def multiple_of(self) -> int:
+        """The kept width must be a multiple of this (GroupNorm groups and chunks)."""
+        return math.lcm(max(1, self.norm_groups), max(1, self.chunks))
 
     @property
     def layers(self) -> list[str]:
@@ -146,7 +161,8 @@ def _trace_mode(model: nn.Module, size: int) -> Iterator[None]:
                 m.eval()
         for p in model.parameters():
             p.requires_grad_(True)
-        with torch.enable_grad(), compat.onnx_roi_merge():
+        hook = getattr(model, "trace_context", None)
+        with torch.enable_grad(), compat.onnx_roi_merge(), (hook() if callable(hook) else contextlib.nullcontext()):
             yield
     finally:
         for m, mode in modes.items():
@@ -315,6 +331,7 @@ def trace(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str] = ()) 
                 customized_pruners={tv_misc.FrozenBatchNorm2d: FrozenBatchNormPruner()},
                 verbose=False,
             )
+            fix_index_maps(dg)
         except PruningError:
             raise
         except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as e:
@@ -325,7 +342,8 @@ def trace(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str] = ()) 
     # Torch-Pruning's _trace leaves the model in eval mode; _trace_mode restored the original modes.
 
     output_names = [all_names[m] for m in output_modules]
-    groups = _collect_groups(dg, model, output_modules, skip)
+    fixed = getattr(model, "fixed_channels", None)
+    groups = _collect_groups(dg, model, output_modules, skip, fixed() if callable(fixed) else {})
     return DetectorGraph(model=model, dg=dg, output_layers=output_names, groups=groups, trace_size=trace_size)
 
 
@@ -341,13 +359,15 @@ def match_layer(name: str, patterns: Sequence[str]) -> str | None:
 
 
 def _collect_groups(
-    dg: tp.DependencyGraph, model: nn.Module, output_modules: list[nn.Module], skip: Sequence[str]
+    dg: tp.DependencyGraph, model: nn.Module, output_modules: list[nn.Module], skip: Sequence[str],
+    fixed: dict[str, str] | None = None,
 ) -> list[ChannelGroup]:
     names = compat.tp_module_names(dg)
     groups: list[ChannelGroup] = []
     visited: set[nn.Module] = set()
     outputs = set(output_modules)
-    for module in list(dg.module2node.keys()):
+    modules = list(dg.module2node.keys())
+    for module in dict.fromkeys(chunk_roots(dg, LAYER_TYPES) + modules):
         if not isinstance(module, LAYER_TYPES) or module in visited:
             continue
         pruner = dg.get_pruner_of_module(module)
@@ -375,6 +395,7 @@ def _collect_groups(
                     norm_groups = max(norm_groups, target.num_groups)
             elif dg.is_in_channel_pruning_fn(dep.handler) and tname not in consumers:
                 consumers.append(tname)
+        chunks, unsafe = cut_constraint(group)
         cg = ChannelGroup(
             index=len(groups),
             root=names[module],
@@ -382,10 +403,15 @@ def _collect_groups(
             producers=producers,
             consumers=consumers,
             norm_groups=norm_groups,
+            chunks=chunks,
             tp_group=group,
         )
         if is_output:
             cg.prunable, cg.reason = False, "output layer"
+        elif unsafe:
+            cg.prunable, cg.reason = False, unsafe
+        elif any(x in (fixed or {}) for x in producers):
+            cg.prunable, cg.reason = False, next((fixed or {})[x] for x in producers if x in (fixed or {}))
         else:
             hit = next((p for p in (match_layer(x, skip) for x in producers) if p), None)
             if hit:

@@ -40,6 +40,25 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
     return deco
 
 
+# ``scheme:reference`` models (``ultralytics:yolov8n.yaml``): a resolver turns the spec into a builder
+# (and may record what it resolved in ``spec.kwargs``). The reference is data, not an import path:
+# these names are not user code (surgery.trust); a resolver that reads a pickle checks trust itself.
+_SCHEMES: dict[str, Callable[[ModelSpec], Builder]] = {}
+
+
+def register_scheme(prefix: str, resolver: Callable[[ModelSpec], Builder]) -> None:
+    """Let ``build_model`` accept ``prefix:reference`` names, resolved by ``resolver(spec)``."""
+    if prefix in _SCHEMES:
+        raise ValueError(f"model scheme {prefix!r} is already registered")
+    _SCHEMES[prefix] = resolver
+
+
+def scheme_of(name: str) -> str | None:
+    """``"ultralytics"`` for ``ultralytics:yolov8n.yaml``; ``None`` for other names."""
+    prefix = name.partition(":")[0]
+    return prefix if ":" in name and prefix in _SCHEMES else None
+
+
 def torchvision_detection_models() -> list[str]:
     """Every builder in ``torchvision.models.detection``, as torchvision lists them."""
     return sorted(torchvision.models.list_models(module=torchvision.models.detection))
@@ -84,6 +103,9 @@ def _import_callable(target: str, trust_code: bool | None = None, expected: dict
 
 
 def get_builder(name: str, trust_code: bool | None = None, expected: dict[str, Any] | None = None) -> Builder:
+    scheme = scheme_of(name)
+    if scheme is not None:
+        return _SCHEMES[scheme](ModelSpec(name))
     if ":" in name:
         return _import_callable(name, trust_code, expected)
     if name in _OWN_BUILDERS:
@@ -124,7 +146,10 @@ def build_model(spec: ModelSpec | str, *, trust_code: bool | None = None, **over
     """
     if isinstance(spec, str):
         spec = ModelSpec(spec)
-    if ":" in spec.name:
+    scheme = scheme_of(spec.name)
+    if scheme is not None:
+        builder = _SCHEMES[scheme](spec)
+    elif ":" in spec.name:
         from .trust import import_user_builder
 
         builder, ref = import_user_builder(
@@ -255,3 +280,10 @@ def fcos_resnet18_slim(
         max_size=max_size,
         **kwargs,
     )
+
+
+# Registered last: these modules use register_model / register_scheme from above.
+from .yolo import ultralytics_adapter as _ultralytics_adapter  # noqa: E402
+from .yolo import yolov2 as _yolov2  # noqa: E402, F401
+
+register_scheme(_ultralytics_adapter.SCHEME, _ultralytics_adapter.resolve)

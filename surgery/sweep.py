@@ -42,7 +42,8 @@ from .settings import StepKeys
 from .train import build_trainer
 
 SWEEP_COLUMNS: tuple[str, ...] = (
-    "variant", "method", "ratio", "target_macs", "sparsity", "params", "params_nonzero", "macs", "latency_ms", "latency_ms_p90",
+    "variant", "method", "ratio", "target_macs", "sparsity", "params", "params_nonzero", "size_mb", "size_gzip_mb",
+    "macs", "latency_ms", "latency_ms_p90",
     "params_ratio", "macs_ratio", "latency_ratio", "network_ms", "network_ratio", "map_pruned", "map50_pruned", "map_retrained",
     "map50_retrained", "dense_map", "dense_control_map", "retained_map", "retrain_steps", "retrain_seconds", "input_size",
     "threads", "torch", "checkpoint",
@@ -401,6 +402,8 @@ def _row(variant, method, ratio, sparsity, bench, pruned, retrained, dense, cont
         "sparsity": sparsity,
         "params": bench.params,
         "params_nonzero": bench.params_nonzero,
+        "size_mb": round(bench.file_bytes / 1e6, 2),  # float32 weights as saved
+        "size_gzip_mb": round(bench.file_gzip_bytes / 1e6, 2),  # what masked (zeroed) weights really cost
         "macs": bench.macs,
         "latency_ms": round(bench.latency_ms_median, 3),
         "latency_ms_p90": round(bench.latency_ms_p90, 3),
@@ -450,7 +453,16 @@ def _markdown(rows: list[dict[str, Any]], recipe: Recipe, dense: dict, control: 
     for r in rows:
         extra.append(f"| {r['variant']} | {r['macs_ratio']:.2f} | {r['latency_ratio']:.2f} | "
                      f"{r['map50_pruned']:.3f} | {r['map50_retrained']:.3f} |")
-    return head + table + "\n".join(extra) + "\n"
+    study = ["", "In the weight-vs-filter study's form (rate: channels cut or weights zeroed; MB: weights, gzip):", "",
+             "| pruning | rate | params | MB | MB gzip | mAP@0.5 after pruning | mAP@0.5 after retraining |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        rate = r.get("sparsity") if r.get("sparsity") is not None else r.get("ratio")
+        kind = "weight" if r.get("sparsity") is not None else "filter"
+        mb = " | ".join("" if r.get(k) is None else f"{r[k]:.2f}" for k in ("size_mb", "size_gzip_mb"))
+        study.append(f"| {kind} ({r['variant']}) | {'' if rate is None else f'{rate:.0%}'} | {r['params']:,} | "
+                     f"{mb} | {r['map50_pruned']:.3f} | {r['map50_retrained']:.3f} |")
+    return head + table + "\n".join(extra + study) + "\n"
 
 
 def _plots(rows, variants, out: Path, val_set, control_path: Path, recipe: Recipe) -> dict[str, Path]:

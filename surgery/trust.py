@@ -74,7 +74,11 @@ def trust_enabled(explicit: bool | None = None) -> bool:
 
 
 def is_user_code(name: str) -> bool:
-    return ":" in name
+    """``module:function`` / ``file.py:function``; not a ``scheme:reference`` model such as
+    ``ultralytics:yolov8n.yaml`` (data; its resolver checks trust itself where a pickle is read)."""
+    from .models import scheme_of
+
+    return ":" in name and scheme_of(name) is None
 
 
 def _who(name: str) -> str:

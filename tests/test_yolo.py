@@ -1,0 +1,260 @@
+"""The YOLO family: Ultralytics detectors (optional extra) and the project's yolov2_darknet19."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from cli.main import app
+from surgery.checkpoint import load, save_checkpoint
+from surgery.errors import UnknownModelError
+from surgery.measure import count_params
+from surgery.models import ModelSpec, build_model
+from surgery.prune import prune_model
+from surgery.recipe import PruneSection
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 128
+YOLOS = ["yolov8n.yaml", "yolo11n.yaml"]
+
+
+def _images() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.rand(3, 96, 128, generator=g), torch.rand(3, 128, 112, generator=g)]
+
+
+def _targets() -> list[dict[str, torch.Tensor]]:
+    return [
+        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[20.0, 30.0, 90.0, 100.0], [5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([2, 4])},
+    ]
+
+
+def _train_step(model: nn.Module) -> float:
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = model(_images(), _targets())
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def _eval(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    model.eval()
+    with torch.no_grad():
+        return model(_images())
+
+
+def _check_outputs(outs: list[dict[str, torch.Tensor]], num_classes: int) -> None:
+    assert len(outs) == 2
+    for out, img in zip(outs, _images()):
+        n = out["boxes"].shape[0]
+        assert out["boxes"].shape == (n, 4) and out["scores"].shape == (n,) and out["labels"].shape == (n,)
+        assert torch.isfinite(out["boxes"]).all() and torch.isfinite(out["scores"]).all()
+        if n:
+            assert out["labels"].min() >= 1 and out["labels"].max() <= num_classes
+            assert out["boxes"][:, 2].max() <= img.shape[-1] and out["boxes"][:, 3].max() <= img.shape[-2]
+
+
+# --------------------------------------------------------------------------------------------
+# Ultralytics
+
+
+@pytest.fixture
+def ultralytics():
+    """Skip without the optional package; import it the adapter's way (offline, settings in the cache)."""
+    from surgery.yolo import ultralytics_adapter
+
+    ultralytics_adapter._ultralytics.cache_clear()
+    try:
+        return ultralytics_adapter._ultralytics()
+    except UnknownModelError:
+        pytest.skip("ultralytics is not installed (pip install 'surgery[yolo]')")
+
+
+def _vary(model: nn.Module) -> None:
+    """An untrained YOLO gives every anchor nearly the same score and box: random BatchNorm
+    statistics and head outputs make detections distinct, so comparisons do not hinge on ties."""
+    head = model.net.model[-1]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+        for seq in list(head.cv2) + list(head.cv3):
+            seq[-1].weight.normal_(0, 0.01)
+            seq[-1].bias.normal_(-2, 0.5)
+
+
+def _raw(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's decoded boxes and scores before NMS (exact comparisons without NMS ties)."""
+    model.eval()
+    with torch.no_grad():
+        batch, _, _ = model.transform(_images())
+        return model.predict(batch)
+
+
+def _check_yolo_blocks(model: nn.Module) -> None:
+    """Every C2f/C3k2 splits cv1 into equal halves its bottlenecks and cv2 agree with; every Detect
+    branch chains; the box/class output convs and DFL keep their widths."""
+    net = model.net
+    found = 0
+    for m in net.modules():
+        if type(m).__name__ in ("C2f", "C3k2"):
+            found += 1
+            c1 = m.cv1.conv.out_channels
+            assert c1 % 2 == 0
+            half = c1 // 2
+            first = m.m[0]
+            conv_in = next(x for x in first.modules() if isinstance(x, nn.Conv2d)).in_channels
+            assert conv_in == half
+            assert m.cv2.conv.in_channels == half * (2 + len(m.m))
+    assert found >= 4
+    head = net.model[-1]
+    for branch, out_ch in ((head.cv2, 4 * head.reg_max), (head.cv3, head.nc)):
+        for seq in branch:
+            convs = [x for x in seq.modules() if isinstance(x, nn.Conv2d)]
+            for a, b in zip(convs, convs[1:]):
+                assert b.in_channels == a.out_channels
+            assert convs[-1].out_channels == out_ch
+    assert head.dfl.conv.in_channels == head.reg_max
+
+
+@pytest.mark.parametrize("yaml", YOLOS)
+def test_ultralytics_prune_cli_reload_train_export(yaml: str, tmp_path, ultralytics) -> None:
+    from surgery.export import export_onnx
+
+    out = tmp_path / "pruned.pt"
+    res = CliRunner().invoke(
+        app, ["prune", "--model", f"ultralytics:{yaml}", "-k", "nc=4", "-k", f"size={SIZE}", "--ratio", "0.5",
+              "--macs-size", str(SIZE), "--out", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    dense = build_model(ModelSpec(f"ultralytics:{yaml}", {"nc": 4, "size": SIZE}))
+    model = load(out)
+    assert count_params(model).total < 0.5 * count_params(dense).total
+    _check_yolo_blocks(model)
+    _check_outputs(_eval(model), 4)
+    again = load(out)
+    for a, b in zip(_raw(model), _raw(again)):
+        assert torch.equal(a, b)
+    assert _train_step(model) > 0
+    _vary(again)
+    # NMS of heavily overlapping random boxes flips on IoUs within float error of the threshold
+    # between torchvision and onnxruntime; with NMS a no-op the whole graph (letterbox, network,
+    # decoding, top-k, the NMS op) is compared detection by detection.
+    again.nms_thresh = 1.0
+    export = export_onnx(again, tmp_path / "m.onnx", SIZE)
+    assert export.verified, export.notes
+
+
+def test_ultralytics_zeroed_channels_equivalence(ultralytics) -> None:
+    """Zero the channels that will be cut (filters and their BatchNorm) first: cutting them must not
+    change the outputs (every split, concat and head branch maps indices correctly)."""
+    from surgery.graph import trace
+    from surgery.prune import apply_channel_plan, plan_channels
+
+    model = build_model(ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4, "size": SIZE}))
+    _vary(model)  # trained-looking BatchNorm statistics, so the zeroed channels matter
+    model.eval()
+    graph = trace(model, trace_size=SIZE)
+    plan = plan_channels(graph, PruneSection(ratio=0.5))
+    assert len(plan) > 20
+    with torch.no_grad():
+        for idx, cut in plan.items():
+            group = graph.groups[idx]
+            for item in group.tp_group:
+                layer, idxs = item.dep.target.module, item.idxs
+                if not graph.dg.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(layer, nn.Module):
+                    continue
+                keep = [i for i, r in zip(idxs, item.root_idxs) if r in set(cut)]
+                if isinstance(layer, nn.Conv2d):
+                    layer.weight[keep] = 0
+                    if layer.bias is not None:
+                        layer.bias[keep] = 0
+                elif isinstance(layer, nn.BatchNorm2d):
+                    # BN output = bias + gamma * (x - mean) / std: with gamma = 0 and bias = 0 it is 0
+                    layer.weight[keep] = 0
+                    layer.bias[keep] = 0
+    before = _raw(model)
+    apply_channel_plan(graph, plan)
+    after = _raw(model)
+    assert count_params(model).total < 0.5 * count_params(build_model(ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4}))).total
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_ultralytics_missing_package_is_one_clear_line(monkeypatch) -> None:
+    from surgery.yolo import ultralytics_adapter
+
+    ultralytics_adapter._ultralytics.cache_clear()
+    for name in [n for n in sys.modules if n == "ultralytics" or n.startswith("ultralytics.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ultralytics", None)  # as if not installed
+    try:
+        with pytest.raises(UnknownModelError, match=r"pip install 'surgery\[yolo\]'"):
+            build_model(ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4}))
+    finally:
+        ultralytics_adapter._ultralytics.cache_clear()
+    code = (
+        "import sys; sys.modules['ultralytics'] = None; from cli.main import main; "
+        "sys.argv = ['surgery', 'inspect', '--model', 'ultralytics:yolov8n.yaml']; main()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert proc.returncode == 2 and lines[0].startswith("error:"), lines
+    assert "pip install 'surgery[yolo]'" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_ultralytics_pickle_needs_trust_and_bad_names(tmp_path, ultralytics) -> None:
+    from surgery.trust import UntrustedCodeError
+
+    pt = tmp_path / "mine.pt"
+    pt.write_bytes(b"not read")
+    with pytest.raises(UntrustedCodeError, match="--trust-code"):
+        build_model(ModelSpec(f"ultralytics:{pt}"))
+    with pytest.raises(UnknownModelError, match="ships no model yaml"):
+        build_model(ModelSpec("ultralytics:yolov99z.yaml"))
+    with pytest.raises(UnknownModelError, match="has no argument"):
+        build_model(ModelSpec("ultralytics:yolov8n.yaml", {"ncc": 3}))
+
+
+# --------------------------------------------------------------------------------------------
+# YOLOv2
+
+
+def test_yolov2_trains_prunes_passthrough_and_reloads(tmp_path) -> None:
+    spec = ModelSpec("yolov2_darknet19", {"num_classes": 5, "width": 0.25, "size": SIZE})
+    model = build_model(spec)
+    first = _train_step(model)
+    for _ in range(3):
+        last = _train_step(model)
+    assert last < first
+    _check_outputs(_eval(model), 4)
+    passthrough_before = model.passthrough[0].out_channels
+    result = prune_model(model, PruneSection(ratio=0.5))
+    assert result.report.params_after < 0.5 * result.report.params_before
+    # the passthrough conv was cut and the head conv after the concat lost 4 inputs per channel
+    cut = passthrough_before - model.passthrough[0].out_channels
+    assert cut > 0
+    assert model.fuse[0].in_channels == 4 * model.passthrough[0].out_channels + model.head[-1][0].out_channels
+    assert model.output.out_channels == 5 * (5 + 4)
+    _check_outputs(_eval(model), 4)
+    _train_step(model)
+    path = save_checkpoint(tmp_path / "v2.pt", model, spec, kind="structured", plan=result.plan)
+    again = load(path)
+    for a, b in zip(_raw(model), _raw(again)):
+        assert torch.equal(a, b)
