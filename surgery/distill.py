@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 def _as_dict(features: Any) -> dict[str, torch.Tensor]:
     if isinstance(features, torch.Tensor):
         return {"0": features}
+    if isinstance(features, (list, tuple)):  # backbones returning their levels in order (YOLOv2)
+        return {str(i): f for i, f in enumerate(features)}
     return dict(features)
 
 
@@ -160,12 +162,21 @@ class FeatureImitation(HookBase):
     def __init__(
         self, teacher: nn.Module, student: nn.Module, cfg: DistillSection, *, teacher_path: str | None = None
     ) -> None:
+        from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
         for attr in ("transform", "backbone"):
             if not hasattr(student, attr) or not hasattr(teacher, attr):
                 raise TrainingError(
                     f"feature imitation needs torchvision's detector interface (a '{attr}' module); "
                     f"{type(student).__name__} has none: retrain with distill type 'none'"
                 )
+        if not isinstance(student.transform, GeneralizedRCNNTransform):
+            # the object masks come from torchvision's transform (ImageList + resized targets) and
+            # anchor generators; YOLO letterboxing and grids are not wired in yet
+            raise TrainingError(
+                f"feature imitation supports torchvision's detectors (GeneralizedRCNNTransform); "
+                f"{type(student).__name__} uses {type(student.transform).__name__}: retrain with distill type 'none'"
+            )
         self.cfg = cfg
         self.teacher_path = teacher_path
         self.teacher = unwrap(teacher).eval()

@@ -34,12 +34,13 @@ from .atomic import atomic_open
 from .checkpoint import is_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .errors import RecipeError
 from .hooks import LoggingHook
-from .models import ModelSpec, build_model
+from .models import ModelSpec, build_model, get_builder
 from .plan import plan_chain
 from .recipe import DistillSection, PruneSection, Recipe
 from .report import MIN_REFERENCE_MAP
 from .settings import StepKeys
 from .train import build_trainer
+from .validate import accepts
 
 SWEEP_COLUMNS: tuple[str, ...] = (
     "variant", "method", "ratio", "target_macs", "sparsity", "params", "params_nonzero", "size_mb", "size_gzip_mb",
@@ -234,8 +235,8 @@ def _run_sweep(
 
     # 1. dense baseline -------------------------------------------------------------------------
     spec = ModelSpec(recipe.model.name, {**recipe.model.kwargs})
-    if "num_classes" not in spec.kwargs:
-        spec.kwargs["num_classes"] = train_set.num_classes
+    if "num_classes" not in spec.kwargs and accepts(get_builder(spec.name), "num_classes"):
+        spec.kwargs["num_classes"] = train_set.num_classes  # (Ultralytics models take nc: the recipe sets it)
     dense_path = out / "dense.pt"
     stage("dense baseline")
     keys = StepKeys(recipe)
