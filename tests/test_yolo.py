@@ -258,3 +258,17 @@ def test_yolov2_trains_prunes_passthrough_and_reloads(tmp_path) -> None:
     again = load(path)
     for a, b in zip(_raw(model), _raw(again)):
         assert torch.equal(a, b)
+
+
+def test_yolo_bench_splits_network_and_pipeline(tmp_path):
+    """bench's network/pipeline split finds YOLO networks (their own ``network_modules``)."""
+    pytest.importorskip("ultralytics")
+    from surgery.bench import bench_checkpoints
+    from surgery.checkpoint import save_checkpoint
+    from surgery.recipe import BenchSection
+
+    spec = ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4, "size": 128})
+    path = save_checkpoint(tmp_path / "y.pt", build_model(spec), spec)
+    (row,) = bench_checkpoints([path], BenchSection(input_size=128, batch_sizes=[1], warmup=1, runs=3, threads=1,
+                                                     channels_last="off"))
+    assert row.network_ms_median > 0 and row.pipeline_ms_median > 0 and row.detections == 100

@@ -151,6 +151,10 @@ def build_ultralytics(
 class UltralyticsDetector(YoloInterface):
     """An Ultralytics ``DetectionModel`` (``self.net``) behind torchvision's detection interface."""
 
+    # what `surgery bench` times as the network (surgery.measure.split); Detect's box decoding
+    # (DFL, anchors) runs inside it, the letterbox, top-k and NMS are the pipeline
+    network_modules = ("net",)
+
     def __init__(self, net: nn.Module, *, size: int, **kwargs: Any) -> None:
         super().__init__(size, **kwargs)
         self.net = net

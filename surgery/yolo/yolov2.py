@@ -107,6 +107,9 @@ class YOLOv2(YoloInterface):
         self.output = nn.Conv2d(ch(1024), self.num_anchors * (5 + self.num_classes), 1)
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32), persistent=False)
 
+    # what `surgery bench` times as the network (surgery.measure.split): every conv, no decoding
+    network_modules = ("backbone", "head", "passthrough", "fuse", "output")
+
     def raw(self, batch: Tensor) -> Tensor:
         """``[B, A, H, W, 5 + C]`` raw outputs (tx, ty, tw, th, objectness, class logits)."""
         s16, s32 = self.backbone(batch)
