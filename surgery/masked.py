@@ -50,8 +50,13 @@ def prunable_parameters(model: nn.Module, names: Iterable[str] | None = None) ->
     Names are the model's ``state_dict`` names (a DDP wrapper is looked through).
     """
     model = unwrap(model)
+    # layers whose weights are constants, not learned (a model may name them: YOLOv8's DFL conv
+    # holds 0..reg_max-1 to turn distributions into distances; zeroing its small values destroys every box)
+    fixed = set(getattr(model, "fixed_weights", lambda: ())())
     found: dict[str, nn.Parameter] = {}
     for mname, module in model.named_modules():
+        if mname in fixed:
+            continue
         if isinstance(module, PRUNABLE_TYPES) and isinstance(module.weight, nn.Parameter):
             found[f"{mname}.weight" if mname else "weight"] = module.weight
     if names is None:

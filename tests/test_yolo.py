@@ -272,3 +272,17 @@ def test_yolo_bench_splits_network_and_pipeline(tmp_path):
     (row,) = bench_checkpoints([path], BenchSection(input_size=128, batch_sizes=[1], warmup=1, runs=3, threads=1,
                                                      channels_last="off"))
     assert row.network_ms_median > 0 and row.pipeline_ms_median > 0 and row.detections == 100
+
+
+def test_masked_pruning_leaves_dfl_constants_alone():
+    """Magnitude masking must not zero DFL's fixed 0..reg_max-1 weights (it would wreck every box)."""
+    pytest.importorskip("ultralytics")
+    from surgery.masked import prunable_parameters, prune_masked
+
+    model = build_model(ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4, "size": 128}))
+    dfl = [n for n in model.fixed_weights()]
+    assert dfl and not set(f"{n}.weight" for n in dfl) & set(prunable_parameters(model))
+    before = {n: dict(model.named_modules())[n].weight.detach().clone() for n in dfl}
+    prune_masked(model, 0.9)
+    for n, w in before.items():
+        assert torch.equal(dict(model.named_modules())[n].weight, w)

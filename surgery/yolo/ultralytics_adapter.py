@@ -222,6 +222,11 @@ class UltralyticsDetector(YoloInterface):
                     out[f"net.{name}.{part}.{sub}" if sub else f"net.{name}.{part}"] = why
         return out
 
+    def fixed_weights(self) -> list[str]:
+        """Layers holding constants, never masked (read by :func:`surgery.masked.prunable_parameters`):
+        the Detect head's DFL conv, whose weights are 0..reg_max-1."""
+        return [f"{n}.conv" for n, m in self.named_modules() if type(m).__name__ == "DFL" and hasattr(m, "conv")]
+
     def _sync_widths(self) -> None:
         """Blocks that split ``cv1``'s output with a stored half width (``split((self.c, self.c))``:
         C2PSA, C2fPSA, ELAN) read ``c`` at run time: keep it half the (cut) width of ``cv1``."""
