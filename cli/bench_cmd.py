@@ -7,8 +7,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from cli.console import console
-from cli.output import progress_callback
+from cli.console import console, err_console
+from cli.display import TaskProgress
 from cli.table import print_wide
 from surgery.report import fmt_count
 
@@ -67,8 +67,9 @@ def bench(
                "runtime": runtime, "channels_last": channels_last}
     cfg = recipe_from_dict({"bench": options}, "bench options").bench
     dataset = _load_dataset(data, checkpoints[0]) if data else None
-    with progress_callback("bench", to_stderr=fmt != "table") as progress:
-        rows = bench_checkpoints(checkpoints, cfg, dataset=dataset, progress=progress)
+    with TaskProgress("bench", out=err_console if fmt != "table" else console) as bar:
+        rows = bench_checkpoints(checkpoints, cfg, dataset=dataset,
+                                 progress=lambda what, done, total: bar.update(done, total, what=what))
     if csv is not None:
         write_csv(rows, csv)
     if fmt != "table":

@@ -151,21 +151,27 @@ class TaskProgress:
         if self._bar is not None:
             self._bar.stop()
 
-    def update(self, done: int, total: int | None = None) -> None:
+    def update(self, done: float, total: int | None = None, what: str | None = None) -> None:
+        """``what``: the current step, shown instead of the label (``surgery bench``: "MACs x.pt")."""
         if self._bar is not None:
-            self._bar.update(self._task, completed=done, total=total)
+            extra = {"description": f"[bold]{escape(what)}[/]"} if what else {}
+            self._bar.update(self._task, completed=done, total=total, **extra)
             return
         now = self._clock()
         final = total is not None and done >= total
         if done == self._last_done or (not final and now - self._last < self.every_s):
             return
         self._last, self._last_done = now, done
-        of = f"/{total}" if total else ""
         eta = ""
         if total and 0 < done < total:
             left = (now - self._t0) / done * (total - done)
             eta = f"  eta {int(left // 60)}:{int(left % 60):02d}"
-        self.console.print(f"{self.label}: {done}{of}{eta}", markup=False, highlight=False, soft_wrap=True)
+        if isinstance(done, float):  # fractional progress (bench): a percentage reads better
+            count = f"{100 * done / total:.0f}%" if total else f"{done:.1f}"
+        else:
+            count = f"{done}/{total}" if total else str(done)
+        head = f"{self.label}: {what}" if what else f"{self.label}:"
+        self.console.print(f"{head} {count}{eta}", markup=False, highlight=False, soft_wrap=True)
 
 
 def working(text: str, quiet: bool = False) -> Any:

@@ -281,6 +281,7 @@ def _time_all(
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """Per (model, batch size): end-to-end, network and pipeline milliseconds and the memory format."""
     from .measure.split import network_stubbed, onnx_split_ms, record_calls, replay_network
+    from .runtime import fit_image
 
     dev = torch.device(cfg.device)
     cuda = dev.type == "cuda"
@@ -322,7 +323,7 @@ def _time_all(
                         row["network"] = statistics.median(t["network"])
                         row["pipeline"] = statistics.median(t["pipeline"])
                     else:
-                        feeds = [{s.model.input_name: img.cpu().numpy()} for img in _fit(s.model, batch)]
+                        feeds = [{s.model.input_name: fit_image(img, s.model.fixed).numpy()} for img in batch]
                         split = onnx_split_ms(s.onnx, feeds, s.scopes, threads=cfg.threads,
                                               warmup=1, runs=max(1, min(cfg.runs, 10)))
                         # the profiler's per-node times add overhead: split the measured
@@ -336,16 +337,6 @@ def _time_all(
     finally:
         torch.set_num_threads(old_threads)
     return out
-
-
-def _fit(det: Any, batch: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The images as an :class:`~surgery.runtime.OnnxDetector` feeds them (resized to a fixed-size input)."""
-    import torch.nn.functional as F
-
-    if det.fixed is None:
-        return batch
-    return [F.interpolate(x[None].float().cpu(), size=det.fixed, mode="bilinear", align_corners=False)[0]
-            if tuple(x.shape[-2:]) != det.fixed else x.cpu() for x in batch]
 
 
 def _evaluate(s: _Subject, dataset: Any, cfg: BenchSection) -> tuple[float | None, float | None]:

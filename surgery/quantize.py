@@ -35,7 +35,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import SurgeryError
-from .runtime import OnnxDetector
+from .runtime import OnnxDetector, fit_image
 
 # Quantized operator types: the network's convolutions and matmuls; everything else stays float.
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
@@ -146,12 +146,6 @@ def quantized_weight_nodes(graph: Any) -> list[str]:
 # comparing an INT8 file with its float export (both run by :class:`surgery.runtime.OnnxDetector`)
 
 
-def _fit(image: torch.Tensor, size: int) -> torch.Tensor:
-    if tuple(image.shape[-2:]) == (size, size):
-        return image
-    return torch.nn.functional.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-
-
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     lt = np.maximum(box[:2], boxes[:, :2])
     rb = np.minimum(box[2:], boxes[:, 2:])
@@ -177,7 +171,7 @@ def compare_detections(
     ious: list[float] = []
     diffs: list[float] = []
     for image in images:
-        x = _fit(image, reference.size)
+        x = fit_image(image, reference.size)
         ref, got = reference.run(x), candidate.run(x)
         n_cand += int((got["scores"] >= score_thresh).sum())
         order = np.argsort(-ref["scores"], kind="stable")[:top_k]
@@ -276,7 +270,7 @@ def quantize_onnx(
                 bounds[node.input[0]] = (min(lo, r[0], 0.0), max(hi, r[1], 0.0))
         # ORT wants numpy scalars of the tensor's type here
         extra["TensorQuantOverrides"] = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for t, (lo, hi) in bounds.items()}
-    images = [_fit(im, input_size).numpy().astype(np.float32) for im in calib_images]
+    images = [fit_image(im, input_size).numpy().astype(np.float32) for im in calib_images]
     name = graph.input[0].name
     with atomic_path(out) as tmp, _ort_warnings_off():
         try:

@@ -100,15 +100,26 @@ class OnnxDetector(nn.Module):
         return [run_image(self, img) for img in images]
 
 
+def fit_image(image: torch.Tensor, size: int | tuple[int, int] | None) -> torch.Tensor:
+    """``image`` (``3 x H x W``, float, CPU) resized bilinearly to a fixed-size file's ``size``;
+    unchanged when it already has that size or ``size`` is ``None`` (dynamic height and width)."""
+    import torch.nn.functional as F
+
+    x = image.detach().float().cpu()
+    if size is None:
+        return x
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) == hw:
+        return x
+    return F.interpolate(x[None], size=hw, mode="bilinear", align_corners=False)[0]
+
+
 def run_image(det: OnnxDetector, image: torch.Tensor) -> dict[str, torch.Tensor]:
     """One image through an :class:`OnnxDetector`; outputs as CPU torch tensors in the image's pixels."""
     import torch.nn.functional as F
 
     h, w = int(image.shape[-2]), int(image.shape[-1])
-    x = image.detach().float().cpu()
-    if det.fixed is not None and (h, w) != det.fixed:
-        x = F.interpolate(x[None], size=det.fixed, mode="bilinear", align_corners=False)[0]
-    res = {name: torch.from_numpy(v) for name, v in det.run(x).items()}
+    res = {name: torch.from_numpy(v) for name, v in det.run(fit_image(image, det.fixed)).items()}
     if det.fixed is not None and (h, w) != det.fixed:
         sy, sx = h / det.fixed[0], w / det.fixed[1]
         scale = torch.tensor([sx, sy, sx, sy])
