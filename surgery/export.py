@@ -247,11 +247,13 @@ def write_metadata(path: str | Path, metadata: dict[str, str]) -> dict[str, str]
     return {k: str(v) for k, v in metadata.items()}
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The ``surgery.*`` metadata of an ONNX file (without the prefix); empty for other files."""
+def read_metadata(path_or_session: str | Path | Any) -> dict[str, str]:
+    """The ``surgery.*`` metadata of an ONNX file, or of an open ``InferenceSession`` (without the
+    prefix); empty for other files."""
     from .runtime import ort_session
 
-    meta = ort_session(path).get_modelmeta().custom_metadata_map
+    sess = ort_session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
+    meta = sess.get_modelmeta().custom_metadata_map
     return {k[len(METADATA_PREFIX):]: v for k, v in meta.items() if k.startswith(METADATA_PREFIX)}
 
 

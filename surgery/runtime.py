@@ -84,7 +84,7 @@ class OnnxDetector(nn.Module):
         missing = [k for k in ("boxes", "scores", "labels") if k not in self.output_names]
         if missing:
             raise RuntimeUnavailable(f"{path}: not a detector export (no {', '.join(missing)} output)")
-        self.metadata = read_metadata(path)
+        self.metadata = read_metadata(self.session)  # from this session: no second load of the file
 
     @property
     def size(self) -> int | None:
