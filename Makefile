@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv test demo bench recovery lint
+.PHONY: venv test demo bench recovery lint gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,3 +31,14 @@ recovery: $(STAMP)  # slow: ~35 min on 2 cores; the accuracy-recovery comparison
 
 lint: $(STAMP)
 	$(BIN)/ruff check surgery cli tests benchmarks
+
+# On a machine with a CUDA device: the `gpu` tests, then GPU latency (benchmarks/gpu_latency.csv).
+# GPU_PY=python3 uses an existing interpreter (one that has surgery's dependencies) instead of .venv.
+ifdef GPU_PY
+gpu-check:
+else
+GPU_PY := $(BIN)/python
+gpu-check: $(STAMP)
+endif
+	$(GPU_PY) -m pytest -q -m gpu -rs tests/test_gpu.py
+	$(GPU_PY) benchmarks/gpu_latency.py --csv benchmarks/gpu_latency.csv

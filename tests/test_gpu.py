@@ -1,0 +1,161 @@
+"""CUDA: a pruned model computes on the GPU what it computes on the CPU, trains a step with AMP,
+is timed with synchronisation, and runs in an ONNX Runtime CUDA session when one is installed.
+
+Marked ``gpu``: skipped by default (``addopts``) and never part of CI; ``make gpu-check`` runs them
+on a machine with a CUDA device. Every test here needs CUDA, so without one they skip with that
+reason rather than fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgery.models import ModelSpec, build_model
+from surgery.prune import prune_model
+from surgery.recipe import PruneSection
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+SIZE = 128
+SPEC = ModelSpec("fcos_resnet18_slim", {"num_classes": 5, "min_size": SIZE, "max_size": SIZE})
+
+
+def _surgery(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run([sys.executable, "-m", "surgery", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, f"surgery {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def pruned() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    prune_model(model, PruneSection(ratio=0.5, round_to=8))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> tuple[Path, Path, Path]:
+    d = tmp_path_factory.mktemp("gpu")
+    _surgery("data", "synth", "--out", "shapes", "--images", "48", "--size", str(SIZE), cwd=d)
+    _surgery("train", "--model", "fcos_resnet18_slim", "--data", "shapes", "-k", f"min_size={SIZE}",
+             "-k", f"max_size={SIZE}", "--steps", "4", "-b", "4", "--device", "cuda", "--no-eval",
+             "--out", "dense.pt", cwd=d)
+    _surgery("prune", "--model", "dense.pt", "--ratio", "0.5", "--out", "pruned.pt", cwd=d)
+    return d, d / "dense.pt", d / "pruned.pt"
+
+
+def test_pruned_model_on_cuda_matches_cpu(pruned):
+    """The cut model's raw head outputs on the GPU equal the CPU's (TF32 off, so fp32 both sides)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats_cpu = pruned.backbone(x)
+        gpu = pruned.to("cuda")
+        feats_gpu = gpu.backbone(x.cuda())
+        pruned.to("cpu")
+    assert feats_cpu.keys() == feats_gpu.keys()
+    for k in feats_cpu:
+        torch.testing.assert_close(feats_gpu[k].cpu(), feats_cpu[k], rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_train_step_with_amp_then_reload_on_cpu(ckpts):
+    """A CUDA run (AMP is on by default on CUDA: `train.amp`) trains (the saved weights moved away from the dense start) and its
+    checkpoint reloads on the CPU with the same outputs as on the GPU."""
+    from surgery.checkpoint import load
+
+    d, _, pruned_path = ckpts
+    _surgery("retrain", str(pruned_path), "--data", "shapes", "--steps", "3", "-b", "4", "--device", "cuda",
+             "--no-eval", "--out", "retrained.pt", cwd=d)
+    before, after = load(pruned_path), load(d / "retrained.pt")
+    moved = [n for n, p in after.state_dict().items() if p.is_floating_point() and not torch.equal(p, before.state_dict()[n])]
+    assert moved, "three AMP steps on CUDA changed no weight"
+    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cpu = after.backbone(x)
+        cuda = load(d / "retrained.pt", device="cuda").backbone(x.cuda())
+    for k in cpu:
+        assert torch.isfinite(cpu[k]).all()
+        torch.testing.assert_close(cuda[k].cpu(), cpu[k], rtol=1e-2, atol=1e-3)
+
+
+def test_trainer_uses_amp_on_cuda(ckpts):
+    """On CUDA the trainer runs its steps under a live GradScaler (AMP) and keeps the loss finite."""
+    from surgery.data import build_dataset
+    from surgery.recipe import TrainSection
+    from surgery.train import build_trainer
+
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    data = build_dataset(f"coco:{ckpts[0] / 'shapes'}", "train", train=True)
+    cfg = TrainSection(steps=2, batch_size=4, lr=1e-3, warmup_steps=0, schedule="constant", checkpoint_every=0)
+    trainer = build_trainer(model, SPEC, data, cfg, device="cuda")
+    result = trainer.train()
+    assert trainer.use_amp and trainer.scaler.is_enabled()
+    assert trainer.scaler.get_scale() > 0
+    assert torch.isfinite(torch.tensor(result.loss))
+    assert next(model.parameters()).device.type == "cuda"
+
+
+def test_cuda_latency_is_synchronised(ckpts, monkeypatch):
+    """`bench --device cuda` waits for the kernels (torch.cuda.synchronize around every timed run)."""
+    from surgery.bench import bench_checkpoints
+    from surgery.recipe import BenchSection
+
+    d, dense, pruned_path = ckpts
+    calls = {"n": 0}
+    real = torch.cuda.synchronize
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", counting)
+    cfg = BenchSection(input_size=SIZE, batch_sizes=[1], warmup=1, runs=3, device="cuda")
+    rows = bench_checkpoints([dense, pruned_path], cfg)
+    assert len(rows) == 2
+    assert calls["n"] >= 2 * cfg.runs, "timed CUDA runs without synchronising"
+    for r in rows:
+        row = r.to_dict()
+        assert row["latency_ms_median"] > 0
+    assert rows[1].to_dict()["params"] < rows[0].to_dict()["params"]
+
+
+def test_onnxruntime_cuda_session_agrees_with_cpu(ckpts):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime without CUDA here (providers: {ort.get_available_providers()})")
+    import numpy as np
+
+    d, _, pruned_path = ckpts
+    _surgery("export", str(pruned_path), "--out", "pruned.onnx", cwd=d)
+    x = np.random.default_rng(0).random((3, SIZE, SIZE), dtype=np.float32)
+    outs = {}
+    for provider in ("CUDAExecutionProvider", "CPUExecutionProvider"):
+        sess = ort.InferenceSession(str(d / "pruned.onnx"), providers=[provider])
+        assert sess.get_providers()[0] == provider
+        name = sess.get_inputs()[0].name
+        outs[provider] = sess.run(None, {name: x if len(sess.get_inputs()[0].shape) == 3 else x[None]})
+    for a, b in zip(*outs.values()):
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_yolo_cuda_train_step(tmp_path):
+    pytest.importorskip("ultralytics")
+    _surgery("data", "synth", "--out", "shapes", "--images", "24", "--size", str(SIZE), cwd=tmp_path)
+    _surgery("prune", "--model", "ultralytics:yolov8n.yaml", "-k", "nc=4", "-k", f"size={SIZE}", "--ratio", "0.5",
+             "--out", "y.pt", cwd=tmp_path)
+    _surgery("retrain", "y.pt", "--data", "shapes", "--steps", "2", "-b", "4", "--device", "cuda",
+             "--no-eval", "--out", "y2.pt", cwd=tmp_path)
+    assert (tmp_path / "y2.pt").stat().st_size > 0
