@@ -7,7 +7,6 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -19,8 +19,9 @@ from surgery.models import ModelSpec, build_model
 from surgery.prune import prune_model
 from surgery.recipe import BenchSection, PruneSection
 from surgery.runtime import OnnxDetector, load_detector
+from tests.extras import require
 
-pytest.importorskip("onnxruntime")
+require("onnxruntime")
 SIZE = 128
 
 

@@ -13,9 +13,10 @@ import torch
 from surgery.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from surgery.models import ModelSpec, build_model
 from surgery.recipe import recipe_from_dict
+from tests.extras import require
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+onnx = require("onnx")
+require("onnxruntime")
 
 SIZE = 64
 ROOT = Path(__file__).resolve().parents[1]

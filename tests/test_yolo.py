@@ -19,6 +19,7 @@ from surgery.measure import count_params
 from surgery.models import ModelSpec, build_model
 from surgery.prune import prune_model
 from surgery.recipe import PruneSection
+from tests.extras import require
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128
@@ -79,7 +80,8 @@ def ultralytics():
     try:
         return ultralytics_adapter._ultralytics()
     except UnknownModelError:
-        pytest.skip("ultralytics is not installed (pip install 'surgery[yolo]')")
+        require("ultralytics")  # fails under CI=true (CI installs the extra), skips elsewhere
+        raise
 
 
 def _vary(model: nn.Module) -> None:
@@ -262,7 +264,7 @@ def test_yolov2_trains_prunes_passthrough_and_reloads(tmp_path) -> None:
 
 def test_yolo_bench_splits_network_and_pipeline(tmp_path):
     """bench's network/pipeline split finds YOLO networks (their own ``network_modules``)."""
-    pytest.importorskip("ultralytics")
+    require("ultralytics")
     from surgery.bench import bench_checkpoints
     from surgery.checkpoint import save_checkpoint
     from surgery.recipe import BenchSection
@@ -276,7 +278,7 @@ def test_yolo_bench_splits_network_and_pipeline(tmp_path):
 
 def test_masked_pruning_leaves_dfl_constants_alone():
     """Magnitude masking must not zero DFL's fixed 0..reg_max-1 weights (it would wreck every box)."""
-    pytest.importorskip("ultralytics")
+    require("ultralytics")
     from surgery.masked import prunable_parameters, prune_masked
 
     model = build_model(ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4, "size": 128}))
