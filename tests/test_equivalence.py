@@ -36,30 +36,10 @@ from surgery.models import ModelSpec, build_model, is_torchvision_model, list_mo
 from surgery.prune import apply_channel_plan, count_params, plan_channels
 from surgery.recipe import PruneSection
 from tests.extras import require
+from tests.helpers import FAMILY_REPRESENTATIVES, SLOW_MEMBERS, by_family
 
 SIZE = 128
 RATIO = 0.5
-
-# one representative per family in the default suite; the others share its code and are slow
-DEFAULT = {
-    "fcos_resnet18_slim",  # FCOS (resnet18 backbone, GroupNorm head)
-    "maskrcnn_resnet50_fpn",  # R-CNN v1 on resnet50-FPN: RPN, box head (flatten -> fc6), mask head (ConvTranspose)
-    "fasterrcnn_mobilenet_v3_large_320_fpn",  # R-CNN on MobileNetV3: depthwise convs, squeeze-excitation
-    "retinanet_resnet50_fpn",  # RetinaNet (plain conv head, P6/P7 from P5)
-    "ssdlite320_mobilenet_v3_large",  # SSD heads on extra blocks
-    "yolov2_darknet19",  # the project's YOLOv2: passthrough (space-to-depth) concat
-}
-SLOW = {
-    "fasterrcnn_resnet50_fpn": "maskrcnn_resnet50_fpn without the mask head",
-    "keypointrcnn_resnet50_fpn": "maskrcnn_resnet50_fpn's code with a keypoint head",
-    "fasterrcnn_resnet50_fpn_v2": "R-CNN v2 heads (BatchNorm conv box head); heavy",
-    "maskrcnn_resnet50_fpn_v2": "R-CNN v2 heads (BatchNorm conv box head); heavy",
-    "fasterrcnn_mobilenet_v3_large_fpn": "fasterrcnn_mobilenet_v3_large_320_fpn at a larger size",
-    "fcos_resnet50_fpn": "fcos_resnet18_slim's head on resnet50",
-    "retinanet_resnet50_fpn_v2": "retinanet_resnet50_fpn with a GroupNorm head",
-    "ssd300_vgg16": "SSD heads on VGG16 at a fixed 300 px (L2Norm scale)",
-}
-
 
 def _kwargs(name: str) -> dict:
     if name == "yolov2_darknet19":
@@ -70,13 +50,10 @@ def _kwargs(name: str) -> dict:
     return kwargs
 
 
-def _params() -> list:
-    return [pytest.param(n, marks=[] if n in DEFAULT else [pytest.mark.slow]) for n in list_models()]
-
-
 def test_every_builder_has_a_family() -> None:
     """A new builder must be placed here (default representative or slow member), not forgotten."""
-    assert set(list_models()) == DEFAULT | set(SLOW), set(list_models()) ^ (DEFAULT | set(SLOW))
+    placed = set(FAMILY_REPRESENTATIVES) | set(SLOW_MEMBERS)
+    assert set(list_models()) == placed, set(list_models()) ^ placed
 
 
 def distinct_norms(model: nn.Module, seed: int = 0) -> None:
@@ -240,7 +217,7 @@ def _images(size: int) -> list[torch.Tensor]:
     return [torch.rand(3, size, size, generator=g), torch.rand(3, size - 16, size, generator=g)]
 
 
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", by_family(list_models()))
 def test_zeroed_channels_cut_leaves_outputs_unchanged(name: str) -> None:
     torch.manual_seed(0)
     model = build_model(ModelSpec(name, _kwargs(name)))

@@ -72,9 +72,11 @@ def test_recipe_files_give_a_recipe_or_a_clear_error(tmp_path_factory, text) -> 
     path = Path(tmp_path_factory.mktemp("r")) / "r.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
     try:
-        load_recipe(path)
-    except SurgeryError:
-        pass
+        r = load_recipe(path)
+    except SurgeryError as e:
+        assert str(e).strip() and "r.yaml" in str(e), str(e)  # one message naming the file
+        return
+    assert isinstance(r, Recipe) and 0 < r.prune.ratio < 1 and r.train.lr > 0
 
 
 def test_alias_bomb_is_refused_quickly() -> None:

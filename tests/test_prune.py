@@ -14,7 +14,7 @@ from surgery.graph import dummy_inputs
 from surgery.models import ModelSpec, is_torchvision_model, list_models
 from surgery.prune import prune_model
 from surgery.recipe import PruneSection
-from tests.helpers import TEST_SIZE, assert_outputs_close, eval_outputs, small_model
+from tests.helpers import TEST_SIZE, assert_outputs_close, by_family, eval_outputs, small_model
 
 
 def _convs(model: nn.Module, prefix: str) -> dict[str, int]:
@@ -33,7 +33,7 @@ def _in_widths(model: nn.Module, prefix: str) -> dict[str, int]:
     }
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", by_family(list_models()))
 def test_prune_every_builder(name: str, tmp_path) -> None:
     kwargs = {"min_size": TEST_SIZE, "max_size": TEST_SIZE} if is_torchvision_model(name) and not name.startswith("ssd") else {}
     spec = ModelSpec(name, kwargs)
