@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  # PYTEST_ARGS: extra pytest options (CI: --durations=15)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/surgery sweep recipes/quickstart.yaml

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from surgery.models import build_model, is_torchvision_model
 
 TEST_SIZE = 224
+
+# One representative per family of builders runs in the default suite; members sharing its code are
+# `slow` (`make bench` / `-m slow` runs them). test_equivalence checks every builder is placed here.
+FAMILY_REPRESENTATIVES = {
+    "fcos_resnet18_slim": "FCOS (resnet18 backbone, GroupNorm head)",
+    "maskrcnn_resnet50_fpn": "R-CNN v1 on resnet50-FPN: RPN, box head (flatten -> fc6), mask head (ConvTranspose)",
+    "fasterrcnn_mobilenet_v3_large_320_fpn": "R-CNN on MobileNetV3: depthwise convs, squeeze-excitation",
+    "retinanet_resnet50_fpn": "RetinaNet (plain conv head, P6/P7 from P5)",
+    "ssdlite320_mobilenet_v3_large": "SSD heads on extra blocks",
+    "yolov2_darknet19": "the project's YOLOv2: passthrough (space-to-depth) concat",
+}
+SLOW_MEMBERS = {
+    "fasterrcnn_resnet50_fpn": "maskrcnn_resnet50_fpn without the mask head",
+    "keypointrcnn_resnet50_fpn": "maskrcnn_resnet50_fpn's code with a keypoint head",
+    "fasterrcnn_resnet50_fpn_v2": "R-CNN v2 heads (BatchNorm conv box head); heavy",
+    "maskrcnn_resnet50_fpn_v2": "R-CNN v2 heads (BatchNorm conv box head); heavy",
+    "fasterrcnn_mobilenet_v3_large_fpn": "fasterrcnn_mobilenet_v3_large_320_fpn at a larger size",
+    "fcos_resnet50_fpn": "fcos_resnet18_slim's head on resnet50",
+    "retinanet_resnet50_fpn_v2": "retinanet_resnet50_fpn with a GroupNorm head",
+    "ssd300_vgg16": "SSD heads on VGG16 at a fixed 300 px (L2Norm scale)",
+}
+
+
+def by_family(names: list[str]) -> list:
+    """``names`` as pytest params, members that are not their family's representative marked slow."""
+    return [pytest.param(n, marks=[] if n in FAMILY_REPRESENTATIVES else [pytest.mark.slow]) for n in names]
 
 
 def small_model(name: str, **kwargs) -> nn.Module:

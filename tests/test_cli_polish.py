@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from surgery.checkpoint import read_checkpoint, save_checkpoint
-from surgery.data import synthesize
 from surgery.models import ModelSpec, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,9 +41,9 @@ def run(*args: str) -> Ran:
     return Ran(res.exit_code, res.output, res.stdout)
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthesize(tmp_path_factory.mktemp("d") / "shapes", images=8, size=64, seed=3, val_images=4).root
+@pytest.fixture
+def shapes(synthetic_shapes) -> Path:
+    return synthetic_shapes.root  # the session's synthetic set (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -89,9 +89,10 @@ def _voc_folder(root: Path, objects: dict[str, list[tuple]] | None = None, split
     return root / "VOCdevkit"
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory):
-    return synthesize(tmp_path_factory.mktemp("synth") / "shapes", images=8, size=64, seed=3, val_images=4)
+@pytest.fixture
+def synth(synthetic_shapes):
+    """The session's synthetic set (conftest): 8 train / 4 val images, 64 px, seed 3."""
+    return synthetic_shapes
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ from surgery.models import ModelSpec, build_model
 from surgery.prune import prune_model
 from surgery.recipe import BenchSection, PruneSection
 from surgery.runtime import OnnxDetector, load_detector
+from tests.extras import require
 
-pytest.importorskip("onnxruntime")
+require("onnxruntime")
 SIZE = 128
 
 
@@ -61,24 +62,42 @@ def test_split_replays_the_network_and_stubs_it_out():
     assert torch.equal(out[0]["boxes"], ref[0]["boxes"]) and "forward" not in vars(model.head)
 
 
-def test_network_and_pipeline_add_up_and_pruning_shrinks_the_network(ckpts):
+# Wall-clock comparisons (a pruned network is faster, parts add up) depend on the machine's load:
+# the default tests check what bench measured and how it is split; the timing claims are `slow`.
+
+
+def test_network_and_pipeline_are_measured_apart(ckpts):
+    cfg = BenchSection(input_size=SIZE, batch_sizes=[1], warmup=1, runs=3, threads=1, channels_last="off")
+    dense, half = bench_checkpoints(list(ckpts), cfg)
+    for r in (dense, half):
+        assert r.network_ms_median > 0 and r.pipeline_ms_median > 0 and r.latency_ms_median > 0
+        assert r.detections == 100 and r.runtime == "torch"
+    assert half.macs_ratio < 0.5 and half.params < dense.params
+    assert half.network_ratio == pytest.approx(half.network_ms_median / dense.network_ms_median)
+
+
+def test_onnxruntime_runtime_splits_by_profile(ckpts):
+    cfg = BenchSection(input_size=SIZE, batch_sizes=[1], warmup=1, runs=3, threads=1, runtime="onnxruntime")
+    dense, half = bench_checkpoints(list(ckpts), cfg)
+    assert dense.runtime == half.runtime == "onnxruntime"
+    assert dense.network_ms_median > 0 and dense.pipeline_ms_median > 0  # both parts found in the profile
+    assert half.macs_ratio < 0.5
+
+
+@pytest.mark.slow
+def test_bench_timings_benchmark(ckpts):
+    """Timing claims (slow: wall-clock, meaningful on an idle machine only)."""
     cfg = BenchSection(input_size=SIZE, batch_sizes=[1], warmup=2, runs=9, threads=1, channels_last="off")
     dense, half = bench_checkpoints(list(ckpts), cfg)
     for r in (dense, half):
         parts = r.network_ms_median + r.pipeline_ms_median
         # measured apart (replayed network, stubbed-network model): the sum is a check, not an identity
         assert abs(parts - r.latency_ms_median) <= 0.3 * r.latency_ms_median, (parts, r.latency_ms_median)
-        assert r.detections == 100 and r.runtime == "torch"
-    assert half.macs_ratio < 0.5
     assert half.network_ms_median < dense.network_ms_median and half.network_ratio < 1
-
-
-def test_onnxruntime_runtime_splits_by_profile(ckpts):
     cfg = BenchSection(input_size=SIZE, batch_sizes=[1], warmup=1, runs=5, threads=1, runtime="onnxruntime")
     dense, half = bench_checkpoints(list(ckpts), cfg)
-    assert dense.runtime == half.runtime == "onnxruntime"
     assert dense.network_ms_median > dense.pipeline_ms_median > 0  # the convolutions dominate
-    assert half.network_ratio < 1 and half.macs_ratio < 0.5
+    assert half.network_ratio < 1
 
 
 def test_onnx_file_evaluates_like_the_checkpoint(tmp_path, ckpts):
@@ -121,7 +140,7 @@ def test_deploy_table_float_and_int8_side_by_side(tmp_path, ckpts):
         ("dense", "fp32"), ("dense", "int8-ptq"), ("half", "fp32"), ("half", "int8-ptq")]
     dense_fp, dense_q, half_fp, half_q = rows
     assert dense_q.file_bytes < 0.35 * dense_fp.file_bytes and half_fp.file_bytes < dense_fp.file_bytes
-    assert half_fp.network_ms < dense_fp.network_ms  # the pruned network is cheaper in ONNX Runtime too
+    assert half_fp.network_ms > 0 and dense_fp.network_ms > 0  # which is faster: a wall-clock claim, not here
     assert dense_q.latency_vs_float == pytest.approx(dense_q.latency_ms / dense_fp.latency_ms)
     table = deploy_markdown(rows, reference_ms=dense_fp.latency_ms)
     assert table.count("\n") == 4 and "| half |" in table

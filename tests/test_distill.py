@@ -22,6 +22,7 @@ from surgery.models import ModelSpec, build_model, list_models
 from surgery.prune import prune_model
 from surgery.recipe import DistillSection, PruneSection, TrainSection, recipe_from_dict
 from surgery.train import build_trainer
+from tests.helpers import by_family
 from tests.test_train import Kill, Shapes
 
 SIZES = {"ssd300_vgg16": 300, "ssdlite320_mobilenet_v3_large": 320}
@@ -89,7 +90,7 @@ class _Dummy(torch.utils.data.Dataset):
         return self.item[0][0], self.item[1][0]
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", by_family(list_models()))
 def test_one_distillation_step_on_every_builder(name: str):
     torch.manual_seed(0)
     size = SIZES.get(name, 160)

@@ -5,6 +5,7 @@ would show as a traceback), and never any code run from the file."""
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,9 +72,11 @@ def test_recipe_files_give_a_recipe_or_a_clear_error(tmp_path_factory, text) -> 
     path = Path(tmp_path_factory.mktemp("r")) / "r.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
     try:
-        load_recipe(path)
-    except SurgeryError:
-        pass
+        r = load_recipe(path)
+    except SurgeryError as e:
+        assert str(e).strip() and "r.yaml" in str(e), str(e)  # one message naming the file
+        return
+    assert isinstance(r, Recipe) and 0 < r.prune.ratio < 1 and r.train.lr > 0
 
 
 def test_alias_bomb_is_refused_quickly() -> None:
@@ -94,9 +97,24 @@ def base_checkpoint(tmp_path_factory) -> dict:
     return torch.load(path, weights_only=True)
 
 
+# Payloads that create MARKER when their builder runs (the control test below shows they do). A file
+# whose load ran any of them would leave MARKER behind.
+_PAYLOAD_DIR = Path(tempfile.mkdtemp(prefix="surgery-fuzz-"))
+MARKER = _PAYLOAD_DIR / "code-ran.marker"
+_PAYLOAD_PY = _PAYLOAD_DIR / "payload.py"
+_PAYLOAD_PY.write_text(f"from pathlib import Path\nPath({str(MARKER)!r}).touch()  # on import\n\n\ndef build(**kw):\n"
+                       f"    Path({str(MARKER)!r}).touch()\n")  # fmt: skip
+PAYLOADS = [
+    {"name": "os:system", "kwargs": {"command": f"touch {MARKER}"}},
+    {"name": "subprocess:run", "kwargs": {"args": ["touch", str(MARKER)]}},
+    {"name": f"{_PAYLOAD_PY}:build", "kwargs": {}},
+    {"name": "tests.fuzz_payload:build", "kwargs": {"marker": str(MARKER)}},
+]
+
 FIELDS = ["format", "version", "model", "kind", "plan", "masks", "recipe", "metrics", "train_state", "meta", "state_dict"]
 model_fields = st.one_of(
     values,
+    st.sampled_from(PAYLOADS),
     st.fixed_dictionaries({"name": st.sampled_from(["fcos_resnet18_slim", "os:system", "subprocess:run", "x.py:f",
                                                     "builtins:eval", "nope", ""]) | values,
                            "kwargs": st.dictionaries(st.sampled_from(list(SLIM) + ["command", "zzz"]), values, max_size=3) | values}),
@@ -116,9 +134,28 @@ def test_checkpoint_dicts_load_or_give_a_clear_error(tmp_path_factory, base_chec
         obj["state_dict"] = sd
     path = Path(tmp_path_factory.mktemp("h")) / "h.pt"
     torch.save(obj, path)
-    marker = Path("MARKER")
+    assert not MARKER.exists()
     try:
         load_checkpoint(path)
     except SurgeryError as e:
         assert str(e).strip()
-    assert not marker.exists()
+    assert not MARKER.exists(), f"loading {obj.get('model')!r} ran code"
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: p["name"].rsplit("/", 1)[-1])
+def test_code_payloads_do_not_run_on_load_and_do_when_trusted(tmp_path, base_checkpoint, payload) -> None:
+    """The absence check above can fail: each payload, untrusted, is refused without running; the
+    same payload trusted deliberately does create the marker."""
+    MARKER.unlink(missing_ok=True)
+    path = tmp_path / "p.pt"
+    torch.save({**base_checkpoint, "model": dict(payload)}, path)
+    with pytest.raises(SurgeryError):
+        load_checkpoint(path)
+    assert not MARKER.exists()
+    # control: run deliberately, the payload does execute (a surgery error follows: not a model)
+    try:
+        build_model(ModelSpec(payload["name"], dict(payload["kwargs"])), trust_code=True)
+    except SurgeryError:
+        pass
+    assert MARKER.exists(), "the payload cannot create the marker: the check above would be vacuous"
+    MARKER.unlink()

@@ -13,31 +13,19 @@ import torch
 from surgery.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from surgery.models import ModelSpec, build_model
 from surgery.recipe import recipe_from_dict
+from tests.extras import require
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+onnx = require("onnx")
+require("onnxruntime")
 
 SIZE = 64
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _data(tmp: Path) -> dict:
-    return {"root": str(tmp / "synth"), "images": 48, "size": SIZE}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """fcos_resnet18_slim trained 40 steps from scratch at 64 px: not accurate, but its scores and
-    boxes come from trained heads (no ties at the prior), which is what agreement is checked on."""
-    from surgery.workflows import train_from_recipe
-
-    tmp = tmp_path_factory.mktemp("quant")
-    rec = recipe_from_dict({
-        "model": {"name": "fcos_resnet18_slim", "kwargs": {"min_size": SIZE, "max_size": SIZE, "fpn_channels": 64}},
-        "data": _data(tmp),
-        "train": {"steps": 40, "batch_size": 8, "lr": 0.004, "warmup_steps": 5, "checkpoint_every": 0},
-    }, "test")  # fmt: skip
-    return train_from_recipe(rec, tmp / "dense.pt", evaluate=False).out
+@pytest.fixture
+def trained(trained_slim: Path) -> Path:
+    """The session's briefly trained fcos_resnet18_slim (conftest; its size is SIZE)."""
+    return trained_slim
 
 
 def _conv_weight_is_int8(graph, node) -> bool:

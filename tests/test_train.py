@@ -134,10 +134,14 @@ def test_masked_zeros_stay_zero_and_checkpoint_keeps_masks(tmp_path: Path):
     model = _model()
     result = prune_masked(model, 0.7, "layer")
     out = tmp_path / "masked.pt"
+    start = {name: p.detach().clone() for name, p in prunable_parameters(model).items()}
     build_trainer(model, SPEC, Shapes(8), _cfg(steps=3, lr=5e-3), out=out, masks=result.masks).train()
+    moved = 0
     for name, p in prunable_parameters(model).items():
         assert torch.all(p[~result.masks[name]] == 0), name
-    # some kept weights did move (the test would pass trivially otherwise)
+        moved += int((p[result.masks[name]] != start[name][result.masks[name]]).sum())
+    # some kept weights did move (the zeros staying zero would be trivial otherwise)
+    assert moved > 0.5 * sum(int(m.sum()) for m in result.masks.values()), moved
     ckpt = read_checkpoint(out)
     assert ckpt.kind == "masked" and set(ckpt.masks) == set(result.masks)
     assert ckpt.metrics["train"]["sparsity"] == pytest.approx(0.7, abs=1e-3)
