@@ -3,6 +3,8 @@ detection yamls (each works or is refused in one line) and the hand-back to Ultr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -250,3 +252,74 @@ def test_every_shipped_detection_yaml_prunes_or_is_refused(ultralytics) -> None:
         except Exception as e:  # noqa: BLE001 - collect every yaml's failure, then fail once
             failures.append(f"{row.name}: {type(e).__name__}: {e}")
     assert not failures, "\n".join(failures)
+
+
+# --------------------------------------------------------------------------------------------
+# hand-back to Ultralytics
+
+
+def test_coco_to_yolo_txt_labels_match_the_annotations(tmp_path) -> None:
+    import json
+
+    from surgery.data import synthesize
+    from surgery.data.yolo_txt import coco_to_yolo_txt
+
+    synthesize(tmp_path / "coco", images=6, size=96, seed=3, val_images=4)
+    ds = coco_to_yolo_txt(tmp_path / "coco", tmp_path / "yolo")
+    coco = json.loads((tmp_path / "coco/annotations/instances_val.json").read_text())
+    cats = sorted(c["id"] for c in coco["categories"])
+    assert ds.names == [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+    assert ds.images == {"train": 6, "val": 4} and ds.objects["val"] == len(coco["annotations"])
+    for im in coco["images"]:
+        rows = [list(map(float, ln.split())) for ln in
+                (tmp_path / "yolo/labels/val" / (Path(im["file_name"]).stem + ".txt")).read_text().splitlines()]  # fmt: skip
+        anns = [a for a in coco["annotations"] if a["image_id"] == im["id"]]
+        assert len(rows) == len(anns)
+        for row, a in zip(rows, anns):
+            x, y, w, h = a["bbox"]
+            want = [cats.index(a["category_id"]), (x + w / 2) / im["width"], (y + h / 2) / im["height"],
+                    w / im["width"], h / im["height"]]  # fmt: skip
+            assert row == pytest.approx(want, abs=1e-5)
+        assert (tmp_path / "yolo/images/val" / Path(im["file_name"]).name).is_file()
+    with pytest.raises(Exception, match="not an empty folder"):
+        coco_to_yolo_txt(tmp_path / "coco", tmp_path / "yolo")
+
+
+@pytest.mark.parametrize("yaml", ["yolov8n.yaml", "yolo26n.yaml"])
+def test_export_ultralytics_round_trip(yaml: str, tmp_path, ultralytics) -> None:
+    """A pruned checkpoint goes back to Ultralytics: YOLO(file) has the pruned parameter count and
+    layer shapes, computes what surgery's network computes, predicts and validates on a yaml dataset
+    (the synthetic set converted to the YOLO txt layout), offline."""
+    from ultralytics import YOLO
+
+    from surgery.data import synthesize
+    from surgery.data.yolo_txt import coco_to_yolo_txt
+
+    pruned, handed = tmp_path / "pruned.pt", tmp_path / "back.pt"
+    res = CliRunner().invoke(
+        app, ["prune", "--model", f"ultralytics:{yaml}", "-k", "nc=4", "-k", f"size={SIZE}", "--ratio", "0.5",
+              "--macs-size", str(SIZE), "--out", str(pruned)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["export", str(pruned), "--format", "ultralytics", "--out", str(handed)])
+    assert res.exit_code == 0, res.output
+    ours = load(pruned)
+    dense = build_model(ModelSpec(f"ultralytics:{yaml}", {"nc": 4, "size": SIZE}))
+    theirs = YOLO(str(handed))
+    n = sum(p.numel() for p in theirs.model.parameters())
+    assert n == count_params(ours.net).total < 0.5 * count_params(dense.net).total
+    assert {k: v.shape for k, v in theirs.model.state_dict().items()} == {k: v.shape for k, v in ours.net.state_dict().items()}
+    batch = ours.transform(_images())[0]
+    ours._sync_widths()
+    with torch.no_grad():
+        ours.net.model[-1].__dict__.pop("_end2end", None)  # Ultralytics' default branch for both
+        theirs.model.eval()
+        torch.testing.assert_close(theirs.model(batch)[0], ours.net.eval()(batch)[0])
+    synthesize(tmp_path / "coco", images=8, size=SIZE, seed=0, val_images=8)
+    ds = coco_to_yolo_txt(tmp_path / "coco", tmp_path / "yolo")
+    preds = theirs.predict(str(tmp_path / "yolo/images/val"), imgsz=SIZE, device="cpu", verbose=False, save=False)
+    assert len(preds) == 8 and all(p.boxes.data.shape[-1] == 6 for p in preds)
+    metrics = theirs.val(data=str(ds.data_yaml), imgsz=SIZE, batch=4, device="cpu", plots=False, workers=0,
+                         verbose=False, project=str(tmp_path / "runs"))  # fmt: skip
+    assert 0.0 <= metrics.box.map <= 1.0 and metrics.box.nc == 4
+    assert sum(p.numel() for p in theirs.model.parameters()) <= n  # val fused Conv+BN: never wider

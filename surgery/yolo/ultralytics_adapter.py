@@ -77,6 +77,7 @@ def _ultralytics() -> SimpleNamespace:
     os.environ.setdefault("YOLO_VERBOSE", "0")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(default_synthetic_root() / "ultralytics"))
     try:
+        from ultralytics import __version__
         from ultralytics.cfg import DEFAULT_CFG_DICT
         from ultralytics.nn import tasks
         from ultralytics.nn.modules.head import Detect
@@ -85,7 +86,13 @@ def _ultralytics() -> SimpleNamespace:
         raise UnknownModelError(f"Ultralytics models need the optional package: {INSTALL_HINT} ({e})") from None
     dict.__setitem__(SETTINGS, "sync", False)  # in memory only: the user's settings file is not rewritten
     models_dir = Path(tasks.__file__).resolve().parents[1] / "cfg" / "models"
-    return SimpleNamespace(tasks=tasks, Detect=Detect, hyp=dict(DEFAULT_CFG_DICT), models_dir=models_dir)
+    return SimpleNamespace(tasks=tasks, Detect=Detect, hyp=dict(DEFAULT_CFG_DICT), models_dir=models_dir,
+                           version=str(__version__))  # fmt: skip
+
+
+def ultralytics_version() -> str:
+    """The installed Ultralytics version (imported offline, see the module docstring)."""
+    return _ultralytics().version
 
 
 def _head_name(cfg: dict[str, Any]) -> str:
@@ -133,7 +140,7 @@ def list_ultralytics_detection_yamls() -> list[UltralyticsYaml]:
         name = path.name
         scales = cfg.get("scales")
         if isinstance(scales, dict) and scales and re.match(r"yolo\D*\d+(-|$)", path.stem):  # no scale letter
-            name = re.sub(r"(\d+)", lambda m: m.group(1) + next(iter(scales)), path.stem, count=1) + path.suffix
+            name = re.sub(r"(\d+)", rf"\g<1>{next(iter(scales))}", path.stem, count=1) + path.suffix
         why = head_refusal(cfg)
         out.append(UltralyticsYaml(name, str(path.relative_to(u.models_dir)), _head_name(cfg), why is None, why or ""))
     return out
