@@ -323,3 +323,16 @@ def test_export_ultralytics_round_trip(yaml: str, tmp_path, ultralytics) -> None
                          verbose=False, project=str(tmp_path / "runs"))  # fmt: skip
     assert 0.0 <= metrics.box.map <= 1.0 and metrics.box.nc == 4
     assert sum(p.numel() for p in theirs.model.parameters()) <= n  # val fused Conv+BN: never wider
+    # Ultralytics' trainer rebuilds from model.yaml (the original widths) unless given the model itself:
+    # the trainer docs/yolo-nms-free.md shows keeps the pruned widths through training and its own save
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    class KeepPrunedWidths(DetectionTrainer):
+        def get_model(self, cfg=None, weights=None, verbose=True):
+            return weights
+
+    again = YOLO(str(handed))
+    again.train(data=str(ds.data_yaml), trainer=KeepPrunedWidths, epochs=1, imgsz=SIZE, batch=4, workers=0,
+                plots=False, device="cpu", amp=False, verbose=False, project=str(tmp_path / "runs"), name="t")  # fmt: skip
+    assert sum(p.numel() for p in again.model.parameters()) == n
+    assert sum(p.numel() for p in YOLO(str(tmp_path / "runs/t/weights/last.pt")).model.parameters()) == n
