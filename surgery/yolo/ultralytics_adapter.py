@@ -219,6 +219,8 @@ def build_ultralytics(
     u = _ultralytics()
     if nc is not None and (not isinstance(nc, int) or nc < 1):
         raise UnknownModelError(f"ultralytics model: nc must be an integer >= 1 (object classes), got {nc!r}")
+    if not isinstance(end2end, bool):
+        raise UnknownModelError(f"ultralytics model: end2end must be true or false, got {end2end!r}")
     refusal = head_refusal(cfg)
     if refusal is not None:
         raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: {refusal}")
@@ -234,7 +236,13 @@ def build_ultralytics(
     if _has_one2one(head):
         head.end2end = bool(end2end)  # which branch inference uses; training always runs both
     if _state_dict is not None:
-        net.load_state_dict(_state_dict)
+        try:
+            net.load_state_dict(_state_dict)
+        except RuntimeError as e:  # e.g. a pruned model handed back by `export --format ultralytics`
+            raise UnknownModelError(
+                f"ultralytics model {cfg.get('yaml_file', '?')}: its weights do not fit the layers its yaml builds "
+                f"(a pruned model? load the surgery checkpoint it came from instead): {str(e).splitlines()[0]}"
+            ) from None
     return UltralyticsDetector(net, size=size, score_thresh=score_thresh, nms_thresh=nms_thresh,
                                detections_per_img=detections_per_img)  # fmt: skip
 
