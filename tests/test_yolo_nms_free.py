@@ -336,3 +336,16 @@ def test_export_ultralytics_round_trip(yaml: str, tmp_path, ultralytics) -> None
                 plots=False, device="cpu", amp=False, verbose=False, project=str(tmp_path / "runs"), name="t")  # fmt: skip
     assert sum(p.numel() for p in again.model.parameters()) == n
     assert sum(p.numel() for p in YOLO(str(tmp_path / "runs/t/weights/last.pt")).model.parameters()) == n
+
+
+def test_export_ultralytics_refuses_other_models_and_bad_formats(tmp_path) -> None:
+    from surgery.checkpoint import save_checkpoint
+    from surgery.export import ExportError
+
+    spec = ModelSpec("yolov2_darknet19", {"num_classes": 5, "width": 0.25, "size": SIZE})
+    ckpt = save_checkpoint(tmp_path / "v2.pt", build_model(spec), spec)
+    res = CliRunner().invoke(app, ["export", str(ckpt), "--format", "ultralytics", "--out", str(tmp_path / "u.pt")])
+    assert isinstance(res.exception, ExportError) and "ultralytics:" in str(res.exception)
+    assert not (tmp_path / "u.pt").exists()
+    res = CliRunner().invoke(app, ["export", str(ckpt), "--format", "tflite"])
+    assert res.exit_code != 0 and "expected onnx or ultralytics" in str(res.exception)
