@@ -30,8 +30,10 @@ COLUMNS = [
 
 
 # Ultralytics detectors (optional extra) and the project's YOLOv2
+# (YOLOv10 and YOLO26: NMS-free heads, both branches cut with the neck)
 YOLO_MODELS = ["ultralytics:yolov8n.yaml", "ultralytics:yolov8s.yaml", "ultralytics:yolo11n.yaml",
-               "ultralytics:yolo11s.yaml", "yolov2_darknet19"]  # fmt: skip
+               "ultralytics:yolo11s.yaml", "ultralytics:yolov10n.yaml", "ultralytics:yolo26n.yaml",
+               "ultralytics:yolo26s.yaml", "yolov2_darknet19"]  # fmt: skip
 
 
 def _kwargs(name: str, size: int) -> dict:

@@ -11,7 +11,14 @@ from cli.console import console
 def export(
     checkpoint: Path = typer.Argument(..., help="A surgery checkpoint (dense, structured or masked)."),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Where to write the .onnx file [default: next to the checkpoint, .onnx suffix]."
+        None, "--out", "-o",
+        help="Where to write the file [default: next to the checkpoint, .onnx, or .ultralytics.pt for "
+        "--format ultralytics].",
+    ),
+    fmt: str = typer.Option(
+        "onnx", "--format",
+        help="onnx, or ultralytics: a .pt that Ultralytics loads with the pruned widths (YOLO('x.pt'); a pickle, "
+        "see docs/yolo-nms-free.md).",
     ),
     input_size: int = typer.Option(320, "--input-size", help="Square input side the graph is traced for."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
@@ -21,16 +28,34 @@ def export(
         help="Dynamic image height/width (matches PyTorch exactly only at --input-size: see the docs).",
     ),
 ) -> None:
-    """Export a checkpoint to ONNX: one image [3, S, S] in [0, 1] -> boxes, scores, labels (+ masks, keypoints)."""
+    """Export a checkpoint to ONNX: one image [3, S, S] in [0, 1] -> boxes, scores, labels (+ masks, keypoints).
+    With --format ultralytics, an Ultralytics YOLO checkpoint goes back to Ultralytics as a .pt file."""
     from surgery.checkpoint import load_checkpoint
+    from surgery.errors import SurgeryError
     from surgery.export import checkpoint_metadata, export_onnx
     from surgery.masked import fold_masks
+    from surgery.safety import protecting
 
-    out = out if out is not None else checkpoint.with_suffix(".onnx")
+    if fmt not in ("onnx", "ultralytics"):
+        raise SurgeryError(f"--format {fmt!r}: expected onnx or ultralytics")
+    default_suffix = ".onnx" if fmt == "onnx" else ".ultralytics.pt"
+    out = out if out is not None else checkpoint.with_name(checkpoint.stem + default_suffix)
     model, ckpt = load_checkpoint(checkpoint)
     if ckpt.kind == "masked":
         fold_masks(model, ckpt.masks)
     model.eval()
+    if fmt == "ultralytics":
+        from surgery.yolo.ultralytics_handback import save_for_ultralytics
+
+        with protecting([checkpoint]):
+            hb = save_for_ultralytics(model, out, class_names=ckpt.class_names, source=str(checkpoint))
+        console.print(
+            f"wrote {hb.path} ({hb.file_bytes / 2**20:.1f} MiB, {hb.params:,} parameters, imgsz {hb.imgsz}, "
+            f"classes {', '.join(hb.names.values())}): load it with ultralytics.YOLO({str(hb.path)!r}). "
+            "It is a pickle: trust it only if you made it.",
+            soft_wrap=True, highlight=False,
+        )
+        return
     with console.status(f"exporting {checkpoint.name} at {input_size}px (opset {opset})..."):
         meta = checkpoint_metadata(model, ckpt, input_size)
         res = export_onnx(model, out, input_size, opset, verify=verify, metadata=meta, dynamic_size=dynamic_size)

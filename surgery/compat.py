@@ -174,3 +174,38 @@ def remove_prune_reparametrizations(model: nn.Module) -> None:
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, tprune.BasePruningMethod):
                 tprune.remove(module, hook._tensor_name)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.Tensor.detach inside one module's forward (NMS-free YOLO heads)
+
+
+@contextlib.contextmanager
+def attached_detach(module: nn.Module) -> Iterator[None]:
+    """While ``module``'s forward runs (and only then), ``Tensor.detach`` returns the tensor itself,
+    still attached to autograd. Same values; see :mod:`surgery.graph` (why the dependency trace
+    needs it: Ultralytics' end-to-end heads feed their one-to-one branch ``x.detach()`` in training,
+    which hides that branch's coupling to the neck from a trace that walks autograd). The switch is
+    made by a forward pre-hook and undone by a forward hook that also runs when the forward fails."""
+    import torch
+
+    original = torch.Tensor.detach
+    depth = [0]
+
+    def attach(_m: nn.Module, _args: Any) -> None:
+        depth[0] += 1
+        torch.Tensor.detach = lambda self: self  # type: ignore[method-assign,assignment]
+
+    def restore(_m: nn.Module, _args: Any, _out: Any) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            torch.Tensor.detach = original  # type: ignore[method-assign]
+
+    pre = module.register_forward_pre_hook(attach)
+    post = module.register_forward_hook(restore, always_call=True)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+        torch.Tensor.detach = original  # type: ignore[method-assign]

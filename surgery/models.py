@@ -170,6 +170,8 @@ def build_model(spec: ModelSpec | str, *, trust_code: bool | None = None, **over
             kwargs["weights_backbone"] = None
     try:
         model = builder(**kwargs)
+    except UnknownModelError:
+        raise  # the builder's own one-line reason (e.g. an Ultralytics head it refuses): not "rejected its arguments"
     except TypeError as e:
         raise UnknownModelError(f"model {spec.name!r} rejected its arguments {sorted(kwargs)}: {e}") from e
     except (KeyError, ValueError) as e:

@@ -9,6 +9,8 @@ longer side is ``max_size`` and padded bottom/right with grey, so mapping boxes 
 
 Subclasses implement ``losses(batch, targets)`` (targets in batch pixels, ``labels`` as class
 indices from 0) and ``predict(batch) -> (boxes [B, A, 4] xyxy, scores [B, A, C] in [0, 1])``.
+NMS-free (end-to-end) networks set ``nms = False``: their candidates are already one box per
+object, so post-processing keeps the top scores without NMS.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class LetterboxTransform(nn.Module):
 class YoloInterface(nn.Module):
     """Base class: the letterbox, the loss/predict dispatch and the NMS post-processing."""
 
+    nms = True  # False: an end-to-end (NMS-free) network, see the module docstring
+
     def __init__(
         self,
         size: int,
@@ -103,8 +107,9 @@ class YoloInterface(nn.Module):
         return [self._postprocess(b, s, m) for b, s, m in zip(boxes, scores, metas)]
 
     def _postprocess(self, boxes: Tensor, scores: Tensor, meta: tuple[float, int, int]) -> dict[str, Tensor]:
-        """Top candidates over (anchor, class) pairs, score threshold, class-wise NMS, back to the
-        original image's pixels; labels start at 1 (torchvision's convention)."""
+        """Top candidates over (anchor, class) pairs, score threshold, class-wise NMS (unless the
+        network is NMS-free), back to the original image's pixels; labels start at 1 (torchvision's
+        convention)."""
         scale, h, w = meta
         flat = scores.flatten()
         k = min(self.topk_candidates, flat.numel())
@@ -114,7 +119,10 @@ class YoloInterface(nn.Module):
         num_classes = scores.shape[1]
         anchor, label = idx // num_classes, idx % num_classes
         b = boxes[anchor]
-        kept = batched_nms(b, top, label, self.nms_thresh)[: self.detections_per_img]
+        if self.nms:
+            kept = batched_nms(b, top, label, self.nms_thresh)[: self.detections_per_img]
+        else:  # topk sorted the scores: the best ones come first
+            kept = torch.arange(min(self.detections_per_img, int(top.numel())), device=top.device)
         b = b[kept] / scale
         b = torch.stack(
             [b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], dim=1

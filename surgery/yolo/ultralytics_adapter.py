@@ -14,8 +14,19 @@ The resolved yaml is recorded in the spec's ``cfg`` argument, so a checkpoint re
 ``weights_only=True`` and never needs the original file (nor the pickle) again.
 
 The network is wrapped in :class:`~surgery.yolo.interface.YoloInterface` (torchvision's interface)
-and trained with the model's own detection loss (``v8DetectionLoss``: task-aligned assignment, BCE,
-CIoU and DFL with Ultralytics' default gains), averaged per image.
+and trained with the model's own detection loss (its ``init_criterion()``: ``v8DetectionLoss``,
+task-aligned assignment, BCE, CIoU and DFL with Ultralytics' default gains; for end-to-end heads
+``E2ELoss``, the one-to-many and one-to-one branches' losses weighted 0.8/0.2, the weights
+Ultralytics starts its decay from), averaged per image.
+
+**Heads.** ``Detect`` (YOLOv3/v5/v6/v8/v9, YOLO11, YOLO12) and the end-to-end (NMS-free) heads:
+``v10Detect`` (YOLOv10) and ``Detect`` with ``end2end: True`` (YOLO26, ``reg_max: 1``). These have
+a second, one-to-one branch (``one2one_cv2``/``one2one_cv3``, copies of ``cv2``/``cv3``) trained on
+*detached* neck features. By default (``end2end=True``) eval, predict and export use the one-to-one
+outputs through the head's own top-k, without NMS; ``-k end2end=false`` uses the one-to-many
+outputs with NMS instead (Ultralytics' ``nms=True`` behaviour). Both branches are pruned with the
+neck (see ``trace_context``). Every other head of the package is refused in one line
+(:data:`REFUSED_HEADS`); :func:`list_ultralytics_detection_yamls` says which shipped yamls work.
 """
 
 from __future__ import annotations
@@ -24,7 +35,9 @@ import contextlib
 import copy
 import functools
 import os
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,13 +45,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import compat
 from ..errors import UnknownModelError
 from .interface import YoloInterface, xyxy_to_cxcywh
 
 SCHEME = "ultralytics"
 INSTALL_HINT = "pip install 'surgery[yolo]' (or: pip install ultralytics; Ultralytics is AGPL-3.0)"
 _ENV_FORCED = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "ULTRALYTICS_SAFE_LOAD": "1"}
-_LOSS_NAMES = ("loss_box", "loss_cls", "loss_dfl")
+SUPPORTED_HEADS = ("Detect", "v10Detect")
+# Heads of the package that are refused, by the name a model yaml gives its last module, with why.
+REFUSED_HEADS = {
+    "WorldDetect": "YOLO-World is open-vocabulary: its class embeddings come from a CLIP text model (downloaded)",
+    "YOLOEDetect": "YOLOE is open-vocabulary: its prompt embeddings come from a text/visual encoder (downloaded)",
+    "RTDETRDecoder": "RT-DETR's transformer decoder (Hungarian matching, no Detect head) is not supported",
+    "Segment": "instance segmentation is not supported",
+    "Segment26": "instance segmentation is not supported",
+    "Pose": "pose estimation is not supported",
+    "Pose26": "pose estimation is not supported",
+    "OBB": "oriented boxes are not supported",
+    "OBB26": "oriented boxes are not supported",
+    "Classify": "a classifier, not a detector",
+}
 
 
 @functools.cache
@@ -50,6 +77,7 @@ def _ultralytics() -> SimpleNamespace:
     os.environ.setdefault("YOLO_VERBOSE", "0")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(default_synthetic_root() / "ultralytics"))
     try:
+        from ultralytics import __version__
         from ultralytics.cfg import DEFAULT_CFG_DICT
         from ultralytics.nn import tasks
         from ultralytics.nn.modules.head import Detect
@@ -57,7 +85,65 @@ def _ultralytics() -> SimpleNamespace:
     except ImportError as e:
         raise UnknownModelError(f"Ultralytics models need the optional package: {INSTALL_HINT} ({e})") from None
     dict.__setitem__(SETTINGS, "sync", False)  # in memory only: the user's settings file is not rewritten
-    return SimpleNamespace(tasks=tasks, Detect=Detect, hyp=dict(DEFAULT_CFG_DICT))
+    models_dir = Path(tasks.__file__).resolve().parents[1] / "cfg" / "models"
+    return SimpleNamespace(tasks=tasks, Detect=Detect, hyp=dict(DEFAULT_CFG_DICT), models_dir=models_dir,
+                           version=str(__version__))  # fmt: skip
+
+
+def ultralytics_version() -> str:
+    """The installed Ultralytics version (imported offline, see the module docstring)."""
+    return _ultralytics().version
+
+
+def _head_name(cfg: dict[str, Any]) -> str:
+    """The class name of a model yaml's last module (its head), ``"?"`` if the yaml has none."""
+    try:
+        return str(cfg["head"][-1][2]).split(".")[-1]
+    except (KeyError, IndexError, TypeError):
+        return "?"
+
+
+def head_refusal(cfg: dict[str, Any]) -> str | None:
+    """Why a model yaml's head is refused (one line), or ``None`` when surgery prunes it."""
+    head = _head_name(cfg)
+    if head in SUPPORTED_HEADS:
+        return None
+    why = REFUSED_HEADS.get(head, "not a YOLO detection head")
+    return (f"head {head}: {why}; surgery prunes YOLO detection models with a Detect or v10Detect head "
+            "(YOLOv3/v5/v6/v8/v9/v10, YOLO11, YOLO12, YOLO26)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class UltralyticsYaml:
+    """One detection model yaml the installed Ultralytics ships (``surgery models``, tests, README)."""
+
+    name: str  # what ``ultralytics:<name>`` takes (the smallest scale: yolov8n.yaml for yolov8.yaml)
+    file: str  # the shipped file, relative to ultralytics/cfg/models
+    head: str
+    supported: bool
+    reason: str = ""  # why it is refused (one line), empty when supported
+
+
+def list_ultralytics_detection_yamls() -> list[UltralyticsYaml]:
+    """Every *detection* model yaml of the installed package (Ultralytics' own task guess from the
+    head's name), named at its first scale, with whether surgery builds it and why not."""
+    from ..trust import safe_yaml_load  # function-level, as in _read_reference
+
+    u = _ultralytics()
+    out = []
+    for path in sorted(u.models_dir.rglob("*.yaml")):
+        cfg = safe_yaml_load(path.read_bytes(), str(path))
+        if not isinstance(cfg, dict) or "head" not in cfg:
+            continue
+        if u.tasks.guess_model_task(cfg) != "detect" and _head_name(cfg) != "RTDETRDecoder":  # RT-DETR detects too
+            continue
+        name = path.name
+        scales = cfg.get("scales")
+        if isinstance(scales, dict) and scales and re.match(r"yolo\D*\d+(-|$)", path.stem):  # no scale letter
+            name = re.sub(r"(\d+)", rf"\g<1>{next(iter(scales))}", path.stem, count=1) + path.suffix
+        why = head_refusal(cfg)
+        out.append(UltralyticsYaml(name, str(path.relative_to(u.models_dir)), _head_name(cfg), why is None, why or ""))
+    return out
 
 
 def resolve(spec: Any) -> Any:
@@ -123,27 +209,40 @@ def build_ultralytics(
     score_thresh: float = 0.001,
     nms_thresh: float = 0.7,
     detections_per_img: int = 100,
+    end2end: bool = True,
     _state_dict: dict[str, Tensor] | None = None,
 ) -> UltralyticsDetector:
     """An Ultralytics ``DetectionModel`` built from ``cfg`` (a model yaml dict), in torchvision's
     interface. ``nc``: object classes (labels 1..nc; the yaml's value by default); ``size``: the
-    letterbox size (a multiple of 32 is used)."""
+    letterbox size (a multiple of 32 is used); ``end2end``: for heads with a one-to-one branch
+    (YOLOv10, YOLO26), predict with it and without NMS (``False``: the one-to-many branch and NMS)."""
     u = _ultralytics()
     if nc is not None and (not isinstance(nc, int) or nc < 1):
         raise UnknownModelError(f"ultralytics model: nc must be an integer >= 1 (object classes), got {nc!r}")
+    if not isinstance(end2end, bool):
+        raise UnknownModelError(f"ultralytics model: end2end must be true or false, got {end2end!r}")
+    refusal = head_refusal(cfg)
+    if refusal is not None:
+        raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: {refusal}")
     try:
         net = u.tasks.DetectionModel(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
     except (KeyError, TypeError, ValueError, AssertionError, IndexError) as e:
         raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: cannot build it from its yaml ({e})") from e
     head = net.model[-1]
-    if type(head) is not u.Detect or getattr(head, "one2one_cv2", None) is not None:
+    if not isinstance(head, u.Detect) or type(head).__name__ not in SUPPORTED_HEADS:  # a yaml naming another class
         raise UnknownModelError(
-            f"ultralytics model {cfg.get('yaml_file', '?')}: head {type(head).__name__}"
-            f"{' (end-to-end)' if type(head) is u.Detect else ''} is not supported; surgery takes YOLO detection "
-            "models with a Detect head and NMS (YOLOv3/v5/v6/v8/v9, YOLO11, YOLO12)"
+            f"ultralytics model {cfg.get('yaml_file', '?')}: head {type(head).__name__}: not a YOLO detection head"
         )
+    if _has_one2one(head):
+        head.end2end = bool(end2end)  # which branch inference uses; training always runs both
     if _state_dict is not None:
-        net.load_state_dict(_state_dict)
+        try:
+            net.load_state_dict(_state_dict)
+        except RuntimeError as e:  # e.g. a pruned model handed back by `export --format ultralytics`
+            raise UnknownModelError(
+                f"ultralytics model {cfg.get('yaml_file', '?')}: its weights do not fit the layers its yaml builds "
+                f"(a pruned model? load the surgery checkpoint it came from instead): {str(e).splitlines()[0]}"
+            ) from None
     return UltralyticsDetector(net, size=size, score_thresh=score_thresh, nms_thresh=nms_thresh,
                                detections_per_img=detections_per_img)  # fmt: skip
 
@@ -159,6 +258,7 @@ class UltralyticsDetector(YoloInterface):
         super().__init__(size, **kwargs)
         self.net = net
         self.num_classes = int(net.model[-1].nc)
+        self.nms = not bool(getattr(net.model[-1], "end2end", False))  # one-to-one outputs need no NMS
         hyp = _ultralytics().hyp
         # the loss reads its gains from model.args (Ultralytics' training defaults: box 7.5, cls 0.5, dfl 1.5)
         self.net.args = SimpleNamespace(box=float(hyp["box"]), cls=float(hyp["cls"]), dfl=float(hyp["dfl"]))
@@ -183,10 +283,11 @@ class UltralyticsDetector(YoloInterface):
         self._sync_widths()
         preds = self.net(batch)
         # a fresh criterion each step: it caches strides and the device, which pruning and .to() change
-        criterion = self.net.init_criterion()
+        criterion = self.net.init_criterion()  # E2ELoss for end-to-end heads (both branches), else v8DetectionLoss
         total, _ = criterion(preds, labelled)
         per_image = total / batch.shape[0]  # Ultralytics scales by batch size; torchvision losses are means
-        return dict(zip(_LOSS_NAMES, per_image.unbind(0)))
+        names = getattr(criterion, "loss_names", None) or criterion.one2many.loss_names  # box, cls, dfl or l1
+        return {f"loss_{n.removesuffix('_loss')}": v for n, v in zip(names, per_image.unbind(0))}
 
     # C2PSA / PSA attention (Ultralytics' ``Attention``: ``qkv`` conv, per-head view and split on dim
     # 2, matmuls, depthwise ``pe`` on v, ``proj``). Torch-Pruning follows channel indices through the
@@ -200,14 +301,23 @@ class UltralyticsDetector(YoloInterface):
         return [(n, m) for n, m in self.net.named_modules()
                 if all(hasattr(m, a) for a in ("qkv", "proj", "pe", "num_heads", "key_dim"))]  # fmt: skip
 
+    #
+    # End-to-end heads (YOLOv10, YOLO26) feed their one-to-one branch ``x.detach()`` in training ("detach
+    # keeps one2one out of the backbone"), so autograd never links that branch to the neck, exactly the
+    # trap torchvision's RPN sets in eval mode: a trace would leave one2one_cv2/cv3's input convs at the
+    # old widths and the pruned model would fail on its first forward. During the trace only, detach is
+    # the identity inside the head's forward (compat.attached_detach): the values are the same and both
+    # branches' input convs join the neck's groups. Their output convs are found from the loss as usual.
     @contextlib.contextmanager
     def trace_context(self) -> Iterator[None]:
         """Used by :func:`surgery.graph.trace` (see above)."""
         blocks = [m for _, m in self._attention_blocks()]
+        head = self.net.model[-1]
         for m in blocks:
             m.forward = functools.partial(_attention_for_trace, m)
         try:
-            yield
+            with compat.attached_detach(head) if _has_one2one(head) else contextlib.nullcontext():
+                yield
         finally:
             for m in blocks:
                 del m.forward
@@ -235,12 +345,38 @@ class UltralyticsDetector(YoloInterface):
 
     def predict(self, batch: Tensor) -> tuple[Tensor, Tensor]:
         self._sync_widths()
-        out = self.net(batch)
-        y = out[0] if isinstance(out, (tuple, list)) else out  # [B, 4 + nc, A]: cx, cy, w, h, class scores
-        y = y.transpose(1, 2)
+        head = self.net.model[-1]
+        if not self.nms:
+            head.max_det = self.detections_per_img  # the head's own top-k (Ultralytics' default 300)
+        with _without_one2many(head) if not self.nms else contextlib.nullcontext():
+            out = self.net(batch)
+        y = out[0] if isinstance(out, (tuple, list)) else out
+        if not self.nms:  # [B, K, 6]: x1, y1, x2, y2, score, class index, best first (one-to-one branch)
+            scores = y.new_zeros(y.shape[0], y.shape[1], self.num_classes)
+            scores.scatter_(2, y[..., 5:6].long(), y[..., 4:5])
+            return y[..., :4], scores
+        y = y.transpose(1, 2)  # [B, 4 + nc, A]: cx, cy, w, h, class scores
         cx, cy, w, h = y[..., :4].unbind(-1)
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
         return boxes, y[..., 4:]
+
+
+def _has_one2one(head: nn.Module) -> bool:
+    """An end-to-end head: a one-to-one branch beside the one-to-many one (YOLOv10, YOLO26)."""
+    return getattr(head, "one2one_cv2", None) is not None
+
+
+@contextlib.contextmanager
+def _without_one2many(head: nn.Module) -> Iterator[None]:
+    """Predicting with the one-to-one branch, skip the one-to-many one: eager PyTorch would run it for
+    outputs nobody reads (the ONNX exporter drops it anyway). The head computes nothing for a missing
+    branch, which is how Ultralytics' own fused inference runs. The branch is put back afterwards."""
+    saved = head.cv2, head.cv3
+    head.cv2 = head.cv3 = None
+    try:
+        yield
+    finally:
+        head.cv2, head.cv3 = saved
 
 
 def _attention_for_trace(m: nn.Module, x: Tensor) -> Tensor:
