@@ -31,6 +31,7 @@ from .plan import MaskedPlan
 from .prune import PruneResult, prune_model
 from .recipe import AGPSection, Recipe, TrainSection, apply_overrides, load_recipe, recipe_from_dict
 from .recover import RECOVER_BATCH_SIZE, recover
+from .sensitivity import sensitivity_allocation
 from .train import TrainResult, build_trainer
 from .validate import accepts
 
@@ -121,6 +122,7 @@ class PruneOutcome:
     masked: Any = None  # surgery.masked.MaskedResult
     recovery: Any = None  # surgery.recover.RecoveryResult when prune.recover > 0
     cut_metrics: dict[str, Any] | None = None  # what on_cut returned (before recovery)
+    allocation: Any = None  # surgery.sensitivity.Allocation with prune.allocation: sensitivity
 
 
 def prune_and_save(
@@ -178,8 +180,18 @@ def prune_loaded(
             "Prune the dense model it came from, or mask again with --method magnitude"
         )
     dense = copy.deepcopy(model) if cfg.recover > 0 else None  # what recovery matches, captured before the cut
-    result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size,
-                         calib_data=calib_data_for(recipe, model))
+    calib = calib_data_for(recipe, model)
+    allocation = None
+    if cfg.allocation == "sensitivity":
+        size = macs_input_size or recipe.bench.input_size
+        cfg, allocation = sensitivity_allocation(model, cfg, macs_input_size=size, trace_size=trace_size, calib_data=calib)
+        macs_input_size = size
+    result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size, calib_data=calib)
+    if allocation is not None:
+        result.plan.extra["allocation"] = {"kind": "sensitivity", "table": recipe.prune.sensitivity,
+                                           "target_macs": recipe.prune.target_macs, "met": allocation.met,
+                                           "estimated_macs_ratio": round(allocation.estimated_macs_ratio, 4)}
+        result.plan.target_macs = recipe.prune.target_macs
     result.plan.previous = previous
     result.plan.source = origin
     metrics: dict[str, Any] = {"params": result.report.params_after}
@@ -193,7 +205,7 @@ def prune_loaded(
         metrics["recovery"] = recovery.summary()
     path = save_pruned(out, model, spec, result.plan, recipe=recipe.to_dict(), metrics=metrics, class_names=class_names)
     return PruneOutcome(path=path, kind="structured", spec=spec, structured=result, recovery=recovery,
-                        cut_metrics=cut_metrics)
+                        cut_metrics=cut_metrics, allocation=allocation)
 
 
 def recover_model(model: nn.Module, dense: nn.Module, recipe: Recipe, *, kept: dict[str, list[int]]) -> Any:
