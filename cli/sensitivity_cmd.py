@@ -64,7 +64,7 @@ def sensitivity(
         console.print(f"[{i}/{total}] {what}: MACs {row.macs_ratio:.1%}, mAP {row.map:.3f} (mAP50 {row.map50:.3f}), "
                       f"{row.seconds:.1f}s", soft_wrap=True, highlight=False, markup=False)
 
-    rows, resumed = analyse(model, val_set=subset, csv_path=csv, key=key, calib_data=calib, recover_batches=recover,
+    rows, resumed = analyse(model, csv_path=csv, key=key, calib_data=calib, recover_batches=recover,
                             ratios=fractions, cfg=rec.prune, macs_input_size=size, groups=group or None, score=score,
                             on_row=on_row)
     if resumed:

@@ -147,7 +147,6 @@ def _cut_one(model: nn.Module, cfg: PruneSection, root: str, ratio: float, trace
 def analyse(
     model: nn.Module,
     *,
-    val_set: Any,
     csv_path: str | Path,
     key: str,
     calib_data: Iterable[Any] | None,
