@@ -129,12 +129,15 @@ def test_recovery_raises_map_on_a_trained_model(trained_fcos: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("name,kwargs", [
     ("ssdlite320_mobilenet_v3_large", {"num_classes": 5}),
-    ("fasterrcnn_mobilenet_v3_large_320_fpn", {"num_classes": 5, "min_size": SIZE, "max_size": SIZE}),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", {"num_classes": 5, "min_size": SIZE, "max_size": SIZE,
+                                               "rpn_post_nms_top_n_test": 64, "box_detections_per_img": 20}),
     ("retinanet_resnet50_fpn", {"num_classes": 5, "min_size": SIZE, "max_size": SIZE}),
 ])  # fmt: skip
 def test_recovery_runs_on_every_family(name: str, kwargs: dict):
     torch.manual_seed(0)
     model = build_model(name, **kwargs).eval()
+    if name.startswith("retinanet"):
+        _freeze_norms(model.backbone.body)  # as with pretrained weights
     dense, result = _cut(model)
     res = recover(model, dense, [_images(2, size=96)], kept=result.kept, batches=1, positions=256)
     assert res.refit, res.skipped
@@ -143,10 +146,25 @@ def test_recovery_runs_on_every_family(name: str, kwargs: dict):
         # the box head's first layer reads the cut FPN through RoIAlign: re-fit on the dense proposals
         assert "roi_heads.box_head.fc6" in res.refit
     if name.startswith("retinanet"):
-        assert res.frozen_norms  # torchvision's ResNet backbone: FrozenBatchNorm2d, left as it is
+        # FrozenBatchNorm2d is left as it is; the conv before it is re-fit to the dense pre-norm output
+        assert "backbone.body.layer1.0.bn1" in res.frozen_norms and "backbone.body.layer1.0.bn1" not in res.bn_reestimated
+        assert "backbone.body.layer1.0.conv2" in res.refit
     with torch.no_grad():
         out = model(_images(1, size=96))
     assert set(out[0]) >= {"boxes", "scores", "labels"}
+
+
+def _freeze_norms(module: nn.Module) -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for k in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, k).copy_(getattr(child, k).detach())
+            setattr(module, name, frozen)
+        else:
+            _freeze_norms(child)
 
 
 def test_recovery_runs_on_yolov8n():
