@@ -299,3 +299,28 @@ def test_sensitivity_allocation_meets_the_macs_target(tmp_path: Path):
     assert res.report.macs_ratio == pytest.approx(alloc.measured_macs_ratio, abs=1e-6)
     assert macs_of_allocation(build_model("fcos_resnet18_slim", num_classes=5, min_size=SIZE, max_size=SIZE), cfg,
                               {}, macs_input_size=SIZE, trace_size=SIZE) == pytest.approx(1.0)
+
+
+def test_sweep_records_map_right_after_the_cut_and_after_recovery(tmp_path: Path):
+    import csv
+
+    from surgery.sweep import run_sweep
+
+    recipe = recipe_from_dict({
+        "model": {"name": "fcos_resnet18_slim", "kwargs": {"num_classes": 5, "min_size": SIZE, "max_size": SIZE}},
+        "data": {"source": "synthetic", "images": 16, "size": SIZE, "root": str(tmp_path / "data")},
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
+        "retrain": {"steps": 1, "batch_size": 4, "warmup_steps": 0},
+        "prune": {"recover": 1, "min_channels": 4},
+        "sweep": {"ratios": [0.5], "techniques": ["l1"], "sparsities": [], "match_masked": False, "int8": "none",
+                  "out": str(tmp_path / "out")},
+        "bench": {"input_size": SIZE, "batch_sizes": [1], "runs": 2, "warmup": 1},
+    })  # fmt: skip
+    res = run_sweep(recipe)
+    with open(res.csv) as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert rows["dense"]["map_recovered"] == ""  # nothing to recover
+    assert 0.0 <= float(rows["l1-0.5"]["map_recovered"]) <= 1.0 and rows["l1-0.5"]["map_pruned"] != ""
+    # the saved pruned checkpoint is the recovered one
+    _, ck = load_checkpoint(tmp_path / "out" / "l1-0.5.pruned.pt")
+    assert ck.metrics["recovery"]["layers_refit"] > 0
