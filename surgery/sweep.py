@@ -461,6 +461,12 @@ def _markdown(rows: list[dict[str, Any]], recipe: Recipe, dense: dict, control: 
     for r in rows:
         extra.append(f"| {r['variant']} | {r['macs_ratio']:.2f} | {r['latency_ratio']:.2f} | "
                      f"{r['map50_pruned']:.3f} | {r['map50_retrained']:.3f} |")
+    recovered = [r for r in rows if r.get("map_recovered") is not None]
+    if recovered:  # prune.recover: mAP right after the cut, after recovery (no training), after retraining
+        extra += ["", f"Recovery without retraining (prune.recover: {recipe.prune.recover} batches):", "",
+                  "| variant | mAP pruned | mAP recovered | mAP retrained |", "|---|---:|---:|---:|"]
+        extra += [f"| {r['variant']} | {r['map_pruned']:.3f} | {r['map_recovered']:.3f} | {r['map_retrained']:.3f} |"
+                  for r in recovered]
     study = ["", "In the weight-vs-filter study's form (rate: channels cut or weights zeroed; MB: weights, gzip):", "",
              "| pruning | rate | params | MB | MB gzip | mAP@0.5 after pruning | mAP@0.5 after retraining |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
