@@ -140,6 +140,8 @@ class PruneSection:
         _check(self.target_macs is None or self.target_params is None, "target_params", "null when target_macs is set")
         _check(isinstance(self.recover, int) and 0 <= self.recover <= 10_000, "recover",
                "a number of calibration batches in [0, 10000] (0: no recovery)")
+        _check(self.recover == 0 or self.method != "magnitude", "recover",
+               "0 for method magnitude (recovery re-fits the layers a structured cut changed)")
         _check(self.allocation in ALLOCATIONS, "allocation", f"one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "global":
             self.global_ranking = True
