@@ -29,6 +29,12 @@ def prune(
     target_params: float = typer.Option(None, help="Keep this fraction of the parameters: the ratio is searched."),
     calib_batches: int = typer.Option(None, help="taylor/fisher: calibration batches from --data (default 4)."),
     data: str = typer.Option(None, "--data", help="Calibration data for taylor/fisher: synthetic | coco:ROOT | voc:ROOT | a COCO .json."),
+    recover: int = typer.Option(None, "--recover", help="Recovery without retraining after the cut: N calibration batches "
+                                "(8 images each) from --data; least-squares re-fit against the dense model + BatchNorm "
+                                "re-estimation (0: off)."),
+    allocation: str = typer.Option(None, "--allocation", help="uniform | global | sensitivity (per-group ratios from "
+                                   "--sensitivity CSV meeting --target-macs)."),
+    sensitivity: Path = typer.Option(None, "--sensitivity", help="CSV from `surgery sensitivity` (--allocation sensitivity)."),
     sparsity: float = typer.Option(None, help="Masked pruning: fraction of weights zeroed."),
     scope: str = typer.Option(None, help="Masked pruning: layer | global."),
     weights: str = typer.Option(None, help="torchvision weights name (DEFAULT) or a local weights file."),
@@ -55,6 +61,9 @@ def prune(
         "prune.target_macs": target_macs,
         "prune.target_params": target_params,
         "prune.calib_batches": calib_batches,
+        "prune.recover": recover,
+        "prune.allocation": allocation,
+        "prune.sensitivity": str(sensitivity) if sensitivity is not None else None,
         "data.source": data,
         "model.weights": weights,
     }
@@ -74,6 +83,8 @@ def prune(
         )
     else:
         _print_report(source, outcome.structured.report)
+        if outcome.recovery is not None:
+            _print_recovery(outcome.recovery)
     console.print(f"saved [bold]{outcome.path}[/] (kind: {outcome.kind})")
 
 
@@ -96,6 +107,19 @@ def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
         for gen in report.anchors["generators"]:
             after = [len(k) for k in gen["keep"]]
             console.print(f"anchors {gen['path']}: per level {gen['before']} -> {after}")
+
+
+def _print_recovery(rec) -> None:  # noqa: ANN001 - surgery.recover.RecoveryResult
+    s = rec.summary()
+    err = (f"; reconstruction error (relative, mean over layers) {s['mean_error_before']:.3f} -> {s['mean_error_after']:.3f}"
+           if s["mean_error_before"] is not None else "")
+    console.print(f"recovered on {rec.images} images ({rec.batches} batches): {s['layers_refit']} layers re-fit by least "
+                  f"squares, {s['bn_reestimated']} BatchNorm layers re-estimated{err}, {rec.seconds:.1f}s", soft_wrap=True)
+    if rec.frozen_norms:
+        console.print(f"{len(rec.frozen_norms)} FrozenBatchNorm2d layers kept as they are (the convs before them are re-fit "
+                      "to the dense pre-norm outputs)", soft_wrap=True)
+    for name, why in rec.skipped.items():
+        console.print(f"not re-fit: {name}: {why}", soft_wrap=True, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -81,6 +81,9 @@ class PruneResult:
     plan: StructuredPlan
     report: PruneReport
     graph: DetectorGraph | None = field(default=None, repr=False)
+    # conv/linear layers whose output channels were cut: the dense output channels each kept, in
+    # order (what surgery.recover matches the dense model's outputs with)
+    kept: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -220,12 +223,15 @@ def _cut_per_block(scores: torch.Tensor, n: int, keep: int, blocks: int) -> list
     return sorted(out)
 
 
-def apply_channel_plan(graph: DetectorGraph, plan: dict[int, list[int]]) -> None:
-    """Cut the planned channels out of every coupled layer."""
+def apply_channel_plan(graph: DetectorGraph, plan: dict[int, list[int]]) -> dict[str, list[int]]:
+    """Cut the planned channels out of every coupled layer. Returns, for every conv/linear layer
+    whose output channels were cut, the indices of the original output channels it kept."""
     dg = graph.dg
     model = graph.model
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     by_index = {g.index: g for g in graph.groups}
+    names = {m: n for n, m in model.named_modules()}
+    kept: dict[str, list[int]] = {}
     with torch.no_grad():
         for i, idxs in plan.items():
             root = graph.module(by_index[i].root)
@@ -233,11 +239,29 @@ def apply_channel_plan(graph: DetectorGraph, plan: dict[int, list[int]]) -> None
             group = dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
             if not dg.check_pruning_group(group):
                 raise PruningError(f"cutting {len(idxs)} channels of {by_index[i].root} would leave a layer empty")
+            _record_kept(dg, group, names, kept)
             group.prune()
     # Torch-Pruning recreates parameters with requires_grad=True: keep frozen layers frozen.
     for n, p in model.named_parameters():
         if n in requires_grad:
             p.requires_grad_(requires_grad[n])
+    return kept
+
+
+def _record_kept(dg: Any, group: Any, names: dict[nn.Module, str], kept: dict[str, list[int]]) -> None:
+    """Before ``group`` is cut: which of each conv/linear layer's current output channels survive
+    (indices are relative to the current width, so successive cuts compose)."""
+    for item in group:
+        layer = item.dep.target.module
+        if not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) or layer not in names:
+            continue
+        if not dg.is_out_channel_pruning_fn(item.dep.handler):
+            continue
+        name = names[layer]
+        width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        current = kept.get(name, list(range(width)))
+        gone = {int(x) for x in item.idxs}
+        kept[name] = [c for pos, c in enumerate(current) if pos not in gone]
 
 
 def prune_model(
@@ -291,7 +315,7 @@ def prune_model(
         cfg = dataclasses.replace(cfg, ratio=target.ratio)
     t1 = time.perf_counter()
     channel_plan = plan_channels(graph, cfg, scores=scores)
-    apply_channel_plan(graph, channel_plan)
+    kept = apply_channel_plan(graph, channel_plan)
     anchors_plan = None
     if cfg.anchors is not None:
         from .anchors import prune_anchors
@@ -351,7 +375,7 @@ def prune_model(
         achieved_macs_ratio=report.macs_ratio,
         calib_batches=cfg.calib_batches if needs_data(cfg.method) else None,
     )
-    return PruneResult(plan=plan, report=report, graph=graph)
+    return PruneResult(plan=plan, report=report, graph=graph, kept=kept)
 
 
 def inspect_model(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str] = ()) -> DetectorGraph:

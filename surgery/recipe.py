@@ -21,6 +21,7 @@ import yaml
 from .errors import RecipeError
 
 SCHEMA_VERSION = 1
+ALLOCATIONS = ("uniform", "global", "sensitivity")
 MAX_SYNTH_IMAGES = 200_000
 MAX_SYNTH_SIZE = 2048
 
@@ -106,6 +107,14 @@ class PruneSection:
     scope: str = "layer"  # layer | global
     agp: AGPSection | None = None
     steps: int = 1  # progressive pruning: cut in this many rounds, retraining in between
+    # recovery without retraining (surgery.recover): calibration batches of the data section's train
+    # split for the least-squares re-fit + BatchNorm re-estimation after the cut; 0 = off
+    recover: int = 0
+    # how the cut is spread over the groups: uniform (one ratio, or overrides), global (one ranking
+    # across groups, = global_ranking), sensitivity (per-group ratios from a `surgery sensitivity`
+    # CSV that meet target_macs while cutting the insensitive groups more)
+    allocation: str = "uniform"
+    sensitivity: str | None = None  # allocation sensitivity: the CSV `surgery sensitivity` wrote
 
     def validate(self) -> None:
         from .importance import pruning_methods  # the registered criteria + magnitude
@@ -129,6 +138,19 @@ class PruneSection:
             _check(value is None or 0.0 < value < 1.0, key, "a fraction to keep strictly between 0 and 1, or null")
             _check(value is None or self.method != "magnitude", key, "null for method magnitude (masks keep the MACs)")
         _check(self.target_macs is None or self.target_params is None, "target_params", "null when target_macs is set")
+        _check(isinstance(self.recover, int) and 0 <= self.recover <= 10_000, "recover",
+               "a number of calibration batches in [0, 10000] (0: no recovery)")
+        _check(self.recover == 0 or self.method != "magnitude", "recover",
+               "0 for method magnitude (recovery re-fits the layers a structured cut changed)")
+        _check(self.allocation in ALLOCATIONS, "allocation", f"one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "global":
+            self.global_ranking = True
+        if self.allocation == "sensitivity":
+            _check(self.target_macs is not None, "target_macs",
+                   "a fraction of the MACs to keep: allocation 'sensitivity' meets a MACs target")
+            _check(bool(self.sensitivity), "sensitivity",
+                   "the CSV written by `surgery sensitivity` (allocation 'sensitivity' reads it)")
+            _check(not self.global_ranking, "global_ranking", "false with allocation 'sensitivity'")
 
 
 @dataclass

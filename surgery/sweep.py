@@ -45,7 +45,7 @@ from .validate import accepts
 SWEEP_COLUMNS: tuple[str, ...] = (
     "variant", "method", "ratio", "target_macs", "sparsity", "params", "params_nonzero", "size_mb", "size_gzip_mb",
     "macs", "latency_ms", "latency_ms_p90",
-    "params_ratio", "macs_ratio", "latency_ratio", "network_ms", "network_ratio", "map_pruned", "map50_pruned", "map_retrained",
+    "params_ratio", "macs_ratio", "latency_ratio", "network_ms", "network_ratio", "map_pruned", "map50_pruned", "map_recovered", "map_retrained",
     "map50_retrained", "dense_map", "dense_control_map", "retained_map", "retrain_steps", "retrain_seconds", "input_size",
     "threads", "torch", "checkpoint",
 )
@@ -288,13 +288,19 @@ def _run_sweep(
                 model, ck = load_checkpoint(source)
                 rec = copy.deepcopy(recipe)
                 rec.prune = PruneSection(**{**vars(recipe.prune), **prune(k)})
+                recovering = rec.prune.method != "magnitude" and rec.prune.recover > 0
                 done = prune_loaded(model, ck.spec, ck if k > 1 else None, rec, pruned_path, source=str(source),
-                                    macs_input_size=recipe.bench.input_size if "ratio" not in point else None)
+                                    macs_input_size=recipe.bench.input_size if "ratio" not in point else None,
+                                    on_cut=score if recovering else None)
                 if done.masked is not None:
                     counts = {"params": done.masked.total_params, "params_nonzero": done.masked.nonzeros_after}
                 else:
                     counts = {"params": done.structured.report.params_after}
-                pr = {**counts, **score(model)}
+                if done.cut_metrics is not None:  # mAP right after the cut, then after recovery (the checkpoint)
+                    after = score(model)
+                    pr = {**counts, **done.cut_metrics, "mAP_recovered": after["mAP"], "mAP50_recovered": after["mAP50"]}
+                else:
+                    pr = {**counts, **score(model)}
                 state.put(f"{key}:prune", pr, [pruned_path], kp)
             else:
                 skipped.append(f"{key}:prune")
@@ -415,6 +421,7 @@ def _row(variant, method, ratio, sparsity, bench, pruned, retrained, dense, cont
         "network_ratio": round(bench.network_ratio, 4),
         "map_pruned": round(pruned["mAP"], 4),
         "map50_pruned": round(pruned["mAP50"], 4),
+        "map_recovered": round(pruned["mAP_recovered"], 4) if pruned.get("mAP_recovered") is not None else None,
         "map_retrained": round(retrained["mAP"], 4),
         "map50_retrained": round(retrained["mAP50"], 4),
         "dense_map": round(dense["mAP"], 4),
@@ -454,6 +461,12 @@ def _markdown(rows: list[dict[str, Any]], recipe: Recipe, dense: dict, control: 
     for r in rows:
         extra.append(f"| {r['variant']} | {r['macs_ratio']:.2f} | {r['latency_ratio']:.2f} | "
                      f"{r['map50_pruned']:.3f} | {r['map50_retrained']:.3f} |")
+    recovered = [r for r in rows if r.get("map_recovered") is not None]
+    if recovered:  # prune.recover: mAP right after the cut, after recovery (no training), after retraining
+        extra += ["", f"Recovery without retraining (prune.recover: {recipe.prune.recover} batches):", "",
+                  "| variant | mAP pruned | mAP recovered | mAP retrained |", "|---|---:|---:|---:|"]
+        extra += [f"| {r['variant']} | {r['map_pruned']:.3f} | {r['map_recovered']:.3f} | {r['map_retrained']:.3f} |"
+                  for r in recovered]
     study = ["", "In the weight-vs-filter study's form (rate: channels cut or weights zeroed; MB: weights, gzip):", "",
              "| pruning | rate | params | MB | MB gzip | mAP@0.5 after pruning | mAP@0.5 after retraining |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip

@@ -8,6 +8,7 @@ rank 0 reports and writes.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .calibrate import calibration_data
 from .checkpoint import Checkpoint, load_checkpoint, resolve_model, save_pruned
 from .distill import FeatureImitation
 from .distributed import DistInfo, current_dist, main_process_first
@@ -28,6 +30,8 @@ from .models import ModelSpec, _is_local_file, build_model, get_builder
 from .plan import MaskedPlan
 from .prune import PruneResult, prune_model
 from .recipe import AGPSection, Recipe, TrainSection, apply_overrides, load_recipe, recipe_from_dict
+from .recover import RECOVER_BATCH_SIZE, recover
+from .sensitivity import sensitivity_allocation
 from .train import TrainResult, build_trainer
 from .validate import accepts
 
@@ -116,6 +120,9 @@ class PruneOutcome:
     spec: ModelSpec
     structured: PruneResult | None = None
     masked: Any = None  # surgery.masked.MaskedResult
+    recovery: Any = None  # surgery.recover.RecoveryResult when prune.recover > 0
+    cut_metrics: dict[str, Any] | None = None  # what on_cut returned (before recovery)
+    allocation: Any = None  # surgery.sensitivity.Allocation with prune.allocation: sensitivity
 
 
 def prune_and_save(
@@ -144,8 +151,11 @@ def prune_loaded(
     source: str | None = None,
     trace_size: int = 256,
     macs_input_size: int | None = None,
+    on_cut: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> PruneOutcome:
-    """:func:`prune_and_save` for a model already in memory (``prior``: its checkpoint, if any)."""
+    """:func:`prune_and_save` for a model already in memory (``prior``: its checkpoint, if any).
+    ``on_cut(model)`` is called right after the cut, before any recovery (the sweep scores the
+    model there)."""
     cfg = recipe.prune
     recipe = _naming(recipe, spec)
     previous = prior.plan if prior is not None else None
@@ -169,15 +179,41 @@ def prune_loaded(
             f"{origin} is a masked (unstructured) checkpoint: cutting channels would silently drop its masks. "
             "Prune the dense model it came from, or mask again with --method magnitude"
         )
-    result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size,
-                         calib_data=calib_data_for(recipe, model))
+    dense = copy.deepcopy(model) if cfg.recover > 0 else None  # what recovery matches, captured before the cut
+    calib = calib_data_for(recipe, model)
+    allocation = None
+    if cfg.allocation == "sensitivity":
+        size = macs_input_size or recipe.bench.input_size
+        cfg, allocation = sensitivity_allocation(model, cfg, macs_input_size=size, trace_size=trace_size, calib_data=calib)
+        macs_input_size = size
+    result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size, calib_data=calib)
+    if allocation is not None:
+        result.plan.extra["allocation"] = {"kind": "sensitivity", "table": recipe.prune.sensitivity,
+                                           "target_macs": recipe.prune.target_macs, "met": allocation.met,
+                                           "estimated_macs_ratio": round(allocation.estimated_macs_ratio, 4)}
+        result.plan.target_macs = recipe.prune.target_macs
     result.plan.previous = previous
     result.plan.source = origin
-    metrics = {"params": result.report.params_after}
+    metrics: dict[str, Any] = {"params": result.report.params_after}
     if result.report.macs_after is not None:
         metrics["macs"] = result.report.macs_after
+    cut_metrics = on_cut(model) if on_cut is not None else None
+    recovery = None
+    if dense is not None:
+        recovery = recover_model(model, dense, recipe, kept=result.kept)
+        result.plan.extra["recovery"] = recovery.summary()
+        metrics["recovery"] = recovery.summary()
     path = save_pruned(out, model, spec, result.plan, recipe=recipe.to_dict(), metrics=metrics, class_names=class_names)
-    return PruneOutcome(path=path, kind="structured", spec=spec, structured=result)
+    return PruneOutcome(path=path, kind="structured", spec=spec, structured=result, recovery=recovery,
+                        cut_metrics=cut_metrics, allocation=allocation)
+
+
+def recover_model(model: nn.Module, dense: nn.Module, recipe: Recipe, *, kept: dict[str, list[int]]) -> Any:
+    """Recovery without retraining (:mod:`surgery.recover`) on ``recipe.prune.recover`` batches of
+    the recipe's data (train split, no flips)."""
+    n = recipe.prune.recover
+    data = calibration_data(recipe.data, batches=n, batch_size=RECOVER_BATCH_SIZE, model=model)
+    return recover(model, dense, data, kept=kept, batches=n)
 
 
 def _naming(recipe: Recipe, spec: ModelSpec) -> Recipe:
@@ -425,6 +461,7 @@ __all__ = [
     "load_datasets",
     "prune_and_save",
     "prune_loaded",
+    "recover_model",
     "recipe_for_checkpoint",
     "retrain_checkpoint",
     "train_from_recipe",

@@ -1,0 +1,439 @@
+"""Sensitivity analysis (Distiller's form) and the allocation it makes possible.
+
+:func:`analyse` cuts each prunable coupled group *alone* at several ratios, on a copy of the model,
+recovers it without retraining (:mod:`surgery.recover`), and measures MACs and mAP on a validation
+subset: one row per (group, ratio) plus a ``dense`` row. Rows are written to the CSV as they are
+measured (the whole file rewritten atomically after each row), so a killed run resumes where it
+stopped: rows already in the CSV are skipped. Each CSV row carries a ``key`` (a hash of the
+checkpoint's bytes and every setting that changes a value); a CSV with another key belongs to
+another run and is refused rather than overwritten or mixed.
+
+:func:`allocate_by_sensitivity` turns the table into per-group ratios that meet a MACs target while
+cutting the insensitive groups more: starting from nothing cut, it repeatedly raises by ``step``
+the ratio of the group with the smallest estimated mAP loss per MAC saved (both interpolated
+linearly between the table's ratios, made monotone), which gives a path of ever-deeper cuts.
+Single-group savings do not add up exactly (a layer between two cut groups loses ``r1 + r2 -
+r1 r2``, not ``r1 + r2``), so the MACs of the candidate allocations are measured on cut copies
+(``measure``) and the first point of the path that meets the target is chosen by bisection.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .atomic import atomic_open, atomic_path
+from .calibrate import group_scores
+from .errors import PruningError, RecipeError
+from .graph import trace
+from .measure import count_macs
+from .prune import MACS_ROIS, apply_channel_plan, plan_channels
+from .recipe import PruneSection
+from .recover import recover
+
+COLUMNS = ("key", "group", "ratio", "channels", "kept", "macs", "macs_ratio", "map", "map50", "seconds")
+DENSE = "dense"
+DEFAULT_RATIOS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class SensitivityRow:
+    group: str  # the group's root layer, or "dense"
+    ratio: float
+    channels: int
+    kept: int
+    macs: int
+    macs_ratio: float
+    map: float
+    map50: float
+    seconds: float = 0.0
+
+
+@dataclass
+class SensitivityResult:
+    rows: list[SensitivityRow]
+    csv: Path
+    plot: Path | None
+    resumed: int  # rows found in the CSV from an earlier (interrupted) run
+    seconds: float
+
+    @property
+    def dense(self) -> SensitivityRow:
+        return next(r for r in self.rows if r.group == DENSE)
+
+
+# --------------------------------------------------------------------------------------------
+# the table on disk
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_key(checkpoint_digest: str, settings: dict[str, Any]) -> str:
+    text = json.dumps({"checkpoint": checkpoint_digest, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_table(path: str | Path) -> tuple[str | None, list[SensitivityRow]]:
+    """``(key, rows)`` of a sensitivity CSV; one clear error for a file that is not one."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != COLUMNS:
+                raise RecipeError(f"{path} is not a sensitivity CSV (expected columns {', '.join(COLUMNS)})")
+            raw = list(reader)
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read the sensitivity CSV {path}: {e}") from None
+    keys = {r["key"] for r in raw}
+    if len(keys) > 1:
+        raise RecipeError(f"{path} mixes rows of several runs (keys {', '.join(sorted(keys))})")
+    rows = []
+    for r in raw:
+        try:
+            rows.append(SensitivityRow(group=r["group"], ratio=float(r["ratio"]), channels=int(r["channels"]),
+                                       kept=int(r["kept"]), macs=int(r["macs"]), macs_ratio=float(r["macs_ratio"]),
+                                       map=float(r["map"]), map50=float(r["map50"]), seconds=float(r["seconds"])))
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"{path}: bad row {r}: {e}") from None
+    return (keys.pop() if keys else None), rows
+
+
+def _write_table(path: Path, key: str, rows: Sequence[SensitivityRow]) -> None:
+    with atomic_open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([key, r.group, r.ratio, r.channels, r.kept, r.macs, round(r.macs_ratio, 6), round(r.map, 5),
+                        round(r.map50, 5), round(r.seconds, 2)])
+
+
+# --------------------------------------------------------------------------------------------
+# analysis
+
+
+def _cut_one(model: nn.Module, cfg: PruneSection, root: str, ratio: float, trace_size: int,
+             calib_data: Iterable[Any] | None) -> tuple[nn.Module, dict[str, list[int]], int, int]:
+    """A copy of ``model`` with only the group rooted at ``root`` cut at ``ratio``: (copy, kept
+    output channels, channels, kept channels)."""
+    m = copy.deepcopy(model)
+    graph = trace(m, trace_size=trace_size, skip=cfg.skip)
+    group = next((g for g in graph.groups if g.root == root), None)
+    if group is None:
+        raise PruningError(f"internal: group {root} not found on the copy")
+    scores = group_scores(graph, cfg.method, calib_data=calib_data, calib_batches=cfg.calib_batches)
+    one = dataclasses.replace(cfg, ratio=ratio, overrides={}, global_ranking=False)
+    plan = plan_channels(graph, one, scores={group.index: scores[group.index]})
+    plan = {group.index: plan[group.index]} if group.index in plan else {}
+    kept = apply_channel_plan(graph, plan)
+    return m, kept, group.channels, group.channels - len(plan.get(group.index, []))
+
+
+def analyse(
+    model: nn.Module,
+    *,
+    csv_path: str | Path,
+    key: str,
+    calib_data: Iterable[Any] | None,
+    recover_batches: int = 2,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    cfg: PruneSection | None = None,
+    macs_input_size: int = 320,
+    trace_size: int = 256,
+    groups: Sequence[str] | None = None,
+    score: Callable[[nn.Module], dict[str, float]],
+    on_row: Callable[[SensitivityRow, int, int], None] | None = None,
+) -> tuple[list[SensitivityRow], int]:
+    """Measure every (group, ratio) not yet in ``csv_path`` (rows of another ``key`` are refused).
+    ``score(model)`` returns ``{"mAP", "mAP50"}`` on the validation subset; ``calib_data``: the
+    recovery batches (``None`` or ``recover_batches=0``: no recovery). Returns (rows, resumed)."""
+    cfg = cfg or PruneSection()
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise RecipeError("sensitivity ratios must be fractions strictly between 0 and 1")
+    csv_path = Path(csv_path)
+    done: list[SensitivityRow] = []
+    if csv_path.exists():
+        old_key, done = read_table(csv_path)
+        if old_key is not None and old_key != key:
+            raise RecipeError(f"{csv_path} holds the sensitivity of another checkpoint or other settings; "
+                              "pass another --csv (or remove it)")
+    resumed = len(done)
+    have = {(r.group, round(r.ratio, 6)) for r in done}
+    rows = list(done)
+    model.eval()
+    graph = trace(copy.deepcopy(model), trace_size=trace_size, skip=cfg.skip)
+    names = [g.root for g in graph.groups if g.prunable]
+    if groups:
+        unknown = [g for g in groups if g not in names]
+        if unknown:
+            raise RecipeError(f"not a prunable group root: {', '.join(unknown)} (see `surgery inspect`)")
+        names = [n for n in names if n in groups]
+    todo = [(DENSE, 0.0)] + [(n, float(r)) for n in names for r in ratios]
+    todo = [t for t in todo if (t[0], round(t[1], 6)) not in have]
+    dense_macs = _count(model, macs_input_size)
+    dense_row = next((r for r in rows if r.group == DENSE), None)
+    total = len(todo)
+    for i, (name, ratio) in enumerate(todo):
+        t0 = time.perf_counter()
+        if name == DENSE:
+            s = score(model)
+            row = SensitivityRow(DENSE, 0.0, 0, 0, dense_macs, 1.0, s["mAP"], s["mAP50"])
+            dense_row = row
+        else:
+            cut, kept, channels, k = _cut_one(model, cfg, name, ratio, trace_size, calib_data)
+            if k == channels and dense_row is not None:  # nothing cut (floors): the dense model
+                row = SensitivityRow(name, ratio, channels, k, dense_macs, 1.0, dense_row.map, dense_row.map50)
+            else:
+                if calib_data is not None and recover_batches > 0:
+                    recover(cut, model, calib_data, kept=kept, batches=recover_batches)
+                s = score(cut)
+                macs = _count(cut, macs_input_size)
+                row = SensitivityRow(name, ratio, channels, k, macs, macs / max(1, dense_macs), s["mAP"], s["mAP50"])
+            del cut
+        row.seconds = time.perf_counter() - t0
+        rows.append(row)
+        _write_table(csv_path, key, rows)
+        if on_row is not None:
+            on_row(row, i + 1, total)
+    return rows, resumed
+
+
+def _count(model: nn.Module, size: int) -> int:
+    return int(count_macs(model, size, rois=MACS_ROIS).total)
+
+
+def plot_table(rows: Sequence[SensitivityRow], path: str | Path) -> Path:
+    """Distiller's sensitivity plot: mAP against the ratio cut, one line per group."""
+    import matplotlib  # only when a plot is asked for: the analysis itself needs no matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    dense = next((r for r in rows if r.group == DENSE), None)
+    by_group: dict[str, list[SensitivityRow]] = {}
+    for r in rows:
+        if r.group != DENSE:
+            by_group.setdefault(r.group, []).append(r)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, rs in by_group.items():
+        rs = sorted(rs, key=lambda r: r.ratio)
+        xs = [0.0] + [r.ratio for r in rs] if dense else [r.ratio for r in rs]
+        ys = [dense.map] + [r.map for r in rs] if dense else [r.map for r in rs]
+        ax.plot(xs, ys, marker="o", linewidth=1, markersize=3, label=name)
+    ax.set_xlabel("fraction of the group's channels cut (this group alone, recovered)")
+    ax.set_ylabel("mAP@[.5:.95] (validation subset)")
+    ax.set_title("Sensitivity of each coupled group")
+    ax.grid(alpha=0.3)
+    if len(by_group) <= 40:
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# allocation
+
+
+@dataclass
+class Allocation:
+    ratios: dict[str, float]  # group root -> fraction of its channels to cut
+    estimated_macs_ratio: float  # from the table, assuming single-group savings add up
+    measured_macs_ratio: float | None  # on a cut copy (None without measure)
+    met: bool
+    steps: int  # points of the greedy path examined
+    notes: list[str] = field(default_factory=list)
+
+
+def _curve(rows: Sequence[SensitivityRow], dense: SensitivityRow) -> tuple[list[float], list[float], list[float]]:
+    """(ratios, mAP loss, MACs saved) from 0, made non-decreasing."""
+    rs = sorted(rows, key=lambda r: r.ratio)
+    xs, loss, saved = [0.0], [0.0], [0.0]
+    for r in rs:
+        xs.append(r.ratio)
+        loss.append(max(loss[-1], dense.map - r.map))
+        saved.append(max(saved[-1], dense.macs - r.macs))
+    return xs, loss, saved
+
+
+def _interp(xs: list[float], ys: list[float], x: float) -> float:
+    for i in range(1, len(xs)):
+        if x <= xs[i] + 1e-12:
+            t = (x - xs[i - 1]) / max(1e-12, xs[i] - xs[i - 1])
+            return ys[i - 1] + t * (ys[i] - ys[i - 1])
+    return ys[-1]
+
+
+def greedy_path(groups: Sequence[str], table: Sequence[SensitivityRow], *, step: float = 0.05) -> list[dict[str, float]]:
+    """Allocations of ever-deeper cuts: each point raises one group's ratio by ``step``, the group
+    with the least estimated mAP loss per MAC saved (ties: the larger saving)."""
+    dense = next((r for r in table if r.group == DENSE), None)
+    if dense is None:
+        raise RecipeError("the sensitivity table has no 'dense' row")
+    curves = {}
+    for g in groups:
+        rows = [r for r in table if r.group == g]
+        if rows:
+            curves[g] = _curve(rows, dense)
+    state = dict.fromkeys(curves, 0.0)
+    path = [dict(state)]
+    while True:
+        best, best_key = None, None
+        for g, (xs, loss, saved) in curves.items():
+            r = state[g]
+            if r >= xs[-1] - 1e-9:
+                continue
+            r2 = min(xs[-1], r + step)
+            ds = _interp(xs, saved, r2) - _interp(xs, saved, r)
+            if ds <= 0:
+                state[g] = r2  # no saving here: move on without a point
+                continue
+            dl = _interp(xs, loss, r2) - _interp(xs, loss, r)
+            k = (dl / ds, -ds)
+            if best_key is None or k < best_key:
+                best, best_key = (g, r2), k
+        if best is None:
+            break
+        state[best[0]] = best[1]
+        path.append(dict(state))
+    return path
+
+
+def allocate_by_sensitivity(
+    groups: Sequence[Any],
+    table: Sequence[SensitivityRow],
+    target_macs: float,
+    *,
+    measure: Callable[[dict[str, float]], float] | None = None,
+    step: float = 0.05,
+) -> Allocation:
+    """Per-group ratios that keep ``target_macs`` of the dense MACs with the least estimated mAP
+    loss (see the module docstring). ``groups``: the prunable groups (``ChannelGroup`` or root
+    names); ``measure(ratios)``: the kept MACs fraction of a copy cut that way (``None``: the
+    table's additive estimate decides)."""
+    if not 0.0 < target_macs < 1.0:
+        raise RecipeError("target_macs must be a fraction strictly between 0 and 1")
+    roots = [g if isinstance(g, str) else g.root for g in groups]
+    missing = {r.group for r in table if r.group != DENSE} - set(roots)
+    if missing:
+        raise RecipeError(f"the sensitivity table names groups this model does not have ({', '.join(sorted(missing)[:3])}"
+                          "...): it was measured on another model")
+    dense = next((r for r in table if r.group == DENSE), None)
+    if dense is None:
+        raise RecipeError("the sensitivity table has no 'dense' row")
+    path = greedy_path(roots, table, step=step)
+    curves = {g: _curve([r for r in table if r.group == g], dense) for g in roots if any(r.group == g for r in table)}
+
+    def estimate(state: dict[str, float]) -> float:
+        saved = sum(_interp(*curves[g][::2], state[g]) for g in state)
+        return max(0.0, dense.macs - saved) / max(1, dense.macs)
+
+    notes: list[str] = []
+    if measure is None:
+        i = next((i for i, s in enumerate(path) if estimate(s) <= target_macs), len(path) - 1)
+        chosen, measured = path[i], None
+        met = estimate(chosen) <= target_macs
+        examined = i + 1
+    else:
+        cache: dict[int, float] = {}
+
+        def kept(i: int) -> float:
+            if i not in cache:
+                cache[i] = measure({g: r for g, r in path[i].items() if r > 0})
+            return cache[i]
+
+        lo = next((i for i, s in enumerate(path) if estimate(s) <= target_macs), len(path) - 1)
+        lo = max(0, lo - 1)  # the estimate over-counts savings: the answer is at or after it
+        hi = len(path) - 1
+        if kept(hi) > target_macs:
+            notes.append(f"cutting every group to the table's largest ratio keeps {kept(hi):.1%} of the MACs "
+                         f"> the target {target_macs:.1%}: add larger --ratios")
+            lo = hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if kept(mid) <= target_macs:
+                hi = mid
+            else:
+                lo = mid + 1
+        chosen, measured, examined = path[lo], kept(lo), len(cache)
+        met = measured <= target_macs
+    ratios = {g: round(r, 4) for g, r in chosen.items() if r > 0}
+    return Allocation(ratios=ratios, estimated_macs_ratio=estimate(chosen), measured_macs_ratio=measured, met=met,
+                      steps=examined, notes=notes)
+
+
+def macs_of_allocation(model: nn.Module, cfg: PruneSection, ratios: dict[str, float], *, macs_input_size: int,
+                       trace_size: int = 256, calib_data: Iterable[Any] | None = None) -> float:
+    """Kept MACs fraction of a copy of ``model`` cut with per-group ``ratios`` (roots)."""
+    dense = _count(model, macs_input_size)
+    m = copy.deepcopy(model)
+    graph = trace(m, trace_size=trace_size, skip=cfg.skip)
+    apply_channel_plan(graph, plan_channels(graph, allocation_section(cfg, ratios, graph_roots(graph)),
+                                            scores=group_scores(graph, cfg.method, calib_data=calib_data,
+                                                                calib_batches=cfg.calib_batches)))
+    return _count(m, macs_input_size) / max(1, dense)
+
+
+def graph_roots(graph: Any) -> list[str]:
+    return [g.root for g in graph.groups if g.prunable]
+
+
+def allocation_section(cfg: PruneSection, ratios: dict[str, float], roots: Sequence[str]) -> PruneSection:
+    """``cfg`` with one override per prunable group (0 for those not cut): the per-group ratios go
+    through the ordinary override mechanism (a root names exactly its own group)."""
+    overrides = {r: float(ratios.get(r, 0.0)) for r in roots}
+    cut = [v for v in overrides.values() if v > 0]
+    return dataclasses.replace(cfg, overrides=overrides, global_ranking=False, target_macs=None, target_params=None,
+                               ratio=round(sum(cut) / len(cut), 4) if cut else cfg.ratio)
+
+
+def sensitivity_allocation(model: nn.Module, cfg: PruneSection, *, macs_input_size: int, trace_size: int = 256,
+                           calib_data: Iterable[Any] | None = None) -> tuple[PruneSection, Allocation]:
+    """The prune section that cuts ``model`` to ``cfg.target_macs`` by ``cfg.sensitivity``'s table:
+    per-group ratios as overrides (what :func:`surgery.prune.prune_model` then applies)."""
+    if cfg.sensitivity is None or cfg.target_macs is None:
+        raise RecipeError("allocation 'sensitivity' needs prune.sensitivity (a CSV) and prune.target_macs")
+    _, table = read_table(cfg.sensitivity)
+    graph = trace(copy.deepcopy(model), trace_size=trace_size, skip=cfg.skip)
+    roots = graph_roots(graph)
+    alloc = allocate_by_sensitivity(
+        roots, table, cfg.target_macs,
+        measure=lambda ratios: macs_of_allocation(model, cfg, ratios, macs_input_size=macs_input_size,
+                                                  trace_size=trace_size, calib_data=calib_data),
+    )  # fmt: skip
+    return allocation_section(cfg, alloc.ratios, roots), alloc
+
+
+__all__ = [
+    "COLUMNS",
+    "Allocation",
+    "SensitivityResult",
+    "SensitivityRow",
+    "allocate_by_sensitivity",
+    "allocation_section",
+    "analyse",
+    "file_digest",
+    "greedy_path",
+    "macs_of_allocation",
+    "plot_table",
+    "read_table",
+    "run_key",
+    "sensitivity_allocation",
+]

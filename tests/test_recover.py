@@ -1,0 +1,326 @@
+"""Recovery without retraining (surgery.recover), sensitivity analysis and allocation (surgery.sensitivity)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from cli.main import app
+from surgery.checkpoint import load_checkpoint
+from surgery.errors import RecipeError
+from surgery.models import ModelSpec, build_model
+from surgery.prune import prune_model
+from surgery.recipe import PruneSection, recipe_from_dict
+from surgery.recover import recover
+from surgery.sensitivity import (
+    DENSE,
+    SensitivityRow,
+    allocate_by_sensitivity,
+    analyse,
+    macs_of_allocation,
+    read_table,
+    sensitivity_allocation,
+)
+
+SIZE = 64
+
+
+def _images(n: int = 4, size: int = SIZE, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, size, size, generator=g) for _ in range(n)]
+
+
+def _outputs(model: nn.Module, names: list[str], batches: list[list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """Every call's output of each named layer over the batches (eval mode)."""
+    mods = dict(model.named_modules())
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [mods[n].register_forward_hook(lambda m, i, o, n=n: out[n].append(o.detach().clone())) for n in names]
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def _layer_errors(pruned, dense, names, kept, batches) -> dict[str, float]:
+    """Oracle: relative squared distance between each pruned layer's output and the dense layer's
+    output on the kept channels, over all positions of the images."""
+    p, d = _outputs(pruned, names, batches), _outputs(dense, names, batches)
+    errors = {}
+    for n in names:
+        num = den = 0.0
+        for a, b in zip(p[n], d[n]):
+            if n in kept:
+                b = b[:, kept[n]]
+            num += float(((a - b) ** 2).sum())
+            den += float((b**2).sum())
+        errors[n] = num / den
+    return errors
+
+
+@pytest.fixture(scope="module")
+def trained_fcos(tmp_path_factory) -> Path:
+    """The slim FCOS trained briefly at 64 px on a small synthetic set (a checkpoint)."""
+    from surgery.workflows import train_from_recipe
+
+    root = tmp_path_factory.mktemp("recover")
+    rec = recipe_from_dict({
+        "model": {"name": "fcos_resnet18_slim", "kwargs": {"num_classes": 5, "min_size": SIZE, "max_size": SIZE}},
+        "data": {"root": str(root / "synth"), "images": 64, "size": SIZE},
+        "train": {"steps": 60, "batch_size": 8, "lr": 0.002, "warmup_steps": 5, "checkpoint_every": 0},
+        "bench": {"input_size": SIZE},
+    }, "test")  # fmt: skip
+    train_from_recipe(rec, root / "dense.pt")
+    return root / "dense.pt"
+
+
+def _cut(model: nn.Module, ratio: float = 0.5):
+    dense = copy.deepcopy(model).eval()
+    result = prune_model(model, PruneSection(ratio=ratio), trace_size=SIZE)
+    return dense, result
+
+
+# ------------------------------------------------------------------------------------------
+# recovery
+
+
+def test_refit_lowers_the_error_of_every_refit_layer():
+    """Oracle: each re-fit layer's output is closer to the dense layer's output (kept channels)
+    on the calibration images after the re-fit than right after the cut; the reported errors agree."""
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", num_classes=5, min_size=SIZE, max_size=SIZE).eval()
+    dense, result = _cut(model)
+    batches = [_images(4, seed=s) for s in range(3)]
+    refit_names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    before = _layer_errors(model, dense, refit_names, result.kept, batches)
+    rec = recover(model, dense, batches, kept=result.kept, batches=3, batchnorm=False)
+    assert len(rec.refit) >= 20 and not rec.skipped
+    after = _layer_errors(model, dense, rec.refit, result.kept, batches)
+    for f in rec.layers:
+        assert f.refit and f.error_after < f.error_before, f
+        assert after[f.name] < before[f.name], (f.name, before[f.name], after[f.name])
+    # the dense model is untouched
+    assert all(p.shape == q.shape for p, q in zip(dense.parameters(), build_model(
+        "fcos_resnet18_slim", num_classes=5, min_size=SIZE, max_size=SIZE).parameters()))
+
+
+def test_recovery_raises_map_on_a_trained_model(trained_fcos: Path, tmp_path: Path):
+    from surgery.calibrate import calibration_data
+    from surgery.data import dataset_for
+    from surgery.evaluate import evaluate
+
+    model, ck = load_checkpoint(trained_fcos)
+    rec = recipe_from_dict(ck.recipe, "ckpt")
+    val = dataset_for(rec.data, "val", train=False)
+    dense_map = evaluate(model, val).metrics["mAP"]
+    dense, result = _cut(model)
+    cut_map = evaluate(model, val).metrics["mAP"]
+    recover(model, dense, calibration_data(rec.data, batches=4, batch_size=8), kept=result.kept, batches=4)
+    recovered_map = evaluate(model, val).metrics["mAP"]
+    assert recovered_map > cut_map, (dense_map, cut_map, recovered_map)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("ssdlite320_mobilenet_v3_large", {"num_classes": 5}),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", {"num_classes": 5, "min_size": SIZE, "max_size": SIZE,
+                                               "rpn_post_nms_top_n_test": 64, "box_detections_per_img": 20}),
+    ("retinanet_resnet50_fpn", {"num_classes": 5, "min_size": SIZE, "max_size": SIZE}),
+])  # fmt: skip
+def test_recovery_runs_on_every_family(name: str, kwargs: dict):
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs).eval()
+    if name.startswith("retinanet"):
+        _freeze_norms(model.backbone.body)  # as with pretrained weights
+    dense, result = _cut(model)
+    res = recover(model, dense, [_images(2, size=96)], kept=result.kept, batches=1, positions=256)
+    assert res.refit, res.skipped
+    assert all(f.error_after <= f.error_before for f in res.layers)
+    if name.startswith("fasterrcnn"):
+        # the box head's first layer reads the cut FPN through RoIAlign: re-fit on the dense proposals
+        assert "roi_heads.box_head.fc6" in res.refit
+    if name.startswith("retinanet"):
+        # FrozenBatchNorm2d is left as it is; the conv before it is re-fit to the dense pre-norm output
+        assert "backbone.body.layer1.0.bn1" in res.frozen_norms and "backbone.body.layer1.0.bn1" not in res.bn_reestimated
+        assert "backbone.body.layer1.0.conv2" in res.refit
+    with torch.no_grad():
+        out = model(_images(1, size=96))
+    assert set(out[0]) >= {"boxes", "scores", "labels"}
+
+
+def _freeze_norms(module: nn.Module) -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for k in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, k).copy_(getattr(child, k).detach())
+            setattr(module, name, frozen)
+        else:
+            _freeze_norms(child)
+
+
+def test_recovery_runs_on_yolov8n():
+    pytest.importorskip("ultralytics")
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4, "size": 96})).eval()
+    dense, result = _cut(model)
+    res = recover(model, dense, [_images(2, size=96)], kept=result.kept, batches=1, positions=256)
+    assert len(res.refit) > 20 and res.bn_reestimated
+    assert not set(res.refit) & set(model.fixed_weights())  # DFL's constants are never re-fit
+    assert all(f.error_after < f.error_before for f in res.layers if f.refit)
+
+
+def test_cli_prune_recover_and_recipe_key(trained_fcos: Path, tmp_path: Path):
+    r = CliRunner().invoke(app, ["prune", "--model", str(trained_fcos), "--ratio", "0.5", "--recover", "1",
+                                 "--out", str(tmp_path / "p.pt")])
+    assert r.exit_code == 0, r.output
+    assert "layers re-fit by least squares" in r.output
+    _, ck = load_checkpoint(tmp_path / "p.pt")
+    assert ck.metrics["recovery"]["layers_refit"] > 0 and ck.plan.extra["recovery"]["batches"] == 1
+    with pytest.raises(RecipeError, match="prune.recover"):
+        recipe_from_dict({"prune": {"recover": -1}}, "x")
+    with pytest.raises(RecipeError, match="prune.allocation"):
+        recipe_from_dict({"prune": {"allocation": "sensitive"}}, "x")
+    with pytest.raises(RecipeError, match="prune.sensitivity"):
+        recipe_from_dict({"prune": {"allocation": "sensitivity", "target_macs": 0.5}}, "x")
+
+
+# ------------------------------------------------------------------------------------------
+# sensitivity and allocation
+
+
+def _silence_group(model: nn.Module, root: str) -> None:
+    """Make the group rooted at ``root`` (a ResNet block's conv1) irrelevant: its consumer (conv2)
+    reads nothing from it, so cutting any of its channels leaves every output unchanged."""
+    consumer = dict(model.named_modules())[root.replace("conv1", "conv2")]
+    with torch.no_grad():
+        consumer.weight.zero_()
+
+
+def test_sensitivity_irrelevant_group_keeps_the_dense_map_and_resumes(trained_fcos: Path, tmp_path: Path):
+    from surgery.data import dataset_for
+    from surgery.evaluate import evaluate
+
+    model, ck = load_checkpoint(trained_fcos)
+    rec = recipe_from_dict(ck.recipe, "ckpt")
+    val = torch.utils.data.Subset(dataset_for(rec.data, "val", train=False), list(range(12)))
+    silent, loud = "backbone.body.layer2.1.conv1", "backbone.body.layer1.0.conv1"
+    _silence_group(model, silent)
+    calls = []
+
+    def score(m):
+        calls.append(1)
+        r = evaluate(m, val).metrics
+        return {"mAP": r["mAP"], "mAP50": r["mAP50"]}
+
+    kw = dict(key="k1", calib_data=None, recover_batches=0, ratios=(0.25, 0.75), macs_input_size=SIZE,
+              trace_size=SIZE, groups=[silent, loud], score=score)
+    full, resumed = analyse(model, csv_path=tmp_path / "full.csv", **kw)
+    assert resumed == 0 and len(full) == 5
+    dense = next(r for r in full if r.group == DENSE)
+    for r in full:
+        if r.group == silent:  # zero-weight consumer: the cut changes nothing (oracle)
+            assert r.map == pytest.approx(dense.map, abs=1e-9) and r.macs < dense.macs
+    loud_rows = sorted((r for r in full if r.group == loud), key=lambda r: r.ratio)
+    assert loud_rows[-1].macs < loud_rows[0].macs < dense.macs
+    # kill after two rows, then resume: the same table as the uninterrupted run
+    calls.clear()
+
+    def dying(m):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return score(m)
+
+    with pytest.raises(KeyboardInterrupt):
+        analyse(model, csv_path=tmp_path / "part.csv", **{**kw, "score": dying})
+    assert len(read_table(tmp_path / "part.csv")[1]) == 2
+    rows, resumed = analyse(model, csv_path=tmp_path / "part.csv", **kw)
+    assert resumed == 2
+    strip = [(r.group, r.ratio, r.kept, r.macs, round(r.map, 6)) for r in rows]
+    assert sorted(strip) == sorted((r.group, r.ratio, r.kept, r.macs, round(r.map, 6)) for r in full)
+    with pytest.raises(RecipeError, match="another checkpoint"):
+        analyse(model, csv_path=tmp_path / "part.csv", **{**kw, "key": "other"})
+
+
+def _table() -> list[SensitivityRow]:
+    d = SensitivityRow(DENSE, 0.0, 0, 0, 1000, 1.0, 0.5, 0.8)
+    rows = [d]
+    for ratio in (0.25, 0.5, 0.75):  # a: insensitive, b: sensitive; both save the same MACs
+        saved = int(400 * ratio)
+        rows.append(SensitivityRow("a", ratio, 64, 0, 1000 - saved, (1000 - saved) / 1000, 0.5 - 0.01 * ratio, 0.8))
+        rows.append(SensitivityRow("b", ratio, 64, 0, 1000 - saved, (1000 - saved) / 1000, 0.5 - 0.4 * ratio, 0.8))
+    return rows
+
+
+def test_allocation_cuts_the_insensitive_group_first():
+    alloc = allocate_by_sensitivity(["a", "b"], _table(), 0.75)
+    assert alloc.ratios.get("a", 0) >= 0.6 and alloc.ratios.get("b", 0) == 0 and alloc.met
+    alloc = allocate_by_sensitivity(["a", "b"], _table(), 0.6)  # needs more than a can give
+    assert alloc.ratios["a"] == pytest.approx(0.75) and alloc.ratios["b"] > 0 and alloc.met
+    with pytest.raises(RecipeError, match="another model"):
+        allocate_by_sensitivity(["a"], _table(), 0.6)
+
+
+def test_sensitivity_allocation_meets_the_macs_target(tmp_path: Path):
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", num_classes=5, min_size=SIZE, max_size=SIZE).eval()
+    # a table with real MACs (cheap fake scores: mAP falls with the MACs cut, more for the head)
+    def score_for(m):
+        return {"mAP": 0.0, "mAP50": 0.0}
+    rows, _ = analyse(model, csv_path=tmp_path / "s.csv", key="k", calib_data=None,
+                      recover_batches=0, ratios=(0.25, 0.5, 0.75), macs_input_size=SIZE, trace_size=SIZE,
+                      score=score_for)
+    dense = next(r for r in rows if r.group == DENSE)
+    for r in rows:
+        if r.group != DENSE:
+            r.map = dense.map - (1 - r.macs_ratio) * (3.0 if r.group.startswith("head") else 1.0)
+    from surgery.sensitivity import _write_table
+
+    _write_table(tmp_path / "s.csv", "k", rows)
+    target = 0.5
+    cfg = PruneSection(target_macs=target, allocation="sensitivity", sensitivity=str(tmp_path / "s.csv"))
+    cfg.validate()
+    section, alloc = sensitivity_allocation(model, cfg, macs_input_size=SIZE, trace_size=SIZE)
+    assert alloc.met and target - 0.06 < alloc.measured_macs_ratio <= target
+    # the head is costlier per MAC: the backbone is cut deeper
+    head = [r for g, r in alloc.ratios.items() if g.startswith("head")]
+    body = [r for g, r in alloc.ratios.items() if g.startswith("backbone.body")]
+    assert (sum(body) / len(body)) > (sum(head) / len(head) if head else 0.0)
+    # the real cut through prune_model with the per-group overrides lands where the check said
+    res = prune_model(model, section, trace_size=SIZE, macs_input_size=SIZE)
+    assert res.report.macs_ratio == pytest.approx(alloc.measured_macs_ratio, abs=1e-6)
+    assert macs_of_allocation(build_model("fcos_resnet18_slim", num_classes=5, min_size=SIZE, max_size=SIZE), cfg,
+                              {}, macs_input_size=SIZE, trace_size=SIZE) == pytest.approx(1.0)
+
+
+def test_sweep_records_map_right_after_the_cut_and_after_recovery(tmp_path: Path):
+    import csv
+
+    from surgery.sweep import run_sweep
+
+    recipe = recipe_from_dict({
+        "model": {"name": "fcos_resnet18_slim", "kwargs": {"num_classes": 5, "min_size": SIZE, "max_size": SIZE}},
+        "data": {"source": "synthetic", "images": 16, "size": SIZE, "root": str(tmp_path / "data")},
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
+        "retrain": {"steps": 1, "batch_size": 4, "warmup_steps": 0},
+        "prune": {"recover": 1, "min_channels": 4},
+        "sweep": {"ratios": [0.5], "techniques": ["l1"], "sparsities": [], "match_masked": False, "int8": "none",
+                  "out": str(tmp_path / "out")},
+        "bench": {"input_size": SIZE, "batch_sizes": [1], "runs": 2, "warmup": 1},
+    })  # fmt: skip
+    res = run_sweep(recipe)
+    with open(res.csv) as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert rows["dense"]["map_recovered"] == ""  # nothing to recover
+    assert 0.0 <= float(rows["l1-0.5"]["map_recovered"]) <= 1.0 and rows["l1-0.5"]["map_pruned"] != ""
+    # the saved pruned checkpoint is the recovered one
+    _, ck = load_checkpoint(tmp_path / "out" / "l1-0.5.pruned.pt")
+    assert ck.metrics["recovery"]["layers_refit"] > 0
