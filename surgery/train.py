@@ -471,8 +471,10 @@ def build_trainer(
     weights by validation mAP), then the rest of ``hooks`` as given.
     ``trainer_kw`` goes to :class:`Trainer` (``device``, ``dist_info``, ``num_workers``...)."""
     hooks = list(hooks)
-    mask_hooks = [h for h in hooks if isinstance(h, MaskHook)]
-    if masks is not None and not mask_hooks:
+    # hooks that change the weights after each step (masks, sparse training's proximal step) run
+    # first, so a checkpoint written in the same step holds the weights they produced
+    mask_hooks = [h for h in hooks if isinstance(h, MaskHook) or getattr(h, "edits_weights", False)]
+    if masks is not None and not any(isinstance(h, MaskHook) for h in mask_hooks):
         mask_hooks = [MaskHook(masks)]
     ordered: list[HookBase] = list(mask_hooks)
     given_eval = [h for h in hooks if isinstance(h, EvalHook)]
