@@ -198,6 +198,7 @@ class TrainSection:
     hflip: float = 0.5
     amp: bool = True  # used on CUDA only
     seed: int = 0
+    ema: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights (decay, e.g. 0.99)
     distill: DistillSection | None = None  # retraining only: learn from the dense model too
 
     def validate(self) -> None:
@@ -220,6 +221,7 @@ class TrainSection:
         _check(self.schedule in ("cosine", "step", "constant"), "schedule", "cosine, step or constant")
         _check(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
         _check(0.0 <= self.hflip <= 1.0, "hflip", "a probability in [0, 1]")
+        _check(math.isfinite(self.ema) and 0.0 <= self.ema < 1.0, "ema", "a decay in [0, 1) (0: off)")
 
 
 @dataclass

@@ -216,7 +216,8 @@ def _run_sweep(
     points += [(f"macs{_ratio_tag(t)}", {"target_macs": t}) for t in recipe.sweep.target_macs]
     n_struct = sum(rounds_of[t.text] for t in techniques) * len(points)
     n_masked = len(points) * int(recipe.sweep.match_masked) + len(recipe.sweep.sparsities)
-    total_stages = 5 + 2 * n_struct + 2 * n_masked + int(recipe.sweep.int8 != "none")
+    n_sparse = sum(1 for t in techniques if t.sparse) * len(points)
+    total_stages = 5 + 2 * n_struct + n_sparse + 2 * n_masked + int(recipe.sweep.int8 != "none")
     stage_i = 0
 
     def stage(name: str) -> None:
