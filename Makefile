@@ -26,8 +26,9 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 	$(BIN)/python benchmarks/prune_speed.py --csv benchmarks/prune_speed.csv
 
-recovery: $(STAMP)  # slow: ~35 min on 2 cores; the accuracy-recovery comparison in README.md
-	$(BIN)/surgery sweep recipes/recovery.yaml
+DEVICE ?= cpu
+recovery: $(STAMP)  # slow: <= 20 min per family on 2 cores; `make recovery DEVICE=cuda` on a GPU
+	$(BIN)/python benchmarks/recovery_families.py --device $(DEVICE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check surgery cli tests benchmarks

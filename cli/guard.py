@@ -15,8 +15,8 @@ from surgery.errors import RecipeError
 from surgery.recipe import load_recipe
 
 # commands that load a model, a checkpoint or a recipe
-TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "eval", "bench", "export", "sweep", "quantize", "predict", "info",
-                  "sensitivity")
+TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "sparsify", "eval", "bench", "export", "sweep", "quantize",
+                  "predict", "info", "sensitivity")
 # parameters naming input files, and output files (-> the flag shown in errors)
 INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights", "images")
 OUTPUT_PARAMS = {"out": "--out", "json_out": "--json", "csv": "--csv", "detections": "--detections",

@@ -35,6 +35,7 @@ from torchvision.ops import box_iou
 from .errors import TrainingError
 from .hooks import HookBase
 from .masked import unwrap
+from .yolo.distill import YoloDistillation, is_ultralytics
 
 if TYPE_CHECKING:
     from .recipe import DistillSection
@@ -205,7 +206,7 @@ class FeatureImitation(HookBase):
             student.transform.register_forward_hook(lambda m, i, o: self._seen.__setitem__("transform", o)),
             student.backbone.register_forward_hook(lambda m, i, o: self._seen.__setitem__("features", o)),
         ]
-        if self.cfg.response_weight > 0 and hasattr(student, "head"):
+        if (self.cfg.response_weight > 0 or self.cfg.type == "response") and hasattr(student, "head"):
             self._handles.append(student.head.register_forward_hook(lambda m, i, o: self._seen.__setitem__("head", o)))
 
     def after_train(self, trainer: Trainer) -> None:
@@ -222,8 +223,10 @@ class FeatureImitation(HookBase):
         student_feats = _as_dict(seen["features"])
         zero = next(iter(student_feats.values())).sum() * 0.0
         active = trainer.step >= self.cfg.warmup_steps
-        terms = {"imitation": zero}
-        if self.cfg.response_weight > 0:
+        imitate = self.cfg.type != "response"
+        terms = {"imitation": zero} if imitate else {}
+        response_weight = self.cfg.weight if not imitate else self.cfg.response_weight
+        if response_weight > 0:
             terms["response"] = zero
         if not active or resized_targets is None:
             return terms
@@ -233,7 +236,7 @@ class FeatureImitation(HookBase):
                                 psi=self.cfg.psi, center_radius=self.cfg.center_radius)
         names = list(student_feats)
         error, energy = zero, 0.0
-        for lv in self.levels:
+        for lv in self.levels if imitate else []:
             m = masks[names.index(lv)]
             if not bool(m.any()):
                 continue
@@ -241,13 +244,13 @@ class FeatureImitation(HookBase):
             diff = (self.adapters[lv](student_feats[lv]) - t).pow(2).sum(dim=1)  # (B, H, W)
             error = error + (diff * m).sum()
             energy += float((t.pow(2).sum(dim=1) * m).sum())
-        if energy > 0:
+        if imitate and energy > 0:
             # The paper's sum of squared differences over the masked locations / (2 N_p), divided
             # here by the teacher's own energy there (a relative error): FPN features of different
             # detectors differ in scale by 1000x, and one default weight should fit them all.
             terms["imitation"] = self.cfg.weight * error / (2 * energy)
-        if self.cfg.response_weight > 0 and "head" in seen:
-            terms["response"] = self.cfg.response_weight * self._response(seen["head"], teacher_feats)
+        if response_weight > 0 and "head" in seen:
+            terms["response"] = response_weight * self._response(seen["head"], teacher_feats)
         return terms
 
     def _response(self, student_out: Any, teacher_feats: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -273,6 +276,16 @@ class FeatureImitation(HookBase):
             self.adapters.load_state_dict(state["adapters"])
 
 
+def distill_hook_for(teacher: nn.Module, student: nn.Module, cfg: DistillSection, *,
+                     teacher_path: str | None = None) -> HookBase:
+    """The distillation hook for this student: letterbox-aware imitation and head-loss response
+    distillation for Ultralytics YOLO (:mod:`surgery.yolo.distill`), feature imitation (and
+    classification response) for torchvision's interface."""
+    if is_ultralytics(student):
+        return YoloDistillation(teacher, student, cfg, teacher_path=teacher_path)
+    return FeatureImitation(teacher, student, cfg, teacher_path=teacher_path)
+
+
 def teacher_path(plan: Any, configured: str | None) -> str | None:
     """The teacher checkpoint: the configured one, else the oldest checkpoint the plan chain was
     pruned from (the dense model), else ``None``."""
@@ -285,4 +298,4 @@ def teacher_path(plan: Any, configured: str | None) -> str | None:
     return sources[-1] if sources else None
 
 
-__all__ = ["FeatureImitation", "anchor_generator_of", "feature_widths", "imitation_masks", "teacher_path"]
+__all__ = ["FeatureImitation", "anchor_generator_of", "distill_hook_for", "feature_widths", "imitation_masks", "teacher_path"]

@@ -284,6 +284,39 @@ def fcos_resnet18_slim(
     )
 
 
+@register_model("retinanet_resnet18_slim")
+def retinanet_resnet18_slim(
+    num_classes: int = 5,
+    fpn_channels: int = 128,
+    min_size: int = 160,
+    max_size: int = 160,
+    weights: str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """A slim anchor-based RetinaNet sized for a CPU (the cross-family recovery benchmark's
+    anchor-based detector): the quickstart FCOS's ResNet-18 (real BatchNorm) + FPN P3-P7, 3
+    anchors per location (aspect ratios 0.5, 1, 2), torchvision's RetinaNet head and focal loss."""
+    from torchvision.models import resnet18
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    if weights is not None:
+        raise ValueError("retinanet_resnet18_slim has no pretrained weights; pass a checkpoint path instead")
+    trunk = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
+    backbone = BackboneWithFPN(
+        trunk,
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=[128, 256, 512],
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
+    )
+    anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)
+    return RetinaNet(backbone, num_classes=num_classes, anchor_generator=anchors, min_size=min_size,
+                     max_size=max_size, **kwargs)
+
+
 # Registered last: these modules use register_model / register_scheme from above.
 from .yolo import ultralytics_adapter as _ultralytics_adapter  # noqa: E402
 from .yolo import yolov2 as _yolov2  # noqa: E402, F401

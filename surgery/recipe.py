@@ -89,11 +89,32 @@ class AnchorSection:
 
 
 @dataclass
+class SparsifySection:
+    """Prune-aware sparse training before the cut (:mod:`surgery.sparsify`): group lasso over the
+    coupled groups and the norm-gamma L1 of network slimming, as proximal steps."""
+
+    steps: int = 100  # sparse training steps (in a sweep's '+sparse' variants: taken from the retraining budget)
+    weight: float = 1.0  # group lasso: total shrink over the run, in units of each group's mean channel norm
+    norm_weight: float = 0.0  # network slimming: total L1 shrink of norm gammas, in units of the group's mean |gamma|
+    warmup_steps: int = 10  # no shrink for the first N steps; then it grows linearly
+    targeted: bool = True  # shrink only the channels the following cut removes (when its ratio is known)
+
+    def validate(self) -> None:
+        _check(1 <= self.steps <= 10**8, "steps", "an integer in [1, 10**8]")
+        _check(math.isfinite(self.weight) and 0 <= self.weight <= 100, "weight", "a number in [0, 100]")
+        _check(math.isfinite(self.norm_weight) and 0 <= self.norm_weight <= 100, "norm_weight", "a number in [0, 100]")
+        _check(0 <= self.warmup_steps < self.steps, "warmup_steps", "an integer in [0, steps)")
+        _check(self.weight > 0 or self.norm_weight > 0, "weight", "> 0 (or norm_weight > 0)")
+
+
+@dataclass
 class PruneSection:
     method: str = "l1"  # a registered criterion (surgery.importance: l1 | l2 | bn | taylor | fisher) or magnitude
     ratio: float = 0.5  # fraction of channels removed per coupled group
     global_ranking: bool = False
     round_to: int = 1
+    # false: groups narrower than 4 x round_to round to less (halved), so MACs targets land on thin nets
+    strict_round_to: bool = False
     min_channels: int = 8
     overrides: dict[str, float] = field(default_factory=dict)  # layer-name glob -> ratio
     skip: list[str] = field(default_factory=list)  # layer-name globs never cut
@@ -115,6 +136,7 @@ class PruneSection:
     # CSV that meet target_macs while cutting the insensitive groups more)
     allocation: str = "uniform"
     sensitivity: str | None = None  # allocation sensitivity: the CSV `surgery sensitivity` wrote
+    sparsify: SparsifySection | None = None  # sparse training before the cut ('+sparse' sweep techniques)
 
     def validate(self) -> None:
         from .importance import pruning_methods  # the registered criteria + magnitude
@@ -157,7 +179,9 @@ class PruneSection:
 class DistillSection:
     """Retraining with the dense model as teacher (:mod:`surgery.distill`)."""
 
-    type: str = "none"  # none | imitation (fine-grained feature imitation, Wang et al. 2019)
+    # none | imitation (fine-grained feature imitation, Wang et al. 2019; + response_weight) |
+    # response (only the head's outputs, weighted by `weight`)
+    type: str = "none"
     teacher: str | None = None  # a checkpoint; null / "auto": the dense checkpoint the plan was pruned from
     weight: float = 1.0  # imitation loss weight (loss: mean squared error per channel at the masked locations / 2)
     warmup_steps: int = 0  # no imitation for the first N steps
@@ -168,7 +192,7 @@ class DistillSection:
     temperature: float = 1.0
 
     def validate(self) -> None:
-        _check(self.type in ("none", "imitation"), "type", "'none' or 'imitation'")
+        _check(self.type in ("none", "imitation", "response"), "type", "'none', 'imitation' or 'response'")
         _check(math.isfinite(self.weight) and self.weight >= 0, "weight", "a number >= 0")
         _check(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
         _check(0.0 < self.psi <= 1.0, "psi", "a number in (0, 1]")
@@ -196,6 +220,7 @@ class TrainSection:
     hflip: float = 0.5
     amp: bool = True  # used on CUDA only
     seed: int = 0
+    ema: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights (decay, e.g. 0.99)
     distill: DistillSection | None = None  # retraining only: learn from the dense model too
 
     def validate(self) -> None:
@@ -218,6 +243,7 @@ class TrainSection:
         _check(self.schedule in ("cosine", "step", "constant"), "schedule", "cosine, step or constant")
         _check(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
         _check(0.0 <= self.hflip <= 1.0, "hflip", "a probability in [0, 1]")
+        _check(math.isfinite(self.ema) and 0.0 <= self.ema < 1.0, "ema", "a decay in [0, 1) (0: off)")
 
 
 @dataclass

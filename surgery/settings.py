@@ -15,7 +15,7 @@ def settings_hash(obj: Any) -> str:
 
 
 class StepKeys:
-    """``dense``, ``control``, ``prune(name)``, ``retrain(name)`` keys for a recipe."""
+    """``dense``, ``control``, ``sparse(name)``, ``prune(name)``, ``retrain(name)`` keys for a recipe."""
 
     def __init__(self, recipe: Any) -> None:
         r = recipe.to_dict()
@@ -28,6 +28,11 @@ class StepKeys:
     def prune(self, name: str) -> str:
         # the variant name carries its ratio / sparsity; the prune section the rest
         return settings_hash({"after": self._prune, "variant": name})
+
+    def sparse(self, name: str) -> str:
+        """Sparse training of a '+sparse' variant: the dense model, the prune section (sparsify,
+        criterion), the retraining settings it trains with, the variant (its ratio)."""
+        return settings_hash({"after": self._prune, "retrain": self._retrain, "variant": name, "step": "sparse"})
 
     def retrain(self, name: str) -> str:
         return settings_hash({"after": self.prune(name), "retrain": self._retrain})

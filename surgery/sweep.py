@@ -34,11 +34,12 @@ from .atomic import atomic_open
 from .checkpoint import is_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .errors import RecipeError
 from .hooks import LoggingHook
+from .importance import needs_data
 from .models import ModelSpec, build_model, get_builder
 from .plan import plan_chain
-from .recipe import DistillSection, PruneSection, Recipe
+from .recipe import DistillSection, PruneSection, Recipe, SparsifySection
 from .report import MIN_REFERENCE_MAP
-from .settings import StepKeys
+from .settings import StepKeys, settings_hash
 from .train import build_trainer
 from .validate import accepts
 
@@ -47,8 +48,9 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "macs", "latency_ms", "latency_ms_p90",
     "params_ratio", "macs_ratio", "latency_ratio", "network_ms", "network_ratio", "map_pruned", "map50_pruned", "map_recovered", "map_retrained",
     "map50_retrained", "dense_map", "dense_control_map", "retained_map", "retrain_steps", "retrain_seconds", "input_size",
-    "threads", "torch", "checkpoint",
+    "threads", "torch", "checkpoint", "achieved_macs_ratio", "target_met", "sparse_steps", "map_sparse",
 )
+TARGET_TOL = 0.02  # a MACs target is met when the achieved fraction is within 2% (relative) of it
 
 
 @dataclass
@@ -65,11 +67,14 @@ class SweepResult:
     @property
     def warnings(self) -> list[str]:
         """What makes the table misleading (a dense reference too weak for retained mAP)."""
+        out = [f"{r['variant']}: MACs target {r['target_macs']:.1%} not met within {TARGET_TOL:.0%}: the closest "
+               f"the search found keeps {r['achieved_macs_ratio']:.1%} of the MACs (target_met=False in results.csv)"
+               for r in self.rows if r.get("target_met") is False]
         ref = next((r.get("dense_control_map") for r in self.rows if r.get("dense_control_map") is not None), None)
         if ref is not None and ref < MIN_REFERENCE_MAP:
-            return [f"the dense reference reaches mAP {ref:.3f} (< {MIN_REFERENCE_MAP}): 'retained' is not shown; "
-                    "train the dense model longer before comparing pruning methods"]
-        return []
+            out.append(f"the dense reference reaches mAP {ref:.3f} (< {MIN_REFERENCE_MAP}): 'retained' is not shown; "
+                       "train the dense model longer before comparing pruning methods")
+        return out
 
 
 class _State:
@@ -140,26 +145,33 @@ def matched_sparsity(model: torch.nn.Module, params_target: int) -> float:
 
 @dataclass(frozen=True)
 class Technique:
-    """One way to prune and recover, written ``criterion[+distill][+progressive]`` in a recipe's
-    ``sweep.techniques`` (``l1``, ``taylor+distill``, ``l1+distill+progressive``...)."""
+    """One way to prune and recover, written ``criterion[+sparse][+distill][+progressive]`` in a
+    recipe's ``sweep.techniques`` (``l1``, ``taylor+distill``, ``l1+sparse``...). ``+sparse``:
+    ``prune.sparsify.steps`` of sparse training (:mod:`surgery.sparsify`) before the cut, taken
+    from the retraining budget (N sparse + budget - N retraining steps: the same total)."""
 
     text: str
     criterion: str
     distill: bool = False
     progressive: bool = False
+    sparse: bool = False
+
+
+TECHNIQUE_SUFFIXES = ("sparse", "distill", "progressive")
 
 
 def parse_technique(text: str) -> Technique:
     from .importance import list_importances
 
     parts = [p.strip() for p in text.split("+") if p.strip()]
-    criteria = [p for p in parts if p not in ("distill", "progressive")]
+    criteria = [p for p in parts if p not in TECHNIQUE_SUFFIXES]
     if len(criteria) != 1 or criteria[0] not in list_importances():
         raise RecipeError(
             f"sweep technique {text!r}: expected one ranking criterion ({', '.join(list_importances())}) "
-            "optionally joined with '+distill' and/or '+progressive'"
+            "optionally joined with '+sparse', '+distill' and/or '+progressive'"
         )
-    return Technique(text=text, criterion=criteria[0], distill="distill" in parts, progressive="progressive" in parts)
+    return Technique(text=text, criterion=criteria[0], distill="distill" in parts, progressive="progressive" in parts,
+                     sparse="sparse" in parts)
 
 
 def run_sweep(
@@ -204,7 +216,8 @@ def _run_sweep(
     points += [(f"macs{_ratio_tag(t)}", {"target_macs": t}) for t in recipe.sweep.target_macs]
     n_struct = sum(rounds_of[t.text] for t in techniques) * len(points)
     n_masked = len(points) * int(recipe.sweep.match_masked) + len(recipe.sweep.sparsities)
-    total_stages = 5 + 2 * n_struct + 2 * n_masked + int(recipe.sweep.int8 != "none")
+    n_sparse = sum(1 for t in techniques if t.sparse) * len(points)
+    total_stages = 5 + 2 * n_struct + n_sparse + 2 * n_masked + int(recipe.sweep.int8 != "none")
     stage_i = 0
 
     def stage(name: str) -> None:
@@ -220,14 +233,16 @@ def _run_sweep(
         m = evaluate(model, val_set, batch_size=8, device=device).metrics
         return {"mAP": float(m["mAP"]), "mAP50": float(m["mAP50"])}
 
-    def train(model, spec, cfg, path: Path, *, kind: str, plan=None, masks=None, distill=False) -> dict[str, Any]:
+    def train(model, spec, cfg, path: Path, *, kind: str, plan=None, masks=None, distill=False,
+              extra_hooks=()) -> dict[str, Any]:
         hooks = [LoggingHook(on_step)] if on_step else []
+        hooks += list(extra_hooks)
         if distill:
-            from .distill import FeatureImitation
+            from .distill import distill_hook_for
 
             dcfg = recipe.retrain.distill if recipe.retrain.distill is not None else DistillSection()
-            dcfg = dataclasses.replace(dcfg, type="imitation")
-            hooks.append(FeatureImitation(load_checkpoint(dense_path)[0], model, dcfg, teacher_path=str(dense_path)))
+            dcfg = dataclasses.replace(dcfg, type=dcfg.type if dcfg.type != "none" else "imitation")
+            hooks.append(distill_hook_for(load_checkpoint(dense_path)[0], model, dcfg, teacher_path=str(dense_path)))
         trainer = build_trainer(model, spec, train_set, cfg, out=path, hooks=hooks, device=device, kind=kind,
                                 plan=plan, masks=masks, recipe=recipe)
         res = trainer.train(resume=path.is_file())
@@ -272,16 +287,59 @@ def _run_sweep(
         skipped.append("control")
 
     # 3. variants -----------------------------------------------------------------------------
+    def sparse_phase(name: str, point: dict[str, Any], tech: Technique) -> tuple[Path, dict[str, Any]]:
+        """``prune.sparsify.steps`` of sparse training from the dense model, targeted at the
+        channels the variant's cut removes (its ratio, or the ratio its MACs target needs)."""
+        from .sparsify import SparsityHook
+
+        scfg = recipe.prune.sparsify or SparsifySection()
+        path = out / f"{name}.sparse.pt"
+        stage(f"{name}: sparse training ({scfg.steps} of the {recipe.retrain.steps} steps)")
+        ks = keys.sparse(name)
+        sp = state.get(f"{name}:sparse", ks)
+        if sp is not None:
+            skipped.append(f"{name}:sparse")
+            return path, sp
+        state.begin(f"{name}:sparse", ks, [path])
+        model, ck = load_checkpoint(dense_path)
+        pcfg = PruneSection(**{**vars(recipe.prune), "method": tech.criterion, "target_macs": None,
+                               "target_params": None})
+        ratio = point.get("ratio")
+        if ratio is None:
+            from .target import find_ratio_for_target
+
+            search = dataclasses.replace(pcfg, method="l1" if needs_data(pcfg.method) else pcfg.method)
+            ratio = find_ratio_for_target(model, search, target_macs=point["target_macs"],
+                                          macs_input_size=recipe.bench.input_size).ratio
+        hook = SparsityHook(model, scfg, prune=pcfg, ratio=ratio)
+        cfg = dataclasses.replace(recipe.retrain, steps=scfg.steps, epochs=None, distill=None)
+        info = train(model, ck.spec, cfg, path, kind="dense", extra_hooks=[hook])
+        sp = {**info, **score(load_checkpoint(path)[0]), "ratio": ratio,
+              "penalty_start": hook.start_penalty, "penalty_end": hook.penalty}
+        state.put(f"{name}:sparse", sp, [path], ks)
+        return path, sp
+
     def run_variant(name: str, method: str, point: dict[str, Any], prune: Callable[[int], dict[str, Any]],
-                    rounds: int = 1, distill: bool = False) -> dict[str, Any]:
-        """``rounds`` x (prune with ``prune(round)`` + eval, retrain + eval), each step resumable;
-        the retraining budget is split over the rounds (the same total for every variant)."""
-        source, seconds = dense_path, 0.0
+                    rounds: int = 1, distill: bool = False, tech: Technique | None = None) -> dict[str, Any]:
+        """(``+sparse``: sparse training first, then) ``rounds`` x (prune with ``prune(round)`` +
+        eval, retrain + eval), each step resumable; the retraining budget is split over the
+        rounds and the sparse steps come out of it (the same total for every variant)."""
+        source, seconds, budget, sparse = dense_path, 0.0, recipe.retrain.steps, None
+        if tech is not None and tech.sparse:
+            n = (recipe.prune.sparsify or SparsifySection()).steps
+            if n >= budget:
+                raise RecipeError(f"technique {tech.text!r}: prune.sparsify.steps ({n}) must be smaller than the "
+                                  f"retraining budget retrain.steps ({budget}): they are taken from it")
+            source, sparse = sparse_phase(name, point, tech)
+            budget -= n
+            seconds += float(sparse.get("seconds", 0.0))
         for k in range(1, rounds + 1):
             key = name if k == rounds else f"{name}.r{k}"
             pruned_path, retrained_path = out / f"{key}.pruned.pt", out / f"{key}.pt"
             stage(f"{key}: prune + eval")
             kp, kr = keys.prune(key), keys.retrain(key)
+            if sparse is not None:  # the cut follows the sparse training: redone when it is
+                kp, kr = settings_hash([kp, keys.sparse(name)]), settings_hash([kr, keys.sparse(name)])
             pr = state.get(f"{key}:prune", kp)
             if pr is None:
                 state.begin(f"{key}:prune", kp, [pruned_path])
@@ -306,7 +364,7 @@ def _run_sweep(
                 skipped.append(f"{key}:prune")
             stage(f"{key}: retrain + eval")
             rt = state.get(f"{key}:retrain", kr)
-            steps = recipe.retrain.steps // rounds + (recipe.retrain.steps % rounds if k == rounds else 0)
+            steps = budget // rounds + (budget % rounds if k == rounds else 0)
             if rt is None:
                 state.begin(f"{key}:retrain", kr, [retrained_path])
                 model, ck = load_checkpoint(pruned_path)  # masks of masked variants are kept while training
@@ -327,7 +385,8 @@ def _run_sweep(
             ratio = round(1.0 - kept, 4)
         return {"variant": name, "method": method, "ratio": ratio, "sparsity": point.get("sparsity"),
                 "target_macs": point.get("target_macs"), "pruned": pr, "retrained": {**rt, "seconds": seconds},
-                "checkpoint": source, "pruned_path": out / f"{name}.pruned.pt"}
+                "checkpoint": source, "pruned_path": out / f"{name}.pruned.pt",
+                "sparse_steps": recipe.retrain.steps - budget, "sparse": sparse}
 
     def structured_round(tech: Technique, point: dict[str, Any], rounds: int, name: str):
         def prune(k: int) -> dict[str, Any]:
@@ -346,7 +405,7 @@ def _run_sweep(
         for tag, point in points:
             name, rounds = f"{tech.text}-{tag}", rounds_of[tech.text]
             variants.append(run_variant(name, f"structured-{tech.text}", point,
-                                        structured_round(tech, point, rounds, name), rounds, tech.distill))
+                                        structured_round(tech, point, rounds, name), rounds, tech.distill, tech))
     sparsities: list[float] = []
     if recipe.sweep.match_masked:
         probe = build_model(spec)
@@ -377,8 +436,9 @@ def _run_sweep(
     rows = [_row("dense", "dense", None, None, by_ckpt[control_path.name], dense, control, dense, control,
                  control_path, recipe)]
     for v in variants:
-        rows.append(_row(v["variant"], v["method"], v["ratio"], v["sparsity"], by_ckpt[v["checkpoint"].name],
-                         v["pruned"], v["retrained"], dense, control, v["checkpoint"], recipe, v["target_macs"]))
+        row = _row(v["variant"], v["method"], v["ratio"], v["sparsity"], by_ckpt[v["checkpoint"].name],
+                   v["pruned"], v["retrained"], dense, control, v["checkpoint"], recipe, v["target_macs"])
+        rows.append({**row, **_target_columns(v)})
     csv_path = out / "results.csv"
     _write_rows(rows, csv_path)
     md = out / "results.md"
@@ -386,6 +446,20 @@ def _run_sweep(
     plots = _plots(rows, variants, out, val_set, control_path, recipe)
     return SweepResult(out=out, rows=rows, csv=csv_path, markdown=md, bench_csv=bench_csv, plots=plots,
                        seconds=time.perf_counter() - t_start, skipped=skipped)
+
+
+def _target_columns(v: dict[str, Any]) -> dict[str, Any]:
+    """``achieved_macs_ratio`` (all cuts, at bench.input_size), ``target_met`` (within
+    :data:`TARGET_TOL` of a MACs target; empty without one), ``sparse_steps`` and ``map_sparse``
+    (mAP after the sparse training of '+sparse' variants)."""
+    cols: dict[str, Any] = {"sparse_steps": v.get("sparse_steps") or None,
+                            "map_sparse": round(v["sparse"]["mAP"], 4) if v.get("sparse") else None}
+    if v["method"] == "masked" or v.get("target_macs") is None:
+        return cols  # a ratio point: its MACs ratio is the bench's macs_ratio column
+    achieved = _kept_macs(v["pruned_path"])
+    cols["achieved_macs_ratio"] = round(achieved, 4)
+    cols["target_met"] = abs(achieved / v["target_macs"] - 1.0) <= TARGET_TOL
+    return cols
 
 
 def _kept_macs(pruned_path: Path) -> float:

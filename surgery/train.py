@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .distributed import DistInfo, average_gradients, current_dist, destroy_distributed, init_distributed
+from .ema import EMAHook
 from .errors import DataError, TrainingError
 from .hooks import CheckpointHook, EvalHook, HookBase, LoggingHook, MaskHook, StepInfo
 from .masked import masks_sparsity, unwrap
@@ -471,9 +472,13 @@ def build_trainer(
     weights by validation mAP), then the rest of ``hooks`` as given.
     ``trainer_kw`` goes to :class:`Trainer` (``device``, ``dist_info``, ``num_workers``...)."""
     hooks = list(hooks)
-    mask_hooks = [h for h in hooks if isinstance(h, MaskHook)]
-    if masks is not None and not mask_hooks:
-        mask_hooks = [MaskHook(masks)]
+    # hooks that change the weights after each step (masks, sparse training's proximal step) run
+    # first, so a checkpoint written in the same step holds the weights they produced
+    mask_hooks = [h for h in hooks if isinstance(h, MaskHook) or getattr(h, "edits_weights", False)]
+    if masks is not None and not any(isinstance(h, MaskHook) for h in mask_hooks):
+        mask_hooks = [MaskHook(masks), *mask_hooks]
+    if cfg.ema > 0 and not any(isinstance(h, EMAHook) for h in hooks):
+        mask_hooks.append(EMAHook(cfg.ema))  # after the masks: it averages masked weights
     ordered: list[HookBase] = list(mask_hooks)
     given_eval = [h for h in hooks if isinstance(h, EvalHook)]
     if given_eval:

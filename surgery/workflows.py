@@ -9,6 +9,7 @@ rank 0 reports and writes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 
 from .calibrate import calibration_data
 from .checkpoint import Checkpoint, load_checkpoint, resolve_model, save_pruned
-from .distill import FeatureImitation
+from .distill import distill_hook_for
 from .distributed import DistInfo, current_dist, main_process_first
 from .errors import DataError, PruningError, RecipeError
 from .hooks import EvalHook, HookBase, LoggingHook, MaskHook, StepInfo
@@ -369,7 +370,7 @@ def agp_schedule(recipe: Recipe, total_steps: int, final: float, initial: float)
     return section, notes
 
 
-def distill_hook(recipe: Recipe, ckpt: Checkpoint, student: nn.Module) -> FeatureImitation | None:
+def distill_hook(recipe: Recipe, ckpt: Checkpoint, student: nn.Module) -> HookBase | None:
     """The distillation hook the recipe's ``retrain.distill`` asks for (``None``: no distillation).
     The teacher is ``distill.teacher`` or the dense checkpoint the plan chain was pruned from."""
     from .distill import teacher_path
@@ -384,7 +385,7 @@ def distill_hook(recipe: Recipe, ckpt: Checkpoint, student: nn.Module) -> Featur
             "pass --teacher DENSE.pt (or retrain.distill.teacher)"
         )
     teacher, _ = load_checkpoint(path)
-    return FeatureImitation(teacher, student, cfg, teacher_path=path)
+    return distill_hook_for(teacher, student, cfg, teacher_path=path)
 
 
 def retrain_checkpoint(
@@ -451,6 +452,57 @@ def retrain_checkpoint(
                 metrics={"input": {"checkpoint": str(ckpt_path), "kind": ckpt.kind, **source_metrics}})
 
 
+def sparsify_checkpoint(
+    ckpt_path: str | Path,
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    ratio: float | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    evaluate: bool = True,
+    dist_info: DistInfo | None = None,
+    callbacks: Callbacks | None = None,
+) -> TrainOutcome:
+    """Sparse training of a dense checkpoint before it is cut (:mod:`surgery.sparsify`):
+    ``recipe.prune.sparsify`` (steps, weights, warm-up) with the ``retrain`` section's optimizer
+    and schedule. ``ratio`` (or ``prune.target_macs``/``target_params``, searched here) targets the
+    channels that cut will remove; without either every channel of every prunable group is
+    penalised. The output is a dense checkpoint: prune it as usual."""
+    from .recipe import SparsifySection
+    from .sparsify import SparsityHook
+
+    cb = callbacks or Callbacks()
+    info = dist_info or current_dist()
+    model, ckpt = load_checkpoint(ckpt_path)
+    if ckpt.kind != "dense":
+        raise PruningError(f"{ckpt_path} is a {ckpt.kind} checkpoint: sparse training goes before the cut, on a dense model")
+    recipe.model.name, recipe.model.kwargs = ckpt.spec.name, dict(ckpt.spec.kwargs)
+    scfg = recipe.prune.sparsify or SparsifySection()
+    recipe.prune.sparsify = scfg
+    pcfg = recipe.prune
+    if ratio is None and (pcfg.target_macs is not None or pcfg.target_params is not None):
+        from .importance import needs_data
+        from .target import find_ratio_for_target
+
+        search = pcfg if not needs_data(pcfg.method) else dataclasses.replace(pcfg, method="l1")
+        found = find_ratio_for_target(model, search, target_macs=pcfg.target_macs, target_params=pcfg.target_params,
+                                      macs_input_size=recipe.bench.input_size)
+        ratio = found.ratio
+        cb.note(f"targeting the channels of a cut at ratio {ratio:.3f} ({found.note or 'meets the target'})")
+    cfg = dataclasses.replace(recipe.retrain, steps=scfg.steps, epochs=None, distill=None)
+    recipe.retrain = cfg
+    hook = SparsityHook(model, scfg, prune=pcfg, ratio=ratio)
+    cb.note(f"sparse training {ckpt_path} for {scfg.steps} steps (group lasso {scfg.weight:g}, norm L1 "
+            f"{scfg.norm_weight:g}, " + (f"targeting ratio {ratio:.3f})" if hook.targeted else "all channels)"))
+    cb.stage("preparing data")
+    train_set, val_set = load_datasets(recipe, hflip=cfg.hflip, val=evaluate, dist_info=info)
+    torch.manual_seed(cfg.seed)
+    return _fit(model, ckpt.spec, recipe, cfg, train_set, val_set, Path(out), device=device, resume=resume,
+                dist_info=info, callbacks=cb, hooks=[hook], kind="dense",
+                metrics={"input": {"checkpoint": str(ckpt_path)}, "sparsify": {"ratio": ratio}})
+
+
 __all__ = [
     "Callbacks",
     "PruneOutcome",
@@ -464,5 +516,6 @@ __all__ = [
     "recover_model",
     "recipe_for_checkpoint",
     "retrain_checkpoint",
+    "sparsify_checkpoint",
     "train_from_recipe",
 ]

@@ -1,0 +1,240 @@
+"""Distillation for Ultralytics YOLO detectors: letterbox-aware feature imitation and response
+distillation in the form of the head's own loss.
+
+torchvision detectors get their imitation masks from their transform and anchor generator
+(:mod:`surgery.distill`); a YOLO has neither. Here everything is read in the letterboxed batch the
+network sees (:class:`~surgery.yolo.interface.LetterboxTransform`: boxes already in its pixels):
+
+- **imitation** (Wang et al. 2019): the student imitates the teacher's neck features (the Detect
+  head's inputs, P3-P5) through per-level 1x1 adaptation convs, at the grid cells whose centre lies
+  inside a box and within ``center_radius`` strides of its centre (FCOS' centre sampling, the rule
+  the torchvision anchor-free path uses), plus the cell holding each box centre (boxes smaller than
+  a stride); normalised by the teacher's feature energy there, as in :mod:`surgery.distill`.
+- **response**: the head's own loss with the teacher's outputs as targets: the class scores'
+  BCE against the teacher's sigmoid scores (minus the teacher's own entropy, so it is a KL that is
+  0 when they agree), normalised by the sum of the soft targets like Ultralytics normalises by the
+  sum of its assigned scores; and the DFL box distributions' KL (localization distillation, Zheng
+  et al. CVPR 2022), each anchor weighted by the teacher's best class score. Ultralytics' own
+  gains (cls 0.5, dfl 1.5) weigh the two.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import TrainingError
+from ..hooks import HookBase
+from ..masked import unwrap
+from .interface import LetterboxTransform
+
+if TYPE_CHECKING:
+    from ..recipe import DistillSection
+    from ..train import Trainer
+
+CLS_GAIN, DFL_GAIN = 0.5, 1.5  # Ultralytics' default loss gains (cls, dfl)
+
+
+def is_ultralytics(model: nn.Module) -> bool:
+    head = _head(model)
+    return isinstance(getattr(model, "transform", None), LetterboxTransform) and head is not None
+
+
+def _head(model: nn.Module) -> nn.Module | None:
+    net = getattr(unwrap(model), "net", None)
+    layers = getattr(net, "model", None)
+    if layers is None:
+        return None
+    head = layers[-1]
+    return head if all(hasattr(head, a) for a in ("reg_max", "nc", "stride")) else None
+
+
+def letterbox_masks(feature_shapes: list[tuple[int, int]], canvas: int, targets: list[dict[str, Tensor]],
+                    center_radius: float = 1.5, device: torch.device | str = "cpu") -> list[Tensor]:
+    """One bool mask ``(batch, H, W)`` per level: cells whose centre is inside a box and within
+    ``center_radius`` strides of its centre, or that hold a box centre. ``targets``' boxes are in
+    the letterboxed batch's pixels (what the transform returns); ``canvas`` is its side."""
+    masks = []
+    for h, w in feature_shapes:
+        stride_y, stride_x = canvas / h, canvas / w
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * stride_y
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * stride_x
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        level = torch.zeros(len(targets), h, w, dtype=torch.bool, device=device)
+        for b, t in enumerate(targets):
+            boxes = t["boxes"].to(device, torch.float32)
+            if boxes.numel() == 0:
+                continue
+            x0, y0, x1, y1 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+            bx, by = (x0 + x1) / 2, (y0 + y1) / 2
+            inside = (cx > x0) & (cx < x1) & (cy > y0) & (cy < y1)
+            near = ((cx - bx).abs() < center_radius * stride_x) & ((cy - by).abs() < center_radius * stride_y)
+            pos = (inside & near).any(0)
+            col = (bx.flatten() / stride_x).long().clamp(0, w - 1)
+            row = (by.flatten() / stride_y).long().clamp(0, h - 1)
+            pos[row, col] = True
+            level[b] = pos
+        masks.append(level)
+    return masks
+
+
+def head_outputs(out: Any, head: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(boxes [B, 4*reg_max, A], scores [B, nc, A])`` (logits) from what Detect returned, in
+    train mode (a dict, or a per-level list in older Ultralytics) or eval mode (``(y, raw)``)."""
+    if isinstance(out, tuple) and len(out) == 2:
+        out = out[1]
+    if isinstance(out, dict) and "one2many" in out:
+        out = out["one2many"]
+    if isinstance(out, dict):
+        return out["boxes"], out["scores"]
+    if isinstance(out, (list, tuple)) and all(torch.is_tensor(x) and x.ndim == 4 for x in out):
+        b = out[0].shape[0]
+        cat = torch.cat([x.view(b, x.shape[1], -1) for x in out], dim=-1)
+        return cat[:, : 4 * head.reg_max], cat[:, 4 * head.reg_max :]
+    raise TrainingError(f"YOLO distillation: cannot read the Detect head's outputs ({type(out).__name__})")
+
+
+def response_losses(s_boxes: Tensor, s_scores: Tensor, t_boxes: Tensor, t_scores: Tensor, reg_max: int,
+                    temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``(cls, dfl)`` response distillation terms (see the module docstring); 0 when equal."""
+    temp = float(temperature)
+    p = torch.sigmoid(t_scores / temp)
+    bce = F.binary_cross_entropy_with_logits(s_scores / temp, p, reduction="none")
+    floor = F.binary_cross_entropy_with_logits(t_scores / temp, p, reduction="none")
+    cls = (bce - floor).sum() / p.sum().clamp_min(1.0) * temp**2
+    b, _, a = s_boxes.shape
+    ls = F.log_softmax(s_boxes.view(b, 4, reg_max, a) / temp, dim=2)
+    lt = F.log_softmax(t_boxes.view(b, 4, reg_max, a) / temp, dim=2)
+    kl = (lt.exp() * (lt - ls)).sum(2).mean(1)  # (B, A): mean over the 4 sides
+    weight = p.max(dim=1).values  # (B, A): the teacher's confidence there
+    dfl = (kl * weight).sum() / weight.sum().clamp_min(1.0) * temp**2
+    return cls, dfl
+
+
+class YoloDistillation(HookBase):
+    """Trainer hook for Ultralytics students: ``imitation`` (``cfg.type == "imitation"``, weight
+    ``cfg.weight``) and ``response_cls`` / ``response_dfl`` (``cfg.response_weight``; for
+    ``cfg.type == "response"`` the weight is ``cfg.weight`` and imitation is off)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: DistillSection, *,
+                 teacher_path: str | None = None) -> None:
+        if not is_ultralytics(student) or not is_ultralytics(teacher):
+            raise TrainingError("YOLO distillation needs Ultralytics detectors (a Detect head) as teacher and student")
+        self.cfg = cfg
+        self.teacher_path = teacher_path
+        self.teacher = unwrap(teacher).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.imitate = cfg.type == "imitation" and cfg.weight > 0
+        self.response_weight = cfg.weight if cfg.type == "response" else cfg.response_weight
+        s_w, t_w = _feature_widths(student), _feature_widths(self.teacher)
+        if len(s_w) != len(t_w):
+            raise TrainingError(f"teacher and student have different feature levels: {len(t_w)} vs {len(s_w)}")
+        levels = [int(x) for x in cfg.levels] if cfg.levels else list(range(len(s_w)))
+        if any(not 0 <= lv < len(s_w) for lv in levels):
+            raise TrainingError(f"distill.levels {cfg.levels} are not feature levels of this model (0..{len(s_w) - 1})")
+        self.levels = levels
+        self.adapters = nn.ModuleDict({str(lv): nn.Conv2d(s_w[lv], t_w[lv], kernel_size=1) for lv in levels})
+        self._handles: list[Any] = []
+        self._seen: dict[str, Any] = {}
+
+    def modules(self) -> list[nn.Module]:
+        return [self.adapters]
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.teacher.to(trainer.device)
+        student = trainer.module
+        head = _head(student)
+        assert head is not None
+        self._handles = [
+            student.transform.register_forward_hook(lambda m, i, o: self._seen.__setitem__("batch", o)),
+            head.register_forward_pre_hook(lambda m, i: self._seen.__setitem__("feats", list(i[0]))),
+            head.register_forward_hook(lambda m, i, o: self._seen.__setitem__("out", o)),
+        ]
+
+    def after_train(self, trainer: Trainer) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._seen.clear()
+
+    def loss_terms(self, trainer: Trainer, images: list[Tensor], targets: list[dict[str, Any]]) -> dict[str, Tensor]:
+        seen, self._seen = self._seen, {}
+        if "batch" not in seen or "feats" not in seen:
+            raise TrainingError("YOLO distillation saw no student forward (transform/Detect hooks did not fire)")
+        batch, scaled, _ = seen["batch"]
+        s_feats = seen["feats"]
+        zero = s_feats[0].sum() * 0.0
+        terms: dict[str, Tensor] = {}
+        if self.imitate:
+            terms["imitation"] = zero
+        if self.response_weight > 0:
+            terms["response_cls"] = zero
+            terms["response_dfl"] = zero
+        if trainer.step < self.cfg.warmup_steps or scaled is None:
+            return terms
+        t_head = _head(self.teacher)
+        captured: dict[str, Any] = {}
+        handles = [t_head.register_forward_pre_hook(lambda m, i: captured.__setitem__("feats", list(i[0]))),
+                   t_head.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))]
+        try:
+            with torch.no_grad():
+                self.teacher.predict(batch)  # the teacher's network on the student's letterboxed batch
+        finally:
+            for h in handles:
+                h.remove()
+        t_feats = captured["feats"]
+        if self.imitate:
+            masks = letterbox_masks([tuple(f.shape[-2:]) for f in s_feats], int(batch.shape[-1]), scaled,
+                                    self.cfg.center_radius, device=batch.device)
+            error, energy = zero, 0.0
+            for lv in self.levels:
+                m = masks[lv]
+                if not bool(m.any()):
+                    continue
+                t = t_feats[lv]
+                diff = (self.adapters[str(lv)](s_feats[lv]) - t).pow(2).sum(dim=1)
+                error = error + (diff * m).sum()
+                energy += float((t.pow(2).sum(dim=1) * m).sum())
+            if energy > 0:
+                terms["imitation"] = self.cfg.weight * error / (2 * energy)
+        if self.response_weight > 0:
+            head = _head(trainer.module)
+            s_boxes, s_scores = head_outputs(seen["out"], head)
+            t_boxes, t_scores = head_outputs(captured["out"], t_head)
+            cls, dfl = response_losses(s_boxes, s_scores, t_boxes, t_scores, int(head.reg_max), self.cfg.temperature)
+            terms["response_cls"] = self.response_weight * CLS_GAIN * cls
+            terms["response_dfl"] = self.response_weight * DFL_GAIN * dfl
+        return terms
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adapters": {k: v.detach().cpu() for k, v in self.adapters.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("adapters"):
+            self.adapters.load_state_dict(state["adapters"])
+
+
+def _feature_widths(model: nn.Module) -> list[int]:
+    """Channels of each level the Detect head reads (one eval forward at the model's size)."""
+    model = unwrap(model)
+    head = _head(model)
+    assert head is not None
+    seen: dict[str, Any] = {}
+    handle = head.register_forward_pre_hook(lambda m, i: seen.__setitem__("feats", list(i[0])))
+    was = model.training
+    model.eval()
+    try:
+        size = model.transform.canvas()
+        with torch.no_grad():
+            model([torch.zeros(3, size, size, device=next(model.parameters()).device)])
+    finally:
+        handle.remove()
+        model.train(was)
+    return [int(f.shape[1]) for f in seen["feats"]]
+
+
+__all__ = ["YoloDistillation", "head_outputs", "is_ultralytics", "letterbox_masks", "response_losses"]
