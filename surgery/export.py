@@ -39,8 +39,11 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import SurgeryError
+from .postprocess import fast_postprocess
 
 OUTPUT_ORDER: tuple[str, ...] = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
+FAST_NOTE = ("post-processing: vectorised (one top-k per level, one class-aware NMS capped at the "
+             "detection count; surgery.postprocess), verified against torchvision's own")
 DYNAMIC_TOL = (1e-2, 1e-2)  # (atol, rtol) at a size other than the traced one: see the module docstring
 
 
@@ -104,7 +107,9 @@ class _Ordered(nn.Module):
 
 def _export(
     model: nn.Module, example: torch.Tensor, path: Path, opset: int, names: list[str], dynamo: bool, dynamic: bool = True
-) -> None:
+) -> bool:
+    """Write the file; returns whether the vectorised post-processing (:mod:`surgery.postprocess`)
+    went into it (not with dynamic sizes: which levels need a top-k is decided at the traced size)."""
     kwargs: dict[str, Any] = {"opset_version": opset, "input_names": ["image"], "do_constant_folding": True}
     target: nn.Module = model
     if names:
@@ -114,8 +119,9 @@ def _export(
         if dynamic:
             axes["image"] = {1: "height", 2: "width"}
         kwargs["dynamic_axes"] = axes
-    with _quiet(), torch.no_grad():
+    with _quiet(), torch.no_grad(), fast_postprocess(model, enabled=bool(names) and not dynamic) as fast:
         torch.onnx.export(target, (example,) if names else ([example],), str(path), dynamo=dynamo, **kwargs)
+    return fast
 
 
 def export_onnx(
@@ -188,7 +194,8 @@ def _export_either(
 ) -> str:
     """Export with the TorchScript exporter, falling back to dynamo; returns which one worked."""
     try:
-        _export(model, example, tmp, opset, names, dynamo=False, dynamic=dynamic)
+        if _export(model, example, tmp, opset, names, dynamo=False, dynamic=dynamic):
+            notes.append(FAST_NOTE)
         return "torchscript"
     except Exception as e:  # noqa: BLE001 - fall back to the dynamo exporter
         first = _first_line(e)
@@ -201,7 +208,8 @@ def _export_either(
             ) from e
         notes.append(f"TorchScript exporter failed ({first}); used dynamo")
         try:
-            _export(model, example, tmp, opset, names, dynamo=True, dynamic=dynamic)
+            if _export(model, example, tmp, opset, names, dynamo=True, dynamic=dynamic):
+                notes.append(FAST_NOTE)
         except Exception as e2:
             raise ExportError(
                 f"cannot export {type(model).__name__} to ONNX: TorchScript exporter: {first}; "

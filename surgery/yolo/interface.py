@@ -18,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+
+from ..postprocess import batched_nms
 
 PAD_VALUE = 114 / 255  # the usual YOLO letterbox grey
 
@@ -114,7 +115,7 @@ class YoloInterface(nn.Module):
         num_classes = scores.shape[1]
         anchor, label = idx // num_classes, idx % num_classes
         b = boxes[anchor]
-        kept = batched_nms(b, top, label, self.nms_thresh)[: self.detections_per_img]
+        kept = batched_nms(b, top, label, self.nms_thresh, self.detections_per_img)  # one NMS, capped
         b = b[kept] / scale
         b = torch.stack(
             [b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], dim=1
