@@ -101,6 +101,9 @@ class PruneSection:
     # fraction of the dense MACs / params to KEEP: the ratio is searched (surgery.target), ratio ignored
     target_macs: float | None = None
     target_params: float | None = None
+    # fraction of the dense network latency to keep on `runtime` (surgery.latency): per-group widths
+    target_latency: float | None = None
+    runtime: str = "onnxruntime"  # onnxruntime | torch: where the latency table is measured
     # masked pruning
     sparsity: float = 0.8
     scope: str = "layer"  # layer | global
@@ -129,6 +132,13 @@ class PruneSection:
             _check(value is None or 0.0 < value < 1.0, key, "a fraction to keep strictly between 0 and 1, or null")
             _check(value is None or self.method != "magnitude", key, "null for method magnitude (masks keep the MACs)")
         _check(self.target_macs is None or self.target_params is None, "target_params", "null when target_macs is set")
+        _check(self.target_latency is None or 0.0 < self.target_latency < 1.0, "target_latency",
+               "a fraction of the dense network latency to keep strictly between 0 and 1, or null")
+        _check(self.target_latency is None or (self.target_macs is None and self.target_params is None),
+               "target_latency", "null when target_macs or target_params is set")
+        _check(self.target_latency is None or self.method != "magnitude", "target_latency",
+               "null for method magnitude (masks keep the latency)")
+        _check(self.runtime in ("onnxruntime", "torch"), "runtime", "'onnxruntime' or 'torch'")
 
 
 @dataclass
