@@ -326,7 +326,7 @@ def _time_onnxruntime(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], thre
             path = os.path.join(tmp, f"cell{i}{j}.onnx")
             with torch.no_grad():
                 torch.onnx.export(_Bank(convs).eval(), xs, path, input_names=[f"x{k}" for k in range(len(xs))],
-                                  opset_version=17, dynamo=False)
+                                  output_names=[f"y{k}" for k in range(len(xs))], opset_version=17, dynamo=False)
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
             opts.intra_op_num_threads, opts.inter_op_num_threads = int(threads), 1
@@ -361,13 +361,13 @@ def _time_onnxruntime(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], thre
 
 
 def _bank_index(node: str) -> int | None:
-    """``/convs.12/Conv`` -> 12 (the exporter names nodes by module path)."""
-    parts = node.strip("/").split("/")
-    if parts and parts[0].startswith("convs."):
-        try:
-            return int(parts[0].split(".", 1)[1])
-        except ValueError:
-            return None
+    """Which layer of a bank a profiled node is: ``/convs.12/Conv`` (the exporter's module path)
+    or ``y12_nchwc`` (ONNX Runtime's NCHWc layout pass renames a convolution after its output);
+    ``None`` for the layout reorders around them."""
+    head = node.strip("/").split("/")[0]
+    for prefix, text in (("convs.", head[6:]), ("y", head[1:].removesuffix("_nchwc"))):
+        if head.startswith(prefix) and text.isdigit():
+            return int(text)
     return None
 
 

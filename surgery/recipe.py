@@ -244,6 +244,8 @@ class SweepSection:
     ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     # fractions of the dense MACs to keep (each reached by searching the ratio, see prune.target_macs)
     target_macs: list[float] = field(default_factory=list)
+    # fractions of the dense network latency to keep on prune.runtime (see prune.target_latency)
+    target_latency: list[float] = field(default_factory=list)
     # ways to prune and recover, compared side by side: "criterion[+distill][+progressive]"
     # (l1, taylor+distill, l1+distill+progressive...); empty: prune.method alone
     techniques: list[str] = field(default_factory=list)
@@ -258,6 +260,7 @@ class SweepSection:
 
     def validate(self) -> None:
         _check(all(0 < r < 1 for r in self.ratios), "ratios", "numbers strictly between 0 and 1")
+        _check(all(0 < t < 1 for t in self.target_latency), "target_latency", "fractions strictly between 0 and 1")
         _check(all(0 < s < 1 for s in self.sparsities), "sparsities", "numbers strictly between 0 and 1")
         _check(all(0 < t < 1 for t in self.target_macs), "target_macs", "fractions strictly between 0 and 1")
         for t in self.techniques:
