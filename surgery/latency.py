@@ -164,13 +164,15 @@ class LatencyModel:
 def allocate(model: LatencyModel, goal_ms: float) -> dict[int, int]:
     """Channels to keep per group so the estimate reaches ``goal_ms``: greedily remove the step
     with the least importance lost per millisecond saved (importance normalised by each group's
-    mean). Stops at ``goal_ms`` or when no group can shrink further (then the estimate is above
+    mean and multiplied by the number of timed layers the group spans). Stops at ``goal_ms`` or when no group can shrink further (then the estimate is above
     the goal)."""
     keep = {i: g.channels for i, g in model.groups.items()}
     order = {}
     for i, g in model.groups.items():
         imp = torch.as_tensor(list(g.importance), dtype=torch.float64)
-        imp = imp / imp.mean().clamp_min(1e-12)
+        # normalised by the group's mean, times the layers the group spans: a channel of a residual
+        # stream lives in every block it crosses, so it weighs as much as those layers' channels
+        imp = imp / imp.mean().clamp_min(1e-12) * max(1, len(model.touching[i]))
         order[i] = torch.sort(imp).values.tolist()  # weakest first
 
     def next_width(i: int) -> int:
@@ -425,10 +427,11 @@ def measure_table(
 
 
 def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, batch: int = 1, threads: int = 2,
-               runs: int = 15, rounds: int = 3) -> list[float]:
-    """Median network milliseconds of each model, measured interleaved (``rounds`` passes over the
-    models, each ``runs`` runs; ONNX Runtime: profiled network kernel time, as ``surgery bench``
-    splits it; torch: recorded network calls replayed)."""
+               runs: int = 15, rounds: int = 5) -> list[list[float]]:
+    """Per model, its network milliseconds in each of ``rounds`` interleaved passes over the
+    models (each ``runs`` runs; ONNX Runtime: profiled network kernel time, as ``surgery bench``
+    splits it; torch: recorded network calls replayed, median per pass). Ratios between models
+    are best taken per pass, then their median: a load change between passes cancels out."""
     from .measure import fixed_workload
     from .measure.split import onnx_scopes, onnx_split_ms, record_calls, replay_network
     from .measure.timing import time_interleaved
@@ -446,10 +449,13 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
                     with fixed_workload(m, 100, 100):
                         calls.append(record_calls(m.eval(), images))
                 fns = {str(k): (lambda c=c: replay_network(c)) for k, c in enumerate(calls)}
-                times = time_interleaved(fns, warmup=2, runs=runs * rounds)
+                for _ in range(rounds):
+                    times = time_interleaved(fns, warmup=1, runs=runs)
+                    for k in range(len(models)):
+                        samples[k].append(statistics.median(times[str(k)]))
         finally:
             torch.set_num_threads(old)
-        return [statistics.median(times[str(k)]) for k in range(len(models))]
+        return samples
     from .export import export_onnx
     from .runtime import fit_image
 
@@ -464,7 +470,7 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
         for _ in range(rounds):
             for k, (path, scopes) in enumerate(files):
                 samples[k].append(onnx_split_ms(path, feeds, scopes, threads=threads, warmup=2, runs=runs).network_ms)
-    return [statistics.median(s) for s in samples]
+    return samples
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,8 +550,9 @@ def latency_ratios(
             return LatencyResult(ratios, target, runtime, dense_est, None, est * dense_est, table.key, rounds,
                                  abs(est - target) <= tol * target, tol, notes + ["not verified by timing"])
         cut_model = cut(model, ratios)
-        dense_ms, cut_ms = network_ms([model, cut_model], runtime, input_size, batch=batch, threads=threads)
-        achieved = cut_ms / dense_ms
+        dense_s, cut_s = network_ms([model, cut_model], runtime, input_size, batch=batch, threads=threads)
+        dense_ms, cut_ms = statistics.median(dense_s), statistics.median(cut_s)
+        achieved = statistics.median(c / d for c, d in zip(cut_s, dense_s))  # per interleaved pass
         notes.append(f"round {rounds}: estimate {est:.3f}, measured {achieved:.3f} of the dense network "
                      f"({cut_ms:.2f} / {dense_ms:.2f} ms)")
         if best is None or abs(achieved - target) < abs(best[0] - target):
