@@ -148,18 +148,25 @@ def layer_nodes(graph: Any, model: nn.Module) -> dict[str, str]:
 
 
 def constants_to_initializers(proto: Any) -> int:
-    """Turn ``Constant`` nodes that feed a quantized operator into initializers (in place);
-    returns how many. The TorchScript exporter writes some folded convolution biases as Constant
-    nodes, and ONNX Runtime's QOperator quantizer looks biases up among the initializers only
-    (``'NoneType' object has no attribute 'data_type'``)."""
+    """Turn ``Constant`` nodes, and ``Identity`` nodes of an initializer, that feed a quantized
+    operator into initializers (in place); returns how many. The TorchScript exporter writes some
+    folded biases as Constant nodes and shared weights (FCOS/RetinaNet heads, run once per level)
+    as Identity copies of one initializer, and ONNX Runtime's QOperator quantizer looks weights
+    and biases up among the initializers only (``'NoneType' object has no attribute 'data_type'``)."""
     from onnx import numpy_helper
 
     feeds = {i for n in proto.graph.node if n.op_type in QUANT_OPS for i in n.input}
+    inits = {i.name: i for i in proto.graph.initializer}
     moved = []
     for node in proto.graph.node:
-        if node.op_type != "Constant" or node.output[0] not in feeds:
+        if node.output[0] not in feeds:
             continue
-        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+        elif node.op_type == "Identity" and node.input[0] in inits:
+            value = inits[node.input[0]]
+        else:
+            continue
         if value is None:
             continue
         init = numpy_helper.from_array(numpy_helper.to_array(value), node.output[0])
@@ -171,9 +178,13 @@ def constants_to_initializers(proto: Any) -> int:
 
 
 def quantized_weight_nodes(graph: Any) -> list[str]:
-    """Names of the Conv/MatMul/Gemm nodes whose weight input is INT8 (a DequantizeLinear output)."""
+    """Names of the Conv/MatMul/Gemm nodes whose weight is INT8: QDQ form, a float node reading a
+    DequantizeLinear output; QOperator form, a QLinearConv / QLinearMatMul / QGemm node (named
+    after the float node, ``_quant`` appended by ONNX Runtime's quantizer)."""
     dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in graph.node if n.op_type in QUANT_OPS and len(n.input) > 1 and n.input[1] in dq]
+    qdq = [n.name for n in graph.node if n.op_type in QUANT_OPS and len(n.input) > 1 and n.input[1] in dq]
+    qop = [n.name.removesuffix("_quant") for n in graph.node if n.op_type in ("QLinearConv", "QLinearMatMul", "QGemm")]
+    return qdq + qop
 
 
 # --------------------------------------------------------------------------------------------
