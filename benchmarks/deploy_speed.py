@@ -39,7 +39,8 @@ from surgery.prune import prune_model  # noqa: E402
 from surgery.recipe import BenchSection, PruneSection  # noqa: E402
 from surgery.runtime import ort_session  # noqa: E402
 
-COLUMNS = ("section", "model", "variant", "macs_ratio", "e2e_ms", "network_ms", "pipeline_ms", "value", "note")
+COLUMNS = ("section", "model", "variant", "macs_ratio", "e2e_ms", "network_ms", "pipeline_ms", "cpu_e2e_ms",
+           "cpu_network_ms", "value", "value_cpu", "note")
 FCOS_KW = {"num_classes": 5, "min_size": 128, "max_size": 128}
 
 
@@ -59,32 +60,44 @@ def export(model: torch.nn.Module, path: Path, size: int, vectorized: bool = Tru
 
 
 def time_files(files: dict[str, tuple[Path, tuple[str, ...]]], size: int, threads: int, rounds: int, runs: int
-               ) -> dict[str, tuple[float, float]]:
-    """Per file: (median end-to-end ms, network ms = end to end x the profiled network share)."""
+               ) -> dict[str, tuple[float, float, float, float]]:
+    """Per file: median end-to-end wall ms and network ms (end to end x the profiled network
+    share), then the same as CPU ms of a one-thread session (``time.thread_time`` around each run:
+    ONNX Runtime runs a one-thread session in the calling thread, so the time other processes take
+    the core away is not counted; on a busy machine the robust measure of relative cost)."""
     feed = {"image": torch.rand(3, size, size, generator=torch.Generator().manual_seed(1)).numpy()}
     sessions = {k: ort_session(p, threads) for k, (p, _) in files.items()}
+    single = {k: ort_session(p, 1) for k, (p, _) in files.items()}
     fns = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
     e2e: dict[str, list[float]] = {k: [] for k in files}
+    cpu: dict[str, list[float]] = {k: [] for k in files}
     share: dict[str, list[float]] = {k: [] for k in files}
     for _ in range(rounds):
         t = time_interleaved(fns, warmup=2, runs=runs)
         for k in files:
             e2e[k].append(statistics.median(t[k]))
+        for _ in range(runs):
+            for k, s in single.items():
+                c0 = time.thread_time()
+                s.run(None, feed)
+                cpu[k].append((time.thread_time() - c0) * 1e3)
         for k, (p, scopes) in files.items():
             sp = onnx_split_ms(p, [feed], scopes, threads=threads, warmup=1, runs=5)
             share[k].append(sp.network_ms / max(sp.network_ms + sp.pipeline_ms, 1e-9))
     out = {}
     for k in files:
-        m = statistics.median(e2e[k])
-        out[k] = (m, m * statistics.median(share[k]))
+        m, c, sh = statistics.median(e2e[k]), statistics.median(cpu[k]), statistics.median(share[k])
+        out[k] = (m, m * sh, c, c * sh)
     return out
 
 
 def row(section: str, model: str, variant: str, macs: float | None, e2e: float | None, net: float | None,
-        value: float | None = None, note: str = "") -> dict:
+        value: float | None = None, note: str = "", cpu: tuple[float, float] | None = None,
+        value_cpu: float | None = None) -> dict:
     return {"section": section, "model": model, "variant": variant, "macs_ratio": macs, "e2e_ms": e2e,
-            "network_ms": net, "pipeline_ms": None if e2e is None or net is None else e2e - net, "value": value,
-            "note": note}
+            "network_ms": net, "pipeline_ms": None if e2e is None or net is None else e2e - net,
+            "cpu_e2e_ms": cpu[0] if cpu else None, "cpu_network_ms": cpu[1] if cpu else None, "value": value,
+            "value_cpu": value_cpu, "note": note}
 
 
 def section_pp(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
@@ -96,22 +109,24 @@ def section_pp(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
             key = f"{name}|{'vectorized' if vec else 'torchvision'}"
             files[key] = (export(model, tmp / f"{key.replace('|', '-')}.onnx", size, vec), onnx_scopes(model))
     t = time_files(files, 128, args.threads, args.rounds, args.runs)
-    for key, (e2e, net) in t.items():
+    for key, (e2e, net, ce, cn) in t.items():
         name, pp = key.split("|")
-        rows.append(row("pp", name, pp, ratio if "macs" in name else 1.0, e2e, net))
+        rows.append(row("pp", name, pp, ratio if "macs" in name else 1.0, e2e, net, cpu=(ce, cn)))
     for pp in ("torchvision", "vectorized"):
         r = t[f"fcos-macs0.25|{pp}"][0] / t[f"fcos-dense|{pp}"][0]
+        rc = t[f"fcos-macs0.25|{pp}"][2] / t[f"fcos-dense|{pp}"][2]
         rows.append(row("pp", "fcos-macs0.25", f"{pp}: e2e ratio / MACs ratio", ratio, None, None, r / ratio,
-                        f"e2e ratio {r:.3f} at MACs ratio {ratio:.3f} (target <= 1.3)"))
+                        f"e2e ratio {r:.3f} (1-thread CPU {rc:.3f}) at MACs ratio {ratio:.3f} (target <= 1.3)",
+                        value_cpu=rc / ratio))
     ssd_files = {}
     for vec in (False, True):
         key = f"ssdlite|{'vectorized' if vec else 'torchvision'}"
         ssd_files[key] = (export(ssd, tmp / f"ssd-{vec}.onnx", 320, vec), onnx_scopes(ssd))
     # torchvision's SSDlite export takes ~1 s a run at score threshold 0: fewer runs
     t = time_files(ssd_files, 320, args.threads, max(1, args.rounds // 2), max(3, args.runs // 4))
-    for key, (e2e, net) in t.items():
+    for key, (e2e, net, ce, cn) in t.items():
         rows.append(row("pp", "ssdlite", key.split("|")[1], None, e2e, net, e2e / net,
-                        "value: end to end / network (target <= 2)"))
+                        "value: end to end / network (target <= 2)", cpu=(ce, cn), value_cpu=ce / cn))
 
 
 def section_int8(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
@@ -128,15 +143,17 @@ def section_int8(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
             quantize_onnx(fp, q, model, calib, input_size=128, form=form)
             files[f"{name}|{form}"] = (q, onnx_scopes(model))
     t = time_files(files, 128, args.threads, args.rounds, args.runs)
-    for key, (e2e, net) in t.items():
+    for key, (e2e, net, ce, cn) in t.items():
         name, form = key.split("|")
-        fp_net = t[f"{name}|fp32"][1]
-        rows.append(row("int8", name, form, ratio if "macs" in name else 1.0, e2e, net, net / fp_net,
-                        "value: network vs FP32 network"))
-    dense_fp32 = t["fcos-dense|fp32"][0]
-    best = min((k for k in t if k.startswith("fcos-macs0.25|") and not k.endswith("fp32")), key=lambda k: t[k][1])
-    rows.append(row("int8", "fcos-macs0.25", f"{best.split('|')[1]}: dense FP32 e2e / this e2e", ratio, t[best][0],
-                    t[best][1], dense_fp32 / t[best][0], "target >= 4"))
+        fp = t[f"{name}|fp32"]
+        rows.append(row("int8", name, form, ratio if "macs" in name else 1.0, e2e, net, net / fp[1],
+                        "value: network vs FP32 network", cpu=(ce, cn), value_cpu=cn / fp[3]))
+    dense_fp32 = t["fcos-dense|fp32"]
+    for name in ("fcos-dense", "fcos-macs0.25"):
+        best = min((k for k in t if k.startswith(name + "|") and not k.endswith("fp32")), key=lambda k: t[k][1])
+        rows.append(row("int8", name, f"{best.split('|')[1]} (fastest): dense FP32 e2e / this e2e", ratio, t[best][0],
+                        t[best][1], dense_fp32[0] / t[best][0], "target >= 4 for the cut model",
+                        cpu=(t[best][2], t[best][3]), value_cpu=dense_fp32[2] / t[best][2]))
 
 
 def section_latency(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:

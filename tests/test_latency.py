@@ -89,3 +89,14 @@ def test_ratios_give_back_the_allocated_widths() -> None:
 def test_depthwise_layers_follow_the_diagonal() -> None:
     table = _table({"dw": 4.0}, {"dw"})
     assert table.layer_ms("dw", 1.0, 0.5) == pytest.approx(4.0 * 0.5 * 0.5)
+
+
+@pytest.mark.parametrize("fields,key", [({"target_latency": 1.5}, "target_latency"),
+                                        ({"target_latency": 0.5, "target_macs": 0.5}, "target_latency"),
+                                        ({"target_latency": 0.5, "runtime": "tflite"}, "runtime")])
+def test_recipe_refuses_bad_latency_settings(fields: dict, key: str) -> None:
+    from surgery.recipe import PruneSection
+
+    with pytest.raises(Exception, match=key):  # the recipe loader turns it into one RecipeError line
+        PruneSection(**fields).validate()
+    PruneSection(target_latency=0.5, runtime="torch").validate()  # a valid one passes
