@@ -27,6 +27,8 @@ def prune(
     anchors: str = typer.Option(None, help="Keep only these anchor shapes: 'ratios=1.0;sizes=0,1'."),
     target_macs: float = typer.Option(None, help="Keep this fraction of the dense MACs (0.5): the ratio is searched."),
     target_params: float = typer.Option(None, help="Keep this fraction of the parameters: the ratio is searched."),
+    target_latency: float = typer.Option(None, help="Keep this fraction of the dense network latency on --runtime (0.5): per-group widths from a measured latency table."),
+    runtime: str = typer.Option(None, help="--target-latency: onnxruntime | torch (where the latency table is measured)."),
     calib_batches: int = typer.Option(None, help="taylor/fisher: calibration batches from --data (default 4)."),
     data: str = typer.Option(None, "--data", help="Calibration data for taylor/fisher: synthetic | coco:ROOT | voc:ROOT | a COCO .json."),
     recover: int = typer.Option(None, "--recover", help="Recovery without retraining after the cut: N calibration batches "
@@ -60,6 +62,8 @@ def prune(
         "prune.scope": scope,
         "prune.target_macs": target_macs,
         "prune.target_params": target_params,
+        "prune.target_latency": target_latency,
+        "prune.runtime": runtime,
         "prune.calib_batches": calib_batches,
         "prune.recover": recover,
         "prune.allocation": allocation,
@@ -99,7 +103,14 @@ def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
                      if report.macs_ratio is not None else ""), highlight=False, soft_wrap=True)
     console.print(f"output layers kept whole: {', '.join(report.output_layers)}\n"
                   f"analysis {report.seconds_analysis:.2f}s, cut {report.seconds_cut:.2f}s", soft_wrap=True)
-    if report.target is not None:
+    if report.target is not None and hasattr(report.target, "table_key"):  # surgery.latency.LatencyResult
+        t = report.target
+        measured = "not timed" if t.measured is None else f"measured {t.measured:.1%} ({t.measured_ms:.2f} / {t.dense_ms:.2f} ms)"
+        warn = "" if t.within_tolerance else f"; [yellow]not within {t.tol:.0%}[/]"
+        console.print(f"target {t.target:.1%} of the dense network latency on {t.runtime}: {measured}{warn}", soft_wrap=True)
+        for note in t.notes:
+            console.print(f"  {note}", highlight=False, soft_wrap=True)
+    elif report.target is not None:
         t = report.target
         line = f"target {t.target:.1%} of the {'MACs' if t.target_macs is not None else 'params'}: ratio {t.ratio:.4f}"
         console.print(f"{line}, achieved {t.achieved:.1%}" + (f"; [yellow]{t.note}[/]" if t.note else ""))

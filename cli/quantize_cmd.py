@@ -20,6 +20,7 @@ def quantize(
     verify_images: int = typer.Option(8, "--verify-images", min=0, help="Validation images to compare INT8 with float on."),
     data: str = typer.Option(None, "--data", help="synthetic | coco:ROOT | voc:ROOT | a COCO .json (default: the checkpoint's)."),
     reduce_range: bool = typer.Option(False, "--reduce-range", help="7-bit weights (ORT's advice for U8S8 on non-VNNI x86)."),
+    form: str = typer.Option("auto", "--form", help="auto (time every form, keep the fastest) | qdq-per-channel | qdq-per-tensor | qoperator-per-channel | qoperator-per-tensor."),
 ) -> None:
     """Quantize a checkpoint to INT8 ONNX (static, per-channel weights, ONNX Runtime QDQ); output layers,
     decoding, NMS and RoIAlign stay float."""
@@ -28,7 +29,7 @@ def quantize(
     with console.status(f"exporting and quantizing {checkpoint.name}..."):
         res = quantize_checkpoint(
             checkpoint, out, calib_batches=calib_batches, batch_size=batch_size, input_size=input_size,
-            keep_float=keep_float, verify_images=verify_images, data=data, reduce_range=reduce_range,
+            keep_float=keep_float, verify_images=verify_images, data=data, reduce_range=reduce_range, form=form,
         )  # fmt: skip
 
     mib = 2**20
@@ -39,7 +40,9 @@ def quantize(
     kept = f" kept at {res.float_path}" if res.float_path else ""
     table.add_row("float export", f"{res.float_bytes / mib:.2f} MiB{kept} (int8 is {res.int8_bytes / res.float_bytes:.2f}x)")
     table.add_row("input", f"image float32 [3, {res.input_size}, {res.input_size}] in [0, 1]")
-    table.add_row("quantized", f"{res.quantized_nodes} Conv/MatMul/Gemm nodes (weights int8 per-channel, "
+    table.add_row("form", res.form + (" (fastest of: " + ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(
+        res.form_ms.items(), key=lambda kv: kv[1])) + ")" if res.form_ms else ""))
+    table.add_row("quantized", f"{res.quantized_nodes} Conv/MatMul/Gemm nodes (weights int8 {res.form.split('-', 1)[1]}, "
                   f"activations {res.activation_type}{', reduce_range' if res.reduce_range else ''})")
     table.add_row("kept float", f"{len(res.float_nodes)} nodes of the output layers: {', '.join(res.excluded_layers) or '-'}")
     ranges = "from quantization-aware training" if res.ranges == "qat" else f"calibrated on {res.calib_images} training images"

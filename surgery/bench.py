@@ -30,6 +30,7 @@ from .measure import (
 from .measure.split import NETWORK_MODULES
 from .measure.timing import summarize, time_interleaved
 from .measure.workload import example_images, quiet
+from .postprocess import fast_postprocess
 
 if TYPE_CHECKING:
     from .recipe import BenchSection
@@ -295,6 +296,8 @@ def _time_all(
             for s in subjects:
                 if s.runtime == "torch":
                     stack.enter_context(fixed_workload(s.model, rois, s.info["detections"]))
+                    # the exported file's post-processing (surgery.postprocess), same detections
+                    stack.enter_context(fast_postprocess(s.model))
             for bs in cfg.batch_sizes:
                 batch = example_images(bs, cfg.input_size, dev, seed=bs)
                 fns: dict[str, Callable[[], Any]] = {}

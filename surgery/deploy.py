@@ -25,7 +25,7 @@ from .atomic import atomic_open
 
 DEPLOY_COLUMNS: tuple[str, ...] = (
     "checkpoint", "precision", "mAP", "mAP50", "mAP_minus_float", "network_ms", "latency_ms",
-    "network_vs_float", "latency_vs_float", "file_bytes", "quantized_nodes", "qat_steps", "onnx",
+    "network_vs_float", "latency_vs_float", "file_bytes", "quantized_nodes", "qat_steps", "onnx", "int8_form",
 )  # fmt: skip
 
 
@@ -44,6 +44,7 @@ class DeployRow:
     quantized_nodes: int
     qat_steps: int
     onnx: str
+    int8_form: str = ""  # INT8 rows: the form (surgery.quantize.FORMS) measured fastest here
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,20 +88,23 @@ def deploy_table(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[tuple[str, str, Path, int, int]] = []  # (stem, precision, onnx, quantized nodes, qat steps)
+    forms: dict[Path, str] = {}
     for ckpt in map(Path, checkpoints):
         stem = ckpt.stem
         if progress:
             progress(f"INT8 PTQ {stem}")
         float_path = out_dir / f"{stem}.onnx"
         ptq = quantize_checkpoint(ckpt, out_dir / f"{stem}.int8.onnx", calib_batches=calib_batches,
-                                  input_size=input_size, keep_float=float_path, verify_images=0, threads=threads)
+                                  input_size=input_size, keep_float=float_path, verify_images=4, threads=threads)
+        forms[ptq.path] = ptq.form
         files += [(stem, "fp32", float_path, 0, 0), (stem, "int8-ptq", ptq.path, ptq.quantized_nodes, 0)]
         if qat_steps > 0:
             if progress:
                 progress(f"INT8 QAT {stem} ({qat_steps} steps)")
             qat_ckpt = qat_finetune(ckpt, out_dir / f"{stem}.qat.pt", qat_steps)
             qat = quantize_checkpoint(qat_ckpt, out_dir / f"{stem}.qat.int8.onnx", calib_batches=calib_batches,
-                                      input_size=input_size, verify_images=0, threads=threads)
+                                      input_size=input_size, verify_images=4, threads=threads)
+            forms[qat.path] = qat.form
             files.append((stem, "int8-qat", qat.path, qat.quantized_nodes, qat_steps))
     maps: dict[Path, tuple[float, float]] = {}
     for _stem, _precision, path, _n, _s in files:
@@ -124,7 +128,7 @@ def deploy_table(
             network_vs_float=(t.network_ms_median / ref.network_ms_median
                               if t.network_ms_median and ref.network_ms_median else None),
             latency_vs_float=t.latency_ms_median / ref.latency_ms_median, file_bytes=path.stat().st_size,
-            quantized_nodes=nodes, qat_steps=steps, onnx=str(path),
+            quantized_nodes=nodes, qat_steps=steps, onnx=str(path), int8_form=forms.get(path, ""),
         ))  # fmt: skip
     return rows
 
@@ -146,8 +150,8 @@ def deploy_markdown(rows: Sequence[DeployRow], reference_ms: float | None = None
         by.setdefault(r.checkpoint, {})[r.precision] = r
     out = [
         "| model | mAP float | mAP INT8 PTQ | mAP INT8 QAT | network ms FP32 / INT8 | end-to-end ms FP32 / INT8 "
-        "| INT8 vs FP32 network | MB FP32 / INT8 | INT8 vs dense FP32 end to end |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| INT8 vs FP32 network | MB FP32 / INT8 | INT8 vs dense FP32 end to end | INT8 form (fastest here) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def f(x: float | None, spec: str = ".3f") -> str:
@@ -165,7 +169,7 @@ def deploy_markdown(rows: Sequence[DeployRow], reference_ms: float | None = None
             f"| {f(fp.latency_ms if fp else None, '.1f')} / {f(ptq.latency_ms if ptq else None, '.1f')} "
             f"| {f(ptq.network_vs_float if ptq else None, '.2f')}x "
             f"| {f(fp.file_bytes / 2**20 if fp else None, '.1f')} / {f(ptq.file_bytes / 2**20 if ptq else None, '.1f')} "
-            f"| {speed} |"
+            f"| {speed} | {ptq.int8_form if ptq and ptq.int8_form else '-'} |"
         )
     return "\n".join(out) + "\n"
 
@@ -180,7 +184,8 @@ def deploy_report(recipe: Any, out: Path, checkpoints: Sequence[Path], val_set: 
     write_deploy_csv(rows, out / "deploy.csv")
     dense_ms = next(r.latency_ms for r in rows if r.precision == "fp32")
     return (
-        "\n## Deployment: FP32 vs INT8 in ONNX Runtime\n\nStatic INT8 (per-channel int8 weights, uint8 activations, "
+        "\n## Deployment: FP32 vs INT8 in ONNX Runtime\n\nStatic INT8 (int8 weights, uint8 activations, in the form "
+        "measured fastest for each model among QDQ / QOperator x per-channel / per-tensor weights, "
         f"calibrated on {sweep.calib_batches} batches of training images; output layers, decoding and NMS in float)"
         + (f", and INT8 after {sweep.qat_steps} quantization-aware steps" if sweep.qat_steps else "")
         + f". mAP on the validation set through the same evaluator; latency: batch 1, {cfg.input_size} px, "

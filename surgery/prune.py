@@ -348,6 +348,15 @@ def prune_model(
             macs_before=macs_before,
         )  # fmt: skip
         cfg = dataclasses.replace(cfg, ratio=target.ratio)
+    if cfg.target_latency is not None:  # per-group widths for a latency budget (surgery.latency)
+        from .latency import cut_with_overrides, latency_ratios
+
+        target = latency_ratios(
+            model, graph, scores, cfg, target=cfg.target_latency, runtime=cfg.runtime,
+            input_size=macs_input_size or trace_size, cut=cut_with_overrides(graph, cfg, scores),
+        )  # fmt: skip
+        roots = {g.index: g.root for g in graph.groups}
+        cfg = dataclasses.replace(cfg, overrides={**cfg.overrides, **{roots[i]: r for i, r in target.ratios.items()}})
     t1 = time.perf_counter()
     channel_plan = plan_channels(graph, cfg, scores=scores)
     kept = apply_channel_plan(graph, channel_plan)

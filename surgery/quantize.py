@@ -42,6 +42,15 @@ QUANT_OPS = ("Conv", "MatMul", "Gemm")
 MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+# INT8 forms: ONNX Runtime's two formats x weight granularity. QDQ keeps float Conv nodes between
+# QuantizeLinear/DequantizeLinear pairs (ORT fuses them into int8 kernels, Conv+Relu included, when
+# it loads the file); QOperator writes QLinearConv nodes (Relu folded in by the quantizer) with
+# explicit QuantizeLinear/DequantizeLinear only at the float boundaries. Which is faster depends on
+# the model's widths and the CPU, so "auto" measures them (choose_form).
+FORMS: tuple[str, ...] = ("qdq-per-channel", "qdq-per-tensor", "qoperator-per-channel", "qoperator-per-tensor")
+AGREEMENT_SLACK = 0.02  # a form may match at most this fraction fewer float detections than the best
+
+
 class QuantizeError(SurgeryError):
     """A model cannot be quantized (it does not export, or has nothing ONNX Runtime can quantize)."""
 
@@ -84,6 +93,8 @@ class QuantizeResult:
     ranges: str  # "calibration" or "qat" (activation ranges observed while training)
     float_path: Path | None = None  # kept float export, if asked
     agreement: Agreement | None = None
+    form: str = "qdq-per-channel"  # one of FORMS
+    form_ms: dict[str, float] = field(default_factory=dict)  # "auto": network ms of every form measured
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -136,10 +147,44 @@ def layer_nodes(graph: Any, model: nn.Module) -> dict[str, str]:
     return out
 
 
+def constants_to_initializers(proto: Any) -> int:
+    """Turn ``Constant`` nodes, and ``Identity`` nodes of an initializer, that feed a quantized
+    operator into initializers (in place); returns how many. The TorchScript exporter writes some
+    folded biases as Constant nodes and shared weights (FCOS/RetinaNet heads, run once per level)
+    as Identity copies of one initializer, and ONNX Runtime's QOperator quantizer looks weights
+    and biases up among the initializers only (``'NoneType' object has no attribute 'data_type'``)."""
+    from onnx import numpy_helper
+
+    feeds = {i for n in proto.graph.node if n.op_type in QUANT_OPS for i in n.input}
+    inits = {i.name: i for i in proto.graph.initializer}
+    moved = []
+    for node in proto.graph.node:
+        if node.output[0] not in feeds:
+            continue
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+        elif node.op_type == "Identity" and node.input[0] in inits:
+            value = inits[node.input[0]]
+        else:
+            continue
+        if value is None:
+            continue
+        init = numpy_helper.from_array(numpy_helper.to_array(value), node.output[0])
+        proto.graph.initializer.append(init)
+        moved.append(node)
+    for node in moved:
+        proto.graph.node.remove(node)
+    return len(moved)
+
+
 def quantized_weight_nodes(graph: Any) -> list[str]:
-    """Names of the Conv/MatMul/Gemm nodes whose weight input is INT8 (a DequantizeLinear output)."""
+    """Names of the Conv/MatMul/Gemm nodes whose weight is INT8: QDQ form, a float node reading a
+    DequantizeLinear output; QOperator form, a QLinearConv / QLinearMatMul / QGemm node (named
+    after the float node, ``_quant`` appended by ONNX Runtime's quantizer)."""
     dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in graph.node if n.op_type in QUANT_OPS and len(n.input) > 1 and n.input[1] in dq]
+    qdq = [n.name for n in graph.node if n.op_type in QUANT_OPS and len(n.input) > 1 and n.input[1] in dq]
+    qop = [n.name.removesuffix("_quant") for n in graph.node if n.op_type in ("QLinearConv", "QLinearMatMul", "QGemm")]
+    return qdq + qop
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,8 +282,9 @@ def quantize_onnx(
     exclude: Sequence[str] | None = None,
     ranges: dict[str, tuple[float, float]] | None = None,
     reduce_range: bool = False,
+    form: str = "qdq-per-channel",
 ) -> QuantizeResult:
-    """Write an INT8 QDQ copy of the float export ``float_path`` (of ``model``) to ``out``, atomically.
+    """Write an INT8 copy (``form``: one of :data:`FORMS`) of the float export ``float_path`` (of ``model``) to ``out``, atomically.
 
     ``calib_images`` (``3 x H x W`` in [0, 1], resized to ``input_size``) calibrate the activation
     ranges; ``ranges`` (``{module name: (min, max)}`` of each layer's input, from QAT) override them.
@@ -249,9 +295,12 @@ def quantize_onnx(
 
     from .graph import output_layers
 
+    if form not in FORMS:
+        raise QuantizeError(f"unknown INT8 form {form!r}: choose one of {', '.join(FORMS)} or auto")
     t0 = time.perf_counter()
     float_path = Path(float_path)
-    graph = onnx.load(str(float_path)).graph
+    proto = onnx.load(str(float_path))
+    graph = proto.graph
     mapped = layer_nodes(graph, model)
     excluded = list(exclude) if exclude is not None else output_layers(model)
     chosen = [n for n, m in mapped.items() if m not in excluded]
@@ -273,6 +322,9 @@ def quantize_onnx(
     images = [fit_image(im, input_size).numpy().astype(np.float32) for im in calib_images]
     name = graph.input[0].name
     with atomic_path(out) as tmp, _ort_warnings_off():
+        source = tmp.with_name(tmp.name + ".float.onnx")
+        constants_to_initializers(proto)
+        onnx.save(proto, str(source))
         try:
             # U8S8 (uint8 activations, int8 weights): on this AVX2 CPU without VNNI, measured on the
             # dense quickstart FCOS at 128 px (2 threads, interleaved): U8S8 8.6 ms, U8S8 + reduce_range
@@ -281,14 +333,17 @@ def quantize_onnx(
             # U8S8 on non-VNNI x86 to avoid saturation in VPMADDUBSW's int16 pair sums; it cost accuracy
             # and no speed here, so it is an option (--reduce-range), not the default.
             quantize_static(
-                str(float_path), str(tmp), _Reader(name, images), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANT_OPS), nodes_to_quantize=chosen, per_channel=True,
+                str(source), str(tmp), _Reader(name, images),
+                quant_format=QuantFormat.QDQ if form.startswith("qdq") else QuantFormat.QOperator,
+                op_types_to_quantize=list(QUANT_OPS), nodes_to_quantize=chosen, per_channel=form.endswith("per-channel"),
                 reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax, extra_options=extra,
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - ORT raises many types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise QuantizeError(f"onnxruntime cannot quantize {float_path.name}: {first}") from e
+            raise QuantizeError(f"onnxruntime cannot quantize {float_path.name} ({form}): {first}") from e
+        finally:
+            source.unlink(missing_ok=True)
         qmodel = onnx.load(str(tmp))
         # quantize_static leaves the shapes it inferred in value_info; with them ORT's graph
         # optimizer folds the detector's box reshapes into static ones that fail on an empty level
@@ -302,8 +357,59 @@ def quantize_onnx(
         path=Path(out), input_size=input_size, calib_images=len(images), quantized_nodes=len(quantized),
         float_nodes=floats, excluded_layers=excluded, float_bytes=float_path.stat().st_size, int8_bytes=int8_bytes,
         activation_type="uint8", weight_type="int8", reduce_range=reduce_range,
-        ranges="qat" if ranges else "calibration", seconds=time.perf_counter() - t0,
+        ranges="qat" if ranges else "calibration", seconds=time.perf_counter() - t0, form=form,
     )  # fmt: skip
+
+
+def choose_form(
+    float_path: str | Path,
+    model: nn.Module,
+    calib_images: Sequence[torch.Tensor],
+    *,
+    input_size: int,
+    verify_images: Sequence[torch.Tensor] = (),
+    candidates: Sequence[str] = FORMS,
+    ranges: dict[str, tuple[float, float]] | None = None,
+    reduce_range: bool = False,
+    threads: int | None = 2,
+    rounds: int = 3,
+    runs: int = 10,
+) -> tuple[str, dict[str, float], dict[str, float]]:
+    """The fastest INT8 form of ``candidates`` for this model on this machine: each is written,
+    its network timed in ONNX Runtime (profiled network kernel time on calibration images, the
+    forms interleaved over ``rounds`` passes, medians: robust to a busy machine), and with
+    ``verify_images`` forms matching more than :data:`AGREEMENT_SLACK` fewer float detections
+    than the best one are left out. Returns ``(form, network ms per form, agreement per form)``."""
+    import statistics
+
+    from .measure.split import onnx_scopes, onnx_split_ms
+
+    feeds = [{"image": fit_image(im, input_size).numpy().astype(np.float32)} for im in list(calib_images)[:2]]
+    with tempfile.TemporaryDirectory(prefix="surgery-int8-forms-") as tmp:
+        paths: dict[str, Path] = {}
+        for form in candidates:
+            path = Path(tmp) / f"{form}.onnx"
+            try:
+                quantize_onnx(float_path, path, model, calib_images, input_size=input_size, ranges=ranges,
+                              reduce_range=reduce_range, form=form)
+            except QuantizeError:
+                continue  # a form ORT cannot write for this graph is not a candidate
+            paths[form] = path
+        if not paths:
+            raise QuantizeError("no INT8 form could be written for this model")
+        samples: dict[str, list[float]] = {f: [] for f in paths}
+        scopes = onnx_scopes(model)
+        for _ in range(rounds):
+            for form, path in paths.items():
+                samples[form].append(onnx_split_ms(path, feeds, scopes, threads=threads, warmup=1, runs=runs).network_ms)
+        ms = {f: statistics.median(v) for f, v in samples.items()}
+        agree: dict[str, float] = {}
+        if verify_images:
+            ref = OnnxDetector(float_path, threads)
+            agree = {f: compare_detections(ref, OnnxDetector(p, threads), verify_images).fraction for f, p in paths.items()}
+    best_agree = max(agree.values()) if agree else 1.0
+    eligible = [f for f in ms if not agree or agree[f] >= best_agree - AGREEMENT_SLACK]
+    return min(eligible, key=lambda f: ms[f]), ms, agree
 
 
 def export_size(model: nn.Module) -> int:
@@ -337,12 +443,15 @@ def quantize_checkpoint(
     reduce_range: bool = False,
     trust_code: bool | None = None,
     threads: int | None = None,
+    form: str = "auto",
 ) -> QuantizeResult:
     """Export a surgery checkpoint (dense, structured or masked: masks are folded first) to ONNX,
     quantize it to INT8 calibrated on ``calib_batches x batch_size`` training images of the
     checkpoint's dataset (``data`` overrides its source), and compare INT8 with float detections
     on ``verify_images`` validation images. A QAT checkpoint (:mod:`surgery.qat`) gives its
-    trained activation ranges instead of calibrated ones. ``keep_float`` also writes the float export."""
+    trained activation ranges instead of calibrated ones. ``keep_float`` also writes the float export.
+    ``form``: one of :data:`FORMS`, or ``auto`` to measure them all and keep the fastest
+    (:func:`choose_form`; the timings are in ``form_ms`` and the notes)."""
     from .checkpoint import load_checkpoint
     from .export import ExportError, export_onnx
     from .masked import fold_masks
@@ -365,9 +474,19 @@ def quantize_checkpoint(
             export_onnx(model, float_path, size, verify=False)
         except ExportError as e:
             raise QuantizeError(f"cannot quantize {ckpt.spec.name}: {e}") from e
-        result = quantize_onnx(float_path, out, model, calib, input_size=size, ranges=ranges, reduce_range=reduce_range)
-        if verify_images > 0:
-            images = dataset_images(recipe_data, "val", verify_images, source=data)
+        images = dataset_images(recipe_data, "val", verify_images, source=data) if verify_images > 0 else []
+        form_ms: dict[str, float] = {}
+        if form == "auto":
+            form, form_ms, agree = choose_form(float_path, model, calib, input_size=size, verify_images=images[:4],
+                                               ranges=ranges, reduce_range=reduce_range,
+                                               threads=threads if threads is not None else 2)
+        result = quantize_onnx(float_path, out, model, calib, input_size=size, ranges=ranges, reduce_range=reduce_range,
+                               form=form)
+        result.form_ms = form_ms
+        if form_ms:
+            timings = ", ".join(f"{f} {v:.2f} ms" for f, v in sorted(form_ms.items(), key=lambda kv: kv[1]))
+            result.notes.append(f"INT8 form {form} (fastest network measured here: {timings})")
+        if images:
             result.agreement = compare_detections(
                 OnnxDetector(float_path, threads), OnnxDetector(result.path, threads), images
             )
@@ -379,6 +498,6 @@ def quantize_checkpoint(
 
 
 __all__ = [
-    "Agreement", "QuantizeError", "QuantizeResult", "compare_detections", "dataset_images",
+    "FORMS", "Agreement", "QuantizeError", "QuantizeResult", "choose_form", "compare_detections", "constants_to_initializers", "dataset_images",
     "export_size", "layer_nodes", "node_module", "quantize_checkpoint", "quantize_onnx", "quantized_weight_nodes",
 ]  # fmt: skip

@@ -123,6 +123,9 @@ class PruneSection:
     # fraction of the dense MACs / params to KEEP: the ratio is searched (surgery.target), ratio ignored
     target_macs: float | None = None
     target_params: float | None = None
+    # fraction of the dense network latency to keep on `runtime` (surgery.latency): per-group widths
+    target_latency: float | None = None
+    runtime: str = "onnxruntime"  # onnxruntime | torch: where the latency table is measured
     # masked pruning
     sparsity: float = 0.8
     scope: str = "layer"  # layer | global
@@ -173,6 +176,13 @@ class PruneSection:
             _check(bool(self.sensitivity), "sensitivity",
                    "the CSV written by `surgery sensitivity` (allocation 'sensitivity' reads it)")
             _check(not self.global_ranking, "global_ranking", "false with allocation 'sensitivity'")
+        _check(self.target_latency is None or 0.0 < self.target_latency < 1.0, "target_latency",
+               "a fraction of the dense network latency to keep strictly between 0 and 1, or null")
+        _check(self.target_latency is None or (self.target_macs is None and self.target_params is None),
+               "target_latency", "null when target_macs or target_params is set")
+        _check(self.target_latency is None or self.method != "magnitude", "target_latency",
+               "null for method magnitude (masks keep the latency)")
+        _check(self.runtime in ("onnxruntime", "torch"), "runtime", "'onnxruntime' or 'torch'")
 
 
 @dataclass
@@ -282,6 +292,8 @@ class SweepSection:
     ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     # fractions of the dense MACs to keep (each reached by searching the ratio, see prune.target_macs)
     target_macs: list[float] = field(default_factory=list)
+    # fractions of the dense network latency to keep on prune.runtime (see prune.target_latency)
+    target_latency: list[float] = field(default_factory=list)
     # ways to prune and recover, compared side by side: "criterion[+distill][+progressive]"
     # (l1, taylor+distill, l1+distill+progressive...); empty: prune.method alone
     techniques: list[str] = field(default_factory=list)
@@ -296,6 +308,7 @@ class SweepSection:
 
     def validate(self) -> None:
         _check(all(0 < r < 1 for r in self.ratios), "ratios", "numbers strictly between 0 and 1")
+        _check(all(0 < t < 1 for t in self.target_latency), "target_latency", "fractions strictly between 0 and 1")
         _check(all(0 < s < 1 for s in self.sparsities), "sparsities", "numbers strictly between 0 and 1")
         _check(all(0 < t < 1 for t in self.target_macs), "target_macs", "fractions strictly between 0 and 1")
         for t in self.techniques:

@@ -214,6 +214,7 @@ def _run_sweep(
     rounds_of = {t.text: (max(1, recipe.prune.steps) if t.progressive else 1) for t in techniques}
     points: list[tuple[str, dict[str, Any]]] = [(_ratio_tag(r), {"ratio": r}) for r in recipe.sweep.ratios]
     points += [(f"macs{_ratio_tag(t)}", {"target_macs": t}) for t in recipe.sweep.target_macs]
+    points += [(f"lat{_ratio_tag(t)}", {"target_latency": t}) for t in recipe.sweep.target_latency]
     n_struct = sum(rounds_of[t.text] for t in techniques) * len(points)
     n_masked = len(points) * int(recipe.sweep.match_masked) + len(recipe.sweep.sparsities)
     n_sparse = sum(1 for t in techniques if t.sparse) * len(points)
@@ -390,8 +391,11 @@ def _run_sweep(
 
     def structured_round(tech: Technique, point: dict[str, Any], rounds: int, name: str):
         def prune(k: int) -> dict[str, Any]:
-            args: dict[str, Any] = {"method": tech.criterion, "target_macs": None, "target_params": None}
-            if "ratio" in point:  # each round keeps (1 - r)^(1/rounds) of the channels left
+            args: dict[str, Any] = {"method": tech.criterion, "target_macs": None, "target_params": None,
+                                    "target_latency": None}
+            if "target_latency" in point:  # each round keeps target^(1/rounds) of the latency left
+                args["target_latency"] = point["target_latency"] ** (1.0 / rounds)
+            elif "ratio" in point:  # each round keeps (1 - r)^(1/rounds) of the channels left
                 args["ratio"] = 1.0 - (1.0 - point["ratio"]) ** (1.0 / rounds)
             else:  # round k reaches target^(k/rounds) of the dense MACs
                 kept = _kept_macs(out / f"{name}.r{k - 1}.pruned.pt") if k > 1 else 1.0

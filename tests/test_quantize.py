@@ -49,7 +49,8 @@ def test_ptq_quantizes_convs_keeps_outputs_float_and_agrees(trained, tmp_path):
     from surgery.runtime import OnnxDetector
 
     res = quantize_checkpoint(trained, tmp_path / "m.int8.onnx", calib_batches=2, batch_size=4,
-                              keep_float=tmp_path / "m.onnx", verify_images=4)  # fmt: skip
+                              keep_float=tmp_path / "m.onnx", verify_images=4,
+                              form="qdq-per-channel")  # the QDQ structure checked below  # fmt: skip
     graph = onnx.load(str(res.path)).graph
     model, ckpt = load_checkpoint(trained)
     mapped = layer_nodes(graph, model)

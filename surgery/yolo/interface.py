@@ -20,7 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+
+from ..postprocess import batched_nms
 
 PAD_VALUE = 114 / 255  # the usual YOLO letterbox grey
 
@@ -120,7 +121,7 @@ class YoloInterface(nn.Module):
         anchor, label = idx // num_classes, idx % num_classes
         b = boxes[anchor]
         if self.nms:
-            kept = batched_nms(b, top, label, self.nms_thresh)[: self.detections_per_img]
+            kept = batched_nms(b, top, label, self.nms_thresh, self.detections_per_img)  # one NMS, capped
         else:  # topk sorted the scores: the best ones come first
             kept = torch.arange(min(self.detections_per_img, int(top.numel())), device=top.device)
         b = b[kept] / scale

@@ -1,0 +1,591 @@
+"""Prune to a latency budget: a measured latency table, channels allocated by importance per
+millisecond saved, the result timed and reported.
+
+1. **Table** (:func:`measure_table`): every convolution of the network runs alone, on an input of
+   the shape it sees in the model (its input size and batch, recorded by forward hooks), at the
+   width fractions :data:`FRACTIONS` of its input and output channels (a 4 x 4 grid; depthwise
+   layers along the diagonal). ``onnxruntime``: one ONNX file per grid cell holding every layer
+   as an independent branch, the cells' sessions run round-robin under ONNX Runtime's profiler
+   and each layer's kernel time is the median over the runs; ``torch``: each layer timed by
+   :func:`surgery.measure.timing.time_interleaved`, all layers and cells interleaved, medians.
+   Interleaving and medians keep a busy machine's noise out of the ratios between cells.
+   The table is cached as JSON under the surgery cache (``$SURGERY_CACHE/latency``), keyed by the
+   layer shapes, runtime, threads, input size, batch and the runtime's version: it describes this
+   machine only and is measured again on another one (or with ``refresh``).
+2. **Estimate**: the network's latency with given group widths is the sum of its layers'
+   latencies, bilinear in the (input, output) fractions between grid points.
+3. **Allocation** (:func:`allocate`): starting from the dense widths, repeatedly remove the step
+   of channels (``round_to``, GroupNorm/chunk multiples) whose importance lost per millisecond
+   saved is lowest (the importance of a group's channels normalised by its mean, as global
+   ranking does), until the estimate reaches the goal.
+4. **Verification** (:func:`latency_ratios`): a copy is cut and its network timed against the
+   dense one, interleaved (ONNX Runtime: the profiler's network kernel time of the exported
+   files, as ``surgery bench`` splits it; torch: the recorded network calls replayed). The goal
+   is corrected by the observed error and the allocation repeated (at most ``max_rounds``).
+
+The result is a ratio per coupled group, which :func:`surgery.prune.prune_model` applies as
+per-group overrides.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import heapq
+import json
+import math
+import os
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import atomic_open
+from .errors import PruningError
+
+FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+RUNTIMES = ("onnxruntime", "torch")
+
+
+# --------------------------------------------------------------------------------------------
+# the table and the estimate
+
+
+@dataclass
+class LatencyTable:
+    """Per layer, milliseconds at ``FRACTIONS[i]`` of its input and ``FRACTIONS[j]`` of its
+    output channels (``ms[name][i][j]``)."""
+
+    runtime: str
+    threads: int
+    input_size: int
+    batch: int
+    ms: dict[str, list[list[float]]]
+    depthwise: set[str] = field(default_factory=set)
+    key: str = ""
+
+    def layer_ms(self, name: str, f_in: float, f_out: float) -> float:
+        if name in self.depthwise:
+            f_in = f_out = min(f_in, f_out)
+        return _bilinear(self.ms[name], f_in, f_out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "threads": self.threads, "input_size": self.input_size, "batch": self.batch,
+                "ms": self.ms, "depthwise": sorted(self.depthwise), "key": self.key, "fractions": list(FRACTIONS)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatencyTable:
+        return cls(d["runtime"], int(d["threads"]), int(d["input_size"]), int(d["batch"]),
+                   {k: [list(map(float, r)) for r in v] for k, v in d["ms"].items()}, set(d.get("depthwise", [])),
+                   d.get("key", ""))
+
+
+def _interp_index(f: float) -> tuple[int, int, float]:
+    """Grid neighbours of ``f`` in :data:`FRACTIONS` (descending) and the weight of the second;
+    below the smallest fraction, linear towards zero latency at zero width."""
+    fr = FRACTIONS
+    if f >= fr[0]:
+        return 0, 0, 0.0
+    for a in range(len(fr) - 1):
+        if fr[a] >= f >= fr[a + 1]:
+            return a, a + 1, (fr[a] - f) / (fr[a] - fr[a + 1])
+    return len(fr) - 1, len(fr) - 1, 0.0
+
+
+def _bilinear(grid: list[list[float]], f_in: float, f_out: float) -> float:
+    lo = FRACTIONS[-1]
+    scale = 1.0
+    if f_in < lo:
+        scale *= f_in / lo
+    if f_out < lo:
+        scale *= f_out / lo
+    a0, a1, wa = _interp_index(f_in)
+    b0, b1, wb = _interp_index(f_out)
+    v = ((1 - wa) * (1 - wb) * grid[a0][b0] + wa * (1 - wb) * grid[a1][b0]
+         + (1 - wa) * wb * grid[a0][b1] + wa * wb * grid[a1][b1])
+    return v * scale
+
+
+@dataclass
+class GroupSpec:
+    """What the allocator knows of a coupled group: its width, the step its width moves by, the
+    fewest channels it may keep, its channels' importance (any scale) and the layers whose input
+    (``consumers``) or output (``producers``) channels it sets."""
+
+    index: int
+    channels: int
+    step: int
+    min_keep: int
+    importance: Sequence[float]
+    producers: Sequence[str]
+    consumers: Sequence[str]
+
+
+class LatencyModel:
+    """The network's estimated latency for a choice of group widths (``keep``: channels kept per
+    group index); layers in no group keep their width."""
+
+    def __init__(self, table: LatencyTable, groups: Sequence[GroupSpec]) -> None:
+        self.table = table
+        self.groups = {g.index: g for g in groups}
+        self.out_group: dict[str, int] = {}
+        self.in_group: dict[str, int] = {}
+        for g in groups:
+            for name in g.producers:
+                if name in table.ms:
+                    self.out_group[name] = g.index
+            for name in g.consumers:
+                if name in table.ms:
+                    self.in_group[name] = g.index
+        self.touching: dict[int, list[str]] = {g.index: sorted({n for n in (*g.producers, *g.consumers) if n in table.ms})
+                                               for g in groups}
+
+    def _frac(self, group: int | None, keep: dict[int, int]) -> float:
+        if group is None:
+            return 1.0
+        return keep.get(group, self.groups[group].channels) / self.groups[group].channels
+
+    def layer_ms(self, name: str, keep: dict[int, int]) -> float:
+        return self.table.layer_ms(name, self._frac(self.in_group.get(name), keep),
+                                   self._frac(self.out_group.get(name), keep))
+
+    def total(self, keep: dict[int, int]) -> float:
+        return sum(self.layer_ms(n, keep) for n in self.table.ms)
+
+    def group_part(self, index: int, keep: dict[int, int]) -> float:
+        return sum(self.layer_ms(n, keep) for n in self.touching[index])
+
+
+def allocate(model: LatencyModel, goal_ms: float) -> dict[int, int]:
+    """Channels to keep per group so the estimate reaches ``goal_ms``: greedily remove the step
+    with the least importance lost per millisecond saved (importance normalised by each group's
+    mean and multiplied by the number of timed layers the group spans). Stops at ``goal_ms`` or when no group can shrink further (then the estimate is above
+    the goal)."""
+    keep = {i: g.channels for i, g in model.groups.items()}
+    order = {}
+    for i, g in model.groups.items():
+        imp = torch.as_tensor(list(g.importance), dtype=torch.float64)
+        # normalised by the group's mean, times the layers the group spans: a channel of a residual
+        # stream lives in every block it crosses, so it weighs as much as those layers' channels
+        imp = imp / imp.mean().clamp_min(1e-12) * max(1, len(model.touching[i]))
+        order[i] = torch.sort(imp).values.tolist()  # weakest first
+
+    def next_width(i: int) -> int:
+        g = model.groups[i]
+        return (keep[i] - 1) // g.step * g.step  # widths below the dense one stay multiples of the step
+
+    def candidate(i: int) -> tuple[float, int] | None:
+        g = model.groups[i]
+        new = next_width(i)
+        if new < max(g.min_keep, 1):
+            return None
+        before = model.group_part(i, keep)
+        after = model.group_part(i, {**keep, i: new})
+        saved = before - after
+        cut = g.channels - keep[i]
+        lost = sum(order[i][cut : g.channels - new])
+        if saved <= 0:
+            return None
+        return lost / saved, new
+
+    total = model.total(keep)
+    heap: list[tuple[float, int, int]] = []
+    for i in model.groups:
+        c = candidate(i)
+        if c is not None:
+            heapq.heappush(heap, (c[0], i, c[1]))
+    while total > goal_ms and heap:
+        _, i, new = heapq.heappop(heap)
+        if next_width(i) != new:
+            continue  # stale entry
+        changed = {i}
+        before = sum(model.layer_ms(n, keep) for n in model.touching[i])
+        keep[i] = new
+        total += sum(model.layer_ms(n, keep) for n in model.touching[i]) - before
+        # neighbours sharing a layer see a different marginal saving now
+        shared = set(model.touching[i])
+        changed |= {j for j, names in model.touching.items() if shared.intersection(names)}
+        for j in changed:
+            c = candidate(j)
+            if c is not None:
+                heapq.heappush(heap, (c[0], j, c[1]))
+    return keep
+
+
+# --------------------------------------------------------------------------------------------
+# measuring the table
+
+
+def _conv_inputs(model: nn.Module, input_size: int, batch: int) -> dict[str, tuple[nn.Conv2d, tuple[int, ...]]]:
+    """Every Conv2d of the network modules with the input shape it sees (first call), under the
+    fixed workload."""
+    from .measure import fixed_workload
+    from .measure.split import network_modules
+    from .measure.workload import example_images, quiet
+
+    nets = network_modules(model)
+    seen: dict[str, tuple[nn.Conv2d, tuple[int, ...]]] = {}
+    handles = []
+    for prefix, net in nets.items():
+        for name, m in net.named_modules():
+            if isinstance(m, nn.Conv2d):
+                full = f"{prefix}.{name}" if name else prefix
+
+                def hook(mod: nn.Module, args: tuple, _out: Any, full: str = full) -> None:
+                    if full not in seen:
+                        seen[full] = (mod, tuple(args[0].shape))
+
+                handles.append(m.register_forward_hook(hook))
+    try:
+        with quiet(), torch.no_grad(), fixed_workload(model, 100, 100):
+            model.eval()(example_images(batch, input_size, "cpu"))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _is_depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels
+
+
+def _scaled(conv: nn.Conv2d, f_in: float, f_out: float) -> nn.Conv2d:
+    if _is_depthwise(conv):
+        c = max(1, round(conv.in_channels * min(f_in, f_out)))
+        cin, cout, groups = c, c * (conv.out_channels // conv.in_channels), c
+    else:
+        groups = conv.groups
+        cin = max(groups, round(conv.in_channels * f_in / groups) * groups)
+        cout = max(groups, round(conv.out_channels * f_out / groups) * groups)
+    return nn.Conv2d(cin, cout, conv.kernel_size, conv.stride, conv.padding, conv.dilation, groups,
+                     conv.bias is not None).eval()
+
+
+class _Bank(nn.Module):
+    """Independent convolutions, one per input: every layer of the network at one grid cell."""
+
+    def __init__(self, convs: Sequence[nn.Conv2d]) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(c(x) for c, x in zip(self.convs, xs))
+
+
+def _cells() -> list[tuple[int, int]]:
+    return [(i, j) for i in range(len(FRACTIONS)) for j in range(len(FRACTIONS))]
+
+
+def _time_torch(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: int, runs: int) -> dict[str, list[list[float]]]:
+    from .measure.timing import time_interleaved
+
+    fns: dict[str, Callable[[], Any]] = {}
+    for name, (conv, shape) in layers.items():
+        for i, j in _cells():
+            if _is_depthwise(conv) and i != j:
+                continue
+            c = _scaled(conv, FRACTIONS[i], FRACTIONS[j])
+            x = torch.rand(shape[0], c.in_channels, *shape[2:]).contiguous(memory_format=torch.channels_last)
+            c = c.to(memory_format=torch.channels_last)
+            fns[f"{name}\0{i}\0{j}"] = lambda c=c, x=x: c(x)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            times = time_interleaved(fns, warmup=2, runs=runs)
+    finally:
+        torch.set_num_threads(old)
+    return _grid(layers, {k: statistics.median(v) for k, v in times.items()})
+
+
+def _grid(layers: dict[str, Any], med: dict[str, float]) -> dict[str, list[list[float]]]:
+    out: dict[str, list[list[float]]] = {}
+    n = len(FRACTIONS)
+    for name in layers:
+        grid = [[0.0] * n for _ in range(n)]
+        for i, j in _cells():
+            k = f"{name}\0{i}\0{j}"
+            grid[i][j] = med[k] if k in med else med[f"{name}\0{min(i, j)}\0{min(i, j)}"]  # depthwise: diagonal
+        out[name] = grid
+    return out
+
+
+def _time_onnxruntime(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: int, runs: int) -> dict[str, list[list[float]]]:
+    from .runtime import import_onnxruntime
+
+    ort = import_onnxruntime()
+    names = list(layers)
+    with tempfile.TemporaryDirectory(prefix="surgery-latency-") as tmp:
+        sessions = []
+        for i, j in _cells():
+            convs = [_scaled(layers[n][0], FRACTIONS[i], FRACTIONS[j]) for n in names]
+            xs = tuple(torch.rand(layers[n][1][0], c.in_channels, *layers[n][1][2:]) for n, c in zip(names, convs))
+            path = os.path.join(tmp, f"cell{i}{j}.onnx")
+            with torch.no_grad():
+                torch.onnx.export(_Bank(convs).eval(), xs, path, input_names=[f"x{k}" for k in range(len(xs))],
+                                  output_names=[f"y{k}" for k in range(len(xs))], opset_version=17, dynamo=False)
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            opts.intra_op_num_threads, opts.inter_op_num_threads = int(threads), 1
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.enable_profiling = True
+            opts.profile_file_prefix = os.path.join(tmp, f"prof{i}{j}")
+            sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+            feed = {f"x{k}": x.numpy() for k, x in enumerate(xs)}
+            sessions.append(((i, j), sess, feed))
+        for _ in range(2):  # warm-up, not profiled apart: the median drops it
+            for _, s, f in sessions:
+                s.run(None, f)
+        for _ in range(runs):  # round-robin over the cells: load changes hit every cell alike
+            for _, s, f in sessions:
+                s.run(None, f)
+        med: dict[str, float] = {}
+        for (i, j), s, _ in sessions:
+            per: dict[int, list[float]] = {}
+            for e in json.loads(Path(s.end_profiling()).read_text()):
+                if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+                    continue
+                node = e["name"][: -len("_kernel_time")]
+                k = _bank_index(node)
+                if k is not None:
+                    per.setdefault(k, []).append(float(e["dur"]) / 1e3)
+            for k, values in per.items():
+                med[f"{names[k]}\0{i}\0{j}"] = statistics.median(values)
+    missing = [n for n in names if f"{n}\0{0}\0{0}" not in med]
+    if missing:
+        raise PruningError(f"latency table: ONNX Runtime's profile has no time for {missing[:3]}")
+    return _grid(layers, med)
+
+
+def _bank_index(node: str) -> int | None:
+    """Which layer of a bank a profiled node is: ``/convs.12/Conv`` (the exporter's module path)
+    or ``y12_nchwc`` (ONNX Runtime's NCHWc layout pass renames a convolution after its output);
+    ``None`` for the layout reorders around them."""
+    head = node.strip("/").split("/")[0]
+    for prefix, text in (("convs.", head[6:]), ("y", head[1:].removesuffix("_nchwc"))):
+        if head.startswith(prefix) and text.isdigit():
+            return int(text)
+    return None
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("SURGERY_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "surgery") / "latency"
+
+
+def _table_key(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], runtime: str, threads: int, size: int, batch: int,
+               model_name: str) -> str:
+    version = torch.__version__
+    if runtime == "onnxruntime":
+        from .runtime import import_onnxruntime
+
+        version = import_onnxruntime().__version__
+    desc = [model_name, runtime, version, threads, size, batch, list(FRACTIONS)]
+    desc += [[n, c.in_channels, c.out_channels, list(c.kernel_size), list(c.stride), c.groups, list(s)]
+             for n, (c, s) in layers.items()]
+    return hashlib.sha256(json.dumps(desc, default=str).encode()).hexdigest()[:16]
+
+
+def measure_table(
+    model: nn.Module, runtime: str, input_size: int, *, batch: int = 1, threads: int = 2, runs: int = 15,
+    model_name: str = "", refresh: bool = False, cache: bool = True,
+) -> LatencyTable:
+    """The latency table of ``model``'s network convolutions on ``runtime`` (cached; see the
+    module docstring)."""
+    if runtime not in RUNTIMES:
+        raise PruningError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    layers = _conv_inputs(model, input_size, batch)
+    if not layers:
+        raise PruningError(f"{type(model).__name__}: no convolution in its network modules to time")
+    key = _table_key(layers, runtime, threads, input_size, batch, model_name or type(model).__name__)
+    path = cache_dir() / f"{key}.json"
+    if cache and not refresh and path.is_file():
+        try:
+            table = LatencyTable.from_dict(json.loads(path.read_text()))
+            if set(table.ms) == set(layers):
+                return table
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is measured again
+    timer = _time_onnxruntime if runtime == "onnxruntime" else _time_torch
+    ms = timer(layers, threads, runs)
+    table = LatencyTable(runtime, threads, input_size, batch, ms,
+                         {n for n, (c, _) in layers.items() if _is_depthwise(c)}, key)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path, "w") as f:
+            json.dump(table.to_dict(), f)
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# timing a network, dense against cut
+
+
+def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, batch: int = 1, threads: int = 2,
+               runs: int = 15, rounds: int = 5) -> list[list[float]]:
+    """Per model, its network milliseconds in each of ``rounds`` interleaved passes over the
+    models (each ``runs`` runs; ONNX Runtime: profiled network kernel time, as ``surgery bench``
+    splits it; torch: recorded network calls replayed, median per pass). Ratios between models
+    are best taken per pass, then their median: a load change between passes cancels out."""
+    from .measure import fixed_workload
+    from .measure.split import onnx_scopes, onnx_split_ms, record_calls, replay_network
+    from .measure.timing import time_interleaved
+    from .measure.workload import example_images, quiet
+
+    images = example_images(batch, input_size, "cpu", seed=batch)
+    samples: list[list[float]] = [[] for _ in models]
+    if runtime == "torch":
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with quiet(), torch.inference_mode():
+                calls = []
+                for m in models:
+                    with fixed_workload(m, 100, 100):
+                        calls.append(record_calls(m.eval(), images))
+                fns = {str(k): (lambda c=c: replay_network(c)) for k, c in enumerate(calls)}
+                for _ in range(rounds):
+                    times = time_interleaved(fns, warmup=1, runs=runs)
+                    for k in range(len(models)):
+                        samples[k].append(statistics.median(times[str(k)]))
+        finally:
+            torch.set_num_threads(old)
+        return samples
+    from .export import export_onnx
+    from .runtime import fit_image
+
+    with tempfile.TemporaryDirectory(prefix="surgery-latency-") as tmp:
+        files = []
+        for k, m in enumerate(models):
+            path = Path(tmp) / f"m{k}.onnx"
+            with fixed_workload(m, 100, 100):
+                export_onnx(m, path, input_size, verify=False)
+            files.append((path, onnx_scopes(m)))
+        feeds = [{"image": fit_image(img, input_size).numpy()} for img in images]
+        for _ in range(rounds):
+            for k, (path, scopes) in enumerate(files):
+                samples[k].append(onnx_split_ms(path, feeds, scopes, threads=threads, warmup=2, runs=runs).network_ms)
+    return samples
+
+
+# --------------------------------------------------------------------------------------------
+# the entry point prune uses
+
+
+@dataclass
+class LatencyResult:
+    """Per-group ratios for a latency target and what they measured."""
+
+    ratios: dict[int, float]  # group index -> fraction of its channels cut
+    target: float  # fraction of the dense network latency to keep
+    runtime: str
+    dense_ms: float
+    measured_ms: float | None
+    estimated_ms: float
+    table_key: str
+    rounds: int
+    within_tolerance: bool
+    tol: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def measured(self) -> float | None:
+        return None if self.measured_ms is None else self.measured_ms / self.dense_ms
+
+
+def group_specs(graph: Any, scores: dict[int, torch.Tensor], cfg: Any) -> list[GroupSpec]:
+    """The allocator's view of a traced graph's prunable groups (overridden and skipped groups
+    keep their own ratio / width)."""
+    from .prune import keep_count
+
+    out = []
+    for g in graph.groups:
+        if not g.prunable or g.index not in scores:
+            continue
+        step = math.lcm(max(1, cfg.round_to), max(1, g.multiple_of))
+        floor = keep_count(g.channels, 0.999, round_to=cfg.round_to, min_channels=cfg.min_channels,
+                           multiple_of=g.multiple_of)
+        out.append(GroupSpec(g.index, g.channels, step, floor, scores[g.index].tolist(), g.producers, g.consumers))
+    return out
+
+
+def _keep_to_ratios(keep: dict[int, int], specs: Sequence[GroupSpec]) -> dict[int, float]:
+    by = {s.index: s for s in specs}
+    # a ratio whose keep_count gives back exactly this width: ceil(C * (1 - r)) = keep
+    return {i: max(0.0, 1.0 - (k - 0.5) / by[i].channels) if k < by[i].channels else 0.0 for i, k in keep.items()}
+
+
+def latency_ratios(
+    model: nn.Module, graph: Any, scores: dict[int, torch.Tensor], cfg: Any, *, target: float, runtime: str,
+    input_size: int, batch: int = 1, threads: int = 2, tol: float = 0.05, max_rounds: int = 3,
+    cut: Callable[[nn.Module, dict[int, float]], nn.Module] | None = None, model_name: str = "",
+) -> LatencyResult:
+    """Per-group cut ratios that keep ``target`` of the dense network latency on ``runtime``,
+    verified by timing (see the module docstring). ``cut(model, ratios)`` returns a cut copy
+    (:func:`surgery.prune.prune_model` passes one); without it nothing is verified."""
+    if not 0.0 < target < 1.0:
+        raise PruningError(f"target_latency must be a fraction strictly between 0 and 1, got {target}")
+    table = measure_table(model, runtime, input_size, batch=batch, threads=threads, model_name=model_name)
+    specs = group_specs(graph, scores, cfg)
+    if not specs:
+        raise PruningError("no prunable group to reach a latency target with")
+    lm = LatencyModel(table, specs)
+    dense_est = lm.total({})
+    notes = [f"latency table: {len(table.ms)} convolutions x {len(FRACTIONS) ** 2} widths on {runtime} "
+             f"({threads} threads, {input_size}px, batch {batch}; cache key {table.key})"]
+    goal = target
+    best: tuple[float, dict[int, float], float, float | None] | None = None
+    dense_ms = float("nan")
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        keep = allocate(lm, goal * dense_est)
+        ratios = _keep_to_ratios(keep, specs)
+        est = lm.total(keep) / dense_est
+        if cut is None:
+            return LatencyResult(ratios, target, runtime, dense_est, None, est * dense_est, table.key, rounds,
+                                 abs(est - target) <= tol * target, tol, notes + ["not verified by timing"])
+        cut_model = cut(model, ratios)
+        dense_s, cut_s = network_ms([model, cut_model], runtime, input_size, batch=batch, threads=threads)
+        dense_ms, cut_ms = statistics.median(dense_s), statistics.median(cut_s)
+        achieved = statistics.median(c / d for c, d in zip(cut_s, dense_s))  # per interleaved pass
+        notes.append(f"round {rounds}: estimate {est:.3f}, measured {achieved:.3f} of the dense network "
+                     f"({cut_ms:.2f} / {dense_ms:.2f} ms)")
+        if best is None or abs(achieved - target) < abs(best[0] - target):
+            best = (achieved, ratios, est, cut_ms)
+        if abs(achieved - target) <= tol * target:
+            break
+        goal = min(0.999, max(0.01, goal * target / achieved))  # the table's bias, corrected
+    assert best is not None
+    achieved, ratios, est, cut_ms = best
+    ok = abs(achieved - target) <= tol * target
+    if not ok:
+        notes.append(f"no allocation within {tol:.0%} of the target after {rounds} timed rounds "
+                     "(round_to / min_channels steps, or a busy machine): the closest is returned")
+    return LatencyResult(ratios, target, runtime, dense_ms, cut_ms, est * dense_est, table.key, rounds, ok, tol, notes)
+
+
+def cut_with_overrides(graph: Any, cfg: Any, scores: dict[int, torch.Tensor]) -> Callable[[nn.Module, dict[int, float]], nn.Module]:
+    """``cut`` for :func:`latency_ratios`: a deep copy traced again and cut with the per-group
+    ratios as overrides of the groups' root layers (what :func:`surgery.prune.prune_model` applies)."""
+    import dataclasses
+
+    from .graph import trace
+    from .prune import apply_channel_plan, plan_channels
+
+    roots = {g.index: g.root for g in graph.groups}
+
+    def cut(model: nn.Module, ratios: dict[int, float]) -> nn.Module:
+        twin = copy.deepcopy(model)
+        g2 = trace(twin, trace_size=graph.trace_size, skip=cfg.skip)
+        if [g.root for g in g2.groups] != [g.root for g in graph.groups]:
+            raise PruningError("internal: the copy of the model traced into different groups")
+        c2 = dataclasses.replace(cfg, overrides={**cfg.overrides, **{roots[i]: r for i, r in ratios.items()}})
+        apply_channel_plan(g2, plan_channels(g2, c2, scores=scores))
+        return twin
+
+    return cut

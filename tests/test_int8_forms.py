@@ -1,0 +1,74 @@
+"""INT8 forms (surgery.quantize.FORMS): each writes the operators it names, and ``auto`` keeps
+the fastest of what it measured (no wall-clock assertion: the choice is checked against the
+timings it returns)."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from surgery.export import export_onnx
+from surgery.models import build_model
+from surgery.quantize import FORMS, choose_form, quantize_onnx
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", num_classes=3, min_size=64, max_size=64).eval()
+    path = tmp_path_factory.mktemp("int8") / "float.onnx"
+    export_onnx(model, path, 64, verify=False)
+    calib = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    return model, path, calib
+
+
+def _ops(path) -> dict[str, int]:  # noqa: ANN001
+    counts: dict[str, int] = {}
+    for n in onnx.load(str(path)).graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_form_writes_its_operators(small, tmp_path, form: str) -> None:  # noqa: ANN001
+    model, path, calib = small
+    res = quantize_onnx(path, tmp_path / "q.onnx", model, calib, input_size=64, form=form)
+    ops = _ops(res.path)
+    assert res.form == form and res.quantized_nodes > 0
+    if form.startswith("qoperator"):
+        assert ops.get("QLinearConv", 0) > 0  # int8 convolutions as operators
+    else:
+        assert ops.get("QLinearConv", 0) == 0 and ops.get("DequantizeLinear", 0) > 0
+    # per-tensor weights: every weight scale is a scalar; per-channel: at least one vector
+    proto = onnx.load(str(res.path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    scales = [inits[n.input[1]] for n in proto.graph.node if n.op_type == "QLinearConv"]
+    scales += [inits[n.input[1]] for n in proto.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dims
+               and len(inits[n.input[0]].dims) == 4]
+    if form.startswith("qoperator"):
+        scales = [inits[n.input[4]] for n in proto.graph.node if n.op_type == "QLinearConv"]
+    assert scales
+    vector = any(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)
+    assert vector == form.endswith("per-channel")
+
+
+def test_unknown_form_is_one_clear_error(small, tmp_path) -> None:  # noqa: ANN001
+    from surgery.quantize import QuantizeError
+
+    model, path, calib = small
+    with pytest.raises(QuantizeError, match="unknown INT8 form"):
+        quantize_onnx(path, tmp_path / "q.onnx", model, calib, input_size=64, form="qdq-per-row")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_auto_keeps_the_fastest_measured_form(small) -> None:  # noqa: ANN001
+    model, path, calib = small
+    best, ms, agree = choose_form(path, model, calib, input_size=64, candidates=FORMS[:2] + FORMS[2:3], rounds=1,
+                                  runs=2, verify_images=calib[:1])
+    assert set(ms) == set(FORMS[:3])
+    eligible = [f for f in ms if agree[f] >= max(agree.values()) - 0.02]
+    assert best == min(eligible, key=lambda f: ms[f])

@@ -1,0 +1,102 @@
+"""The latency allocator (surgery.latency) on synthetic cost tables: no wall-clock assertions."""
+
+from __future__ import annotations
+
+import pytest
+
+from surgery.latency import (
+    FRACTIONS,
+    GroupSpec,
+    LatencyModel,
+    LatencyTable,
+    _bilinear,
+    _keep_to_ratios,
+    allocate,
+)
+from surgery.prune import keep_count
+
+
+def _table(costs: dict[str, float], depthwise: set[str] = frozenset()) -> LatencyTable:
+    # a layer costs base * f_in * f_out (a convolution's MACs), exactly on the grid
+    ms = {n: [[c * fi * fo for fo in FRACTIONS] for fi in FRACTIONS] for n, c in costs.items()}
+    return LatencyTable("onnxruntime", 2, 128, 1, ms, set(depthwise))
+
+
+def test_bilinear_is_exact_on_the_grid_and_between_points_of_a_bilinear_cost() -> None:
+    grid = [[fi * fo for fo in FRACTIONS] for fi in FRACTIONS]
+    for f_in in (1.0, 0.9, 0.6, 0.3, 0.25):
+        for f_out in (1.0, 0.8, 0.5, 0.26):
+            assert _bilinear(grid, f_in, f_out) == pytest.approx(f_in * f_out)
+    assert _bilinear(grid, 0.125, 1.0) == pytest.approx(0.125)  # linear to zero below the grid
+
+
+def _chain() -> tuple[LatencyModel, list[GroupSpec]]:
+    # conv0 -> g0 -> conv1 -> g1 -> conv2 -> g2 -> conv3 (output); conv1 is the expensive layer
+    table = _table({"conv0": 1.0, "conv1": 8.0, "conv2": 2.0, "conv3": 0.5})
+    groups = [
+        GroupSpec(0, 64, 8, 8, [1.0] * 64, ["conv0"], ["conv1"]),
+        GroupSpec(1, 128, 8, 8, [1.0] * 128, ["conv1"], ["conv2"]),
+        GroupSpec(2, 64, 8, 8, [1.0] * 64, ["conv2"], ["conv3"]),
+    ]
+    return LatencyModel(table, groups), groups
+
+
+@pytest.mark.parametrize("target", [0.8, 0.5, 0.3])
+def test_allocation_meets_a_target_on_a_synthetic_table(target: float) -> None:
+    model, groups = _chain()
+    dense = model.total({})
+    keep = allocate(model, target * dense)
+    est = model.total(keep)
+    assert est <= target * dense
+    # one step less would miss it: the allocation stops at the target, it does not overshoot
+    step_back = min(model.total({**keep, i: min(g.channels, keep[i] + g.step)}) for i, g in model.groups.items()
+                    if keep[i] < g.channels)
+    assert step_back > target * dense
+    assert all(k % 8 == 0 and 8 <= k <= g.channels for k, g in zip(keep.values(), groups))
+
+
+def test_allocation_cuts_where_a_millisecond_costs_least_importance() -> None:
+    # equal importance: the groups touching the expensive conv1 shrink first
+    model, _ = _chain()
+    keep = allocate(model, 0.8 * model.total({}))
+    assert keep[0] < 64 or keep[1] < 128
+    assert keep[2] == 64
+    # the same table with group 1's channels 100x more important: it is left alone
+    table = model.table
+    heavy = [GroupSpec(0, 64, 8, 8, [1.0] * 64, ["conv0"], ["conv1"]),
+             GroupSpec(1, 128, 8, 8, [100.0] * 128, ["conv1"], ["conv2"]),
+             GroupSpec(2, 64, 8, 8, [1.0] * 64, ["conv2"], ["conv3"])]
+    # normalised by its own mean group 1 would look alike: importance varies within the group
+    heavy[1] = GroupSpec(1, 128, 8, 8, [100.0] * 120 + [0.001] * 8, ["conv1"], ["conv2"])
+    keep2 = allocate(LatencyModel(table, heavy), 0.8 * model.total({}))
+    assert keep2[1] >= 120
+
+
+def test_unreachable_target_keeps_the_floors() -> None:
+    model, groups = _chain()
+    keep = allocate(model, 0.0)
+    assert keep == {g.index: g.min_keep for g in groups}
+
+
+def test_ratios_give_back_the_allocated_widths() -> None:
+    specs = [GroupSpec(0, 100, 8, 8, [1.0] * 100, [], []), GroupSpec(1, 64, 8, 8, [1.0] * 64, [], [])]
+    for k0 in (96, 88, 8):
+        ratios = _keep_to_ratios({0: k0, 1: 64}, specs)
+        assert keep_count(100, ratios[0], round_to=8, min_channels=8) == k0
+        assert ratios[1] == 0.0
+
+
+def test_depthwise_layers_follow_the_diagonal() -> None:
+    table = _table({"dw": 4.0}, {"dw"})
+    assert table.layer_ms("dw", 1.0, 0.5) == pytest.approx(4.0 * 0.5 * 0.5)
+
+
+@pytest.mark.parametrize("fields,key", [({"target_latency": 1.5}, "target_latency"),
+                                        ({"target_latency": 0.5, "target_macs": 0.5}, "target_latency"),
+                                        ({"target_latency": 0.5, "runtime": "tflite"}, "runtime")])
+def test_recipe_refuses_bad_latency_settings(fields: dict, key: str) -> None:
+    from surgery.recipe import PruneSection
+
+    with pytest.raises(Exception, match=key):  # the recipe loader turns it into one RecipeError line
+        PruneSection(**fields).validate()
+    PruneSection(target_latency=0.5, runtime="torch").validate()  # a valid one passes
