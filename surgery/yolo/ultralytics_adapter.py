@@ -30,9 +30,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from ..errors import UnknownModelError
+from .config_check import check_config
 from .interface import YoloInterface, xyxy_to_cxcywh
 
 SCHEME = "ultralytics"
@@ -60,6 +62,22 @@ def _ultralytics() -> SimpleNamespace:
     return SimpleNamespace(tasks=tasks, Detect=Detect, hyp=dict(DEFAULT_CFG_DICT))
 
 
+@contextlib.contextmanager
+def _restricted(tasks: Any) -> Iterator[None]:
+    """Ultralytics' no-eval build path for this call, whatever its import-time ``ULTRALYTICS_SAFE_LOAD``
+    was (it is read once, when the package is first imported, maybe before surgery set it). The
+    thread flag is the one its own restricted loads set; :func:`check_config` is the boundary either way."""
+    local = getattr(getattr(tasks, "_SafeLoad", None), "_local", None)
+    before = getattr(local, "active", False)
+    if local is not None:
+        local.active = True
+    try:
+        yield
+    finally:
+        if local is not None:
+            local.active = before
+
+
 def resolve(spec: Any) -> Any:
     """The builder for ``spec`` (``ultralytics:<yaml or .pt>``); records the resolved yaml in
     ``spec.kwargs["cfg"]`` the first time (called by :func:`surgery.models.build_model`)."""
@@ -84,7 +102,10 @@ def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tens
     if path.is_file():  # the user's yaml: read as data
         from ..trust import safe_yaml_load
 
-        cfg = safe_yaml_load(path.read_bytes(), str(path))
+        try:
+            cfg = safe_yaml_load(path.read_bytes(), str(path))
+        except yaml.YAMLError as e:  # e.g. a !!python tag: safe loading refuses it
+            raise UnknownModelError(f"model {name!r}: {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
         if not isinstance(cfg, dict) or "backbone" not in cfg or "head" not in cfg:
             raise UnknownModelError(f"model {name!r}: {path} is not an Ultralytics model yaml (no backbone/head)")
         cfg.setdefault("scale", u.tasks.guess_model_scale(path))
@@ -131,8 +152,10 @@ def build_ultralytics(
     u = _ultralytics()
     if nc is not None and (not isinstance(nc, int) or nc < 1):
         raise UnknownModelError(f"ultralytics model: nc must be an integer >= 1 (object classes), got {nc!r}")
+    check_config(cfg, str(cfg.get("yaml_file", "config")) if isinstance(cfg, dict) else "config")
     try:
-        net = u.tasks.DetectionModel(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
+        with _restricted(u.tasks):
+            net = u.tasks.DetectionModel(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
     except (KeyError, TypeError, ValueError, AssertionError, IndexError) as e:
         raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: cannot build it from its yaml ({e})") from e
     head = net.model[-1]
