@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from .safety import check_output, clean_stale_temporaries, no_space, tmp_prefix
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
@@ -34,7 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         try:
             yield tmp
         except Exception as e:
-            full = no_space(e, path)
+            full = no_space(e, path, free=_free_bytes(path.parent))
             if full is not None:
                 raise full from e
             raise

@@ -170,10 +170,12 @@ class RunLock:
         self.folder = Path(folder)
         self.what = what
         self.fd: int | None = None
+        self.created = False
 
     def __enter__(self) -> RunLock:
         import fcntl
 
+        self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / self.NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -195,6 +197,12 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
+            # a folder this lock created and nothing else was written to (the run failed at once):
+            # removed, not left holding only the lock file
+            if self.created and [e.name for e in os.scandir(self.folder)] == [self.NAME]:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.folder / self.NAME)
+                    os.rmdir(self.folder)
             os.close(self.fd)
             self.fd = None
 
@@ -257,8 +265,12 @@ def _mount_of(path: Path) -> str:
     return str(p)
 
 
-def no_space(error: BaseException, path: str | Path, what: str = "output") -> OutputError | None:
-    """An :class:`OutputError` if ``error`` (or what caused it) is a full disk or quota, else ``None``."""
+def no_space(error: BaseException, path: str | Path, what: str = "output", *, free: int | None = None) -> OutputError | None:
+    """An :class:`OutputError` if ``error`` (or what caused it) is a full disk or quota, else ``None``.
+    ``free``: bytes left on the target's file system, for writers that wrap the ``OSError`` in their
+    own error (the ONNX exporter blames onnxscript): under 1 MiB left counts as a full disk."""
+    if free is not None and free < (1 << 20) and not (isinstance(error, OSError) and error.errno not in _FULL):
+        error = OSError(errno.ENOSPC, f"{type(error).__name__} with {free} bytes free")
     seen: set[int] = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:

@@ -200,3 +200,36 @@ def test_interrupted_training_says_what_was_kept(tmp_path) -> None:
     save_checkpoint(out, nn.Linear(1, 1), ModelSpec("fcos_resnet18_slim"), train_state={"step": 7})
     text = _kept(out)
     assert "holds step 7" in text and f"--resume --out {out}" in text
+
+
+def test_a_writer_that_hides_enospc_on_a_full_disk_is_still_one_line(tmp_path, monkeypatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from surgery.atomic import atomic_path
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(OutputError, match="no space left on device"):
+        with atomic_path(tmp_path / "m.onnx"):
+            raise RuntimeError("onnxscript: failed to serialize")  # what the exporter says instead
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="onnxscript"):  # with room left, the error is the writer's
+        with atomic_path(tmp_path / "m.onnx"):
+            raise RuntimeError("onnxscript: failed to serialize")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_lock_leaves_no_empty_folder(tmp_path) -> None:
+    from surgery.safety import RunLock
+
+    with RunLock(tmp_path / "sweep"):
+        pass  # the run failed before writing anything
+    assert not (tmp_path / "sweep").exists()
+    (tmp_path / "kept").mkdir()
+    with RunLock(tmp_path / "kept"):
+        pass
+    assert (tmp_path / "kept").is_dir()  # not created by the lock: left alone
+    with RunLock(tmp_path / "used"):
+        (tmp_path / "used" / "results.csv").write_text("x")
+    assert (tmp_path / "used" / "results.csv").exists()
