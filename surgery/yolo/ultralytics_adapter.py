@@ -4,7 +4,9 @@ Ultralytics is AGPL-3.0: nothing of it is copied here. This is the only module t
 only when such a model is built (``pip install 'surgery[yolo]'``); without it the model name is one
 clear error. Before the import the package is made offline and inert: ``YOLO_OFFLINE`` (no
 connectivity probe, no downloads), ``YOLO_AUTOINSTALL=0`` (never pip-installs missing requirements),
-``ULTRALYTICS_SAFE_LOAD=1`` (model yamls are parsed without ``eval``: a yaml is data here),
+``ULTRALYTICS_SAFE_LOAD=1`` (model yamls are parsed without ``eval``: a yaml is data here; as the
+package may have been imported before, every config is also checked by :mod:`.config_check` and
+built with that mode forced for the call),
 ``YOLO_VERBOSE=0``, its settings file kept in surgery's cache unless ``YOLO_CONFIG_DIR`` is set, and
 its event ``sync`` switched off for this process. Plotting (which may fetch a font) is never called.
 
@@ -34,7 +36,7 @@ import yaml
 from torch import Tensor, nn
 
 from ..errors import UnknownModelError
-from .config_check import check_config
+from .config_check import MAX_CLASSES, check_config
 from .interface import YoloInterface, xyxy_to_cxcywh
 
 SCHEME = "ultralytics"
@@ -150,14 +152,16 @@ def build_ultralytics(
     interface. ``nc``: object classes (labels 1..nc; the yaml's value by default); ``size``: the
     letterbox size (a multiple of 32 is used)."""
     u = _ultralytics()
-    if nc is not None and (not isinstance(nc, int) or nc < 1):
-        raise UnknownModelError(f"ultralytics model: nc must be an integer >= 1 (object classes), got {nc!r}")
+    if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or not 1 <= nc <= MAX_CLASSES):
+        raise UnknownModelError(f"ultralytics model: nc must be an integer in 1..{MAX_CLASSES} (object classes), got {nc!r}")
     check_config(cfg, str(cfg.get("yaml_file", "config")) if isinstance(cfg, dict) else "config")
     try:
         with _restricted(u.tasks):
             net = u.tasks.DetectionModel(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
     except (KeyError, TypeError, ValueError, AssertionError, IndexError) as e:
-        raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: cannot build it from its yaml ({e})") from e
+        why = " ".join(str(e).split())
+        raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: cannot build it from its yaml "
+                                f"({type(e).__name__}: {why[:200]})") from e
     head = net.model[-1]
     if type(head) is not u.Detect or getattr(head, "one2one_cv2", None) is not None:
         raise UnknownModelError(
