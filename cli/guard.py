@@ -4,8 +4,10 @@ from being overwritten."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ def _inputs(bound: dict[str, Any]) -> list[Any]:
 def _precheck(command: str, bound: dict[str, Any]) -> None:
     """Before any work: outputs are writable and are not inputs; --kwarg is not given with a checkpoint."""
     from surgery.checkpoint import looks_like_path
-    from surgery.safety import check_folder, check_output
+    from surgery.safety import OutputError, check_folder, check_output
     from surgery.validate import check_device
 
     inputs = _inputs(bound)
@@ -61,11 +63,42 @@ def _precheck(command: str, bound: dict[str, Any]) -> None:
     outputs = {flag: bound.get(name) for name, flag in OUTPUT_PARAMS.items() if bound.get(name) is not None}
     if command == "export" and bound.get("out") is None and bound.get("checkpoint") is not None:
         outputs["--out (default)"] = Path(bound["checkpoint"]).with_suffix(".onnx")
+    seen: dict[str, str] = {}
     for flag, path in outputs.items():
         if command in FOLDER_OUTPUTS and flag == "--out":
             check_folder(path, what="--out")
         else:
             check_output(path, inputs=inputs, what=flag)
+        key = os.path.realpath(os.path.abspath(os.fspath(path)))
+        if key in seen:  # e.g. quantize --out k.onnx --keep-float k.onnx: one would replace the other
+            raise OutputError(f"{flag} {path} and {seen[key]} are the same file; give each output its own path")
+        seen[key] = f"{flag} {path}"
+
+
+def _file_outputs(command: str, bound: dict[str, Any]) -> list[tuple[str, Path]]:
+    """The output files this call writes (the folders of sweep/predict are locked by those commands)."""
+    out = [(flag, Path(bound[name])) for name, flag in OUTPUT_PARAMS.items() if bound.get(name) is not None]
+    if command == "export" and bound.get("out") is None and bound.get("checkpoint") is not None:
+        out.append(("--out", Path(bound["checkpoint"]).with_suffix(".onnx")))
+    return [(f, p) for f, p in out if not (command in FOLDER_OUTPUTS and f == "--out")]
+
+
+def _locks(command: str, bound: dict[str, Any]) -> contextlib.ExitStack:
+    """One lock per output file for the whole call: a second process writing the same file refuses
+    (two ``train --out same.pt`` would interleave their metrics and keep one run's weights). Under
+    torchrun only rank 0 writes, so only it locks."""
+    from surgery.safety import OutputLock
+
+    stack = contextlib.ExitStack()
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return stack
+    try:
+        for flag, path in _file_outputs(command, bound):
+            stack.enter_context(OutputLock(path, what=flag))
+    except BaseException:
+        stack.close()
+        raise
+    return stack
 
 
 def _refuse_untrusted_early(model: Any, recipe: Any) -> None:
@@ -115,7 +148,8 @@ def guard(command: str, fn: Any) -> Any:
         _precheck(command, bound)
         model, recipe = bound.get("model"), bound.get("recipe")
         where = "--model" if isinstance(model, str) and ":" in model else f"recipe {recipe}" if recipe and not model else None
-        with trusting(trust_code), origin(where), protecting(p for p in _inputs(bound) if isinstance(p, (str, Path))):
+        with _locks(command, bound), trusting(trust_code), origin(where), \
+                protecting(p for p in _inputs(bound) if isinstance(p, (str, Path))):  # fmt: skip
             if not trust_code:
                 _refuse_untrusted_early(model, recipe)
             return fn(*args, **kwargs)

@@ -74,7 +74,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()  # standalone: typer/click handle usage errors and exit codes
+        code = app(standalone_mode=False)  # usage errors come here: one line, not Typer's boxed panel
     except SurgeryError as e:
         if os.environ.get("SURGERY_DEBUG") == "1":
             raise
@@ -83,6 +83,20 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, markup=True, soft_wrap=True)
         err_console.print("[dim](set SURGERY_DEBUG=1 for the full traceback)[/]")
         sys.exit(2)
+    except Exception as e:
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not click's ClickException: a bug
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `surgery` / `surgery data`: the help
+            e.show()
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        text = " ".join(e.format_message().split())
+        err_console.print(f"[bold red]error:[/] {escape(text)}{escape(where)}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except (EOFError, KeyboardInterrupt):
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main", "console"]

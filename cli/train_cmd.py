@@ -4,6 +4,8 @@ data-parallel (only rank 0 draws progress and writes checkpoints)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import typer
 
 from cli.common import parse_kv, resolve_recipe
 from cli.common import run_out as _run_out
+from cli.console import err_console
 from cli.display import TrainDisplay, print_train_summary
 
 DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a COCO .json"
@@ -76,7 +79,8 @@ def train(
     out = _run_out(out, "runs/train", resume)
     dist_info = init_distributed(device)
     try:
-        with TrainDisplay(f"train {rec.model.name}", enabled=dist_info.is_main) as display:
+        with _interrupt_note(out, dist_info.is_main), \
+                TrainDisplay(f"train {rec.model.name}", enabled=dist_info.is_main) as display:  # fmt: skip
             outcome = train_from_recipe(rec, out, device=device, resume=resume, evaluate=eval_,
                                         dist_info=dist_info, callbacks=display.callbacks())
         if dist_info.is_main:
@@ -126,7 +130,8 @@ def retrain(
     out = _run_out(out, "runs/retrain", resume)
     dist_info = init_distributed(device)
     try:
-        with TrainDisplay(f"retrain {ckpt.stem}", enabled=dist_info.is_main) as display:
+        with _interrupt_note(out, dist_info.is_main), \
+                TrainDisplay(f"retrain {ckpt.stem}", enabled=dist_info.is_main) as display:  # fmt: skip
             outcome = retrain_checkpoint(ckpt, rec, out, device=device, resume=resume, evaluate=eval_,
                                          sparsity=sparsity, agp=agp, dist_info=dist_info,
                                          callbacks=display.callbacks(), hooks=[QATHook()] if qat else (),
@@ -175,6 +180,32 @@ def sparsify(
             print_train_summary(f"sparsify {ckpt.stem}", outcome)
     finally:
         destroy_distributed()
+
+
+@contextlib.contextmanager
+def _interrupt_note(out: Path, main: bool) -> Iterator[None]:
+    """Ctrl-C (SIGINT) during training: say what was kept and how to continue, exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if main:
+            err_console.print(f"interrupted: {_kept(out)}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+
+
+def _kept(out: Path) -> str:
+    from surgery.checkpoint import read_checkpoint
+    from surgery.errors import SurgeryError
+
+    try:
+        state = read_checkpoint(out).train_state if out.is_file() else None
+    except SurgeryError:
+        state = None
+    if not state or "step" not in state:
+        return (f"no checkpoint was saved yet ({out} holds no training state); run the same command again "
+                "to start over (a lower --checkpoint-every saves more often)")
+    return (f"{out} holds step {state['step']} with its optimizer and data position; run the same command "
+            f"with --resume --out {out} to continue from there")
 
 
 def register(app: typer.Typer) -> None:

@@ -162,7 +162,7 @@ class _Subject:
 
 
 def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) -> _Subject:
-    from .export import export_onnx
+    from .export import export_onnx, onnx_parameter_count
     from .measure.split import onnx_scopes
     from .runtime import OnnxDetector, is_onnx, load_detector
 
@@ -171,12 +171,16 @@ def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) ->
         det, ckpt = load_detector(path, "cpu", threads=cfg.threads)
         meta = ckpt.meta.get("onnx", {})
         fbytes, fgzip = file_size(path)
-        params = int(_num(meta, "params") or 0)
+        params = onnx_parameter_count(path)  # the file's initializers, not what its metadata claims
+        declared = _num(meta, "params")
+        nonzero = int(_num(meta, "params_nonzero") or params) if declared == params else params
         info = {"model": ckpt.spec.name, "method": meta.get("method", "onnx"), "ratio": _num(meta, "ratio"),
-                "sparsity": None, "kind": ckpt.kind, "params": params,
-                "params_nonzero": int(_num(meta, "params_nonzero") or params),
+                "sparsity": None, "kind": ckpt.kind, "params": params, "params_nonzero": nonzero,
                 "file_bytes": fbytes, "file_gzip_bytes": fgzip, "macs": _num(meta, "macs"), "detections": None,
                 "notes": [f"{path.name}: an ONNX file, timed as exported (its own thresholds and input size)"]}
+        if declared is not None and abs(declared - params) > 0.01 * max(params, 1):
+            info["notes"].append(f"{path.name}: its metadata says {int(declared)} parameters, its initializers hold "
+                                 f"{params} (shown)")
         macs_size = _num(meta, "input_size")
         if macs_size is not None and int(macs_size) != cfg.input_size:
             info["notes"].append(f"{path.name}: MACs are from its export at {int(macs_size)}px")

@@ -68,8 +68,14 @@ class Checkpoint:
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    import io
+
+    # serialised in memory first: torch's zip writer reports a full disk as "inline_container.cc:
+    # unexpected pos" (a RuntimeError); a plain write says ENOSPC, which atomic_open names in one line
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(buf.getbuffer())
     return Path(path)
 
 
@@ -153,6 +159,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, wrong magic, unsafe pickle...
+        from .runtime import is_onnx  # only on this error path: the checkpoint layer needs no runtime
+
+        if is_onnx(path):
+            raise CheckpointError(
+                f"{path} is an ONNX export, not a surgery checkpoint: bench, eval and predict take it; "
+                "this command needs the .pt checkpoint it was exported from"
+            ) from None
         raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a torch file ({e.__class__.__name__})") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(

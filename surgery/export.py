@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 import warnings
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import SurgeryError
+from .errors import CheckpointError, SurgeryError
 from .postprocess import fast_postprocess
 
 OUTPUT_ORDER: tuple[str, ...] = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
@@ -270,6 +271,61 @@ def read_metadata(path_or_session: str | Path | Any) -> dict[str, str]:
     sess = ort_session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
     meta = sess.get_modelmeta().custom_metadata_map
     return {k[len(METADATA_PREFIX):]: v for k, v in meta.items() if k.startswith(METADATA_PREFIX)}
+
+
+# what each ``surgery.*`` key may hold: a file's metadata is input, never trusted for its types
+_META_INTS = {"params": 10**13, "params_nonzero": 10**13, "macs": 10**16, "input_size": 8192}
+_META_TEXT = ("model", "kind", "method", "source")
+
+
+def check_metadata(meta: dict[str, str], where: str | Path) -> dict[str, str]:
+    """``meta`` (from :func:`read_metadata`) if every ``surgery.*`` value has its type and range;
+    otherwise one :class:`~surgery.errors.CheckpointError` line naming the key: counts are
+    non-negative integers, ``ratio`` a number in [0, 1), ``num_classes`` an integer >= 1,
+    ``class_names`` a JSON list of strings and ``recipe`` a JSON mapping."""
+
+    def bad(key: str, what: str) -> CheckpointError:
+        value = meta[key] if len(meta[key]) <= 60 else meta[key][:57] + "..."
+        return CheckpointError(f"{where}: ONNX metadata surgery.{key}={value!r} is not {what}; refused (re-export the model)")
+
+    for key, hi in _META_INTS.items():
+        if meta.get(key, "") != "" and not (meta[key].isdigit() and int(meta[key]) <= hi):
+            raise bad(key, f"an integer in 0..{hi:g}")
+    if meta.get("params") and meta.get("params_nonzero") and int(meta["params_nonzero"]) > int(meta["params"]):
+        raise bad("params_nonzero", f"at most params ({meta['params']})")
+    if meta.get("num_classes", "") != "" and not (meta["num_classes"].isdigit() and 1 <= int(meta["num_classes"]) <= 100_000):
+        raise bad("num_classes", "an integer in 1..100000")
+    if meta.get("ratio", "") != "":
+        try:
+            ok = 0.0 <= float(meta["ratio"]) < 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise bad("ratio", "a number in [0, 1)")
+    for key in _META_TEXT:
+        if len(meta.get(key, "")) > 512:
+            raise bad(key, "a name of at most 512 characters")
+    for key, kind in (("class_names", list), ("recipe", dict)):
+        if meta.get(key, "") == "":
+            continue
+        try:
+            value = json.loads(meta[key])
+        except ValueError:
+            raise bad(key, "JSON") from None
+        if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+            raise bad(key, "a JSON list of names" if kind is list else "a JSON mapping")
+    return meta
+
+
+def onnx_parameter_count(path: str | Path) -> int:
+    """Parameters the file holds: elements of its initializers (what a lying ``surgery.params``
+    cannot change). External data is not read, only the declared shapes."""
+    import math
+
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return sum(math.prod(t.dims) for t in proto.graph.initializer)
 
 
 def _verify_without_threshold(

@@ -35,7 +35,7 @@ from .errors import CheckpointError, TrainingError
 from .masked import AGPSchedule, apply_masks, magnitude_masks, mask_gradients, masks_sparsity
 from .models import ModelSpec
 from .plan import Plan
-from .safety import check_output
+from .safety import check_output, clean_stale_temporaries
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -80,6 +80,9 @@ class HookBase:
 
     def after_train(self, trainer: Trainer) -> None:
         """After the last step (not called when training stops with an error)."""
+
+    def on_abort(self, trainer: Trainer) -> None:
+        """Training stopped by an exception or Ctrl-C: drop what is not finished (temporaries)."""
 
     def on_divergence(self, trainer: Trainer) -> None:
         """A loss was not finite: training stops with an error after this."""
@@ -255,6 +258,10 @@ class CheckpointHook(HookBase):
     def before_train(self, trainer: Trainer) -> None:
         if trainer.dist.is_main:
             check_output(self.path, what="training output")  # before the first step, not after the last
+            clean_stale_temporaries(self.path.parent, self.path.name)  # a killed run's pending checkpoint
+
+    def on_abort(self, trainer: Trainer) -> None:
+        self.discard()
 
     def _keep_best(self, trainer: Trainer) -> None:
         """Write ``best_path`` when this step's evaluation (the EvalHook runs first) beats the best."""

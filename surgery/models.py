@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import CheckpointError, UnknownModelError
+from .errors import CheckpointError, SurgeryError, UnknownModelError
 
 Builder = Callable[..., nn.Module]
 
@@ -170,8 +170,8 @@ def build_model(spec: ModelSpec | str, *, trust_code: bool | None = None, **over
             kwargs["weights_backbone"] = None
     try:
         model = builder(**kwargs)
-    except UnknownModelError:
-        raise  # the builder's own one-line reason (e.g. an Ultralytics head it refuses): not "rejected its arguments"
+    except SurgeryError:  # the builder's own one-line error (e.g. an Ultralytics config refused)
+        raise
     except TypeError as e:
         raise UnknownModelError(f"model {spec.name!r} rejected its arguments {sorted(kwargs)}: {e}") from e
     except (KeyError, ValueError) as e:
@@ -180,7 +180,7 @@ def build_model(spec: ModelSpec | str, *, trust_code: bool | None = None, **over
                 f"model {spec.name!r}: unknown weights {kwargs['weights']!r} ({e}); use DEFAULT, a torchvision "
                 "weights name, or a local weights file"
             ) from e
-        raise UnknownModelError(f"model {spec.name!r} rejected its arguments {spec.kwargs}: {e}") from e
+        raise UnknownModelError(f"model {spec.name!r} rejected its arguments {sorted(spec.kwargs)}: {e}") from e
     except OSError as e:  # urllib's URLError is an OSError: no internet for pretrained weights
         raise CheckpointError(
             f"model {spec.name!r}: cannot download weights {kwargs.get('weights')!r} ({e}); "

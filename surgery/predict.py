@@ -79,15 +79,11 @@ def image_files(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def _read(path: Path) -> Any:
-    import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"cannot read image {path}: {e.__class__.__name__} (expected {', '.join(IMAGE_SUFFIXES)})") from e
+    from .data.images import read_rgb
+
+    arr = read_rgb(path)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255.0)
 
 
@@ -128,9 +124,9 @@ def draw_detections(image: Path, pred: ImagePrediction, path: Path) -> Path:
     from PIL import Image, ImageDraw, ImageFont
 
     from .atomic import atomic_path
+    from .data.images import read_rgb
 
-    with Image.open(image) as im:
-        canvas = im.convert("RGB")
+    canvas = Image.fromarray(read_rgb(image))
     scale = max(1, round(320 / max(canvas.size)))  # small images are enlarged so labels stay readable
     if scale > 1:
         canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
@@ -149,17 +145,29 @@ def draw_detections(image: Path, pred: ImagePrediction, path: Path) -> Path:
     return path
 
 
-def write_predictions(preds: list[ImagePrediction], out_dir: Path, *, draw: bool = True) -> Path:
+MARKER = ".surgery-predict"  # in every folder predict created: later runs may write there again
+
+
+def write_predictions(preds: list[ImagePrediction], out_dir: Path, *, draw: bool = True,
+                      into_existing: bool = False) -> Path:
     """Draw every image into ``out_dir`` (same name; ``name_1.png``... when two inputs share one)
-    and write ``out_dir/detections.json``; returns the JSON's path."""
+    and write ``out_dir/detections.json``; returns the JSON's path. A folder that holds files and
+    was not created by ``predict`` is refused unless ``into_existing`` (``--into-existing``): its
+    ``detections.json`` or images could be the user's."""
     from .atomic import atomic_open
     from .safety import OutputError
 
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and not (out_dir / MARKER).exists() and any(out_dir.iterdir()) and not into_existing:
+        raise OutputError(f"--out {out_dir} is a folder surgery predict did not create and it holds files "
+                          "(detections.json or images there could be yours): choose a new folder, or pass "
+                          "--into-existing to write into it")
     shared = [p.file for p in preds if out_dir.exists() and Path(p.file).parent.resolve() == out_dir.resolve()]
     if draw and shared:
         raise OutputError(f"--out {out_dir} holds the input image {shared[0]}: drawn images would replace inputs; "
                           "choose another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).touch()
     used: set[str] = set()
     for p in preds:
         src = Path(p.file)

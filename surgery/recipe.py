@@ -457,9 +457,10 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from e
     try:
         data = safe_yaml_load(raw, str(path))
-        data = {} if data is None else data
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+        raise RecipeError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
+    if data is None or data == {}:
+        raise RecipeError(f"recipe {path} is empty; give at least one section (model:, prune:, train: ...) or no --recipe")
     return recipe_from_dict(data, str(path))
 
 

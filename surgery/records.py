@@ -8,12 +8,14 @@ The best checkpoint by validation mAP is written by :class:`surgery.hooks.Checkp
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import append_text
 from .hooks import HookBase
 
 if TYPE_CHECKING:
@@ -95,16 +97,17 @@ class RecordHook(HookBase):
 
     def _write(self, row: dict[str, Any]) -> None:
         self.files.jsonl.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.files.jsonl, "a") as f:
-            f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
+        # each row is appended whole or not at all (a full disk leaves no half line)
+        append_text(self.files.jsonl, json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
         new = self._columns is None
         if new:  # fixed by the first row: step, epoch, lr, losses, seconds and EVAL_COLUMNS
             self._columns = [k for k in row if not k.startswith("val/") or k[4:] in EVAL_COLUMNS]
-        with open(self.files.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self._columns, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=self._columns, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        append_text(self.files.csv, text.getvalue())
         if self._tb is not None:
             for k, v in row.items():
                 if k not in ("step", "epoch") and isinstance(v, (int, float)):

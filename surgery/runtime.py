@@ -71,20 +71,21 @@ class OnnxDetector(nn.Module):
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         super().__init__()
-        from .export import read_metadata
+        from .export import check_metadata, read_metadata
 
         self.path = Path(path)
         self.session = ort_session(path, threads)
         shape = self.session.get_inputs()[0].shape
         if len(shape) != 3:
             raise RuntimeUnavailable(f"{path}: expected a surgery export (one image [3, H, W] in), the input is {shape}")
+        check_input_shape(shape, path)
         self.input_name = self.session.get_inputs()[0].name
         self.fixed = (int(shape[1]), int(shape[2])) if all(isinstance(d, int) for d in shape[1:]) else None
         self.output_names = [o.name for o in self.session.get_outputs()]
         missing = [k for k in ("boxes", "scores", "labels") if k not in self.output_names]
         if missing:
             raise RuntimeUnavailable(f"{path}: not a detector export (no {', '.join(missing)} output)")
-        self.metadata = read_metadata(self.session)  # from this session: no second load of the file
+        self.metadata = check_metadata(read_metadata(self.session), path)  # this session's: no second load
 
     @property
     def size(self) -> int | None:
@@ -98,6 +99,22 @@ class OnnxDetector(nn.Module):
 
     def forward(self, images: list[torch.Tensor], targets: Any = None) -> list[dict[str, torch.Tensor]]:
         return [run_image(self, img) for img in images]
+
+
+MAX_SIDE = 8192  # an image side an exported detector may fix (larger: a 480 GB resize, refused)
+
+
+def check_input_shape(shape: list[Any], path: str | Path) -> None:
+    """The file's declared input ``[3, H, W]``: 3 channels, and a fixed H/W within ``MAX_SIDE``
+    (a file declaring ``[3, 200000, 200000]`` would have every image resized to 480 GB)."""
+    c, *hw = shape
+    if isinstance(c, int) and c != 3:
+        raise RuntimeUnavailable(f"{path}: expected an RGB image input [3, H, W], the file declares {shape}")
+    for d in hw:
+        if isinstance(d, int) and not 1 <= d <= MAX_SIDE:
+            raise RuntimeUnavailable(
+                f"{path}: input {shape} declares a side of {d} pixels (at most {MAX_SIDE}); refused"
+            )
 
 
 def fit_image(image: torch.Tensor, size: int | tuple[int, int] | None) -> torch.Tensor:

@@ -7,12 +7,16 @@
   replace them whatever path the output arrives by.
 - Temporary files carry the writer's pid; :func:`clean_stale_temporaries` removes those whose
   process is gone (a killed run), never a live writer's.
-- :class:`RunLock` holds an exclusive lock on a run folder (two sweeps on one folder refuse).
+- :class:`RunLock` holds an exclusive lock on a run folder (two sweeps on one folder refuse);
+  :class:`OutputLock` one on an output file (two ``train --out same.pt`` refuse), removed after.
+- :func:`no_space` turns a full disk (``ENOSPC``/``EDQUOT`` anywhere in an error's chain) into one
+  :class:`OutputError` line naming the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -93,7 +97,8 @@ def check_output(path: str | Path, *, inputs: Iterable[str | Path | None] = (), 
             raise OutputError(f"{what} {p} is a folder; give a file name")
         if not stat.S_ISREG(mode):
             raise OutputError(f"{what} {p} is not a regular file (a device, pipe or socket); refusing to replace it")
-        if not os.access(p, os.W_OK):
+        # the mode bits, not os.access alone: root passes os.access on a chmod 444 file
+        if not os.access(p, os.W_OK) or not stat.S_IMODE(mode) & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
             raise OutputError(f"{what} {p} is read-only; refusing to replace it")
     key = _key(p)
     for inp in inputs:
@@ -139,7 +144,8 @@ def clean_stale_temporaries(folder: str | Path, name: str | None = None) -> list
         return removed
     for e in entries:
         m = _TMP.match(e.name)
-        if not m or (name is not None and m.group("name") != name):
+        # NAME's own temporaries, and those of its temporaries (a pending checkpoint being written)
+        if not m or (name is not None and m.group("name") != name and not m.group("name").startswith(f".{name}.")):
             continue
         if _alive(int(m.group("pid"))):
             continue
@@ -164,10 +170,12 @@ class RunLock:
         self.folder = Path(folder)
         self.what = what
         self.fd: int | None = None
+        self.created = False
 
     def __enter__(self) -> RunLock:
         import fcntl
 
+        self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / self.NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -189,5 +197,89 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
+            # a folder this lock created and nothing else was written to (the run failed at once):
+            # removed, not left holding only the lock file
+            if self.created and [e.name for e in os.scandir(self.folder)] == [self.NAME]:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.folder / self.NAME)
+                    os.rmdir(self.folder)
             os.close(self.fd)
             self.fd = None
+
+
+class OutputLock:
+    """An exclusive, non-blocking ``flock`` on ``.NAME.lock`` beside an output file, held while a
+    command writes it; the lock file is removed when released. (After taking the lock the file is
+    checked to be still the one at that path: a releasing holder may have just unlinked it.)"""
+
+    def __init__(self, path: str | Path, what: str = "output") -> None:
+        self.path = Path(path)
+        self.lock = self.path.with_name(f".{self.path.name}.lock")
+        self.what = what
+        self.fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        import fcntl
+
+        self.lock.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                try:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                finally:
+                    os.close(fd)
+                raise OutputError(
+                    f"{self.what} {self.path} is being written by another surgery process (pid {holder}); "
+                    "wait for it to finish or choose another path"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.lock, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                self.fd = fd
+                return self
+            os.close(fd)  # unlinked by the previous holder between our open and flock: retry
+        raise OutputError(f"{self.what} {self.path}: cannot take its lock {self.lock}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.lock)
+            os.close(self.fd)
+            self.fd = None
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _mount_of(path: Path) -> str:
+    p = _nearest_existing(path)
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return str(p)
+
+
+def no_space(error: BaseException, path: str | Path, what: str = "output", *, free: int | None = None) -> OutputError | None:
+    """An :class:`OutputError` if ``error`` (or what caused it) is a full disk or quota, else ``None``.
+    ``free``: bytes left on the target's file system, for writers that wrap the ``OSError`` in their
+    own error (the ONNX exporter blames onnxscript): under 1 MiB left counts as a full disk."""
+    if free is not None and free < (1 << 20) and not (isinstance(error, OSError) and error.errno not in _FULL):
+        error = OSError(errno.ENOSPC, f"{type(error).__name__} with {free} bytes free")
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            kind = "disk quota exceeded" if e.errno == errno.EDQUOT else "no space left on device"
+            return OutputError(
+                f"{what} {path}: {kind} {_mount_of(Path(path).absolute().parent)}; nothing was written "
+                "(an earlier file there is unchanged): free some space and run again"
+            )
+        e = e.__cause__ or e.__context__
+    return None

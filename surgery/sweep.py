@@ -446,7 +446,8 @@ def _run_sweep(
     csv_path = out / "results.csv"
     _write_rows(rows, csv_path)
     md = out / "results.md"
-    md.write_text(_markdown(rows, recipe, dense, control) + deploy_md)
+    with atomic_open(md, "w") as f:
+        f.write(_markdown(rows, recipe, dense, control) + deploy_md)
     plots = _plots(rows, variants, out, val_set, control_path, recipe)
     return SweepResult(out=out, rows=rows, csv=csv_path, markdown=md, bench_csv=bench_csv, plots=plots,
                        seconds=time.perf_counter() - t_start, skipped=skipped)

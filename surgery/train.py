@@ -418,12 +418,18 @@ class Trainer:
             h.before_train(self)
         t0 = time.perf_counter()
         batches = self._batches()
-        while self.step < self.total_steps:
-            images, targets = next(batches)[:2]
-            self._train_step(images, targets)
-            self.step += 1
+        try:
+            while self.step < self.total_steps:
+                images, targets = next(batches)[:2]
+                self._train_step(images, targets)
+                self.step += 1
+                for h in self.hooks:
+                    h.after_step(self)
+        except BaseException:  # Ctrl-C, a divergence, a full disk: hooks drop their temporaries
             for h in self.hooks:
-                h.after_step(self)
+                if hasattr(h, "on_abort"):
+                    h.on_abort(self)
+            raise
         self.seconds = time.perf_counter() - t0
         for h in self.hooks:
             h.after_train(self)

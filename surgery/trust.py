@@ -14,8 +14,9 @@ whose builder file changed since it was saved is refused even with ``--trust-cod
 User modules are imported without the current directory on ``sys.path`` (unless it is listed in
 ``PYTHONPATH`` on purpose): a file dropped in the working directory is never picked up implicitly.
 
-YAML (recipes, ``--kwarg`` values) is read with :func:`safe_yaml_load`, which refuses documents
-whose aliases expand beyond a small bound (the "billion laughs" alias bomb) and non-UTF-8 text.
+YAML (recipes, ``--kwarg`` values, model yamls) is read with :func:`safe_yaml_load`, which refuses
+documents whose aliases expand beyond a small bound (the "billion laughs" alias bomb), duplicate
+keys (YAML would keep the last one silently) and non-UTF-8 text.
 """
 
 from __future__ import annotations
@@ -255,8 +256,24 @@ def import_user_builder(
 # YAML
 
 
-class _Loader(yaml.SafeLoader):
+class _DuplicateKey(RecipeError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """PyYAML keeps the last of two equal keys without a word (``steps: 2`` ... ``steps: 100000``,
+        two ``train:`` sections): refuse them."""
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"duplicate key {key!r} at line {line} (first at line {seen[key]}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def _expanded_size(root: yaml.Node, limit: int) -> int:
@@ -314,6 +331,8 @@ def safe_yaml_load(text: str | bytes, source: str = "<yaml>", max_nodes: int = M
                 f"{source}: YAML aliases expand to more than {max_nodes} nodes (an alias bomb?); refused"
             )
         return loader.construct_document(node)
+    except _DuplicateKey as e:
+        raise RecipeError(f"{source}: {e}") from None
     except RecursionError:
         raise RecipeError(f"{source}: YAML nested too deeply") from None
     finally:

@@ -30,7 +30,15 @@ from .measure import count_params
 from .models import ModelSpec, _is_local_file, build_model, get_builder
 from .plan import MaskedPlan
 from .prune import PruneResult, prune_model
-from .recipe import AGPSection, Recipe, TrainSection, apply_overrides, load_recipe, recipe_from_dict
+from .recipe import (
+    AGPSection,
+    DataSection,
+    Recipe,
+    TrainSection,
+    apply_overrides,
+    load_recipe,
+    recipe_from_dict,
+)
 from .recover import RECOVER_BATCH_SIZE, recover
 from .sensitivity import sensitivity_allocation
 from .train import TrainResult, build_trainer
@@ -158,7 +166,7 @@ def prune_loaded(
     ``on_cut(model)`` is called right after the cut, before any recovery (the sweep scores the
     model there)."""
     cfg = recipe.prune
-    recipe = _naming(recipe, spec)
+    recipe = _inherit_data(_naming(recipe, spec), prior)
     previous = prior.plan if prior is not None else None
     origin = str(prior.path) if prior is not None and prior.path is not None else source
     class_names = prior.class_names if prior is not None else None
@@ -215,6 +223,22 @@ def recover_model(model: nn.Module, dense: nn.Module, recipe: Recipe, *, kept: d
     n = recipe.prune.recover
     data = calibration_data(recipe.data, batches=n, batch_size=RECOVER_BATCH_SIZE, model=model)
     return recover(model, dense, data, kept=kept, batches=n)
+
+
+def _inherit_data(recipe: Recipe, prior: Checkpoint | None) -> Recipe:
+    """The data a checkpoint records travels down the plan chain: when ``recipe``'s data section is
+    the defaults (no --data, no recipe data), the checkpoint's own (e.g. the COCO folder it was
+    trained on) is used for calibration and saved, so ``eval pruned.pt`` without --data scores the
+    data the model knows, not a generated synthetic set."""
+    data = (prior.recipe or {}).get("data") if prior is not None and isinstance(prior.recipe, dict) else None
+    if not isinstance(data, dict) or recipe.data != DataSection():
+        return recipe
+    try:
+        recorded = recipe_from_dict({"data": data}, f"{prior.path} (recipe)").data
+    except RecipeError:
+        return recipe  # an older schema: the defaults, as before
+    recipe.data = recorded  # ``recipe`` is _naming's copy
+    return recipe
 
 
 def _naming(recipe: Recipe, spec: ModelSpec) -> Recipe:

@@ -86,8 +86,13 @@ def load_coco_ground_truth(ann_file: Path, images_dir: Path | Sequence[Path]) ->
                 raise ValueError("not finite")
         except (TypeError, ValueError):
             raise DataError(f"{ann_file}: annotation {aid} has a malformed bbox {a['bbox']!r} (expected [x, y, w, h] of finite numbers)") from None
+        if w < 0 or h < 0:  # not a tiny box but a malformed one ([10, 10, -5, -5]): refused, not dropped
+            raise DataError(
+                f"{ann_file}: annotation {aid} has bbox [{x:g}, {y:g}, {w:g}, {h:g}] with a negative width or "
+                "height (COCO boxes are [x, y, width, height])"
+            )
         if w < 1 or h < 1:
-            continue  # degenerate: dropped silently
+            continue  # under a pixel wide: no object to learn (COCO holds a few), dropped
         clipped = _check_box(x, y, w, h, int(img["width"]), int(img["height"]))
         if clipped is None:
             raise DataError(

@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from .images import to_rgb_array
 
 BACKGROUND = "__background__"
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (clipped), more is an error
@@ -106,8 +107,7 @@ class DetectionDataset(Dataset):
         rec = self.records[index]
         try:
             with Image.open(rec.path) as im:
-                im = im.convert("RGB")
-                arr = np.asarray(im, dtype=np.uint8)
+                arr = to_rgb_array(im)  # 16-bit and float images scaled, not clipped to white
         except FileNotFoundError:
             raise DataError(f"dataset {self.name}: image file {rec.path} does not exist") from None
         except Image.DecompressionBombError as e:

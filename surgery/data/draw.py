@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..atomic import atomic_path
+
 _CLASS_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
@@ -42,6 +44,6 @@ def draw_samples(
             d.rectangle([tx - 1, ty, tx + 6 * len(name) + 1, ty + 10], fill=c)
             d.text((tx, ty - 1), name, fill=(255, 255, 255), font=font)
         grid.paste(tile, (pad + (k % columns) * (w + pad), pad + (k // columns) * (h + pad)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
     return path

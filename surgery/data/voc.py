@@ -91,6 +91,9 @@ def load_voc_ground_truth(year_dir: Path, split: str) -> _GroundTruth:
                 raise DataError(f"{xml}: object {k} ({cname}) has a non-numeric bndbox") from None
             # VOC boxes are 1-based inclusive pixel indices; convert to continuous pixel edges
             x, y, w, h = xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1
+            if xmax < xmin or ymax < ymin:  # malformed, not tiny: refused
+                raise DataError(f"{xml}: object {k} ({cname}) box [{xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}] has "
+                                "xmax < xmin or ymax < ymin")
             if w < 1 or h < 1:
                 continue
             clipped = _check_box(x, y, w, h, width, height)

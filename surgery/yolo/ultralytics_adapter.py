@@ -4,7 +4,9 @@ Ultralytics is AGPL-3.0: nothing of it is copied here. This is the only module t
 only when such a model is built (``pip install 'surgery[yolo]'``); without it the model name is one
 clear error. Before the import the package is made offline and inert: ``YOLO_OFFLINE`` (no
 connectivity probe, no downloads), ``YOLO_AUTOINSTALL=0`` (never pip-installs missing requirements),
-``ULTRALYTICS_SAFE_LOAD=1`` (model yamls are parsed without ``eval``: a yaml is data here),
+``ULTRALYTICS_SAFE_LOAD=1`` (model yamls are parsed without ``eval``: a yaml is data here; as the
+package may have been imported before, every config is also checked by :mod:`.config_check` and
+built with that mode forced for the call),
 ``YOLO_VERBOSE=0``, its settings file kept in surgery's cache unless ``YOLO_CONFIG_DIR`` is set, and
 its event ``sync`` switched off for this process. Plotting (which may fetch a font) is never called.
 
@@ -43,10 +45,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from .. import compat
 from ..errors import UnknownModelError
+from .config_check import MAX_CLASSES, check_config
 from .interface import YoloInterface, xyxy_to_cxcywh
 
 SCHEME = "ultralytics"
@@ -146,6 +150,22 @@ def list_ultralytics_detection_yamls() -> list[UltralyticsYaml]:
     return out
 
 
+@contextlib.contextmanager
+def _restricted(tasks: Any) -> Iterator[None]:
+    """Ultralytics' no-eval build path for this call, whatever its import-time ``ULTRALYTICS_SAFE_LOAD``
+    was (it is read once, when the package is first imported, maybe before surgery set it). The
+    thread flag is the one its own restricted loads set; :func:`check_config` is the boundary either way."""
+    local = getattr(getattr(tasks, "_SafeLoad", None), "_local", None)
+    before = getattr(local, "active", False)
+    if local is not None:
+        local.active = True
+    try:
+        yield
+    finally:
+        if local is not None:
+            local.active = before
+
+
 def resolve(spec: Any) -> Any:
     """The builder for ``spec`` (``ultralytics:<yaml or .pt>``); records the resolved yaml in
     ``spec.kwargs["cfg"]`` the first time (called by :func:`surgery.models.build_model`)."""
@@ -170,7 +190,10 @@ def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tens
     if path.is_file():  # the user's yaml: read as data
         from ..trust import safe_yaml_load
 
-        cfg = safe_yaml_load(path.read_bytes(), str(path))
+        try:
+            cfg = safe_yaml_load(path.read_bytes(), str(path))
+        except yaml.YAMLError as e:  # e.g. a !!python tag: safe loading refuses it
+            raise UnknownModelError(f"model {name!r}: {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
         if not isinstance(cfg, dict) or "backbone" not in cfg or "head" not in cfg:
             raise UnknownModelError(f"model {name!r}: {path} is not an Ultralytics model yaml (no backbone/head)")
         cfg.setdefault("scale", u.tasks.guess_model_scale(path))
@@ -217,17 +240,21 @@ def build_ultralytics(
     letterbox size (a multiple of 32 is used); ``end2end``: for heads with a one-to-one branch
     (YOLOv10, YOLO26), predict with it and without NMS (``False``: the one-to-many branch and NMS)."""
     u = _ultralytics()
-    if nc is not None and (not isinstance(nc, int) or nc < 1):
-        raise UnknownModelError(f"ultralytics model: nc must be an integer >= 1 (object classes), got {nc!r}")
+    if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or not 1 <= nc <= MAX_CLASSES):
+        raise UnknownModelError(f"ultralytics model: nc must be an integer in 1..{MAX_CLASSES} (object classes), got {nc!r}")
+    check_config(cfg, str(cfg.get("yaml_file", "config")) if isinstance(cfg, dict) else "config")
     if not isinstance(end2end, bool):
         raise UnknownModelError(f"ultralytics model: end2end must be true or false, got {end2end!r}")
     refusal = head_refusal(cfg)
     if refusal is not None:
         raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: {refusal}")
     try:
-        net = u.tasks.DetectionModel(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
+        with _restricted(u.tasks):
+            net = u.tasks.DetectionModel(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
     except (KeyError, TypeError, ValueError, AssertionError, IndexError) as e:
-        raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: cannot build it from its yaml ({e})") from e
+        why = " ".join(str(e).split())
+        raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: cannot build it from its yaml "
+                                f"({type(e).__name__}: {why[:200]})") from e
     head = net.model[-1]
     if not isinstance(head, u.Detect) or type(head).__name__ not in SUPPORTED_HEADS:  # a yaml naming another class
         raise UnknownModelError(

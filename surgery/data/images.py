@@ -1,0 +1,56 @@
+"""Image files to 8-bit RGB, right for every mode Pillow opens, or one clear error.
+
+Pillow's ``convert("RGB")`` clips 16- and 32-bit grey images (``I;16``, ``I``) and float images
+(``F``) at 255 instead of scaling them: a 16-bit PNG reaches the model as nearly pure white. Here
+those are scaled to 0..255 first (16-bit by 257, i.e. the high byte rounded; 32-bit integers by
+their type's range if they exceed 16 bits; floats as [0, 1] when they lie there, else as 0..255);
+the other modes (palette, grey, alpha, CMYK, YCbCr) go through Pillow's conversion, alpha dropped.
+A file above Pillow's decompression-bomb limit is a :class:`~surgery.errors.DataError` line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+
+def _scaled_grey(im: Image.Image) -> np.ndarray:
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = a.astype(np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        top = 1.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else 255.0
+        return np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8)
+    a = a.astype(np.int64)
+    if im.mode.startswith("I;16") or (a.size and a.min() >= 0 and a.max() <= 65535 and a.max() > 255):
+        return np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)  # 16-bit: 65535 -> 255
+    if a.size and (a.min() < 0 or a.max() > 65535):  # 32-bit signed
+        return np.clip(np.rint((a + 2**31) / (2**32 - 1) * 255.0), 0, 255).astype(np.uint8)
+    return np.clip(a, 0, 255).astype(np.uint8)  # an "I" image holding 8-bit values
+
+
+def to_rgb_array(im: Image.Image) -> np.ndarray:
+    """``im`` as an ``H x W x 3`` uint8 array (see the module docstring)."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        grey = _scaled_grey(im)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode in ("P", "PA") and "transparency" in im.info:
+        im = im.convert("RGBA")  # palette transparency: convert via RGBA (Pillow warns otherwise)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def read_rgb(path: str | Path, what: str = "image") -> np.ndarray:
+    """The image file at ``path`` as ``H x W x 3`` uint8, or one :class:`DataError` line."""
+    try:
+        with Image.open(path) as im:
+            return to_rgb_array(im)
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{what} {path} is too large to decode safely ({e}); refused") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot read {what} {path}: {' '.join(str(e).split()) or type(e).__name__}") from e

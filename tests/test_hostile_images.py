@@ -1,0 +1,81 @@
+"""Images in every mode Pillow opens reach the model as the right 8-bit RGB (against references
+computed here with numpy), and a decompression bomb is one clear line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from surgery.data.images import read_rgb
+from surgery.errors import DataError
+
+RNG = np.random.default_rng(0)
+
+
+def _grey16() -> tuple[np.ndarray, np.ndarray]:
+    a = RNG.integers(0, 65536, size=(12, 17), dtype=np.uint16)
+    a[0, 0], a[0, 1] = 0, 65535
+    return a, np.rint(a / 257.0).astype(np.uint8)
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path) -> None:
+    a, ref = _grey16()
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    got = read_rgb(tmp_path / "g16.png")
+    assert got.shape == (12, 17, 3) and got.dtype == np.uint8
+    assert np.array_equal(got, np.repeat(ref[:, :, None], 3, axis=2))
+    assert got.mean() < 200  # Pillow's convert("RGB") makes nearly all of it 255
+
+
+def test_predict_reads_the_same_pixels(tmp_path) -> None:
+    from surgery.predict import _read
+
+    a, ref = _grey16()
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    x = _read(tmp_path / "g16.png")
+    assert x.shape == (3, 12, 17)
+    assert np.allclose(x[0].numpy(), ref / 255.0, atol=1e-6)
+
+
+def _cases():
+    rgb = RNG.integers(0, 256, size=(9, 11, 3), dtype=np.uint8)
+    grey = RNG.integers(0, 256, size=(9, 11), dtype=np.uint8)
+    f = RNG.random((9, 11)).astype(np.float32)
+    i8 = grey.astype(np.int32)
+    i16 = RNG.integers(256, 65536, size=(9, 11)).astype(np.int32)
+    rgba = np.concatenate([rgb, RNG.integers(0, 256, size=(9, 11, 1), dtype=np.uint8)], axis=2)
+    three = lambda g: np.repeat(g[:, :, None], 3, axis=2)  # noqa: E731
+    return {
+        "RGB": (Image.fromarray(rgb), rgb, "png"),
+        "L": (Image.fromarray(grey), three(grey), "png"),
+        "RGBA": (Image.fromarray(rgba), rgb, "png"),
+        "LA": (Image.fromarray(grey).convert("LA"), three(grey), "png"),
+        "F": (Image.fromarray(f), three(np.rint(f * 255).astype(np.uint8)), "tiff"),
+        "I (8-bit values)": (Image.fromarray(i8), three(grey), "tiff"),
+        "I (16-bit values)": (Image.fromarray(i16), three(np.rint(i16 / 257.0).astype(np.uint8)), "tiff"),
+        "CMYK": (Image.fromarray(rgb).convert("CMYK"), np.asarray(Image.fromarray(rgb).convert("CMYK").convert("RGB")), "tiff"),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_cases()))
+def test_modes_against_references(tmp_path, mode) -> None:
+    im, ref, fmt = _cases()[mode]
+    path = tmp_path / f"x.{fmt}"
+    im.save(path)
+    assert np.array_equal(read_rgb(path), ref), mode
+
+
+def test_decompression_bomb_is_one_line(tmp_path, monkeypatch) -> None:
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels > 2x the limit: Pillow raises
+    with pytest.raises(DataError, match="too large to decode safely") as e:
+        read_rgb(tmp_path / "bomb.png")
+    assert "\n" not in str(e.value)
+
+
+def test_not_an_image_is_one_line(tmp_path) -> None:
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image"):
+        read_rgb(tmp_path / "x.png")
