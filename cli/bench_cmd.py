@@ -7,10 +7,11 @@ import typer
 from rich import box
 from rich.table import Table
 
-from cli.console import console, err_console
-from cli.display import TaskProgress
-from cli.table import print_wide
 from surgery.report import fmt_count
+
+from .console import console, err_console
+from .display import TaskProgress
+from .table import print_wide
 
 
 def _ratio(x: float | None) -> str:

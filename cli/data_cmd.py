@@ -4,8 +4,8 @@ from pathlib import Path
 
 import typer
 
-from cli.console import console
-from cli.display import TaskProgress
+from .console import console
+from .display import TaskProgress
 
 data_app = typer.Typer(help="Datasets: generate the built-in synthetic shapes set.", no_args_is_help=True)
 

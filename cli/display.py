@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cli.console import console
+from .console import console
 
 SHORT = {"classification": "cls", "bbox_regression": "reg", "bbox_ctrness": "ctr", "loss_classifier": "cls",
          "loss_box_reg": "box", "loss_objectness": "obj", "loss_rpn_box_reg": "rpn", "imitation": "imit",

@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.console import console
+from .console import console
 
 
 def export(
@@ -13,7 +13,9 @@ def export(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Where to write the .onnx file [default: next to the checkpoint, .onnx suffix]."
     ),
-    input_size: int = typer.Option(320, "--input-size", help="Square input side the graph is traced for."),
+    input_size: int = typer.Option(
+        None, "--input-size", help="Square input side the graph is traced for [default: the model's own (its min_size), as quantize]."
+    ),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare onnxruntime with PyTorch."),
     dynamic_size: bool = typer.Option(
@@ -25,12 +27,14 @@ def export(
     from surgery.checkpoint import load_checkpoint
     from surgery.export import checkpoint_metadata, export_onnx
     from surgery.masked import fold_masks
+    from surgery.quantize import export_size
 
     out = out if out is not None else checkpoint.with_suffix(".onnx")
     model, ckpt = load_checkpoint(checkpoint)
     if ckpt.kind == "masked":
         fold_masks(model, ckpt.masks)
     model.eval()
+    input_size = input_size or export_size(model)
     with console.status(f"exporting {checkpoint.name} at {input_size}px (opset {opset})..."):
         meta = checkpoint_metadata(model, ckpt, input_size)
         res = export_onnx(model, out, input_size, opset, verify=verify, metadata=meta, dynamic_size=dynamic_size)

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import typer
 
-from cli.common import parse_kv, resolve_recipe
-from cli.console import console
-from cli.display import macs_line, working
-from cli.table import FORMAT_HELP, Column, machine_readable, render
 from surgery.report import fmt_count as _fmt
+
+from .common import parse_kv, resolve_recipe
+from .console import console
+from .display import macs_line, working
+from .table import FORMAT_HELP, Column, machine_readable, render
 
 
 def inspect(
     model: str = typer.Option(None, "--model", "-m", help="Registered name, package.module:function, or a checkpoint."),
-    recipe: Path = typer.Option(None, "--recipe", "-r"),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML file or shipped recipe name."),
     skip: list[str] = typer.Option(None, "--skip", help="LAYER_GLOB never cut (repeatable)."),
     kwarg: list[str] = typer.Option(None, "--kwarg", "-k", help="Builder argument KEY=VALUE (repeatable)."),
     layers: bool = typer.Option(False, "--layers", help="List every layer of every group."),

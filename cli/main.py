@@ -7,11 +7,12 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported anywhere
 
+import importlib  # noqa: E402
 import sys  # noqa: E402
 
 import typer  # noqa: E402
 
-from cli.console import console, err_console  # noqa: E402
+from .console import console, err_console  # noqa: E402
 
 app = typer.Typer(
     name="surgery",
@@ -24,15 +25,15 @@ app = typer.Typer(
 
 # one module per command group, each with ``register(app)``
 COMMAND_MODULES = ("models_cmd", "prune_cmd", "inspect_cmd", "data_cmd", "train_cmd", "eval_cmd", "bench_cmd", "sweep_cmd",
-                   "export_cmd", "quantize_cmd", "predict_cmd", "info_cmd")
+                   "export_cmd", "quantize_cmd", "predict_cmd", "info_cmd", "recipes_cmd")
 
 
 def _register() -> None:
     for optional in COMMAND_MODULES:
         try:
-            mod = __import__(f"cli.{optional}", fromlist=["register"])
+            mod = importlib.import_module(f".{optional}", __package__)
         except ModuleNotFoundError as e:
-            if e.name != f"cli.{optional}":
+            if e.name != f"{__package__}.{optional}":
                 raise
             continue
         mod.register(app)
@@ -40,7 +41,7 @@ def _register() -> None:
 
 _register()
 
-from cli.guard import guard_commands  # noqa: E402
+from .guard import guard_commands  # noqa: E402
 
 guard_commands(app)  # --trust-code, outputs checked before work, inputs never overwritten
 
@@ -86,5 +87,5 @@ def main() -> None:
 
 __all__ = ["app", "main", "console"]
 
-if __name__ == "__main__":  # python -m cli.main
+if __name__ == "__main__":  # python -m surgery_cli.main (installed) or cli.main (checkout)
     main()

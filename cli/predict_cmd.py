@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from cli.console import console
-from cli.display import TaskProgress
+from .console import console
+from .display import TaskProgress
 
 
 def predict(

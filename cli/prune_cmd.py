@@ -6,17 +6,18 @@ from pathlib import Path
 
 import typer
 
-from cli.common import parse_kv, parse_ratios, resolve_recipe
-from cli.console import console
-from cli.display import macs_line, working
-from cli.table import Column, render
 from surgery.importance import method_help
 from surgery.report import fmt_count as _fmt
+
+from .common import parse_kv, parse_ratios, resolve_recipe
+from .console import console
+from .display import macs_line, working
+from .table import Column, render
 
 
 def prune(
     model: str = typer.Option(None, "--model", "-m", help="Registered name, package.module:function, or a checkpoint."),
-    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML; flags override its values."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML file or shipped recipe name (`surgery recipes`); flags override its values."),
     ratio: float = typer.Option(None, help="Fraction of channels cut in every coupled group (0 < r < 1)."),
     method: str = typer.Option(None, help=method_help()),
     global_ranking: bool = typer.Option(None, "--global/--uniform", help="Rank channels across all groups."),

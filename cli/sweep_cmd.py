@@ -9,14 +9,14 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.common import resolve_recipe
-from cli.console import console
-from cli.display import step_line
-from cli.table import print_wide
+from .common import resolve_recipe
+from .console import console
+from .display import step_line
+from .table import print_wide
 
 
 def sweep(
-    recipe: Path = typer.Argument(..., help="Recipe YAML (e.g. recipes/quickstart.yaml)."),
+    recipe: Path = typer.Argument(..., help="Recipe YAML file, or a shipped recipe name (quickstart; `surgery recipes` lists them)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: the recipe's sweep.out)."),
     device: str = typer.Option(None, help="cpu | cuda (default: the recipe's bench.device)."),
     data: str = typer.Option(None, help="synthetic | coco:ROOT | voc:ROOT | annotations.json"),

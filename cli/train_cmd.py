@@ -9,9 +9,9 @@ from typing import Any
 
 import typer
 
-from cli.common import parse_kv, resolve_recipe
-from cli.common import run_out as _run_out
-from cli.display import TrainDisplay, print_train_summary
+from .common import parse_kv, resolve_recipe
+from .common import run_out as _run_out
+from .display import TrainDisplay, print_train_summary
 
 DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a COCO .json"
 # options both commands take (one definition each)
@@ -47,7 +47,7 @@ def _clear_epochs(rec: Any, section: str, steps: Any, epochs: Any) -> None:
 
 def train(
     model: str = typer.Option(None, "--model", "-m", help="Registered name or package.module:function."),
-    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML (its 'train' section); flags override it."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML file or shipped name (its 'train' section); flags override it."),
     data: str = DATA,
     steps: int = STEPS,
     epochs: float = EPOCHS,
@@ -87,7 +87,7 @@ def train(
 
 def retrain(
     ckpt: Path = typer.Argument(..., help="A surgery checkpoint (structured, masked or dense)."),
-    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML (its 'retrain' section; default: the checkpoint's)."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML file or shipped name (its 'retrain' section; default: the checkpoint's)."),
     data: str = DATA,
     steps: int = STEPS,
     epochs: float = EPOCHS,
