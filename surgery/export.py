@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import SurgeryError
+from .errors import SurgeryError, require_extra
 
 OUTPUT_ORDER: tuple[str, ...] = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
 DYNAMIC_TOL = (1e-2, 1e-2)  # (atol, rtol) at a size other than the traced one: see the module docstring
@@ -142,6 +142,7 @@ def export_onnx(
     axes, and (with ``verify``) the file must also match on a non-square image of another size
     within :data:`DYNAMIC_TOL`. ``metadata`` goes into the file's ``metadata_props``.
     """
+    require_extra(("onnx", "onnxruntime"), "export", "ONNX export")
     path = Path(path)
     model = copy.deepcopy(model).cpu().eval()
     example = _image(input_size, seed=0)
@@ -393,7 +394,11 @@ def checkpoint_metadata(model: nn.Module, ckpt: Any, input_size: int) -> dict[st
         "macs": str(macs.total),
         "input_size": str(input_size),
         "source": str(ckpt.path.name) if ckpt.path is not None else "",
+        "precision": "float32",  # `surgery quantize` keeps every key and sets its own precision
     }
+    detections = configured_detections(model)
+    if detections is not None:
+        meta["detections"] = str(detections)
     names = getattr(ckpt, "class_names", None)
     if names:
         meta["class_names"] = json.dumps(list(names))

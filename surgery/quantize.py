@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import SurgeryError
+from .errors import SurgeryError, require_extra
 from .runtime import OnnxDetector, fit_image
 
 # Quantized operator types: the network's convolutions and matmuls; everything else stays float.
@@ -242,7 +242,9 @@ def quantize_onnx(
 
     ``calib_images`` (``3 x H x W`` in [0, 1], resized to ``input_size``) calibrate the activation
     ranges; ``ranges`` (``{module name: (min, max)}`` of each layer's input, from QAT) override them.
-    ``exclude``: modules kept in float (default: the model's output layers).
+    ``exclude``: modules kept in float (default: the model's output layers). The INT8 file keeps
+    the float file's ``surgery.*`` metadata (model, classes, params, MACs) and adds its own
+    (``precision``, ``calibration``, ``activations``, ``weights``, ``float_source``).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -294,6 +296,14 @@ def quantize_onnx(
         # optimizer folds the detector's box reshapes into static ones that fail on an empty level
         # ("cannot reshape {0,2,2} to {0,-1}") on every image. The float export has no value_info.
         del qmodel.graph.value_info[:]
+        _carry_metadata(onnx.load(str(float_path)).metadata_props, qmodel, {
+            "precision": "int8",
+            "calibration": f"qat ranges of {len(ranges)} layers" if ranges else f"minmax on {len(images)} training images",
+            "activations": "uint8 per-tensor",
+            "weights": f"int8 per-channel{' (reduce_range)' if reduce_range else ''}",
+            "float_source": float_path.name,
+            "input_size": str(input_size),
+        })
         onnx.save(qmodel, str(tmp))
         quantized = quantized_weight_nodes(qmodel.graph)
         int8_bytes = tmp.stat().st_size
@@ -304,6 +314,21 @@ def quantize_onnx(
         activation_type="uint8", weight_type="int8", reduce_range=reduce_range,
         ranges="qat" if ranges else "calibration", seconds=time.perf_counter() - t0,
     )  # fmt: skip
+
+
+def _carry_metadata(float_props: Any, qmodel: Any, own: dict[str, str]) -> None:
+    """The float file's ``metadata_props`` (what ``bench``/``info``/``predict`` read: model, class
+    names, params, MACs) onto the quantized model, with ``surgery.<key>`` entries of ``own`` on top:
+    onnxruntime's quantizer writes only its own ``onnx.infer`` entry."""
+    from .export import METADATA_PREFIX
+
+    props = {p.key: p.value for p in qmodel.metadata_props}
+    props.update({p.key: p.value for p in float_props})
+    props.update({METADATA_PREFIX + k: v for k, v in own.items()})
+    del qmodel.metadata_props[:]
+    for k, v in props.items():
+        entry = qmodel.metadata_props.add()
+        entry.key, entry.value = k, v
 
 
 def export_size(model: nn.Module) -> int:
@@ -344,10 +369,11 @@ def quantize_checkpoint(
     on ``verify_images`` validation images. A QAT checkpoint (:mod:`surgery.qat`) gives its
     trained activation ranges instead of calibrated ones. ``keep_float`` also writes the float export."""
     from .checkpoint import load_checkpoint
-    from .export import ExportError, export_onnx
+    from .export import ExportError, checkpoint_metadata, export_onnx
     from .masked import fold_masks
     from .qat import qat_ranges
 
+    require_extra(("onnx", "onnxruntime"), "export", "INT8 quantization")
     if calib_batches < 1 or batch_size < 1:
         raise QuantizeError(f"--calib-batches and --batch-size must be >= 1, got {calib_batches} and {batch_size}")
     t0 = time.perf_counter()
@@ -362,7 +388,7 @@ def quantize_checkpoint(
     with tempfile.TemporaryDirectory(prefix="surgery-quantize-") as tmpdir:
         float_path = Path(keep_float) if keep_float is not None else Path(tmpdir) / "float.onnx"
         try:
-            export_onnx(model, float_path, size, verify=False)
+            export_onnx(model, float_path, size, verify=False, metadata=checkpoint_metadata(model, ckpt, size))
         except ExportError as e:
             raise QuantizeError(f"cannot quantize {ckpt.spec.name}: {e}") from e
         result = quantize_onnx(float_path, out, model, calib, input_size=size, ranges=ranges, reduce_range=reduce_range)
