@@ -68,21 +68,40 @@ def _terminate(signum: int, frame: object) -> None:
 def main() -> None:
     import signal
 
-    from rich.markup import escape
-
     from surgery.errors import SurgeryError
+
+    usage_error = typer.BadParameter.__mro__[1]  # click's UsageError (typer >= 0.20 vendors click)
+    click_error = usage_error.__mro__[1]  # click's ClickException
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()  # standalone: typer/click handle usage errors and exit codes
+        # not standalone: click's usage errors come here and print like ours (no boxed panels)
+        code = app(standalone_mode=False, prog_name="surgery")
+    except usage_error as e:
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _error_line(f"{e.format_message()}{where}")
+        sys.exit(2)
+    except click_error as e:
+        _error_line(e.format_message())
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("Aborted.", highlight=False)
+        sys.exit(1)
     except SurgeryError as e:
         if os.environ.get("SURGERY_DEBUG") == "1":
             raise
-        # one line; the message quotes user strings (paths, values): never interpret them as markup
-        text = " ".join(str(e).split("\n")).strip() or e.__class__.__name__
-        err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, markup=True, soft_wrap=True)
-        err_console.print("[dim](set SURGERY_DEBUG=1 for the full traceback)[/]")
+        _error_line(str(e) or e.__class__.__name__)  # SURGERY_DEBUG=1 shows the traceback (README)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error_line(text: str) -> None:
+    """The one error style: ``error: ...`` on one line of stderr. The message quotes user strings
+    (paths, values): never interpret them as markup."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(text.split()))}", highlight=False, markup=True,
+                      soft_wrap=True)  # fmt: skip
 
 
 __all__ = ["app", "main", "console"]

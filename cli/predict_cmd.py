@@ -14,7 +14,9 @@ from .display import TaskProgress
 def predict(
     checkpoint: Path = typer.Argument(..., help="A surgery checkpoint (.pt)."),
     images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
-    out: Path = typer.Option(Path("runs/predict"), "--out", "-o", help="Folder for the drawn images and detections.json."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Folder for the drawn images and detections.json [default: a new runs/predict/expN]."
+    ),
     score_thresh: float = typer.Option(0.3, "--score-thresh", help="Keep detections scoring at least this (0-1)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
@@ -23,6 +25,10 @@ def predict(
     """Detect objects in images: boxes drawn with class names, and a JSON of the detections."""
     from surgery.predict import image_files, load_predictor, predict_files, write_predictions
 
+    if out is None:
+        from surgery.records import next_run_dir
+
+        out = next_run_dir("runs/predict")
     files = image_files(images)
     predictor = load_predictor(checkpoint, device)
     with TaskProgress("predicting") as bar:
