@@ -11,10 +11,10 @@ from .console import console
 def export(
     checkpoint: Path = typer.Argument(..., help="A surgery checkpoint (dense, structured or masked)."),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Where to write the .onnx file [default: next to the checkpoint, .onnx suffix]."
+        None, "--out", "-o", help="Where to write the .onnx file (default: next to the checkpoint, .onnx suffix)."
     ),
     input_size: int = typer.Option(
-        None, "--input-size", help="Square input side the graph is traced for [default: the model's own (its min_size), as quantize]."
+        None, "--input-size", help="Square input side the graph is traced for (default: the model's own, its min_size, as quantize)."
     ),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare onnxruntime with PyTorch."),

@@ -43,7 +43,27 @@ _register()
 
 from .guard import guard_commands  # noqa: E402
 
-guard_commands(app)  # --trust-code, outputs checked before work, inputs never overwritten
+guard_commands(app)  # --trust-code, --overwrite, outputs checked before work, inputs never overwritten
+
+
+def _switches_as_switches() -> None:
+    """Typer's help prints every flag, ``--help`` included, as ``--trust-code <bool>`` although a flag
+    takes no value: its type column is left empty instead, so switches read as switches. (Typer
+    builds its help options itself, so a per-option metavar cannot reach ``--help``.)"""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_surgery_switches", False):  # older typer: nothing to fix
+        return
+
+    def display_type_rich(self: TyperOption, ctx: typer.Context) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich._surgery_switches = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_switches_as_switches()
 
 
 def _version(value: bool) -> None:

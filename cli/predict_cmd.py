@@ -15,7 +15,7 @@ def predict(
     checkpoint: Path = typer.Argument(..., help="A surgery checkpoint (.pt)."),
     images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
     out: Path = typer.Option(
-        None, "--out", "-o", help="Folder for the drawn images and detections.json [default: a new runs/predict/expN]."
+        None, "--out", "-o", help="Folder for the drawn images and detections.json (default: a new runs/predict/expN)."
     ),
     score_thresh: float = typer.Option(0.3, "--score-thresh", help="Keep detections scoring at least this (0-1)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),

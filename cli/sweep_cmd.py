@@ -28,6 +28,7 @@ def sweep(
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        disable=not console.is_terminal,  # a log file gets the stage and step lines below, not a dead bar
     )
     stages = progress.add_task("sweep", total=1, info="")
     steps = progress.add_task("train", total=1, info="", visible=False)
@@ -63,8 +64,8 @@ def sweep(
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
     if result.skipped:
         console.print(f"[dim]reused finished steps: {', '.join(result.skipped)}[/]")
-    console.print(f"results: [bold]{result.csv}[/], {result.markdown}, {result.bench_csv}")
-    console.print("plots: " + ", ".join(str(p) for p in result.plots.values()))
+    console.print(f"results: [bold]{result.csv}[/], {result.markdown}, {result.bench_csv}", soft_wrap=True)
+    console.print("plots: " + ", ".join(str(p) for p in result.plots.values()), soft_wrap=True, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -174,7 +174,7 @@ def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) ->
         info = {"model": ckpt.spec.name, "method": meta.get("method", "onnx"), "ratio": _num(meta, "ratio"),
                 "sparsity": None, "kind": ckpt.kind, "params": params,
                 "params_nonzero": int(_num(meta, "params_nonzero") or params),
-                "file_bytes": fbytes, "file_gzip_bytes": fgzip, "macs": _num(meta, "macs"), "detections": _num(meta, "detections"),
+                "file_bytes": fbytes, "file_gzip_bytes": fgzip, "macs": _num(meta, "macs"), "detections": int(_num(meta, "detections") or 0) or None,
                 "notes": [f"{path.name}: an ONNX file, timed as exported (its own thresholds and input size)"]}
         macs_size = _num(meta, "input_size")
         if macs_size is not None and int(macs_size) != cfg.input_size:

@@ -200,8 +200,9 @@ def _run_sweep(
     default = recipe.prune.method if recipe.prune.method != "magnitude" else "l1"
     techniques = [parse_technique(t) for t in (recipe.sweep.techniques or [default])]
     rounds_of = {t.text: (max(1, recipe.prune.steps) if t.progressive else 1) for t in techniques}
-    points: list[tuple[str, dict[str, Any]]] = [(_ratio_tag(r), {"ratio": r}) for r in recipe.sweep.ratios]
-    points += [(f"macs{_ratio_tag(t)}", {"target_macs": t}) for t in recipe.sweep.target_macs]
+    # variant names say what the number is: a fraction of channels cut, of MACs kept, of weights zeroed
+    points: list[tuple[str, dict[str, Any]]] = [(f"cut{_ratio_tag(r)}", {"ratio": r}) for r in recipe.sweep.ratios]
+    points += [(f"keep-macs{_ratio_tag(t)}", {"target_macs": t}) for t in recipe.sweep.target_macs]
     n_struct = sum(rounds_of[t.text] for t in techniques) * len(points)
     n_masked = len(points) * int(recipe.sweep.match_masked) + len(recipe.sweep.sparsities)
     total_stages = 5 + 2 * n_struct + 2 * n_masked + int(recipe.sweep.int8 != "none")
@@ -347,7 +348,7 @@ def _run_sweep(
         first = [v for v in variants if v["method"] == f"structured-{techniques[0].text}"]
         sparsities = [matched_sparsity(probe, v["pruned"]["params"]) for v in first]
     sparsities += [s for s in recipe.sweep.sparsities if all(abs(s - x) > 1e-3 for x in sparsities)]
-    variants += [run_variant(f"masked-{_ratio_tag(s)}", "masked", {"sparsity": s},
+    variants += [run_variant(f"masked-zero{_ratio_tag(s)}", "masked", {"sparsity": s},
                              lambda k, s=s: {"method": "magnitude", "sparsity": s}) for s in sparsities]
 
     # 4. bench --------------------------------------------------------------------------------

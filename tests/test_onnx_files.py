@@ -80,3 +80,17 @@ def test_bench_sees_float_and_int8_as_the_same_model(files):
     assert len(rows) == 2 and {row["model"] for row in rows} == {"fcos_resnet18_slim"}
     assert rows[0]["params"] == rows[1]["params"] > 0 and rows[0]["macs"] == rows[1]["macs"] > 0
     assert "different models" not in r.output
+
+
+def test_bench_table_in_a_log_has_one_value_per_cell(files):
+    """Outside a terminal each value has its own column (a terminal stacks pairs in one cell)."""
+    r = CliRunner().invoke(app, ["bench", str(files["float"]), str(files["int8"]), "-b", "1", "--runs", "1",
+                                 "--warmup", "0"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    header = next(line for line in lines if line.split()[:2] == ["model", "kind"])
+    for name in ("params", "nonzero", "MACs", "p90", "network ms", "mAP" if "mAP" in header else "MACs x", "e2e x"):
+        assert name in header, name
+    rows = [line.split() for line in lines if line.split()[:1] in (["m.onnx"], ["m.int8.onnx"])]
+    assert len(rows) == 2 and all(len(row) == len(rows[0]) for row in rows), lines  # no second line per row
+    assert not any(line.strip() and line.split()[0] in ("onnx", "dense") for line in lines), lines
