@@ -478,7 +478,8 @@ def _plots(rows, variants, out: Path, val_set, control_path: Path, recipe: Recip
     if structured:
         mid = min(structured, key=lambda v: abs(v["ratio"] - 0.5))
         plan = read_checkpoint(mid["pruned_path"]).plan
-        plots["layer_widths"] = plot_layer_widths(plan.widths_before, plan.widths_after, out / "layer_widths.png")
+        plots["layer_widths"] = plot_layer_widths(plan.widths_before, plan.widths_after, out / "layer_widths.png",
+                                                  variant=mid["variant"])
         models = {"dense": control_path, f"{mid['variant']} pruned": mid["pruned_path"],
                   f"{mid['variant']} retrained": mid["checkpoint"]}
         masked = [v for v in variants if v["method"] == "masked"]
@@ -493,5 +494,6 @@ def _plots(rows, variants, out: Path, val_set, control_path: Path, recipe: Recip
             with torch.no_grad():
                 preds[label] = model(images)
         plots["detections"] = plot_detections_grid(images, preds, out / "detections.png",
-                                                   class_names=getattr(val_set, "class_names", None))
+                                                   class_names=getattr(val_set, "class_names", None),
+                                                   ground_truth=[val_set[i][1] for i in range(n)])
     return plots
