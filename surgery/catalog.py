@@ -79,5 +79,5 @@ def find_recipe(value: str | Path) -> Path:
     names = [e.name for e in entries]
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise RecipeError(f"recipe {value}: no such file, and no shipped recipe of that name{hint}; "
+    raise RecipeError(f"recipe {value} does not exist: no such file, and no shipped recipe of that name{hint}; "
                       f"`surgery recipes` lists them: {', '.join(names) or 'none installed'}")
