@@ -7,7 +7,7 @@ end-to-end ONNX Runtime latency (batch 1, interleaved), file sizes. Writes the C
 markdown table:
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/quantize_bench.py runs/quickstart/dense.pt \\
-        runs/quickstart/l1+distill-macs0.5.pt --out-dir runs/quantize --csv benchmarks/quantize_bench.csv
+        runs/quickstart/l1+distill-keep-macs0.5.pt --out-dir runs/quantize --csv benchmarks/quantize_bench.csv
 """
 
 from __future__ import annotations

@@ -5,12 +5,14 @@ from typing import Any
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
-from cli.console import console, err_console
-from cli.display import TaskProgress
-from cli.table import print_wide
 from surgery.report import fmt_count
+
+from .console import console, err_console
+from .display import TaskProgress
+from .table import print_wide
 
 
 def _ratio(x: float | None) -> str:
@@ -105,24 +107,41 @@ def _print_table(rows: list[Any], cfg: Any) -> None:
         f"{rows[0].detections if rows else '-'} detections per image; x = vs {ref}",
         box=box.SIMPLE_HEAD, pad_edge=False,
     )
-    table.add_column("model", no_wrap=True, overflow="fold")
-    for name in ("runtime", "bs", "params\nnonzero", "MACs", "e2e ms\np90", "network\nms", "pipeline\nms", "gzip"):
-        table.add_column(name, justify="right" if name != "runtime" else "left", no_wrap=True)
+    # each column group shows related values; a terminal stacks them in one cell (compact), a log
+    # file or a pipe gets one value per cell so that the lines can be read by tools
     with_map = any(r.mAP is not None for r in rows)
-    if with_map:
-        table.add_column("mAP\nmAP50", justify="right", no_wrap=True)
-    for name in ("params x\nMACs x", "e2e x\nnetwork x"):
-        table.add_column(name, justify="right", no_wrap=True)
+    groups: list[list[tuple[str, Any]]] = [
+        [("model", lambda r: Path(r.checkpoint).name),
+         ("kind", lambda r: r.kind if r.method in (r.kind, "dense") else f"{r.kind} {r.method}")],
+        [("runtime", lambda r: r.runtime),
+         ("layout", lambda r: "" if r.memory_format in ("-", "contiguous") else r.memory_format)],
+        [("bs", lambda r: str(r.batch_size))],
+        [("params", lambda r: fmt_count(r.params)), ("nonzero", lambda r: fmt_count(r.params_nonzero))],
+        [("MACs", lambda r: "-" if r.macs is None else fmt_count(r.macs))],
+        [("e2e ms", lambda r: f"{r.latency_ms_median:.1f}"), ("p90", lambda r: f"{r.latency_ms_p90:.1f}")],
+        [("network ms", lambda r: _ms(r.network_ms_median))],
+        [("pipeline ms", lambda r: _ms(r.pipeline_ms_median))],
+        [("gzip", lambda r: fmt_count(r.file_gzip_bytes) + "B")],
+        *([[("mAP", lambda r: "-" if r.mAP is None else f"{r.mAP:.3f}"),
+            ("mAP50", lambda r: "-" if r.mAP50 is None else f"{r.mAP50:.3f}")]] if with_map else []),
+        [("params x", lambda r: _ratio(r.params_ratio)), ("MACs x", lambda r: _ratio(r.macs_ratio))],
+        [("e2e x", lambda r: _ratio(r.latency_ratio)), ("network x", lambda r: _ratio(r.network_ratio))],
+    ]
+    stacked = console.is_terminal
+    for group in groups:
+        for part in [group] if stacked else [[c] for c in group]:
+            first = part[0][0]
+            table.add_column("\n".join(h for h, _ in part), justify="left" if first in ("model", "runtime") else "right",
+                             no_wrap=True, overflow="fold" if first == "model" else "ellipsis")
     for r in rows:
-        kind = r.kind if r.method in (r.kind, "dense") else f"{r.kind} {r.method}"
-        fmt_mem = "" if r.memory_format in ("-", "contiguous") else f"\n[dim]{r.memory_format}[/]"
-        cells = [f"{Path(r.checkpoint).name}\n[dim]{kind}[/]", f"{r.runtime}{fmt_mem}", str(r.batch_size),
-                 f"{fmt_count(r.params)}\n{fmt_count(r.params_nonzero)}", "-" if r.macs is None else fmt_count(r.macs),
-                 f"{r.latency_ms_median:.1f}\n{r.latency_ms_p90:.1f}", _ms(r.network_ms_median),
-                 _ms(r.pipeline_ms_median), fmt_count(r.file_gzip_bytes) + "B"]
-        if with_map:
-            cells.append("-" if r.mAP is None else f"{r.mAP:.3f}\n{r.mAP50 or 0:.3f}")
-        cells += [f"{_ratio(r.params_ratio)}\n{_ratio(r.macs_ratio)}", f"{_ratio(r.latency_ratio)}\n{_ratio(r.network_ratio)}"]
+        cells: list[str] = []
+        for group in groups:
+            values = [escape(fn(r)) for _, fn in group]
+            if stacked:  # secondary values of the model and runtime columns are dimmed
+                rest = [f"[dim]{v}[/]" if group[0][0] in ("model", "runtime") else v for v in values[1:] if v]
+                cells.append("\n".join([values[0], *rest]))
+            else:
+                cells += [v or "-" for v in values]
         table.add_row(*cells)
     print_wide(table)
     notes: dict[str, dict[str, None]] = {}

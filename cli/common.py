@@ -8,6 +8,8 @@ from typing import Any
 from surgery.errors import RecipeError
 from surgery.recipe import Recipe, apply_overrides, load_recipe
 
+from .guard import overwrite_allowed
+
 
 def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
     """``["num_classes=5", "min_size=320"]`` -> ``{"num_classes": 5, "min_size": 320}`` (YAML values)."""
@@ -57,7 +59,7 @@ def run_out(out: Path | None, root: str, resume: bool) -> Path:
     if out is None:
         latest = latest_run_dir(root) if resume else None
         return (latest or next_run_dir(root)) / "last.pt"
-    if out.exists() and not resume:
-        raise OutputError(f"--out {out} exists: pass --resume to continue that run, or another --out "
-                          "(without --out every run gets a new folder)")
+    if out.exists() and not resume and not overwrite_allowed():
+        raise OutputError(f"--out {out} exists: pass --resume to continue that run, --overwrite to replace it, "
+                          "or another --out (without --out every run gets a new folder)")
     return out

@@ -4,22 +4,27 @@ from pathlib import Path
 
 import typer
 
-from cli.console import console
-from cli.display import TaskProgress
+from .console import console
+from .display import TaskProgress
+from .guard import OVERWRITE_HELP, overwriting, refuse_existing
 
 data_app = typer.Typer(help="Datasets: generate the built-in synthetic shapes set.", no_args_is_help=True)
 
 
 @data_app.command("synth")
 def synth(
-    out: Path = typer.Option(..., "--out", help="Folder to write (must be new, empty or a previous synthetic set)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (new or empty; --overwrite replaces a previous set)."),
     images: int = typer.Option(2000, "--images", help="Training images (val gets a tenth, at least 20)."),
     size: int = typer.Option(160, "--size", help="Image side in pixels."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same dataset (byte for byte)."),
     val_images: int | None = typer.Option(None, "--val-images", help="Validation images (default: max(20, images/10))."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Generate the synthetic shapes dataset (4 classes, COCO format) into --out."""
     from surgery.data import SYNTH_CLASSES, synthesize
+
+    with overwriting(overwrite):
+        refuse_existing(out, "--out", folder=True, hint=", or another folder")
 
     with TaskProgress("generating") as bar:
         info = synthesize(out, images=images, size=size, seed=seed, val_images=val_images, progress=bar.update)

@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cli.console import console
+from .console import console
 
 SHORT = {"classification": "cls", "bbox_regression": "reg", "bbox_ctrness": "ctr", "loss_classifier": "cls",
          "loss_box_reg": "box", "loss_objectness": "obj", "loss_rpn_box_reg": "rpn", "imitation": "imit",
@@ -49,6 +49,7 @@ class TrainDisplay:
             TimeRemainingColumn(),
             console=console,
             transient=False,
+            disable=not console.is_terminal,  # a log file gets step lines (on_step), not a dead bar
         )
         self.task = self.progress.add_task(escape(title), total=None, info="starting…")
 
@@ -67,7 +68,7 @@ class TrainDisplay:
         if not self.enabled:
             return Callbacks()
         return Callbacks(on_step=self.on_step, on_eval_progress=self.on_eval_progress, on_eval=self.on_eval,
-                         on_note=self.on_note, on_stage=self.on_stage)
+                         on_note=self.on_note, on_stage=self.on_stage, on_warning=self.on_warning)
 
     def on_step(self, info: Any) -> None:  # StepInfo
         if not console.is_terminal:  # a log file or a pipe: periodic plain lines instead of a bar
@@ -81,6 +82,9 @@ class TrainDisplay:
 
     def on_note(self, text: str) -> None:
         self.progress.console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True, highlight=False)
+
+    def on_warning(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True, highlight=False)
 
     def on_eval_progress(self, done: int, total: int) -> None:
         self.progress.update(self.task, description=f"{escape(self.title)} [dim](evaluating {done}/{total})[/]")
@@ -187,12 +191,18 @@ def working(text: str, quiet: bool = False) -> Any:
     return contextlib.nullcontext()
 
 
-def macs_line(before: int, after: int | None, size: int | None, rois: int | None) -> str:
+def macs_line(before: int, after: int | None, size: int | None, rois: int | None,
+              network: tuple[int, int] | None = None) -> str:
     """``MACs 166M -> 50.8M (31% kept; fvcore, one 320x320 image, 100 RoIs)``: the one way prune
-    and inspect state MACs, with what they were counted on."""
+    and inspect state MACs, with what they were counted on: the resolution the network actually
+    ran at (``network``: the backbone's input) when the model resizes its input itself."""
     from surgery.report import fmt_count
 
-    on = f"one {size}x{size} image" + (f", {rois} RoIs" if rois else "")
+    if network is not None and tuple(network) != (size, size):
+        on = f"network at {network[0]}x{network[1]}: the model resizes its {size}x{size} input itself"
+    else:
+        on = f"one {size}x{size} image"
+    on += f", {rois} RoIs" if rois else ""
     if after is None:
         return f"MACs {fmt_count(before)} ({on}, fvcore)"
     return f"MACs {fmt_count(before)} -> {fmt_count(after)} ({after / max(1, before):.0%} kept; fvcore, {on})"

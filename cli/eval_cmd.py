@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from cli.console import console, err_console
-from cli.display import TaskProgress
-from cli.table import FORMAT_HELP, Column, machine_readable, render
+from .console import console, err_console
+from .display import TaskProgress
+from .table import FORMAT_HELP, Column, machine_readable, render
 
 DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a dataset folder | a COCO .json (default: the checkpoint's recipe)."
 MAIN_METRICS = ("mAP", "mAP50", "segm_mAP", "kp_mAP", "voc_mAP50")

@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.console import console
+from .console import console
 
 
 def export(
@@ -20,7 +20,9 @@ def export(
         help="onnx, or ultralytics: a .pt that Ultralytics loads with the pruned widths (YOLO('x.pt'); a pickle, "
         "see docs/yolo-nms-free.md).",
     ),
-    input_size: int = typer.Option(320, "--input-size", help="Square input side the graph is traced for."),
+    input_size: int = typer.Option(
+        None, "--input-size", help="Square input side the graph is traced for (default: the model's own, its min_size, as quantize)."
+    ),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare onnxruntime with PyTorch."),
     dynamic_size: bool = typer.Option(
@@ -34,6 +36,7 @@ def export(
     from surgery.errors import SurgeryError
     from surgery.export import checkpoint_metadata, export_onnx
     from surgery.masked import fold_masks
+    from surgery.quantize import export_size
     from surgery.safety import protecting
 
     if fmt not in ("onnx", "ultralytics"):
@@ -56,6 +59,7 @@ def export(
             soft_wrap=True, highlight=False,
         )
         return
+    input_size = input_size or export_size(model)
     with console.status(f"exporting {checkpoint.name} at {input_size}px (opset {opset})..."):
         meta = checkpoint_metadata(model, ckpt, input_size)
         res = export_onnx(model, out, input_size, opset, verify=verify, metadata=meta, dynamic_size=dynamic_size)

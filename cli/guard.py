@@ -8,6 +8,8 @@ import contextlib
 import functools
 import inspect
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,39 @@ INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights
 OUTPUT_PARAMS = {"out": "--out", "json_out": "--json", "csv": "--csv", "detections": "--detections",
                  "keep_float": "--keep-float", "plot": "--plot"}
 FOLDER_OUTPUTS = ("sweep", "predict")  # their --out is a folder
+# a sweep's --out is its run folder: re-running the sweep resumes it (steps keyed by their settings)
+RESUMED_FOLDERS = ("sweep",)
+
+OVERWRITE_HELP = "Replace outputs that already exist (without it an existing output is refused before any work)."
+_OVERWRITE: ContextVar[bool] = ContextVar("surgery_overwrite", default=False)
+
+
+@contextlib.contextmanager
+def overwriting(enabled: bool) -> Iterator[None]:
+    """Within the block, :func:`refuse_existing` lets existing outputs be replaced (``--overwrite``)."""
+    token = _OVERWRITE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _OVERWRITE.reset(token)
+
+
+def overwrite_allowed() -> bool:
+    return _OVERWRITE.get()
+
+
+def refuse_existing(path: str | Path, flag: str, *, folder: bool = False, hint: str = "") -> None:
+    """Never a silent overwrite: the one check every command that writes runs before any work. An
+    existing output file (or a non-empty output folder) is refused in one line unless the command
+    runs with ``--overwrite``. Links, devices and inputs are refused by :func:`surgery.safety.check_output`
+    whatever the flag says."""
+    from surgery.safety import OutputError
+
+    p = Path(path)
+    present = (p.is_dir() and any(p.iterdir())) if folder else (p.exists() or p.is_symlink())
+    if present and not _OVERWRITE.get():
+        what = "folder" if folder else "file"
+        raise OutputError(f"{flag} {p}: the {what} exists and is kept; pass --overwrite to replace it{hint}")
 
 TRUST_HELP = (
     "Allow the checkpoint / recipe / --model to run user code (a 'module:function' or 'file.py:function' "
@@ -67,8 +102,13 @@ def _precheck(command: str, bound: dict[str, Any]) -> None:
     for flag, path in outputs.items():
         if command in FOLDER_OUTPUTS and flag == "--out":
             check_folder(path, what="--out")
+            if command not in RESUMED_FOLDERS:
+                refuse_existing(path, flag, folder=True, hint=", or another folder")
         else:
             check_output(path, inputs=inputs, what=flag)
+            if not bound.get("resume"):  # train/retrain --resume continues the run its --out holds
+                hint = ", --resume to continue that run" if "resume" in bound else ""
+                refuse_existing(path, flag, hint=f"{hint}, or another {flag.split()[0]}")
         key = os.path.realpath(os.path.abspath(os.fspath(path)))
         if key in seen:  # e.g. quantize --out k.onnx --keep-float k.onnx: one would replace the other
             raise OutputError(f"{flag} {path} and {seen[key]} are the same file; give each output its own path")
@@ -127,35 +167,42 @@ def _refuse_untrusted_early(model: Any, recipe: Any) -> None:
 
 
 def guard(command: str, fn: Any) -> Any:
-    """``fn`` with a ``--trust-code`` option; it runs in a trust context for that call, with its
-    input files protected from being overwritten and its outputs checked up front."""
+    """``fn`` with a ``--trust-code`` option (and ``--overwrite`` when it writes files); it runs in a
+    trust context for that call, with its input files protected from being overwritten and its
+    outputs checked up front."""
     sig = inspect.signature(fn, eval_str=True)
     if "trust_code" in sig.parameters:
         return fn
-    extra = inspect.Parameter(
+    extra = [inspect.Parameter(
         "trust_code", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
         default=typer.Option(False, "--trust-code", help=TRUST_HELP),
-    )  # fmt: skip
+    )]  # fmt: skip
+    writes = any(name in sig.parameters for name in OUTPUT_PARAMS) and command not in RESUMED_FOLDERS
+    if writes and "overwrite" not in sig.parameters:
+        extra.append(inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                       default=typer.Option(False, "--overwrite", help=OVERWRITE_HELP)))
     params = list(sig.parameters.values())
-    new_sig = sig.replace(parameters=[*params, extra])
+    new_sig = sig.replace(parameters=[*params, *extra])
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, trust_code: bool = False, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, trust_code: bool = False, overwrite: bool = False, **kwargs: Any) -> Any:
         from surgery.safety import protecting
         from surgery.trust import origin, trusting
 
         bound = sig.bind_partial(*args, **kwargs).arguments
-        _precheck(command, bound)
+        with overwriting(overwrite):
+            _precheck(command, bound)
         model, recipe = bound.get("model"), bound.get("recipe")
         where = "--model" if isinstance(model, str) and ":" in model else f"recipe {recipe}" if recipe and not model else None
-        with _locks(command, bound), trusting(trust_code), origin(where), \
+        with _locks(command, bound), trusting(trust_code), origin(where), overwriting(overwrite), \
                 protecting(p for p in _inputs(bound) if isinstance(p, (str, Path))):  # fmt: skip
             if not trust_code:
                 _refuse_untrusted_early(model, recipe)
             return fn(*args, **kwargs)
 
     wrapper.__signature__ = new_sig  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "trust_code": bool}
+    wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "trust_code": bool,
+                               **({"overwrite": bool} if writes else {})}
     return wrapper
 
 

@@ -8,22 +8,26 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from cli.console import console
-from cli.table import FORMAT_HELP, Column, check_format, render
+from .console import console
+from .table import FORMAT_HELP, Column, check_format, render
 
 KEPT = Column("kept", justify="right", fmt=lambda v: f"{v:.0%}")
 
 
 def info(
-    checkpoint: Path = typer.Argument(..., help="A surgery checkpoint."),
+    checkpoint: Path = typer.Argument(..., help="A surgery checkpoint, or an .onnx file from export / quantize."),
     layers: bool = typer.Option(False, "--layers", help="Every cut layer, not only the stages."),
     show_recipe: bool = typer.Option(False, "--recipe", help="Print the recipe saved in the checkpoint."),
     fmt: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP + " csv: one row per layer."),
 ) -> None:
     """Where a checkpoint came from, what was cut (before -> after), and its recorded metrics."""
     from surgery.info import describe_checkpoint
+    from surgery.runtime import is_onnx
 
     check_format(fmt)
+    if is_onnx(checkpoint):
+        _onnx_info(checkpoint, fmt)
+        return
     d = describe_checkpoint(checkpoint)
     layer_rows = [{"layer": c.layer, "before": c.before, "after": c.after, "kept": c.kept} for c in d.layers]
     if fmt == "json":
@@ -60,6 +64,32 @@ def info(
         import yaml
 
         p(escape(yaml.safe_dump(d.recipe, sort_keys=False)))
+
+
+def _onnx_info(path: Path, fmt: str) -> None:
+    from surgery.info import describe_onnx
+    from surgery.report import fmt_count
+
+    d = describe_onnx(path)
+    if fmt == "json":
+        typer.echo(json.dumps(d.to_dict(), indent=2, default=str))
+        return
+    if fmt == "csv":
+        render([{"key": k, "value": v} for k, v in d.metadata.items()], ["key", "value"], "csv")
+        return
+    extra = {k: v for k, v in d.metadata.items() if k in ("calibration", "activations", "weights", "float_source", "source", "method", "ratio")}
+    rows = [
+        {"what": "model", "value": f"{d.model} ({d.kind})"},
+        {"what": "precision", "value": d.precision},
+        {"what": "classes", "value": ", ".join(d.class_names[1:]) if d.class_names else "not recorded (labels are ids)"},
+        {"what": "input", "value": f"image [{', '.join(str(x) for x in d.input_shape)}] in [0, 1]"},
+        {"what": "outputs", "value": ", ".join(d.outputs)},
+        {"what": "params", "value": fmt_count(d.params) if d.params is not None else "-"},
+        {"what": "MACs", "value": (f"{fmt_count(d.macs)} (one {d.metadata.get('input_size', '?')}px image)"
+                                   if d.macs is not None else "-")},
+        *({"what": k, "value": v} for k, v in extra.items() if v),
+    ]
+    render(rows, ["what", "value"], title=f"{path} (ONNX)")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import typer
 
-from cli.common import parse_kv, resolve_recipe
-from cli.console import console
-from cli.display import macs_line, working
-from cli.table import FORMAT_HELP, Column, machine_readable, render
 from surgery.report import fmt_count as _fmt
+
+from .common import parse_kv, resolve_recipe
+from .console import console
+from .display import macs_line, working
+from .table import FORMAT_HELP, Column, machine_readable, render
 
 
 def inspect(
     model: str = typer.Option(None, "--model", "-m", help="Registered name, package.module:function, or a checkpoint."),
-    recipe: Path = typer.Option(None, "--recipe", "-r"),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML file or shipped recipe name."),
     skip: list[str] = typer.Option(None, "--skip", help="LAYER_GLOB never cut (repeatable)."),
     kwarg: list[str] = typer.Option(None, "--kwarg", "-k", help="Builder argument KEY=VALUE (repeatable)."),
     layers: bool = typer.Option(False, "--layers", help="List every layer of every group."),
@@ -38,7 +39,8 @@ def inspect(
     with working(f"tracing {source}", quiet=machine_readable(fmt)):
         net, _, _ = resolve_model(source, rec.model.kwargs, rec.model.weights)
         graph = inspect_model(net, skip=rec.prune.skip)
-        macs, params = count_macs(net, size, rois=MACS_ROIS).total, count_params(net).total
+        counted, params = count_macs(net, size, rois=MACS_ROIS), count_params(net).total
+    macs = counted.total
     join = ", ".join
     rows = [{"group": g.index, "root": g.root, "channels": g.channels,
              "producers": join(g.producers) if layers else len(g.producers),
@@ -48,12 +50,13 @@ def inspect(
             "producers", "consumers", "prunable"]
     rois = MACS_ROIS if is_two_stage(net) else None
     extra = {"model": source, "params": params, "macs": macs, "macs_input_size": size, "macs_rois": rois,
+             "macs_network_input": counted.backbone_input,
              "output_layers": graph.output_layers}
     if machine_readable(fmt):
         render(rows, cols, fmt, extra=extra if fmt == "json" else None)
         return
     render(rows, cols, title=f"{source}: {len(graph.groups)} coupled channel groups")
-    console.print(f"params {_fmt(params)}, {macs_line(macs, None, size, rois)}", highlight=False, soft_wrap=True)
+    console.print(f"params {_fmt(params)}, {macs_line(macs, None, size, rois, counted.backbone_input)}", highlight=False, soft_wrap=True)
     console.print(f"output layers (never cut): {', '.join(graph.output_layers)}", highlight=False, soft_wrap=True)
 
 

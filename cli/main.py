@@ -7,11 +7,12 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported anywhere
 
+import importlib  # noqa: E402
 import sys  # noqa: E402
 
 import typer  # noqa: E402
 
-from cli.console import console, err_console  # noqa: E402
+from .console import console, err_console  # noqa: E402
 
 app = typer.Typer(
     name="surgery",
@@ -24,16 +25,16 @@ app = typer.Typer(
 
 # one module per command group, each with ``register(app)``
 COMMAND_MODULES = ("models_cmd", "prune_cmd", "inspect_cmd", "data_cmd", "train_cmd", "eval_cmd", "bench_cmd", "sweep_cmd",
-                   "export_cmd", "quantize_cmd", "predict_cmd", "info_cmd",
+                   "export_cmd", "quantize_cmd", "predict_cmd", "info_cmd", "recipes_cmd",
                    "sensitivity_cmd")
 
 
 def _register() -> None:
     for optional in COMMAND_MODULES:
         try:
-            mod = __import__(f"cli.{optional}", fromlist=["register"])
+            mod = importlib.import_module(f".{optional}", __package__)
         except ModuleNotFoundError as e:
-            if e.name != f"cli.{optional}":
+            if e.name != f"{__package__}.{optional}":
                 raise
             continue
         mod.register(app)
@@ -41,9 +42,29 @@ def _register() -> None:
 
 _register()
 
-from cli.guard import guard_commands  # noqa: E402
+from .guard import guard_commands  # noqa: E402
 
-guard_commands(app)  # --trust-code, outputs checked before work, inputs never overwritten
+guard_commands(app)  # --trust-code, --overwrite, outputs checked before work, inputs never overwritten
+
+
+def _switches_as_switches() -> None:
+    """Typer's help prints every flag, ``--help`` included, as ``--trust-code <bool>`` although a flag
+    takes no value: its type column is left empty instead, so switches read as switches. (Typer
+    builds its help options itself, so a per-option metavar cannot reach ``--help``.)"""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_surgery_switches", False):  # older typer: nothing to fix
+        return
+
+    def display_type_rich(self: TyperOption, ctx: typer.Context) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich._surgery_switches = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_switches_as_switches()
 
 
 def _version(value: bool) -> None:
@@ -68,38 +89,46 @@ def _terminate(signum: int, frame: object) -> None:
 def main() -> None:
     import signal
 
-    from rich.markup import escape
-
     from surgery.errors import SurgeryError
+
+    usage_error = typer.BadParameter.__mro__[1]  # click's UsageError (typer >= 0.20 vendors click)
+    click_error = usage_error.__mro__[1]  # click's ClickException
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = app(standalone_mode=False)  # usage errors come here: one line, not Typer's boxed panel
+        # not standalone: click's usage errors come here and print like ours (no boxed panels)
+        code = app(standalone_mode=False, prog_name="surgery")
+    except usage_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `surgery` / `surgery data`: the help, not an error
+            e.show()
+            sys.exit(0)
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _error_line(f"{e.format_message()}{where}")
+        sys.exit(2)
+    except click_error as e:
+        _error_line(e.format_message())
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("Aborted.", highlight=False)
+        sys.exit(1)
     except SurgeryError as e:
         if os.environ.get("SURGERY_DEBUG") == "1":
             raise
-        # one line; the message quotes user strings (paths, values): never interpret them as markup
-        text = " ".join(str(e).split("\n")).strip() or e.__class__.__name__
-        err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, markup=True, soft_wrap=True)
-        err_console.print("[dim](set SURGERY_DEBUG=1 for the full traceback)[/]")
+        _error_line(str(e) or e.__class__.__name__)  # SURGERY_DEBUG=1 shows the traceback (README)
         sys.exit(2)
-    except Exception as e:
-        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not click's ClickException: a bug
-            raise
-        if type(e).__name__ == "NoArgsIsHelpError":  # bare `surgery` / `surgery data`: the help
-            e.show()
-            sys.exit(0)
-        ctx = getattr(e, "ctx", None)
-        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-        text = " ".join(e.format_message().split())
-        err_console.print(f"[bold red]error:[/] {escape(text)}{escape(where)}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except (EOFError, KeyboardInterrupt):
-        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error_line(text: str) -> None:
+    """The one error style: ``error: ...`` on one line of stderr. The message quotes user strings
+    (paths, values): never interpret them as markup."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(text.split()))}", highlight=False, markup=True,
+                      soft_wrap=True)  # fmt: skip
 
 
 __all__ = ["app", "main", "console"]
 
-if __name__ == "__main__":  # python -m cli.main
+if __name__ == "__main__":  # python -m surgery_cli.main (installed) or cli.main (checkout)
     main()

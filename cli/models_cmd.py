@@ -3,7 +3,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from cli.console import console
+from .console import console
 
 
 def models() -> None:

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import typer
 
-from cli.console import console
-from cli.display import TaskProgress
+from .console import console
+from .display import TaskProgress
 
 
 def predict(
     checkpoint: Path = typer.Argument(..., help="A surgery checkpoint (.pt)."),
     images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
-    out: Path = typer.Option(Path("runs/predict"), "--out", "-o", help="Folder for the drawn images and detections.json."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Folder for the drawn images and detections.json (default: a new runs/predict/expN)."
+    ),
     score_thresh: float = typer.Option(0.3, "--score-thresh", help="Keep detections scoring at least this (0-1)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
@@ -25,6 +27,10 @@ def predict(
     from surgery.predict import MARKER as PREDICT_MARKER
     from surgery.predict import image_files, load_predictor, predict_files, write_predictions
 
+    if out is None:
+        from surgery.records import next_run_dir
+
+        out = next_run_dir("runs/predict")
     if out.is_dir() and not into_existing and not (out / PREDICT_MARKER).exists() and any(out.iterdir()):
         write_predictions([], out)  # refuses before the model is loaded (the message lives there)
     files = image_files(images)

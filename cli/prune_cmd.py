@@ -6,18 +6,19 @@ from pathlib import Path
 
 import typer
 
-from cli.common import parse_kv, parse_ratios, resolve_recipe
-from cli.console import console
-from cli.display import macs_line, working
-from cli.table import Column, render
 from surgery.importance import method_help
 from surgery.report import fmt_count as _fmt
+
+from .common import parse_kv, parse_ratios, resolve_recipe
+from .console import console
+from .display import macs_line, working
+from .table import Column, render
 
 
 def prune(
     model: str = typer.Option(None, "--model", "-m", help="Registered name, package.module:function, or a checkpoint."),
-    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML; flags override its values."),
-    ratio: float = typer.Option(None, help="Fraction of channels cut in every coupled group (0 < r < 1)."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML file or shipped recipe name (`surgery recipes`); flags override its values."),
+    ratio: float = typer.Option(None, "--cut-ratio", "--ratio", help="Fraction of channels CUT in every coupled group (0 < r < 1)."),
     method: str = typer.Option(None, help=method_help()),
     global_ranking: bool = typer.Option(None, "--global/--uniform", help="Rank channels across all groups."),
     round_to: int = typer.Option(None, help="Round kept widths up to a multiple of this (8, 16)."),
@@ -25,19 +26,23 @@ def prune(
     override: list[str] = typer.Option(None, "--override", help="LAYER_GLOB=RATIO (repeatable)."),
     skip: list[str] = typer.Option(None, "--skip", help="LAYER_GLOB never cut (repeatable)."),
     anchors: str = typer.Option(None, help="Keep only these anchor shapes: 'ratios=1.0;sizes=0,1'."),
-    target_macs: float = typer.Option(None, help="Keep this fraction of the dense MACs (0.5): the ratio is searched."),
-    target_params: float = typer.Option(None, help="Keep this fraction of the parameters: the ratio is searched."),
-    target_latency: float = typer.Option(None, help="Keep this fraction of the dense network latency on --runtime (0.5): per-group widths from a measured latency table."),
-    runtime: str = typer.Option(None, help="--target-latency: onnxruntime | torch (where the latency table is measured)."),
+    target_macs: float = typer.Option(
+        None, "--keep-macs", "--target-macs", help="Fraction of the dense MACs KEPT (0.5): the cut ratio is searched."
+    ),
+    target_params: float = typer.Option(
+        None, "--keep-params", "--target-params", help="Fraction of the parameters KEPT: the cut ratio is searched."
+    ),
     calib_batches: int = typer.Option(None, help="taylor/fisher: calibration batches from --data (default 4)."),
     data: str = typer.Option(None, "--data", help="Calibration data for taylor/fisher: synthetic | coco:ROOT | voc:ROOT | a COCO .json."),
+    target_latency: float = typer.Option(None, "--keep-latency", "--target-latency", help="Fraction of the dense network latency KEPT on --runtime (0.5): per-group widths from a measured latency table."),
+    runtime: str = typer.Option(None, help="--keep-latency: onnxruntime | torch (where the latency table is measured)."),
     recover: int = typer.Option(None, "--recover", help="Recovery without retraining after the cut: N calibration batches "
                                 "(8 images each) from --data; least-squares re-fit against the dense model + BatchNorm "
                                 "re-estimation (0: off)."),
     allocation: str = typer.Option(None, "--allocation", help="uniform | global | sensitivity (per-group ratios from "
-                                   "--sensitivity CSV meeting --target-macs)."),
+                                   "--sensitivity CSV meeting --keep-macs)."),
     sensitivity: Path = typer.Option(None, "--sensitivity", help="CSV from `surgery sensitivity` (--allocation sensitivity)."),
-    sparsity: float = typer.Option(None, help="Masked pruning: fraction of weights zeroed."),
+    sparsity: float = typer.Option(None, help="Masked pruning: fraction of conv/linear weights ZEROED (shapes kept)."),
     scope: str = typer.Option(None, help="Masked pruning: layer | global."),
     weights: str = typer.Option(None, help="torchvision weights name (DEFAULT) or a local weights file."),
     kwarg: list[str] = typer.Option(None, "--kwarg", "-k", help="Builder argument KEY=VALUE (repeatable)."),
@@ -98,9 +103,10 @@ def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
     how = "global" if report.global_ranking else "uniform"
     render(rows, [Column("group", justify="right"), Column("root", "root layer"), Column("layers", justify="right"),
                   Column("channels", justify="right"), "kept"], title=f"{source}: {report.method} ratio {report.ratio} ({how})")
+    macs = (macs_line(report.macs_before, report.macs_after, report.macs_input_size, report.macs_rois,
+                      report.macs_network_input) if report.macs_ratio is not None else None)
     console.print(f"params {_fmt(report.params_before)} -> {_fmt(report.params_after)} ({report.params_ratio:.0%} kept)"
-                  + (f", {macs_line(report.macs_before, report.macs_after, report.macs_input_size, report.macs_rois)}"
-                     if report.macs_ratio is not None else ""), highlight=False, soft_wrap=True)
+                  + (f", {macs}" if macs else ""), highlight=False, soft_wrap=True)
     console.print(f"output layers kept whole: {', '.join(report.output_layers)}\n"
                   f"analysis {report.seconds_analysis:.2f}s, cut {report.seconds_cut:.2f}s", soft_wrap=True)
     if report.target is not None and hasattr(report.target, "table_key"):  # surgery.latency.LatencyResult

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.console import console
+from .console import console
 
 
 def quantize(

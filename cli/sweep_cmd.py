@@ -9,14 +9,14 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.common import resolve_recipe
-from cli.console import console
-from cli.display import step_line
-from cli.table import print_wide
+from .common import resolve_recipe
+from .console import console
+from .display import step_line
+from .table import print_wide
 
 
 def sweep(
-    recipe: Path = typer.Argument(..., help="Recipe YAML (e.g. recipes/quickstart.yaml)."),
+    recipe: Path = typer.Argument(..., help="Recipe YAML file, or a shipped recipe name (quickstart; `surgery recipes` lists them)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: the recipe's sweep.out)."),
     device: str = typer.Option(None, help="cpu | cuda (default: the recipe's bench.device)."),
     data: str = typer.Option(None, help="synthetic | coco:ROOT | voc:ROOT | annotations.json"),
@@ -28,6 +28,7 @@ def sweep(
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        disable=not console.is_terminal,  # a log file gets the stage and step lines below, not a dead bar
     )
     stages = progress.add_task("sweep", total=1, info="")
     steps = progress.add_task("train", total=1, info="", visible=False)
@@ -63,8 +64,8 @@ def sweep(
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
     if result.skipped:
         console.print(f"[dim]reused finished steps: {', '.join(result.skipped)}[/]")
-    console.print(f"results: [bold]{result.csv}[/], {result.markdown}, {result.bench_csv}")
-    console.print("plots: " + ", ".join(str(p) for p in result.plots.values()))
+    console.print(f"results: [bold]{result.csv}[/], {result.markdown}, {result.bench_csv}", soft_wrap=True)
+    console.print("plots: " + ", ".join(str(p) for p in result.plots.values()), soft_wrap=True, markup=False)
 
 
 def register(app: typer.Typer) -> None:

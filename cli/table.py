@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.console import console
+from .console import console
 
 FORMATS = ("table", "json", "csv")
 FORMAT_HELP = "table (full width, nothing cut) | json | csv (machine-readable, on stdout)."
@@ -84,7 +84,7 @@ def print_wide(renderable: Any) -> None:
         return
     from rich.measure import Measurement
 
-    from cli.console import SafeConsole
+    from .console import SafeConsole
 
     width = Measurement.get(console, console.options.update_width(100_000), renderable).maximum
     wide = SafeConsole(file=console.file, width=max(console.width, width), no_color=console.no_color)

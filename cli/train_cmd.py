@@ -11,18 +11,43 @@ from typing import Any
 
 import typer
 
-from cli.common import parse_kv, resolve_recipe
-from cli.common import run_out as _run_out
-from cli.console import err_console
-from cli.display import TrainDisplay, print_train_summary
+from surgery.recipe import Recipe
+
+from .common import parse_kv, resolve_recipe
+from .common import run_out as _run_out
+from .console import err_console
+from .display import TrainDisplay, print_train_summary
 
 DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a COCO .json"
+# what a recipe without a train / retrain section trains with (flags left out take the recipe's value)
+_DEFAULTS = {"train": Recipe().train, "retrain": Recipe().retrain}
+
+
+def _default(section: str, key: str) -> str:
+    return f" (default: the recipe's, else {getattr(_DEFAULTS[section], key):g})"
+
+
+def _steps(section: str) -> Any:
+    return typer.Option(None, "--steps", min=1, help="Optimizer steps (replaces the recipe's epochs)." + _default(section, "steps"))
+
+
+def _batch(section: str) -> Any:
+    return typer.Option(None, "--batch-size", "-b", min=1, help="Images per step per process." + _default(section, "batch_size"))
+
+
+def _lr(section: str) -> Any:
+    return typer.Option(None, "--lr", help="Peak learning rate." + _default(section, "lr"))
+
+
+def _warmup(section: str) -> Any:
+    return typer.Option(None, "--warmup-steps", min=0, help="Steps of linear warm-up to the peak learning rate."
+                        + _default(section, "warmup_steps"))
+
+
 # options both commands take (one definition each)
 DATA = typer.Option(None, "--data", help=DATA_HELP)
-STEPS = typer.Option(None, "--steps", min=1, help="Optimizer steps (replaces the recipe's epochs).")
+STEPS, BATCH, LR = _steps("train"), _batch("train"), _lr("train")
 EPOCHS = typer.Option(None, "--epochs", help="Epochs (converted to steps).")
-BATCH = typer.Option(None, "--batch-size", "-b", min=1, help="Images per step per process.")
-LR = typer.Option(None, "--lr", help="Peak learning rate.")
 DEVICE = typer.Option("cpu", "--device", help="cpu | cuda (cuda:LOCAL_RANK under torchrun).")
 RESUME = typer.Option(False, "--resume", help="Continue from --out's saved step.")
 EVAL_EVERY = typer.Option(None, "--eval-every", min=0, help="Evaluate every N steps (0: only at the end).")
@@ -36,7 +61,7 @@ OUT_HELP = ("Checkpoint to write (default: a new run folder {root}/exp, exp2, ..
 
 
 def _overrides(section: str, **flags: Any) -> dict[str, Any]:
-    names = ("steps", "epochs", "batch_size", "lr", "eval_every", "seed", "checkpoint_every")
+    names = ("steps", "epochs", "batch_size", "lr", "warmup_steps", "eval_every", "seed", "checkpoint_every")
     out = {f"{section}.{k}": flags.get(k) for k in names}
     out["data.source"] = flags.get("data")
     out["data.num_workers"] = flags.get("workers")
@@ -50,12 +75,13 @@ def _clear_epochs(rec: Any, section: str, steps: Any, epochs: Any) -> None:
 
 def train(
     model: str = typer.Option(None, "--model", "-m", help="Registered name or package.module:function."),
-    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML (its 'train' section); flags override it."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML file or shipped name (its 'train' section); flags override it."),
     data: str = DATA,
     steps: int = STEPS,
     epochs: float = EPOCHS,
     batch_size: int = BATCH,
     lr: float = LR,
+    warmup_steps: int = _warmup("train"),
     device: str = DEVICE,
     out: Path = typer.Option(None, "--out", "-o", help=OUT_HELP.format(root="runs/train")),
     resume: bool = RESUME,
@@ -71,8 +97,8 @@ def train(
     from surgery.train import destroy_distributed, init_distributed
     from surgery.workflows import train_from_recipe
 
-    flags = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
-                 checkpoint_every=checkpoint_every, data=data, workers=workers)  # fmt: skip
+    flags = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                 eval_every=eval_every, seed=seed, checkpoint_every=checkpoint_every, data=data, workers=workers)  # fmt: skip
     rec = resolve_recipe(recipe, {**_overrides("train", **flags), "model.name": model, "model.weights": weights})
     _clear_epochs(rec, "train", steps, epochs)
     rec.model.kwargs.update(parse_kv(kwarg, "--kwarg"))
@@ -91,12 +117,13 @@ def train(
 
 def retrain(
     ckpt: Path = typer.Argument(..., help="A surgery checkpoint (structured, masked or dense)."),
-    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML (its 'retrain' section; default: the checkpoint's)."),
+    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML file or shipped name (its 'retrain' section; default: the checkpoint's)."),
     data: str = DATA,
-    steps: int = STEPS,
+    steps: int = _steps("retrain"),
     epochs: float = EPOCHS,
-    batch_size: int = BATCH,
-    lr: float = LR,
+    batch_size: int = _batch("retrain"),
+    lr: float = _lr("retrain"),
+    warmup_steps: int = _warmup("retrain"),
     device: str = DEVICE,
     out: Path = typer.Option(None, "--out", "-o", help=OUT_HELP.format(root="runs/retrain")),
     resume: bool = RESUME,
@@ -105,7 +132,7 @@ def retrain(
     checkpoint_every: int = CKPT_EVERY,
     seed: int = typer.Option(None, "--seed", help="Seed for the data order and augmentation."),
     workers: int = WORKERS,
-    sparsity: float = typer.Option(None, "--sparsity", help="Mask this fraction of conv/linear weights (magnitude)."),
+    sparsity: float = typer.Option(None, "--sparsity", help="Masked pruning: fraction of conv/linear weights ZEROED (magnitude; shapes kept)."),
     agp: bool = typer.Option(False, "--agp", help="Reach --sparsity gradually (Zhu & Gupta AGP) instead of at once."),
     scope: str = typer.Option(None, "--scope", help="Masking scope: layer | global (default: recipe prune.scope)."),
     teacher: str = typer.Option(None, "--teacher", help="Distill from this checkpoint ('auto': the one pruned from; 'none': off)."),
@@ -119,8 +146,8 @@ def retrain(
     from surgery.train import destroy_distributed, init_distributed
     from surgery.workflows import recipe_for_checkpoint, retrain_checkpoint
 
-    flags = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
-                 checkpoint_every=checkpoint_every, data=data, workers=workers)  # fmt: skip
+    flags = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                 eval_every=eval_every, seed=seed, checkpoint_every=checkpoint_every, data=data, workers=workers)  # fmt: skip
     over = {**_overrides("retrain", **flags), "prune.scope": scope, "retrain.distill.teacher": teacher,
             "retrain.distill.weight": distill_weight}
     if teacher is not None:

@@ -176,7 +176,7 @@ def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) ->
         nonzero = int(_num(meta, "params_nonzero") or params) if declared == params else params
         info = {"model": ckpt.spec.name, "method": meta.get("method", "onnx"), "ratio": _num(meta, "ratio"),
                 "sparsity": None, "kind": ckpt.kind, "params": params, "params_nonzero": nonzero,
-                "file_bytes": fbytes, "file_gzip_bytes": fgzip, "macs": _num(meta, "macs"), "detections": None,
+                "file_bytes": fbytes, "file_gzip_bytes": fgzip, "macs": _num(meta, "macs"), "detections": int(_num(meta, "detections") or 0) or None,
                 "notes": [f"{path.name}: an ONNX file, timed as exported (its own thresholds and input size)"]}
         if declared is not None and abs(declared - params) > 0.01 * max(params, 1):
             info["notes"].append(f"{path.name}: its metadata says {int(declared)} parameters, its initializers hold "

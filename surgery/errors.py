@@ -38,3 +38,19 @@ class TrainingError(SurgeryError):
 
 class MeasureError(SurgeryError):
     """A measurement cannot be done as asked (no CUDA device, a model that does not run...)."""
+
+
+class MissingExtraError(SurgeryError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+def require_extra(modules: tuple[str, ...], extra: str, what: str) -> None:
+    """Raise :class:`MissingExtraError` naming ``pip install 'surgery[EXTRA]'`` unless every module
+    of ``modules`` is importable (checked without importing them)."""
+    import importlib.util  # stdlib; kept here so that this module's top imports nothing
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(
+            f"{what} needs {', '.join(missing)}, which is not installed: pip install 'surgery[{extra}]'"
+        )

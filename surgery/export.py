@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import CheckpointError, SurgeryError
+from .errors import CheckpointError, SurgeryError, require_extra
 from .postprocess import fast_postprocess
 
 OUTPUT_ORDER: tuple[str, ...] = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
@@ -154,6 +154,7 @@ def export_onnx(
     post-processing (same detections, far fewer nodes; verified against torchvision's own);
     ``False`` traces torchvision's loops as they are.
     """
+    require_extra(("onnx", "onnxruntime"), "export", "ONNX export")
     path = Path(path)
     model = copy.deepcopy(model).cpu().eval()
     example = _image(input_size, seed=0)
@@ -464,7 +465,11 @@ def checkpoint_metadata(model: nn.Module, ckpt: Any, input_size: int) -> dict[st
         "macs": str(macs.total),
         "input_size": str(input_size),
         "source": str(ckpt.path.name) if ckpt.path is not None else "",
+        "precision": "float32",  # `surgery quantize` keeps every key and sets its own precision
     }
+    detections = configured_detections(model)
+    if detections is not None:
+        meta["detections"] = str(detections)
     names = getattr(ckpt, "class_names", None)
     if names:
         meta["class_names"] = json.dumps(list(names))

@@ -134,4 +134,48 @@ def describe_checkpoint(path: str | Path) -> CheckpointInfo:
     )  # fmt: skip
 
 
-__all__ = ["CheckpointInfo", "LayerCut", "StageCut", "Step", "describe_checkpoint", "stage_of"]
+@dataclass
+class OnnxFileInfo:
+    """What an ONNX file written by ``surgery export`` / ``quantize`` says about itself."""
+
+    path: str
+    model: str  # the builder it was exported from ("-" for a file surgery did not write)
+    kind: str
+    precision: str  # float32 | int8 | unknown
+    input_shape: list[Any]  # [3, S, S], or names for dynamic axes
+    outputs: list[str]
+    class_names: list[str] | None
+    params: int | None
+    macs: int | None
+    metadata: dict[str, str]  # every surgery.* entry, prefix removed
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe_onnx(path: str | Path) -> OnnxFileInfo:
+    """An ONNX file's ``surgery.*`` metadata and signature (ONNX Runtime opens it; nothing runs)."""
+    import json
+
+    from .export import read_metadata
+    from .runtime import ort_session  # onnxruntime is the optional `export` extra
+
+    sess = ort_session(path)
+    meta = read_metadata(sess)
+    names = json.loads(meta["class_names"]) if meta.get("class_names") else None
+
+    def number(key: str) -> int | None:
+        try:
+            return int(float(meta[key]))
+        except (KeyError, ValueError):
+            return None
+
+    return OnnxFileInfo(
+        path=str(path), model=meta.get("model", "-"), kind=meta.get("kind", "-"),
+        precision=meta.get("precision", "unknown"), input_shape=list(sess.get_inputs()[0].shape),
+        outputs=[o.name for o in sess.get_outputs()], class_names=names, params=number("params"),
+        macs=number("macs"), metadata=meta,
+    )  # fmt: skip
+
+
+__all__ = ["CheckpointInfo", "LayerCut", "OnnxFileInfo", "StageCut", "Step", "describe_checkpoint", "describe_onnx", "stage_of"]

@@ -133,6 +133,12 @@ def _is_local_file(w: Any) -> bool:
     )
 
 
+def _brief(kwargs: dict[str, Any]) -> str:
+    """Builder arguments for a one-line error: a whole model config (a YOLO yaml dict) is named, not printed."""
+    return ", ".join(f"{k}=<{type(v).__name__}>" if isinstance(v, (dict, list, tuple)) else f"{k}={v!r}"
+                     for k, v in kwargs.items()) or "(none)"
+
+
 def build_model(spec: ModelSpec | str, *, trust_code: bool | None = None, **overrides: Any) -> nn.Module:
     """Build a detector from a spec.
 
@@ -170,8 +176,8 @@ def build_model(spec: ModelSpec | str, *, trust_code: bool | None = None, **over
             kwargs["weights_backbone"] = None
     try:
         model = builder(**kwargs)
-    except SurgeryError:  # the builder's own one-line error (e.g. an Ultralytics config refused)
-        raise
+    except SurgeryError:
+        raise  # the builder's own one-line error (UnknownModelError is a KeyError: keep it from below)
     except TypeError as e:
         raise UnknownModelError(f"model {spec.name!r} rejected its arguments {sorted(kwargs)}: {e}") from e
     except (KeyError, ValueError) as e:
@@ -180,7 +186,7 @@ def build_model(spec: ModelSpec | str, *, trust_code: bool | None = None, **over
                 f"model {spec.name!r}: unknown weights {kwargs['weights']!r} ({e}); use DEFAULT, a torchvision "
                 "weights name, or a local weights file"
             ) from e
-        raise UnknownModelError(f"model {spec.name!r} rejected its arguments {sorted(spec.kwargs)}: {e}") from e
+        raise UnknownModelError(f"model {spec.name!r} rejected its arguments {_brief(spec.kwargs)}: {e}") from e
     except OSError as e:  # urllib's URLError is an OSError: no internet for pretrained weights
         raise CheckpointError(
             f"model {spec.name!r}: cannot download weights {kwargs.get('weights')!r} ({e}); "

@@ -56,6 +56,7 @@ class PruneReport:
     target: Any = None  # surgery.target.TargetResult when the ratio was searched for a target
     macs_input_size: int | None = None  # MACs are counted on one square image of this side
     macs_rois: int | None = None  # two-stage models: RoIs fed to the box head while counting
+    macs_network_input: tuple[int, int] | None = None  # (H, W) the backbone ran at (after the model's resize)
 
     @property
     def params_ratio(self) -> float:
@@ -331,7 +332,8 @@ def prune_model(
     check_patterns(model, list(cfg.overrides), "override")
     check_patterns(model, cfg.skip, "skip")
 
-    macs_before = _macs(model, macs_input_size)
+    counted = _macs(model, macs_input_size)
+    macs_before = int(counted.total) if counted is not None else None
     params_before = count_params(model).total
     widths_before = layer_widths(model)
 
@@ -391,10 +393,11 @@ def prune_model(
         seconds_cut=t2 - t1,
         anchors=anchors_plan,
         macs_before=macs_before,
-        macs_after=_macs(model, macs_input_size),
+        macs_after=int(_macs(model, macs_input_size).total) if macs_input_size is not None else None,
         target=target,
         macs_input_size=macs_input_size if macs_before is not None else None,
         macs_rois=MACS_ROIS if macs_before is not None and is_two_stage(model) else None,
+        macs_network_input=counted.backbone_input if counted is not None else None,
     )
     from .importance import needs_data
 
@@ -431,12 +434,13 @@ def inspect_model(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str
 MACS_ROIS = 100  # the RoI count two-stage MACs are counted at (count_macs' default, as bench does)
 
 
-def _macs(model: nn.Module, size: int | None) -> int | None:
+def _macs(model: nn.Module, size: int | None) -> Any:
+    """The :class:`surgery.measure.MacsResult` at ``size`` (None without a size)."""
     if size is None:
         return None
     from .measure import count_macs
 
-    return int(count_macs(model, size, rois=MACS_ROIS).total)
+    return count_macs(model, size, rois=MACS_ROIS)
 
 
 __all__ = [

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import SurgeryError
+from .errors import SurgeryError, require_extra
 from .runtime import OnnxDetector, fit_image
 
 # Quantized operator types: the network's convolutions and matmuls; everything else stays float.
@@ -288,7 +288,9 @@ def quantize_onnx(
 
     ``calib_images`` (``3 x H x W`` in [0, 1], resized to ``input_size``) calibrate the activation
     ranges; ``ranges`` (``{module name: (min, max)}`` of each layer's input, from QAT) override them.
-    ``exclude``: modules kept in float (default: the model's output layers).
+    ``exclude``: modules kept in float (default: the model's output layers). The INT8 file keeps
+    the float file's ``surgery.*`` metadata (model, classes, params, MACs) and adds its own
+    (``precision``, ``calibration``, ``activations``, ``weights``, ``float_source``).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -349,6 +351,14 @@ def quantize_onnx(
         # optimizer folds the detector's box reshapes into static ones that fail on an empty level
         # ("cannot reshape {0,2,2} to {0,-1}") on every image. The float export has no value_info.
         del qmodel.graph.value_info[:]
+        _carry_metadata(onnx.load(str(float_path)).metadata_props, qmodel, {
+            "precision": "int8",
+            "calibration": f"qat ranges of {len(ranges)} layers" if ranges else f"minmax on {len(images)} training images",
+            "activations": "uint8 per-tensor",
+            "weights": f"int8 per-channel{' (reduce_range)' if reduce_range else ''}",
+            "float_source": float_path.name,
+            "input_size": str(input_size),
+        })
         onnx.save(qmodel, str(tmp))
         quantized = quantized_weight_nodes(qmodel.graph)
         int8_bytes = tmp.stat().st_size
@@ -412,6 +422,21 @@ def choose_form(
     return min(eligible, key=lambda f: ms[f]), ms, agree
 
 
+def _carry_metadata(float_props: Any, qmodel: Any, own: dict[str, str]) -> None:
+    """The float file's ``metadata_props`` (what ``bench``/``info``/``predict`` read: model, class
+    names, params, MACs) onto the quantized model, with ``surgery.<key>`` entries of ``own`` on top:
+    onnxruntime's quantizer writes only its own ``onnx.infer`` entry."""
+    from .export import METADATA_PREFIX
+
+    props = {p.key: p.value for p in qmodel.metadata_props}
+    props.update({p.key: p.value for p in float_props})
+    props.update({METADATA_PREFIX + k: v for k, v in own.items()})
+    del qmodel.metadata_props[:]
+    for k, v in props.items():
+        entry = qmodel.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
 def export_size(model: nn.Module) -> int:
     """The square input size a checkpoint is exported at by default: its transform's ``min_size``."""
     min_size = getattr(getattr(model, "transform", None), "min_size", None)
@@ -453,10 +478,11 @@ def quantize_checkpoint(
     ``form``: one of :data:`FORMS`, or ``auto`` to measure them all and keep the fastest
     (:func:`choose_form`; the timings are in ``form_ms`` and the notes)."""
     from .checkpoint import load_checkpoint
-    from .export import ExportError, export_onnx
+    from .export import ExportError, checkpoint_metadata, export_onnx
     from .masked import fold_masks
     from .qat import qat_ranges
 
+    require_extra(("onnx", "onnxruntime"), "export", "INT8 quantization")
     if calib_batches < 1 or batch_size < 1:
         raise QuantizeError(f"--calib-batches and --batch-size must be >= 1, got {calib_batches} and {batch_size}")
     t0 = time.perf_counter()
@@ -471,7 +497,7 @@ def quantize_checkpoint(
     with tempfile.TemporaryDirectory(prefix="surgery-quantize-") as tmpdir:
         float_path = Path(keep_float) if keep_float is not None else Path(tmpdir) / "float.onnx"
         try:
-            export_onnx(model, float_path, size, verify=False)
+            export_onnx(model, float_path, size, verify=False, metadata=checkpoint_metadata(model, ckpt, size))
         except ExportError as e:
             raise QuantizeError(f"cannot quantize {ckpt.spec.name}: {e}") from e
         images = dataset_images(recipe_data, "val", verify_images, source=data) if verify_images > 0 else []

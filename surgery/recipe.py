@@ -445,10 +445,11 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file."""
+    """Read and validate a recipe file (or a shipped recipe by name: ``quickstart``)."""
+    from .catalog import find_recipe
     from .trust import safe_yaml_load
 
-    path = Path(path)
+    path = find_recipe(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist" if not path.exists() else f"recipe {path} is not a file")
     try:

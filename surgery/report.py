@@ -190,7 +190,8 @@ def plot_map_vs_macs(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
                 ax.annotate(f"{100 * frac:.0f}%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("GMACs per image (fvcore)")
     ax.set_ylabel("mAP")
-    ax.set_title("Accuracy vs compute")
+    ax.set_title("mAP vs MACs per image\n"
+                 "point labels: % pruned (structured: channels removed; masked: weights zeroed)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -218,15 +219,16 @@ def plot_latency_vs_ratio(rows: Sequence[dict[str, Any]], path: str | Path) -> P
     ax.set_xlabel("% pruned (structured: channels removed; masked: weights zeroed)")
     ax.set_ylabel("latency (ms per batch, median)")
     ax.set_ylim(bottom=0)
-    ax.set_title("Latency vs pruning")
+    ax.set_title("Latency (median, end to end) vs % pruned")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def plot_layer_widths(widths_before: dict[str, int], widths_after: dict[str, int], path: str | Path) -> Path:
+def plot_layer_widths(widths_before: dict[str, int], widths_after: dict[str, int], path: str | Path,
+                      variant: str | None = None) -> Path:
     """Horizontal bars per layer (or coupled group): the width before pruning in grey, after in
-    colour, with the kept fraction written next to each bar."""
+    colour, with the kept fraction written next to each bar; the title names the ``variant``."""
     plt = _plt()
     names = list(widths_before) + [n for n in widths_after if n not in widths_before]
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(names) + 1.2)))
@@ -242,10 +244,38 @@ def plot_layer_widths(widths_before: dict[str, int], widths_after: dict[str, int
     ax.set_yticklabels(names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("channels")
-    ax.set_title("Layer widths")
+    ax.set_title(f"Output channels per layer{f' of {variant}' if variant else ''}: kept / before", fontsize=10)
     ax.set_xlim(0, max(before + after + [1]) * 1.18)
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
+
+
+DRAW_NMS_IOU = 0.5  # class-wise NMS applied before drawing: one box per object in the picture
+
+
+def boxes_to_draw(pred: dict[str, Any], score_thresh: float, iou: float = DRAW_NMS_IOU) -> list[tuple[list[float], float, int]]:
+    """``(box, score, label)`` of a torchvision-style output that a picture shows: scores >=
+    ``score_thresh``, then class-wise NMS at ``iou`` (a model's raw output may keep near-duplicate
+    boxes, e.g. FCOS at score threshold 0), best first."""
+    import torch
+    from torchvision.ops import batched_nms
+
+    boxes = torch.as_tensor(pred.get("boxes", torch.zeros(0, 4))).detach().cpu().float().reshape(-1, 4)
+    n = len(boxes)
+    scores = torch.as_tensor(pred.get("scores", torch.ones(n))).detach().cpu().float()
+    labels = torch.as_tensor(pred.get("labels", torch.zeros(n, dtype=torch.long))).detach().cpu().long()
+    keep = scores >= score_thresh
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    order = batched_nms(boxes, scores, labels, iou)
+    return [(boxes[k].tolist(), float(scores[k]), int(labels[k])) for k in order.tolist()]
+
+
+def _ground_truth_boxes(target: dict[str, Any]) -> list[tuple[list[float], None, int]]:
+    import torch
+
+    boxes = torch.as_tensor(target.get("boxes", torch.zeros(0, 4))).detach().cpu().float().reshape(-1, 4)
+    labels = torch.as_tensor(target.get("labels", torch.zeros(len(boxes), dtype=torch.long))).detach().cpu().long()
+    return [(b, None, int(lab)) for b, lab in zip(boxes.tolist(), labels.tolist())]
 
 
 def plot_detections_grid(
@@ -254,17 +284,23 @@ def plot_detections_grid(
     path: str | Path,
     class_names: Sequence[str] | None = None,
     score_thresh: float = 0.3,
+    ground_truth: Sequence[dict[str, Any]] | None = None,
 ) -> Path:
-    """A grid: one row per image, one column per model, predicted boxes above ``score_thresh``
-    drawn with their label and score. ``images`` are ``3 x H x W`` float tensors in [0, 1];
+    """A grid: one row per image, the ground truth (``ground_truth[i]``: ``boxes``, ``labels``) in
+    the first column when given, then one column per model with its boxes scoring at least
+    ``score_thresh`` after class-wise NMS (:func:`boxes_to_draw`), drawn with label and score. The
+    title states the threshold. ``images`` are ``3 x H x W`` float tensors in [0, 1];
     ``predictions[model][i]`` is the model's torchvision-style output dict for image ``i``."""
-    import torch
     from matplotlib.patches import Rectangle
 
     plt = _plt()
-    models = list(predictions)
-    nr, nc = max(1, len(images)), max(1, len(models))
-    fig, axes = plt.subplots(nr, nc, figsize=(3.2 * nc, 3.2 * nr), squeeze=False)
+    columns: dict[str, Sequence[dict[str, Any]] | None] = {}
+    if ground_truth is not None:
+        columns["ground truth"] = None
+    columns.update(predictions)
+    names = list(columns)
+    nr, nc = max(1, len(images)), max(1, len(names))
+    fig, axes = plt.subplots(nr, nc, figsize=(3.2 * nc, 3.2 * nr + 0.6), squeeze=False)
     cmap = plt.get_cmap("tab10")
     for i in range(nr):
         for j in range(nc):
@@ -274,23 +310,25 @@ def plot_detections_grid(
                 continue
             img = images[i].detach().cpu().float()
             ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy() if img.dim() == 3 else img.numpy())
-            if i == 0 and j < len(models):
-                ax.set_title(models[j], fontsize=9)
-            if j >= len(models) or i >= len(predictions[models[j]]):
+            if i == 0 and j < len(names):
+                ax.set_title(names[j], fontsize=9)
+            if j >= len(names):
                 continue
-            pred = predictions[models[j]][i]
-            boxes = torch.as_tensor(pred.get("boxes", torch.zeros(0, 4))).detach().cpu()
-            n = len(boxes)
-            scores = torch.as_tensor(pred.get("scores", torch.ones(n))).detach().cpu()
-            labels = torch.as_tensor(pred.get("labels", torch.zeros(n, dtype=torch.long))).detach().cpu()
-            for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-                if score < score_thresh:
-                    continue
+            if columns[names[j]] is None:  # the ground truth: every box, no score
+                drawn = _ground_truth_boxes(ground_truth[i] if ground_truth is not None and i < len(ground_truth) else {})
+            elif i < len(columns[names[j]]):
+                drawn = boxes_to_draw(columns[names[j]][i], score_thresh)
+            else:
+                continue
+            for box, score, label in drawn:
                 x0, y0, x1, y1 = box
                 color = cmap(int(label) % 10)
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5))
                 name = class_names[int(label)] if class_names and 0 <= int(label) < len(class_names) else str(label)
-                ax.text(x0, y0, f"{name} {score:.2f}", fontsize=6, color="white", va="bottom",
+                ax.text(x0, y0, name if score is None else f"{name} {score:.2f}", fontsize=6, color="white", va="bottom",
                         bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+    what = "ground truth, then each model's" if ground_truth is not None else "each model's"
+    fig.suptitle(f"Detections on {len(images)} validation images: {what} boxes with score >= {score_thresh:g} "
+                 f"(class-wise NMS at IoU {DRAW_NMS_IOU:g})", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

@@ -212,9 +212,10 @@ def _run_sweep(
     default = recipe.prune.method if recipe.prune.method != "magnitude" else "l1"
     techniques = [parse_technique(t) for t in (recipe.sweep.techniques or [default])]
     rounds_of = {t.text: (max(1, recipe.prune.steps) if t.progressive else 1) for t in techniques}
-    points: list[tuple[str, dict[str, Any]]] = [(_ratio_tag(r), {"ratio": r}) for r in recipe.sweep.ratios]
-    points += [(f"macs{_ratio_tag(t)}", {"target_macs": t}) for t in recipe.sweep.target_macs]
-    points += [(f"lat{_ratio_tag(t)}", {"target_latency": t}) for t in recipe.sweep.target_latency]
+    # variant names say what the number is: a fraction of channels cut, of MACs kept, of weights zeroed
+    points: list[tuple[str, dict[str, Any]]] = [(f"cut{_ratio_tag(r)}", {"ratio": r}) for r in recipe.sweep.ratios]
+    points += [(f"keep-macs{_ratio_tag(t)}", {"target_macs": t}) for t in recipe.sweep.target_macs]
+    points += [(f"keep-lat{_ratio_tag(t)}", {"target_latency": t}) for t in recipe.sweep.target_latency]
     n_struct = sum(rounds_of[t.text] for t in techniques) * len(points)
     n_masked = len(points) * int(recipe.sweep.match_masked) + len(recipe.sweep.sparsities)
     n_sparse = sum(1 for t in techniques if t.sparse) * len(points)
@@ -416,7 +417,7 @@ def _run_sweep(
         first = [v for v in variants if v["method"] == f"structured-{techniques[0].text}"]
         sparsities = [matched_sparsity(probe, v["pruned"]["params"]) for v in first]
     sparsities += [s for s in recipe.sweep.sparsities if all(abs(s - x) > 1e-3 for x in sparsities)]
-    variants += [run_variant(f"masked-{_ratio_tag(s)}", "masked", {"sparsity": s},
+    variants += [run_variant(f"masked-zero{_ratio_tag(s)}", "masked", {"sparsity": s},
                              lambda k, s=s: {"method": "magnitude", "sparsity": s}) for s in sparsities]
 
     # 4. bench --------------------------------------------------------------------------------
@@ -569,7 +570,8 @@ def _plots(rows, variants, out: Path, val_set, control_path: Path, recipe: Recip
     if structured:
         mid = min(structured, key=lambda v: abs(v["ratio"] - 0.5))
         plan = read_checkpoint(mid["pruned_path"]).plan
-        plots["layer_widths"] = plot_layer_widths(plan.widths_before, plan.widths_after, out / "layer_widths.png")
+        plots["layer_widths"] = plot_layer_widths(plan.widths_before, plan.widths_after, out / "layer_widths.png",
+                                                  variant=mid["variant"])
         models = {"dense": control_path, f"{mid['variant']} pruned": mid["pruned_path"],
                   f"{mid['variant']} retrained": mid["checkpoint"]}
         masked = [v for v in variants if v["method"] == "masked"]
@@ -584,5 +586,6 @@ def _plots(rows, variants, out: Path, val_set, control_path: Path, recipe: Recip
             with torch.no_grad():
                 preds[label] = model(images)
         plots["detections"] = plot_detections_grid(images, preds, out / "detections.png",
-                                                   class_names=getattr(val_set, "class_names", None))
+                                                   class_names=getattr(val_set, "class_names", None),
+                                                   ground_truth=[val_set[i][1] for i in range(n)])
     return plots

@@ -54,10 +54,17 @@ class Callbacks:
     on_eval: Callable[[int, dict[str, Any]], None] | None = None  # step, metrics
     on_note: Callable[[str], None] | None = None  # one-line notes (adjusted settings, resume)
     on_stage: Callable[[str], None] | None = None  # "preparing data", "training"...
+    on_warning: Callable[[str], None] | None = None  # settings that defeat themselves (else on_note)
 
     def note(self, text: str) -> None:
         if self.on_note is not None:
             self.on_note(text)
+
+    def warn(self, text: str) -> None:
+        if self.on_warning is not None:
+            self.on_warning(text)
+        else:
+            self.note(text)
 
     def stage(self, text: str) -> None:
         if self.on_stage is not None:
@@ -303,6 +310,7 @@ def _fit(
     hooks = list(hooks)
     files = RunFiles.for_checkpoint(out)
     hooks.append(RecordHook(files))
+    hooks.append(WarmupCheck(callbacks.warn))
     if callbacks.on_step is not None:
         hooks.append(LoggingHook(callbacks.on_step))
     if val_set is not None:
@@ -317,6 +325,21 @@ def _fit(
     result = trainer.train(resume=resume)
     return TrainOutcome(result=result, out=out, spec=spec, recipe=recipe, device=str(trainer.device),
                         world_size=dist_info.world_size, files=files)
+
+
+class WarmupCheck(HookBase):
+    """Says so when the warm-up is as long as the run: the learning rate would never reach its peak
+    (``--steps 40`` with the default 100-step warm-up trains at a fraction of ``lr`` throughout)."""
+
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        self.warn = warn
+
+    def before_train(self, trainer: Any) -> None:
+        cfg, total = trainer.cfg, trainer.total_steps
+        if trainer.dist.is_main and cfg.warmup_steps >= total:
+            peak = cfg.lr * min(1.0, total / max(1, cfg.warmup_steps))
+            self.warn(f"warm-up ({cfg.warmup_steps} steps) >= the run ({total} steps): the learning rate never "
+                      f"reaches lr {cfg.lr:g} (at most {peak:.3g}); pass --warmup-steps below {total}")
 
 
 def train_from_recipe(

@@ -40,8 +40,8 @@ def test_tiny_sweep_end_to_end_and_resume(tiny_recipe) -> None:
         assert tuple(reader.fieldnames) == SWEEP_COLUMNS
         rows = {r["variant"]: r for r in reader}
     # dense, structured at 0.5, masked matched to the structured parameter count, masked at 0.8
-    assert len(rows) == 4 and {"dense", "l1-0.5", "masked-0.8"} <= set(rows)
-    dense, l1 = rows["dense"], rows["l1-0.5"]
+    assert len(rows) == 4 and {"dense", "l1-cut0.5", "masked-zero0.8"} <= set(rows)
+    dense, l1 = rows["dense"], rows["l1-cut0.5"]
     masked = [r for v, r in rows.items() if v.startswith("masked")]
     assert int(l1["params"]) < 0.5 * int(dense["params"]) and float(l1["macs_ratio"]) < 0.5
     for m in masked:
@@ -59,7 +59,7 @@ def test_tiny_sweep_end_to_end_and_resume(tiny_recipe) -> None:
     with open(out / "deploy.csv") as f:
         deploy = list(csv.DictReader(f))
     assert [(r["checkpoint"], r["precision"]) for r in deploy] == [
-        ("control", "fp32"), ("control", "int8-ptq"), ("l1-0.5", "fp32"), ("l1-0.5", "int8-ptq")]
+        ("control", "fp32"), ("control", "int8-ptq"), ("l1-cut0.5", "fp32"), ("l1-cut0.5", "int8-ptq")]
     for fp, q in (deploy[:2], deploy[2:]):
         assert int(q["file_bytes"]) < 0.5 * int(fp["file_bytes"]) and int(q["quantized_nodes"]) > 10
         assert float(q["latency_ms"]) > 0 and float(fp["network_ms"]) > 0
@@ -67,7 +67,7 @@ def test_tiny_sweep_end_to_end_and_resume(tiny_recipe) -> None:
 
     # a re-run skips every finished step and gives the same table
     res2 = run_sweep(recipe)
-    assert {"dense", "control", "l1-0.5:prune", "l1-0.5:retrain"} <= set(res2.skipped)
+    assert {"dense", "control", "l1-cut0.5:prune", "l1-cut0.5:retrain"} <= set(res2.skipped)
     assert [r["map_retrained"] for r in res2.rows] == [r["map_retrained"] for r in res.rows]
 
 
@@ -75,10 +75,10 @@ def test_interrupted_sweep_redoes_only_missing_steps(tiny_recipe) -> None:
     recipe, out = tiny_recipe
     state = json.loads((out / "state.json").read_text())
     # simulate a run killed during the structured retrain: its checkpoint and record are gone
-    (out / "l1-0.5.pt").unlink()
+    (out / "l1-cut0.5.pt").unlink()
     res = run_sweep(recipe)
-    assert "l1-0.5:retrain" not in res.skipped and "l1-0.5:prune" in res.skipped
-    assert "dense" in res.skipped and (out / "l1-0.5.pt").is_file()
+    assert "l1-cut0.5:retrain" not in res.skipped and "l1-cut0.5:prune" in res.skipped
+    assert "dense" in res.skipped and (out / "l1-cut0.5.pt").is_file()
     assert set(json.loads((out / "state.json").read_text())["steps"]) == set(state["steps"])
 
 
@@ -99,22 +99,22 @@ def test_sweep_techniques_at_a_macs_target(tmp_path) -> None:
     })
     res = run_sweep(recipe)
     rows = {r["variant"]: r for r in res.rows}
-    assert set(rows) == {"dense", "l1-macs0.5", "l1+distill-macs0.5", "taylor+progressive-macs0.5"}
-    for name in ("l1-macs0.5", "l1+distill-macs0.5"):
+    assert set(rows) == {"dense", "l1-keep-macs0.5", "l1+distill-keep-macs0.5", "taylor+progressive-keep-macs0.5"}
+    for name in ("l1-keep-macs0.5", "l1+distill-keep-macs0.5"):
         assert abs(rows[name]["macs_ratio"] - 0.5) <= 0.02 * 0.5 + 0.005, rows[name]["macs_ratio"]
-    assert abs(rows["taylor+progressive-macs0.5"]["macs_ratio"] - 0.5) <= 0.05
+    assert abs(rows["taylor+progressive-keep-macs0.5"]["macs_ratio"] - 0.5) <= 0.05
     assert all(r["retrain_seconds"] > 0 for r in rows.values())
     out = res.out
     # distillation ran (its adaptation layers are in the training state, not in the model)
-    distilled = read_checkpoint(out / "l1+distill-macs0.5.pt")
+    distilled = read_checkpoint(out / "l1+distill-keep-macs0.5.pt")
     assert "FeatureImitation:0" in distilled.train_state["hooks"]
-    assert set(distilled.state_dict) == set(read_checkpoint(out / "l1-macs0.5.pt").state_dict)
+    assert set(distilled.state_dict) == set(read_checkpoint(out / "l1-keep-macs0.5.pt").state_dict)
     # progressive: two cuts, the 3-step budget split 1 + 2, a plan chain that reloads
-    final = read_checkpoint(out / "taylor+progressive-macs0.5.pt")
+    final = read_checkpoint(out / "taylor+progressive-keep-macs0.5.pt")
     chain = plan_chain(final.plan)
     assert [p.kind for p in chain] == ["structured", "structured"] and [p.method for p in chain] == ["taylor"] * 2
     assert chain[1].source.endswith("dense.pt") and chain[0].source.endswith(".r1.pt")
-    assert read_checkpoint(out / "taylor+progressive-macs0.5.r1.pt").train_state["step"] == 1
+    assert read_checkpoint(out / "taylor+progressive-keep-macs0.5.r1.pt").train_state["step"] == 1
     assert final.train_state["step"] == 2
-    model = load(out / "taylor+progressive-macs0.5.pt")
+    model = load(out / "taylor+progressive-keep-macs0.5.pt")
     assert sum(p.numel() for p in model.parameters()) == chain[0].params_after
