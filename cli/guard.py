@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,6 @@ def _precheck(command: str, bound: dict[str, Any]) -> None:
     """Before any work: outputs are writable and are not inputs; --kwarg is not given with a checkpoint."""
     from surgery.checkpoint import looks_like_path
     from surgery.safety import check_folder, check_output
-    from surgery.validate import check_device
-
     inputs = _inputs(bound)
     check_device(bound.get("device"))
     if command == "export":
@@ -65,6 +64,21 @@ def _precheck(command: str, bound: dict[str, Any]) -> None:
             check_folder(path, what="--out")
         else:
             check_output(path, inputs=inputs, what=flag)
+
+
+def check_device(device: Any, flag: str = "--device") -> None:
+    if device is None:
+        return
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d{1,2})?|mps", device):
+        raise RecipeError(f"{flag} {device!r}: expected cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch  # only for a cuda device: --help and cpu runs stay torch-free here
+
+        if not torch.cuda.is_available():
+            raise RecipeError(f"{flag} {device}: CUDA is not available on this machine (use cpu)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise RecipeError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _refuse_untrusted_early(model: Any, recipe: Any) -> None:

@@ -19,6 +19,8 @@ from torch import nn
 from . import compat
 from .atomic import atomic_open
 from .errors import MeasureError
+from .evaluate import evaluate
+from .export import export_onnx
 from .measure import (
     configured_detections,
     count_macs,
@@ -27,9 +29,17 @@ from .measure import (
     fixed_workload,
     state_dict_size,
 )
-from .measure.split import NETWORK_MODULES
+from .measure.split import (
+    NETWORK_MODULES,
+    network_stubbed,
+    onnx_scopes,
+    onnx_split_ms,
+    record_calls,
+    replay_network,
+)
 from .measure.timing import summarize, time_interleaved
 from .measure.workload import example_images, quiet
+from .runtime import OnnxDetector, fit_image, is_onnx, load_detector
 
 if TYPE_CHECKING:
     from .recipe import BenchSection
@@ -161,10 +171,6 @@ class _Subject:
 
 
 def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) -> _Subject:
-    from .export import export_onnx
-    from .measure.split import onnx_scopes
-    from .runtime import OnnxDetector, is_onnx, load_detector
-
     key = str(path)
     if is_onnx(path):
         det, ckpt = load_detector(path, "cpu", threads=cfg.threads)
@@ -280,9 +286,6 @@ def _time_all(
     subjects: list[_Subject], cfg: BenchSection, rois: int | None, tick: Callable[[str, float], None]
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """Per (model, batch size): end-to-end, network and pipeline milliseconds and the memory format."""
-    from .measure.split import network_stubbed, onnx_split_ms, record_calls, replay_network
-    from .runtime import fit_image
-
     dev = torch.device(cfg.device)
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else None
@@ -343,10 +346,6 @@ def _evaluate(s: _Subject, dataset: Any, cfg: BenchSection) -> tuple[float | Non
     """mAP of what a user deploys: the model's own thresholds (an ONNX Runtime subject made from a
     checkpoint is exported again without the timing workload)."""
     import tempfile
-
-    from .evaluate import evaluate
-    from .export import export_onnx
-    from .runtime import OnnxDetector
 
     model = s.model
     with tempfile.TemporaryDirectory(prefix="surgery-eval-") as tmp:

@@ -39,6 +39,11 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import SurgeryError
+from .measure import configured_detections, count_macs, count_params
+from .onnx_io import METADATA_PREFIX, output_names, read_metadata, run_onnx, write_metadata
+
+__all__ = ["METADATA_PREFIX", "ExportError", "ExportResult", "checkpoint_metadata", "export_onnx", "read_metadata",
+           "run_onnx", "write_metadata"]
 
 OUTPUT_ORDER: tuple[str, ...] = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
 DYNAMIC_TOL = (1e-2, 1e-2)  # (atol, rtol) at a size other than the traced one: see the module docstring
@@ -214,47 +219,12 @@ def _verify_at_other_size(model: nn.Module, path: Path, size: int, result: Expor
     """A dynamic-size export must also match PyTorch on a non-square image of another size."""
     h, w = max(32, (size * 3) // 4), size + 32
     image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(2))
-    probe = ExportResult(path=path, input_size=size, opset=0, exporter="", output_names=_names_of(path), file_bytes=0, export_s=0)
+    probe = ExportResult(path=path, input_size=size, opset=0, exporter="", output_names=output_names(path), file_bytes=0, export_s=0)
     try:
         _verify(model, path, image, probe, *DYNAMIC_TOL)
     except ExportError as e:
         raise ExportError(f"dynamic-size export at {h}x{w}: {e} (export without --dynamic-size instead)") from e
     result.notes.append(f"dynamic height/width: also matches PyTorch at {h}x{w} (atol/rtol {DYNAMIC_TOL[0]:g})")
-
-
-def _names_of(path: Path) -> list[str]:
-    from .runtime import ort_session
-
-    return [o.name for o in ort_session(path).get_outputs()]
-
-
-METADATA_PREFIX = "surgery."
-
-
-def write_metadata(path: str | Path, metadata: dict[str, str]) -> dict[str, str]:
-    """Set ``surgery.<key>`` entries in an ONNX file's ``metadata_props`` (in place: call it on a
-    file being written, e.g. inside :func:`surgery.atomic.atomic_path`)."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    props = {p.key: p.value for p in proto.metadata_props}
-    props.update({METADATA_PREFIX + k: str(v) for k, v in metadata.items()})
-    del proto.metadata_props[:]
-    for k, v in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.save(proto, str(path))
-    return {k: str(v) for k, v in metadata.items()}
-
-
-def read_metadata(path_or_session: str | Path | Any) -> dict[str, str]:
-    """The ``surgery.*`` metadata of an ONNX file, or of an open ``InferenceSession`` (without the
-    prefix); empty for other files."""
-    from .runtime import ort_session
-
-    sess = ort_session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
-    meta = sess.get_modelmeta().custom_metadata_map
-    return {k[len(METADATA_PREFIX):]: v for k, v in meta.items() if k.startswith(METADATA_PREFIX)}
 
 
 def _verify_without_threshold(
@@ -279,16 +249,6 @@ def _verify_without_threshold(
     finally:
         if path.exists():
             path.unlink()
-
-
-def run_onnx(path: str | Path, image: torch.Tensor) -> dict[str, Any]:
-    """Run an exported detector in onnxruntime (CPU) on one ``3 x S x S`` image."""
-    from .runtime import ort_session
-
-    sess = ort_session(path)
-    feed = {sess.get_inputs()[0].name: image.detach().cpu().numpy()}
-    outs = sess.run(None, feed)
-    return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
 
 def _verify(model: nn.Module, onnx_path: Path, image: torch.Tensor, result: ExportResult, atol: float, rtol: float) -> None:
@@ -377,8 +337,6 @@ def checkpoint_metadata(model: nn.Module, ckpt: Any, input_size: int) -> dict[st
     """What ``surgery bench`` / ``eval`` need to know about an exported checkpoint without it: the
     builder, kind, method and ratio, parameters, MACs at the export size, class names."""
     import json
-
-    from .measure import configured_detections, count_macs, count_params
 
     params, nonzero = count_params(model)
     macs = count_macs(model, input_size, detections=configured_detections(model))

@@ -12,7 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_open, atomic_path
 from .errors import DataError
+from .runtime import load_detector
+from .safety import OutputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -56,8 +59,6 @@ class Predictor:
 def load_predictor(path: str | Path, device: str = "cpu", *, trust_code: bool | None = None) -> Predictor:
     """A surgery checkpoint or an exported ``.onnx`` file (run by ONNX Runtime) as a
     :class:`Predictor` (eval mode, the class names stored with it)."""
-    from .runtime import load_detector
-
     model, ckpt = load_detector(Path(path), device, trust_code=trust_code)
     return Predictor(model, ckpt.class_names, str(path))
 
@@ -127,8 +128,6 @@ def draw_detections(image: Path, pred: ImagePrediction, path: Path) -> Path:
     """``image`` with each detection's box and ``name score`` label, written atomically to ``path``."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .atomic import atomic_path
-
     with Image.open(image) as im:
         canvas = im.convert("RGB")
     scale = max(1, round(320 / max(canvas.size)))  # small images are enlarged so labels stay readable
@@ -152,9 +151,6 @@ def draw_detections(image: Path, pred: ImagePrediction, path: Path) -> Path:
 def write_predictions(preds: list[ImagePrediction], out_dir: Path, *, draw: bool = True) -> Path:
     """Draw every image into ``out_dir`` (same name; ``name_1.png``... when two inputs share one)
     and write ``out_dir/detections.json``; returns the JSON's path."""
-    from .atomic import atomic_open
-    from .safety import OutputError
-
     shared = [p.file for p in preds if out_dir.exists() and Path(p.file).parent.resolve() == out_dir.resolve()]
     if draw and shared:
         raise OutputError(f"--out {out_dir} holds the input image {shared[0]}: drawn images would replace inputs; "

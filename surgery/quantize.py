@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
+from .checkpoint import load_checkpoint
+from .data import dataset_for
 from .errors import SurgeryError
+from .export import ExportError, export_onnx
+from .graph import output_layers
+from .masked import fold_masks
+from .qat import qat_ranges
 from .runtime import OnnxDetector, fit_image
 
 # Quantized operator types: the network's convolutions and matmuls; everything else stays float.
@@ -247,8 +253,6 @@ def quantize_onnx(
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from .graph import output_layers
-
     t0 = time.perf_counter()
     float_path = Path(float_path)
     graph = onnx.load(str(float_path)).graph
@@ -318,8 +322,6 @@ def export_size(model: nn.Module) -> int:
 
 def dataset_images(data: Any, split: str, count: int, *, source: str | None = None) -> list[torch.Tensor]:
     """The first ``count`` images of ``split`` of a recipe's data section, without augmentation."""
-    from .data import dataset_for
-
     ds = dataset_for(data, split, train=False, source=source)
     return [ds.load_image(i) for i in range(min(count, len(ds)))]
 
@@ -343,11 +345,6 @@ def quantize_checkpoint(
     checkpoint's dataset (``data`` overrides its source), and compare INT8 with float detections
     on ``verify_images`` validation images. A QAT checkpoint (:mod:`surgery.qat`) gives its
     trained activation ranges instead of calibrated ones. ``keep_float`` also writes the float export."""
-    from .checkpoint import load_checkpoint
-    from .export import ExportError, export_onnx
-    from .masked import fold_masks
-    from .qat import qat_ranges
-
     if calib_batches < 1 or batch_size < 1:
         raise QuantizeError(f"--calib-batches and --batch-size must be >= 1, got {calib_batches} and {batch_size}")
     t0 = time.perf_counter()

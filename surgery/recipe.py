@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError
+from .errors import DataError, RecipeError
+from .importance import list_importances, pruning_methods
+from .trust import safe_yaml_load
 
 SCHEMA_VERSION = 1
-MAX_SYNTH_IMAGES = 200_000
-MAX_SYNTH_SIZE = 2048
 
 
 def _finite(x: float | None) -> bool:
@@ -47,14 +47,13 @@ class DataSection:
     num_workers: int = 0
 
     def validate(self) -> None:
+        from .data.sources import MAX_SYNTH_IMAGES, MAX_SYNTH_SIZE, normalize_source
+
         _check(0 < self.images <= MAX_SYNTH_IMAGES, "images", f"an integer in [1, {MAX_SYNTH_IMAGES}]")
         _check(32 <= self.size <= MAX_SYNTH_SIZE, "size", f"an integer in [32, {MAX_SYNTH_SIZE}]")
         _check(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")
         _check(0 <= self.num_workers <= 64, "num_workers", "an integer in [0, 64]")
         _check(self.root is None or bool(self.root.strip()), "root", "a folder path or null")
-        from .data.sources import normalize_source
-        from .errors import DataError
-
         try:
             self.source = normalize_source(self.source)  # "COCO:x" -> "coco:x", a COCO/VOC folder -> "coco:DIR"
         except DataError as e:
@@ -108,8 +107,6 @@ class PruneSection:
     steps: int = 1  # progressive pruning: cut in this many rounds, retraining in between
 
     def validate(self) -> None:
-        from .importance import pruning_methods  # the registered criteria + magnitude
-
         methods = pruning_methods()
         close = difflib.get_close_matches(self.method, methods, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -229,6 +226,28 @@ class BenchSection:
         _check(self.rois is None or self.rois >= 1, "rois", "a positive integer or null")
 
 
+@dataclass(frozen=True)
+class Technique:
+    """One way to prune and recover, written ``criterion[+distill][+progressive]`` in a recipe's
+    ``sweep.techniques`` (``l1``, ``taylor+distill``, ``l1+distill+progressive``...)."""
+
+    text: str
+    criterion: str
+    distill: bool = False
+    progressive: bool = False
+
+
+def parse_technique(text: str) -> Technique:
+    parts = [p.strip() for p in text.split("+") if p.strip()]
+    criteria = [p for p in parts if p not in ("distill", "progressive")]
+    if len(criteria) != 1 or criteria[0] not in list_importances():
+        raise RecipeError(
+            f"sweep technique {text!r}: expected one ranking criterion ({', '.join(list_importances())}) "
+            "optionally joined with '+distill' and/or '+progressive'"
+        )
+    return Technique(text=text, criterion=criteria[0], distill="distill" in parts, progressive="progressive" in parts)
+
+
 @dataclass
 class SweepSection:
     ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
@@ -252,8 +271,6 @@ class SweepSection:
         _check(all(0 < t < 1 for t in self.target_macs), "target_macs", "fractions strictly between 0 and 1")
         for t in self.techniques:
             try:
-                from .sweep import parse_technique
-
                 parse_technique(t)
             except RecipeError as e:
                 raise _FieldError("techniques", str(e).split(": ", 1)[-1]) from None
@@ -385,8 +402,6 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file."""
-    from .trust import safe_yaml_load
-
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist" if not path.exists() else f"recipe {path} is not a file")
@@ -416,3 +431,22 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
             node = node[p]
         node[leaf] = value
     return recipe_from_dict(data, recipe.source or "<recipe>")
+
+
+FLAG_SOURCE = "command-line flags"
+
+
+def check_flag_overrides(overrides: dict[str, Any]) -> None:
+    """Validate the values flags set (``{"prune.ratio": 1.5}``) on their own, so an error blames the
+    flag rather than the recipe file or ``<defaults>``."""
+    data: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    if data:
+        recipe_from_dict(data, FLAG_SOURCE)

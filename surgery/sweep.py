@@ -31,16 +31,28 @@ from typing import Any
 import torch
 
 from .atomic import atomic_open
+from .bench import bench_checkpoints, write_csv
 from .checkpoint import is_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
-from .errors import RecipeError
+from .deploy import deploy_report
+from .distill import FeatureImitation
+from .evaluate import evaluate
 from .hooks import LoggingHook
-from .models import ModelSpec, build_model, get_builder
+from .masked import prunable_parameters
+from .models import ModelSpec, accepts, build_model, get_builder
 from .plan import plan_chain
-from .recipe import DistillSection, PruneSection, Recipe
-from .report import MIN_REFERENCE_MAP
+from .recipe import DistillSection, PruneSection, Recipe, Technique, parse_technique
+from .report import (
+    MIN_REFERENCE_MAP,
+    markdown_table,
+    plot_detections_grid,
+    plot_latency_vs_ratio,
+    plot_layer_widths,
+    plot_map_vs_macs,
+)
+from .safety import RunLock, check_folder
 from .settings import StepKeys
 from .train import build_trainer
-from .validate import accepts
+from .workflows import load_datasets, prune_loaded
 
 SWEEP_COLUMNS: tuple[str, ...] = (
     "variant", "method", "ratio", "target_macs", "sparsity", "params", "params_nonzero", "size_mb", "size_gzip_mb",
@@ -130,36 +142,10 @@ def _ratio_tag(x: float) -> str:
 def matched_sparsity(model: torch.nn.Module, params_target: int) -> float:
     """Masked-pruning sparsity whose non-zero count equals ``params_target`` (conv and linear
     weights are masked; biases and norms stay)."""
-    from .masked import prunable_parameters
-
     total = sum(p.numel() for p in model.parameters())
     maskable = sum(p.numel() for p in prunable_parameters(model).values())
     s = (total - params_target) / max(1, maskable)
     return float(min(0.99, max(0.01, round(s, 3))))
-
-
-@dataclass(frozen=True)
-class Technique:
-    """One way to prune and recover, written ``criterion[+distill][+progressive]`` in a recipe's
-    ``sweep.techniques`` (``l1``, ``taylor+distill``, ``l1+distill+progressive``...)."""
-
-    text: str
-    criterion: str
-    distill: bool = False
-    progressive: bool = False
-
-
-def parse_technique(text: str) -> Technique:
-    from .importance import list_importances
-
-    parts = [p.strip() for p in text.split("+") if p.strip()]
-    criteria = [p for p in parts if p not in ("distill", "progressive")]
-    if len(criteria) != 1 or criteria[0] not in list_importances():
-        raise RecipeError(
-            f"sweep technique {text!r}: expected one ranking criterion ({', '.join(list_importances())}) "
-            "optionally joined with '+distill' and/or '+progressive'"
-        )
-    return Technique(text=text, criterion=criteria[0], distill="distill" in parts, progressive="progressive" in parts)
 
 
 def run_sweep(
@@ -172,8 +158,6 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) the whole sweep the recipe describes; see the module docstring. The run
     folder is locked: a second sweep on it refuses instead of mixing results."""
-    from .safety import RunLock, check_folder
-
     folder = check_folder(Path(out or recipe.sweep.out), what="sweep folder")
     with RunLock(folder, "sweep folder"):
         return _run_sweep(recipe, folder, device=device, on_stage=on_stage, on_step=on_step)
@@ -187,11 +171,6 @@ def _run_sweep(
     on_stage: Callable[[str, int, int], None] | None,
     on_step: Callable[[Any], None] | None,
 ) -> SweepResult:
-    from .bench import bench_checkpoints, write_csv
-    from .deploy import deploy_report
-    from .evaluate import evaluate
-    from .workflows import load_datasets, prune_loaded
-
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out / "state.json")
@@ -223,8 +202,6 @@ def _run_sweep(
     def train(model, spec, cfg, path: Path, *, kind: str, plan=None, masks=None, distill=False) -> dict[str, Any]:
         hooks = [LoggingHook(on_step)] if on_step else []
         if distill:
-            from .distill import FeatureImitation
-
             dcfg = recipe.retrain.distill if recipe.retrain.distill is not None else DistillSection()
             dcfg = dataclasses.replace(dcfg, type="imitation")
             hooks.append(FeatureImitation(load_checkpoint(dense_path)[0], model, dcfg, teacher_path=str(dense_path)))
@@ -438,8 +415,6 @@ def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _markdown(rows: list[dict[str, Any]], recipe: Recipe, dense: dict, control: dict) -> str:
-    from .report import markdown_table
-
     head = (
         f"# {recipe.model.name}: structured vs masked pruning\n\n"
         f"Dense baseline mAP@[.5:.95] {dense['mAP']:.3f} (mAP@0.5 {dense['mAP50']:.3f}); dense control after the same "
@@ -467,8 +442,6 @@ def _markdown(rows: list[dict[str, Any]], recipe: Recipe, dense: dict, control: 
 
 
 def _plots(rows, variants, out: Path, val_set, control_path: Path, recipe: Recipe) -> dict[str, Path]:
-    from .report import plot_detections_grid, plot_latency_vs_ratio, plot_layer_widths, plot_map_vs_macs
-
     plots = {
         "map_vs_macs": plot_map_vs_macs(rows, out / "map_vs_macs.png"),
         "latency_vs_ratio": plot_latency_vs_ratio(rows, out / "latency_vs_ratio.png"),

@@ -1,4 +1,5 @@
-"""Reach a MACs or parameter budget: search the pruning ratio that keeps a given fraction.
+"""Reach a MACs or parameter budget: search the pruning ratio that keeps a given fraction (the
+``target`` allocator of :mod:`surgery.allocate`).
 
 ``find_ratio_for_target`` ranks once (the scores do not depend on the ratio), then bisects the
 ratio (uniform or global ranking, overrides keep their own ratios) on a cheap *cost model*:
@@ -31,8 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .allocate import Allocation, AllocationContext, check_patterns, plan_channels, register_allocator
+from .calibrate import group_scores
+from .cut import cut
 from .errors import PruningError
 from .graph import LAYER_TYPES, NORM_TYPES, DetectorGraph, trace
+from .measure import count_macs, count_params, fixed_workload
 from .recipe import PruneSection
 
 MAX_RATIO = 0.995
@@ -76,8 +81,6 @@ class TargetResult:
 def _layer_macs(model: nn.Module, size: int) -> dict[nn.Module, int]:
     """MACs of each conv/linear layer (summed over its calls) for one ``size`` x ``size`` image
     in eval mode under :func:`surgery.measure.fixed_workload` (what ``count_macs`` runs)."""
-    from .measure import fixed_workload
-
     macs: dict[nn.Module, int] = {}
 
     def hook(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -245,21 +248,13 @@ def _measure_copy(
     macs_input_size: int | None,
 ) -> tuple[int, int | None]:
     """Params and MACs of a deep copy of ``model`` cut with ``cfg`` (anchors included)."""
-    from .prune import apply_channel_plan, count_params, plan_channels
-
     clone = copy.deepcopy(model)
     g2 = trace(clone, trace_size=graph.trace_size, skip=cfg.skip)
     if [g.root for g in g2.groups] != [g.root for g in graph.groups]:
         raise PruningError("internal: the copy of the model traced into different groups")
-    apply_channel_plan(g2, plan_channels(g2, cfg, scores=scores))
-    if cfg.anchors is not None:
-        from .anchors import prune_anchors
-
-        prune_anchors(clone, cfg.anchors, g2.output_layers)
+    cut(g2, plan_channels(g2, cfg, scores=scores), cfg)
     macs = None
     if macs_input_size is not None:
-        from .measure import count_macs
-
         macs = int(count_macs(clone, macs_input_size).total)
     return count_params(clone).total, macs
 
@@ -296,20 +291,12 @@ def find_ratio_for_target(
     if target_macs is not None and macs_input_size is None:
         raise PruningError("target_macs needs macs_input_size (the recipe's bench.input_size)")
     if graph is None:
-        from .prune import check_patterns
-
         check_patterns(model, cfg.skip, "skip")
         check_patterns(model, list(cfg.overrides), "override")
         graph = trace(model, trace_size=trace_size, skip=cfg.skip)
     if scores is None:
-        from .calibrate import group_scores
-
         scores = group_scores(graph, cfg.method, calib_data=calib_data, calib_batches=cfg.calib_batches)
-    from .prune import plan_channels
-
     if macs_input_size is not None and macs_before is None:
-        from .measure import count_macs
-
         macs_before = int(count_macs(model, macs_input_size).total)
     cost = CostModel(graph, macs_input_size, macs_before)
     params_before = cost.params_before
@@ -376,4 +363,17 @@ def find_ratio_for_target(
     return result
 
 
-__all__ = ["CostModel", "TargetResult", "find_ratio_for_target"]
+@register_allocator("target")
+def allocate_for_target(ctx: AllocationContext) -> Allocation:
+    """The uniform or global plan at the ratio that keeps ``cfg.target_macs`` / ``cfg.target_params``."""
+    cfg = ctx.cfg
+    result = find_ratio_for_target(
+        ctx.model, cfg, target_macs=cfg.target_macs, target_params=cfg.target_params,
+        macs_input_size=ctx.macs_input_size, trace_size=ctx.graph.trace_size, graph=ctx.graph, scores=ctx.scores,
+        macs_before=ctx.macs_before,
+    )  # fmt: skip
+    cfg = dataclasses.replace(cfg, ratio=result.ratio)
+    return Allocation(plan=plan_channels(ctx.graph, cfg, scores=ctx.scores), cfg=cfg, target=result)
+
+
+__all__ = ["CostModel", "TargetResult", "allocate_for_target", "find_ratio_for_target"]

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .data import make_loader
 from .distributed import DistInfo, average_gradients, current_dist, destroy_distributed, init_distributed
 from .errors import DataError, TrainingError
 from .hooks import CheckpointHook, EvalHook, HookBase, LoggingHook, MaskHook, StepInfo
@@ -77,8 +78,6 @@ class _ResumableSampler(DistributedSampler):
 
 
 def _make_loader(dataset: Dataset, batch_size: int, sampler: _ResumableSampler, num_workers: int, seed: int) -> DataLoader:
-    from .data import make_loader
-
     drop_last = len(sampler) >= batch_size
     return make_loader(
         dataset, batch_size, shuffle=False, num_workers=num_workers, sampler=sampler, seed=seed, drop_last=drop_last

@@ -30,11 +30,36 @@ def _read_coco_json(ann_file: Path) -> dict[str, Any]:
     return data
 
 
+def _is_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_coco_lists(data: dict[str, Any], ann_file: Path) -> None:
+    """Every image, annotation and category entry is a mapping with integer ids (the file is
+    refused with one line otherwise, not a traceback deep in the loader)."""
+    for k, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not _is_id(c.get("id")):
+            raise DataError(f"{ann_file}: category entry {k} has no integer 'id' (got {c!r:.80})")
+    for k, im in enumerate(data["images"]):
+        if not isinstance(im, dict):
+            raise DataError(f"{ann_file}: image entry {k} is not an object")
+        if "id" in im and not _is_id(im["id"]):
+            raise DataError(f"{ann_file}: image entry {k} has id {im['id']!r}; expected an integer")
+        for key in ("width", "height"):
+            v = im.get(key)
+            if v is not None and (not _is_id(v) or not 0 < v <= 65_535):
+                raise DataError(f"{ann_file}: image entry {k} has {key} {v!r}; expected an integer in [1, 65535]")
+    for k, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict):
+            raise DataError(f"{ann_file}: annotation entry {k} is not an object")
+        for key in ("image_id", "category_id"):
+            if key in a and not _is_id(a[key]):
+                raise DataError(f"{ann_file}: annotation entry {k} has {key} {a[key]!r}; expected an integer")
+
+
 def load_coco_ground_truth(ann_file: Path, images_dir: Path | Sequence[Path]) -> _GroundTruth:
     """Parse and validate a COCO annotation file. ``images_dir`` may list candidate folders: the
     first one holding the first image's ``file_name`` is used."""
-    from ..validate import check_coco_lists
-
     data = _read_coco_json(ann_file)
     check_coco_lists(data, ann_file)
     cats = sorted(data["categories"], key=lambda c: c["id"])

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from ..errors import DataError
 
+# the synthetic set's limits (recipes and surgery.data.synth check them)
+MAX_SYNTH_IMAGES = 200_000
+MAX_SYNTH_SIZE = 2048
+
 KINDS = ("coco", "voc")
 EXPECTED = "'synthetic', 'coco:ROOT', 'voc:ROOT', a COCO or VOC dataset folder, or a COCO annotation .json"
 

@@ -32,7 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..data.synth import default_synthetic_root
 from ..errors import UnknownModelError
+from ..specs import register_scheme
+from ..trust import refuse, safe_yaml_load, trust_enabled
 from .interface import YoloInterface, xyxy_to_cxcywh
 
 SCHEME = "ultralytics"
@@ -44,8 +47,6 @@ _LOSS_NAMES = ("loss_box", "loss_cls", "loss_dfl")
 @functools.cache
 def _ultralytics() -> SimpleNamespace:
     """Import the package offline (see the module docstring); one clear error without it."""
-    from ..data.synth import default_synthetic_root
-
     os.environ.update(_ENV_FORCED)
     os.environ.setdefault("YOLO_VERBOSE", "0")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(default_synthetic_root() / "ultralytics"))
@@ -82,8 +83,6 @@ def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tens
     if path.suffix not in {".yaml", ".yml"}:
         raise UnknownModelError(f"model {name!r}: expected a model .yaml (shipped or yours) or a .pt file, got {ref!r}")
     if path.is_file():  # the user's yaml: read as data
-        from ..trust import safe_yaml_load
-
         cfg = safe_yaml_load(path.read_bytes(), str(path))
         if not isinstance(cfg, dict) or "backbone" not in cfg or "head" not in cfg:
             raise UnknownModelError(f"model {name!r}: {path} is not an Ultralytics model yaml (no backbone/head)")
@@ -101,8 +100,6 @@ def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tens
 
 
 def _read_pickle(name: str, path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    from ..trust import refuse, trust_enabled
-
     if not trust_enabled():
         raise refuse(name)  # a .pt is a pickle: it runs code when loaded
     if not path.is_file():
@@ -248,3 +245,6 @@ def _attention_for_trace(m: nn.Module, x: Tensor) -> Tensor:
     qkv = m.qkv(x)
     v = qkv[:, qkv.shape[1] - x.shape[1] :]
     return m.proj(v + m.pe(v))
+
+
+register_scheme(SCHEME, resolve)
