@@ -9,9 +9,9 @@ import csv
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from .measure.split import (
     replay_network,
 )
 from .measure.timing import summarize, time_interleaved
-from .measure.workload import example_images, quiet
+from .measure.workload import MACS_ROIS, example_images, quiet
 from .runtime import OnnxDetector, fit_image, is_onnx, load_detector
 
 if TYPE_CHECKING:
@@ -46,39 +46,6 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str, float, int], None]  # (what, steps done, total steps)
 
-BENCH_COLUMNS: tuple[str, ...] = (
-    "model",
-    "method",
-    "ratio",
-    "sparsity",
-    "kind",
-    "runtime",
-    "device",
-    "torch",
-    "threads",
-    "memory_format",
-    "input_size",
-    "batch_size",
-    "detections",
-    "params",
-    "params_nonzero",
-    "macs",
-    "latency_ms_median",
-    "latency_ms_p90",
-    "network_ms_median",
-    "pipeline_ms_median",
-    "images_per_s",
-    "peak_mem_mb",
-    "file_bytes",
-    "file_gzip_bytes",
-    "mAP",
-    "mAP50",
-    "params_ratio",
-    "macs_ratio",
-    "latency_ratio",
-    "network_ratio",
-    "checkpoint",
-)
 RUNTIMES = ("torch", "onnxruntime")
 
 
@@ -114,7 +81,6 @@ class BenchRow:
     network_ms_median: float | None
     pipeline_ms_median: float | None
     images_per_s: float
-    peak_mem_mb: float | None
     file_bytes: int
     file_gzip_bytes: int
     mAP: float | None
@@ -129,6 +95,10 @@ class BenchRow:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return {c: d[c] for c in BENCH_COLUMNS}
+
+
+# the CSV's columns: BenchRow's fields in order (``notes`` stays out)
+BENCH_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(BenchRow) if f.name != "notes")
 
 
 def _method_of(ckpt: Any) -> str:
@@ -239,7 +209,8 @@ def bench_checkpoints(
 
     Each checkpoint is loaded with :func:`surgery.runtime.load_detector` (masks folded into the
     weights), then: parameters, MACs at ``cfg.input_size`` (two-stage models at ``rois`` RoIs,
-    default the model's own test-time post-NMS top-n), and for every ``cfg.batch_sizes`` the
+    default ``cfg.rois``, else :data:`~surgery.measure.workload.MACS_ROIS` as prune counts), and for
+    every ``cfg.batch_sizes`` the
     end-to-end, network and pipeline latency, interleaved across models, with every model keeping
     exactly its ``detections_per_img`` detections (score threshold 0) so post-processing costs the
     same for all. ``cfg.runtime`` ``onnxruntime`` exports each checkpoint (fixed workload baked
@@ -249,7 +220,7 @@ def bench_checkpoints(
     """
     import tempfile
 
-    rois = rois if rois is not None else cfg.rois
+    rois = next(r for r in (rois, cfg.rois, MACS_ROIS) if r is not None)  # one default with prune's MACs
     paths = [Path(p) for p in paths]
     if not paths:
         raise MeasureError("bench needs at least one checkpoint")
@@ -376,7 +347,7 @@ def _rows(
                 detections=i["detections"], params=i["params"], params_nonzero=i["params_nonzero"],
                 macs=None if i["macs"] is None else int(i["macs"]), latency_ms_median=med, latency_ms_p90=p90,
                 network_ms_median=t["network"], pipeline_ms_median=t["pipeline"],
-                images_per_s=bs / (med / 1e3) if med > 0 else float("inf"), peak_mem_mb=None,
+                images_per_s=bs / (med / 1e3) if med > 0 else float("inf"),
                 file_bytes=i["file_bytes"], file_gzip_bytes=i["file_gzip_bytes"],
                 mAP=maps.get(s.key, (None, None))[0], mAP50=maps.get(s.key, (None, None))[1],
                 params_ratio=_ratio(i["params"], ref.info["params"]), macs_ratio=_ratio(i["macs"], ref.info["macs"]),
@@ -417,9 +388,14 @@ def write_csv(rows: Sequence[BenchRow | dict[str, Any]], path: str | Path) -> Pa
     atomically (temporary file + rename). Missing keys of dict rows are left empty."""
     path = Path(path)
     with atomic_open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(BENCH_COLUMNS)
-        for row in rows:
-            d = row.to_dict() if isinstance(row, BenchRow) else row
-            w.writerow([_csv_value(d.get(c)) for c in BENCH_COLUMNS])
+        write_csv_to(rows, f)
     return path
+
+
+def write_csv_to(rows: Sequence[BenchRow | dict[str, Any]], stream: IO[str]) -> None:
+    """The CSV of :func:`write_csv` on an open text stream (``sys.stdout``)."""
+    w = csv.writer(stream)
+    w.writerow(BENCH_COLUMNS)
+    for row in rows:
+        d = row.to_dict() if isinstance(row, BenchRow) else row
+        w.writerow([_csv_value(d.get(c)) for c in BENCH_COLUMNS])

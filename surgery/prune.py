@@ -34,7 +34,7 @@ from .errors import PruningError
 from .graph import DetectorGraph, trace
 from .importance import get_importance, needs_data
 from .measure import count_macs, count_params
-from .measure.workload import is_two_stage
+from .measure.workload import MACS_ROIS, is_two_stage
 from .plan import StructuredPlan
 from .recipe import PruneSection
 
@@ -222,9 +222,6 @@ def inspect_model(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str
     """Trace without cutting (what ``surgery inspect`` shows)."""
     check_patterns(model, skip, "skip")
     return trace(model, trace_size=trace_size, skip=skip)
-
-
-MACS_ROIS = 100  # the RoI count two-stage MACs are counted at (count_macs' default, as bench does)
 
 
 def _macs(model: nn.Module, size: int | None) -> int | None:

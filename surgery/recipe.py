@@ -207,7 +207,7 @@ class BenchSection:
     # runs at input_size (its transform is set to input_size), i.e. the latency of that deployment
     resize_model: bool = False
     # two-stage models: MACs and latency with exactly this many RoIs reaching the box head
-    # (None: the model's own test-time post-NMS count), so variants are compared at equal work
+    # (None: surgery.measure.workload.MACS_ROIS, as prune counts), so variants are compared at equal work
     rois: int | None = None
     # torch (eager) or onnxruntime (each checkpoint exported, then timed in ONNX Runtime)
     runtime: str = "torch"

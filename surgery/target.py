@@ -38,6 +38,7 @@ from .cut import cut
 from .errors import PruningError
 from .graph import LAYER_TYPES, NORM_TYPES, DetectorGraph, trace
 from .measure import count_macs, count_params, fixed_workload
+from .measure.workload import MACS_ROIS
 from .recipe import PruneSection
 
 MAX_RATIO = 0.995
@@ -100,7 +101,7 @@ def _layer_macs(model: nn.Module, size: int) -> dict[nn.Module, int]:
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     try:
         model.eval()
-        with fixed_workload(model, 100, 100), torch.no_grad():
+        with fixed_workload(model, MACS_ROIS, 100), torch.no_grad():
             model([image])
     finally:
         for h in hooks:

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from ..errors import MeasureError
-from .workload import configured_rois, example_images, fixed_workload, is_two_stage, model_device, quiet
+from .workload import (
+    MACS_ROIS,
+    configured_rois,
+    example_images,
+    fixed_workload,
+    is_two_stage,
+    model_device,
+    quiet,
+)
 
 
 class ParamCount(NamedTuple):
@@ -63,7 +71,7 @@ def count_macs(
     model: nn.Module,
     input_size: int,
     *,
-    rois: int | None = 100,
+    rois: int | None = MACS_ROIS,
     detections: int | None = 100,
     count_roi_align: bool = True,
 ) -> MacsResult:
