@@ -301,39 +301,13 @@ def find_ratio_for_target(
         macs_before = int(count_macs(model, macs_input_size).total)
     cost = CostModel(graph, macs_input_size, macs_before)
     params_before = cost.params_before
-
-    def fraction(ratio: float) -> float:
-        widths = cost.widths(plan_channels(graph, dataclasses.replace(cfg, ratio=ratio), scores=scores))
-        if target_macs is not None:
-            return cost.macs(widths) / cost.macs_before
-        return cost.params(widths) / params_before
-
-    goal = target
-    estimates = 0
-    tried: dict[float, tuple[int, int | None]] = {}
-    best: float | None = None
-
-    def achieved(r: float) -> float:
-        p, m = tried[r]
-        return m / macs_before if target_macs is not None else p / params_before
-
-    for _ in range(max_rounds):
-        ratio, _est, n = _bisect(fraction, goal)
-        estimates += n
-        if ratio not in tried:
-            tried[ratio] = _measure_copy(model, graph, dataclasses.replace(cfg, ratio=ratio), scores, macs_input_size)
-        real = achieved(ratio)
-        if best is None or abs(real - target) < abs(achieved(best) - target):
-            best = ratio
-        if abs(real / target - 1.0) <= tol:
-            break
-        # the cost model missed (RoIAlign, anchors, ops fvcore attributes elsewhere): move its goal
-        new_goal = min(0.999, max(1e-4, goal * target / real))
-        if abs(new_goal - goal) < 1e-6:
-            break
-        goal = new_goal
-    assert best is not None
+    fraction = _estimator(cost, graph, cfg, scores, macs=target_macs is not None)
+    search = _search(fraction, target, max_rounds, tol,
+                     lambda r: _measure_copy(model, graph, dataclasses.replace(cfg, ratio=r), scores, macs_input_size),
+                     lambda p, m: m / macs_before if target_macs is not None else p / params_before)  # fmt: skip
+    best, tried, estimates = search
     params_after, macs_after = tried[best]
+    achieved = macs_after / macs_before if target_macs is not None else params_after / params_before
     result = TargetResult(
         ratio=round(best, 6),
         target_macs=target_macs,
@@ -345,23 +319,66 @@ def find_ratio_for_target(
         params_before=params_before,
         params_after=params_after,
         tol=tol,
-        within_tolerance=abs(achieved(best) / target - 1.0) <= tol,
+        within_tolerance=abs(achieved / target - 1.0) <= tol,
         estimates=estimates,
         verifications=len(tried),
     )
     if not result.within_tolerance:
-        what = "MACs" if target_macs is not None else "params"
-        floor = fraction(MAX_RATIO)
-        why = (
-            f"the most this model can be cut to is about {floor:.1%} of its {what} (unprunable groups, min_channels)"
-            if target < floor
-            else "round_to/min_channels make the kept fraction jump between ratios"
-        )
-        result.note = (
-            f"target {target:.1%} of the {what} not reached within {tol:.0%}: closest is {achieved(best):.1%} "
-            f"at ratio {best:.4f} ({why})"
-        )
+        result.note = _miss_note(result, target, achieved, fraction(MAX_RATIO), "MACs" if target_macs is not None else "params")
     return result
+
+
+def _estimator(cost: CostModel, graph: DetectorGraph, cfg: PruneSection, scores: dict[int, torch.Tensor], *, macs: bool):
+    """``ratio -> kept fraction`` of the MACs (``macs``) or the params, on the cost model."""
+
+    def fraction(ratio: float) -> float:
+        widths = cost.widths(plan_channels(graph, dataclasses.replace(cfg, ratio=ratio), scores=scores))
+        return cost.macs(widths) / cost.macs_before if macs else cost.params(widths) / cost.params_before
+
+    return fraction
+
+
+def _search(fraction, target: float, max_rounds: int, tol: float, measure, achieved_of):  # noqa: ANN001
+    """Bisect on the cost model, verify the ratio on a real cut (``measure(ratio) -> (params,
+    MACs)``), correct the goal by the observed error; returns the best verified ratio, every
+    verified ``{ratio: (params, MACs)}`` and the number of cost-model estimates."""
+    goal = target
+    estimates = 0
+    tried: dict[float, tuple[int, int | None]] = {}
+    best: float | None = None
+
+    def achieved(r: float) -> float:
+        return achieved_of(*tried[r])
+
+    for _ in range(max_rounds):
+        ratio, _est, n = _bisect(fraction, goal)
+        estimates += n
+        if ratio not in tried:
+            tried[ratio] = measure(ratio)
+        real = achieved(ratio)
+        if best is None or abs(real - target) < abs(achieved(best) - target):
+            best = ratio
+        if abs(real / target - 1.0) <= tol:
+            break
+        # the cost model missed (RoIAlign, anchors, ops fvcore attributes elsewhere): move its goal
+        new_goal = min(0.999, max(1e-4, goal * target / real))
+        if abs(new_goal - goal) < 1e-6:
+            break
+        goal = new_goal
+    assert best is not None
+    return best, tried, estimates
+
+
+def _miss_note(result: TargetResult, target: float, achieved: float, floor: float, what: str) -> str:
+    why = (
+        f"the most this model can be cut to is about {floor:.1%} of its {what} (unprunable groups, min_channels)"
+        if target < floor
+        else "round_to/min_channels make the kept fraction jump between ratios"
+    )
+    return (
+        f"target {target:.1%} of the {what} not reached within {result.tol:.0%}: closest is {achieved:.1%} "
+        f"at ratio {result.ratio:.4f} ({why})"
+    )
 
 
 @register_allocator("target")

@@ -246,13 +246,7 @@ def synthesize(
     check_synth(images, size, seed, val_images)
     t0 = time.perf_counter()
     out = Path(out).expanduser()
-    if images < 1:
-        raise DataError(f"synthetic dataset: images must be >= 1, got {images}")
-    if size < 32:
-        raise DataError(f"synthetic dataset: size must be >= 32 pixels, got {size}")
-    n_val = max(20, images // 10) if val_images is None else int(val_images)
-    if n_val < 1:
-        raise DataError(f"synthetic dataset: val_images must be >= 1, got {n_val}")
+    n_val = max(20, images // 10) if val_images is None else int(val_images)  # check_synth checked the ranges
     if out.exists() and not (out.is_dir() and (_is_complete(out) or not any(out.iterdir()))):
         raise DataError(f"output folder {out} already exists and is not a surgery synthetic dataset; choose a new or empty folder")
     if not replace and _is_complete(out):
