@@ -31,7 +31,6 @@ has that field, else ``global`` or ``uniform`` from ``global_ranking``.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,7 +43,7 @@ from .errors import PruningError
 from .graph import ChannelGroup, DetectorGraph, match_layer
 from .importance import get_importance
 from .recipe import PruneSection
-from .registry import Registry
+from .registry import Registry, close_matches
 
 ChannelPlan = dict[int, list[int]]  # group index -> sorted root channel indices to cut
 
@@ -119,7 +118,7 @@ def check_patterns(model: nn.Module, patterns: Sequence[str], what: str) -> None
     names = [n for n, _ in model.named_modules() if n]
     for p in patterns:
         if not any(match_layer(n, [p]) for n in names):
-            close = difflib.get_close_matches(p, names, n=3)
+            close = close_matches(p, names, n=3)
             hint = f" Close names: {', '.join(close)}." if close else " Run `surgery inspect` for the layer names."
             raise PruningError(f"{what} pattern {p!r} matches no layer of this model.{hint}")
 

@@ -7,7 +7,6 @@ checkpoint records, so a pruned model can be rebuilt without pickled code.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ import torchvision
 from torch import nn
 
 from .errors import CheckpointError, UnknownModelError
+from .registry import close_matches, did_you_mean
 from .specs import (
     Builder,
     ModelSpec,
@@ -67,7 +67,7 @@ def get_builder(name: str, trust_code: bool | None = None, expected: dict[str, A
         return own_builders()[name]
     if is_torchvision_model(name):
         return torchvision.models.get_model_builder(name)
-    close = difflib.get_close_matches(name, list_models(), n=3)
+    close = close_matches(name, list_models(), n=3)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownModelError(
         f"unknown model {name!r}.{hint} Run `surgery models` for the list, or pass a user-built "
@@ -175,10 +175,8 @@ def check_builder_kwargs(name: str, builder: Any, kwargs: dict[str, Any]) -> Non
     if not open_ended:
         for key in kwargs:
             if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise UnknownModelError(
-                    f"model {name!r} has no argument {key!r}{hint}{_where()}; it takes: {', '.join(sorted(known))}"
+                    f"model {name!r} has no argument {key!r}{did_you_mean(key, sorted(known))}{_where()}; it takes: {', '.join(sorted(known))}"
                 )
     for key, (ok, allowed) in _RANGES.items():
         if key in kwargs and kwargs[key] is not None and not ok(kwargs[key]):

@@ -8,7 +8,6 @@ dotted key and what is allowed. CLI flags override recipe values through :func:`
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -20,6 +19,7 @@ import yaml
 
 from .errors import DataError, RecipeError
 from .importance import list_importances, pruning_methods
+from .registry import did_you_mean
 from .trust import safe_yaml_load
 
 SCHEMA_VERSION = 1
@@ -108,9 +108,7 @@ class PruneSection:
 
     def validate(self) -> None:
         methods = pruning_methods()
-        close = difflib.get_close_matches(self.method, methods, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        _check(self.method in methods, "method", f"one of {', '.join(methods)}{hint}")
+        _check(self.method in methods, "method", f"one of {', '.join(methods)}{did_you_mean(self.method, methods)}")
         _check(0.0 < self.ratio < 1.0, "ratio", "a number strictly between 0 and 1")
         _check(0.0 < self.sparsity < 1.0, "sparsity", "a number strictly between 0 and 1")
         _check(self.round_to >= 1, "round_to", "an integer >= 1")
@@ -367,9 +365,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     values = {}
     for k, v in data.items():
         if k not in fields:
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _FieldError(f"{prefix}{k}", f"one of: {', '.join(fields)}{hint}", v)
+            raise _FieldError(f"{prefix}{k}", f"one of: {', '.join(fields)}{did_you_mean(k, fields)}", v)
         values[k] = _convert(hints[k], v, f"{prefix}{k}")
     obj = cls(**values)
     if hasattr(obj, "validate"):
