@@ -83,21 +83,15 @@ def bench(
 
 
 def _print_machine(rows: list[Any], fmt: str) -> None:
-    import csv as csvlib
-    import io
     import json
     import sys
 
-    from surgery.bench import BENCH_COLUMNS
+    from surgery.bench import write_csv_to
 
     if fmt == "json":
         sys.stdout.write(json.dumps([{**r.to_dict(), "notes": r.notes} for r in rows], indent=1, default=str) + "\n")
         return
-    buf = io.StringIO()
-    w = csvlib.DictWriter(buf, fieldnames=BENCH_COLUMNS)
-    w.writeheader()
-    w.writerows(r.to_dict() for r in rows)
-    sys.stdout.write(buf.getvalue())
+    write_csv_to(rows, sys.stdout)
 
 
 def _print_table(rows: list[Any], cfg: Any) -> None:

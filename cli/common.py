@@ -43,7 +43,7 @@ def resolve_recipe(recipe: Path | None, overrides: dict[str, Any]) -> Recipe:
     """The recipe file (or defaults) with CLI flags applied on top (``None`` flags are ignored).
 
     A bad value set by a flag is blamed on the flag, a bad value in the file on the file."""
-    from surgery.validate import check_flag_overrides
+    from surgery.recipe import check_flag_overrides
 
     check_flag_overrides(overrides)
     base = load_recipe(recipe) if recipe is not None else Recipe(source="<defaults>")

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -81,8 +82,6 @@ def _precheck(command: str, bound: dict[str, Any]) -> None:
     """Before any work: outputs are writable and are not inputs; --kwarg is not given with a checkpoint."""
     from surgery.checkpoint import looks_like_path
     from surgery.safety import OutputError, check_folder, check_output
-    from surgery.validate import check_device
-
     inputs = _inputs(bound)
     check_device(bound.get("device"))
     if command == "export":
@@ -139,6 +138,21 @@ def _locks(command: str, bound: dict[str, Any]) -> contextlib.ExitStack:
         stack.close()
         raise
     return stack
+
+
+def check_device(device: Any, flag: str = "--device") -> None:
+    if device is None:
+        return
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d{1,2})?|mps", device):
+        raise RecipeError(f"{flag} {device!r}: expected cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch  # only for a cuda device: --help and cpu runs stay torch-free here
+
+        if not torch.cuda.is_available():
+            raise RecipeError(f"{flag} {device}: CUDA is not available on this machine (use cpu)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise RecipeError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _refuse_untrusted_early(model: Any, recipe: Any) -> None:

@@ -24,7 +24,8 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 
 from . import compat
-from .errors import PruningError
+from .errors import PruningError, RecipeError
+from .graph import trace
 from .recipe import AnchorSection
 
 
@@ -131,8 +132,6 @@ def prune_anchors(model: nn.Module, cfg: AnchorSection, output_layers: list[str]
     if not gens:
         raise PruningError("anchor surgery: this model has no anchor generator with a prediction head")
     if output_layers is None:
-        from .graph import trace
-
         output_layers = trace(model).output_layers
     names = dict(model.named_modules())
     plan: dict[str, Any] = {"generators": [], "heads": []}
@@ -183,8 +182,6 @@ def parse_anchor_spec(text: str | None) -> dict | None:
             else:
                 raise ValueError(key)
         except ValueError:
-            from .errors import RecipeError
-
             raise RecipeError(
                 f"--anchors {text!r}: expected 'ratios=R1,R2' and/or 'sizes=I1,I2' separated by ';'"
             ) from None

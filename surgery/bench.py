@@ -9,9 +9,9 @@ import csv
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from torch import nn
 from . import compat
 from .atomic import atomic_open
 from .errors import MeasureError
+from .evaluate import evaluate
+from .export import export_onnx
 from .measure import (
     configured_detections,
     count_macs,
@@ -27,49 +29,25 @@ from .measure import (
     fixed_workload,
     state_dict_size,
 )
-from .measure.split import NETWORK_MODULES
+from .measure.split import (
+    NETWORK_MODULES,
+    network_stubbed,
+    onnx_scopes,
+    onnx_split_ms,
+    record_calls,
+    replay_network,
+)
 from .measure.timing import summarize, time_interleaved
-from .measure.workload import example_images, quiet
+from .measure.workload import MACS_ROIS, example_images, quiet
+from .onnx_io import onnx_parameter_count
 from .postprocess import fast_postprocess
+from .runtime import OnnxDetector, fit_image, is_onnx, load_detector
 
 if TYPE_CHECKING:
     from .recipe import BenchSection
 
 Progress = Callable[[str, float, int], None]  # (what, steps done, total steps)
 
-BENCH_COLUMNS: tuple[str, ...] = (
-    "model",
-    "method",
-    "ratio",
-    "sparsity",
-    "kind",
-    "runtime",
-    "device",
-    "torch",
-    "threads",
-    "memory_format",
-    "input_size",
-    "batch_size",
-    "detections",
-    "params",
-    "params_nonzero",
-    "macs",
-    "latency_ms_median",
-    "latency_ms_p90",
-    "network_ms_median",
-    "pipeline_ms_median",
-    "images_per_s",
-    "peak_mem_mb",
-    "file_bytes",
-    "file_gzip_bytes",
-    "mAP",
-    "mAP50",
-    "params_ratio",
-    "macs_ratio",
-    "latency_ratio",
-    "network_ratio",
-    "checkpoint",
-)
 RUNTIMES = ("torch", "onnxruntime")
 
 
@@ -105,7 +83,6 @@ class BenchRow:
     network_ms_median: float | None
     pipeline_ms_median: float | None
     images_per_s: float
-    peak_mem_mb: float | None
     file_bytes: int
     file_gzip_bytes: int
     mAP: float | None
@@ -120,6 +97,10 @@ class BenchRow:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return {c: d[c] for c in BENCH_COLUMNS}
+
+
+# the CSV's columns: BenchRow's fields in order (``notes`` stays out)
+BENCH_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(BenchRow) if f.name != "notes")
 
 
 def _method_of(ckpt: Any) -> str:
@@ -162,10 +143,6 @@ class _Subject:
 
 
 def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) -> _Subject:
-    from .export import export_onnx, onnx_parameter_count
-    from .measure.split import onnx_scopes
-    from .runtime import OnnxDetector, is_onnx, load_detector
-
     key = str(path)
     if is_onnx(path):
         det, ckpt = load_detector(path, "cpu", threads=cfg.threads)
@@ -238,7 +215,8 @@ def bench_checkpoints(
 
     Each checkpoint is loaded with :func:`surgery.runtime.load_detector` (masks folded into the
     weights), then: parameters, MACs at ``cfg.input_size`` (two-stage models at ``rois`` RoIs,
-    default the model's own test-time post-NMS top-n), and for every ``cfg.batch_sizes`` the
+    default ``cfg.rois``, else :data:`~surgery.measure.workload.MACS_ROIS` as prune counts), and for
+    every ``cfg.batch_sizes`` the
     end-to-end, network and pipeline latency, interleaved across models, with every model keeping
     exactly its ``detections_per_img`` detections (score threshold 0) so post-processing costs the
     same for all. ``cfg.runtime`` ``onnxruntime`` exports each checkpoint (fixed workload baked
@@ -248,7 +226,7 @@ def bench_checkpoints(
     """
     import tempfile
 
-    rois = rois if rois is not None else cfg.rois
+    rois = next(r for r in (rois, cfg.rois, MACS_ROIS) if r is not None)  # one default with prune's MACs
     paths = [Path(p) for p in paths]
     if not paths:
         raise MeasureError("bench needs at least one checkpoint")
@@ -285,9 +263,6 @@ def _time_all(
     subjects: list[_Subject], cfg: BenchSection, rois: int | None, tick: Callable[[str, float], None]
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """Per (model, batch size): end-to-end, network and pipeline milliseconds and the memory format."""
-    from .measure.split import network_stubbed, onnx_split_ms, record_calls, replay_network
-    from .runtime import fit_image
-
     dev = torch.device(cfg.device)
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else None
@@ -351,10 +326,6 @@ def _evaluate(s: _Subject, dataset: Any, cfg: BenchSection) -> tuple[float | Non
     checkpoint is exported again without the timing workload)."""
     import tempfile
 
-    from .evaluate import evaluate
-    from .export import export_onnx
-    from .runtime import OnnxDetector
-
     model = s.model
     with tempfile.TemporaryDirectory(prefix="surgery-eval-") as tmp:
         if "torch_model" in s.info:
@@ -384,7 +355,7 @@ def _rows(
                 detections=i["detections"], params=i["params"], params_nonzero=i["params_nonzero"],
                 macs=None if i["macs"] is None else int(i["macs"]), latency_ms_median=med, latency_ms_p90=p90,
                 network_ms_median=t["network"], pipeline_ms_median=t["pipeline"],
-                images_per_s=bs / (med / 1e3) if med > 0 else float("inf"), peak_mem_mb=None,
+                images_per_s=bs / (med / 1e3) if med > 0 else float("inf"),
                 file_bytes=i["file_bytes"], file_gzip_bytes=i["file_gzip_bytes"],
                 mAP=maps.get(s.key, (None, None))[0], mAP50=maps.get(s.key, (None, None))[1],
                 params_ratio=_ratio(i["params"], ref.info["params"]), macs_ratio=_ratio(i["macs"], ref.info["macs"]),
@@ -425,9 +396,14 @@ def write_csv(rows: Sequence[BenchRow | dict[str, Any]], path: str | Path) -> Pa
     atomically (temporary file + rename). Missing keys of dict rows are left empty."""
     path = Path(path)
     with atomic_open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(BENCH_COLUMNS)
-        for row in rows:
-            d = row.to_dict() if isinstance(row, BenchRow) else row
-            w.writerow([_csv_value(d.get(c)) for c in BENCH_COLUMNS])
+        write_csv_to(rows, f)
     return path
+
+
+def write_csv_to(rows: Sequence[BenchRow | dict[str, Any]], stream: IO[str]) -> None:
+    """The CSV of :func:`write_csv` on an open text stream (``sys.stdout``)."""
+    w = csv.writer(stream)
+    w.writerow(BENCH_COLUMNS)
+    for row in rows:
+        d = row.to_dict() if isinstance(row, BenchRow) else row
+        w.writerow([_csv_value(d.get(c)) for c in BENCH_COLUMNS])

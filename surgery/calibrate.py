@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import build_dataset, make_loader
 from .errors import PruningError
 from .graph import LAYER_TYPES, NORM_TYPES, ChannelGroup, DetectorGraph
 from .importance import get_importance, needs_data
@@ -308,8 +309,6 @@ class _LazyCalibration:
 
     def __iter__(self) -> Iterator[Batch]:
         from torch.utils.data import Subset
-
-        from .data import build_dataset, make_loader
 
         d = self.section
         kw: dict[str, Any] = {}

@@ -25,10 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .anchors import apply_anchor_plan
 from .atomic import atomic_open
 from .errors import CheckpointError, SurgeryError
 from .models import ModelSpec, build_model
+from .onnx_io import is_onnx
 from .plan import Plan, plan_chain, plan_from_dict
+from .trust import code_reference, origin
 
 FORMAT = "surgery-checkpoint"
 FORMAT_VERSION = 1
@@ -98,7 +101,6 @@ def save_checkpoint(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     model = getattr(model, "module", model)  # unwrap DDP
     if ":" in spec.name and spec.code is None:  # user code: record which file (and content) built it
-        from .trust import code_reference
 
         spec = ModelSpec(spec.name, dict(spec.kwargs), code_reference(spec.name))
     ckpt = Checkpoint(
@@ -149,6 +151,68 @@ def is_checkpoint(path: str | Path) -> bool:
     return True
 
 
+# checkpoint dicts: fields of the wrong type are one clear error (a hostile or damaged file)
+
+
+def _json_like(value: Any, depth: int = 0) -> bool:
+    if depth > 64:
+        return False
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_json_like(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _json_like(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def check_checkpoint_dict(obj: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint dict whose fields have the wrong types (a hostile or damaged file)."""
+    def bad(field: str, expected: str) -> CheckpointError:
+        got = type(obj.get(field)).__name__
+        return CheckpointError(f"checkpoint {path}: field '{field}' is {got}, expected {expected} (damaged or not written by surgery)")
+
+    model = obj.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not model.get("name"):
+        raise bad("model", "a mapping with a builder 'name'")
+    if not isinstance(model.get("kwargs") or {}, dict) or not _json_like(model.get("kwargs") or {}):
+        raise CheckpointError(f"checkpoint {path}: field 'model.kwargs' must be a mapping of plain values")
+    code = model.get("code")
+    if code is not None and not (isinstance(code, dict) and all(isinstance(code.get(k), (str, type(None))) for k in ("file", "sha256"))):
+        raise CheckpointError(f"checkpoint {path}: field 'model.code' must be a mapping with 'file' and 'sha256'")
+    if obj.get("kind", "dense") not in ("dense", "structured", "masked"):
+        raise bad("kind", "dense, structured or masked")
+    for field_name in ("plan", "recipe", "train_state"):
+        if obj.get(field_name) is not None and not isinstance(obj[field_name], dict):
+            raise bad(field_name, "a mapping or null")
+    plan = obj.get("plan")
+    depth = 0
+    while isinstance(plan, dict) and plan.get("previous") is not None:
+        plan = plan["previous"]
+        depth += 1
+        if not isinstance(plan, dict) or depth > 100:
+            raise CheckpointError(f"checkpoint {path}: field 'plan.previous' must be a mapping (chain of at most 100)")
+    for field_name in ("metrics", "meta"):
+        if obj.get(field_name) is not None and not isinstance(obj[field_name], dict):
+            raise bad(field_name, "a mapping or null")
+    names = obj.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise bad("class_names", "a list of strings or null")
+    sd = obj.get("state_dict")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise bad("state_dict", "a mapping of names to tensors")
+    masks = obj.get("masks")
+    if masks is not None and (
+        not isinstance(masks, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in masks.items())
+    ):
+        raise bad("masks", "a mapping of parameter names to tensors or null")
+    version = obj.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise bad("version", "an integer")
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a surgery checkpoint (no model is built)."""
     path = Path(path)
@@ -159,8 +223,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, wrong magic, unsafe pickle...
-        from .runtime import is_onnx  # only on this error path: the checkpoint layer needs no runtime
-
         if is_onnx(path):
             raise CheckpointError(
                 f"{path} is an ONNX export, not a surgery checkpoint: bench, eval and predict take it; "
@@ -171,8 +233,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{path} is not a surgery checkpoint (a plain state dict can be given as the model's weights instead)"
         )
-    from .validate import check_checkpoint_dict
-
     check_checkpoint_dict(obj, path)
     if obj.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer surgery (format {obj.get('version')})")
@@ -238,8 +298,6 @@ def load_checkpoint(
     A checkpoint whose builder is user code (``module:function``, ``file.py:function``) is refused
     unless ``trust_code=True`` (``--trust-code``); the builder file's recorded hash is verified first.
     """
-    from .trust import origin
-
     ckpt = read_checkpoint(path)
     with origin(f"checkpoint {path}"):
         return _load(path, ckpt, device, trust_code)
@@ -271,8 +329,6 @@ def apply_structure(model: nn.Module, plan: Plan | None) -> None:
     """Re-apply the non-weight part of a plan chain (anchor shapes), oldest first."""
     for p in reversed(plan_chain(plan)):
         if getattr(p, "anchors", None):
-            from .anchors import apply_anchor_plan
-
             apply_anchor_plan(model, p.anchors)
 
 

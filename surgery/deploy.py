@@ -22,6 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_open
+from .bench import bench_checkpoints
+from .checkpoint import read_checkpoint
+from .evaluate import evaluate
+from .qat import QATHook
+from .quantize import quantize_checkpoint
+from .recipe import BenchSection
+from .runtime import OnnxDetector
+from .workflows import recipe_for_checkpoint, retrain_checkpoint
 
 DEPLOY_COLUMNS: tuple[str, ...] = (
     "checkpoint", "precision", "mAP", "mAP50", "mAP_minus_float", "network_ms", "latency_ms",
@@ -52,10 +60,6 @@ class DeployRow:
 
 def qat_finetune(ckpt: str | Path, out: str | Path, steps: int) -> Path:
     """Fine-tune ``ckpt`` for ``steps`` steps with fake-quantized layers; returns the new checkpoint."""
-    from .checkpoint import read_checkpoint
-    from .qat import QATHook
-    from .workflows import recipe_for_checkpoint, retrain_checkpoint
-
     rec = recipe_for_checkpoint(read_checkpoint(ckpt), None, {"retrain.steps": steps, "retrain.checkpoint_every": 0})
     rec.retrain.epochs = None
     rec.retrain.lr = rec.retrain.lr * 0.1  # fine-tuning a trained model: a tenth of its retraining rate
@@ -79,12 +83,6 @@ def deploy_table(
     progress: Callable[[str], None] | None = None,
 ) -> list[DeployRow]:
     """Float / INT8 PTQ / INT8 QAT rows for each checkpoint (files written under ``out_dir``)."""
-    from .bench import bench_checkpoints
-    from .evaluate import evaluate
-    from .quantize import quantize_checkpoint
-    from .recipe import BenchSection
-    from .runtime import OnnxDetector
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[tuple[str, str, Path, int, int]] = []  # (stem, precision, onnx, quantized nodes, qat steps)

@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou
 
+from .checkpoint import looks_like_path
 from .errors import TrainingError
 from .hooks import HookBase
 from .masked import unwrap
+from .plan import plan_chain
 from .yolo.distill import YoloDistillation, is_ultralytics
 
 if TYPE_CHECKING:
@@ -291,9 +293,6 @@ def teacher_path(plan: Any, configured: str | None) -> str | None:
     pruned from (the dense model), else ``None``."""
     if configured not in (None, "", "auto"):
         return configured
-    from .checkpoint import looks_like_path
-    from .plan import plan_chain
-
     sources = [p.source for p in plan_chain(plan) if p.source and looks_like_path(p.source)]
     return sources[-1] if sources else None
 

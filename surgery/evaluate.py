@@ -284,6 +284,47 @@ def evaluate(
     every batch.
     """
     t0 = time.perf_counter()
+    base, indices, gt = _selection(dataset, batch_size, max_images, iou_types)
+    label_map: dict[int, int] = dict(getattr(base, "label_to_cat_id", None) or {c: c for c in gt.getCatIds()})
+    device = torch.device(device)
+    was_training = model.training
+    old_device = _model_device(model)
+    if old_device is not None and old_device != device:
+        model.to(device)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            pred = _predict(model, base, indices, batch_size, device, set(gt.getCatIds()), label_map, progress)
+    finally:
+        model.train(was_training)
+        if old_device is not None and old_device != device:
+            model.to(old_device)
+
+    types = _iou_types(iou_types, base, pred)
+    metrics: dict[str, float] = {}
+    undefined: list[str] = []
+    for t in types:
+        m, u = _coco_eval(gt, pred.results[t], t, pred.img_ids)
+        metrics.update(m)
+        undefined += u
+    if getattr(base, "is_voc", False):
+        metrics["voc_mAP50"] = voc_map50(gt, pred.results["bbox"], img_ids=pred.img_ids)
+    if results_file is not None:
+        _write_json_atomic(pred.file_entries, Path(results_file))
+    results, img_ids, inference = pred.results, pred.img_ids, pred.inference
+    return EvalResult(
+        metrics=metrics,
+        num_images=len(img_ids),
+        seconds=time.perf_counter() - t0,
+        iou_types=types,
+        num_detections=len(results["bbox"]),
+        inference_seconds=inference,
+        undefined=undefined,
+    )
+
+
+def _selection(dataset: Any, batch_size: int, max_images: int | None, iou_types: tuple[str, ...] | None) -> tuple[Any, list[int], Any]:
+    """The dataset behind ``dataset``, the indices to evaluate and its COCO ground truth."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if iou_types is not None:
@@ -299,80 +340,64 @@ def evaluate(
     name = getattr(base, "name", type(base).__name__)
     if not indices:
         raise DataError(f"nothing to evaluate: dataset {name} has no images selected")
-    label_map: dict[int, int] = dict(getattr(base, "label_to_cat_id", None) or {c: c for c in gt.getCatIds()})
-    gt_cats = set(gt.getCatIds())
+    return base, indices, gt
+
+
+@dataclass
+class _Predictions:
+    results: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"bbox": [], "segm": [], "keypoints": []})
+    file_entries: list[dict[str, Any]] = field(default_factory=list)
+    img_ids: list[int] = field(default_factory=list)
+    saw_masks: bool = False
+    saw_keypoints: bool = False
+    inference: float = 0.0  # seconds in the model's forward
+
+
+def _predict(
+    model: nn.Module, base: Any, indices: list[int], batch_size: int, device: torch.device, gt_cats: set[int],
+    label_map: dict[int, int], progress: Callable[[int, int], None] | None,
+) -> _Predictions:
+    """Run ``model`` on the selected images in order and collect its detections."""
+    pred = _Predictions()
     has_load = hasattr(base, "load_image") and hasattr(base, "image_ids")
+    for start in range(0, len(indices), batch_size):
+        images, ids = [], []
+        for i in indices[start : start + batch_size]:
+            if has_load:
+                img, iid = base.load_image(i), int(base.image_ids[i])
+            else:
+                img, target = base[i]
+                iid = int(target["image_id"])
+            images.append(img.to(device, non_blocking=True))
+            ids.append(iid)
+        t1 = time.perf_counter()
+        outputs = model(images)
+        if isinstance(outputs, tuple):  # (losses, detections) from some wrappers
+            outputs = outputs[-1]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        pred.inference += time.perf_counter() - t1
+        for iid, out in zip(ids, outputs, strict=True):
+            pred.saw_masks |= "masks" in out
+            pred.saw_keypoints |= "keypoints" in out
+            _collect(iid, out, gt_cats, label_map, pred.results, pred.file_entries)
+        pred.img_ids.extend(ids)
+        if progress is not None:
+            progress(len(pred.img_ids), len(indices))
+    return pred
 
-    device = torch.device(device)
-    was_training = model.training
-    old_device = _model_device(model)
-    if old_device is not None and old_device != device:
-        model.to(device)
-    results: dict[str, list[dict[str, Any]]] = {"bbox": [], "segm": [], "keypoints": []}
-    file_entries: list[dict[str, Any]] = []
-    saw_masks = saw_keypoints = False
-    img_ids: list[int] = []
-    inference = 0.0
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                images, ids = [], []
-                for i in chunk:
-                    if has_load:
-                        img, iid = base.load_image(i), int(base.image_ids[i])
-                    else:
-                        img, target = base[i]
-                        iid = int(target["image_id"])
-                    images.append(img.to(device, non_blocking=True))
-                    ids.append(iid)
-                t1 = time.perf_counter()
-                outputs = model(images)
-                if isinstance(outputs, tuple):  # (losses, detections) from some wrappers
-                    outputs = outputs[-1]
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                inference += time.perf_counter() - t1
-                for iid, out in zip(ids, outputs, strict=True):
-                    saw_masks |= "masks" in out
-                    saw_keypoints |= "keypoints" in out
-                    _collect(iid, out, gt_cats, label_map, results, file_entries)
-                img_ids.extend(ids)
-                if progress is not None:
-                    progress(len(img_ids), len(indices))
-    finally:
-        model.train(was_training)
-        if old_device is not None and old_device != device:
-            model.to(old_device)
 
-    if iou_types is None:
-        types = ["bbox"]
-        if saw_masks and getattr(base, "has_masks", False):
-            types.append("segm")
-        if saw_keypoints and getattr(base, "has_keypoints", False):
-            types.append("keypoints")
-    else:
-        types = list(dict.fromkeys(iou_types))
-    metrics: dict[str, float] = {}
-    undefined: list[str] = []
-    for t in types:
-        m, u = _coco_eval(gt, results[t], t, img_ids)
-        metrics.update(m)
-        undefined += u
-    if getattr(base, "is_voc", False):
-        metrics["voc_mAP50"] = voc_map50(gt, results["bbox"], img_ids=img_ids)
-    if results_file is not None:
-        _write_json_atomic(file_entries, Path(results_file))
-    return EvalResult(
-        metrics=metrics,
-        num_images=len(img_ids),
-        seconds=time.perf_counter() - t0,
-        iou_types=types,
-        num_detections=len(results["bbox"]),
-        inference_seconds=inference,
-        undefined=undefined,
-    )
+def _iou_types(asked: tuple[str, ...] | None, base: Any, pred: _Predictions) -> list[str]:
+    """``asked``, or ``bbox`` plus ``segm`` / ``keypoints`` when the model and the ground truth have them."""
+    if asked is not None:
+        return list(dict.fromkeys(asked))
+    types = ["bbox"]
+    if pred.saw_masks and getattr(base, "has_masks", False):
+        types.append("segm")
+    if pred.saw_keypoints and getattr(base, "has_keypoints", False):
+        types.append("keypoints")
+    return types
+
 
 
 def _collect(

@@ -39,8 +39,21 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import CheckpointError, SurgeryError, require_extra
+from .errors import SurgeryError, require_extra
+from .measure import configured_detections, count_macs, count_params
+from .onnx_io import (
+    METADATA_PREFIX,
+    check_metadata,
+    onnx_parameter_count,
+    output_names,
+    read_metadata,
+    run_onnx,
+    write_metadata,
+)
 from .postprocess import fast_postprocess
+
+__all__ = ["METADATA_PREFIX", "ExportError", "ExportResult", "check_metadata", "checkpoint_metadata", "export_onnx",
+           "onnx_parameter_count", "read_metadata", "run_onnx", "write_metadata"]
 
 OUTPUT_ORDER: tuple[str, ...] = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
 FAST_NOTE = ("post-processing: vectorised (one top-k per level, one class-aware NMS capped at the "
@@ -231,102 +244,12 @@ def _verify_at_other_size(model: nn.Module, path: Path, size: int, result: Expor
     """A dynamic-size export must also match PyTorch on a non-square image of another size."""
     h, w = max(32, (size * 3) // 4), size + 32
     image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(2))
-    probe = ExportResult(path=path, input_size=size, opset=0, exporter="", output_names=_names_of(path), file_bytes=0, export_s=0)
+    probe = ExportResult(path=path, input_size=size, opset=0, exporter="", output_names=output_names(path), file_bytes=0, export_s=0)
     try:
         _verify(model, path, image, probe, *DYNAMIC_TOL)
     except ExportError as e:
         raise ExportError(f"dynamic-size export at {h}x{w}: {e} (export without --dynamic-size instead)") from e
     result.notes.append(f"dynamic height/width: also matches PyTorch at {h}x{w} (atol/rtol {DYNAMIC_TOL[0]:g})")
-
-
-def _names_of(path: Path) -> list[str]:
-    from .runtime import ort_session
-
-    return [o.name for o in ort_session(path).get_outputs()]
-
-
-METADATA_PREFIX = "surgery."
-
-
-def write_metadata(path: str | Path, metadata: dict[str, str]) -> dict[str, str]:
-    """Set ``surgery.<key>`` entries in an ONNX file's ``metadata_props`` (in place: call it on a
-    file being written, e.g. inside :func:`surgery.atomic.atomic_path`)."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    props = {p.key: p.value for p in proto.metadata_props}
-    props.update({METADATA_PREFIX + k: str(v) for k, v in metadata.items()})
-    del proto.metadata_props[:]
-    for k, v in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.save(proto, str(path))
-    return {k: str(v) for k, v in metadata.items()}
-
-
-def read_metadata(path_or_session: str | Path | Any) -> dict[str, str]:
-    """The ``surgery.*`` metadata of an ONNX file, or of an open ``InferenceSession`` (without the
-    prefix); empty for other files."""
-    from .runtime import ort_session
-
-    sess = ort_session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
-    meta = sess.get_modelmeta().custom_metadata_map
-    return {k[len(METADATA_PREFIX):]: v for k, v in meta.items() if k.startswith(METADATA_PREFIX)}
-
-
-# what each ``surgery.*`` key may hold: a file's metadata is input, never trusted for its types
-_META_INTS = {"params": 10**13, "params_nonzero": 10**13, "macs": 10**16, "input_size": 8192}
-_META_TEXT = ("model", "kind", "method", "source")
-
-
-def check_metadata(meta: dict[str, str], where: str | Path) -> dict[str, str]:
-    """``meta`` (from :func:`read_metadata`) if every ``surgery.*`` value has its type and range;
-    otherwise one :class:`~surgery.errors.CheckpointError` line naming the key: counts are
-    non-negative integers, ``ratio`` a number in [0, 1), ``num_classes`` an integer >= 1,
-    ``class_names`` a JSON list of strings and ``recipe`` a JSON mapping."""
-
-    def bad(key: str, what: str) -> CheckpointError:
-        value = meta[key] if len(meta[key]) <= 60 else meta[key][:57] + "..."
-        return CheckpointError(f"{where}: ONNX metadata surgery.{key}={value!r} is not {what}; refused (re-export the model)")
-
-    for key, hi in _META_INTS.items():
-        if meta.get(key, "") != "" and not (meta[key].isdigit() and int(meta[key]) <= hi):
-            raise bad(key, f"an integer in 0..{hi:g}")
-    if meta.get("params") and meta.get("params_nonzero") and int(meta["params_nonzero"]) > int(meta["params"]):
-        raise bad("params_nonzero", f"at most params ({meta['params']})")
-    if meta.get("num_classes", "") != "" and not (meta["num_classes"].isdigit() and 1 <= int(meta["num_classes"]) <= 100_000):
-        raise bad("num_classes", "an integer in 1..100000")
-    if meta.get("ratio", "") != "":
-        try:
-            ok = 0.0 <= float(meta["ratio"]) < 1.0
-        except ValueError:
-            ok = False
-        if not ok:
-            raise bad("ratio", "a number in [0, 1)")
-    for key in _META_TEXT:
-        if len(meta.get(key, "")) > 512:
-            raise bad(key, "a name of at most 512 characters")
-    for key, kind in (("class_names", list), ("recipe", dict)):
-        if meta.get(key, "") == "":
-            continue
-        try:
-            value = json.loads(meta[key])
-        except ValueError:
-            raise bad(key, "JSON") from None
-        if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
-            raise bad(key, "a JSON list of names" if kind is list else "a JSON mapping")
-    return meta
-
-
-def onnx_parameter_count(path: str | Path) -> int:
-    """Parameters the file holds: elements of its initializers (what a lying ``surgery.params``
-    cannot change). External data is not read, only the declared shapes."""
-    import math
-
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return sum(math.prod(t.dims) for t in proto.graph.initializer)
 
 
 def _verify_without_threshold(
@@ -351,16 +274,6 @@ def _verify_without_threshold(
     finally:
         if path.exists():
             path.unlink()
-
-
-def run_onnx(path: str | Path, image: torch.Tensor) -> dict[str, Any]:
-    """Run an exported detector in onnxruntime (CPU) on one ``3 x S x S`` image."""
-    from .runtime import ort_session
-
-    sess = ort_session(path)
-    feed = {sess.get_inputs()[0].name: image.detach().cpu().numpy()}
-    outs = sess.run(None, feed)
-    return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
 
 def _verify(model: nn.Module, onnx_path: Path, image: torch.Tensor, result: ExportResult, atol: float, rtol: float) -> None:
@@ -448,9 +361,6 @@ def _verify(model: nn.Module, onnx_path: Path, image: torch.Tensor, result: Expo
 def checkpoint_metadata(model: nn.Module, ckpt: Any, input_size: int) -> dict[str, str]:
     """What ``surgery bench`` / ``eval`` need to know about an exported checkpoint without it: the
     builder, kind, method and ratio, parameters, MACs at the export size, class names."""
-    import json
-
-    from .measure import configured_detections, count_macs, count_params
 
     params, nonzero = count_params(model)
     macs = count_macs(model, input_size, detections=configured_detections(model))

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .errors import CheckpointError, TrainingError
+from .evaluate import evaluate
 from .masked import AGPSchedule, apply_masks, magnitude_masks, mask_gradients, masks_sparsity
 from .models import ModelSpec
 from .plan import Plan
@@ -171,7 +172,6 @@ class EvalHook(HookBase):
     def _run(self, trainer: Trainer) -> None:
         if not trainer.dist.is_main or self._last_step == trainer.step:
             return
-        from .evaluate import evaluate
 
         module = trainer.module
         was_training = module.training
@@ -201,121 +201,28 @@ class EvalHook(HookBase):
         self._run(trainer)
 
 
-class CheckpointHook(HookBase):
-    """Owns the checkpoint file: every ``every`` steps write ``path`` with the full training state
-    (for ``--resume``), after training the final checkpoint, and on ``resume`` restore from it.
-    Rank 0 writes; writes are atomic. ``spec``, ``kind``, ``plan``, ``recipe`` and ``metrics`` are
-    recorded so :func:`surgery.checkpoint.load` rebuilds the same structure.
-
-    The weights after step N have not been evaluated yet: they are written to a pending file and
-    replace ``path`` only once step N+1's loss on them is finite. A divergence therefore keeps the
-    last state that was proven finite, never the update that destroyed the model."""
+class CheckpointWriter:
+    """What the checkpoint hooks share: the file, what it records (``spec``, ``kind``, ``plan``,
+    ``recipe``, ``metrics``, ``class_names``, so :func:`surgery.checkpoint.load` rebuilds the same
+    structure), the last step written and the best evaluation so far. Rank 0 writes; writes are
+    atomic."""
 
     def __init__(
-        self,
-        path: str | Path,
-        spec: ModelSpec,
-        every: int = 200,
-        *,
-        kind: str = "dense",
-        plan: Plan | None = None,
-        recipe: Any = None,
-        metrics: dict[str, Any] | None = None,
-        class_names: list[str] | None = None,
-        best_path: str | Path | None = None,
-    ) -> None:
+        self, path: str | Path, spec: ModelSpec, *, kind: str = "dense", plan: Plan | None = None, recipe: Any = None,
+        metrics: dict[str, Any] | None = None, class_names: list[str] | None = None,
+    ) -> None:  # fmt: skip
         self.path = Path(path)
-        self.class_names = class_names
-        self.best_path = Path(best_path) if best_path is not None else None  # best validation mAP so far
-        self.best: dict[str, Any] | None = None  # {"step": ..., "mAP": ...} of best_path
         self.spec = spec
-        self.every = every
         self.kind = kind
         self.plan = plan
         self.recipe = recipe.to_dict() if hasattr(recipe, "to_dict") else recipe
         self.base_metrics = dict(metrics or {})
+        self.class_names = class_names
         self.last_saved: int | None = None
-        self.pending: tuple[int, Path] | None = None
-
-    def resume(self, trainer: Trainer) -> None:
-        if not self.path.exists():
-            return
-        ckpt = read_checkpoint(self.path)
-        ts = ckpt.train_state
-        if not ts or "step" not in ts:
-            raise CheckpointError(f"{self.path} has no training state to resume from")
-        try:
-            trainer.module.load_state_dict(ckpt.state_dict, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(
-                f"cannot resume from {self.path}: it does not match this model ({str(e).splitlines()[0]})"
-            ) from e
-        if ckpt.masks:
-            trainer.masks = dict(ckpt.masks)
-        trainer.load_state_dict(ts)
-        self.last_saved = trainer.step
-
-    def before_train(self, trainer: Trainer) -> None:
-        if trainer.dist.is_main:
-            check_output(self.path, what="training output")  # before the first step, not after the last
-            clean_stale_temporaries(self.path.parent, self.path.name)  # a killed run's pending checkpoint
-
-    def on_abort(self, trainer: Trainer) -> None:
-        self.discard()
-
-    def _keep_best(self, trainer: Trainer) -> None:
-        """Write ``best_path`` when this step's evaluation (the EvalHook runs first) beats the best."""
-        last = trainer.history[-1] if trainer.history else None
-        if self.best_path is None or last is None or last.get("step") != trainer.step or "mAP" not in last:
-            return
-        if self.best is not None and (self.best["step"] == trainer.step or last["mAP"] <= self.best["mAP"]):
-            return
-        self.best = {"step": trainer.step, "mAP": float(last["mAP"])}
-        self.save(trainer, full_state=False, path=self.best_path)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best")
-
-    def after_step(self, trainer: Trainer) -> None:
-        self._keep_best(trainer)
-        if self.every > 0 and trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
-            self.discard()
-            if not _params_finite(trainer.module):
-                return  # the next loss check reports the divergence
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.pending.tmp")
-            if self.save(trainer, full_state=True, path=tmp) is not None:
-                self.pending = (trainer.step, tmp)
-
-    def after_backward(self, trainer: Trainer) -> None:
-        # this step's loss, computed on the pending weights, was finite: they are the last good state
-        if self.pending is not None:
-            step, tmp = self.pending
-            self.pending = None
-            check_output(self.path)
-            os.replace(tmp, self.path)
-            self.last_saved = step
-
-    def on_divergence(self, trainer: Trainer) -> None:
-        self.discard()  # unproven weights of the step that diverged
-
-    def discard(self) -> None:
-        if self.pending is not None:
-            self.pending[1].unlink(missing_ok=True)
-            self.pending = None
-
-    def after_train(self, trainer: Trainer) -> None:
-        self.discard()
-        if not _params_finite(trainer.module):
-            kept = f"{self.path} (step {self.last_saved}) was kept" if self.last_saved is not None else f"{self.path} was not written"
-            raise TrainingError(f"training diverged in the last step: the weights are not finite; {kept}")
-        self._keep_best(trainer)
-        self.save(trainer, full_state=False)
+        self.best: dict[str, Any] | None = None  # {"step": ..., "mAP": ...} of the best checkpoint
 
     def save(self, trainer: Trainer, full_state: bool = True, path: Path | None = None) -> Path | None:
-        """Write the checkpoint to ``path`` (default: the hook's; rank 0 only, other ranks
+        """Write the checkpoint to ``path`` (default: the writer's; rank 0 only, other ranks
         return ``None``)."""
         if not trainer.dist.is_main:
             return None
@@ -328,20 +235,167 @@ class CheckpointHook(HookBase):
             **({"best": dict(self.best)} if self.best else {}),
         }
         written = save_checkpoint(
-            path or self.path,
-            trainer.module,
-            self.spec,
-            kind=trainer.kind,
-            plan=self.plan,
-            masks=masks,
-            recipe=self.recipe,
-            metrics=metrics,
-            train_state=trainer.state_dict(full_state),
-            class_names=self.class_names,
-        )
+            path or self.path, trainer.module, self.spec, kind=trainer.kind, plan=self.plan, masks=masks,
+            recipe=self.recipe, metrics=metrics, train_state=trainer.state_dict(full_state), class_names=self.class_names,
+        )  # fmt: skip
         if path is None:
             self.last_saved = trainer.step
         return written
+
+
+class CheckpointHook(HookBase):
+    """A hook that writes through a shared :class:`CheckpointWriter` (``path`` and ``last_saved``
+    are the writer's). :func:`checkpoint_hooks` gives the usual four: resume, hold-until-finite,
+    best, periodic."""
+
+    def __init__(self, writer: CheckpointWriter) -> None:
+        self.writer = writer
+
+    @property
+    def path(self) -> Path:
+        return self.writer.path
+
+    @property
+    def last_saved(self) -> int | None:
+        return self.writer.last_saved
+
+
+class ResumeHook(CheckpointHook):
+    """On ``resume``: restore the model, masks and training state from the writer's file."""
+
+    def resume(self, trainer: Trainer) -> None:
+        path = self.writer.path
+        if not path.exists():
+            return
+        ckpt = read_checkpoint(path)
+        ts = ckpt.train_state
+        if not ts or "step" not in ts:
+            raise CheckpointError(f"{path} has no training state to resume from")
+        try:
+            trainer.module.load_state_dict(ckpt.state_dict, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"cannot resume from {path}: it does not match this model ({str(e).splitlines()[0]})"
+            ) from e
+        if ckpt.masks:
+            trainer.masks = dict(ckpt.masks)
+        trainer.load_state_dict(ts)
+        self.writer.last_saved = trainer.step
+
+
+class HoldUntilFiniteHook(CheckpointHook):
+    """The weights after step N have not been evaluated yet: a periodic save writes them to a
+    pending file (:meth:`hold`) that replaces the checkpoint only once step N+1's loss on them is
+    finite. A divergence therefore keeps the last state that was proven finite, never the update
+    that destroyed the model; after training, non-finite weights are one clear error."""
+
+    def __init__(self, writer: CheckpointWriter) -> None:
+        super().__init__(writer)
+        self.pending: tuple[int, Path] | None = None
+
+    def hold(self, trainer: Trainer) -> None:
+        self.discard()
+        if not _params_finite(trainer.module):
+            return  # the next loss check reports the divergence
+        path = self.writer.path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.pending.tmp")
+        if self.writer.save(trainer, full_state=True, path=tmp) is not None:
+            self.pending = (trainer.step, tmp)
+
+    def after_backward(self, trainer: Trainer) -> None:
+        # this step's loss, computed on the pending weights, was finite: they are the last good state
+        if self.pending is not None:
+            step, tmp = self.pending
+            self.pending = None
+            check_output(self.writer.path)
+            os.replace(tmp, self.writer.path)
+            self.writer.last_saved = step
+
+    def on_divergence(self, trainer: Trainer) -> None:
+        self.discard()  # unproven weights of the step that diverged
+
+    def on_abort(self, trainer: Trainer) -> None:
+        self.discard()  # stopped by an error or Ctrl-C: the pending file is not a checkpoint
+
+    def discard(self) -> None:
+        if self.pending is not None:
+            self.pending[1].unlink(missing_ok=True)
+            self.pending = None
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.discard()
+        if not _params_finite(trainer.module):
+            path, last = self.writer.path, self.writer.last_saved
+            kept = f"{path} (step {last}) was kept" if last is not None else f"{path} was not written"
+            raise TrainingError(f"training diverged in the last step: the weights are not finite; {kept}")
+
+
+class BestCheckpointHook(CheckpointHook):
+    """Write ``best_path`` whenever a step's evaluation (the EvalHook runs first) beats the best
+    validation mAP so far."""
+
+    def __init__(self, writer: CheckpointWriter, best_path: str | Path) -> None:
+        super().__init__(writer)
+        self.best_path = Path(best_path)
+
+    def _keep_best(self, trainer: Trainer) -> None:
+        last = trainer.history[-1] if trainer.history else None
+        if last is None or last.get("step") != trainer.step or "mAP" not in last:
+            return
+        best = self.writer.best
+        if best is not None and (best["step"] == trainer.step or last["mAP"] <= best["mAP"]):
+            return
+        self.writer.best = {"step": trainer.step, "mAP": float(last["mAP"])}
+        self.writer.save(trainer, full_state=False, path=self.best_path)
+
+    def after_step(self, trainer: Trainer) -> None:
+        self._keep_best(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self._keep_best(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.writer.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.writer.best = state.get("best")
+
+
+class PeriodicCheckpointHook(CheckpointHook):
+    """Every ``every`` steps save the full training state (for ``--resume``; through ``hold``, the
+    :class:`HoldUntilFiniteHook`, when given), and the final checkpoint after training."""
+
+    def __init__(self, writer: CheckpointWriter, every: int = 200, hold: HoldUntilFiniteHook | None = None) -> None:
+        super().__init__(writer)
+        self.every = every
+        self.hold = hold
+
+    def before_train(self, trainer: Trainer) -> None:
+        if trainer.dist.is_main:
+            check_output(self.writer.path, what="training output")  # before the first step, not after the last
+            clean_stale_temporaries(self.writer.path.parent, self.writer.path.name)  # a killed run's pending checkpoint
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.every > 0 and trainer.step % self.every == 0 and trainer.step < trainer.total_steps:
+            if self.hold is not None:
+                self.hold.hold(trainer)
+            elif _params_finite(trainer.module):
+                self.writer.save(trainer, full_state=True)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.writer.save(trainer, full_state=False)
+
+
+def checkpoint_hooks(
+    path: str | Path, spec: ModelSpec, every: int = 200, *, best_path: str | Path | None = None, **record: Any,
+) -> list[CheckpointHook]:
+    """The checkpoint at ``path``, in this order: resume from it, hold each periodic save until
+    it is proven finite, the best by validation mAP at ``best_path`` (when given), the periodic and
+    final saves. ``record``: ``kind``, ``plan``, ``recipe``, ``metrics``, ``class_names``."""
+    writer = CheckpointWriter(path, spec, **record)
+    hold = HoldUntilFiniteHook(writer)
+    best = [BestCheckpointHook(writer, best_path)] if best_path is not None else []
+    return [ResumeHook(writer), hold, *best, PeriodicCheckpointHook(writer, every, hold)]
 
 
 def _params_finite(module: nn.Module) -> bool:

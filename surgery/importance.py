@@ -127,7 +127,7 @@ IMPORTANCES.add("l2", Criterion("l2", _magnitude(2), description="L2 norm of the
 def _norm_scale(group: ChannelGroup) -> torch.Tensor:
     import torch
 
-    from .graph import NORM_TYPES
+    from .graph import NORM_TYPES  # torch-free import: `surgery prune --help` lists the criteria
 
     dg = compat.tp_group_graph(group.tp_group)
     score = torch.zeros(group.channels)
@@ -149,8 +149,6 @@ def _norm_scale(group: ChannelGroup) -> torch.Tensor:
 
 def _needs_calibration(name: str) -> Importance:
     def score(group: ChannelGroup) -> torch.Tensor:
-        from .errors import PruningError
-
         raise PruningError(
             f"method {name!r} ranks channels with calibration data: pass calib_data to prune_model "
             "(CLI: --data, recipe data section) or use surgery.calibrate.group_scores"

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, read_checkpoint
+from .export import read_metadata
 from .plan import MaskedPlan, plan_chain
+from .runtime import ort_session
 
 
 @dataclass
@@ -157,8 +159,6 @@ def describe_onnx(path: str | Path) -> OnnxFileInfo:
     """An ONNX file's ``surgery.*`` metadata and signature (ONNX Runtime opens it; nothing runs)."""
     import json
 
-    from .export import read_metadata
-    from .runtime import ort_session  # onnxruntime is the optional `export` extra
 
     sess = ort_session(path)
     meta = read_metadata(sess)

@@ -30,6 +30,7 @@ per-group overrides.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -45,8 +46,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .allocate import Allocation, AllocationContext, keep_count, plan_channels, register_allocator
 from .atomic import atomic_open
+from .cut import apply_channel_plan
 from .errors import PruningError
+from .export import export_onnx
+from .graph import trace
+from .measure import fixed_workload
+from .measure.split import network_modules, onnx_scopes, onnx_split_ms, record_calls, replay_network
+from .measure.timing import time_interleaved
+from .measure.workload import example_images, quiet
+from .runtime import fit_image, import_onnxruntime
 
 FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
 RUNTIMES = ("onnxruntime", "torch")
@@ -224,9 +234,6 @@ def allocate(model: LatencyModel, goal_ms: float) -> dict[int, int]:
 def _conv_inputs(model: nn.Module, input_size: int, batch: int) -> dict[str, tuple[nn.Conv2d, tuple[int, ...]]]:
     """Every Conv2d of the network modules with the input shape it sees (first call), under the
     fixed workload."""
-    from .measure import fixed_workload
-    from .measure.split import network_modules
-    from .measure.workload import example_images, quiet
 
     nets = network_modules(model)
     seen: dict[str, tuple[nn.Conv2d, tuple[int, ...]]] = {}
@@ -282,7 +289,6 @@ def _cells() -> list[tuple[int, int]]:
 
 
 def _time_torch(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: int, runs: int) -> dict[str, list[list[float]]]:
-    from .measure.timing import time_interleaved
 
     fns: dict[str, Callable[[], Any]] = {}
     for name, (conv, shape) in layers.items():
@@ -316,7 +322,6 @@ def _grid(layers: dict[str, Any], med: dict[str, float]) -> dict[str, list[list[
 
 
 def _time_onnxruntime(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: int, runs: int) -> dict[str, list[list[float]]]:
-    from .runtime import import_onnxruntime
 
     ort = import_onnxruntime()
     names = list(layers)
@@ -382,7 +387,6 @@ def _table_key(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], runtime: st
                model_name: str) -> str:
     version = torch.__version__
     if runtime == "onnxruntime":
-        from .runtime import import_onnxruntime
 
         version = import_onnxruntime().__version__
     desc = [model_name, runtime, version, threads, size, batch, list(FRACTIONS)]
@@ -432,10 +436,6 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
     models (each ``runs`` runs; ONNX Runtime: profiled network kernel time, as ``surgery bench``
     splits it; torch: recorded network calls replayed, median per pass). Ratios between models
     are best taken per pass, then their median: a load change between passes cancels out."""
-    from .measure import fixed_workload
-    from .measure.split import onnx_scopes, onnx_split_ms, record_calls, replay_network
-    from .measure.timing import time_interleaved
-    from .measure.workload import example_images, quiet
 
     images = example_images(batch, input_size, "cpu", seed=batch)
     samples: list[list[float]] = [[] for _ in models]
@@ -456,8 +456,6 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
         finally:
             torch.set_num_threads(old)
         return samples
-    from .export import export_onnx
-    from .runtime import fit_image
 
     with tempfile.TemporaryDirectory(prefix="surgery-latency-") as tmp:
         files = []
@@ -501,8 +499,6 @@ class LatencyResult:
 def group_specs(graph: Any, scores: dict[int, torch.Tensor], cfg: Any) -> list[GroupSpec]:
     """The allocator's view of a traced graph's prunable groups (overridden and skipped groups
     keep their own ratio / width)."""
-    from .prune import keep_count
-
     out = []
     for g in graph.groups:
         if not g.prunable or g.index not in scores:
@@ -572,11 +568,6 @@ def latency_ratios(
 def cut_with_overrides(graph: Any, cfg: Any, scores: dict[int, torch.Tensor]) -> Callable[[nn.Module, dict[int, float]], nn.Module]:
     """``cut`` for :func:`latency_ratios`: a deep copy traced again and cut with the per-group
     ratios as overrides of the groups' root layers (what :func:`surgery.prune.prune_model` applies)."""
-    import dataclasses
-
-    from .graph import trace
-    from .prune import apply_channel_plan, plan_channels
-
     roots = {g.index: g.root for g in graph.groups}
 
     def cut(model: nn.Module, ratios: dict[int, float]) -> nn.Module:
@@ -589,3 +580,18 @@ def cut_with_overrides(graph: Any, cfg: Any, scores: dict[int, torch.Tensor]) ->
         return twin
 
     return cut
+@register_allocator("latency")
+def allocate_for_latency(ctx: AllocationContext) -> Allocation:
+    """The ``latency`` allocator (:mod:`surgery.allocate`): per-group widths from the measured
+    latency table that meet ``cfg.target_latency`` x the dense network latency on ``cfg.runtime``
+    (:func:`latency_ratios`), applied as overrides of the groups' root layers."""
+    cfg = ctx.cfg
+    target = latency_ratios(
+        ctx.model, ctx.graph, ctx.scores, cfg, target=cfg.target_latency, runtime=cfg.runtime,
+        input_size=ctx.macs_input_size or ctx.graph.trace_size, cut=cut_with_overrides(ctx.graph, cfg, ctx.scores),
+    )  # fmt: skip
+    roots = {g.index: g.root for g in ctx.graph.groups}
+    cfg = dataclasses.replace(cfg, overrides={**cfg.overrides, **{roots[i]: r for i, r in target.ratios.items()}})
+    return Allocation(plan=plan_channels(ctx.graph, cfg, scores=ctx.scores), cfg=cfg, target=target)
+
+

@@ -401,3 +401,14 @@ class AGPSchedule:
             "end_step": self.end_step,
             "frequency": self.frequency,
         }
+
+
+def matched_sparsity(model: nn.Module, params_target: int) -> float:
+    """Masked-pruning sparsity whose non-zero count equals ``params_target`` (conv and linear
+    weights are masked; biases and norms stay)."""
+    total = sum(p.numel() for p in model.parameters())
+    maskable = sum(p.numel() for p in prunable_parameters(model).values())
+    s = (total - params_target) / max(1, maskable)
+    return float(min(0.99, max(0.01, round(s, 3))))
+
+

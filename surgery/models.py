@@ -7,11 +7,8 @@ checkpoint records, so a pruned model can be rebuilt without pickled code.
 
 from __future__ import annotations
 
-import copy
-import difflib
+import inspect
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,44 +17,25 @@ import torchvision
 from torch import nn
 
 from .errors import CheckpointError, SurgeryError, UnknownModelError
+from .registry import close_matches, did_you_mean
+from .specs import (
+    Builder,
+    ModelSpec,
+    own_builders,
+    register_model,
+    register_scheme,
+    scheme_of,
+    scheme_resolver,
+)
+from .trust import _ORIGIN, import_user_builder
 
-Builder = Callable[..., nn.Module]
-
-# The project's own builders (registered below and by ``register_model``). Torchvision's builders
-# are listed from torchvision itself so new releases show up without a code change.
-_OWN_BUILDERS: dict[str, Builder] = {}
-
-
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator registering a detector builder under ``name``."""
-
-    def deco(fn: Builder) -> Builder:
-        if name in _OWN_BUILDERS:
-            raise ValueError(f"model {name!r} is already registered")
-        _OWN_BUILDERS[name] = fn
-        return fn
-
-    return deco
-
-
-# ``scheme:reference`` models (``ultralytics:yolov8n.yaml``): a resolver turns the spec into a builder
-# (and may record what it resolved in ``spec.kwargs``). The reference is data, not an import path:
-# these names are not user code (surgery.trust); a resolver that reads a pickle checks trust itself.
-_SCHEMES: dict[str, Callable[[ModelSpec], Builder]] = {}
-
-
-def register_scheme(prefix: str, resolver: Callable[[ModelSpec], Builder]) -> None:
-    """Let ``build_model`` accept ``prefix:reference`` names, resolved by ``resolver(spec)``."""
-    if prefix in _SCHEMES:
-        raise ValueError(f"model scheme {prefix!r} is already registered")
-    _SCHEMES[prefix] = resolver
-
-
-def scheme_of(name: str) -> str | None:
-    """``"ultralytics"`` for ``ultralytics:yolov8n.yaml``; ``None`` for other names."""
-    prefix = name.partition(":")[0]
-    return prefix if ":" in name and prefix in _SCHEMES else None
-
+# ModelSpec, register_model, register_scheme and scheme_of live in surgery.specs (torch-free) and
+# stay importable from here
+__all__ = [
+    "Builder", "ModelSpec", "accepts", "build_model", "check_builder_kwargs", "default_kwargs", "get_builder",
+    "is_torchvision_model", "list_models", "load_weights_file", "register_model", "register_scheme", "scheme_of",
+    "torchvision_detection_models",
+]
 
 def torchvision_detection_models() -> list[str]:
     """Every builder in ``torchvision.models.detection``, as torchvision lists them."""
@@ -66,53 +44,30 @@ def torchvision_detection_models() -> list[str]:
 
 def list_models() -> list[str]:
     """All builder names ``build_model`` accepts (torchvision's and the project's own)."""
-    return sorted(set(torchvision_detection_models()) | set(_OWN_BUILDERS))
+    return sorted(set(torchvision_detection_models()) | set(own_builders()))
 
 
 def is_torchvision_model(name: str) -> bool:
     return name in torchvision_detection_models()
 
 
-@dataclass
-class ModelSpec:
-    """How to (re)build a detector: a registered name or ``module:function`` plus kwargs."""
-
-    name: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    # user-code builders: {"file": path, "sha256": hex} of the file that defines it (surgery.trust)
-    code: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {"name": self.name, "kwargs": copy.deepcopy(self.kwargs)}
-        if self.code is not None:
-            d["code"] = dict(self.code)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        code = d.get("code")
-        return cls(name=str(d["name"]), kwargs=dict(d.get("kwargs") or {}), code=dict(code) if code else None)
-
-
 def _import_callable(target: str, trust_code: bool | None = None, expected: dict[str, Any] | None = None) -> Builder:
     """Resolve ``package.module:function`` or ``path/to/file.py:function`` (user code: only when
     trusted, see :mod:`surgery.trust`)."""
-    from .trust import import_user_builder
-
     return import_user_builder(target, trust_code=trust_code, expected=expected)[0]
 
 
 def get_builder(name: str, trust_code: bool | None = None, expected: dict[str, Any] | None = None) -> Builder:
     scheme = scheme_of(name)
     if scheme is not None:
-        return _SCHEMES[scheme](ModelSpec(name))
+        return scheme_resolver(scheme)(ModelSpec(name))
     if ":" in name:
         return _import_callable(name, trust_code, expected)
-    if name in _OWN_BUILDERS:
-        return _OWN_BUILDERS[name]
+    if name in own_builders():
+        return own_builders()[name]
     if is_torchvision_model(name):
         return torchvision.models.get_model_builder(name)
-    close = difflib.get_close_matches(name, list_models(), n=3)
+    close = close_matches(name, list_models(), n=3)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownModelError(
         f"unknown model {name!r}.{hint} Run `surgery models` for the list, or pass a user-built "
@@ -131,6 +86,101 @@ def _is_local_file(w: Any) -> bool:
     return isinstance(w, (str, os.PathLike)) and (
         Path(w).suffix in {".pt", ".pth", ".ckpt", ".bin"} or os.sep in str(w) or Path(w).is_file()
     )
+
+
+# --------------------------------------------------------------------------------------------
+# builder arguments: unknown (misspelled) and out-of-range ones are one clear error
+
+
+def _where() -> str:
+    src = _ORIGIN.get()
+    return f" (from {src})" if src else ""
+
+
+def _params(fn: Any) -> tuple[set[str], bool]:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return set(), True
+    names = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def accepts(fn: Any, name: str) -> bool:
+    """Whether callable ``fn`` takes keyword ``name`` (directly or through ``**kwargs``)."""
+    names, var_kw = _params(fn)
+    return name in names or var_kw
+
+
+def _detector_class(name: str) -> list[Any]:
+    """The torchvision classes a registered builder's ``**kwargs`` end up in."""
+    from torchvision.models.detection import FCOS, FasterRCNN, KeypointRCNN, MaskRCNN, RetinaNet
+    from torchvision.models.detection.ssd import SSD
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    table = [("fasterrcnn", [FasterRCNN]), ("maskrcnn", [MaskRCNN, FasterRCNN]),
+             ("keypointrcnn", [KeypointRCNN, FasterRCNN]), ("retinanet", [RetinaNet]), ("fcos", [FCOS]),
+             ("ssd", [SSD])]  # fmt: skip
+    for prefix, classes in table:
+        if name.startswith(prefix):
+            return [*classes, GeneralizedRCNNTransform]
+    return []
+
+
+def _int_at_least(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _prob(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def _sizes(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_int_at_least(v, 32) and v <= 8192 for v in value)
+    return _int_at_least(value, 32) and value <= 8192
+
+
+_RANGES: dict[str, tuple[Any, str]] = {
+    "num_classes": (lambda v: _int_at_least(v, 2) and v <= 100_000, "an integer in 2..100000 (it counts the background class)"),
+    "num_keypoints": (lambda v: _int_at_least(v, 1), "an integer >= 1"),
+    "min_size": (_sizes, "an integer (or list of integers) in [32, 8192]"),
+    "max_size": (lambda v: _int_at_least(v, 32) and v <= 8192, "an integer in [32, 8192]"),
+    "trainable_backbone_layers": (lambda v: v is None or (_int_at_least(v, 0) and v <= 6), "an integer in [0, 6] or null"),
+    "detections_per_img": (lambda v: _int_at_least(v, 1), "an integer >= 1"),
+    "score_thresh": (_prob, "a number in [0, 1]"),
+    "nms_thresh": (_prob, "a number in [0, 1]"),
+    "fpn_channels": (lambda v: _int_at_least(v, 32) and v <= 4096 and v % 32 == 0, "a multiple of 32 in [32, 4096]"),
+    "num_convs": (lambda v: _int_at_least(v, 0) and v <= 16, "an integer in [0, 16]"),
+}
+
+
+def check_builder_kwargs(name: str, builder: Any, kwargs: dict[str, Any]) -> None:
+    """Unknown (misspelled) arguments of registered builders and out-of-range common ones are errors."""
+    if not isinstance(kwargs, dict):
+        raise UnknownModelError(f"model {name!r}: builder arguments must be a mapping{_where()}")
+    for key in kwargs:
+        if not isinstance(key, str):
+            raise UnknownModelError(f"model {name!r}: argument name {key!r} is not a string{_where()}")
+    known, open_ended = _params(builder)
+    if ":" not in name and open_ended:
+        classes = _detector_class(name)
+        if classes:
+            for c in classes:
+                names, _ = _params(c.__init__)
+                known |= names
+            known -= {"self", "backbone"}
+            known |= {"_skip_resize"}
+            open_ended = False
+    if not open_ended:
+        for key in kwargs:
+            if key not in known:
+                raise UnknownModelError(
+                    f"model {name!r} has no argument {key!r}{did_you_mean(key, sorted(known))}{_where()}; it takes: {', '.join(sorted(known))}"
+                )
+    for key, (ok, allowed) in _RANGES.items():
+        if key in kwargs and kwargs[key] is not None and not ok(kwargs[key]):
+            raise UnknownModelError(f"model {name!r}: bad argument {key}={kwargs[key]!r}{_where()}: expected {allowed}")
 
 
 def _brief(kwargs: dict[str, Any]) -> str:
@@ -154,18 +204,14 @@ def build_model(spec: ModelSpec | str, *, trust_code: bool | None = None, **over
         spec = ModelSpec(spec)
     scheme = scheme_of(spec.name)
     if scheme is not None:
-        builder = _SCHEMES[scheme](spec)
+        builder = scheme_resolver(scheme)(spec)
     elif ":" in spec.name:
-        from .trust import import_user_builder
-
         builder, ref = import_user_builder(
             spec.name, trust_code=trust_code, expected=spec.code, kwargs=spec.kwargs
         )
         spec.code = ref
     else:
         builder = get_builder(spec.name)
-    from .validate import check_builder_kwargs
-
     check_builder_kwargs(spec.name, builder, {**spec.kwargs, **overrides})
     kwargs = {**default_kwargs(spec.name), **spec.kwargs, **overrides}
     weights_file = None
@@ -323,8 +369,6 @@ def retinanet_resnet18_slim(
                      max_size=max_size, **kwargs)
 
 
-# Registered last: these modules use register_model / register_scheme from above.
-from .yolo import ultralytics_adapter as _ultralytics_adapter  # noqa: E402
+# Imported for their registrations (register_model / register_scheme in surgery.specs).
+from .yolo import ultralytics_adapter as _ultralytics_adapter  # noqa: E402, F401
 from .yolo import yolov2 as _yolov2  # noqa: E402, F401
-
-register_scheme(_ultralytics_adapter.SCHEME, _ultralytics_adapter.resolve)

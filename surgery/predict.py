@@ -12,7 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_open, atomic_path
+from .data.images import read_rgb
 from .errors import DataError
+from .runtime import load_detector
+from .safety import OutputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -56,8 +60,6 @@ class Predictor:
 def load_predictor(path: str | Path, device: str = "cpu", *, trust_code: bool | None = None) -> Predictor:
     """A surgery checkpoint or an exported ``.onnx`` file (run by ONNX Runtime) as a
     :class:`Predictor` (eval mode, the class names stored with it)."""
-    from .runtime import load_detector
-
     model, ckpt = load_detector(Path(path), device, trust_code=trust_code)
     return Predictor(model, ckpt.class_names, str(path))
 
@@ -81,7 +83,6 @@ def image_files(inputs: Iterable[str | Path]) -> list[Path]:
 def _read(path: Path) -> Any:
     import torch
 
-    from .data.images import read_rgb
 
     arr = read_rgb(path)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255.0)
@@ -123,8 +124,6 @@ def draw_detections(image: Path, pred: ImagePrediction, path: Path) -> Path:
     """``image`` with each detection's box and ``name score`` label, written atomically to ``path``."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .atomic import atomic_path
-    from .data.images import read_rgb
 
     canvas = Image.fromarray(read_rgb(image))
     scale = max(1, round(320 / max(canvas.size)))  # small images are enlarged so labels stay readable
@@ -154,8 +153,6 @@ def write_predictions(preds: list[ImagePrediction], out_dir: Path, *, draw: bool
     and write ``out_dir/detections.json``; returns the JSON's path. A folder that holds files and
     was not created by ``predict`` is refused unless ``into_existing`` (``--into-existing``): its
     ``detections.json`` or images could be the user's."""
-    from .atomic import atomic_open
-    from .safety import OutputError
 
     out_dir = Path(out_dir)
     if out_dir.is_dir() and not (out_dir / MARKER).exists() and any(out_dir.iterdir()) and not into_existing:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .graph import output_layers
 from .hooks import HookBase
 
 if TYPE_CHECKING:
@@ -86,8 +87,6 @@ def _fake_quant_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def quantizable_layers(model: nn.Module, skip: Sequence[str] = ()) -> list[str]:
     """The convolution and linear layers QAT fake-quantizes: all but the output layers and ``skip``."""
-    from .graph import output_layers
-
     excluded = set(output_layers(model)) | set(skip)
     return [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES) and n not in excluded]
 

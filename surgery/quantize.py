@@ -34,7 +34,14 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
+from .checkpoint import load_checkpoint
+from .data import dataset_for
 from .errors import SurgeryError, require_extra
+from .export import METADATA_PREFIX, ExportError, checkpoint_metadata, export_onnx
+from .graph import output_layers
+from .masked import fold_masks
+from .measure.split import onnx_scopes, onnx_split_ms
+from .qat import qat_ranges
 from .runtime import OnnxDetector, fit_image
 
 # Quantized operator types: the network's convolutions and matmuls; everything else stays float.
@@ -295,8 +302,6 @@ def quantize_onnx(
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from .graph import output_layers
-
     if form not in FORMS:
         raise QuantizeError(f"unknown INT8 form {form!r}: choose one of {', '.join(FORMS)} or auto")
     t0 = time.perf_counter()
@@ -392,7 +397,6 @@ def choose_form(
     than the best one are left out. Returns ``(form, network ms per form, agreement per form)``."""
     import statistics
 
-    from .measure.split import onnx_scopes, onnx_split_ms
 
     feeds = [{"image": fit_image(im, input_size).numpy().astype(np.float32)} for im in list(calib_images)[:2]]
     with tempfile.TemporaryDirectory(prefix="surgery-int8-forms-") as tmp:
@@ -426,7 +430,6 @@ def _carry_metadata(float_props: Any, qmodel: Any, own: dict[str, str]) -> None:
     """The float file's ``metadata_props`` (what ``bench``/``info``/``predict`` read: model, class
     names, params, MACs) onto the quantized model, with ``surgery.<key>`` entries of ``own`` on top:
     onnxruntime's quantizer writes only its own ``onnx.infer`` entry."""
-    from .export import METADATA_PREFIX
 
     props = {p.key: p.value for p in qmodel.metadata_props}
     props.update({p.key: p.value for p in float_props})
@@ -449,8 +452,6 @@ def export_size(model: nn.Module) -> int:
 
 def dataset_images(data: Any, split: str, count: int, *, source: str | None = None) -> list[torch.Tensor]:
     """The first ``count`` images of ``split`` of a recipe's data section, without augmentation."""
-    from .data import dataset_for
-
     ds = dataset_for(data, split, train=False, source=source)
     return [ds.load_image(i) for i in range(min(count, len(ds)))]
 
@@ -477,11 +478,6 @@ def quantize_checkpoint(
     trained activation ranges instead of calibrated ones. ``keep_float`` also writes the float export.
     ``form``: one of :data:`FORMS`, or ``auto`` to measure them all and keep the fastest
     (:func:`choose_form`; the timings are in ``form_ms`` and the notes)."""
-    from .checkpoint import load_checkpoint
-    from .export import ExportError, checkpoint_metadata, export_onnx
-    from .masked import fold_masks
-    from .qat import qat_ranges
-
     require_extra(("onnx", "onnxruntime"), "export", "INT8 quantization")
     if calib_batches < 1 or batch_size < 1:
         raise QuantizeError(f"--calib-batches and --batch-size must be >= 1, got {calib_batches} and {batch_size}")

@@ -8,7 +8,6 @@ dotted key and what is allowed. CLI flags override recipe values through :func:`
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -18,12 +17,14 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError
+from .catalog import find_recipe
+from .errors import DataError, RecipeError
+from .importance import list_importances, pruning_methods
+from .registry import did_you_mean
+from .trust import safe_yaml_load
 
 SCHEMA_VERSION = 1
 ALLOCATIONS = ("uniform", "global", "sensitivity")
-MAX_SYNTH_IMAGES = 200_000
-MAX_SYNTH_SIZE = 2048
 
 
 def _finite(x: float | None) -> bool:
@@ -48,14 +49,13 @@ class DataSection:
     num_workers: int = 0
 
     def validate(self) -> None:
+        from .data.sources import MAX_SYNTH_IMAGES, MAX_SYNTH_SIZE, normalize_source
+
         _check(0 < self.images <= MAX_SYNTH_IMAGES, "images", f"an integer in [1, {MAX_SYNTH_IMAGES}]")
         _check(32 <= self.size <= MAX_SYNTH_SIZE, "size", f"an integer in [32, {MAX_SYNTH_SIZE}]")
         _check(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)")
         _check(0 <= self.num_workers <= 64, "num_workers", "an integer in [0, 64]")
         _check(self.root is None or bool(self.root.strip()), "root", "a folder path or null")
-        from .data.sources import normalize_source
-        from .errors import DataError
-
         try:
             self.source = normalize_source(self.source)  # "COCO:x" -> "coco:x", a COCO/VOC folder -> "coco:DIR"
         except DataError as e:
@@ -142,12 +142,8 @@ class PruneSection:
     sparsify: SparsifySection | None = None  # sparse training before the cut ('+sparse' sweep techniques)
 
     def validate(self) -> None:
-        from .importance import pruning_methods  # the registered criteria + magnitude
-
         methods = pruning_methods()
-        close = difflib.get_close_matches(self.method, methods, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        _check(self.method in methods, "method", f"one of {', '.join(methods)}{hint}")
+        _check(self.method in methods, "method", f"one of {', '.join(methods)}{did_you_mean(self.method, methods)}")
         _check(0.0 < self.ratio < 1.0, "ratio", "a number strictly between 0 and 1")
         _check(0.0 < self.sparsity < 1.0, "sparsity", "a number strictly between 0 and 1")
         _check(self.round_to >= 1, "round_to", "an integer >= 1")
@@ -268,7 +264,7 @@ class BenchSection:
     # runs at input_size (its transform is set to input_size), i.e. the latency of that deployment
     resize_model: bool = False
     # two-stage models: MACs and latency with exactly this many RoIs reaching the box head
-    # (None: the model's own test-time post-NMS count), so variants are compared at equal work
+    # (None: surgery.measure.workload.MACS_ROIS, as prune counts), so variants are compared at equal work
     rois: int | None = None
     # torch (eager) or onnxruntime (each checkpoint exported, then timed in ONNX Runtime)
     runtime: str = "torch"
@@ -285,6 +281,35 @@ class BenchSection:
         _check(1 <= self.threads <= 1024, "threads", "an integer in [1, 1024]")
         _check(self.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'")
         _check(self.rois is None or self.rois >= 1, "rois", "a positive integer or null")
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One way to prune and recover, written ``criterion[+sparse][+distill][+progressive]`` in a
+    recipe's ``sweep.techniques`` (``l1``, ``taylor+distill``, ``l1+sparse``...). ``+sparse``:
+    ``prune.sparsify.steps`` of sparse training (:mod:`surgery.sparsify`) before the cut, taken
+    from the retraining budget (N sparse + budget - N retraining steps: the same total)."""
+
+    text: str
+    criterion: str
+    distill: bool = False
+    progressive: bool = False
+    sparse: bool = False
+
+
+TECHNIQUE_SUFFIXES = ("sparse", "distill", "progressive")
+
+
+def parse_technique(text: str) -> Technique:
+    parts = [p.strip() for p in text.split("+") if p.strip()]
+    criteria = [p for p in parts if p not in TECHNIQUE_SUFFIXES]
+    if len(criteria) != 1 or criteria[0] not in list_importances():
+        raise RecipeError(
+            f"sweep technique {text!r}: expected one ranking criterion ({', '.join(list_importances())}) "
+            "optionally joined with '+sparse', '+distill' and/or '+progressive'"
+        )
+    return Technique(text=text, criterion=criteria[0], distill="distill" in parts, progressive="progressive" in parts,
+                     sparse="sparse" in parts)
 
 
 @dataclass
@@ -313,8 +338,6 @@ class SweepSection:
         _check(all(0 < t < 1 for t in self.target_macs), "target_macs", "fractions strictly between 0 and 1")
         for t in self.techniques:
             try:
-                from .sweep import parse_technique
-
                 parse_technique(t)
             except RecipeError as e:
                 raise _FieldError("techniques", str(e).split(": ", 1)[-1]) from None
@@ -411,9 +434,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     values = {}
     for k, v in data.items():
         if k not in fields:
-            close = difflib.get_close_matches(str(k), list(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _FieldError(f"{prefix}{k}", f"one of: {', '.join(fields)}{hint}", v)
+            raise _FieldError(f"{prefix}{k}", f"one of: {', '.join(fields)}{did_you_mean(k, fields)}", v)
         values[k] = _convert(hints[k], v, f"{prefix}{k}")
     obj = cls(**values)
     if hasattr(obj, "validate"):
@@ -446,9 +467,6 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file (or a shipped recipe by name: ``quickstart``)."""
-    from .catalog import find_recipe
-    from .trust import safe_yaml_load
-
     path = find_recipe(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist" if not path.exists() else f"recipe {path} is not a file")
@@ -479,3 +497,22 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
             node = node[p]
         node[leaf] = value
     return recipe_from_dict(data, recipe.source or "<recipe>")
+
+
+FLAG_SOURCE = "command-line flags"
+
+
+def check_flag_overrides(overrides: dict[str, Any]) -> None:
+    """Validate the values flags set (``{"prune.ratio": 1.5}``) on their own, so an error blames the
+    flag rather than the recipe file or ``<defaults>``."""
+    data: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    if data:
+        recipe_from_dict(data, FLAG_SOURCE)

@@ -4,10 +4,21 @@ lists what is available and suggests the closest name."""
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def close_matches(name: object, choices: Iterable[str], n: int = 1, cutoff: float = 0.6) -> list[str]:
+    """The ``n`` choices closest to ``name`` (``difflib``), best first; the one did-you-mean rule."""
+    return difflib.get_close_matches(str(name), list(choices), n=n, cutoff=cutoff)
+
+
+def did_you_mean(name: object, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or ``""``."""
+    close = close_matches(name, choices, 1, cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class Registry(Generic[T]):
@@ -48,8 +59,7 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: str) -> str:
         """``unknown <what> 'x': choose one of a, b, c (did you mean 'b'?) <hint>``."""
-        close = difflib.get_close_matches(str(name), list(self._items), n=1)
-        suggestion = f" (did you mean {close[0]!r}?)" if close else ""
+        suggestion = did_you_mean(name, self._items)
         hint = f" {self.hint}" if self.hint else ""
         return f"unknown {self.what} {name!r}: choose one of {', '.join(self._items)}{suggestion}{hint}"
 

@@ -332,3 +332,41 @@ def plot_detections_grid(
                  f"(class-wise NMS at IoU {DRAW_NMS_IOU:g})", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep's report
+
+
+def sweep_markdown(rows: list[dict[str, Any]], recipe: Any, dense: dict, control: dict) -> str:
+    """A sweep's ``results.md``: the table, MACs/latency ratios and the weight-vs-filter study's form."""
+    head = (
+        f"# {recipe.model.name}: structured vs masked pruning\n\n"
+        f"Dense baseline mAP@[.5:.95] {dense['mAP']:.3f} (mAP@0.5 {dense['mAP50']:.3f}); dense control after the same "
+        f"{recipe.retrain.steps}-step retraining: {control['mAP']:.3f} ({control['mAP50']:.3f}). "
+        f"'mAP pruned' is right after the cut, 'mAP retrained' after {recipe.retrain.steps} steps; retained = "
+        f"retrained / dense control. Latency: median of {recipe.bench.runs} runs, batch {recipe.bench.batch_sizes[0]}, "
+        f"{recipe.bench.input_size} px, {recipe.bench.threads} threads, {recipe.bench.device}; masked models with "
+        "masks folded into plain weights. MACs: fvcore.\n\n"
+    )
+    table = markdown_table(rows)
+    extra = ["", "| variant | MACs ratio | latency ratio | mAP@0.5 pruned | mAP@0.5 retrained |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        extra.append(f"| {r['variant']} | {r['macs_ratio']:.2f} | {r['latency_ratio']:.2f} | "
+                     f"{r['map50_pruned']:.3f} | {r['map50_retrained']:.3f} |")
+    recovered = [r for r in rows if r.get("map_recovered") is not None]
+    if recovered:  # prune.recover: mAP right after the cut, after recovery (no training), after retraining
+        extra += ["", f"Recovery without retraining (prune.recover: {recipe.prune.recover} batches):", "",
+                  "| variant | mAP pruned | mAP recovered | mAP retrained |", "|---|---:|---:|---:|"]
+        extra += [f"| {r['variant']} | {r['map_pruned']:.3f} | {r['map_recovered']:.3f} | {r['map_retrained']:.3f} |"
+                  for r in recovered]
+    study = ["", "In the weight-vs-filter study's form (rate: channels cut or weights zeroed; MB: weights, gzip):", "",
+             "| pruning | rate | params | MB | MB gzip | mAP@0.5 after pruning | mAP@0.5 after retraining |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        rate = r.get("sparsity") if r.get("sparsity") is not None else r.get("ratio")
+        kind = "weight" if r.get("sparsity") is not None else "filter"
+        mb = " | ".join("" if r.get(k) is None else f"{r[k]:.2f}" for k in ("size_mb", "size_gzip_mb"))
+        study.append(f"| {kind} ({r['variant']}) | {'' if rate is None else f'{rate:.0%}'} | {r['params']:,} | "
+                     f"{mb} | {r['map50_pruned']:.3f} | {r['map50_retrained']:.3f} |")
+    return head + table + "\n".join(extra + study) + "\n"

@@ -1,10 +1,6 @@
-"""Deployment runtimes: ONNX Runtime sessions configured for a shared CPU.
-
-Every ONNX Runtime session in the project is made here, so the one setting that matters on a
-busy machine is never forgotten: ONNX Runtime's intra-op thread pool spin-waits by default, which
-on a 2-core machine shared with other work made a dense detector 9x slower (102 ms instead of
-11.8 ms) - the same trap as OpenMP's spin-waiting (``OMP_WAIT_POLICY=PASSIVE`` for torch).
-"""
+"""Deployment runtimes: :class:`OnnxDetector` (an exported detector called like a torchvision one)
+and :func:`load_detector` (a checkpoint or an ONNX file). Sessions and ONNX metadata come from
+:mod:`surgery.onnx_io` (their names stay importable from here)."""
 
 from __future__ import annotations
 
@@ -14,50 +10,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SurgeryError
+from .checkpoint import Checkpoint, load_checkpoint
+from .masked import fold_masks
+from .models import ModelSpec
+from .onnx_io import (
+    RuntimeUnavailable,
+    check_metadata,
+    import_onnxruntime,
+    is_onnx,
+    ort_session,
+    read_metadata,
+)
 
-
-class RuntimeUnavailable(SurgeryError):
-    """A runtime the user asked for is not installed or cannot load the model."""
-
-
-def import_onnxruntime() -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise RuntimeUnavailable("onnxruntime is not installed (pip install 'surgery[export]')") from e
-    return ort
-
-
-def ort_session(path: str | Path, threads: int | None = None, *, spinning: bool = False) -> Any:
-    """An ``onnxruntime.InferenceSession`` on the CPU with ``threads`` intra-op threads (``None``:
-    onnxruntime's default) and spin-waiting off unless ``spinning``."""
-    ort = import_onnxruntime()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeUnavailable(f"onnxruntime cannot load {path}: {first}") from e
-
-
-def is_onnx(path: str | Path) -> bool:
-    """An ONNX file: ``.onnx`` suffix, or a protobuf starting with the ``ir_version`` field (a torch
-    checkpoint is a zip, ``PK``, or a pickle, ``0x80``)."""
-    p = Path(path)
-    if p.suffix.lower() == ".onnx":
-        return True
-    try:
-        with open(p, "rb") as f:
-            return f.read(1) == b"\x08"
-    except OSError:
-        return False
+__all__ = ["OnnxDetector", "RuntimeUnavailable", "fit_image", "import_onnxruntime", "is_onnx", "load_detector",
+           "ort_session", "run_image"]
 
 
 class OnnxDetector(nn.Module):
@@ -71,8 +37,6 @@ class OnnxDetector(nn.Module):
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         super().__init__()
-        from .export import check_metadata, read_metadata
-
         self.path = Path(path)
         self.session = ort_session(path, threads)
         shape = self.session.get_inputs()[0].shape
@@ -159,10 +123,6 @@ def load_detector(
     made from its ``surgery.*`` metadata (model, kind, recipe; no weights). Both come back in eval mode.
     """
     import json
-
-    from .checkpoint import Checkpoint, load_checkpoint
-    from .masked import fold_masks
-    from .models import ModelSpec
 
     if is_onnx(path):
         if str(device) != "cpu":

@@ -32,12 +32,15 @@ from typing import Any
 
 from torch import nn
 
+from .allocate import Allocation as ChannelAllocation
+from .allocate import AllocationContext, plan_channels, register_allocator
 from .atomic import atomic_open, atomic_path
 from .calibrate import group_scores
+from .cut import apply_channel_plan
 from .errors import PruningError, RecipeError
 from .graph import trace
 from .measure import count_macs
-from .prune import MACS_ROIS, apply_channel_plan, plan_channels
+from .measure.workload import MACS_ROIS
 from .recipe import PruneSection
 from .recover import recover
 
@@ -401,6 +404,7 @@ def allocation_section(cfg: PruneSection, ratios: dict[str, float], roots: Seque
     overrides = {r: float(ratios.get(r, 0.0)) for r in roots}
     cut = [v for v in overrides.values() if v > 0]
     return dataclasses.replace(cfg, overrides=overrides, global_ranking=False, target_macs=None, target_params=None,
+                               allocation="uniform",
                                ratio=round(sum(cut) / len(cut), 4) if cut else cfg.ratio)
 
 
@@ -419,6 +423,17 @@ def sensitivity_allocation(model: nn.Module, cfg: PruneSection, *, macs_input_si
                                                   trace_size=trace_size, calib_data=calib_data),
     )  # fmt: skip
     return allocation_section(cfg, alloc.ratios, roots), alloc
+
+
+@register_allocator("sensitivity")
+def allocate_sensitivity(ctx: AllocationContext) -> ChannelAllocation:
+    """The ``sensitivity`` allocator (:mod:`surgery.allocate`): :func:`sensitivity_allocation`'s
+    per-group ratios, cut from the ranked scores like any override."""
+    if ctx.macs_input_size is None:
+        raise RecipeError("allocation 'sensitivity' needs a MACs input size (the recipe's bench.input_size)")
+    cfg, alloc = sensitivity_allocation(ctx.model, ctx.cfg, macs_input_size=ctx.macs_input_size,
+                                        trace_size=ctx.graph.trace_size, calib_data=ctx.calib_data)
+    return ChannelAllocation(plan=plan_channels(ctx.graph, cfg, scores=ctx.scores), cfg=cfg, info={"sensitivity": alloc})
 
 
 __all__ = [

@@ -40,7 +40,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import compat
+from .graph import LAYER_TYPES, NORM_TYPES, trace
 from .hooks import HookBase
+from .importance import needs_data
+from .masked import unwrap
+from .prune import plan_channels
 
 if TYPE_CHECKING:
     from .graph import DetectorGraph
@@ -72,7 +77,6 @@ class _Group:
 
 def _param_slices(dg: Any, group: Any, names: dict[nn.Module, str]) -> list[_Slice]:
     """Every parameter slice of a Torch-Pruning group, with the root channel of each index."""
-    from .graph import LAYER_TYPES, NORM_TYPES
 
     out: list[_Slice] = []
     for item in group:
@@ -109,9 +113,6 @@ def _param_slices(dg: Any, group: Any, names: dict[nn.Module, str]) -> list[_Sli
 def coupled_groups(model: nn.Module, *, trace_size: int = 256, skip: list[str] | None = None) -> tuple[DetectorGraph, list[_Group]]:
     """Trace a CPU copy of ``model`` and return its graph and every prunable group's parameter
     slices, named as in ``model`` (the copy keeps the names)."""
-    from . import compat
-    from .graph import trace
-    from .masked import unwrap
 
     clone = copy.deepcopy(unwrap(model)).cpu()
     graph = trace(clone, trace_size=trace_size, skip=skip or [])
@@ -214,8 +215,6 @@ class SparsityHook(HookBase):
     def _choose_targets(self, graph: DetectorGraph) -> None:
         """The channels the cut at ``ratio`` would remove now (its own criterion; data-driven
         criteria fall back to L1, which is what they converge to on channels near zero)."""
-        from .importance import needs_data
-        from .prune import plan_channels
 
         assert self.prune is not None and self.ratio is not None
         cfg = dataclasses.replace(self.prune, ratio=float(self.ratio), target_macs=None, target_params=None)

@@ -18,7 +18,6 @@ finished steps, and an interrupted training step resumes from its last checkpoin
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import json
@@ -31,25 +30,75 @@ from typing import Any
 import torch
 
 from .atomic import atomic_open
+from .bench import bench_checkpoints, write_csv
 from .checkpoint import is_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from .deploy import deploy_report
 from .errors import RecipeError
+from .evaluate import evaluate
 from .hooks import LoggingHook
 from .importance import needs_data
-from .models import ModelSpec, build_model, get_builder
+from .masked import matched_sparsity
+from .models import ModelSpec, accepts, build_model, get_builder
 from .plan import plan_chain
-from .recipe import DistillSection, PruneSection, Recipe, SparsifySection
-from .report import MIN_REFERENCE_MAP
-from .settings import StepKeys, settings_hash
-from .train import build_trainer
-from .validate import accepts
-
-SWEEP_COLUMNS: tuple[str, ...] = (
-    "variant", "method", "ratio", "target_macs", "sparsity", "params", "params_nonzero", "size_mb", "size_gzip_mb",
-    "macs", "latency_ms", "latency_ms_p90",
-    "params_ratio", "macs_ratio", "latency_ratio", "network_ms", "network_ratio", "map_pruned", "map50_pruned", "map_recovered", "map_retrained",
-    "map50_retrained", "dense_map", "dense_control_map", "retained_map", "retrain_steps", "retrain_seconds", "input_size",
-    "threads", "torch", "checkpoint", "achieved_macs_ratio", "target_met", "sparse_steps", "map_sparse",
+from .recipe import DistillSection, PruneSection, Recipe, SparsifySection, Technique, parse_technique
+from .report import (
+    MIN_REFERENCE_MAP,
+    plot_detections_grid,
+    plot_latency_vs_ratio,
+    plot_layer_widths,
+    plot_map_vs_macs,
+    sweep_markdown,
 )
+from .safety import RunLock, check_folder
+from .settings import StepKeys, settings_hash
+from .sparsify import SparsityHook
+from .target import find_ratio_for_target
+from .train import build_trainer
+from .workflows import distill_hook, load_datasets, prune_loaded
+
+
+@dataclass
+class SweepRow:
+    """One row of ``results.csv`` (its columns, in this order, are :data:`SWEEP_COLUMNS`)."""
+
+    variant: str
+    method: str
+    ratio: float | None
+    target_macs: float | None
+    sparsity: float | None
+    params: int
+    params_nonzero: int
+    size_mb: float  # float32 weights as saved
+    size_gzip_mb: float  # what masked (zeroed) weights really cost
+    macs: int
+    latency_ms: float
+    latency_ms_p90: float
+    params_ratio: float
+    macs_ratio: float
+    latency_ratio: float
+    network_ms: float | None
+    network_ratio: float
+    map_pruned: float
+    map50_pruned: float
+    map_recovered: float | None  # after the cut + recovery without retraining (prune.recover), before training
+    map_retrained: float
+    map50_retrained: float
+    dense_map: float
+    dense_control_map: float
+    retained_map: float | None
+    retrain_steps: int
+    retrain_seconds: float
+    input_size: int
+    threads: int
+    torch: str
+    checkpoint: str
+    achieved_macs_ratio: float | None = None  # MACs kept after all cuts (a MACs target's variants)
+    target_met: bool | None = None  # within TARGET_TOL of the MACs target (empty without one)
+    sparse_steps: int | None = None  # '+sparse' variants: sparse training steps taken from the budget
+    map_sparse: float | None = None  # mAP after that sparse training, before the cut
+
+
+SWEEP_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SweepRow))
 TARGET_TOL = 0.02  # a MACs target is met when the achieved fraction is within 2% (relative) of it
 
 
@@ -67,10 +116,10 @@ class SweepResult:
     @property
     def warnings(self) -> list[str]:
         """What makes the table misleading (a dense reference too weak for retained mAP)."""
+        ref = next((r.get("dense_control_map") for r in self.rows if r.get("dense_control_map") is not None), None)
         out = [f"{r['variant']}: MACs target {r['target_macs']:.1%} not met within {TARGET_TOL:.0%}: the closest "
                f"the search found keeps {r['achieved_macs_ratio']:.1%} of the MACs (target_met=False in results.csv)"
                for r in self.rows if r.get("target_met") is False]
-        ref = next((r.get("dense_control_map") for r in self.rows if r.get("dense_control_map") is not None), None)
         if ref is not None and ref < MIN_REFERENCE_MAP:
             out.append(f"the dense reference reaches mAP {ref:.3f} (< {MIN_REFERENCE_MAP}): 'retained' is not shown; "
                        "train the dense model longer before comparing pruning methods")
@@ -132,48 +181,6 @@ def _ratio_tag(x: float) -> str:
     return f"{x:.3f}".rstrip("0").rstrip(".")
 
 
-def matched_sparsity(model: torch.nn.Module, params_target: int) -> float:
-    """Masked-pruning sparsity whose non-zero count equals ``params_target`` (conv and linear
-    weights are masked; biases and norms stay)."""
-    from .masked import prunable_parameters
-
-    total = sum(p.numel() for p in model.parameters())
-    maskable = sum(p.numel() for p in prunable_parameters(model).values())
-    s = (total - params_target) / max(1, maskable)
-    return float(min(0.99, max(0.01, round(s, 3))))
-
-
-@dataclass(frozen=True)
-class Technique:
-    """One way to prune and recover, written ``criterion[+sparse][+distill][+progressive]`` in a
-    recipe's ``sweep.techniques`` (``l1``, ``taylor+distill``, ``l1+sparse``...). ``+sparse``:
-    ``prune.sparsify.steps`` of sparse training (:mod:`surgery.sparsify`) before the cut, taken
-    from the retraining budget (N sparse + budget - N retraining steps: the same total)."""
-
-    text: str
-    criterion: str
-    distill: bool = False
-    progressive: bool = False
-    sparse: bool = False
-
-
-TECHNIQUE_SUFFIXES = ("sparse", "distill", "progressive")
-
-
-def parse_technique(text: str) -> Technique:
-    from .importance import list_importances
-
-    parts = [p.strip() for p in text.split("+") if p.strip()]
-    criteria = [p for p in parts if p not in TECHNIQUE_SUFFIXES]
-    if len(criteria) != 1 or criteria[0] not in list_importances():
-        raise RecipeError(
-            f"sweep technique {text!r}: expected one ranking criterion ({', '.join(list_importances())}) "
-            "optionally joined with '+sparse', '+distill' and/or '+progressive'"
-        )
-    return Technique(text=text, criterion=criteria[0], distill="distill" in parts, progressive="progressive" in parts,
-                     sparse="sparse" in parts)
-
-
 def run_sweep(
     recipe: Recipe,
     out: str | Path | None = None,
@@ -184,31 +191,77 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) the whole sweep the recipe describes; see the module docstring. The run
     folder is locked: a second sweep on it refuses instead of mixing results."""
-    from .safety import RunLock, check_folder
-
     folder = check_folder(Path(out or recipe.sweep.out), what="sweep folder")
     with RunLock(folder, "sweep folder"):
         return _run_sweep(recipe, folder, device=device, on_stage=on_stage, on_step=on_step)
 
 
-def _run_sweep(
-    recipe: Recipe,
-    out: Path,
-    *,
-    device: str,
-    on_stage: Callable[[str, int, int], None] | None,
-    on_step: Callable[[Any], None] | None,
-) -> SweepResult:
-    from .bench import bench_checkpoints, write_csv
-    from .deploy import deploy_report
-    from .evaluate import evaluate
-    from .workflows import load_datasets, prune_loaded
+@dataclass
+class _Run:
+    """The sweep's state, which its steps (:data:`SWEEP_STEPS`) read and fill in turn."""
 
-    t_start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    state = _State(out / "state.json")
-    skipped: list[str] = []
+    recipe: Recipe
+    out: Path
+    device: str
+    on_stage: Callable[[str, int, int], None] | None
+    on_step: Callable[[Any], None] | None
+    state: _State
+    techniques: list[Technique]
+    points: list[tuple[str, dict[str, Any]]]
+    rounds_of: dict[str, int]
+    total_stages: int
+    stage_i: int = 0
+    skipped: list[str] = field(default_factory=list)
+    keys: Any = None  # settings.StepKeys of the recipe
+    train_set: Any = None
+    val_set: Any = None
+    spec: ModelSpec | None = None
+    dense: dict[str, Any] = field(default_factory=dict)  # steps, seconds, mAP, mAP50
+    control: dict[str, Any] = field(default_factory=dict)
+    variants: list[dict[str, Any]] = field(default_factory=list)
+    bench_rows: list[Any] = field(default_factory=list)
+    by_ckpt: dict[str, Any] = field(default_factory=dict)  # checkpoint file name -> its bench row
+    deploy_md: str = ""
+    result: SweepResult | None = None
+    t_start: float = field(default_factory=time.perf_counter)
 
+    @property
+    def dense_path(self) -> Path:
+        return self.out / "dense.pt"
+
+    @property
+    def control_path(self) -> Path:
+        return self.out / "control.pt"
+
+    def stage(self, name: str) -> None:
+        self.stage_i += 1
+        if self.on_stage:
+            self.on_stage(name, self.stage_i, self.total_stages)
+
+    def score(self, model: torch.nn.Module) -> dict[str, float]:
+        m = evaluate(model, self.val_set, batch_size=8, device=self.device).metrics
+        return {"mAP": float(m["mAP"]), "mAP50": float(m["mAP50"])}
+
+    def train(self, model, spec, cfg, path: Path, *, kind: str, plan=None, masks=None, distill=False,  # noqa: ANN001
+              extra_hooks=()) -> dict[str, Any]:  # noqa: ANN001
+        hooks: list[Any] = [LoggingHook(self.on_step)] if self.on_step else []
+        hooks += list(extra_hooks)
+        if distill:
+            hooks.append(self._distill_hook(model))
+        trainer = build_trainer(model, spec, self.train_set, cfg, out=path, hooks=hooks, device=self.device, kind=kind,
+                                plan=plan, masks=masks, recipe=self.recipe)  # fmt: skip
+        res = trainer.train(resume=path.is_file())
+        return {"steps": res.steps, "seconds": res.seconds, "s_per_step": res.s_per_step}
+
+    def _distill_hook(self, student: torch.nn.Module) -> Any:
+        """Feature imitation of the dense model (the recipe's retrain.distill settings, if any)."""
+        dcfg = self.recipe.retrain.distill if self.recipe.retrain.distill is not None else DistillSection()
+        dcfg = dataclasses.replace(dcfg, type=dcfg.type if dcfg.type != "none" else "imitation", teacher=str(self.dense_path))
+        recipe = dataclasses.replace(self.recipe, retrain=dataclasses.replace(self.recipe.retrain, distill=dcfg))
+        return distill_hook(recipe, read_checkpoint(self.dense_path), student)
+
+
+def _new_run(recipe: Recipe, out: Path, device: str, on_stage: Any, on_step: Any) -> _Run:
     default = recipe.prune.method if recipe.prune.method != "magnitude" else "l1"
     techniques = [parse_technique(t) for t in (recipe.sweep.techniques or [default])]
     rounds_of = {t.text: (max(1, recipe.prune.steps) if t.progressive else 1) for t in techniques}
@@ -220,238 +273,287 @@ def _run_sweep(
     n_masked = len(points) * int(recipe.sweep.match_masked) + len(recipe.sweep.sparsities)
     n_sparse = sum(1 for t in techniques if t.sparse) * len(points)
     total_stages = 5 + 2 * n_struct + n_sparse + 2 * n_masked + int(recipe.sweep.int8 != "none")
-    stage_i = 0
+    return _Run(recipe, out, device, on_stage, on_step, _State(out / "state.json"), techniques, points, rounds_of,
+                total_stages, keys=StepKeys(recipe))  # fmt: skip
 
-    def stage(name: str) -> None:
-        nonlocal stage_i
-        stage_i += 1
-        if on_stage:
-            on_stage(name, stage_i, total_stages)
 
-    stage("data")
-    train_set, val_set = load_datasets(recipe, hflip=recipe.train.hflip)
+def _run_sweep(
+    recipe: Recipe,
+    out: Path,
+    *,
+    device: str,
+    on_stage: Callable[[str, int, int], None] | None,
+    on_step: Callable[[Any], None] | None,
+) -> SweepResult:
+    out.mkdir(parents=True, exist_ok=True)
+    run = _new_run(recipe, out, device, on_stage, on_step)
+    for step in SWEEP_STEPS:
+        step(run)
+    assert run.result is not None
+    return run.result
 
-    def score(model: torch.nn.Module) -> dict[str, float]:
-        m = evaluate(model, val_set, batch_size=8, device=device).metrics
-        return {"mAP": float(m["mAP"]), "mAP50": float(m["mAP50"])}
 
-    def train(model, spec, cfg, path: Path, *, kind: str, plan=None, masks=None, distill=False,
-              extra_hooks=()) -> dict[str, Any]:
-        hooks = [LoggingHook(on_step)] if on_step else []
-        hooks += list(extra_hooks)
-        if distill:
-            from .distill import distill_hook_for
+# ---------------------------------------------------------------------------------------------
+# the steps
 
-            dcfg = recipe.retrain.distill if recipe.retrain.distill is not None else DistillSection()
-            dcfg = dataclasses.replace(dcfg, type=dcfg.type if dcfg.type != "none" else "imitation")
-            hooks.append(distill_hook_for(load_checkpoint(dense_path)[0], model, dcfg, teacher_path=str(dense_path)))
-        trainer = build_trainer(model, spec, train_set, cfg, out=path, hooks=hooks, device=device, kind=kind,
-                                plan=plan, masks=masks, recipe=recipe)
-        res = trainer.train(resume=path.is_file())
-        return {"steps": res.steps, "seconds": res.seconds, "s_per_step": res.s_per_step}
 
-    # 1. dense baseline -------------------------------------------------------------------------
+def step_data(run: _Run) -> None:
+    run.stage("data")
+    recipe = run.recipe
+    run.train_set, run.val_set = load_datasets(recipe, hflip=recipe.train.hflip)
     spec = ModelSpec(recipe.model.name, {**recipe.model.kwargs})
     if "num_classes" not in spec.kwargs and accepts(get_builder(spec.name), "num_classes"):
-        spec.kwargs["num_classes"] = train_set.num_classes  # (Ultralytics models take nc: the recipe sets it)
-    dense_path = out / "dense.pt"
-    stage("dense baseline")
-    keys = StepKeys(recipe)
-    dense = state.get("dense", keys.dense)
-    if dense is None:
-        state.begin("dense", keys.dense, [dense_path])
-        if recipe.model.weights and is_checkpoint(recipe.model.weights):
-            model, ck = load_checkpoint(recipe.model.weights)
-            spec = ck.spec
-            save_checkpoint(dense_path, model, spec, kind="dense", recipe=recipe.to_dict())
-            info = {"steps": 0, "seconds": 0.0, "source": str(recipe.model.weights)}
-        else:
-            torch.manual_seed(recipe.train.seed)  # the same initial weights on every run
-            model = build_model(spec, weights=recipe.model.weights) if recipe.model.weights else build_model(spec)
-            info = train(model, spec, recipe.train, dense_path, kind="dense")
-            model, _ = load_checkpoint(dense_path)
-        dense = {**info, **score(model)}
-        state.put("dense", dense, [dense_path], keys.dense)
+        spec.kwargs["num_classes"] = run.train_set.num_classes  # (Ultralytics models take nc: the recipe sets it)
+    run.spec = spec
+
+
+def step_dense(run: _Run) -> None:
+    """1. The dense baseline: trained here, or the recipe's ``model.weights`` checkpoint."""
+    recipe, state, dense_path = run.recipe, run.state, run.dense_path
+    run.stage("dense baseline")
+    dense = state.get("dense", run.keys.dense)
+    if dense is not None:
+        run.skipped.append("dense")
+        run.dense = dense
+        return
+    state.begin("dense", run.keys.dense, [dense_path])
+    if recipe.model.weights and is_checkpoint(recipe.model.weights):
+        model, ck = load_checkpoint(recipe.model.weights)
+        run.spec = ck.spec
+        save_checkpoint(dense_path, model, run.spec, kind="dense", recipe=recipe.to_dict())
+        info = {"steps": 0, "seconds": 0.0, "source": str(recipe.model.weights)}
     else:
-        skipped.append("dense")
+        torch.manual_seed(recipe.train.seed)  # the same initial weights on every run
+        model = build_model(run.spec, weights=recipe.model.weights) if recipe.model.weights else build_model(run.spec)
+        info = run.train(model, run.spec, recipe.train, dense_path, kind="dense")
+        model, _ = load_checkpoint(dense_path)
+    run.dense = {**info, **run.score(model)}
+    state.put("dense", run.dense, [dense_path], run.keys.dense)
 
-    # 2. dense control: the same retraining budget ---------------------------------------------
-    control_path = out / "control.pt"
-    stage("dense control (same retraining as every variant)")
-    control = state.get("control", keys.control)
-    if control is None:
-        state.begin("control", keys.control, [control_path])
-        model, ck = load_checkpoint(dense_path)
-        info = train(model, ck.spec, recipe.retrain, control_path, kind="dense")
-        control = {**info, **score(load_checkpoint(control_path)[0])}
-        state.put("control", control, [control_path], keys.control)
-    else:
-        skipped.append("control")
 
-    # 3. variants -----------------------------------------------------------------------------
-    def sparse_phase(name: str, point: dict[str, Any], tech: Technique) -> tuple[Path, dict[str, Any]]:
-        """``prune.sparsify.steps`` of sparse training from the dense model, targeted at the
-        channels the variant's cut removes (its ratio, or the ratio its MACs target needs)."""
-        from .sparsify import SparsityHook
+def step_control(run: _Run) -> None:
+    """2. The dense control: the same retraining budget as every variant."""
+    run.stage("dense control (same retraining as every variant)")
+    control = run.state.get("control", run.keys.control)
+    if control is not None:
+        run.skipped.append("control")
+        run.control = control
+        return
+    run.state.begin("control", run.keys.control, [run.control_path])
+    model, ck = load_checkpoint(run.dense_path)
+    info = run.train(model, ck.spec, run.recipe.retrain, run.control_path, kind="dense")
+    run.control = {**info, **run.score(load_checkpoint(run.control_path)[0])}
+    run.state.put("control", run.control, [run.control_path], run.keys.control)
 
-        scfg = recipe.prune.sparsify or SparsifySection()
-        path = out / f"{name}.sparse.pt"
-        stage(f"{name}: sparse training ({scfg.steps} of the {recipe.retrain.steps} steps)")
-        ks = keys.sparse(name)
-        sp = state.get(f"{name}:sparse", ks)
-        if sp is not None:
-            skipped.append(f"{name}:sparse")
-            return path, sp
-        state.begin(f"{name}:sparse", ks, [path])
-        model, ck = load_checkpoint(dense_path)
-        pcfg = PruneSection(**{**vars(recipe.prune), "method": tech.criterion, "target_macs": None,
-                               "target_params": None})
-        ratio = point.get("ratio")
-        if ratio is None:
-            from .target import find_ratio_for_target
 
-            search = dataclasses.replace(pcfg, method="l1" if needs_data(pcfg.method) else pcfg.method)
-            ratio = find_ratio_for_target(model, search, target_macs=point["target_macs"],
-                                          macs_input_size=recipe.bench.input_size).ratio
-        hook = SparsityHook(model, scfg, prune=pcfg, ratio=ratio)
-        cfg = dataclasses.replace(recipe.retrain, steps=scfg.steps, epochs=None, distill=None)
-        info = train(model, ck.spec, cfg, path, kind="dense", extra_hooks=[hook])
-        sp = {**info, **score(load_checkpoint(path)[0]), "ratio": ratio,
-              "penalty_start": hook.start_penalty, "penalty_end": hook.penalty}
-        state.put(f"{name}:sparse", sp, [path], ks)
-        return path, sp
-
-    def run_variant(name: str, method: str, point: dict[str, Any], prune: Callable[[int], dict[str, Any]],
-                    rounds: int = 1, distill: bool = False, tech: Technique | None = None) -> dict[str, Any]:
-        """(``+sparse``: sparse training first, then) ``rounds`` x (prune with ``prune(round)`` +
-        eval, retrain + eval), each step resumable; the retraining budget is split over the
-        rounds and the sparse steps come out of it (the same total for every variant)."""
-        source, seconds, budget, sparse = dense_path, 0.0, recipe.retrain.steps, None
-        if tech is not None and tech.sparse:
-            n = (recipe.prune.sparsify or SparsifySection()).steps
-            if n >= budget:
-                raise RecipeError(f"technique {tech.text!r}: prune.sparsify.steps ({n}) must be smaller than the "
-                                  f"retraining budget retrain.steps ({budget}): they are taken from it")
-            source, sparse = sparse_phase(name, point, tech)
-            budget -= n
-            seconds += float(sparse.get("seconds", 0.0))
-        for k in range(1, rounds + 1):
-            key = name if k == rounds else f"{name}.r{k}"
-            pruned_path, retrained_path = out / f"{key}.pruned.pt", out / f"{key}.pt"
-            stage(f"{key}: prune + eval")
-            kp, kr = keys.prune(key), keys.retrain(key)
-            if sparse is not None:  # the cut follows the sparse training: redone when it is
-                kp, kr = settings_hash([kp, keys.sparse(name)]), settings_hash([kr, keys.sparse(name)])
-            pr = state.get(f"{key}:prune", kp)
-            if pr is None:
-                state.begin(f"{key}:prune", kp, [pruned_path])
-                model, ck = load_checkpoint(source)
-                rec = copy.deepcopy(recipe)
-                rec.prune = PruneSection(**{**vars(recipe.prune), **prune(k)})
-                recovering = rec.prune.method != "magnitude" and rec.prune.recover > 0
-                done = prune_loaded(model, ck.spec, ck if k > 1 else None, rec, pruned_path, source=str(source),
-                                    macs_input_size=recipe.bench.input_size if "ratio" not in point else None,
-                                    on_cut=score if recovering else None)
-                if done.masked is not None:
-                    counts = {"params": done.masked.total_params, "params_nonzero": done.masked.nonzeros_after}
-                else:
-                    counts = {"params": done.structured.report.params_after}
-                if done.cut_metrics is not None:  # mAP right after the cut, then after recovery (the checkpoint)
-                    after = score(model)
-                    pr = {**counts, **done.cut_metrics, "mAP_recovered": after["mAP"], "mAP50_recovered": after["mAP50"]}
-                else:
-                    pr = {**counts, **score(model)}
-                state.put(f"{key}:prune", pr, [pruned_path], kp)
-            else:
-                skipped.append(f"{key}:prune")
-            stage(f"{key}: retrain + eval")
-            rt = state.get(f"{key}:retrain", kr)
-            steps = budget // rounds + (budget % rounds if k == rounds else 0)
-            if rt is None:
-                state.begin(f"{key}:retrain", kr, [retrained_path])
-                model, ck = load_checkpoint(pruned_path)  # masks of masked variants are kept while training
-                cfg = dataclasses.replace(recipe.retrain, steps=steps, epochs=None)
-                info = train(model, ck.spec, cfg, retrained_path, kind=ck.kind, plan=ck.plan, masks=ck.masks,
-                             distill=distill)
-                rt = {**info, **score(load_checkpoint(retrained_path)[0])}
-                state.put(f"{key}:retrain", rt, [retrained_path], kr)
-            else:
-                skipped.append(f"{key}:retrain")
-            seconds += float(rt.get("seconds", 0.0))
-            source = retrained_path
-        ratio = point.get("ratio")
-        if ratio is None and "target_macs" in point:  # the channel ratio the search found (all rounds)
-            kept = 1.0
-            for p in plan_chain(read_checkpoint(out / f"{name}.pruned.pt").plan):
-                kept *= 1.0 - p.ratio
-            ratio = round(1.0 - kept, 4)
-        return {"variant": name, "method": method, "ratio": ratio, "sparsity": point.get("sparsity"),
-                "target_macs": point.get("target_macs"), "pruned": pr, "retrained": {**rt, "seconds": seconds},
-                "checkpoint": source, "pruned_path": out / f"{name}.pruned.pt",
-                "sparse_steps": recipe.retrain.steps - budget, "sparse": sparse}
-
-    def structured_round(tech: Technique, point: dict[str, Any], rounds: int, name: str):
-        def prune(k: int) -> dict[str, Any]:
-            args: dict[str, Any] = {"method": tech.criterion, "target_macs": None, "target_params": None,
-                                    "target_latency": None}
-            if "target_latency" in point:  # each round keeps target^(1/rounds) of the latency left
-                args["target_latency"] = point["target_latency"] ** (1.0 / rounds)
-            elif "ratio" in point:  # each round keeps (1 - r)^(1/rounds) of the channels left
-                args["ratio"] = 1.0 - (1.0 - point["ratio"]) ** (1.0 / rounds)
-            else:  # round k reaches target^(k/rounds) of the dense MACs
-                kept = _kept_macs(out / f"{name}.r{k - 1}.pruned.pt") if k > 1 else 1.0
-                args["target_macs"] = min(0.999, point["target_macs"] ** (k / rounds) / kept)
-            return args
-
-        return prune
-
-    variants = []
-    for tech in techniques:
-        for tag, point in points:
-            name, rounds = f"{tech.text}-{tag}", rounds_of[tech.text]
-            variants.append(run_variant(name, f"structured-{tech.text}", point,
-                                        structured_round(tech, point, rounds, name), rounds, tech.distill, tech))
+def step_variants(run: _Run) -> None:
+    """3. Every technique at every point (structured), then masked pruning at the matched and the
+    recipe's sparsities."""
+    for tech in run.techniques:
+        for tag, point in run.points:
+            name, rounds = f"{tech.text}-{tag}", run.rounds_of[tech.text]
+            run.variants.append(_run_variant(run, name, f"structured-{tech.text}", point,
+                                             _structured_round(run, tech, point, rounds, name), rounds, tech.distill,
+                                             tech))
     sparsities: list[float] = []
-    if recipe.sweep.match_masked:
-        probe = build_model(spec)
-        first = [v for v in variants if v["method"] == f"structured-{techniques[0].text}"]
+    if run.recipe.sweep.match_masked:
+        probe = build_model(run.spec)
+        first = [v for v in run.variants if v["method"] == f"structured-{run.techniques[0].text}"]
         sparsities = [matched_sparsity(probe, v["pruned"]["params"]) for v in first]
-    sparsities += [s for s in recipe.sweep.sparsities if all(abs(s - x) > 1e-3 for x in sparsities)]
-    variants += [run_variant(f"masked-zero{_ratio_tag(s)}", "masked", {"sparsity": s},
-                             lambda k, s=s: {"method": "magnitude", "sparsity": s}) for s in sparsities]
+    sparsities += [s for s in run.recipe.sweep.sparsities if all(abs(s - x) > 1e-3 for x in sparsities)]
+    run.variants += [_run_variant(run, f"masked-zero{_ratio_tag(s)}", "masked", {"sparsity": s},
+                                  lambda k, s=s: {"method": "magnitude", "sparsity": s}) for s in sparsities]
 
-    # 4. bench --------------------------------------------------------------------------------
-    stage("bench (interleaved latency, MACs, sizes)")
-    bench_csv = out / "bench.csv"
-    paths = [control_path] + [v["checkpoint"] for v in variants]
-    bench_rows = bench_checkpoints(paths, recipe.bench)
-    write_csv(bench_rows, bench_csv)
-    first_bs = recipe.bench.batch_sizes[0]
-    by_ckpt = {Path(b.checkpoint).name: b for b in bench_rows if b.batch_size == first_bs}
-    deploy_md = ""
-    if recipe.sweep.int8 != "none":
-        stage("deploy: INT8 in ONNX Runtime" + (" (PTQ and QAT)" if recipe.sweep.qat_steps else " (PTQ)"))
-        structured = [v for v in variants if v["method"].startswith("structured")]
-        if recipe.sweep.int8 == "smallest" and structured:
-            structured = [min(structured, key=lambda v: by_ckpt[v["checkpoint"].name].macs)]
-        deploy_md = deploy_report(recipe, out, [control_path] + [v["checkpoint"] for v in structured], val_set)
 
-    # 5. report -------------------------------------------------------------------------------
-    stage("report")
-    rows = [_row("dense", "dense", None, None, by_ckpt[control_path.name], dense, control, dense, control,
-                 control_path, recipe)]
-    for v in variants:
-        row = _row(v["variant"], v["method"], v["ratio"], v["sparsity"], by_ckpt[v["checkpoint"].name],
+def step_bench(run: _Run) -> None:
+    """4. Latency, MACs and sizes of the control and every final variant, interleaved."""
+    run.stage("bench (interleaved latency, MACs, sizes)")
+    paths = [run.control_path] + [v["checkpoint"] for v in run.variants]
+    run.bench_rows = bench_checkpoints(paths, run.recipe.bench)
+    write_csv(run.bench_rows, run.out / "bench.csv")
+    first_bs = run.recipe.bench.batch_sizes[0]
+    run.by_ckpt = {Path(b.checkpoint).name: b for b in run.bench_rows if b.batch_size == first_bs}
+
+
+def step_deploy(run: _Run) -> None:
+    """The FP32/INT8 deployment table (``sweep.int8``), when asked for."""
+    sweep = run.recipe.sweep
+    if sweep.int8 == "none":
+        return
+    run.stage("deploy: INT8 in ONNX Runtime" + (" (PTQ and QAT)" if sweep.qat_steps else " (PTQ)"))
+    structured = [v for v in run.variants if v["method"].startswith("structured")]
+    if sweep.int8 == "smallest" and structured:
+        structured = [min(structured, key=lambda v: run.by_ckpt[v["checkpoint"].name].macs)]
+    run.deploy_md = deploy_report(run.recipe, run.out, [run.control_path] + [v["checkpoint"] for v in structured],
+                                  run.val_set)  # fmt: skip
+
+
+def step_report(run: _Run) -> None:
+    """5. ``results.csv``, ``results.md`` and the plots."""
+    run.stage("report")
+    recipe, out, dense, control = run.recipe, run.out, run.dense, run.control
+    rows = [_row("dense", "dense", None, None, run.by_ckpt[run.control_path.name], dense, control, dense, control,
+                 run.control_path, recipe)]  # fmt: skip
+    for v in run.variants:
+        row = _row(v["variant"], v["method"], v["ratio"], v["sparsity"], run.by_ckpt[v["checkpoint"].name],
                    v["pruned"], v["retrained"], dense, control, v["checkpoint"], recipe, v["target_macs"])
         rows.append({**row, **_target_columns(v)})
     csv_path = out / "results.csv"
     _write_rows(rows, csv_path)
     md = out / "results.md"
     with atomic_open(md, "w") as f:
-        f.write(_markdown(rows, recipe, dense, control) + deploy_md)
-    plots = _plots(rows, variants, out, val_set, control_path, recipe)
-    return SweepResult(out=out, rows=rows, csv=csv_path, markdown=md, bench_csv=bench_csv, plots=plots,
-                       seconds=time.perf_counter() - t_start, skipped=skipped)
+        f.write(sweep_markdown(rows, recipe, dense, control) + run.deploy_md)
+    plots = _plots(rows, run.variants, out, run.val_set, run.control_path, recipe)
+    run.result = SweepResult(out=out, rows=rows, csv=csv_path, markdown=md, bench_csv=out / "bench.csv", plots=plots,
+                             seconds=time.perf_counter() - run.t_start, skipped=run.skipped)
+
+
+SWEEP_STEPS: tuple[Callable[[_Run], None], ...] = (
+    step_data, step_dense, step_control, step_variants, step_bench, step_deploy, step_report,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# one variant: rounds of prune + eval, retrain + eval
+
+
+def _run_variant(run: _Run, name: str, method: str, point: dict[str, Any], prune: Callable[[int], dict[str, Any]],
+                 rounds: int = 1, distill: bool = False, tech: Technique | None = None) -> dict[str, Any]:
+    """(``+sparse``: sparse training first, then) ``rounds`` x (prune with ``prune(round)`` + eval,
+    retrain + eval), each step resumable; the retraining budget is split over the rounds and the
+    sparse steps come out of it (the same total for every variant)."""
+    source, seconds, budget, sparse = run.dense_path, 0.0, run.recipe.retrain.steps, None
+    if tech is not None and tech.sparse:
+        n = (run.recipe.prune.sparsify or SparsifySection()).steps
+        if n >= budget:
+            raise RecipeError(f"technique {tech.text!r}: prune.sparsify.steps ({n}) must be smaller than the "
+                              f"retraining budget retrain.steps ({budget}): they are taken from it")
+        source, sparse = _sparse_step(run, name, point, tech)
+        budget -= n
+        seconds += float(sparse.get("seconds", 0.0))
+    pr: dict[str, Any] = {}
+    rt: dict[str, Any] = {}
+    for k in range(1, rounds + 1):
+        key = name if k == rounds else f"{name}.r{k}"
+        after = run.keys.sparse(name) if sparse is not None else None  # the cut follows the sparse training
+        pr = _prune_step(run, key, k, source, point, prune(k), after=after)
+        rt = _retrain_step(run, key, k, rounds, distill, budget=budget, after=after)
+        seconds += float(rt.get("seconds", 0.0))
+        source = run.out / f"{key}.pt"
+    ratio = point.get("ratio")
+    if ratio is None and "target_macs" in point:  # the channel ratio the search found (all rounds)
+        kept = 1.0
+        for p in plan_chain(read_checkpoint(run.out / f"{name}.pruned.pt").plan):
+            kept *= 1.0 - p.ratio
+        ratio = round(1.0 - kept, 4)
+    return {"variant": name, "method": method, "ratio": ratio, "sparsity": point.get("sparsity"),
+            "target_macs": point.get("target_macs"), "pruned": pr, "retrained": {**rt, "seconds": seconds},
+            "checkpoint": source, "pruned_path": run.out / f"{name}.pruned.pt",
+            "sparse_steps": run.recipe.retrain.steps - budget, "sparse": sparse}  # fmt: skip
+
+
+def _sparse_step(run: _Run, name: str, point: dict[str, Any], tech: Technique) -> tuple[Path, dict[str, Any]]:
+    """``prune.sparsify.steps`` of sparse training from the dense model, targeted at the channels
+    the variant's cut removes (its ratio, or the ratio its MACs target needs)."""
+    recipe = run.recipe
+    scfg = recipe.prune.sparsify or SparsifySection()
+    path = run.out / f"{name}.sparse.pt"
+    run.stage(f"{name}: sparse training ({scfg.steps} of the {recipe.retrain.steps} steps)")
+    ks = run.keys.sparse(name)
+    sp = run.state.get(f"{name}:sparse", ks)
+    if sp is not None:
+        run.skipped.append(f"{name}:sparse")
+        return path, sp
+    run.state.begin(f"{name}:sparse", ks, [path])
+    model, ck = load_checkpoint(run.dense_path)
+    pcfg = PruneSection(**{**vars(recipe.prune), "method": tech.criterion, "target_macs": None, "target_params": None})
+    ratio = point.get("ratio")
+    if ratio is None:
+        search = dataclasses.replace(pcfg, method="l1" if needs_data(pcfg.method) else pcfg.method)
+        ratio = find_ratio_for_target(model, search, target_macs=point["target_macs"],
+                                      macs_input_size=recipe.bench.input_size).ratio
+    hook = SparsityHook(model, scfg, prune=pcfg, ratio=ratio)
+    cfg = dataclasses.replace(recipe.retrain, steps=scfg.steps, epochs=None, distill=None)
+    info = run.train(model, ck.spec, cfg, path, kind="dense", extra_hooks=[hook])
+    sp = {**info, **run.score(load_checkpoint(path)[0]), "ratio": ratio,
+          "penalty_start": hook.start_penalty, "penalty_end": hook.penalty}
+    run.state.put(f"{name}:sparse", sp, [path], ks)
+    return path, sp
+
+
+def _prune_step(run: _Run, key: str, k: int, source: Path, point: dict[str, Any], args: dict[str, Any],
+                after: str | None = None) -> dict[str, Any]:
+    """Prune + eval (mAP right after the cut; with ``prune.recover`` also after recovery). ``after``:
+    the key of a step this one follows (sparse training): redone when that one is."""
+    pruned_path = run.out / f"{key}.pruned.pt"
+    run.stage(f"{key}: prune + eval")
+    kp = run.keys.prune(key) if after is None else settings_hash([run.keys.prune(key), after])
+    pr = run.state.get(f"{key}:prune", kp)
+    if pr is not None:
+        run.skipped.append(f"{key}:prune")
+        return pr
+    run.state.begin(f"{key}:prune", kp, [pruned_path])
+    model, ck = load_checkpoint(source)
+    rec = dataclasses.replace(run.recipe, prune=PruneSection(**{**vars(run.recipe.prune), **args}))
+    recovering = rec.prune.method != "magnitude" and rec.prune.recover > 0
+    done = prune_loaded(model, ck.spec, ck if k > 1 else None, rec, pruned_path, source=str(source),
+                        macs_input_size=run.recipe.bench.input_size if "ratio" not in point else None,
+                        on_cut=run.score if recovering else None)  # fmt: skip
+    if done.masked is not None:
+        counts = {"params": done.masked.total_params, "params_nonzero": done.masked.nonzeros_after}
+    else:
+        counts = {"params": done.structured.report.params_after}
+    if done.cut_metrics is not None:  # mAP right after the cut, then after recovery (the checkpoint)
+        recovered = run.score(model)
+        pr = {**counts, **done.cut_metrics, "mAP_recovered": recovered["mAP"], "mAP50_recovered": recovered["mAP50"]}
+    else:
+        pr = {**counts, **run.score(model)}
+    run.state.put(f"{key}:prune", pr, [pruned_path], kp)
+    return pr
+
+
+def _retrain_step(run: _Run, key: str, k: int, rounds: int, distill: bool, *, budget: int,
+                  after: str | None = None) -> dict[str, Any]:
+    pruned_path, retrained_path = run.out / f"{key}.pruned.pt", run.out / f"{key}.pt"
+    run.stage(f"{key}: retrain + eval")
+    kr = run.keys.retrain(key) if after is None else settings_hash([run.keys.retrain(key), after])
+    rt = run.state.get(f"{key}:retrain", kr)
+    if rt is not None:
+        run.skipped.append(f"{key}:retrain")
+        return rt
+    steps = budget // rounds + (budget % rounds if k == rounds else 0)
+    run.state.begin(f"{key}:retrain", kr, [retrained_path])
+    model, ck = load_checkpoint(pruned_path)  # masks of masked variants are kept while training
+    cfg = dataclasses.replace(run.recipe.retrain, steps=steps, epochs=None)
+    info = run.train(model, ck.spec, cfg, retrained_path, kind=ck.kind, plan=ck.plan, masks=ck.masks, distill=distill)
+    rt = {**info, **run.score(load_checkpoint(retrained_path)[0])}
+    run.state.put(f"{key}:retrain", rt, [retrained_path], kr)
+    return rt
+
+
+def _structured_round(run: _Run, tech: Technique, point: dict[str, Any], rounds: int, name: str) -> Callable:
+    def prune(k: int) -> dict[str, Any]:
+        args: dict[str, Any] = {"method": tech.criterion, "target_macs": None, "target_params": None,
+                                "target_latency": None}
+        if "target_latency" in point:  # each round keeps target^(1/rounds) of the latency left
+            args["target_latency"] = point["target_latency"] ** (1.0 / rounds)
+        elif "ratio" in point:  # each round keeps (1 - r)^(1/rounds) of the channels left
+            args["ratio"] = 1.0 - (1.0 - point["ratio"]) ** (1.0 / rounds)
+        else:  # round k reaches target^(k/rounds) of the dense MACs
+            kept = _kept_macs(run.out / f"{name}.r{k - 1}.pruned.pt") if k > 1 else 1.0
+            args["target_macs"] = min(0.999, point["target_macs"] ** (k / rounds) / kept)
+        return args
+
+    return prune
+
+
+def _kept_macs(pruned_path: Path) -> float:
+    """Fraction of the dense MACs a (progressively) pruned checkpoint kept: the product over its
+    plan chain of each cut's measured MACs ratio."""
+    kept = 1.0
+    for p in plan_chain(read_checkpoint(pruned_path).plan):
+        kept *= getattr(p, "achieved_macs_ratio", None) or 1.0
+    return kept
 
 
 def _target_columns(v: dict[str, Any]) -> dict[str, Any]:
@@ -468,52 +570,27 @@ def _target_columns(v: dict[str, Any]) -> dict[str, Any]:
     return cols
 
 
-def _kept_macs(pruned_path: Path) -> float:
-    """Fraction of the dense MACs a (progressively) pruned checkpoint kept: the product over its
-    plan chain of each cut's measured MACs ratio."""
-    kept = 1.0
-    for p in plan_chain(read_checkpoint(pruned_path).plan):
-        kept *= getattr(p, "achieved_macs_ratio", None) or 1.0
-    return kept
-
-
-def _row(variant, method, ratio, sparsity, bench, pruned, retrained, dense, control, ckpt, recipe,
+def _row(variant, method, ratio, sparsity, bench, pruned, retrained, dense, control, ckpt, recipe,  # noqa: ANN001
          target_macs=None) -> dict[str, Any]:
     # a dense reference below the floor makes the ratio noise ("retained 279.9%" at mAP 0.001)
     retained = retrained["mAP"] / control["mAP"] if (control.get("mAP") or 0.0) >= MIN_REFERENCE_MAP else None
-    return {
-        "variant": variant,
-        "method": method,
-        "ratio": ratio,
-        "target_macs": target_macs,
-        "sparsity": sparsity,
-        "params": bench.params,
-        "params_nonzero": bench.params_nonzero,
-        "size_mb": round(bench.file_bytes / 1e6, 2),  # float32 weights as saved
-        "size_gzip_mb": round(bench.file_gzip_bytes / 1e6, 2),  # what masked (zeroed) weights really cost
-        "macs": bench.macs,
-        "latency_ms": round(bench.latency_ms_median, 3),
-        "latency_ms_p90": round(bench.latency_ms_p90, 3),
-        "params_ratio": round(bench.params_ratio, 4),
-        "macs_ratio": round(bench.macs_ratio, 4),
-        "latency_ratio": round(bench.latency_ratio, 4),
-        "network_ms": None if bench.network_ms_median is None else round(bench.network_ms_median, 3),
-        "network_ratio": round(bench.network_ratio, 4),
-        "map_pruned": round(pruned["mAP"], 4),
-        "map50_pruned": round(pruned["mAP50"], 4),
-        "map_recovered": round(pruned["mAP_recovered"], 4) if pruned.get("mAP_recovered") is not None else None,
-        "map_retrained": round(retrained["mAP"], 4),
-        "map50_retrained": round(retrained["mAP50"], 4),
-        "dense_map": round(dense["mAP"], 4),
-        "dense_control_map": round(control["mAP"], 4),
-        "retained_map": None if retained is None else round(retained, 4),
-        "retrain_steps": recipe.retrain.steps,
-        "retrain_seconds": round(float(retrained.get("seconds", 0.0)), 1),
-        "input_size": recipe.bench.input_size,
-        "threads": bench.threads,
-        "torch": bench.torch,
-        "checkpoint": str(ckpt),
-    }
+    return dataclasses.asdict(SweepRow(
+        variant=variant, method=method, ratio=ratio, target_macs=target_macs, sparsity=sparsity,
+        params=bench.params, params_nonzero=bench.params_nonzero,
+        size_mb=round(bench.file_bytes / 1e6, 2), size_gzip_mb=round(bench.file_gzip_bytes / 1e6, 2),
+        macs=bench.macs, latency_ms=round(bench.latency_ms_median, 3), latency_ms_p90=round(bench.latency_ms_p90, 3),
+        params_ratio=round(bench.params_ratio, 4), macs_ratio=round(bench.macs_ratio, 4),
+        latency_ratio=round(bench.latency_ratio, 4),
+        network_ms=None if bench.network_ms_median is None else round(bench.network_ms_median, 3),
+        network_ratio=round(bench.network_ratio, 4),
+        map_pruned=round(pruned["mAP"], 4), map50_pruned=round(pruned["mAP50"], 4),
+        map_recovered=round(pruned["mAP_recovered"], 4) if pruned.get("mAP_recovered") is not None else None,
+        map_retrained=round(retrained["mAP"], 4), map50_retrained=round(retrained["mAP50"], 4),
+        dense_map=round(dense["mAP"], 4), dense_control_map=round(control["mAP"], 4),
+        retained_map=None if retained is None else round(retained, 4),
+        retrain_steps=recipe.retrain.steps, retrain_seconds=round(float(retrained.get("seconds", 0.0)), 1),
+        input_size=recipe.bench.input_size, threads=bench.threads, torch=bench.torch, checkpoint=str(ckpt),
+    ))  # fmt: skip
 
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
@@ -524,44 +601,9 @@ def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow({k: "" if r.get(k) is None else r[k] for k in SWEEP_COLUMNS})
 
 
-def _markdown(rows: list[dict[str, Any]], recipe: Recipe, dense: dict, control: dict) -> str:
-    from .report import markdown_table
-
-    head = (
-        f"# {recipe.model.name}: structured vs masked pruning\n\n"
-        f"Dense baseline mAP@[.5:.95] {dense['mAP']:.3f} (mAP@0.5 {dense['mAP50']:.3f}); dense control after the same "
-        f"{recipe.retrain.steps}-step retraining: {control['mAP']:.3f} ({control['mAP50']:.3f}). "
-        f"'mAP pruned' is right after the cut, 'mAP retrained' after {recipe.retrain.steps} steps; retained = "
-        f"retrained / dense control. Latency: median of {recipe.bench.runs} runs, batch {recipe.bench.batch_sizes[0]}, "
-        f"{recipe.bench.input_size} px, {recipe.bench.threads} threads, {recipe.bench.device}; masked models with "
-        "masks folded into plain weights. MACs: fvcore.\n\n"
-    )
-    table = markdown_table(rows)
-    extra = ["", "| variant | MACs ratio | latency ratio | mAP@0.5 pruned | mAP@0.5 retrained |", "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        extra.append(f"| {r['variant']} | {r['macs_ratio']:.2f} | {r['latency_ratio']:.2f} | "
-                     f"{r['map50_pruned']:.3f} | {r['map50_retrained']:.3f} |")
-    recovered = [r for r in rows if r.get("map_recovered") is not None]
-    if recovered:  # prune.recover: mAP right after the cut, after recovery (no training), after retraining
-        extra += ["", f"Recovery without retraining (prune.recover: {recipe.prune.recover} batches):", "",
-                  "| variant | mAP pruned | mAP recovered | mAP retrained |", "|---|---:|---:|---:|"]
-        extra += [f"| {r['variant']} | {r['map_pruned']:.3f} | {r['map_recovered']:.3f} | {r['map_retrained']:.3f} |"
-                  for r in recovered]
-    study = ["", "In the weight-vs-filter study's form (rate: channels cut or weights zeroed; MB: weights, gzip):", "",
-             "| pruning | rate | params | MB | MB gzip | mAP@0.5 after pruning | mAP@0.5 after retraining |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for r in rows:
-        rate = r.get("sparsity") if r.get("sparsity") is not None else r.get("ratio")
-        kind = "weight" if r.get("sparsity") is not None else "filter"
-        mb = " | ".join("" if r.get(k) is None else f"{r[k]:.2f}" for k in ("size_mb", "size_gzip_mb"))
-        study.append(f"| {kind} ({r['variant']}) | {'' if rate is None else f'{rate:.0%}'} | {r['params']:,} | "
-                     f"{mb} | {r['map50_pruned']:.3f} | {r['map50_retrained']:.3f} |")
-    return head + table + "\n".join(extra + study) + "\n"
-
-
-def _plots(rows, variants, out: Path, val_set, control_path: Path, recipe: Recipe) -> dict[str, Path]:
-    from .report import plot_detections_grid, plot_latency_vs_ratio, plot_layer_widths, plot_map_vs_macs
-
+def _plots(rows, variants, out: Path, val_set, control_path: Path, recipe: Any) -> dict[str, Path]:  # noqa: ANN001
+    """A sweep's plots: mAP vs MACs, latency vs ratio, the layer widths and detections of the
+    variant closest to half the channels (and a masked one) next to the dense control."""
     plots = {
         "map_vs_macs": plot_map_vs_macs(rows, out / "map_vs_macs.png"),
         "latency_vs_ratio": plot_latency_vs_ratio(rows, out / "latency_vs_ratio.png"),
@@ -589,3 +631,5 @@ def _plots(rows, variants, out: Path, val_set, control_path: Path, recipe: Recip
                                                    class_names=getattr(val_set, "class_names", None),
                                                    ground_truth=[val_set[i][1] for i in range(n)])
     return plots
+
+

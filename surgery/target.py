@@ -1,4 +1,5 @@
-"""Reach a MACs or parameter budget: search the pruning ratio that keeps a given fraction.
+"""Reach a MACs or parameter budget: search the pruning ratio that keeps a given fraction (the
+``target`` allocator of :mod:`surgery.allocate`).
 
 ``find_ratio_for_target`` ranks once (the scores do not depend on the ratio), then bisects the
 ratio (uniform or global ranking, overrides keep their own ratios) on a cheap *cost model*:
@@ -31,8 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .allocate import Allocation, AllocationContext, check_patterns, plan_channels, register_allocator
+from .calibrate import group_scores
+from .cut import cut
 from .errors import PruningError
 from .graph import LAYER_TYPES, NORM_TYPES, DetectorGraph, trace
+from .measure import count_macs, count_params, fixed_workload
+from .measure.workload import MACS_ROIS
 from .recipe import PruneSection
 
 MAX_RATIO = 0.995
@@ -76,8 +82,6 @@ class TargetResult:
 def _layer_macs(model: nn.Module, size: int) -> dict[nn.Module, int]:
     """MACs of each conv/linear layer (summed over its calls) for one ``size`` x ``size`` image
     in eval mode under :func:`surgery.measure.fixed_workload` (what ``count_macs`` runs)."""
-    from .measure import fixed_workload
-
     macs: dict[nn.Module, int] = {}
 
     def hook(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -97,7 +101,7 @@ def _layer_macs(model: nn.Module, size: int) -> dict[nn.Module, int]:
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     try:
         model.eval()
-        with fixed_workload(model, 100, 100), torch.no_grad():
+        with fixed_workload(model, MACS_ROIS, 100), torch.no_grad():
             model([image])
     finally:
         for h in hooks:
@@ -245,21 +249,13 @@ def _measure_copy(
     macs_input_size: int | None,
 ) -> tuple[int, int | None]:
     """Params and MACs of a deep copy of ``model`` cut with ``cfg`` (anchors included)."""
-    from .prune import apply_channel_plan, count_params, plan_channels
-
     clone = copy.deepcopy(model)
     g2 = trace(clone, trace_size=graph.trace_size, skip=cfg.skip)
     if [g.root for g in g2.groups] != [g.root for g in graph.groups]:
         raise PruningError("internal: the copy of the model traced into different groups")
-    apply_channel_plan(g2, plan_channels(g2, cfg, scores=scores))
-    if cfg.anchors is not None:
-        from .anchors import prune_anchors
-
-        prune_anchors(clone, cfg.anchors, g2.output_layers)
+    cut(g2, plan_channels(g2, cfg, scores=scores), cfg)
     macs = None
     if macs_input_size is not None:
-        from .measure import count_macs
-
         macs = int(count_macs(clone, macs_input_size).total)
     return count_params(clone).total, macs
 
@@ -296,56 +292,22 @@ def find_ratio_for_target(
     if target_macs is not None and macs_input_size is None:
         raise PruningError("target_macs needs macs_input_size (the recipe's bench.input_size)")
     if graph is None:
-        from .prune import check_patterns
-
         check_patterns(model, cfg.skip, "skip")
         check_patterns(model, list(cfg.overrides), "override")
         graph = trace(model, trace_size=trace_size, skip=cfg.skip)
     if scores is None:
-        from .calibrate import group_scores
-
         scores = group_scores(graph, cfg.method, calib_data=calib_data, calib_batches=cfg.calib_batches)
-    from .prune import plan_channels
-
     if macs_input_size is not None and macs_before is None:
-        from .measure import count_macs
-
         macs_before = int(count_macs(model, macs_input_size).total)
     cost = CostModel(graph, macs_input_size, macs_before)
     params_before = cost.params_before
-
-    def fraction(ratio: float) -> float:
-        widths = cost.widths(plan_channels(graph, dataclasses.replace(cfg, ratio=ratio), scores=scores))
-        if target_macs is not None:
-            return cost.macs(widths) / cost.macs_before
-        return cost.params(widths) / params_before
-
-    goal = target
-    estimates = 0
-    tried: dict[float, tuple[int, int | None]] = {}
-    best: float | None = None
-
-    def achieved(r: float) -> float:
-        p, m = tried[r]
-        return m / macs_before if target_macs is not None else p / params_before
-
-    for _ in range(max_rounds):
-        ratio, _est, n = _bisect(fraction, goal)
-        estimates += n
-        if ratio not in tried:
-            tried[ratio] = _measure_copy(model, graph, dataclasses.replace(cfg, ratio=ratio), scores, macs_input_size)
-        real = achieved(ratio)
-        if best is None or abs(real - target) < abs(achieved(best) - target):
-            best = ratio
-        if abs(real / target - 1.0) <= tol:
-            break
-        # the cost model missed (RoIAlign, anchors, ops fvcore attributes elsewhere): move its goal
-        new_goal = min(0.999, max(1e-4, goal * target / real))
-        if abs(new_goal - goal) < 1e-6:
-            break
-        goal = new_goal
-    assert best is not None
+    fraction = _estimator(cost, graph, cfg, scores, macs=target_macs is not None)
+    search = _search(fraction, target, max_rounds, tol,
+                     lambda r: _measure_copy(model, graph, dataclasses.replace(cfg, ratio=r), scores, macs_input_size),
+                     lambda p, m: m / macs_before if target_macs is not None else p / params_before)  # fmt: skip
+    best, tried, estimates = search
     params_after, macs_after = tried[best]
+    achieved = macs_after / macs_before if target_macs is not None else params_after / params_before
     result = TargetResult(
         ratio=round(best, 6),
         target_macs=target_macs,
@@ -357,23 +319,79 @@ def find_ratio_for_target(
         params_before=params_before,
         params_after=params_after,
         tol=tol,
-        within_tolerance=abs(achieved(best) / target - 1.0) <= tol,
+        within_tolerance=abs(achieved / target - 1.0) <= tol,
         estimates=estimates,
         verifications=len(tried),
     )
     if not result.within_tolerance:
-        what = "MACs" if target_macs is not None else "params"
-        floor = fraction(MAX_RATIO)
-        why = (
-            f"the most this model can be cut to is about {floor:.1%} of its {what} (unprunable groups, min_channels)"
-            if target < floor
-            else "round_to/min_channels make the kept fraction jump between ratios"
-        )
-        result.note = (
-            f"target {target:.1%} of the {what} not reached within {tol:.0%}: closest is {achieved(best):.1%} "
-            f"at ratio {best:.4f} ({why})"
-        )
+        result.note = _miss_note(result, target, achieved, fraction(MAX_RATIO), "MACs" if target_macs is not None else "params")
     return result
 
 
-__all__ = ["CostModel", "TargetResult", "find_ratio_for_target"]
+def _estimator(cost: CostModel, graph: DetectorGraph, cfg: PruneSection, scores: dict[int, torch.Tensor], *, macs: bool):
+    """``ratio -> kept fraction`` of the MACs (``macs``) or the params, on the cost model."""
+
+    def fraction(ratio: float) -> float:
+        widths = cost.widths(plan_channels(graph, dataclasses.replace(cfg, ratio=ratio), scores=scores))
+        return cost.macs(widths) / cost.macs_before if macs else cost.params(widths) / cost.params_before
+
+    return fraction
+
+
+def _search(fraction, target: float, max_rounds: int, tol: float, measure, achieved_of):  # noqa: ANN001
+    """Bisect on the cost model, verify the ratio on a real cut (``measure(ratio) -> (params,
+    MACs)``), correct the goal by the observed error; returns the best verified ratio, every
+    verified ``{ratio: (params, MACs)}`` and the number of cost-model estimates."""
+    goal = target
+    estimates = 0
+    tried: dict[float, tuple[int, int | None]] = {}
+    best: float | None = None
+
+    def achieved(r: float) -> float:
+        return achieved_of(*tried[r])
+
+    for _ in range(max_rounds):
+        ratio, _est, n = _bisect(fraction, goal)
+        estimates += n
+        if ratio not in tried:
+            tried[ratio] = measure(ratio)
+        real = achieved(ratio)
+        if best is None or abs(real - target) < abs(achieved(best) - target):
+            best = ratio
+        if abs(real / target - 1.0) <= tol:
+            break
+        # the cost model missed (RoIAlign, anchors, ops fvcore attributes elsewhere): move its goal
+        new_goal = min(0.999, max(1e-4, goal * target / real))
+        if abs(new_goal - goal) < 1e-6:
+            break
+        goal = new_goal
+    assert best is not None
+    return best, tried, estimates
+
+
+def _miss_note(result: TargetResult, target: float, achieved: float, floor: float, what: str) -> str:
+    why = (
+        f"the most this model can be cut to is about {floor:.1%} of its {what} (unprunable groups, min_channels)"
+        if target < floor
+        else "round_to/min_channels make the kept fraction jump between ratios"
+    )
+    return (
+        f"target {target:.1%} of the {what} not reached within {result.tol:.0%}: closest is {achieved:.1%} "
+        f"at ratio {result.ratio:.4f} ({why})"
+    )
+
+
+@register_allocator("target")
+def allocate_for_target(ctx: AllocationContext) -> Allocation:
+    """The uniform or global plan at the ratio that keeps ``cfg.target_macs`` / ``cfg.target_params``."""
+    cfg = ctx.cfg
+    result = find_ratio_for_target(
+        ctx.model, cfg, target_macs=cfg.target_macs, target_params=cfg.target_params,
+        macs_input_size=ctx.macs_input_size, trace_size=ctx.graph.trace_size, graph=ctx.graph, scores=ctx.scores,
+        macs_before=ctx.macs_before,
+    )  # fmt: skip
+    cfg = dataclasses.replace(cfg, ratio=result.ratio)
+    return Allocation(plan=plan_channels(ctx.graph, cfg, scores=ctx.scores), cfg=cfg, target=result)
+
+
+__all__ = ["CostModel", "TargetResult", "allocate_for_target", "find_ratio_for_target"]

@@ -26,10 +26,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .data import make_loader
 from .distributed import DistInfo, average_gradients, current_dist, destroy_distributed, init_distributed
 from .ema import EMAHook
 from .errors import DataError, TrainingError
-from .hooks import CheckpointHook, EvalHook, HookBase, LoggingHook, MaskHook, StepInfo
+from .hooks import CheckpointHook, EvalHook, HookBase, LoggingHook, MaskHook, StepInfo, checkpoint_hooks
 from .masked import masks_sparsity, unwrap
 from .models import ModelSpec
 from .plan import Plan
@@ -78,8 +79,6 @@ class _ResumableSampler(DistributedSampler):
 
 
 def _make_loader(dataset: Dataset, batch_size: int, sampler: _ResumableSampler, num_workers: int, seed: int) -> DataLoader:
-    from .data import make_loader
-
     drop_last = len(sampler) >= batch_size
     return make_loader(
         dataset, batch_size, shuffle=False, num_workers=num_workers, sampler=sampler, seed=seed, drop_last=drop_last
@@ -495,9 +494,9 @@ def build_trainer(
     if given_ck:
         ordered += given_ck
     elif out is not None:
-        ordered.append(CheckpointHook(out, spec, cfg.checkpoint_every, kind=kind, plan=plan, recipe=recipe,
-                                      metrics=metrics, class_names=getattr(train_set, "class_names", None),
-                                      best_path=best_path))
+        ordered += checkpoint_hooks(out, spec, cfg.checkpoint_every, kind=kind, plan=plan, recipe=recipe,
+                                    metrics=metrics, class_names=getattr(train_set, "class_names", None),
+                                    best_path=best_path)
     ordered += [h for h in hooks if h not in ordered]
     trainer = Trainer(model, train_set, cfg, hooks=ordered, **trainer_kw)
     trainer.kind = "masked" if masks and kind == "dense" else kind

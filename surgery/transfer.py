@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import apply_structure, read_checkpoint, resize_to_state_dict
 from .errors import CheckpointError
-from .models import ModelSpec, build_model
+from .models import ModelSpec, build_model, load_weights_file
 
 
 @dataclass
@@ -91,8 +92,6 @@ def build_with_weights_file(spec: ModelSpec, path: str | Path) -> tuple[nn.Modul
     """``spec``'s model with the weights of ``path`` (a state dict, a training checkpoint or a
     surgery checkpoint of the same dense architecture): class outputs re-initialised when the
     file has another ``num_classes``."""
-    from .models import load_weights_file
-
     model = build_model(spec)
     try:
         load_weights_file(model, Path(path))
@@ -113,8 +112,6 @@ def load_checkpoint_with(path: str | Path, kwargs: dict[str, Any], device: str =
     new classes: every weight but the class outputs is kept, also of a pruned model; any other
     argument must keep the saved shapes). Returns the model, the checkpoint (its spec updated) and
     the :class:`Transfer` when the classes changed."""
-    from .checkpoint import apply_structure, read_checkpoint, resize_to_state_dict
-
     ckpt = read_checkpoint(path)
     spec = ModelSpec(ckpt.spec.name, {**ckpt.spec.kwargs, **kwargs}, ckpt.spec.code)
     new_classes = "num_classes" in kwargs and kwargs["num_classes"] != ckpt.spec.kwargs.get("num_classes")

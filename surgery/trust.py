@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError, SurgeryError, UnknownModelError
+from .specs import scheme_of
 
 _TRUST: ContextVar[bool] = ContextVar("surgery_trust_code", default=False)
 _ORIGIN: ContextVar[str | None] = ContextVar("surgery_trust_origin", default=None)
@@ -77,8 +78,6 @@ def trust_enabled(explicit: bool | None = None) -> bool:
 def is_user_code(name: str) -> bool:
     """``module:function`` / ``file.py:function``; not a ``scheme:reference`` model such as
     ``ultralytics:yolov8n.yaml`` (data; its resolver checks trust itself where a pickle is read)."""
-    from .models import scheme_of
-
     return ":" in name and scheme_of(name) is None
 
 

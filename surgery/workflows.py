@@ -22,27 +22,34 @@ from torch.utils.data import Dataset
 
 from .calibrate import calibration_data
 from .checkpoint import Checkpoint, load_checkpoint, resolve_model, save_pruned
-from .distill import distill_hook_for
+from .data import dataset_for
+from .distill import distill_hook_for, teacher_path
 from .distributed import DistInfo, current_dist, main_process_first
 from .errors import DataError, PruningError, RecipeError
 from .hooks import EvalHook, HookBase, LoggingHook, MaskHook, StepInfo
+from .importance import needs_data
+from .masked import AGPSchedule, apply_masks, magnitude_masks, masks_sparsity, prune_masked
 from .measure import count_params
-from .models import ModelSpec, _is_local_file, build_model, get_builder
+from .models import ModelSpec, _is_local_file, accepts, build_model, get_builder
 from .plan import MaskedPlan
 from .prune import PruneResult, prune_model
 from .recipe import (
     AGPSection,
     DataSection,
     Recipe,
+    SparsifySection,
     TrainSection,
     apply_overrides,
     load_recipe,
     recipe_from_dict,
 )
+from .records import RecordHook, RunFiles
 from .recover import RECOVER_BATCH_SIZE, recover
 from .sensitivity import sensitivity_allocation
+from .sparsify import SparsityHook
+from .target import find_ratio_for_target
 from .train import TrainResult, build_trainer
-from .validate import accepts
+from .transfer import build_with_weights_file, load_checkpoint_with
 
 
 @dataclass
@@ -80,8 +87,6 @@ def load_datasets(
 ) -> tuple[Dataset, Dataset | None]:
     """The recipe's training set (with ``hflip``) and validation set (``None`` unless ``val``);
     under torchrun rank 0 builds (and caches) them first."""
-    from .data import dataset_for
-
     def build() -> tuple[Dataset, Dataset | None]:
         train_set = dataset_for(recipe.data, "train", train=True, hflip=hflip)
         val_set = dataset_for(recipe.data, "val", train=False) if val else None
@@ -119,9 +124,6 @@ def _transfer_note(transfer: Any, callbacks: Callbacks) -> None:
 def calib_data_for(recipe: Recipe, model: nn.Module) -> Iterable[Any] | None:
     """Calibration batches from the recipe's data section for the data-driven criteria (lazy:
     nothing is loaded unless the criterion asks for them)."""
-    from .calibrate import calibration_data
-    from .importance import needs_data
-
     if not needs_data(recipe.prune.method):
         return None
     return calibration_data(recipe.data, batches=recipe.prune.calib_batches, model=model)
@@ -178,8 +180,6 @@ def prune_loaded(
     origin = str(prior.path) if prior is not None and prior.path is not None else source
     class_names = prior.class_names if prior is not None else None
     if cfg.method == "magnitude":
-        from .masked import prune_masked
-
         prior_masks = prior.masks if prior is not None and prior.kind == "masked" else None
         masked = prune_masked(model, cfg.sparsity, cfg.scope)
         if prior_masks:
@@ -262,8 +262,6 @@ def _naming(recipe: Recipe, spec: ModelSpec) -> Recipe:
 def _carry_masks(masked: Any, prior: dict[str, torch.Tensor], sparsity: float, source: str | None) -> None:
     """Masking a masked checkpoint again keeps every weight it had pruned (pruned weights are zero,
     so new magnitude masks contain the old ones); a lower target than it already has is refused."""
-    from .masked import masks_sparsity
-
     before = masks_sparsity(prior)
     if sparsity + 1e-6 < before:
         raise PruningError(
@@ -305,8 +303,6 @@ def _fit(
     hooks: Sequence[HookBase] = (),
     **kw: Any,
 ) -> TrainOutcome:
-    from .records import RecordHook, RunFiles
-
     hooks = list(hooks)
     files = RunFiles.for_checkpoint(out)
     hooks.append(RecordHook(files))
@@ -376,7 +372,6 @@ def train_from_recipe(
     spec = ModelSpec(name, kwargs)  # the checkpoint holds the weights: rebuild without them
     weights = recipe.model.weights
     if weights and _is_local_file(weights):  # a file of another num_classes: all but the class outputs
-        from .transfer import build_with_weights_file
 
         model, transfer = build_with_weights_file(spec, weights)
         _transfer_note(transfer, cb)
@@ -420,8 +415,6 @@ def agp_schedule(recipe: Recipe, total_steps: int, final: float, initial: float)
 def distill_hook(recipe: Recipe, ckpt: Checkpoint, student: nn.Module) -> HookBase | None:
     """The distillation hook the recipe's ``retrain.distill`` asks for (``None``: no distillation).
     The teacher is ``distill.teacher`` or the dense checkpoint the plan chain was pruned from."""
-    from .distill import teacher_path
-
     cfg = recipe.retrain.distill
     if cfg is None or cfg.type == "none":
         return None
@@ -454,15 +447,11 @@ def retrain_checkpoint(
     of a masked checkpoint stay exact. ``sparsity`` masks that fraction of the weights (at once,
     or gradually on an AGP schedule with ``agp``). ``kwargs`` rebuild it with other builder
     arguments: ``num_classes`` fine-tunes to new classes (class outputs re-initialised)."""
-    from .masked import AGPSchedule, apply_masks, magnitude_masks, masks_sparsity
-
     if agp and sparsity is None:
         raise RecipeError("--agp needs --sparsity (the final sparsity)")
     cb = callbacks or Callbacks()
     info = dist_info or current_dist()
     if kwargs:
-        from .transfer import load_checkpoint_with
-
         model, ckpt, transfer = load_checkpoint_with(ckpt_path, kwargs)
         _transfer_note(transfer, cb)
     else:
@@ -516,8 +505,6 @@ def sparsify_checkpoint(
     and schedule. ``ratio`` (or ``prune.target_macs``/``target_params``, searched here) targets the
     channels that cut will remove; without either every channel of every prunable group is
     penalised. The output is a dense checkpoint: prune it as usual."""
-    from .recipe import SparsifySection
-    from .sparsify import SparsityHook
 
     cb = callbacks or Callbacks()
     info = dist_info or current_dist()
@@ -529,8 +516,6 @@ def sparsify_checkpoint(
     recipe.prune.sparsify = scfg
     pcfg = recipe.prune
     if ratio is None and (pcfg.target_macs is not None or pcfg.target_params is not None):
-        from .importance import needs_data
-        from .target import find_ratio_for_target
 
         search = pcfg if not needs_data(pcfg.method) else dataclasses.replace(pcfg, method="l1")
         found = find_ratio_for_target(model, search, target_macs=pcfg.target_macs, target_params=pcfg.target_params,

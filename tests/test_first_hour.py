@@ -141,7 +141,7 @@ def test_a_builders_refusal_is_one_line_without_its_config(monkeypatch):
         raise ValueError("bad layer")
 
     monkeypatch.setattr(models, "_SCHEMES", {**models._SCHEMES, "fake": lambda spec: refusing})
-    monkeypatch.setattr("surgery.validate.check_builder_kwargs", lambda *a: None)
+    monkeypatch.setattr("surgery.models.check_builder_kwargs", lambda *a: None)
     with pytest.raises(UnknownModelError) as e:
         models.build_model(models.ModelSpec("fake:x.yaml", {"cfg": cfg, "nc": 4}))
     assert str(e.value) == "head v10Detect is not supported"  # the builder's own line, unwrapped

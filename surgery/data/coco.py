@@ -30,11 +30,36 @@ def _read_coco_json(ann_file: Path) -> dict[str, Any]:
     return data
 
 
+def _is_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_coco_lists(data: dict[str, Any], ann_file: Path) -> None:
+    """Every image, annotation and category entry is a mapping with integer ids (the file is
+    refused with one line otherwise, not a traceback deep in the loader)."""
+    for k, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not _is_id(c.get("id")):
+            raise DataError(f"{ann_file}: category entry {k} has no integer 'id' (got {c!r:.80})")
+    for k, im in enumerate(data["images"]):
+        if not isinstance(im, dict):
+            raise DataError(f"{ann_file}: image entry {k} is not an object")
+        if "id" in im and not _is_id(im["id"]):
+            raise DataError(f"{ann_file}: image entry {k} has id {im['id']!r}; expected an integer")
+        for key in ("width", "height"):
+            v = im.get(key)
+            if v is not None and (not _is_id(v) or not 0 < v <= 65_535):
+                raise DataError(f"{ann_file}: image entry {k} has {key} {v!r}; expected an integer in [1, 65535]")
+    for k, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict):
+            raise DataError(f"{ann_file}: annotation entry {k} is not an object")
+        for key in ("image_id", "category_id"):
+            if key in a and not _is_id(a[key]):
+                raise DataError(f"{ann_file}: annotation entry {k} has {key} {a[key]!r}; expected an integer")
+
+
 def load_coco_ground_truth(ann_file: Path, images_dir: Path | Sequence[Path]) -> _GroundTruth:
     """Parse and validate a COCO annotation file. ``images_dir`` may list candidate folders: the
     first one holding the first image's ``file_name`` is used."""
-    from ..validate import check_coco_lists
-
     data = _read_coco_json(ann_file)
     check_coco_lists(data, ann_file)
     cats = sorted(data["categories"], key=lambda c: c["id"])
@@ -48,87 +73,14 @@ def load_coco_ground_truth(ann_file: Path, images_dir: Path | Sequence[Path]) ->
         for key in ("id", "file_name", "width", "height"):
             if key not in im:
                 raise DataError(f"{ann_file}: image entry {k} has no {key!r}")
-    # where the image files are
-    candidates = [Path(images_dir)] if isinstance(images_dir, (str, Path)) else [Path(p) for p in images_dir]
-    root = candidates[0]
-    if images:
-        first = images[0]["file_name"]
-        found = [c for c in candidates if (c / first).is_file()]
-        if found:
-            root = found[0]
-        elif len(candidates) == 1 and not root.is_dir():
-            raise DataError(f"image folder {root} (for {ann_file}) does not exist")
-        else:
-            where = ", ".join(str(c) for c in candidates)
-            raise DataError(f"{ann_file}: cannot find image {first!r} in {where}")
+    root = _image_root(ann_file, images, images_dir)
     by_id: dict[int, dict[str, Any]] = {}
     for im in images:
         if int(im["id"]) in by_id:
             raise DataError(f"{ann_file}: duplicate image id {im['id']}")
         by_id[int(im["id"])] = im
-    per_image: dict[int, list[dict[str, Any]]] = {i: [] for i in by_id}
-    gt_anns: list[dict[str, Any]] = []
-    need_ids = any(not a.get("id") for a in data["annotations"])
-    for k, a in enumerate(data["annotations"]):
-        aid = a.get("id", k + 1)
-        for key in ("image_id", "category_id", "bbox"):
-            if key not in a:
-                raise DataError(f"{ann_file}: annotation {aid} has no {key!r}")
-        img = by_id.get(int(a["image_id"]))
-        if img is None:
-            raise DataError(f"{ann_file}: annotation {aid} refers to unknown image id {a['image_id']}")
-        label = cat_to_label.get(int(a["category_id"]))
-        if label is None:
-            raise DataError(f"{ann_file}: annotation {aid} has unknown category id {a['category_id']}")
-        try:
-            x, y, w, h = (float(v) for v in a["bbox"])
-            if not all(math.isfinite(v) for v in (x, y, w, h)):
-                raise ValueError("not finite")
-        except (TypeError, ValueError):
-            raise DataError(f"{ann_file}: annotation {aid} has a malformed bbox {a['bbox']!r} (expected [x, y, w, h] of finite numbers)") from None
-        if w < 0 or h < 0:  # not a tiny box but a malformed one ([10, 10, -5, -5]): refused, not dropped
-            raise DataError(
-                f"{ann_file}: annotation {aid} has bbox [{x:g}, {y:g}, {w:g}, {h:g}] with a negative width or "
-                "height (COCO boxes are [x, y, width, height])"
-            )
-        if w < 1 or h < 1:
-            continue  # under a pixel wide: no object to learn (COCO holds a few), dropped
-        clipped = _check_box(x, y, w, h, int(img["width"]), int(img["height"]))
-        if clipped is None:
-            raise DataError(
-                f"{ann_file}: annotation {aid} of image {img['id']} ({img['file_name']}) has box "
-                f"[{x:g}, {y:g}, {w:g}, {h:g}] (xywh) outside the {img['width']}x{img['height']} image"
-            )
-        x1, y1, x2, y2 = clipped
-        if x2 - x1 < 1 or y2 - y1 < 1:
-            continue
-        g = dict(a)
-        g.update(
-            id=len(gt_anns) + 1 if need_ids else aid,
-            category_id=label,
-            bbox=[x1, y1, x2 - x1, y2 - y1],
-            area=float(a.get("area") or (x2 - x1) * (y2 - y1)),
-            iscrowd=int(bool(a.get("iscrowd", 0))),
-        )
-        gt_anns.append(g)
-        per_image[int(img["id"])].append(g)
-    records = []
-    for im in images:
-        iid = int(im["id"])
-        objs = [g for g in per_image[iid] if not g["iscrowd"]]
-        boxes = np.array([[g["bbox"][0], g["bbox"][1], g["bbox"][0] + g["bbox"][2], g["bbox"][1] + g["bbox"][3]] for g in objs], dtype=np.float32)
-        segs = [g.get("segmentation") for g in objs]
-        records.append(
-            _Record(
-                image_id=iid,
-                path=root / im["file_name"],
-                width=int(im["width"]),
-                height=int(im["height"]),
-                boxes=boxes.reshape(-1, 4),
-                labels=np.array([g["category_id"] for g in objs], dtype=np.int64),
-                segs=segs if all(s for s in segs) else None,
-            )
-        )
+    gt_anns, per_image = _annotations(ann_file, data["annotations"], by_id, cat_to_label)
+    records = [_record(im, root, per_image[int(im["id"])]) for im in images]
     missing = [r.path for r in records if not r.path.is_file()]
     if missing:
         raise DataError(f"{ann_file}: {len(missing)} image file(s) do not exist, e.g. {missing[0]}")
@@ -149,6 +101,101 @@ def load_coco_ground_truth(ann_file: Path, images_dir: Path | Sequence[Path]) ->
         class_names=[str(c.get("name", c["id"])) for c in cats],
         label_to_cat_id={lab: cid for cid, lab in cat_to_label.items()},
         gt=gt,
+    )
+
+
+def _image_root(ann_file: Path, images: list[dict[str, Any]], images_dir: Path | Sequence[Path]) -> Path:
+    """The candidate folder holding the first image's file."""
+    candidates = [Path(images_dir)] if isinstance(images_dir, (str, Path)) else [Path(p) for p in images_dir]
+    root = candidates[0]
+    if not images:
+        return root
+    first = images[0]["file_name"]
+    found = [c for c in candidates if (c / first).is_file()]
+    if found:
+        return found[0]
+    if len(candidates) == 1 and not root.is_dir():
+        raise DataError(f"image folder {root} (for {ann_file}) does not exist")
+    where = ", ".join(str(c) for c in candidates)
+    raise DataError(f"{ann_file}: cannot find image {first!r} in {where}")
+
+
+def _annotations(
+    ann_file: Path, anns: list[dict[str, Any]], by_id: dict[int, dict[str, Any]], cat_to_label: dict[int, int]
+) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
+    """The ground-truth annotations (contiguous labels, boxes clipped to the image; degenerate ones
+    dropped) and the same grouped per image id."""
+    per_image: dict[int, list[dict[str, Any]]] = {i: [] for i in by_id}
+    gt_anns: list[dict[str, Any]] = []
+    need_ids = any(not a.get("id") for a in anns)
+    for k, a in enumerate(anns):
+        aid = a.get("id", k + 1)
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in a:
+                raise DataError(f"{ann_file}: annotation {aid} has no {key!r}")
+        img = by_id.get(int(a["image_id"]))
+        if img is None:
+            raise DataError(f"{ann_file}: annotation {aid} refers to unknown image id {a['image_id']}")
+        label = cat_to_label.get(int(a["category_id"]))
+        if label is None:
+            raise DataError(f"{ann_file}: annotation {aid} has unknown category id {a['category_id']}")
+        box = _clipped_box(ann_file, aid, a["bbox"], img)
+        if box is None:
+            continue
+        x1, y1, x2, y2 = box
+        g = dict(a)
+        g.update(
+            id=len(gt_anns) + 1 if need_ids else aid,
+            category_id=label,
+            bbox=[x1, y1, x2 - x1, y2 - y1],
+            area=float(a.get("area") or (x2 - x1) * (y2 - y1)),
+            iscrowd=int(bool(a.get("iscrowd", 0))),
+        )
+        gt_anns.append(g)
+        per_image[int(img["id"])].append(g)
+    return gt_anns, per_image
+
+
+def _clipped_box(ann_file: Path, aid: Any, bbox: Any, img: dict[str, Any]) -> tuple[float, float, float, float] | None:
+    """``bbox`` (xywh) as xyxy clipped to the image; ``None`` for a degenerate box."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            raise ValueError("not finite")
+    except (TypeError, ValueError):
+        raise DataError(f"{ann_file}: annotation {aid} has a malformed bbox {bbox!r} (expected [x, y, w, h] of finite numbers)") from None
+    if w < 0 or h < 0:  # not a tiny box but a malformed one ([10, 10, -5, -5]): refused, not dropped
+        raise DataError(
+            f"{ann_file}: annotation {aid} has bbox [{x:g}, {y:g}, {w:g}, {h:g}] with a negative width or "
+            "height (COCO boxes are [x, y, width, height])"
+        )
+    if w < 1 or h < 1:
+        return None  # under a pixel wide: no object to learn (COCO holds a few), dropped
+    clipped = _check_box(x, y, w, h, int(img["width"]), int(img["height"]))
+    if clipped is None:
+        raise DataError(
+            f"{ann_file}: annotation {aid} of image {img['id']} ({img['file_name']}) has box "
+            f"[{x:g}, {y:g}, {w:g}, {h:g}] (xywh) outside the {img['width']}x{img['height']} image"
+        )
+    x1, y1, x2, y2 = clipped
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        return None
+    return x1, y1, x2, y2
+
+
+def _record(im: dict[str, Any], root: Path, anns: list[dict[str, Any]]) -> _Record:
+    """One image's training targets (crowd annotations stay in the ground truth only)."""
+    objs = [g for g in anns if not g["iscrowd"]]
+    boxes = np.array([[g["bbox"][0], g["bbox"][1], g["bbox"][0] + g["bbox"][2], g["bbox"][1] + g["bbox"][3]] for g in objs], dtype=np.float32)
+    segs = [g.get("segmentation") for g in objs]
+    return _Record(
+        image_id=int(im["id"]),
+        path=root / im["file_name"],
+        width=int(im["width"]),
+        height=int(im["height"]),
+        boxes=boxes.reshape(-1, 4),
+        labels=np.array([g["category_id"] for g in objs], dtype=np.int64),
+        segs=segs if all(s for s in segs) else None,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import DataError
 from .coco import CocoDetection
 from .datasets import DetectionDataset
+from .sources import normalize_source
 from .synth import ensure_synthetic
 from .voc import VOCDetection
 
@@ -62,8 +64,6 @@ def build_dataset(
     ``split``; images next to it, see :func:`_json_image_dirs`). ``train`` enables the horizontal
     flip (probability ``hflip``). ``progress`` reports synthetic generation.
     """
-    from .sources import normalize_source
-
     source = normalize_source(str(source))
     if source == "synthetic":
         if split not in ("train", "val"):
@@ -77,8 +77,6 @@ def build_dataset(
         if split not in ("train", "val"):
             raise DataError(f"COCO split must be 'train' or 'val', got {split!r}")
         img_dir, ann = _coco_layout(Path(source[5:]).expanduser(), split)
-        from ..validate import check_coco_splits
-
         check_coco_splits(Path(source[5:]).expanduser(), split, ann, _coco_layout)
         return CocoDetection(img_dir, ann, train=train, with_masks=with_masks, hflip=hflip, name=source, split=split)
     if source.startswith("voc:"):
@@ -171,3 +169,28 @@ def make_loader(
         worker_init_fn=_worker_init if num_workers > 0 else None,
         persistent_workers=num_workers > 0,
     )
+
+
+def _category_ids(ann: Path) -> list[int] | None:
+    try:
+        data = json.loads(ann.read_text())
+        return sorted(int(c["id"]) for c in data["categories"])
+    except Exception:  # noqa: BLE001 - the split's own loader reports a bad file
+        return None
+
+
+def check_coco_splits(root: Path, split: str, ann: Path, layout: Any) -> None:
+    """Labels are numbered from the category list: the train and val files of one COCO folder
+    must list the same categories, or the labels (and the mAP) would silently differ per split."""
+    other = "val" if split == "train" else "train"
+    try:
+        _, other_ann = layout(root, other)
+    except DataError:
+        return
+    mine, theirs = _category_ids(ann), _category_ids(other_ann)
+    if mine is not None and theirs is not None and mine != theirs:
+        only = sorted(set(mine) ^ set(theirs))
+        raise DataError(
+            f"{ann} and {other_ann} list different categories (ids only in one of them: {only[:10]}); labels are "
+            "numbered from the category list, so both splits must list the full, same category list"
+        )

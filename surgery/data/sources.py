@@ -5,10 +5,14 @@ next to the image folders; VOC: ``Annotations/`` + ``JPEGImages/`` + ``ImageSets
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 from ..errors import DataError
+from ..registry import close_matches, did_you_mean
+
+# the synthetic set's limits (recipes and surgery.data.synth check them)
+MAX_SYNTH_IMAGES = 200_000
+MAX_SYNTH_SIZE = 2048
 
 KINDS = ("coco", "voc")
 EXPECTED = "'synthetic', 'coco:ROOT', 'voc:ROOT', a COCO or VOC dataset folder, or a COCO annotation .json"
@@ -45,7 +49,7 @@ def normalize_source(source: str) -> str:
     if found is not None:
         return f"{found}:{source}"
     if sep and len(kind) > 1:  # a prefix typo: "coc:/data", "pascal:/data"
-        close = difflib.get_close_matches(kind.lower(), [*KINDS, "synthetic"], n=1, cutoff=0.5)
+        close = close_matches(kind.lower(), [*KINDS, "synthetic"], cutoff=0.5)
         if close:
             raise DataError(f"unknown data source {source!r}: did you mean '{close[0]}:{rest}'? Expected {EXPECTED}")
     if path.is_dir():
@@ -53,6 +57,5 @@ def normalize_source(source: str) -> str:
             f"data folder {source} is neither COCO (annotations/instances_<split>.json + image folders) nor VOC "
             "(Annotations/, JPEGImages/, ImageSets/Main/); pass 'coco:ROOT' or 'voc:ROOT' to say which it is"
         )
-    close = difflib.get_close_matches(source.lower(), ["synthetic"], n=1, cutoff=0.6)
-    hint = " (did you mean 'synthetic'?)" if close else (f" ({source} does not exist)" if "/" in source else "")
+    hint = did_you_mean(source.lower(), ["synthetic"]) or (f" ({source} does not exist)" if "/" in source else "")
     raise DataError(f"unknown data source {source!r}{hint}: expected {EXPECTED}")

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import DataError
 from .draw import draw_samples
+from .sources import MAX_SYNTH_IMAGES, MAX_SYNTH_SIZE
 
 SYNTH_CLASSES = ("rectangle", "ellipse", "triangle", "cross")
 GENERATOR_VERSION = 1  # bump when the synthetic images change: it is part of the cache folder name
@@ -187,6 +188,41 @@ def _is_complete(root: Path) -> bool:
     return (root / DONE_MARKER).is_file()
 
 
+def _int_at_least(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_synth(images: Any, size: Any, seed: Any, val_images: Any = None) -> None:
+    """Synthetic-set options in range, and a per-image memory estimate that fits (a 100000 px side
+    would need ~240 GB per image)."""
+    if not _int_at_least(images, 1) or images > MAX_SYNTH_IMAGES:
+        raise DataError(f"synthetic dataset: images {images!r}: expected an integer in [1, {MAX_SYNTH_IMAGES}]")
+    if val_images is not None and (not _int_at_least(val_images, 1) or val_images > MAX_SYNTH_IMAGES):
+        raise DataError(f"synthetic dataset: val images {val_images!r}: expected an integer in [1, {MAX_SYNTH_IMAGES}]")
+    if not _int_at_least(size, 32) or size > MAX_SYNTH_SIZE:
+        raise DataError(f"synthetic dataset: size {size!r}: expected an integer in [32, {MAX_SYNTH_SIZE}] (pixels)")
+    if not _int_at_least(seed, 0) or seed >= 2**32:
+        raise DataError(f"synthetic dataset: seed {seed!r}: expected an integer in [0, 2**32)")
+    need = size * size * 3 * 8  # uint8 image, float working copies, JPEG encoder buffers
+    avail = _available_memory()
+    if avail is not None and need > avail // 4:
+        raise DataError(
+            f"synthetic dataset: {size}x{size} px images need about {need / 2**30:.1f} GiB each; "
+            f"only {avail / 2**30:.1f} GiB of memory is available"
+        )
+
+
 def synthesize(
     out: str | Path,
     images: int = 2000,
@@ -207,18 +243,10 @@ def synthesize(
     Same arguments -> byte-identical json and identical pixels. ``progress(done, total)`` is
     called after every image.
     """
-    from ..validate import check_synth
-
     check_synth(images, size, seed, val_images)
     t0 = time.perf_counter()
     out = Path(out).expanduser()
-    if images < 1:
-        raise DataError(f"synthetic dataset: images must be >= 1, got {images}")
-    if size < 32:
-        raise DataError(f"synthetic dataset: size must be >= 32 pixels, got {size}")
-    n_val = max(20, images // 10) if val_images is None else int(val_images)
-    if n_val < 1:
-        raise DataError(f"synthetic dataset: val_images must be >= 1, got {n_val}")
+    n_val = max(20, images // 10) if val_images is None else int(val_images)  # check_synth checked the ranges
     if out.exists() and not (out.is_dir() and (_is_complete(out) or not any(out.iterdir()))):
         raise DataError(f"output folder {out} already exists and is not a surgery synthetic dataset; choose a new or empty folder")
     if not replace and _is_complete(out):

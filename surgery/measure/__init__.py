@@ -32,26 +32,12 @@ What each number means (they are the numbers users came for, so they are meant t
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..errors import MeasureError
 from ..masked import fold_masks
 from .count import MacsResult, ParamCount, count_macs, count_params
 from .size import file_size, state_dict_size
 from .timing import LatencyResult, measure_latency
 from .workload import configured_detections, configured_rois, fixed_workload, is_two_stage
-
-_MOVED_TO_BENCH = ("BENCH_COLUMNS", "BenchRow", "Progress", "bench_checkpoints", "write_csv")
-
-
-def __getattr__(name: str) -> Any:
-    # the bench runner moved to surgery.bench; its names stay importable from here
-    if name in _MOVED_TO_BENCH:
-        from .. import bench
-
-        return getattr(bench, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "LatencyResult",

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from ..errors import MeasureError
-from .workload import configured_rois, example_images, fixed_workload, is_two_stage, model_device, quiet
+from .workload import (
+    MACS_ROIS,
+    configured_rois,
+    example_images,
+    fixed_workload,
+    is_two_stage,
+    model_device,
+    quiet,
+)
 
 
 class ParamCount(NamedTuple):
@@ -59,11 +67,47 @@ def _roi_align_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return int(math.prod(shape)) * sr * sr * 4
 
 
+def _watch_shapes(model: nn.Module, seen: dict[str, int]) -> list[Any]:
+    """Hooks recording the RoIs the box head saw (``seen["rois"]``) and the backbone's input size
+    (``seen["h"]``, ``seen["w"]``); returns their handles."""
+    hooks = []
+    heads = getattr(model, "roi_heads", None)
+    if is_two_stage(model) and isinstance(getattr(heads, "box_roi_pool", None), nn.Module):
+        hooks.append(
+            heads.box_roi_pool.register_forward_hook(lambda m, i, o: seen.__setitem__("rois", int(o.shape[0])))
+        )
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+
+        def grab(m: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                seen["h"], seen["w"] = int(args[0].shape[-2]), int(args[0].shape[-1])
+
+        hooks.append(backbone.register_forward_pre_hook(grab))
+    return hooks
+
+
+def _notes(
+    model: nn.Module, input_size: int, rois: int | None, seen: dict[str, int], bb: tuple[int, int] | None, roi_align: bool
+) -> list[str]:
+    notes = ["element-wise ops (add, mul, sigmoid, nms, topk...) are not counted; see uncounted"]
+    if roi_align:
+        notes.append("roi_align counted as output elements x sampling points x 4 (bilinear)")
+    if is_two_stage(model) and seen.get("rois") is not None and rois is not None and seen["rois"] != rois:
+        notes.append(f"asked for {rois} RoIs, the box head saw {seen['rois']} (too few anchors)")
+    if bb is not None and bb != (input_size, input_size):
+        notes.append(
+            f"the model's transform resizes the {input_size}x{input_size} image to {bb[0]}x{bb[1]} "
+            "(its min_size/max_size); the backbone runs at that size"
+        )
+    return notes
+
+
 def count_macs(
     model: nn.Module,
     input_size: int,
     *,
-    rois: int | None = 100,
+    rois: int | None = MACS_ROIS,
     detections: int | None = 100,
     count_roi_align: bool = True,
 ) -> MacsResult:
@@ -85,20 +129,7 @@ def count_macs(
     if rois is None:
         rois = configured_rois(model)
     seen: dict[str, int] = {}
-    hooks = []
-    heads = getattr(model, "roi_heads", None)
-    if is_two_stage(model) and isinstance(getattr(heads, "box_roi_pool", None), nn.Module):
-        hooks.append(
-            heads.box_roi_pool.register_forward_hook(lambda m, i, o: seen.__setitem__("rois", int(o.shape[0])))
-        )
-    backbone = getattr(model, "backbone", None)
-    if isinstance(backbone, nn.Module):
-
-        def grab(m: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], torch.Tensor):
-                seen["h"], seen["w"] = int(args[0].shape[-2]), int(args[0].shape[-1])
-
-        hooks.append(backbone.register_forward_pre_hook(grab))
+    hooks = _watch_shapes(model, seen)
     was_training = model.training
     model.eval()
     image = example_images(1, input_size, model_device(model))
@@ -128,17 +159,8 @@ def count_macs(
             h.remove()
         model.train(was_training)
     by_module = {name: int(by_mod.get(name, 0)) for name, _ in model.named_children()}
-    notes = ["element-wise ops (add, mul, sigmoid, nms, topk...) are not counted; see uncounted"]
-    if count_roi_align and ra_total:
-        notes.append("roi_align counted as output elements x sampling points x 4 (bilinear)")
-    if is_two_stage(model) and seen.get("rois") is not None and rois is not None and seen["rois"] != rois:
-        notes.append(f"asked for {rois} RoIs, the box head saw {seen['rois']} (too few anchors)")
     bb = (seen["h"], seen["w"]) if "h" in seen else None
-    if bb is not None and bb != (input_size, input_size):
-        notes.append(
-            f"the model's transform resizes the {input_size}x{input_size} image to {bb[0]}x{bb[1]} "
-            "(its min_size/max_size); the backbone runs at that size"
-        )
+    notes = _notes(model, input_size, rois, seen, bb, count_roi_align and ra_total > 0)
     return MacsResult(
         total=total,
         by_module=by_module,

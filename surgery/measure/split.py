@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import MeasureError
+from ..onnx_io import import_onnxruntime
 
 NETWORK_MODULES: tuple[str, ...] = (
     "backbone",  # body + FPN / extra layers
@@ -152,8 +153,6 @@ def onnx_split_ms(
     """Profile ``runs`` passes over ``feeds`` (one ``session.run`` per feed) and split the kernel
     time into network (node names under ``scopes``, default :data:`NETWORK_MODULES`') and pipeline.
     Per pass over all feeds, in ms."""
-    from ..runtime import import_onnxruntime
-
     ort = import_onnxruntime()
     scopes = tuple(scopes) or onnx_scopes(NETWORK_MODULES)
     with tempfile.TemporaryDirectory(prefix="surgery-profile-") as tmp:

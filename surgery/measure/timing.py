@@ -119,20 +119,20 @@ def measure_latency(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MeasureError("device 'cuda' asked for, but torch sees no CUDA device")
-    cuda = dev.type == "cuda"
-    names = list(models)
     modes = {n: m.training for n, m in models.items()}
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
     results: list[LatencyResult] = []
     total_steps = len(batch_sizes) * (warmup + runs)
-    step = 0
+    step = [0]
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(dev)
+    def tick() -> None:
+        step[0] += 1
+        if progress:
+            progress(step[0], total_steps)
 
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(quiet())
@@ -142,59 +142,48 @@ def measure_latency(
                     stack.enter_context(fixed_workload(m, rois, detections))
             for bs in batch_sizes:
                 batch = example_images(bs, input_size, dev, seed=bs)
-                times: dict[str, list[float]] = {n: [] for n in names}
-                peaks: dict[str, float] = {n: 0.0 for n in names}
                 with torch.inference_mode():
-                    for _ in range(warmup):
-                        for n in names:
-                            models[n](batch)
-                        sync()
-                        step += 1
-                        if progress:
-                            progress(step, total_steps)
-                    for r in range(runs):
-                        k = r % len(names)
-                        for n in names[k:] + names[:k]:
-                            if cuda:
-                                torch.cuda.reset_peak_memory_stats(dev)
-                                before = torch.cuda.memory_allocated(dev)
-                            sync()
-                            t0 = time.perf_counter()
-                            models[n](batch)
-                            sync()
-                            times[n].append((time.perf_counter() - t0) * 1e3)
-                            if cuda:
-                                peaks[n] = max(peaks[n], torch.cuda.max_memory_allocated(dev) - before)
-                        step += 1
-                        if progress:
-                            progress(step, total_steps)
-                for n in names:
-                    t = times[n]
-                    med = statistics.median(t)
-                    peak = None
-                    if cuda:
-                        own = sum(x.numel() * x.element_size() for x in models[n].state_dict().values())
-                        peak = (peaks[n] + own) / 2**20
-                    results.append(
-                        LatencyResult(
-                            name=n,
-                            device=str(dev),
-                            threads=torch.get_num_threads(),
-                            input_size=input_size,
-                            batch_size=bs,
-                            warmup=warmup,
-                            runs=runs,
-                            median_ms=med,
-                            p90_ms=_quantile(t, 0.9),
-                            mean_ms=statistics.fmean(t),
-                            min_ms=min(t),
-                            images_per_s=bs / (med / 1e3) if med > 0 else float("inf"),
-                            peak_mem_mb=peak,
-                            times_ms=list(t),
-                        )
-                    )
+                    calls = {n: (lambda m=m, b=batch: m(b)) for n, m in models.items()}
+                    times = time_interleaved(calls, warmup=warmup, runs=runs, sync=sync, progress=tick)
+                    peaks = {n: _peak_mem_mb(models[n], calls[n], dev) for n in models}
+                results += [_latency(n, t, dev, input_size, bs, warmup, runs, peaks[n]) for n, t in times.items()]
     finally:
         torch.set_num_threads(old_threads)
         for n, m in models.items():
             m.train(modes[n])
     return results
+
+
+def _peak_mem_mb(model: nn.Module, call: Callable[[], Any], dev: torch.device) -> float | None:
+    """CUDA: the model's weights plus what one more (untimed) call allocates at its peak; CPU: ``None``."""
+    if dev.type != "cuda":
+        return None
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    before = torch.cuda.memory_allocated(dev)
+    call()
+    torch.cuda.synchronize(dev)
+    own = sum(x.numel() * x.element_size() for x in model.state_dict().values())
+    return (torch.cuda.max_memory_allocated(dev) - before + own) / 2**20
+
+
+def _latency(
+    name: str, t: list[float], dev: torch.device, input_size: int, bs: int, warmup: int, runs: int, peak: float | None
+) -> LatencyResult:
+    med = statistics.median(t)
+    return LatencyResult(
+        name=name,
+        device=str(dev),
+        threads=torch.get_num_threads(),
+        input_size=input_size,
+        batch_size=bs,
+        warmup=warmup,
+        runs=runs,
+        median_ms=med,
+        p90_ms=_quantile(t, 0.9),
+        mean_ms=statistics.fmean(t),
+        min_ms=min(t),
+        images_per_s=bs / (med / 1e3) if med > 0 else float("inf"),
+        peak_mem_mb=peak,
+        times_ms=list(t),
+    )

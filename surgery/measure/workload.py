@@ -14,6 +14,10 @@ from torch import nn
 
 from .. import compat
 
+# The one RoI count two-stage MACs are counted at when none is given: prune's report, the target
+# search, inspect and bench (its --rois / bench.rois overrides it) all count at this fixed workload.
+MACS_ROIS = 100
+
 
 def is_two_stage(model: nn.Module) -> bool:
     """An R-CNN-style detector (``rpn`` + ``roi_heads``)."""

@@ -49,7 +49,10 @@ import yaml
 from torch import Tensor, nn
 
 from .. import compat
+from ..data.synth import default_synthetic_root
 from ..errors import UnknownModelError
+from ..specs import register_scheme
+from ..trust import refuse, safe_yaml_load, trust_enabled
 from .config_check import MAX_CLASSES, check_config
 from .interface import YoloInterface, xyxy_to_cxcywh
 
@@ -75,8 +78,6 @@ REFUSED_HEADS = {
 @functools.cache
 def _ultralytics() -> SimpleNamespace:
     """Import the package offline (see the module docstring); one clear error without it."""
-    from ..data.synth import default_synthetic_root
-
     os.environ.update(_ENV_FORCED)
     os.environ.setdefault("YOLO_VERBOSE", "0")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(default_synthetic_root() / "ultralytics"))
@@ -131,7 +132,6 @@ class UltralyticsYaml:
 def list_ultralytics_detection_yamls() -> list[UltralyticsYaml]:
     """Every *detection* model yaml of the installed package (Ultralytics' own task guess from the
     head's name), named at its first scale, with whether surgery builds it and why not."""
-    from ..trust import safe_yaml_load  # function-level, as in _read_reference
 
     u = _ultralytics()
     out = []
@@ -188,8 +188,6 @@ def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tens
     if path.suffix not in {".yaml", ".yml"}:
         raise UnknownModelError(f"model {name!r}: expected a model .yaml (shipped or yours) or a .pt file, got {ref!r}")
     if path.is_file():  # the user's yaml: read as data
-        from ..trust import safe_yaml_load
-
         try:
             cfg = safe_yaml_load(path.read_bytes(), str(path))
         except yaml.YAMLError as e:  # e.g. a !!python tag: safe loading refuses it
@@ -210,8 +208,6 @@ def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tens
 
 
 def _read_pickle(name: str, path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    from ..trust import refuse, trust_enabled
-
     if not trust_enabled():
         raise refuse(name)  # a .pt is a pickle: it runs code when loaded
     if not path.is_file():
@@ -411,3 +407,6 @@ def _attention_for_trace(m: nn.Module, x: Tensor) -> Tensor:
     qkv = m.qkv(x)
     v = qkv[:, qkv.shape[1] - x.shape[1] :]
     return m.proj(v + m.pe(v))
+
+
+register_scheme(SCHEME, resolve)
