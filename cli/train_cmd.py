@@ -175,7 +175,7 @@ def sparsify(
     data: str = DATA,
     steps: int = typer.Option(None, "--steps", min=1, help="Sparse training steps (prune.sparsify.steps)."),
     ratio: float = typer.Option(None, "--ratio", help="Target the channels a cut at this ratio removes (without it or a MACs target every channel is penalised)."),
-    target_macs: float = typer.Option(None, "--target-macs", help="Target the channels of the cut that keeps this fraction of the MACs."),
+    target_macs: float = typer.Option(None, "--keep-macs", "--target-macs", help="Target the channels of the cut that keeps this fraction of the MACs."),
     weight: float = typer.Option(None, "--weight", help="Group-lasso strength (prune.sparsify.weight)."),
     norm_weight: float = typer.Option(None, "--norm-weight", help="Norm-gamma L1 strength, network slimming (prune.sparsify.norm_weight)."),
     batch_size: int = BATCH,
