@@ -8,7 +8,7 @@ from typing import Any
 from surgery.errors import RecipeError
 from surgery.recipe import Recipe, apply_overrides, load_recipe
 
-from .guard import overwrite_allowed
+from .outputs import overwrite_allowed
 
 
 def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:

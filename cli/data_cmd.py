@@ -6,7 +6,7 @@ import typer
 
 from .console import console
 from .display import TaskProgress
-from .guard import OVERWRITE_HELP, overwriting, refuse_existing
+from .outputs import OVERWRITE_HELP, overwriting, refuse_existing
 
 data_app = typer.Typer(help="Datasets: generate the built-in synthetic shapes set.", no_args_is_help=True)
 

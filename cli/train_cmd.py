@@ -4,68 +4,35 @@ data-parallel (only rank 0 draws progress and writes checkpoints)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from surgery.recipe import Recipe
-
 from .common import parse_kv, resolve_recipe
 from .common import run_out as _run_out
-from .console import err_console
 from .display import TrainDisplay, print_train_summary
-
-DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a COCO .json"
-# what a recipe without a train / retrain section trains with (flags left out take the recipe's value)
-_DEFAULTS = {"train": Recipe().train, "retrain": Recipe().retrain}
-
-
-def _default(section: str, key: str) -> str:
-    return f" (default: the recipe's, else {getattr(_DEFAULTS[section], key):g})"
-
-
-def _steps(section: str) -> Any:
-    return typer.Option(None, "--steps", min=1, help="Optimizer steps (replaces the recipe's epochs)." + _default(section, "steps"))
-
-
-def _batch(section: str) -> Any:
-    return typer.Option(None, "--batch-size", "-b", min=1, help="Images per step per process." + _default(section, "batch_size"))
-
-
-def _lr(section: str) -> Any:
-    return typer.Option(None, "--lr", help="Peak learning rate." + _default(section, "lr"))
-
-
-def _warmup(section: str) -> Any:
-    return typer.Option(None, "--warmup-steps", min=0, help="Steps of linear warm-up to the peak learning rate."
-                        + _default(section, "warmup_steps"))
-
-
-# options both commands take (one definition each)
-DATA = typer.Option(None, "--data", help=DATA_HELP)
-STEPS, BATCH, LR = _steps("train"), _batch("train"), _lr("train")
-EPOCHS = typer.Option(None, "--epochs", help="Epochs (converted to steps).")
-DEVICE = typer.Option("cpu", "--device", help="cpu | cuda (cuda:LOCAL_RANK under torchrun).")
-RESUME = typer.Option(False, "--resume", help="Continue from --out's saved step.")
-EVAL_EVERY = typer.Option(None, "--eval-every", min=0, help="Evaluate every N steps (0: only at the end).")
-EVAL = typer.Option(True, "--eval/--no-eval", help="Evaluate on the validation split.")
-CKPT_EVERY = typer.Option(None, "--checkpoint-every", min=0, help="Checkpoint every N steps.")
-WORKERS = typer.Option(None, "--workers", min=0, help="Data loader worker processes.")
-KWARG = typer.Option(None, "--kwarg", "-k", help="Builder argument KEY=VALUE (repeatable); num_classes=N with --weights "
-                     "or a checkpoint keeps all but the class outputs.")
-OUT_HELP = ("Checkpoint to write (default: a new run folder {root}/exp, exp2, ... with last.pt, best.pt, metrics.csv); "
-            "an existing file is only continued with --resume.")
-
-
-def _overrides(section: str, **flags: Any) -> dict[str, Any]:
-    names = ("steps", "epochs", "batch_size", "lr", "warmup_steps", "eval_every", "seed", "checkpoint_every")
-    out = {f"{section}.{k}": flags.get(k) for k in names}
-    out["data.source"] = flags.get("data")
-    out["data.num_workers"] = flags.get("workers")
-    return out
+from .train_options import (
+    BATCH,
+    CKPT_EVERY,
+    DATA,
+    DEVICE,
+    EPOCHS,
+    EVAL,
+    EVAL_EVERY,
+    KWARG,
+    LR,
+    OUT_HELP,
+    RESUME,
+    STEPS,
+    WORKERS,
+    interrupt_note,
+    overrides,
+    warmup_option,
+)
+from .train_options import batch_option as _batch
+from .train_options import lr_option as _lr
+from .train_options import steps_option as _steps
 
 
 def _clear_epochs(rec: Any, section: str, steps: Any, epochs: Any) -> None:
@@ -81,7 +48,7 @@ def train(
     epochs: float = EPOCHS,
     batch_size: int = BATCH,
     lr: float = LR,
-    warmup_steps: int = _warmup("train"),
+    warmup_steps: int = warmup_option("train"),
     device: str = DEVICE,
     out: Path = typer.Option(None, "--out", "-o", help=OUT_HELP.format(root="runs/train")),
     resume: bool = RESUME,
@@ -99,13 +66,13 @@ def train(
 
     flags = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                  eval_every=eval_every, seed=seed, checkpoint_every=checkpoint_every, data=data, workers=workers)  # fmt: skip
-    rec = resolve_recipe(recipe, {**_overrides("train", **flags), "model.name": model, "model.weights": weights})
+    rec = resolve_recipe(recipe, {**overrides("train", **flags), "model.name": model, "model.weights": weights})
     _clear_epochs(rec, "train", steps, epochs)
     rec.model.kwargs.update(parse_kv(kwarg, "--kwarg"))
     out = _run_out(out, "runs/train", resume)
     dist_info = init_distributed(device)
     try:
-        with _interrupt_note(out, dist_info.is_main), \
+        with interrupt_note(out, dist_info.is_main), \
                 TrainDisplay(f"train {rec.model.name}", enabled=dist_info.is_main) as display:  # fmt: skip
             outcome = train_from_recipe(rec, out, device=device, resume=resume, evaluate=eval_,
                                         dist_info=dist_info, callbacks=display.callbacks())
@@ -123,7 +90,7 @@ def retrain(
     epochs: float = EPOCHS,
     batch_size: int = _batch("retrain"),
     lr: float = _lr("retrain"),
-    warmup_steps: int = _warmup("retrain"),
+    warmup_steps: int = warmup_option("retrain"),
     device: str = DEVICE,
     out: Path = typer.Option(None, "--out", "-o", help=OUT_HELP.format(root="runs/retrain")),
     resume: bool = RESUME,
@@ -148,7 +115,7 @@ def retrain(
 
     flags = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                  eval_every=eval_every, seed=seed, checkpoint_every=checkpoint_every, data=data, workers=workers)  # fmt: skip
-    over = {**_overrides("retrain", **flags), "prune.scope": scope, "retrain.distill.teacher": teacher,
+    over = {**overrides("retrain", **flags), "prune.scope": scope, "retrain.distill.teacher": teacher,
             "retrain.distill.weight": distill_weight}
     if teacher is not None:
         over["retrain.distill.type"] = "none" if teacher == "none" else "imitation"
@@ -157,7 +124,7 @@ def retrain(
     out = _run_out(out, "runs/retrain", resume)
     dist_info = init_distributed(device)
     try:
-        with _interrupt_note(out, dist_info.is_main), \
+        with interrupt_note(out, dist_info.is_main), \
                 TrainDisplay(f"retrain {ckpt.stem}", enabled=dist_info.is_main) as display:  # fmt: skip
             outcome = retrain_checkpoint(ckpt, rec, out, device=device, resume=resume, evaluate=eval_,
                                          sparsity=sparsity, agp=agp, dist_info=dist_info,
@@ -169,73 +136,6 @@ def retrain(
         destroy_distributed()
 
 
-def sparsify(
-    ckpt: Path = typer.Argument(..., help="A dense surgery checkpoint (before the cut)."),
-    recipe: Path = typer.Option(None, "--recipe", "-r", help="Recipe YAML (prune.sparsify and the 'retrain' optimizer; default: the checkpoint's)."),
-    data: str = DATA,
-    steps: int = typer.Option(None, "--steps", min=1, help="Sparse training steps (prune.sparsify.steps)."),
-    ratio: float = typer.Option(None, "--ratio", help="Target the channels a cut at this ratio removes (without it or a MACs target every channel is penalised)."),
-    target_macs: float = typer.Option(None, "--keep-macs", "--target-macs", help="Target the channels of the cut that keeps this fraction of the MACs."),
-    weight: float = typer.Option(None, "--weight", help="Group-lasso strength (prune.sparsify.weight)."),
-    norm_weight: float = typer.Option(None, "--norm-weight", help="Norm-gamma L1 strength, network slimming (prune.sparsify.norm_weight)."),
-    batch_size: int = BATCH,
-    lr: float = LR,
-    device: str = DEVICE,
-    out: Path = typer.Option(None, "--out", "-o", help=OUT_HELP.format(root="runs/sparsify")),
-    resume: bool = RESUME,
-    eval_: bool = EVAL,
-    checkpoint_every: int = CKPT_EVERY,
-    workers: int = WORKERS,
-) -> None:
-    """Sparse training before the cut: group lasso over coupled groups (+ norm-gamma L1), targeted at
-    the channels the cut removes; then `surgery prune` the result."""
-    from surgery.checkpoint import read_checkpoint
-    from surgery.train import destroy_distributed, init_distributed
-    from surgery.workflows import recipe_for_checkpoint, sparsify_checkpoint
-
-    flags = dict(batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, data=data, workers=workers)
-    over = {**_overrides("retrain", **flags), "prune.sparsify.steps": steps, "prune.sparsify.weight": weight,
-            "prune.sparsify.norm_weight": norm_weight, "prune.target_macs": target_macs}
-    rec = recipe_for_checkpoint(read_checkpoint(ckpt), recipe, over)
-    out = _run_out(out, "runs/sparsify", resume)
-    dist_info = init_distributed(device)
-    try:
-        with TrainDisplay(f"sparsify {ckpt.stem}", enabled=dist_info.is_main) as display:
-            outcome = sparsify_checkpoint(ckpt, rec, out, ratio=ratio, device=device, resume=resume, evaluate=eval_,
-                                          dist_info=dist_info, callbacks=display.callbacks())
-        if dist_info.is_main:
-            print_train_summary(f"sparsify {ckpt.stem}", outcome)
-    finally:
-        destroy_distributed()
-
-
-@contextlib.contextmanager
-def _interrupt_note(out: Path, main: bool) -> Iterator[None]:
-    """Ctrl-C (SIGINT) during training: say what was kept and how to continue, exit 130."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        if main:
-            err_console.print(f"interrupted: {_kept(out)}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
-
-
-def _kept(out: Path) -> str:
-    from surgery.checkpoint import read_checkpoint
-    from surgery.errors import SurgeryError
-
-    try:
-        state = read_checkpoint(out).train_state if out.is_file() else None
-    except SurgeryError:
-        state = None
-    if not state or "step" not in state:
-        return (f"no checkpoint was saved yet ({out} holds no training state); run the same command again "
-                "to start over (a lower --checkpoint-every saves more often)")
-    return (f"{out} holds step {state['step']} with its optimizer and data position; run the same command "
-            f"with --resume --out {out} to continue from there")
-
-
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("retrain")(retrain)
-    app.command("sparsify")(sparsify)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.guard import OUTPUT_PARAMS, RESUMED_FOLDERS
 from cli.main import app
+from cli.outputs import OUTPUT_PARAMS, RESUMED_FOLDERS
 from surgery.safety import OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
