@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from surgery.prune import group_dither, keep_count, thin_round_to
+from surgery.allocate import group_dither, keep_count, thin_round_to
 from surgery.recipe import PruneSection
 from surgery.target import find_ratio_for_target
 
