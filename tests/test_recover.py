@@ -24,6 +24,7 @@ from surgery.sensitivity import (
     allocate_by_sensitivity,
     analyse,
     macs_of_allocation,
+    plot_table,
     read_table,
     sensitivity_allocation,
 )
@@ -253,6 +254,7 @@ def test_sensitivity_irrelevant_group_keeps_the_dense_map_and_resumes(trained_fc
     assert table(tmp_path / "part.csv") == table(tmp_path / "full.csv")
     with pytest.raises(RecipeError, match="another checkpoint"):
         analyse(model, csv_path=tmp_path / "part.csv", **{**kw, "key": "other"})
+    assert plot_table(rows, tmp_path / "s.png").stat().st_size > 1000
 
 
 def _table() -> list[SensitivityRow]:
