@@ -233,11 +233,12 @@ def plot_table(rows: Sequence[SensitivityRow], path: str | Path) -> Path:
         if r.group != DENSE:
             by_group.setdefault(r.group, []).append(r)
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, rs in by_group.items():
+    for i, (name, rs) in enumerate(by_group.items()):
         rs = sorted(rs, key=lambda r: r.ratio)
+        style = ("-", "--", ":", "-.")[i // 10 % 4]  # the colour cycle repeats every 10 lines
         xs = [0.0] + [r.ratio for r in rs] if dense else [r.ratio for r in rs]
         ys = [dense.map] + [r.map for r in rs] if dense else [r.map for r in rs]
-        ax.plot(xs, ys, marker="o", linewidth=1, markersize=3, label=name)
+        ax.plot(xs, ys, marker="o", linestyle=style, linewidth=1, markersize=3, label=name)
     ax.set_xlabel("fraction of the group's channels cut (this group alone, recovered)")
     ax.set_ylabel("mAP@[.5:.95] (validation subset)")
     ax.set_title("Sensitivity of each coupled group")

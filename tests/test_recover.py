@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from surgery.sensitivity import (
     allocate_by_sensitivity,
     analyse,
     macs_of_allocation,
+    plot_table,
     read_table,
     sensitivity_allocation,
 )
@@ -244,10 +246,15 @@ def test_sensitivity_irrelevant_group_keeps_the_dense_map_and_resumes(trained_fc
     assert len(read_table(tmp_path / "part.csv")[1]) == 2
     rows, resumed = analyse(model, csv_path=tmp_path / "part.csv", **kw)
     assert resumed == 2
-    strip = [(r.group, r.ratio, r.kept, r.macs, round(r.map, 6)) for r in rows]
-    assert sorted(strip) == sorted((r.group, r.ratio, r.kept, r.macs, round(r.map, 6)) for r in full)
+    assert len(rows) == len(full)
+
+    def table(path):  # the files, but the seconds each row took
+        return sorted((dataclasses.replace(r, seconds=0.0) for r in read_table(path)[1]), key=lambda r: (r.group, r.ratio))
+
+    assert table(tmp_path / "part.csv") == table(tmp_path / "full.csv")
     with pytest.raises(RecipeError, match="another checkpoint"):
         analyse(model, csv_path=tmp_path / "part.csv", **{**kw, "key": "other"})
+    assert plot_table(rows, tmp_path / "s.png").stat().st_size > 1000
 
 
 def _table() -> list[SensitivityRow]:
@@ -275,8 +282,10 @@ def test_sensitivity_allocation_meets_the_macs_target(tmp_path: Path):
     # a table with real MACs (cheap fake scores: mAP falls with the MACs cut, more for the head)
     def score_for(m):
         return {"mAP": 0.0, "mAP50": 0.0}
-    rows, _ = analyse(model, csv_path=tmp_path / "s.csv", key="k", calib_data=None,
-                      recover_batches=0, ratios=(0.25, 0.5, 0.75), macs_input_size=SIZE, trace_size=SIZE,
+    groups = ["backbone.body.layer2.0.conv1", "backbone.body.layer2.1.conv1", "backbone.body.layer3.0.conv1",
+              "backbone.body.layer3.1.conv1", "head.classification_head.conv.0", "head.regression_head.conv.0"]
+    rows, _ = analyse(model, csv_path=tmp_path / "s.csv", key="k", calib_data=None, groups=groups,
+                      recover_batches=0, ratios=(0.25, 0.75), macs_input_size=SIZE, trace_size=SIZE,
                       score=score_for)
     dense = next(r for r in rows if r.group == DENSE)
     for r in rows:
@@ -285,11 +294,11 @@ def test_sensitivity_allocation_meets_the_macs_target(tmp_path: Path):
     from surgery.sensitivity import _write_table
 
     _write_table(tmp_path / "s.csv", "k", rows)
-    target = 0.5
+    target = 0.8
     cfg = PruneSection(target_macs=target, allocation="sensitivity", sensitivity=str(tmp_path / "s.csv"))
     cfg.validate()
     section, alloc = sensitivity_allocation(model, cfg, macs_input_size=SIZE, trace_size=SIZE)
-    assert alloc.met and target - 0.06 < alloc.measured_macs_ratio <= target
+    assert alloc.met and target - 0.03 < alloc.measured_macs_ratio <= target
     # the head is costlier per MAC: the backbone is cut deeper
     head = [r for g, r in alloc.ratios.items() if g.startswith("head")]
     body = [r for g, r in alloc.ratios.items() if g.startswith("backbone.body")]
