@@ -69,7 +69,10 @@ def find_recipe(value: str | Path) -> Path:
     """``value`` as a path if such a file exists, else the shipped recipe of that name. An unknown
     name is one error listing the names."""
     path = Path(value)
-    if path.is_file() or not looks_like_name(value):
+    # ``recipes/NAME.yaml`` as the README and the Makefile write it also finds the shipped recipe
+    # outside a checkout (a pip install): only when no such file exists here
+    shipped_path = path.parent.as_posix() == "recipes"
+    if path.is_file() or not (looks_like_name(value) or shipped_path):
         return path
     name = path.name.removesuffix(SUFFIX)
     entries = list_recipes()

@@ -136,6 +136,10 @@ def test_recipe_names_resolve_and_a_file_path_wins(tmp_path, monkeypatch):
     assert find_recipe("quickstart.yaml") == Path("quickstart.yaml")  # the user's file, not the shipped one
     assert find_recipe("quickstart") == ROOT / "recipes" / "quickstart.yaml"
     assert find_recipe("sub/quickstart.yaml") == Path("sub/quickstart.yaml")  # a path is never a name
+    assert find_recipe("recipes/quickstart.yaml") == ROOT / "recipes" / "quickstart.yaml"  # as the README writes it
+    Path("recipes").mkdir()
+    Path("recipes/quickstart.yaml").write_text("version: 1\n")
+    assert find_recipe("recipes/quickstart.yaml") == Path("recipes/quickstart.yaml")  # unless that file exists
     with pytest.raises(RecipeError, match="did you mean 'quickstart'"):
         find_recipe("quikstart")
 
