@@ -233,3 +233,15 @@ def test_a_run_folder_lock_leaves_no_empty_folder(tmp_path) -> None:
     with RunLock(tmp_path / "used"):
         (tmp_path / "used" / "results.csv").write_text("x")
     assert (tmp_path / "used" / "results.csv").exists()
+
+
+def test_the_output_lock_works_on_a_full_disk(tmp_path, monkeypatch) -> None:
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)  # the lock file is created (0 bytes), its pid not written
+    with OutputLock(tmp_path / "e.json"):
+        with pytest.raises(OutputError, match=r"pid \?"):
+            with OutputLock(tmp_path / "e.json"):
+                pass
+    assert list(tmp_path.iterdir()) == []
