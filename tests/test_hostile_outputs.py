@@ -111,8 +111,11 @@ def test_full_disk_appends_no_half_row(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(OutputError, match="no space left on device"):
         append_text(log, "2,0.25\n")
+    with pytest.raises(OutputError, match="no space left on device"):
+        append_text(tmp_path / "new.jsonl", "{}\n")
     monkeypatch.undo()
     assert log.read_text() == "step,loss\n1,0.5\n"
+    assert not (tmp_path / "new.jsonl").exists()  # not left behind empty
 
 
 def test_read_only_is_read_from_the_mode_bits(tmp_path) -> None:
