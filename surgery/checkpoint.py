@@ -149,6 +149,16 @@ def is_checkpoint(path: str | Path) -> bool:
     return True
 
 
+def _looks_onnx(path: Path) -> bool:
+    """An ONNX protobuf (``.onnx``, or the ``ir_version`` field first), as ``runtime.is_onnx`` says;
+    repeated here so the checkpoint layer does not import the runtime layer."""
+    try:
+        with open(path, "rb") as f:
+            return path.suffix.lower() == ".onnx" or f.read(1) == b"\x08"
+    except OSError:
+        return False
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a surgery checkpoint (no model is built)."""
     path = Path(path)
@@ -159,9 +169,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, wrong magic, unsafe pickle...
-        from .runtime import is_onnx  # only on this error path: the checkpoint layer needs no runtime
-
-        if is_onnx(path):
+        if _looks_onnx(path):
             raise CheckpointError(
                 f"{path} is an ONNX export, not a surgery checkpoint: bench, eval and predict take it; "
                 "this command needs the .pt checkpoint it was exported from"
