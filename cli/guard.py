@@ -86,7 +86,7 @@ def _locks(command: str, bound: dict[str, Any]) -> contextlib.ExitStack:
     """One lock per output file for the whole call: a second process writing the same file refuses
     (two ``train --out same.pt`` would interleave their metrics and keep one run's weights). Under
     torchrun only rank 0 writes, so only it locks."""
-    from surgery.safety import OutputLock
+    from surgery.safety import OutputLock  # surgery loads after parsing: `--help` stays fast
 
     stack = contextlib.ExitStack()
     if int(os.environ.get("RANK", "0") or 0) != 0:

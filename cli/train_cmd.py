@@ -154,6 +154,7 @@ def _interrupt_note(out: Path, main: bool) -> Iterator[None]:
 
 
 def _kept(out: Path) -> str:
+    # torch loads only after an interrupt: `--help` stays torch-free
     from surgery.checkpoint import read_checkpoint
     from surgery.errors import SurgeryError
 

@@ -81,7 +81,7 @@ def image_files(inputs: Iterable[str | Path]) -> list[Path]:
 def _read(path: Path) -> Any:
     import torch
 
-    from .data.images import read_rgb
+    from .data.images import read_rgb  # numpy and PIL: loaded when an image is read, as above
 
     arr = read_rgb(path)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255.0)
@@ -124,7 +124,7 @@ def draw_detections(image: Path, pred: ImagePrediction, path: Path) -> Path:
     from PIL import Image, ImageDraw, ImageFont
 
     from .atomic import atomic_path
-    from .data.images import read_rgb
+    from .data.images import read_rgb  # numpy and PIL: loaded when an image is drawn
 
     canvas = Image.fromarray(read_rgb(image))
     scale = max(1, round(320 / max(canvas.size)))  # small images are enlarged so labels stay readable
