@@ -69,6 +69,7 @@ def append_text(path: str | Path, text: str) -> None:
     """Append ``text`` to ``path`` whole or not at all: a failed write (a full disk) truncates the
     file back to its previous length and raises one :class:`~surgery.safety.OutputError` line."""
     data = text.encode()
+    existed = os.path.lexists(path)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
         start = os.fstat(fd).st_size
@@ -79,6 +80,8 @@ def append_text(path: str | Path, text: str) -> None:
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)
+                if not existed:  # created by this call: not left behind empty
+                    os.unlink(path)
             full = no_space(e, path)
             if full is not None:
                 raise full from e

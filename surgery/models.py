@@ -142,7 +142,7 @@ def _sizes(value: Any) -> bool:
 
 
 _RANGES: dict[str, tuple[Any, str]] = {
-    "num_classes": (lambda v: _int_at_least(v, 2) and v <= 100_000, "an integer in 2..100000 (it counts the background class)"),
+    "num_classes": (lambda v: _int_at_least(v, 2) and v <= 100_000, "an integer >= 2 and <= 100000 (it counts the background class)"),
     "num_keypoints": (lambda v: _int_at_least(v, 1), "an integer >= 1"),
     "min_size": (_sizes, "an integer (or list of integers) in [32, 8192]"),
     "max_size": (lambda v: _int_at_least(v, 32) and v <= 8192, "an integer in [32, 8192]"),

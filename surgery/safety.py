@@ -223,7 +223,12 @@ class OutputLock:
 
         self.lock.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(20):
-            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            try:
+                fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as e:  # no inode left, a read-only folder...
+                raise no_space(e, self.path, self.what) or OutputError(
+                    f"{self.what} {self.path}: cannot create its lock file {self.lock} ({e.strerror})"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -240,8 +245,9 @@ class OutputLock:
             except FileNotFoundError:
                 same = False
             if same:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                with contextlib.suppress(OSError):  # the pid is for the message only (a full disk: none)
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, str(os.getpid()).encode(), 0)
                 self.fd = fd
                 return self
             os.close(fd)  # unlinked by the previous holder between our open and flock: retry

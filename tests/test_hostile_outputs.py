@@ -111,8 +111,11 @@ def test_full_disk_appends_no_half_row(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(OutputError, match="no space left on device"):
         append_text(log, "2,0.25\n")
+    with pytest.raises(OutputError, match="no space left on device"):
+        append_text(tmp_path / "new.jsonl", "{}\n")
     monkeypatch.undo()
     assert log.read_text() == "step,loss\n1,0.5\n"
+    assert not (tmp_path / "new.jsonl").exists()  # not left behind empty
 
 
 def test_read_only_is_read_from_the_mode_bits(tmp_path) -> None:
@@ -233,3 +236,15 @@ def test_a_run_folder_lock_leaves_no_empty_folder(tmp_path) -> None:
     with RunLock(tmp_path / "used"):
         (tmp_path / "used" / "results.csv").write_text("x")
     assert (tmp_path / "used" / "results.csv").exists()
+
+
+def test_the_output_lock_works_on_a_full_disk(tmp_path, monkeypatch) -> None:
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)  # the lock file is created (0 bytes), its pid not written
+    with OutputLock(tmp_path / "e.json"):
+        with pytest.raises(OutputError, match=r"pid \?"):
+            with OutputLock(tmp_path / "e.json"):
+                pass
+    assert list(tmp_path.iterdir()) == []
