@@ -297,9 +297,11 @@ class UltralyticsDetector(YoloInterface):
     # never cut. The block's input and output channels (the residual stream, qkv's input and proj's
     # output) are. During the trace only, attention runs as proj(v + pe(v)) with v the last C
     # channels of qkv: the same layers and widths, no head reshape, so the graph stays small.
+    # YOLO12's area attention (``AAttn``: qkv, per-area and per-head reshapes, pe, proj) has the same
+    # layers and the same trap, and gets the same treatment.
     def _attention_blocks(self) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in self.net.named_modules()
-                if all(hasattr(m, a) for a in ("qkv", "proj", "pe", "num_heads", "key_dim"))]  # fmt: skip
+                if all(hasattr(m, a) for a in ("qkv", "proj", "pe", "num_heads"))]  # fmt: skip
 
     #
     # End-to-end heads (YOLOv10, YOLO26) feed their one-to-one branch ``x.detach()`` in training ("detach
@@ -380,7 +382,8 @@ def _without_one2many(head: nn.Module) -> Iterator[None]:
 
 
 def _attention_for_trace(m: nn.Module, x: Tensor) -> Tensor:
-    """Trace-only stand-in for Ultralytics' ``Attention.forward`` (see ``trace_context``)."""
+    """Trace-only stand-in for Ultralytics' ``Attention.forward`` / ``AAttn.forward`` (see ``trace_context``)."""
     qkv = m.qkv(x)
-    v = qkv[:, qkv.shape[1] - x.shape[1] :]
+    width = next(c for c in m.pe.modules() if isinstance(c, nn.Conv2d)).in_channels  # v's channels
+    v = qkv[:, qkv.shape[1] - width :]
     return m.proj(v + m.pe(v))
