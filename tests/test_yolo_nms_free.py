@@ -160,7 +160,7 @@ def test_nms_free_one_to_many_with_nms(ultralytics) -> None:
     torch.testing.assert_close(scores.transpose(1, 2), raw["one2many.scores"].sigmoid())
 
 
-@pytest.mark.parametrize("yaml", [*NMS_FREE, "yolo12n.yaml"])
+@pytest.mark.parametrize("yaml", [*NMS_FREE, "yolo12n.yaml", "yolov8n-ghost.yaml"])
 def test_nms_free_zeroed_channels_equivalence(yaml: str, ultralytics) -> None:
     """Zero the channels that will be cut (filters and their BatchNorm) first: cutting them must leave
     both branches' outputs unchanged. Without the trace seeing through the one-to-one branch's

@@ -325,8 +325,18 @@ class UltralyticsDetector(YoloInterface):
                 del m.forward
 
     def fixed_channels(self) -> dict[str, str]:
-        """Layers whose output channels are never cut (read by :func:`surgery.graph.trace`)."""
+        """Layers whose output channels are never cut (read by :func:`surgery.graph.trace`): attention
+        (above); ``GhostConv`` (its output concatenates a conv's output with a depthwise copy of it,
+        one channel twice, which Torch-Pruning's index maps get wrong); ``CBLinear`` (YOLOv9-E: its
+        conv's output is split into the stored sizes ``c2s`` at run time)."""
         out = {}
+        for name, m in self.net.named_modules():
+            kind = type(m).__name__
+            why = {"GhostConv": "GhostConv output (a conv and its depthwise copy, kept whole)",
+                   "CBLinear": "CBLinear output (split into stored sizes, kept whole)"}.get(kind)  # fmt: skip
+            for sub, c in m.named_modules() if why else ():
+                if isinstance(c, nn.Conv2d):
+                    out[f"net.{name}.{sub}"] = why
         for name, m in self._attention_blocks():
             for part, why in (("qkv", "attention q/k/v heads (kept whole)"),
                               ("proj", "attention reshapes with its input width (kept whole)")):  # fmt: skip
