@@ -114,7 +114,7 @@ def _check_head_matches_neck(model: nn.Module) -> None:
             assert convs[-1].out_channels == out_ch, (name, level)
 
 
-@pytest.mark.parametrize("yaml", NMS_FREE)
+@pytest.mark.parametrize("yaml", [*NMS_FREE, pytest.param("yolo26s.yaml", marks=pytest.mark.slow)])
 def test_nms_free_prune_cli_eval_train_reload_export(yaml: str, tmp_path, ultralytics) -> None:
     from surgery.export import export_onnx
 
