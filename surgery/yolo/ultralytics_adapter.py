@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from .. import compat
 from ..errors import UnknownModelError
+from ..trust import safe_yaml_load
 from .interface import YoloInterface, xyxy_to_cxcywh
 
 SCHEME = "ultralytics"
@@ -127,8 +128,6 @@ class UltralyticsYaml:
 def list_ultralytics_detection_yamls() -> list[UltralyticsYaml]:
     """Every *detection* model yaml of the installed package (Ultralytics' own task guess from the
     head's name), named at its first scale, with whether surgery builds it and why not."""
-    from ..trust import safe_yaml_load  # function-level, as in _read_reference
-
     u = _ultralytics()
     out = []
     for path in sorted(u.models_dir.rglob("*.yaml")):
