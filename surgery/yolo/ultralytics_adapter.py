@@ -132,7 +132,6 @@ class UltralyticsYaml:
 def list_ultralytics_detection_yamls() -> list[UltralyticsYaml]:
     """Every *detection* model yaml of the installed package (Ultralytics' own task guess from the
     head's name), named at its first scale, with whether surgery builds it and why not."""
-
     u = _ultralytics()
     out = []
     for path in sorted(u.models_dir.rglob("*.yaml")):
@@ -320,9 +319,11 @@ class UltralyticsDetector(YoloInterface):
     # never cut. The block's input and output channels (the residual stream, qkv's input and proj's
     # output) are. During the trace only, attention runs as proj(v + pe(v)) with v the last C
     # channels of qkv: the same layers and widths, no head reshape, so the graph stays small.
+    # YOLO12's area attention (``AAttn``: qkv, per-area and per-head reshapes, pe, proj) has the same
+    # layers and the same trap, and gets the same treatment.
     def _attention_blocks(self) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in self.net.named_modules()
-                if all(hasattr(m, a) for a in ("qkv", "proj", "pe", "num_heads", "key_dim"))]  # fmt: skip
+                if all(hasattr(m, a) for a in ("qkv", "proj", "pe", "num_heads"))]  # fmt: skip
 
     #
     # End-to-end heads (YOLOv10, YOLO26) feed their one-to-one branch ``x.detach()`` in training ("detach
@@ -346,8 +347,18 @@ class UltralyticsDetector(YoloInterface):
                 del m.forward
 
     def fixed_channels(self) -> dict[str, str]:
-        """Layers whose output channels are never cut (read by :func:`surgery.graph.trace`)."""
+        """Layers whose output channels are never cut (read by :func:`surgery.graph.trace`): attention
+        (above); ``GhostConv`` (its output concatenates a conv's output with a depthwise copy of it,
+        one channel twice, which Torch-Pruning's index maps get wrong); ``CBLinear`` (YOLOv9-E: its
+        conv's output is split into the stored sizes ``c2s`` at run time)."""
         out = {}
+        for name, m in self.net.named_modules():
+            kind = type(m).__name__
+            why = {"GhostConv": "GhostConv output (a conv and its depthwise copy, kept whole)",
+                   "CBLinear": "CBLinear output (split into stored sizes, kept whole)"}.get(kind)  # fmt: skip
+            for sub, c in m.named_modules() if why else ():
+                if isinstance(c, nn.Conv2d):
+                    out[f"net.{name}.{sub}"] = why
         for name, m in self._attention_blocks():
             for part, why in (("qkv", "attention q/k/v heads (kept whole)"),
                               ("proj", "attention reshapes with its input width (kept whole)")):  # fmt: skip
@@ -403,9 +414,10 @@ def _without_one2many(head: nn.Module) -> Iterator[None]:
 
 
 def _attention_for_trace(m: nn.Module, x: Tensor) -> Tensor:
-    """Trace-only stand-in for Ultralytics' ``Attention.forward`` (see ``trace_context``)."""
+    """Trace-only stand-in for Ultralytics' ``Attention.forward`` / ``AAttn.forward`` (see ``trace_context``)."""
     qkv = m.qkv(x)
-    v = qkv[:, qkv.shape[1] - x.shape[1] :]
+    width = next(c for c in m.pe.modules() if isinstance(c, nn.Conv2d)).in_channels  # v's channels
+    v = qkv[:, qkv.shape[1] - width :]
     return m.proj(v + m.pe(v))
 
 
