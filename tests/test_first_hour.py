@@ -140,12 +140,14 @@ def test_a_builders_refusal_is_one_line_without_its_config(monkeypatch):
     def failing(**kwargs):
         raise ValueError("bad layer")
 
-    monkeypatch.setattr(models, "_SCHEMES", {**models._SCHEMES, "fake": lambda spec: refusing})
+    from surgery import specs
+
+    monkeypatch.setitem(specs._SCHEMES, "fake", lambda spec: refusing)
     monkeypatch.setattr("surgery.models.check_builder_kwargs", lambda *a: None)
     with pytest.raises(UnknownModelError) as e:
         models.build_model(models.ModelSpec("fake:x.yaml", {"cfg": cfg, "nc": 4}))
     assert str(e.value) == "head v10Detect is not supported"  # the builder's own line, unwrapped
-    monkeypatch.setattr(models, "_SCHEMES", {**models._SCHEMES, "fake": lambda spec: failing})
+    monkeypatch.setitem(specs._SCHEMES, "fake", lambda spec: failing)
     with pytest.raises(UnknownModelError) as e:
         models.build_model(models.ModelSpec("fake:x.yaml", {"cfg": cfg, "nc": 4}))
     assert str(e.value) == "model 'fake:x.yaml' rejected its arguments cfg=<dict>, nc=4: bad layer"

@@ -107,7 +107,7 @@ def test_predict_without_out_gets_a_new_run_folder(tmp_path, monkeypatch):
     monkeypatch.setattr("surgery.predict.image_files", lambda images: seen.append("files") or [])
     monkeypatch.setattr("surgery.predict.load_predictor", lambda *a: type("P", (), {"class_names": None})())
     monkeypatch.setattr("surgery.predict.predict_files", lambda *a, **k: [])
-    monkeypatch.setattr("surgery.predict.write_predictions", lambda preds, out, draw: seen.append(out) or out / "d.json")
+    monkeypatch.setattr("surgery.predict.write_predictions", lambda preds, out, draw, **kw: seen.append(out) or out / "d.json")
     Path("runs/predict/exp").mkdir(parents=True)
     predict_cmd.predict(Path("x.pt"), [Path("a.png")], None, 0.3, 1, "cpu", True)
     assert seen[-1] == Path("runs/predict/exp2")
