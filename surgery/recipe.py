@@ -96,14 +96,14 @@ class SparsifySection:
     steps: int = 100  # sparse training steps (in a sweep's '+sparse' variants: taken from the retraining budget)
     weight: float = 1.0  # group lasso: total shrink over the run, in units of each group's mean channel norm
     norm_weight: float = 0.0  # network slimming: total L1 shrink of norm gammas, in units of the group's mean |gamma|
-    warmup_steps: int = 10  # no shrink for the first N steps; then it grows linearly
+    warmup_steps: int = 10  # no shrink for the first N steps (at most steps - 1); then it grows linearly
     targeted: bool = True  # shrink only the channels the following cut removes (when its ratio is known)
 
     def validate(self) -> None:
         _check(1 <= self.steps <= 10**8, "steps", "an integer in [1, 10**8]")
         _check(math.isfinite(self.weight) and 0 <= self.weight <= 100, "weight", "a number in [0, 100]")
         _check(math.isfinite(self.norm_weight) and 0 <= self.norm_weight <= 100, "norm_weight", "a number in [0, 100]")
-        _check(0 <= self.warmup_steps < self.steps, "warmup_steps", "an integer in [0, steps)")
+        _check(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0 (capped at steps - 1)")
         _check(self.weight > 0 or self.norm_weight > 0, "weight", "> 0 (or norm_weight > 0)")
 
 

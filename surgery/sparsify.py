@@ -227,7 +227,8 @@ class SparsityHook(HookBase):
             g.targets = torch.as_tensor(cut, dtype=torch.long)
 
     def after_step(self, trainer: Trainer) -> None:
-        frac = growing_fraction(trainer.step - 1, trainer.total_steps, self.cfg.warmup_steps)
+        warmup = min(self.cfg.warmup_steps, trainer.total_steps - 1)
+        frac = growing_fraction(trainer.step - 1, trainer.total_steps, warmup)
         if frac > 0.0:
             self._shrink(trainer.module, frac)
         if trainer.step == trainer.total_steps:

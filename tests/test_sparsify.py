@@ -100,9 +100,11 @@ def test_sparse_training_resumes_after_a_kill(tmp_path: Path):
 def test_recipe_section_and_technique_validate():
     r = recipe_from_dict({"prune": {"sparsify": {"steps": 50, "weight": 2.0}}})
     assert r.prune.sparsify == SparsifySection(steps=50, weight=2.0)
-    with pytest.raises(RecipeError, match=r"prune\.sparsify\.warmup_steps"):
-        recipe_from_dict({"prune": {"sparsify": {"steps": 5, "warmup_steps": 5}}})
-    with pytest.raises(RecipeError, match=r"prune\.sparsify\.wieght.*did you mean 'weight'"):
+    with pytest.raises(RecipeError, match=r"prune\.sparsify.*an integer >= 0"):
+        recipe_from_dict({"prune": {"sparsify": {"steps": 5, "warmup_steps": -1}}})
+    with pytest.raises(RecipeError, match=r"prune\.sparsify.*> 0 \(or norm_weight > 0\)"):
+        recipe_from_dict({"prune": {"sparsify": {"weight": 0.0}}})
+    with pytest.raises(RecipeError, match=r"prune\.sparsify.*did you mean 'weight'"):
         recipe_from_dict({"prune": {"sparsify": {"wieght": 1}}})
     t = parse_technique("l1+sparse+distill")
     assert t.sparse and t.distill and t.criterion == "l1"
