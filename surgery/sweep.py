@@ -18,9 +18,7 @@ finished steps, and an interrupted training step resumes from its last checkpoin
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,63 +41,25 @@ from .plan import plan_chain
 from .recipe import DistillSection, PruneSection, Recipe, SparsifySection, Technique, parse_technique
 from .report import (
     MIN_REFERENCE_MAP,
-    plot_detections_grid,
-    plot_latency_vs_ratio,
-    plot_layer_widths,
-    plot_map_vs_macs,
     sweep_markdown,
 )
 from .safety import RunLock, check_folder
 from .settings import StepKeys, settings_hash
 from .sparsify import SparsityHook
+from .sweep_state import StepState
+from .sweep_table import (
+    SWEEP_COLUMNS,
+    TARGET_TOL,
+    SweepRow,
+    kept_macs,
+    sweep_plots,
+    sweep_row,
+    target_columns,
+    write_rows,
+)
 from .target import find_ratio_for_target
 from .train import build_trainer
 from .workflows import distill_hook, load_datasets, prune_loaded
-
-
-@dataclass
-class SweepRow:
-    """One row of ``results.csv`` (its columns, in this order, are :data:`SWEEP_COLUMNS`)."""
-
-    variant: str
-    method: str
-    ratio: float | None
-    target_macs: float | None
-    sparsity: float | None
-    params: int
-    params_nonzero: int
-    size_mb: float  # float32 weights as saved
-    size_gzip_mb: float  # what masked (zeroed) weights really cost
-    macs: int
-    latency_ms: float
-    latency_ms_p90: float
-    params_ratio: float
-    macs_ratio: float
-    latency_ratio: float
-    network_ms: float | None
-    network_ratio: float
-    map_pruned: float
-    map50_pruned: float
-    map_recovered: float | None  # after the cut + recovery without retraining (prune.recover), before training
-    map_retrained: float
-    map50_retrained: float
-    dense_map: float
-    dense_control_map: float
-    retained_map: float | None
-    retrain_steps: int
-    retrain_seconds: float
-    input_size: int
-    threads: int
-    torch: str
-    checkpoint: str
-    achieved_macs_ratio: float | None = None  # MACs kept after all cuts (a MACs target's variants)
-    target_met: bool | None = None  # within TARGET_TOL of the MACs target (empty without one)
-    sparse_steps: int | None = None  # '+sparse' variants: sparse training steps taken from the budget
-    map_sparse: float | None = None  # mAP after that sparse training, before the cut
-
-
-SWEEP_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SweepRow))
-TARGET_TOL = 0.02  # a MACs target is met when the achieved fraction is within 2% (relative) of it
 
 
 @dataclass
@@ -124,57 +84,6 @@ class SweepResult:
             out.append(f"the dense reference reaches mAP {ref:.3f} (< {MIN_REFERENCE_MAP}): 'retained' is not shown; "
                        "train the dense model longer before comparing pruning methods")
         return out
-
-
-class _State:
-    """``state.json``: finished steps and what they produced."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {"steps": {}}
-        if path.is_file():
-            try:
-                self.data = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                self.data = {"steps": {}}
-            if not isinstance(self.data, dict) or not isinstance(self.data.get("steps"), dict):
-                self.data = {"steps": {}}  # damaged: every step is redone
-
-    def get(self, step: str, key: str | None = None) -> dict[str, Any] | None:
-        """The finished step, if it was produced by the same settings (``key``); a step produced by
-        other settings is forgotten and its files removed, so it and everything after it is redone."""
-        entry = self.data["steps"].get(step)
-        if entry is None:
-            return None
-        if key is not None and entry.get("key") != key:
-            self._forget(step)
-            return None
-        if entry.get("started"):
-            return None  # interrupted: its training resumes from its checkpoint
-        files = [Path(f) for f in entry.get("files", [])]
-        return entry if all(f.is_file() for f in files) else None
-
-    def _forget(self, step: str) -> None:
-        entry = self.data["steps"].pop(step, None) or {}
-        for f in entry.get("files", []):
-            Path(f).unlink(missing_ok=True)
-
-    def begin(self, step: str, key: str, files: list[Path]) -> None:
-        """Mark ``step`` as started with settings ``key``; stale files of other settings are removed."""
-        entry = self.data["steps"].get(step)
-        if entry is None or entry.get("key") != key:
-            for f in files:
-                f.unlink(missing_ok=True)
-        self.data["steps"][step] = {"started": True, "key": key, "files": [str(f) for f in files]}
-        self._write()
-
-    def put(self, step: str, result: dict[str, Any], files: list[Path], key: str | None = None) -> None:
-        self.data["steps"][step] = {**result, "files": [str(f) for f in files], **({"key": key} if key else {})}
-        self._write()
-
-    def _write(self) -> None:
-        with atomic_open(self.path, "w") as f:
-            json.dump(self.data, f, indent=1)
 
 
 def _ratio_tag(x: float) -> str:
@@ -205,7 +114,7 @@ class _Run:
     device: str
     on_stage: Callable[[str, int, int], None] | None
     on_step: Callable[[Any], None] | None
-    state: _State
+    state: StepState
     techniques: list[Technique]
     points: list[tuple[str, dict[str, Any]]]
     rounds_of: dict[str, int]
@@ -273,7 +182,7 @@ def _new_run(recipe: Recipe, out: Path, device: str, on_stage: Any, on_step: Any
     n_masked = len(points) * int(recipe.sweep.match_masked) + len(recipe.sweep.sparsities)
     n_sparse = sum(1 for t in techniques if t.sparse) * len(points)
     total_stages = 5 + 2 * n_struct + n_sparse + 2 * n_masked + int(recipe.sweep.int8 != "none")
-    return _Run(recipe, out, device, on_stage, on_step, _State(out / "state.json"), techniques, points, rounds_of,
+    return _Run(recipe, out, device, on_stage, on_step, StepState(out / "state.json"), techniques, points, rounds_of,
                 total_stages, keys=StepKeys(recipe))  # fmt: skip
 
 
@@ -392,18 +301,18 @@ def step_report(run: _Run) -> None:
     """5. ``results.csv``, ``results.md`` and the plots."""
     run.stage("report")
     recipe, out, dense, control = run.recipe, run.out, run.dense, run.control
-    rows = [_row("dense", "dense", None, None, run.by_ckpt[run.control_path.name], dense, control, dense, control,
+    rows = [sweep_row("dense", "dense", None, None, run.by_ckpt[run.control_path.name], dense, control, dense, control,
                  run.control_path, recipe)]  # fmt: skip
     for v in run.variants:
-        row = _row(v["variant"], v["method"], v["ratio"], v["sparsity"], run.by_ckpt[v["checkpoint"].name],
+        row = sweep_row(v["variant"], v["method"], v["ratio"], v["sparsity"], run.by_ckpt[v["checkpoint"].name],
                    v["pruned"], v["retrained"], dense, control, v["checkpoint"], recipe, v["target_macs"])
-        rows.append({**row, **_target_columns(v)})
+        rows.append({**row, **target_columns(v)})
     csv_path = out / "results.csv"
-    _write_rows(rows, csv_path)
+    write_rows(rows, csv_path)
     md = out / "results.md"
     with atomic_open(md, "w") as f:
         f.write(sweep_markdown(rows, recipe, dense, control) + run.deploy_md)
-    plots = _plots(rows, run.variants, out, run.val_set, run.control_path, recipe)
+    plots = sweep_plots(rows, run.variants, out, run.val_set, run.control_path, recipe)
     run.result = SweepResult(out=out, rows=rows, csv=csv_path, markdown=md, bench_csv=out / "bench.csv", plots=plots,
                              seconds=time.perf_counter() - run.t_start, skipped=run.skipped)
 
@@ -540,96 +449,12 @@ def _structured_round(run: _Run, tech: Technique, point: dict[str, Any], rounds:
         elif "ratio" in point:  # each round keeps (1 - r)^(1/rounds) of the channels left
             args["ratio"] = 1.0 - (1.0 - point["ratio"]) ** (1.0 / rounds)
         else:  # round k reaches target^(k/rounds) of the dense MACs
-            kept = _kept_macs(run.out / f"{name}.r{k - 1}.pruned.pt") if k > 1 else 1.0
+            kept = kept_macs(run.out / f"{name}.r{k - 1}.pruned.pt") if k > 1 else 1.0
             args["target_macs"] = min(0.999, point["target_macs"] ** (k / rounds) / kept)
         return args
 
     return prune
 
 
-def _kept_macs(pruned_path: Path) -> float:
-    """Fraction of the dense MACs a (progressively) pruned checkpoint kept: the product over its
-    plan chain of each cut's measured MACs ratio."""
-    kept = 1.0
-    for p in plan_chain(read_checkpoint(pruned_path).plan):
-        kept *= getattr(p, "achieved_macs_ratio", None) or 1.0
-    return kept
 
-
-def _target_columns(v: dict[str, Any]) -> dict[str, Any]:
-    """``achieved_macs_ratio`` (all cuts, at bench.input_size), ``target_met`` (within
-    :data:`TARGET_TOL` of a MACs target; empty without one), ``sparse_steps`` and ``map_sparse``
-    (mAP after the sparse training of '+sparse' variants)."""
-    cols: dict[str, Any] = {"sparse_steps": v.get("sparse_steps") or None,
-                            "map_sparse": round(v["sparse"]["mAP"], 4) if v.get("sparse") else None}
-    if v["method"] == "masked" or v.get("target_macs") is None:
-        return cols  # a ratio point: its MACs ratio is the bench's macs_ratio column
-    achieved = _kept_macs(v["pruned_path"])
-    cols["achieved_macs_ratio"] = round(achieved, 4)
-    cols["target_met"] = abs(achieved / v["target_macs"] - 1.0) <= TARGET_TOL
-    return cols
-
-
-def _row(variant, method, ratio, sparsity, bench, pruned, retrained, dense, control, ckpt, recipe,  # noqa: ANN001
-         target_macs=None) -> dict[str, Any]:
-    # a dense reference below the floor makes the ratio noise ("retained 279.9%" at mAP 0.001)
-    retained = retrained["mAP"] / control["mAP"] if (control.get("mAP") or 0.0) >= MIN_REFERENCE_MAP else None
-    return dataclasses.asdict(SweepRow(
-        variant=variant, method=method, ratio=ratio, target_macs=target_macs, sparsity=sparsity,
-        params=bench.params, params_nonzero=bench.params_nonzero,
-        size_mb=round(bench.file_bytes / 1e6, 2), size_gzip_mb=round(bench.file_gzip_bytes / 1e6, 2),
-        macs=bench.macs, latency_ms=round(bench.latency_ms_median, 3), latency_ms_p90=round(bench.latency_ms_p90, 3),
-        params_ratio=round(bench.params_ratio, 4), macs_ratio=round(bench.macs_ratio, 4),
-        latency_ratio=round(bench.latency_ratio, 4),
-        network_ms=None if bench.network_ms_median is None else round(bench.network_ms_median, 3),
-        network_ratio=round(bench.network_ratio, 4),
-        map_pruned=round(pruned["mAP"], 4), map50_pruned=round(pruned["mAP50"], 4),
-        map_recovered=round(pruned["mAP_recovered"], 4) if pruned.get("mAP_recovered") is not None else None,
-        map_retrained=round(retrained["mAP"], 4), map50_retrained=round(retrained["mAP50"], 4),
-        dense_map=round(dense["mAP"], 4), dense_control_map=round(control["mAP"], 4),
-        retained_map=None if retained is None else round(retained, 4),
-        retrain_steps=recipe.retrain.steps, retrain_seconds=round(float(retrained.get("seconds", 0.0)), 1),
-        input_size=recipe.bench.input_size, threads=bench.threads, torch=bench.torch, checkpoint=str(ckpt),
-    ))  # fmt: skip
-
-
-def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    with atomic_open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(SWEEP_COLUMNS))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: "" if r.get(k) is None else r[k] for k in SWEEP_COLUMNS})
-
-
-def _plots(rows, variants, out: Path, val_set, control_path: Path, recipe: Any) -> dict[str, Path]:  # noqa: ANN001
-    """A sweep's plots: mAP vs MACs, latency vs ratio, the layer widths and detections of the
-    variant closest to half the channels (and a masked one) next to the dense control."""
-    plots = {
-        "map_vs_macs": plot_map_vs_macs(rows, out / "map_vs_macs.png"),
-        "latency_vs_ratio": plot_latency_vs_ratio(rows, out / "latency_vs_ratio.png"),
-    }
-    structured = [v for v in variants if v["method"].startswith("structured")]
-    if structured:
-        mid = min(structured, key=lambda v: abs(v["ratio"] - 0.5))
-        plan = read_checkpoint(mid["pruned_path"]).plan
-        plots["layer_widths"] = plot_layer_widths(plan.widths_before, plan.widths_after, out / "layer_widths.png",
-                                                  variant=mid["variant"])
-        models = {"dense": control_path, f"{mid['variant']} pruned": mid["pruned_path"],
-                  f"{mid['variant']} retrained": mid["checkpoint"]}
-        masked = [v for v in variants if v["method"] == "masked"]
-        if masked:
-            mm = min(masked, key=lambda v: abs(v["sparsity"] - 0.75))
-            models[f"{mm['variant']} retrained"] = mm["checkpoint"]
-        n = min(4, len(val_set))
-        images = [val_set[i][0] for i in range(n)]
-        preds = {}
-        for label, path in models.items():
-            model = load_checkpoint(path)[0].eval()
-            with torch.no_grad():
-                preds[label] = model(images)
-        plots["detections"] = plot_detections_grid(images, preds, out / "detections.png",
-                                                   class_names=getattr(val_set, "class_names", None),
-                                                   ground_truth=[val_set[i][1] for i in range(n)])
-    return plots
-
-
+__all__ = ["SWEEP_COLUMNS", "SWEEP_STEPS", "TARGET_TOL", "SweepResult", "SweepRow", "run_sweep"]

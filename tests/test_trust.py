@@ -375,7 +375,7 @@ def test_protected_inputs_are_never_replaced(tmp_path) -> None:
 def test_sweep_state_is_keyed_by_settings(tmp_path) -> None:
     from surgery.recipe import Recipe, apply_overrides
     from surgery.settings import StepKeys
-    from surgery.sweep import _State
+    from surgery.sweep_state import StepState as _State
 
     a, b = StepKeys(Recipe()), StepKeys(apply_overrides(Recipe(), {"retrain.lr": 0.01}))
     assert a.dense == b.dense and a.prune("l1-0.5") == b.prune("l1-0.5")
