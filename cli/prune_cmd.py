@@ -93,15 +93,18 @@ def prune(
     else:
         _print_report(source, outcome.structured.report)
         if outcome.allocation is not None:
-            a = outcome.allocation
-            console.print(f"allocation by sensitivity ({rec.prune.sensitivity}): {len(a.ratios)} groups cut, MACs kept "
-                          f"{a.measured_macs_ratio:.1%} (target {rec.prune.target_macs:.1%}, table estimate "
-                          f"{a.estimated_macs_ratio:.1%})" + ("" if a.met else " [yellow]target not met[/]"), soft_wrap=True)
-            for note in a.notes:
-                console.print(f"[yellow]{note}[/]", soft_wrap=True)
+            _print_allocation(outcome.allocation, rec)
         if outcome.recovery is not None:
             _print_recovery(outcome.recovery)
     console.print(f"saved [bold]{outcome.path}[/] (kind: {outcome.kind})")
+
+
+def _print_allocation(a, rec) -> None:  # noqa: ANN001 - sensitivity.Allocation, Recipe
+    console.print(f"allocation by sensitivity ({rec.prune.sensitivity}): {len(a.ratios)} groups cut, MACs kept "
+                  f"{a.measured_macs_ratio:.1%} (target {rec.prune.target_macs:.1%}, table estimate "
+                  f"{a.estimated_macs_ratio:.1%})" + ("" if a.met else " [yellow]target not met[/]"), soft_wrap=True)
+    for note in a.notes:
+        console.print(f"[yellow]{note}[/]", soft_wrap=True)
 
 
 def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport

@@ -43,6 +43,39 @@ def _xml_text(node: ET.Element | None, tag: str, xml: Path) -> str:
     return child.text.strip()
 
 
+def _voc_object(
+    obj: Any, k: int, xml: Path, label_of: dict[str, int], width: int, height: int
+) -> tuple[float, float, float, float, int, int] | None:
+    """One ``<object>``: its box clipped to the image (continuous pixel edges), label and
+    ``difficult`` flag; ``None`` for a box under a pixel wide."""
+    cname = _xml_text(obj, "name", xml)
+    label = label_of.get(cname.lower())
+    if label is None:
+        raise DataError(f"{xml}: object {k} has unknown class {cname!r} (VOC classes: {', '.join(VOC_CLASSES)})")
+    diff_node = obj.find("difficult")
+    try:
+        difficult = int(diff_node.text.strip() or 0) if diff_node is not None and diff_node.text else 0
+    except ValueError:
+        raise DataError(f"{xml}: object {k} has <difficult>{diff_node.text.strip()!r}; expected 0 or 1") from None
+    bb = obj.find("bndbox")
+    try:
+        xmin, ymin, xmax, ymax = (float(_xml_text(bb, t, xml)) for t in ("xmin", "ymin", "xmax", "ymax"))
+    except ValueError:
+        raise DataError(f"{xml}: object {k} ({cname}) has a non-numeric bndbox") from None
+    # VOC boxes are 1-based inclusive pixel indices; convert to continuous pixel edges
+    x, y, w, h = xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1
+    if xmax < xmin or ymax < ymin:  # malformed, not tiny: refused
+        raise DataError(f"{xml}: object {k} ({cname}) box [{xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}] has "
+                        "xmax < xmin or ymax < ymin")
+    if w < 1 or h < 1:
+        return None
+    clipped = _check_box(x, y, w, h, width, height)
+    if clipped is None:
+        raise DataError(f"{xml}: object {k} ({cname}) box [{xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}] is outside the {width}x{height} image")
+    x1, y1, x2, y2 = clipped
+    return x1, y1, x2, y2, label, difficult
+
+
 def load_voc_ground_truth(year_dir: Path, split: str) -> _GroundTruth:
     list_file = year_dir / "ImageSets" / "Main" / f"{split}.txt"
     if not list_file.is_file():
@@ -75,31 +108,10 @@ def load_voc_ground_truth(year_dir: Path, split: str) -> _GroundTruth:
         image_id = idx + 1
         boxes, labels = [], []
         for k, obj in enumerate(tree.findall("object")):
-            cname = _xml_text(obj, "name", xml)
-            label = label_of.get(cname.lower())
-            if label is None:
-                raise DataError(f"{xml}: object {k} has unknown class {cname!r} (VOC classes: {', '.join(VOC_CLASSES)})")
-            diff_node = obj.find("difficult")
-            try:
-                difficult = int(diff_node.text.strip() or 0) if diff_node is not None and diff_node.text else 0
-            except ValueError:
-                raise DataError(f"{xml}: object {k} has <difficult>{diff_node.text.strip()!r}; expected 0 or 1") from None
-            bb = obj.find("bndbox")
-            try:
-                xmin, ymin, xmax, ymax = (float(_xml_text(bb, t, xml)) for t in ("xmin", "ymin", "xmax", "ymax"))
-            except ValueError:
-                raise DataError(f"{xml}: object {k} ({cname}) has a non-numeric bndbox") from None
-            # VOC boxes are 1-based inclusive pixel indices; convert to continuous pixel edges
-            x, y, w, h = xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1
-            if xmax < xmin or ymax < ymin:  # malformed, not tiny: refused
-                raise DataError(f"{xml}: object {k} ({cname}) box [{xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}] has "
-                                "xmax < xmin or ymax < ymin")
-            if w < 1 or h < 1:
+            parsed = _voc_object(obj, k, xml, label_of, width, height)
+            if parsed is None:
                 continue
-            clipped = _check_box(x, y, w, h, width, height)
-            if clipped is None:
-                raise DataError(f"{xml}: object {k} ({cname}) box [{xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}] is outside the {width}x{height} image")
-            x1, y1, x2, y2 = clipped
+            x1, y1, x2, y2, label, difficult = parsed
             anns.append({
                 "id": len(anns) + 1, "image_id": image_id, "category_id": label,
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
