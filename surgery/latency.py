@@ -492,10 +492,11 @@ class LatencyResult:
     within_tolerance: bool
     tol: float
     notes: list[str] = field(default_factory=list)
+    measured_ratio: float | None = None  # median over interleaved passes of cut / dense
 
     @property
     def measured(self) -> float | None:
-        return None if self.measured_ms is None else self.measured_ms / self.dense_ms
+        return self.measured_ratio
 
 
 def group_specs(graph: Any, scores: dict[int, torch.Tensor], cfg: Any) -> list[GroupSpec]:
@@ -539,7 +540,7 @@ def latency_ratios(
     notes = [f"latency table: {len(table.ms)} convolutions x {len(FRACTIONS) ** 2} widths on {runtime} "
              f"({threads} threads, {input_size}px, batch {batch}; cache key {table.key})"]
     goal = target
-    best: tuple[float, dict[int, float], float, float | None] | None = None
+    best: tuple[float, dict[int, float], float, float, float] | None = None
     dense_ms = float("nan")
     rounds = 0
     for rounds in range(1, max_rounds + 1):
@@ -556,17 +557,18 @@ def latency_ratios(
         notes.append(f"round {rounds}: estimate {est:.3f}, measured {achieved:.3f} of the dense network "
                      f"({cut_ms:.2f} / {dense_ms:.2f} ms)")
         if best is None or abs(achieved - target) < abs(best[0] - target):
-            best = (achieved, ratios, est, cut_ms)
+            best = (achieved, ratios, est, cut_ms, dense_ms)
         if abs(achieved - target) <= tol * target:
             break
         goal = min(0.999, max(0.01, goal * target / achieved))  # the table's bias, corrected
     assert best is not None
-    achieved, ratios, est, cut_ms = best
+    achieved, ratios, est, cut_ms, dense_ms = best
     ok = abs(achieved - target) <= tol * target
     if not ok:
         notes.append(f"no allocation within {tol:.0%} of the target after {rounds} timed rounds "
                      "(round_to / min_channels steps, or a busy machine): the closest is returned")
-    return LatencyResult(ratios, target, runtime, dense_ms, cut_ms, est * dense_est, table.key, rounds, ok, tol, notes)
+    return LatencyResult(ratios, target, runtime, dense_ms, cut_ms, est * dense_est, table.key, rounds, ok, tol, notes,
+                         measured_ratio=achieved)
 
 
 def cut_with_overrides(graph: Any, cfg: Any, scores: dict[int, torch.Tensor]) -> Callable[[nn.Module, dict[int, float]], nn.Module]:
