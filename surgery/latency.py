@@ -21,7 +21,8 @@ millisecond saved, the result timed and reported.
 4. **Verification** (:func:`latency_ratios`): a copy is cut and its network timed against the
    dense one, interleaved (ONNX Runtime: the profiler's network kernel time of the exported
    files, as ``surgery bench`` splits it; torch: the recorded network calls replayed). The goal
-   is corrected by the observed error and the allocation repeated (at most ``max_rounds``).
+   is corrected (first by the observed factor, then by the secant through the last two
+   (estimate, measured) points) and the allocation repeated (at most ``max_rounds``).
 
 The result is a ratio per coupled group, which :func:`surgery.prune.prune_model` applies as
 per-group overrides.
@@ -523,7 +524,7 @@ def _keep_to_ratios(keep: dict[int, int], specs: Sequence[GroupSpec]) -> dict[in
 
 def latency_ratios(
     model: nn.Module, graph: Any, scores: dict[int, torch.Tensor], cfg: Any, *, target: float, runtime: str,
-    input_size: int, batch: int = 1, threads: int = 2, tol: float = 0.05, max_rounds: int = 3,
+    input_size: int, batch: int = 1, threads: int = 2, tol: float = 0.05, max_rounds: int = 4,
     cut: Callable[[nn.Module, dict[int, float]], nn.Module] | None = None, model_name: str = "",
 ) -> LatencyResult:
     """Per-group cut ratios that keep ``target`` of the dense network latency on ``runtime``,
@@ -542,6 +543,7 @@ def latency_ratios(
     goal = target
     best: tuple[float, dict[int, float], float, float, float] | None = None
     dense_ms = float("nan")
+    history: list[tuple[float, float]] = []  # (estimated, measured) fraction per round
     rounds = 0
     for rounds in range(1, max_rounds + 1):
         keep = allocate(lm, goal * dense_est)
@@ -560,7 +562,16 @@ def latency_ratios(
             best = (achieved, ratios, est, cut_ms, dense_ms)
         if abs(achieved - target) <= tol * target:
             break
-        goal = min(0.999, max(0.01, goal * target / achieved))  # the table's bias, corrected
+        history.append((est, achieved))
+        if len(history) >= 2 and abs(history[-1][0] - history[-2][0]) > 1e-6:
+            # secant on measured(estimate): the runtime's fixed per-op costs do not shrink with
+            # the widths, so the table's bias is an offset as much as a factor
+            (e0, m0), (e1, m1) = history[-2], history[-1]
+            slope = (m1 - m0) / (e1 - e0)
+            goal = e1 + (target - m1) / slope if slope > 1e-3 else goal * target / achieved
+        else:
+            goal = goal * target / achieved  # the table's bias, corrected
+        goal = min(0.999, max(0.01, goal))
     assert best is not None
     achieved, ratios, est, cut_ms, dense_ms = best
     ok = abs(achieved - target) <= tol * target
