@@ -563,15 +563,16 @@ def latency_ratios(
         if abs(achieved - target) <= tol * target:
             break
         history.append((est, achieved))
+        new_goal = goal * target / achieved  # the table's bias, corrected as a factor
         if len(history) >= 2 and abs(history[-1][0] - history[-2][0]) > 1e-6:
             # secant on measured(estimate): the runtime's fixed per-op costs do not shrink with
-            # the widths, so the table's bias is an offset as much as a factor
+            # the widths, so the bias is an offset as much as a factor; only a plausible slope
+            # is trusted (timings on a busy machine can make two rounds' points meaningless)
             (e0, m0), (e1, m1) = history[-2], history[-1]
             slope = (m1 - m0) / (e1 - e0)
-            goal = e1 + (target - m1) / slope if slope > 1e-3 else goal * target / achieved
-        else:
-            goal = goal * target / achieved  # the table's bias, corrected
-        goal = min(0.999, max(0.01, goal))
+            if 0.3 <= slope <= 3.0:
+                new_goal = e1 + (target - m1) / slope
+        goal = min(0.999, max(0.01, goal * 0.6, min(goal * 1.5, new_goal)))  # at most this far per round
     assert best is not None
     achieved, ratios, est, cut_ms, dense_ms = best
     ok = abs(achieved - target) <= tol * target
