@@ -150,7 +150,7 @@ def section_int8(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
                         "value: network vs FP32 network", cpu=(ce, cn), value_cpu=cn / fp[3]))
     dense_fp32 = t["fcos-dense|fp32"]
     for name in ("fcos-dense", "fcos-macs0.25"):
-        best = min((k for k in t if k.startswith(name + "|") and not k.endswith("fp32")), key=lambda k: t[k][1])
+        best = min((k for k in t if k.startswith(name + "|") and not k.endswith("fp32")), key=lambda k: t[k][0])
         rows.append(row("int8", name, f"{best.split('|')[1]} (fastest): dense FP32 e2e / this e2e", ratio, t[best][0],
                         t[best][1], dense_fp32[0] / t[best][0], "target >= 4 for the cut model",
                         cpu=(t[best][2], t[best][3]), value_cpu=dense_fp32[2] / t[best][2]))

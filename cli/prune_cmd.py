@@ -121,7 +121,8 @@ def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
                   f"analysis {report.seconds_analysis:.2f}s, cut {report.seconds_cut:.2f}s", soft_wrap=True)
     if report.target is not None and hasattr(report.target, "table_key"):  # surgery.latency.LatencyResult
         t = report.target
-        measured = "not timed" if t.measured is None else f"measured {t.measured:.1%} ({t.measured_ms:.2f} / {t.dense_ms:.2f} ms)"
+        measured = "not timed" if t.measured is None else (f"measured {t.measured:.1%} (median of interleaved passes; "
+                                                            f"{t.measured_ms:.2f} / {t.dense_ms:.2f} ms)")
         warn = "" if t.within_tolerance else f"; [yellow]not within {t.tol:.0%}[/]"
         console.print(f"target {t.target:.1%} of the dense network latency on {t.runtime}: {measured}{warn}", soft_wrap=True)
         for note in t.notes:

@@ -21,7 +21,8 @@ millisecond saved, the result timed and reported.
 4. **Verification** (:func:`latency_ratios`): a copy is cut and its network timed against the
    dense one, interleaved (ONNX Runtime: the profiler's network kernel time of the exported
    files, as ``surgery bench`` splits it; torch: the recorded network calls replayed). The goal
-   is corrected by the observed error and the allocation repeated (at most ``max_rounds``).
+   is corrected (first by the observed factor, then by the secant through the last two
+   (estimate, measured) points) and the allocation repeated (at most ``max_rounds``).
 
 The result is a ratio per coupled group, which :func:`surgery.prune.prune_model` applies as
 per-group overrides.
@@ -490,10 +491,11 @@ class LatencyResult:
     within_tolerance: bool
     tol: float
     notes: list[str] = field(default_factory=list)
+    measured_ratio: float | None = None  # median over interleaved passes of cut / dense
 
     @property
     def measured(self) -> float | None:
-        return None if self.measured_ms is None else self.measured_ms / self.dense_ms
+        return self.measured_ratio
 
 
 def group_specs(graph: Any, scores: dict[int, torch.Tensor], cfg: Any) -> list[GroupSpec]:
@@ -518,7 +520,7 @@ def _keep_to_ratios(keep: dict[int, int], specs: Sequence[GroupSpec]) -> dict[in
 
 def latency_ratios(
     model: nn.Module, graph: Any, scores: dict[int, torch.Tensor], cfg: Any, *, target: float, runtime: str,
-    input_size: int, batch: int = 1, threads: int = 2, tol: float = 0.05, max_rounds: int = 3,
+    input_size: int, batch: int = 1, threads: int = 2, tol: float = 0.05, max_rounds: int = 4,
     cut: Callable[[nn.Module, dict[int, float]], nn.Module] | None = None, model_name: str = "",
 ) -> LatencyResult:
     """Per-group cut ratios that keep ``target`` of the dense network latency on ``runtime``,
@@ -535,8 +537,9 @@ def latency_ratios(
     notes = [f"latency table: {len(table.ms)} convolutions x {len(FRACTIONS) ** 2} widths on {runtime} "
              f"({threads} threads, {input_size}px, batch {batch}; cache key {table.key})"]
     goal = target
-    best: tuple[float, dict[int, float], float, float | None] | None = None
+    best: tuple[float, dict[int, float], float, float, float] | None = None
     dense_ms = float("nan")
+    history: list[tuple[float, float]] = []  # (estimated, measured) fraction per round
     rounds = 0
     for rounds in range(1, max_rounds + 1):
         keep = allocate(lm, goal * dense_est)
@@ -552,17 +555,28 @@ def latency_ratios(
         notes.append(f"round {rounds}: estimate {est:.3f}, measured {achieved:.3f} of the dense network "
                      f"({cut_ms:.2f} / {dense_ms:.2f} ms)")
         if best is None or abs(achieved - target) < abs(best[0] - target):
-            best = (achieved, ratios, est, cut_ms)
+            best = (achieved, ratios, est, cut_ms, dense_ms)
         if abs(achieved - target) <= tol * target:
             break
-        goal = min(0.999, max(0.01, goal * target / achieved))  # the table's bias, corrected
+        history.append((est, achieved))
+        new_goal = goal * target / achieved  # the table's bias, corrected as a factor
+        if len(history) >= 2 and abs(history[-1][0] - history[-2][0]) > 1e-6:
+            # secant on measured(estimate): the runtime's fixed per-op costs do not shrink with
+            # the widths, so the bias is an offset as much as a factor; only a plausible slope
+            # is trusted (timings on a busy machine can make two rounds' points meaningless)
+            (e0, m0), (e1, m1) = history[-2], history[-1]
+            slope = (m1 - m0) / (e1 - e0)
+            if 0.3 <= slope <= 3.0:
+                new_goal = e1 + (target - m1) / slope
+        goal = min(0.999, max(0.01, goal * 0.6, min(goal * 1.5, new_goal)))  # at most this far per round
     assert best is not None
-    achieved, ratios, est, cut_ms = best
+    achieved, ratios, est, cut_ms, dense_ms = best
     ok = abs(achieved - target) <= tol * target
     if not ok:
         notes.append(f"no allocation within {tol:.0%} of the target after {rounds} timed rounds "
                      "(round_to / min_channels steps, or a busy machine): the closest is returned")
-    return LatencyResult(ratios, target, runtime, dense_ms, cut_ms, est * dense_est, table.key, rounds, ok, tol, notes)
+    return LatencyResult(ratios, target, runtime, dense_ms, cut_ms, est * dense_est, table.key, rounds, ok, tol, notes,
+                         measured_ratio=achieved)
 
 
 def cut_with_overrides(graph: Any, cfg: Any, scores: dict[int, torch.Tensor]) -> Callable[[nn.Module, dict[int, float]], nn.Module]:

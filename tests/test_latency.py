@@ -100,3 +100,28 @@ def test_recipe_refuses_bad_latency_settings(fields: dict, key: str) -> None:
     with pytest.raises(Exception, match=key):  # the recipe loader turns it into one RecipeError line
         PruneSection(**fields).validate()
     PruneSection(target_latency=0.5, runtime="torch").validate()  # a valid one passes
+
+
+def test_timed_verification_corrects_a_biased_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime's fixed per-op cost is not in the table: the 'measured' network is
+    0.25 + 0.75 x the estimate. The timed rounds must steer the allocation onto the target."""
+    import surgery.latency as lat
+
+    model, groups = _chain()
+    monkeypatch.setattr(lat, "measure_table", lambda *a, **k: model.table)
+    monkeypatch.setattr(lat, "group_specs", lambda *a, **k: groups)
+    dense = model.total({})
+
+    def fake_network_ms(models, *a, **k):  # noqa: ANN001, ANN202 - the cut model carries its estimate
+        return [[dense] * 5, [dense * (0.25 + 0.75 * models[1].est)] * 5]
+
+    class Cut:
+        def __init__(self, ratios: dict[int, float]) -> None:
+            keep = {g.index: round(g.channels * (1 - ratios[g.index])) for g in groups}
+            self.est = model.total(keep) / dense
+
+    monkeypatch.setattr(lat, "network_ms", fake_network_ms)
+    res = lat.latency_ratios(None, None, {}, None, target=0.5, runtime="onnxruntime", input_size=64,
+                             cut=lambda m, r: Cut(r), tol=0.05)
+    assert res.within_tolerance and abs(res.measured - 0.5) <= 0.025
+    assert res.rounds >= 2  # the first allocation (estimate 0.5 -> measured 0.625) was corrected
