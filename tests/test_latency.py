@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from surgery.latency import (
-    FRACTIONS,
-    GroupSpec,
-    LatencyModel,
-    LatencyTable,
-    _bilinear,
-    _keep_to_ratios,
-    allocate,
-)
-from surgery.prune import keep_count
+from surgery.allocate import keep_count
+from surgery.latency import GroupSpec, LatencyModel, _keep_to_ratios, allocate
+from surgery.latency_table import FRACTIONS, LatencyTable, _bilinear
 
 
 def _table(costs: dict[str, float], depthwise: set[str] = frozenset()) -> LatencyTable:
