@@ -14,6 +14,10 @@ from .console import console
 from .display import macs_line, working
 from .table import Column, render
 
+RECOVER_HELP = ("Recovery without retraining after the cut: N calibration batches (8 images each) from --data; "
+                "least-squares re-fit against the dense model + BatchNorm re-estimation (0: off).")
+ALLOCATION_HELP = "uniform | global | sensitivity (per-group ratios from --sensitivity CSV meeting --keep-macs)."
+
 
 def prune(
     model: str = typer.Option(None, "--model", "-m", help="Registered name, package.module:function, or a checkpoint."),
@@ -36,11 +40,8 @@ def prune(
     data: str = typer.Option(None, "--data", help="Calibration data for taylor/fisher: synthetic | coco:ROOT | voc:ROOT | a COCO .json."),
     target_latency: float = typer.Option(None, "--keep-latency", "--target-latency", help="Fraction of the dense network latency KEPT on --runtime (0.5): per-group widths from a measured latency table."),
     runtime: str = typer.Option(None, help="--keep-latency: onnxruntime | torch (where the latency table is measured)."),
-    recover: int = typer.Option(None, "--recover", help="Recovery without retraining after the cut: N calibration batches "
-                                "(8 images each) from --data; least-squares re-fit against the dense model + BatchNorm "
-                                "re-estimation (0: off)."),
-    allocation: str = typer.Option(None, "--allocation", help="uniform | global | sensitivity (per-group ratios from "
-                                   "--sensitivity CSV meeting --keep-macs)."),
+    recover: int = typer.Option(None, "--recover", help=RECOVER_HELP),
+    allocation: str = typer.Option(None, "--allocation", help=ALLOCATION_HELP),
     sensitivity: Path = typer.Option(None, "--sensitivity", help="CSV from `surgery sensitivity` (--allocation sensitivity)."),
     sparsity: float = typer.Option(None, help="Masked pruning: fraction of conv/linear weights ZEROED (shapes kept)."),
     scope: str = typer.Option(None, help="Masked pruning: layer | global."),

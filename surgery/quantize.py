@@ -279,6 +279,36 @@ def _ort_warnings_off() -> Any:
         logging.disable(previous)
 
 
+def _range_overrides(graph: Any, mapped: dict[str, str], chosen: Sequence[str],
+                     ranges: dict[str, tuple[float, float]]) -> dict[str, list[dict[str, Any]]]:
+    """ORT ``TensorQuantOverrides`` from QAT ranges (``{module name: (min, max)}`` of each layer's
+    input): per input tensor, the union over the quantized layers reading it."""
+    bounds: dict[str, tuple[float, float]] = {}
+    for node in graph.node:
+        r = ranges.get(mapped.get(node.name, ""))
+        if node.name in chosen and r is not None:
+            lo, hi = bounds.get(node.input[0], r)
+            bounds[node.input[0]] = (min(lo, r[0], 0.0), max(hi, r[1], 0.0))
+    # ORT wants numpy scalars of the tensor's type here
+    return {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for t, (lo, hi) in bounds.items()}
+
+
+def _finish_int8(tmp: Path, float_path: Path, own: dict[str, str]) -> list[str]:
+    """The quantizer's output at ``tmp`` made loadable and self-describing: inferred shapes dropped,
+    the float file's ``surgery.*`` metadata carried over with ``own`` on top. Returns the quantized
+    weight nodes."""
+    import onnx  # optional extra (export): quantization needs it
+
+    qmodel = onnx.load(str(tmp))
+    # quantize_static leaves the shapes it inferred in value_info; with them ORT's graph
+    # optimizer folds the detector's box reshapes into static ones that fail on an empty level
+    # ("cannot reshape {0,2,2} to {0,-1}") on every image. The float export has no value_info.
+    del qmodel.graph.value_info[:]
+    _carry_metadata(onnx.load(str(float_path)).metadata_props, qmodel, own)
+    onnx.save(qmodel, str(tmp))
+    return quantized_weight_nodes(qmodel.graph)
+
+
 def quantize_onnx(
     float_path: str | Path,
     out: str | Path,
@@ -316,16 +346,7 @@ def quantize_onnx(
             f"{type(model).__name__}: no convolution or linear layer outside the output layers was found in the "
             "ONNX graph, nothing to quantize"
         )
-    extra: dict[str, Any] = {}
-    if ranges:
-        bounds: dict[str, tuple[float, float]] = {}  # per input tensor: the union over the layers reading it
-        for node in graph.node:
-            r = ranges.get(mapped.get(node.name, ""))
-            if node.name in chosen and r is not None:
-                lo, hi = bounds.get(node.input[0], r)
-                bounds[node.input[0]] = (min(lo, r[0], 0.0), max(hi, r[1], 0.0))
-        # ORT wants numpy scalars of the tensor's type here
-        extra["TensorQuantOverrides"] = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for t, (lo, hi) in bounds.items()}
+    extra: dict[str, Any] = {"TensorQuantOverrides": _range_overrides(graph, mapped, chosen, ranges)} if ranges else {}
     images = [fit_image(im, input_size).numpy().astype(np.float32) for im in calib_images]
     name = graph.input[0].name
     with atomic_path(out) as tmp, _ort_warnings_off():
@@ -351,21 +372,15 @@ def quantize_onnx(
             raise QuantizeError(f"onnxruntime cannot quantize {float_path.name} ({form}): {first}") from e
         finally:
             source.unlink(missing_ok=True)
-        qmodel = onnx.load(str(tmp))
-        # quantize_static leaves the shapes it inferred in value_info; with them ORT's graph
-        # optimizer folds the detector's box reshapes into static ones that fail on an empty level
-        # ("cannot reshape {0,2,2} to {0,-1}") on every image. The float export has no value_info.
-        del qmodel.graph.value_info[:]
-        _carry_metadata(onnx.load(str(float_path)).metadata_props, qmodel, {
+        quantized = _finish_int8(tmp, float_path, {
             "precision": "int8",
             "calibration": f"qat ranges of {len(ranges)} layers" if ranges else f"minmax on {len(images)} training images",
             "activations": "uint8 per-tensor",
-            "weights": f"int8 per-channel{' (reduce_range)' if reduce_range else ''}",
+            "weights": f"int8 {'per-channel' if form.endswith('per-channel') else 'per-tensor'}"
+                       f"{' (reduce_range)' if reduce_range else ''}, {'QDQ' if form.startswith('qdq') else 'QOperator'}",
             "float_source": float_path.name,
             "input_size": str(input_size),
         })
-        onnx.save(qmodel, str(tmp))
-        quantized = quantized_weight_nodes(qmodel.graph)
         int8_bytes = tmp.stat().st_size
     floats = [n.name for n in graph.node if n.op_type in QUANT_OPS and n.name not in set(quantized)]
     return QuantizeResult(
