@@ -9,6 +9,7 @@ import typer
 
 from .console import console
 from .display import TaskProgress
+from .outputs import overwrite_allowed
 
 
 def predict(
@@ -21,23 +22,20 @@ def predict(
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     draw: bool = typer.Option(True, "--draw/--no-draw", help="Write each image with its boxes."),
-    into_existing: bool = typer.Option(False, "--into-existing", help="Write into an --out folder predict did not create (files of the same names are replaced)."),
 ) -> None:
     """Detect objects in images: boxes drawn with class names, and a JSON of the detections."""
-    from surgery.predict import MARKER as PREDICT_MARKER
     from surgery.predict import image_files, load_predictor, predict_files, write_predictions
 
     if out is None:
         from surgery.records import next_run_dir
 
         out = next_run_dir("runs/predict")
-    if out.is_dir() and not into_existing and not (out / PREDICT_MARKER).exists() and any(out.iterdir()):
-        write_predictions([], out)  # refuses before the model is loaded (the message lives there)
     files = image_files(images)
     predictor = load_predictor(checkpoint, device)
     with TaskProgress("predicting") as bar:
         preds = predict_files(predictor, files, score_thresh=score_thresh, batch_size=batch_size, progress=bar.update)
-    path = write_predictions(preds, out, draw=draw, into_existing=into_existing)
+    # an existing, non-empty --out was refused up front unless --overwrite (cli.outputs)
+    path = write_predictions(preds, out, draw=draw, into_existing=overwrite_allowed())
     n = sum(len(p.detections) for p in preds)
     named = "" if predictor.class_names else " (the checkpoint records no class names: labels are ids)"
     console.print(f"{n} detections (score >= {score_thresh}) in {len(preds)} images{named}", highlight=False)

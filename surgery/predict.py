@@ -151,14 +151,14 @@ def write_predictions(preds: list[ImagePrediction], out_dir: Path, *, draw: bool
                       into_existing: bool = False) -> Path:
     """Draw every image into ``out_dir`` (same name; ``name_1.png``... when two inputs share one)
     and write ``out_dir/detections.json``; returns the JSON's path. A folder that holds files and
-    was not created by ``predict`` is refused unless ``into_existing`` (``--into-existing``): its
+    was not created by ``predict`` is refused unless ``into_existing`` (the CLI's ``--overwrite``): its
     ``detections.json`` or images could be the user's."""
 
     out_dir = Path(out_dir)
     if out_dir.is_dir() and not (out_dir / MARKER).exists() and any(out_dir.iterdir()) and not into_existing:
         raise OutputError(f"--out {out_dir} is a folder surgery predict did not create and it holds files "
                           "(detections.json or images there could be yours): choose a new folder, or pass "
-                          "--into-existing to write into it")
+                          "--overwrite to write into it")
     shared = [p.file for p in preds if out_dir.exists() and Path(p.file).parent.resolve() == out_dir.resolve()]
     if draw and shared:
         raise OutputError(f"--out {out_dir} holds the input image {shared[0]}: drawn images would replace inputs; "

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import SurgeryError
@@ -160,6 +161,19 @@ def clean_stale_temporaries(folder: str | Path, name: str | None = None) -> list
 # run-folder lock
 
 
+def _flock_or_refuse(fd: int, busy: Callable[[str], str]) -> None:
+    """An exclusive, non-blocking ``flock`` on ``fd``; when another process holds it, ``fd`` is
+    closed and ``busy(pid of the holder, as its lock file says)`` is raised as an OutputError."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+        raise OutputError(busy(holder)) from None
+
+
 class RunLock:
     """An exclusive, non-blocking ``flock`` on ``folder/.surgery.lock`` (released when the process
     ends, however it ends)."""
@@ -173,23 +187,12 @@ class RunLock:
         self.created = False
 
     def __enter__(self) -> RunLock:
-        import fcntl
-
         self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / self.NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            try:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            finally:
-                os.close(fd)
-            raise OutputError(
-                f"{self.what} {self.folder} is in use by another surgery process (pid {holder}); "
-                "wait for it to finish or use another folder"
-            ) from None
+        _flock_or_refuse(fd, lambda pid: f"{self.what} {self.folder} is in use by another surgery process (pid {pid}); "
+                                          "wait for it to finish or use another folder")
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
@@ -219,8 +222,6 @@ class OutputLock:
         self.fd: int | None = None
 
     def __enter__(self) -> OutputLock:
-        import fcntl
-
         self.lock.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(20):
             try:
@@ -229,17 +230,8 @@ class OutputLock:
                 raise no_space(e, self.path, self.what) or OutputError(
                     f"{self.what} {self.path}: cannot create its lock file {self.lock} ({e.strerror})"
                 ) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                try:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                finally:
-                    os.close(fd)
-                raise OutputError(
-                    f"{self.what} {self.path} is being written by another surgery process (pid {holder}); "
-                    "wait for it to finish or choose another path"
-                ) from None
+            _flock_or_refuse(fd, lambda pid: f"{self.what} {self.path} is being written by another surgery process "
+                                              f"(pid {pid}); wait for it to finish or choose another path")
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.lock, follow_symlinks=False))
             except FileNotFoundError:

@@ -184,19 +184,22 @@ def test_predict_refuses_a_folder_it_did_not_create(tmp_path) -> None:
     mine.mkdir()
     (mine / "detections.json").write_text("my own notes")
     code, text = run("predict", str(ckpt), str(img), "--out", str(mine))
-    assert code == 2 and "did not create" in text and "--into-existing" in text
+    assert code == 2 and "exists and is kept" in text and "--overwrite" in text, text
     assert (mine / "detections.json").read_text() == "my own notes"
-    code, text = run("predict", str(ckpt), str(img), "--out", str(mine), "--into-existing")
+    code, text = run("predict", str(ckpt), str(img), "--out", str(mine), "--overwrite")
     assert code == 0, text
     fresh = tmp_path / "fresh"
-    for _ in range(2):  # a folder predict created is written again without a flag
-        code, text = run("predict", str(ckpt), str(img), "--out", str(fresh))
-        assert code == 0, text
+    code, text = run("predict", str(ckpt), str(img), "--out", str(fresh))
+    assert code == 0, text
+    code, text = run("predict", str(ckpt), str(img), "--out", str(fresh))  # one convention: refused again
+    assert code == 2 and "--overwrite" in text, text
+    code, text = run("predict", str(ckpt), str(img), "--out", str(fresh), "--overwrite")
+    assert code == 0, text
     assert len(json.loads((fresh / "detections.json").read_text())) == 1
 
 
 def test_interrupted_training_says_what_was_kept(tmp_path) -> None:
-    from cli.train_cmd import _kept
+    from cli.train_options import _kept
 
     out = tmp_path / "run.pt"
     assert "no checkpoint was saved yet" in _kept(out)
