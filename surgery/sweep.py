@@ -271,7 +271,7 @@ def step_variants(run: _Run) -> None:
         sparsities = [matched_sparsity(probe, v["pruned"]["params"]) for v in first]
     sparsities += [s for s in run.recipe.sweep.sparsities if all(abs(s - x) > 1e-3 for x in sparsities)]
     run.variants += [_run_variant(run, f"masked-zero{_ratio_tag(s)}", "masked", {"sparsity": s},
-                                  lambda k, s=s: {"method": "magnitude", "sparsity": s}) for s in sparsities]
+                                  lambda k, s=s: {"method": "magnitude", "sparsity": s, "recover": 0}) for s in sparsities]
 
 
 def step_bench(run: _Run) -> None:

@@ -321,7 +321,7 @@ def test_sweep_records_map_right_after_the_cut_and_after_recovery(tmp_path: Path
         "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
         "retrain": {"steps": 1, "batch_size": 4, "warmup_steps": 0},
         "prune": {"recover": 1, "min_channels": 4},
-        "sweep": {"ratios": [0.5], "techniques": ["l1"], "sparsities": [], "match_masked": False, "int8": "none",
+        "sweep": {"ratios": [0.5], "techniques": ["l1"], "sparsities": [], "match_masked": True, "int8": "none",
                   "out": str(tmp_path / "out")},
         "bench": {"input_size": SIZE, "batch_sizes": [1], "runs": 2, "warmup": 1},
     })  # fmt: skip
@@ -329,7 +329,12 @@ def test_sweep_records_map_right_after_the_cut_and_after_recovery(tmp_path: Path
     with open(res.csv) as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     assert rows["dense"]["map_recovered"] == ""  # nothing to recover
-    assert 0.0 <= float(rows["l1-0.5"]["map_recovered"]) <= 1.0 and rows["l1-0.5"]["map_pruned"] != ""
+    assert 0.0 <= float(rows["l1-cut0.5"]["map_recovered"]) <= 1.0 and rows["l1-cut0.5"]["map_pruned"] != ""
     # the saved pruned checkpoint is the recovered one
-    _, ck = load_checkpoint(tmp_path / "out" / "l1-0.5.pruned.pt")
+    _, ck = load_checkpoint(tmp_path / "out" / "l1-cut0.5.pruned.pt")
     assert ck.metrics["recovery"]["layers_refit"] > 0
+    # masked variants are not recovered, and the recipe they record stays valid (recover 0 with magnitude)
+    masked = [v for v in rows if v.startswith("masked-")]
+    assert masked and all(rows[v]["map_recovered"] == "" for v in masked)
+    _, mk = load_checkpoint(tmp_path / "out" / f"{masked[0]}.pruned.pt")
+    assert recipe_from_dict(mk.recipe).prune.recover == 0
