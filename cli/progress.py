@@ -8,7 +8,7 @@ from typing import Any
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cli.console import console
+from .console import console
 
 
 class TaskProgress:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from cli.console import console
-from cli.display import working
+from .console import console
+from .display import working
 
 DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a dataset folder | a COCO .json (default: the checkpoint's recipe)."
 

@@ -148,16 +148,20 @@ def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) ->
         det, ckpt = load_detector(path, "cpu", threads=cfg.threads)
         meta = ckpt.meta.get("onnx", {})
         fbytes, fgzip = file_size(path)
-        params = onnx_parameter_count(path)  # the file's initializers, not what its metadata claims
+        counted = onnx_parameter_count(path)  # the file's initializers: what a lying metadata cannot change
         declared = _num(meta, "params")
-        nonzero = int(_num(meta, "params_nonzero") or params) if declared == params else params
+        # the model's own count when the file agrees with it (within 1%: shape constants, an INT8
+        # copy's quantization parameters); otherwise the file's count, and a note
+        agrees = declared is not None and abs(declared - counted) <= 0.01 * max(counted, 1)
+        params = int(declared) if agrees else counted
+        nonzero = int(_num(meta, "params_nonzero") or params) if agrees else params
         info = {"model": ckpt.spec.name, "method": meta.get("method", "onnx"), "ratio": _num(meta, "ratio"),
                 "sparsity": None, "kind": ckpt.kind, "params": params, "params_nonzero": nonzero,
                 "file_bytes": fbytes, "file_gzip_bytes": fgzip, "macs": _num(meta, "macs"), "detections": int(_num(meta, "detections") or 0) or None,
                 "notes": [f"{path.name}: an ONNX file, timed as exported (its own thresholds and input size)"]}
-        if declared is not None and abs(declared - params) > 0.01 * max(params, 1):
+        if declared is not None and not agrees:
             info["notes"].append(f"{path.name}: its metadata says {int(declared)} parameters, its initializers hold "
-                                 f"{params} (shown)")
+                                 f"{counted} (shown)")
         macs_size = _num(meta, "input_size")
         if macs_size is not None and int(macs_size) != cfg.input_size:
             info["notes"].append(f"{path.name}: MACs are from its export at {int(macs_size)}px")

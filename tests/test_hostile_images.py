@@ -9,6 +9,7 @@ from PIL import Image
 
 from surgery.data.images import read_rgb
 from surgery.errors import DataError
+from tests.extras import require
 
 RNG = np.random.default_rng(0)
 
@@ -76,6 +77,15 @@ def test_decompression_bomb_is_one_line(tmp_path, monkeypatch) -> None:
 
 
 def test_not_an_image_is_one_line(tmp_path) -> None:
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image"):
+        read_rgb(tmp_path / "x.png")
+
+
+def test_not_an_image_is_one_line_after_ultralytics_patched_pil(tmp_path) -> None:
+    require("ultralytics")
+    import ultralytics.utils.patches  # noqa: F401 - replaces PIL.Image.open with a wrapper that wants pi-heif
+
     (tmp_path / "x.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot read image"):
         read_rgb(tmp_path / "x.png")

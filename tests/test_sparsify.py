@@ -130,17 +130,17 @@ def test_sweep_sparse_variant_is_budget_fair(tmp_path: Path):
         "bench": {"input_size": 64, "batch_sizes": [1], "runs": 1, "warmup": 0},
     })
     res = run_sweep(recipe)
-    row = next(r for r in res.rows if r["variant"] == "l1+sparse-macs0.5")
+    row = next(r for r in res.rows if r["variant"] == "l1+sparse-keep-macs0.5")
     out = res.out
-    assert read_checkpoint(out / "l1+sparse-macs0.5.sparse.pt").train_state["step"] == 1
-    assert read_checkpoint(out / "l1+sparse-macs0.5.pt").train_state["step"] == 2  # 1 + 2 = the 3-step budget
+    assert read_checkpoint(out / "l1+sparse-keep-macs0.5.sparse.pt").train_state["step"] == 1
+    assert read_checkpoint(out / "l1+sparse-keep-macs0.5.pt").train_state["step"] == 2  # 1 + 2 = the 3-step budget
     assert read_checkpoint(out / "control.pt").train_state["step"] == 3
     assert row["sparse_steps"] == 1 and row["map_sparse"] is not None
     assert row["target_met"] is True and abs(row["achieved_macs_ratio"] - 0.5) <= 0.01
     with open(res.csv) as f:
-        written = next(r for r in csv.DictReader(f) if r["variant"] == "l1+sparse-macs0.5")
+        written = next(r for r in csv.DictReader(f) if r["variant"] == "l1+sparse-keep-macs0.5")
     assert written["target_met"] == "True" and written["sparse_steps"] == "1"
     # the pruned model came from the sparse checkpoint, and a rerun reuses every step
-    assert read_checkpoint(out / "l1+sparse-macs0.5.pruned.pt").plan.source.endswith("l1+sparse-macs0.5.sparse.pt")
+    assert read_checkpoint(out / "l1+sparse-keep-macs0.5.pruned.pt").plan.source.endswith("l1+sparse-keep-macs0.5.sparse.pt")
     again = run_sweep(recipe)
-    assert "l1+sparse-macs0.5:sparse" in again.skipped and "l1+sparse-macs0.5:retrain" in again.skipped
+    assert "l1+sparse-keep-macs0.5:sparse" in again.skipped and "l1+sparse-keep-macs0.5:retrain" in again.skipped

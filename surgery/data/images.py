@@ -54,3 +54,7 @@ def read_rgb(path: str | Path, what: str = "image") -> np.ndarray:
         raise DataError(f"{what} {path} is too large to decode safely ({e}); refused") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot read {what} {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
+    except ImportError:
+        # once `ultralytics` is imported, PIL.Image.open is its wrapper, which on a file Pillow cannot
+        # identify tries to load (or install) the pi-heif plugin: without it, a non-image is this error
+        raise DataError(f"cannot read {what} {path}: not an image Pillow can identify") from None

@@ -237,12 +237,14 @@ def build_ultralytics(
     u = _ultralytics()
     if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or not 1 <= nc <= MAX_CLASSES):
         raise UnknownModelError(f"ultralytics model: nc must be an integer in 1..{MAX_CLASSES} (object classes), got {nc!r}")
+    # a head surgery does not prune (YOLO-World, YOLOE, RT-DETR...) is named first: its reason is
+    # clearer than the allow-list's complaint about the keys such a yaml brings along
+    refusal = head_refusal(cfg) if isinstance(cfg, dict) else None
+    if refusal is not None:
+        raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: {refusal}")
     check_config(cfg, str(cfg.get("yaml_file", "config")) if isinstance(cfg, dict) else "config")
     if not isinstance(end2end, bool):
         raise UnknownModelError(f"ultralytics model: end2end must be true or false, got {end2end!r}")
-    refusal = head_refusal(cfg)
-    if refusal is not None:
-        raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: {refusal}")
     try:
         with _restricted(u.tasks):
             net = u.tasks.DetectionModel(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
