@@ -287,6 +287,26 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _resnet18_fpn(name: str, fpn_channels: int, weights: str | None) -> nn.Module:
+    """The slim builders' backbone: ResNet-18 with real BatchNorm (``resnet_fpn_backbone`` would use
+    FrozenBatchNorm2d even without weights, i.e. no normalisation at all when training from
+    scratch) and an FPN on layer2-4 with P6/P7."""
+    # torchvision's detection modules load on first use, like every builder's (registry stays light)
+    from torchvision.models import resnet18
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    if weights is not None:
+        raise ValueError(f"{name} has no pretrained weights; pass a checkpoint path instead")
+    return BackboneWithFPN(
+        resnet18(weights=None, norm_layer=nn.BatchNorm2d),
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=[128, 256, 512],
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
+    )
+
+
 @register_model("fcos_resnet18_slim")
 def fcos_resnet18_slim(
     num_classes: int = 5,
@@ -304,25 +324,12 @@ def fcos_resnet18_slim(
     and a 2-conv shared FCOS head. ``num_classes`` follows torchvision: it counts the background
     (index 0), so 4 object classes need ``num_classes=5``.
     """
-    from torchvision.models import resnet18
     from torchvision.models.detection import FCOS
-    from torchvision.models.detection.backbone_utils import BackboneWithFPN
-    from torchvision.models.detection.fcos import FCOSHead
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-
-    if weights is not None:
-        raise ValueError("fcos_resnet18_slim has no pretrained weights; pass a checkpoint path instead")
-    trunk = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
-    backbone = BackboneWithFPN(
-        trunk,
-        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
-        in_channels_list=[128, 256, 512],
-        out_channels=fpn_channels,
-        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
-    )
-    anchor_sizes = ((8,), (16,), (32,), (64,), (128,))
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.fcos import FCOSHead
 
+    backbone = _resnet18_fpn("fcos_resnet18_slim", fpn_channels, weights)
+    anchor_sizes = ((8,), (16,), (32,), (64,), (128,))
     anchors = AnchorGenerator(anchor_sizes, ((1.0,),) * len(anchor_sizes))
     head = FCOSHead(fpn_channels, 1, num_classes, num_convs=num_convs)
     return FCOS(
@@ -348,22 +355,10 @@ def retinanet_resnet18_slim(
     """A slim anchor-based RetinaNet sized for a CPU (the cross-family recovery benchmark's
     anchor-based detector): the quickstart FCOS's ResNet-18 (real BatchNorm) + FPN P3-P7, 3
     anchors per location (aspect ratios 0.5, 1, 2), torchvision's RetinaNet head and focal loss."""
-    from torchvision.models import resnet18
     from torchvision.models.detection import RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.backbone_utils import BackboneWithFPN
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-    if weights is not None:
-        raise ValueError("retinanet_resnet18_slim has no pretrained weights; pass a checkpoint path instead")
-    trunk = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
-    backbone = BackboneWithFPN(
-        trunk,
-        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
-        in_channels_list=[128, 256, 512],
-        out_channels=fpn_channels,
-        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
-    )
+    backbone = _resnet18_fpn("retinanet_resnet18_slim", fpn_channels, weights)
     anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)
     return RetinaNet(backbone, num_classes=num_classes, anchor_generator=anchors, min_size=min_size,
                      max_size=max_size, **kwargs)
