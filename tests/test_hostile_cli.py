@@ -36,6 +36,15 @@ def test_bad_option_values_are_one_error_line(tmp_path, args, flag) -> None:
     assert "╭" not in r.stderr + r.stdout
 
 
+def _deliverable_sigint() -> None:
+    """In the child before exec: SIGINT unblocked and at its default disposition. A blocked signal
+    mask and SIG_IGN are inherited through exec, and earlier tests in the same pytest process (thread
+    pools, multiprocessing) can leave them set: the child then never sees the Ctrl-C this test sends
+    (it hung for 300 s only in full-suite runs)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_training_says_what_was_kept(tmp_path) -> None:
     from surgery.data import synthesize
 
@@ -43,7 +52,8 @@ def test_ctrl_c_during_training_says_what_was_kept(tmp_path) -> None:
     out = tmp_path / "run.pt"
     cmd = [sys.executable, "-m", "surgery", "train", "--model", "fcos_resnet18_slim", "--data", str(shapes), "-b", "2",
            "--steps", "100000", "--checkpoint-every", "1", "--no-eval", "--out", str(out), *SLIM]  # fmt: skip
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path,
+                         preexec_fn=_deliverable_sigint)
     try:
         deadline = time.monotonic() + 600
         while not out.exists() and p.poll() is None and time.monotonic() < deadline:
