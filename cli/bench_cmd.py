@@ -52,6 +52,8 @@ def bench(
         "torch", "--runtime", help="torch (eager) or onnxruntime (checkpoints exported, then timed in ONNX Runtime)."
     ),
     channels_last: str = typer.Option("auto", "--channels-last", help="torch on CPU: auto (keep the faster layout), on, off."),
+    spinning: bool = typer.Option(False, "--spin/--no-spin", help="ONNX Runtime threads spin-wait between "
+                                  "operators (its default, for a dedicated device; off suits a shared machine)."),
     fmt: str = typer.Option("table", "--format", help="table, json or csv (every column, on stdout)."),
     resize_model: bool = typer.Option(
         False, "--resize-model/--keep-model-size",
@@ -66,7 +68,7 @@ def bench(
         raise typer.BadParameter(f"--format {fmt!r}: expected table, json or csv")
     options = {"input_size": input_size, "batch_sizes": list(batch_size), "warmup": warmup, "runs": runs,
                "threads": threads, "device": device, "resize_model": resize_model, "rois": rois,
-               "runtime": runtime, "channels_last": channels_last}
+               "runtime": runtime, "channels_last": channels_last, "spinning": spinning}
     cfg = recipe_from_dict({"bench": options}, "bench options").bench
     dataset = _load_dataset(data, checkpoints[0]) if data else None
     with TaskProgress("bench", out=err_console if fmt != "table" else console) as bar:
@@ -96,11 +98,9 @@ def _print_machine(rows: list[Any], fmt: str) -> None:
 
 def _print_table(rows: list[Any], cfg: Any) -> None:
     ref = Path(rows[0].checkpoint).name if rows else "first"
-    table = Table(
-        title=f"bench {cfg.input_size}px, {cfg.threads} threads, median of {cfg.runs} interleaved runs, "
-        f"{rows[0].detections if rows else '-'} detections per image; x = vs {ref}",
-        box=box.SIMPLE_HEAD, pad_edge=False,
-    )
+    spin = " (ONNX Runtime spinning)" if cfg.spinning and cfg.runtime == "onnxruntime" else ""
+    table = Table(title=f"bench {cfg.input_size}px, {cfg.threads} threads{spin}, median of {cfg.runs} interleaved runs, "
+                  f"{rows[0].detections if rows else '-'} detections per image; x = vs {ref}", box=box.SIMPLE_HEAD, pad_edge=False)
     # each column group shows related values; a terminal stacks them in one cell (compact), a log
     # file or a pipe gets one value per cell so that the lines can be read by tools
     with_map = any(r.mAP is not None for r in rows)

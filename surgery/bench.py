@@ -32,12 +32,12 @@ from .measure import (
 from .measure.split import (
     NETWORK_MODULES,
     network_stubbed,
+    onnx_network_shares,
     onnx_scopes,
-    onnx_split_ms,
     record_calls,
     replay_network,
 )
-from .measure.timing import summarize, time_interleaved
+from .measure.timing import paired_ratio, summarize, time_interleaved
 from .measure.workload import MACS_ROIS, example_images, quiet
 from .onnx_io import onnx_parameter_count
 from .postprocess import fast_postprocess
@@ -145,7 +145,7 @@ class _Subject:
 def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) -> _Subject:
     key = str(path)
     if is_onnx(path):
-        det, ckpt = load_detector(path, "cpu", threads=cfg.threads)
+        det, ckpt = load_detector(path, "cpu", threads=cfg.threads, spinning=cfg.spinning)
         meta = ckpt.meta.get("onnx", {})
         fbytes, fgzip = file_size(path)
         counted = onnx_parameter_count(path)  # the file's initializers: what a lying metadata cannot change
@@ -183,7 +183,7 @@ def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) ->
     with fixed_workload(model, rois, det):  # the detection count is baked into the graph
         export_onnx(model, onnx, cfg.input_size, verify=False)
     info["torch_model"] = model  # mAP is measured on the real thresholds: see _evaluate
-    return _Subject(key, "onnxruntime", OnnxDetector(onnx, cfg.threads), info, onnx=onnx, scopes=onnx_scopes(model))
+    return _Subject(key, "onnxruntime", OnnxDetector(onnx, cfg.threads, spinning=cfg.spinning), info, onnx=onnx, scopes=onnx_scopes(model))
 
 
 def _memory_format(subject: _Subject, cfg: BenchSection, batch: list[torch.Tensor]) -> str:
@@ -302,20 +302,18 @@ def _time_all(
                         fns, warmup=cfg.warmup, runs=cfg.runs, sync=sync,
                         progress=lambda: tick("latency", 1 / max(cfg.warmup + cfg.runs, 1)),
                     )
+                shares = _onnx_shares([s for s in subjects if s.runtime != "torch"], batch, cfg)
                 for s in subjects:
                     t = {part: times.get(f"{s.key}\0{part}") for part in ("e2e", "network", "pipeline")}
-                    row: dict[str, Any] = {"e2e": summarize(t["e2e"]), "memory_format": s.memory_format}
+                    row: dict[str, Any] = {"e2e": summarize(t["e2e"]), "memory_format": s.memory_format,
+                                           "e2e_runs": t["e2e"], "network_runs": t["network"]}
                     if s.runtime == "torch":
                         row["network"] = statistics.median(t["network"])
                         row["pipeline"] = statistics.median(t["pipeline"])
                     else:
-                        feeds = [{s.model.input_name: fit_image(img, s.model.fixed).numpy()} for img in batch]
-                        split = onnx_split_ms(s.onnx, feeds, s.scopes, threads=cfg.threads,
-                                              warmup=1, runs=max(1, min(cfg.runs, 10)))
                         # the profiler's per-node times add overhead: split the measured
                         # end-to-end time by the profiled share of network kernel time
-                        kernel = split.network_ms + split.pipeline_ms
-                        share = split.network_ms / kernel if kernel > 0 and split.network_nodes else None
+                        share = row["share"] = shares[s.key]
                         e2e = row["e2e"][0]
                         row["network"] = None if share is None else e2e * share
                         row["pipeline"] = None if share is None else e2e - row["network"]
@@ -323,6 +321,16 @@ def _time_all(
     finally:
         torch.set_num_threads(old_threads)
     return out
+
+
+def _onnx_shares(subjects: list[_Subject], batch: list[torch.Tensor], cfg: BenchSection) -> dict[str, float | None]:
+    """Each ONNX Runtime subject's network share of its profiled kernel time (median of 3 passes
+    alternating the subjects, :func:`~surgery.measure.split.onnx_network_shares`)."""
+    files = [(s.onnx, s.scopes, [{s.model.input_name: fit_image(img, s.model.fixed).numpy()} for img in batch])
+             for s in subjects]
+    shares = onnx_network_shares(files, threads=cfg.threads, runs=max(1, min(cfg.runs, 10) // 2),
+                                 spinning=cfg.spinning)
+    return dict(zip((s.key for s in subjects), shares))
 
 
 def _evaluate(s: _Subject, dataset: Any, cfg: BenchSection) -> tuple[float | None, float | None]:
@@ -338,6 +346,16 @@ def _evaluate(s: _Subject, dataset: Any, cfg: BenchSection) -> tuple[float | Non
             model = OnnxDetector(path, cfg.threads)
         res = evaluate(model, dataset, batch_size=8, device=cfg.device if s.runtime == "torch" else "cpu")
     return res.metrics.get("mAP"), res.metrics.get("mAP50")
+
+
+def _network_ratio(t: dict[str, Any], ref: dict[str, Any]) -> float:
+    """Network time against the reference's, from the same interleaved runs as the end-to-end
+    ratio (paired run by run; ONNX Runtime: scaled by the two profiled network shares)."""
+    if t["network_runs"] is not None and ref["network_runs"] is not None:
+        return paired_ratio(t["network_runs"], ref["network_runs"])
+    if t.get("share") is None or ref.get("share") is None:
+        return _ratio(t["network"], ref["network"])
+    return paired_ratio(t["e2e_runs"], ref["e2e_runs"]) * t["share"] / ref["share"]
 
 
 def _rows(
@@ -363,7 +381,7 @@ def _rows(
                 file_bytes=i["file_bytes"], file_gzip_bytes=i["file_gzip_bytes"],
                 mAP=maps.get(s.key, (None, None))[0], mAP50=maps.get(s.key, (None, None))[1],
                 params_ratio=_ratio(i["params"], ref.info["params"]), macs_ratio=_ratio(i["macs"], ref.info["macs"]),
-                latency_ratio=_ratio(med, r0["e2e"][0]), network_ratio=_ratio(t["network"], r0["network"]),
+                latency_ratio=paired_ratio(t["e2e_runs"], r0["e2e_runs"]), network_ratio=_network_ratio(t, r0),
                 checkpoint=s.key, notes=list(i["notes"]) + notes,
             ))
     return rows

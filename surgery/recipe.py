@@ -270,6 +270,11 @@ class BenchSection:
     runtime: str = "torch"
     # torch on CPU: "auto" times NCHW and channels_last (NHWC) and keeps the faster; "on" / "off"
     channels_last: str = "auto"
+    # ONNX Runtime's worker threads spin-wait between operators (its own default, what a dedicated
+    # device runs). Off by default: on a shared machine spinning threads fight the other jobs
+    # (10x slower on a busy 2-core box), and without it each parallel operator pays a thread
+    # wake-up, which a thin pruned model with many small operators feels most (docs/deployment-speed.md)
+    spinning: bool = False
 
     def validate(self) -> None:
         _check(self.runtime in ("torch", "onnxruntime"), "runtime", "'torch' or 'onnxruntime'")

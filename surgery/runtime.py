@@ -35,10 +35,10 @@ class OnnxDetector(nn.Module):
     that evaluates and times torch models (``.eval()``, ``.to()``, ``parameters()``) takes it too.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, *, spinning: bool = False) -> None:
         super().__init__()
         self.path = Path(path)
-        self.session = ort_session(path, threads)
+        self.session = ort_session(path, threads, spinning=spinning)
         shape = self.session.get_inputs()[0].shape
         if len(shape) != 3:
             raise RuntimeUnavailable(f"{path}: expected a surgery export (one image [3, H, W] in), the input is {shape}")
@@ -114,7 +114,8 @@ def run_image(det: OnnxDetector, image: torch.Tensor) -> dict[str, torch.Tensor]
 
 
 def load_detector(
-    path: str | Path, device: str = "cpu", *, threads: int | None = None, trust_code: bool | None = None
+    path: str | Path, device: str = "cpu", *, threads: int | None = None, trust_code: bool | None = None,
+    spinning: bool = False,
 ) -> tuple[nn.Module, Any]:
     """A checkpoint or an ONNX export, ready for inference: ``(model, checkpoint)``.
 
@@ -127,7 +128,7 @@ def load_detector(
     if is_onnx(path):
         if str(device) != "cpu":
             raise RuntimeUnavailable(f"{path}: ONNX files run on the CPU here (got --device {device})")
-        det = OnnxDetector(path, threads)
+        det = OnnxDetector(path, threads, spinning=spinning)
         meta = det.metadata
         kwargs = {"num_classes": int(meta["num_classes"])} if meta.get("num_classes", "").isdigit() else {}
         ckpt = Checkpoint(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import statistics
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.utils.prune as tprune
 
 from surgery import compat
 from surgery.bench import BENCH_COLUMNS, bench_checkpoints, write_csv
+from surgery.measure.timing import paired_ratio
 from surgery.checkpoint import save_checkpoint
 from surgery.measure import (
     configured_rois,
@@ -194,6 +196,34 @@ def ckpts(tmp_path_factory, slim):
 TINY = BenchSection(input_size=SIZE, batch_sizes=[1, 2], warmup=1, runs=2, threads=1)
 
 
+def test_paired_ratio_cancels_a_burst_that_the_ratio_of_medians_does_not():
+    # run 2 of the subject and run 3 of the reference hit a burst of other work
+    subject, reference = [1.0, 4.0, 1.0, 1.0], [2.0, 2.0, 8.0, 2.0]
+    assert paired_ratio(subject, reference) == pytest.approx(0.5)
+    assert statistics.median(subject) / statistics.median(reference) == pytest.approx(0.5)
+    subject, reference = [1.0, 6.0, 6.0], [2.0, 2.0, 12.0]  # a burst over the subject's run 2
+    assert paired_ratio(subject, reference) == pytest.approx(0.5)
+    assert statistics.median(subject) / statistics.median(reference) == pytest.approx(3.0)
+
+
+def test_bench_ratios_pair_runs_of_the_same_round(ckpts, monkeypatch):
+    import surgery.bench as bench_mod
+
+    def fake(fns, **kw):  # the reference steady, the subject slowed in runs 2-3 only: paired 0.5
+        out = {}
+        for name in fns:
+            slow = not name.startswith(str(ckpts[0]))
+            out[name] = [1.0, 4.0, 4.0, 1.0, 1.0] if slow else [2.0, 2.0, 2.0, 2.0, 2.0]
+        return out
+
+    monkeypatch.setattr(bench_mod, "time_interleaved", fake)
+    rows = bench_checkpoints([ckpts[0], ckpts[2]], TINY)
+    thin = rows[2]
+    assert thin.latency_ms_median == 1.0 and rows[0].latency_ms_median == 2.0
+    assert thin.latency_ratio == pytest.approx(0.5)
+    assert thin.network_ratio == pytest.approx(0.5)
+
+
 def test_bench_checkpoints_rows_and_csv(tmp_path, ckpts):
     calls = []
     rows = bench_checkpoints(ckpts, TINY, progress=lambda what, done, total: calls.append((done, total)))
@@ -211,7 +241,7 @@ def test_bench_checkpoints_rows_and_csv(tmp_path, ckpts):
     assert thin.params < dense.params and thin.macs < dense.macs
     assert thin.params_ratio == pytest.approx(thin.params / dense.params)
     assert thin.macs_ratio == pytest.approx(thin.macs / dense.macs)
-    assert masked_.latency_ratio == pytest.approx(masked_.latency_ms_median / dense.latency_ms_median)
+    assert masked_.latency_ratio > 0
     assert dense.mAP is None and dense.method == "dense" and masked_.method == "masked"
     assert all(r.threads == 1 and r.torch == torch.__version__ for r in rows)
     assert calls and calls[-1][0] == calls[-1][1]

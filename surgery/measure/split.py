@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -140,6 +141,14 @@ class OnnxSplit:
     network_nodes: int
     pipeline_nodes: int
 
+    @property
+    def network_share(self) -> float | None:
+        """The network's share of the kernel time (``None``: no network node found). The profiler's
+        per-node timing adds its own overhead, so a network time is the *measured* end-to-end time
+        times this share (``surgery bench`` and the latency allocator's verification both do this)."""
+        kernel = self.network_ms + self.pipeline_ms
+        return self.network_ms / kernel if kernel > 0 and self.network_nodes else None
+
 
 def onnx_split_ms(
     path: str | Path,
@@ -149,6 +158,7 @@ def onnx_split_ms(
     threads: int | None = None,
     warmup: int = 2,
     runs: int = 10,
+    spinning: bool = False,
 ) -> OnnxSplit:
     """Profile ``runs`` passes over ``feeds`` (one ``session.run`` per feed) and split the kernel
     time into network (node names under ``scopes``, default :data:`NETWORK_MODULES`') and pipeline.
@@ -161,8 +171,8 @@ def onnx_split_ms(
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "profile")
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -194,3 +204,24 @@ def onnx_split_ms(
             pipe_nodes.add(node)
     runs = max(runs, 1)
     return OnnxSplit(net / runs / 1e3, pipe / runs / 1e3, len(net_nodes), len(pipe_nodes))
+
+
+def onnx_network_shares(
+    files: Sequence[tuple[str | Path, Sequence[str], Sequence[dict[str, Any]]]],
+    *,
+    threads: int | None = None,
+    rounds: int = 3,
+    runs: int = 5,
+    spinning: bool = False,
+) -> list[float | None]:
+    """Each ``(file, scopes, feeds)``'s network share of its profiled kernel time
+    (:attr:`OnnxSplit.network_share`), the median over ``rounds`` passes that alternate the files: one profiled pass per file is
+    at the mercy of whatever else the machine runs meanwhile, and comparing two models' network
+    times compares their shares."""
+    shares: list[list[float]] = [[] for _ in files]
+    for _ in range(max(1, rounds)):
+        for k, (path, scopes, feeds) in enumerate(files):
+            share = onnx_split_ms(path, feeds, scopes, threads=threads, warmup=1, runs=runs, spinning=spinning).network_share
+            if share is not None:
+                shares[k].append(share)
+    return [statistics.median(s) if s else None for s in shares]

@@ -83,6 +83,14 @@ def time_interleaved(
     return times
 
 
+def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
+    """The median of run-by-run ratios of two functions timed by :func:`time_interleaved` (run
+    ``i`` of each ran back to back). On a shared machine this is steadier than the ratio of the
+    two medians: a burst of other work slows both members of a pair alike and cancels out."""
+    ratios = [t / r for t, r in zip(times, reference) if r > 0]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
 def summarize(times: Sequence[float]) -> tuple[float, float]:
     """(median, p90) of a list of milliseconds."""
     return statistics.median(times), _quantile(times, 0.9)
