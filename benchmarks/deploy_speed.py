@@ -39,16 +39,18 @@ from surgery.prune import prune_model  # noqa: E402
 from surgery.recipe import BenchSection, PruneSection  # noqa: E402
 from surgery.runtime import ort_session  # noqa: E402
 
-COLUMNS = ("section", "model", "variant", "macs_ratio", "e2e_ms", "network_ms", "pipeline_ms", "cpu_e2e_ms",
-           "cpu_network_ms", "value", "value_cpu", "note")
+COLUMNS = ("section", "model", "variant", "spinning", "macs_ratio", "e2e_ms", "network_ms", "pipeline_ms",
+           "cpu_e2e_ms", "cpu_network_ms", "value", "value_cpu", "note")
+SPINNING = False  # --spin: the wall-clock sessions spin-wait between operators (ONNX Runtime's default)
 FCOS_KW = {"num_classes": 5, "min_size": 128, "max_size": 128}
 
 
-def fcos_pair(size: int) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+def fcos_pair(size: int, round_to: int = 8) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     torch.manual_seed(0)
     dense = build_model("fcos_resnet18_slim", **FCOS_KW).eval()
     cut = copy.deepcopy(dense)
-    prune_model(cut, PruneSection(method="l1", round_to=8, min_channels=8, target_macs=0.25), macs_input_size=size)
+    prune_model(cut, PruneSection(method="l1", round_to=round_to, min_channels=8, target_macs=0.25),
+                macs_input_size=size)
     ratio = count_macs(cut.eval(), size).total / count_macs(dense, size).total
     return dense, cut.eval(), ratio
 
@@ -66,7 +68,7 @@ def time_files(files: dict[str, tuple[Path, tuple[str, ...]]], size: int, thread
     ONNX Runtime runs a one-thread session in the calling thread, so the time other processes take
     the core away is not counted; on a busy machine the robust measure of relative cost)."""
     feed = {"image": torch.rand(3, size, size, generator=torch.Generator().manual_seed(1)).numpy()}
-    sessions = {k: ort_session(p, threads) for k, (p, _) in files.items()}
+    sessions = {k: ort_session(p, threads, spinning=SPINNING) for k, (p, _) in files.items()}
     single = {k: ort_session(p, 1) for k, (p, _) in files.items()}
     fns = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
     e2e: dict[str, list[float]] = {k: [] for k in files}
@@ -82,7 +84,7 @@ def time_files(files: dict[str, tuple[Path, tuple[str, ...]]], size: int, thread
                 s.run(None, feed)
                 cpu[k].append((time.thread_time() - c0) * 1e3)
         for k, (p, scopes) in files.items():
-            sp = onnx_split_ms(p, [feed], scopes, threads=threads, warmup=1, runs=5)
+            sp = onnx_split_ms(p, [feed], scopes, threads=threads, warmup=1, runs=5, spinning=SPINNING)
             share[k].append(sp.network_ms / max(sp.network_ms + sp.pipeline_ms, 1e-9))
     out = {}
     for k in files:
@@ -94,7 +96,7 @@ def time_files(files: dict[str, tuple[Path, tuple[str, ...]]], size: int, thread
 def row(section: str, model: str, variant: str, macs: float | None, e2e: float | None, net: float | None,
         value: float | None = None, note: str = "", cpu: tuple[float, float] | None = None,
         value_cpu: float | None = None) -> dict:
-    return {"section": section, "model": model, "variant": variant, "macs_ratio": macs, "e2e_ms": e2e,
+    return {"section": section, "model": model, "variant": variant, "spinning": SPINNING, "macs_ratio": macs, "e2e_ms": e2e,
             "network_ms": net, "pipeline_ms": None if e2e is None or net is None else e2e - net,
             "cpu_e2e_ms": cpu[0] if cpu else None, "cpu_network_ms": cpu[1] if cpu else None, "value": value,
             "value_cpu": value_cpu, "note": note}
@@ -135,7 +137,11 @@ def section_int8(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     dense, cut, ratio = fcos_pair(128)
     calib = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(i)) for i in range(16)]
     files: dict[str, tuple[Path, tuple[str, ...]]] = {}
-    for name, model in (("fcos-dense", dense), ("fcos-macs0.25", cut)):
+    # INT8 kernels work on blocks of channels: the cut widths rounded to 8 (the default) and 16
+    cuts = {"fcos-macs0.25": (cut, ratio)}
+    cuts.update({f"fcos-macs0.25-r{r}": fcos_pair(128, r)[1:] for r in args.int8_round_to if r != 8})
+    macs = {"fcos-dense": 1.0, **{n: r for n, (_, r) in cuts.items()}}
+    for name, model in (("fcos-dense", dense), *((n, m) for n, (m, _) in cuts.items())):
         fp = export(model, tmp / f"{name}.onnx", 128)
         files[f"{name}|fp32"] = (fp, onnx_scopes(model))
         for form in FORMS:
@@ -146,12 +152,12 @@ def section_int8(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     for key, (e2e, net, ce, cn) in t.items():
         name, form = key.split("|")
         fp = t[f"{name}|fp32"]
-        rows.append(row("int8", name, form, ratio if "macs" in name else 1.0, e2e, net, net / fp[1],
+        rows.append(row("int8", name, form, macs[name], e2e, net, net / fp[1],
                         "value: network vs FP32 network", cpu=(ce, cn), value_cpu=cn / fp[3]))
     dense_fp32 = t["fcos-dense|fp32"]
-    for name in ("fcos-dense", "fcos-macs0.25"):
+    for name in macs:
         best = min((k for k in t if k.startswith(name + "|") and not k.endswith("fp32")), key=lambda k: t[k][0])
-        rows.append(row("int8", name, f"{best.split('|')[1]} (fastest): dense FP32 e2e / this e2e", ratio, t[best][0],
+        rows.append(row("int8", name, f"{best.split('|')[1]} (fastest): dense FP32 e2e / this e2e", macs[name], t[best][0],
                         t[best][1], dense_fp32[0] / t[best][0], "target >= 4 for the cut model",
                         cpu=(t[best][2], t[best][3]), value_cpu=dense_fp32[2] / t[best][2]))
 
@@ -199,7 +205,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", type=float, default=0.5)
     ap.add_argument("--yolo", action="store_true")
+    ap.add_argument("--spin", action="store_true", help="ONNX Runtime sessions spin-wait (its default; a quiet machine)")
+    ap.add_argument("--int8-round-to", type=lambda t: [int(x) for x in t.split(",")], default=[8, 16])
     args = ap.parse_args()
+    global SPINNING
+    SPINNING = args.spin
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
     printed = 0

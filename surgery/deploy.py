@@ -34,6 +34,7 @@ from .workflows import recipe_for_checkpoint, retrain_checkpoint
 DEPLOY_COLUMNS: tuple[str, ...] = (
     "checkpoint", "precision", "mAP", "mAP50", "mAP_minus_float", "network_ms", "latency_ms",
     "network_vs_float", "latency_vs_float", "file_bytes", "quantized_nodes", "qat_steps", "onnx", "int8_form",
+    "latency_vs_dense",
 )  # fmt: skip
 
 
@@ -53,6 +54,7 @@ class DeployRow:
     qat_steps: int
     onnx: str
     int8_form: str = ""  # INT8 rows: the form (surgery.quantize.FORMS) measured fastest here
+    latency_vs_dense: float | None = None  # end to end against the first checkpoint's FP32 file
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,9 +82,12 @@ def deploy_table(
     runs: int = 20,
     warmup: int = 3,
     threads: int = 2,
+    spinning: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[DeployRow]:
-    """Float / INT8 PTQ / INT8 QAT rows for each checkpoint (files written under ``out_dir``)."""
+    """Float / INT8 PTQ / INT8 QAT rows for each checkpoint (files written under ``out_dir``).
+    Ratios come from :func:`~surgery.bench.bench_checkpoints`' paired runs against the first
+    file (the first checkpoint's FP32 export); ratios between two other files divide two of those."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[tuple[str, str, Path, int, int]] = []  # (stem, precision, onnx, quantized nodes, qat steps)
@@ -113,7 +118,8 @@ def deploy_table(
     if progress:
         progress("ONNX Runtime latency (interleaved)")
     size = input_size or ptq.input_size
-    cfg = BenchSection(input_size=size, batch_sizes=[1], warmup=warmup, runs=runs, threads=threads, runtime="onnxruntime")
+    cfg = BenchSection(input_size=size, batch_sizes=[1], warmup=warmup, runs=runs, threads=threads,
+                       runtime="onnxruntime", spinning=spinning)
     timed = {Path(r.checkpoint): r for r in bench_checkpoints([f[2] for f in files], cfg)}
     rows: list[DeployRow] = []
     for stem, precision, path, nodes, steps in files:
@@ -123,10 +129,11 @@ def deploy_table(
             checkpoint=stem, precision=precision, mAP=maps[path][0], mAP50=maps[path][1],
             mAP_minus_float=maps[path][0] - maps[ref_path][0], network_ms=t.network_ms_median,
             latency_ms=t.latency_ms_median,
-            network_vs_float=(t.network_ms_median / ref.network_ms_median
+            network_vs_float=(t.network_ratio / ref.network_ratio
                               if t.network_ms_median and ref.network_ms_median else None),
-            latency_vs_float=t.latency_ms_median / ref.latency_ms_median, file_bytes=path.stat().st_size,
+            latency_vs_float=t.latency_ratio / ref.latency_ratio, file_bytes=path.stat().st_size,
             quantized_nodes=nodes, qat_steps=steps, onnx=str(path), int8_form=forms.get(path, ""),
+            latency_vs_dense=t.latency_ratio,
         ))  # fmt: skip
     return rows
 
@@ -158,7 +165,10 @@ def deploy_markdown(rows: Sequence[DeployRow], reference_ms: float | None = None
     for stem, v in by.items():
         fp, ptq, qat = v.get("fp32"), v.get("int8-ptq"), v.get("int8-qat")
         best = qat or ptq
-        speed = f(reference_ms / best.latency_ms, ".2f") + "x" if reference_ms and best else "-"
+        if best and best.latency_vs_dense:
+            speed = f(1 / best.latency_vs_dense, ".2f") + "x"
+        else:
+            speed = f(reference_ms / best.latency_ms, ".2f") + "x" if reference_ms and best else "-"
         out.append(
             f"| {stem} | {f(fp.mAP if fp else None)} | {f(ptq.mAP if ptq else None)} "
             f"({f(ptq.mAP_minus_float if ptq else None, '+.3f')}) | {f(qat.mAP if qat else None)}"
@@ -178,7 +188,7 @@ def deploy_report(recipe: Any, out: Path, checkpoints: Sequence[Path], val_set: 
     cfg, sweep = recipe.bench, recipe.sweep
     rows = deploy_table(checkpoints, out / "deploy", val_set, input_size=cfg.input_size,
                         calib_batches=sweep.calib_batches, qat_steps=sweep.qat_steps, runs=cfg.runs,
-                        warmup=cfg.warmup, threads=cfg.threads)
+                        warmup=cfg.warmup, threads=cfg.threads, spinning=cfg.spinning)
     write_deploy_csv(rows, out / "deploy.csv")
     dense_ms = next(r.latency_ms for r in rows if r.precision == "fp32")
     return (
@@ -187,7 +197,8 @@ def deploy_report(recipe: Any, out: Path, checkpoints: Sequence[Path], val_set: 
         f"calibrated on {sweep.calib_batches} batches of training images; output layers, decoding and NMS in float)"
         + (f", and INT8 after {sweep.qat_steps} quantization-aware steps" if sweep.qat_steps else "")
         + f". mAP on the validation set through the same evaluator; latency: batch 1, {cfg.input_size} px, "
-        f"{cfg.threads} threads, median of {cfg.runs} interleaved runs, network share from ONNX Runtime's "
+        f"{cfg.threads} threads{' (spinning)' if cfg.spinning else ''}, median of {cfg.runs} interleaved runs "
+        "(ratios: median of run-by-run ratios), network share from ONNX Runtime's "
         "profiler. Last column: INT8 end to end against the dense FP32 file.\n\n"
         + deploy_markdown(rows, reference_ms=dense_ms)
     )

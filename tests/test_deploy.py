@@ -166,6 +166,9 @@ def test_deploy_table_float_and_int8_side_by_side(tmp_path, ckpts):
     dense_fp, dense_q, half_fp, half_q = rows
     assert dense_q.file_bytes < 0.35 * dense_fp.file_bytes and half_fp.file_bytes < dense_fp.file_bytes
     assert half_fp.network_ms > 0 and dense_fp.network_ms > 0  # which is faster: a wall-clock claim, not here
-    assert dense_q.latency_vs_float == pytest.approx(dense_q.latency_ms / dense_fp.latency_ms)
+    # every ratio is paired run by run against the first file, the dense FP32 export
+    assert dense_fp.latency_vs_dense == 1.0 and dense_q.latency_vs_float == pytest.approx(dense_q.latency_vs_dense)
+    assert half_q.latency_vs_float == pytest.approx(half_q.latency_vs_dense / half_fp.latency_vs_dense)
     table = deploy_markdown(rows, reference_ms=dense_fp.latency_ms)
     assert table.count("\n") == 4 and "| half |" in table
+    assert f"| {1 / half_q.latency_vs_dense:.2f}x |" in table
