@@ -23,6 +23,7 @@ from .measure import fixed_workload
 from .measure.split import network_modules
 from .measure.timing import time_interleaved
 from .measure.workload import example_images, quiet
+from .onnx_io import ort_options
 from .runtime import import_onnxruntime
 
 FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
@@ -196,10 +197,7 @@ def _time_onnxruntime(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], thre
             with torch.no_grad():
                 torch.onnx.export(_Bank(convs).eval(), xs, path, input_names=[f"x{k}" for k in range(len(xs))],
                                   output_names=[f"y{k}" for k in range(len(xs))], opset_version=17, dynamo=False)
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            opts.intra_op_num_threads, opts.inter_op_num_threads = int(threads), 1
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts = ort_options(threads)
             opts.enable_profiling = True
             opts.profile_file_prefix = os.path.join(tmp, f"prof{i}{j}")
             sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])

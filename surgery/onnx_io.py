@@ -30,17 +30,23 @@ def import_onnxruntime() -> Any:
     return ort
 
 
-def ort_session(path: str | Path, threads: int | None = None, *, spinning: bool = False) -> Any:
-    """An ``onnxruntime.InferenceSession`` on the CPU with ``threads`` intra-op threads (``None``:
-    onnxruntime's default) and spin-waiting off unless ``spinning``."""
-    ort = import_onnxruntime()
-    opts = ort.SessionOptions()
+def ort_options(threads: int | None = None, *, spinning: bool = False) -> Any:
+    """``onnxruntime.SessionOptions`` with ``threads`` intra-op threads (``None``: onnxruntime's
+    default), one inter-op thread, quiet logs, and spin-waiting off unless ``spinning``."""
+    opts = import_onnxruntime().SessionOptions()
     opts.log_severity_level = 3
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    return opts
+
+
+def ort_session(path: str | Path, threads: int | None = None, *, spinning: bool = False) -> Any:
+    """An ``onnxruntime.InferenceSession`` on the CPU with :func:`ort_options`."""
+    ort = import_onnxruntime()
+    opts = ort_options(threads, spinning=spinning)
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import MeasureError
-from ..onnx_io import import_onnxruntime
+from ..onnx_io import import_onnxruntime, ort_options
 
 NETWORK_MODULES: tuple[str, ...] = (
     "backbone",  # body + FPN / extra layers
@@ -166,13 +166,7 @@ def onnx_split_ms(
     ort = import_onnxruntime()
     scopes = tuple(scopes) or onnx_scopes(NETWORK_MODULES)
     with tempfile.TemporaryDirectory(prefix="surgery-profile-") as tmp:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+        opts = ort_options(threads, spinning=spinning)
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "profile")
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
