@@ -34,7 +34,7 @@ from torchvision.ops import box_iou
 
 from .checkpoint import looks_like_path
 from .errors import TrainingError
-from .hooks import HookBase
+from .hooks import HookBase, TeacherHook
 from .masked import unwrap
 from .plan import plan_chain
 from .yolo.distill import YoloDistillation, is_ultralytics
@@ -156,7 +156,7 @@ def feature_widths(model: nn.Module, size: int = 64) -> dict[str, int]:
     return {k: int(v.shape[1]) for k, v in feats.items()}
 
 
-class FeatureImitation(HookBase):
+class FeatureImitation(TeacherHook):
     """Trainer hook: imitate ``teacher``'s neck features at object locations (and, with
     ``cfg.response_weight``, its classification outputs). See the module docstring.
 
@@ -180,11 +180,7 @@ class FeatureImitation(HookBase):
                 f"feature imitation supports torchvision's detectors (GeneralizedRCNNTransform); "
                 f"{type(student).__name__} uses {type(student.transform).__name__}: retrain with distill type 'none'"
             )
-        self.cfg = cfg
-        self.teacher_path = teacher_path
-        self.teacher = unwrap(teacher).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        super().__init__(teacher, cfg, teacher_path=teacher_path)
         size = int(getattr(getattr(student, "transform", None), "min_size", (64,))[0] or 64)
         s_w, t_w = feature_widths(student, min(size, 320)), feature_widths(self.teacher, min(size, 320))
         if list(s_w) != list(t_w):
@@ -194,15 +190,10 @@ class FeatureImitation(HookBase):
         if unknown:
             raise TrainingError(f"distill.levels {unknown} are not feature levels of this model ({list(s_w)})")
         self.levels = levels
-        self.adapters = nn.ModuleDict({lv: nn.Conv2d(s_w[lv], t_w[lv], kernel_size=1) for lv in levels})
-        self._handles: list[Any] = []
-        self._seen: dict[str, Any] = {}
-
-    def modules(self) -> list[nn.Module]:
-        return [self.adapters]
+        self.set_adapters({lv: (s_w[lv], t_w[lv]) for lv in levels})
 
     def before_train(self, trainer: Trainer) -> None:
-        self.teacher.to(trainer.device)
+        super().before_train(trainer)
         student = trainer.module
         self._handles = [
             student.transform.register_forward_hook(lambda m, i, o: self._seen.__setitem__("transform", o)),
@@ -210,12 +201,6 @@ class FeatureImitation(HookBase):
         ]
         if (self.cfg.response_weight > 0 or self.cfg.type == "response") and hasattr(student, "head"):
             self._handles.append(student.head.register_forward_hook(lambda m, i, o: self._seen.__setitem__("head", o)))
-
-    def after_train(self, trainer: Trainer) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._seen.clear()
 
     def loss_terms(self, trainer: Trainer, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seen, self._seen = self._seen, {}

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from .checkpoint import read_checkpoint, save_checkpoint
 from .errors import CheckpointError, TrainingError
 from .evaluate import evaluate
-from .masked import AGPSchedule, apply_masks, magnitude_masks, mask_gradients, masks_sparsity
+from .masked import AGPSchedule, apply_masks, magnitude_masks, mask_gradients, masks_sparsity, unwrap
 from .models import ModelSpec
 from .plan import Plan
 from .safety import check_output, clean_stale_temporaries
@@ -98,6 +98,40 @@ class HookBase:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+
+
+class TeacherHook(HookBase):
+    """What the distillation hooks share (:class:`surgery.distill.FeatureImitation`,
+    :class:`surgery.yolo.distill.YoloDistillation`): a frozen teacher in eval mode, 1x1 adaptation
+    layers (student width -> teacher width, per feature level) the optimizer trains with the
+    student, and forward hooks on the student that record what it saw each step (``_seen``),
+    registered by the subclass in ``before_train`` and removed after training."""
+
+    def __init__(self, teacher: nn.Module, cfg: Any, *, teacher_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.teacher_path = teacher_path
+        self.teacher = unwrap(teacher).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.adapters = nn.ModuleDict()
+        self._handles: list[Any] = []
+        self._seen: dict[str, Any] = {}
+
+    def set_adapters(self, widths: dict[str, tuple[int, int]]) -> None:
+        """One 1x1 convolution per level: ``{level: (student channels, teacher channels)}``."""
+        self.adapters = nn.ModuleDict({lv: nn.Conv2d(s, t, kernel_size=1) for lv, (s, t) in widths.items()})
+
+    def modules(self) -> list[nn.Module]:
+        return [self.adapters]
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.teacher.to(trainer.device)
+
+    def after_train(self, trainer: Trainer) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._seen.clear()
 
 
 class LoggingHook(HookBase):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import TrainingError
-from ..hooks import HookBase
+from ..hooks import TeacherHook
 from ..masked import unwrap
 from .interface import LetterboxTransform
 
@@ -114,7 +114,7 @@ def response_losses(s_boxes: Tensor, s_scores: Tensor, t_boxes: Tensor, t_scores
     return cls, dfl
 
 
-class YoloDistillation(HookBase):
+class YoloDistillation(TeacherHook):
     """Trainer hook for Ultralytics students: ``imitation`` (``cfg.type == "imitation"``, weight
     ``cfg.weight``) and ``response_cls`` / ``response_dfl`` (``cfg.response_weight``; for
     ``cfg.type == "response"`` the weight is ``cfg.weight`` and imitation is off)."""
@@ -123,11 +123,7 @@ class YoloDistillation(HookBase):
                  teacher_path: str | None = None) -> None:
         if not is_ultralytics(student) or not is_ultralytics(teacher):
             raise TrainingError("YOLO distillation needs Ultralytics detectors (a Detect head) as teacher and student")
-        self.cfg = cfg
-        self.teacher_path = teacher_path
-        self.teacher = unwrap(teacher).eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        super().__init__(teacher, cfg, teacher_path=teacher_path)
         self.imitate = cfg.type == "imitation" and cfg.weight > 0
         self.response_weight = cfg.weight if cfg.type == "response" else cfg.response_weight
         s_w, t_w = _feature_widths(student), _feature_widths(self.teacher)
@@ -137,15 +133,10 @@ class YoloDistillation(HookBase):
         if any(not 0 <= lv < len(s_w) for lv in levels):
             raise TrainingError(f"distill.levels {cfg.levels} are not feature levels of this model (0..{len(s_w) - 1})")
         self.levels = levels
-        self.adapters = nn.ModuleDict({str(lv): nn.Conv2d(s_w[lv], t_w[lv], kernel_size=1) for lv in levels})
-        self._handles: list[Any] = []
-        self._seen: dict[str, Any] = {}
-
-    def modules(self) -> list[nn.Module]:
-        return [self.adapters]
+        self.set_adapters({str(lv): (s_w[lv], t_w[lv]) for lv in levels})
 
     def before_train(self, trainer: Trainer) -> None:
-        self.teacher.to(trainer.device)
+        super().before_train(trainer)
         student = trainer.module
         head = _head(student)
         assert head is not None
@@ -154,12 +145,6 @@ class YoloDistillation(HookBase):
             head.register_forward_pre_hook(lambda m, i: self._seen.__setitem__("feats", list(i[0]))),
             head.register_forward_hook(lambda m, i, o: self._seen.__setitem__("out", o)),
         ]
-
-    def after_train(self, trainer: Trainer) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._seen.clear()
 
     def loss_terms(self, trainer: Trainer, images: list[Tensor], targets: list[dict[str, Any]]) -> dict[str, Tensor]:
         seen, self._seen = self._seen, {}
