@@ -142,6 +142,14 @@ class _Run:
     def control_path(self) -> Path:
         return self.out / "control.pt"
 
+    def finished(self, step: str, key: str) -> dict[str, Any] | None:
+        """The stored result of ``step`` when an earlier run finished it with the same settings
+        (``key``); it is then listed as skipped."""
+        done = self.state.get(step, key)
+        if done is not None:
+            self.skipped.append(step)
+        return done
+
     def stage(self, name: str) -> None:
         self.stage_i += 1
         if self.on_stage:
@@ -220,9 +228,8 @@ def step_dense(run: _Run) -> None:
     """1. The dense baseline: trained here, or the recipe's ``model.weights`` checkpoint."""
     recipe, state, dense_path = run.recipe, run.state, run.dense_path
     run.stage("dense baseline")
-    dense = state.get("dense", run.keys.dense)
+    dense = run.finished("dense", run.keys.dense)
     if dense is not None:
-        run.skipped.append("dense")
         run.dense = dense
         return
     state.begin("dense", run.keys.dense, [dense_path])
@@ -243,9 +250,8 @@ def step_dense(run: _Run) -> None:
 def step_control(run: _Run) -> None:
     """2. The dense control: the same retraining budget as every variant."""
     run.stage("dense control (same retraining as every variant)")
-    control = run.state.get("control", run.keys.control)
+    control = run.finished("control", run.keys.control)
     if control is not None:
-        run.skipped.append("control")
         run.control = control
         return
     run.state.begin("control", run.keys.control, [run.control_path])
@@ -369,9 +375,8 @@ def _sparse_step(run: _Run, name: str, point: dict[str, Any], tech: Technique) -
     path = run.out / f"{name}.sparse.pt"
     run.stage(f"{name}: sparse training ({scfg.steps} of the {recipe.retrain.steps} steps)")
     ks = run.keys.sparse(name)
-    sp = run.state.get(f"{name}:sparse", ks)
+    sp = run.finished(f"{name}:sparse", ks)
     if sp is not None:
-        run.skipped.append(f"{name}:sparse")
         return path, sp
     run.state.begin(f"{name}:sparse", ks, [path])
     model, ck = load_checkpoint(run.dense_path)
@@ -397,9 +402,8 @@ def _prune_step(run: _Run, key: str, k: int, source: Path, point: dict[str, Any]
     pruned_path = run.out / f"{key}.pruned.pt"
     run.stage(f"{key}: prune + eval")
     kp = run.keys.prune(key) if after is None else settings_hash([run.keys.prune(key), after])
-    pr = run.state.get(f"{key}:prune", kp)
+    pr = run.finished(f"{key}:prune", kp)
     if pr is not None:
-        run.skipped.append(f"{key}:prune")
         return pr
     run.state.begin(f"{key}:prune", kp, [pruned_path])
     model, ck = load_checkpoint(source)
@@ -426,9 +430,8 @@ def _retrain_step(run: _Run, key: str, k: int, rounds: int, distill: bool, *, bu
     pruned_path, retrained_path = run.out / f"{key}.pruned.pt", run.out / f"{key}.pt"
     run.stage(f"{key}: retrain + eval")
     kr = run.keys.retrain(key) if after is None else settings_hash([run.keys.retrain(key), after])
-    rt = run.state.get(f"{key}:retrain", kr)
+    rt = run.finished(f"{key}:retrain", kr)
     if rt is not None:
-        run.skipped.append(f"{key}:retrain")
         return rt
     steps = budget // rounds + (budget % rounds if k == rounds else 0)
     run.state.begin(f"{key}:retrain", kr, [retrained_path])
