@@ -38,3 +38,19 @@ def trained_slim(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train": {"steps": 40, "batch_size": 8, "lr": 0.004, "warmup_steps": 5, "checkpoint_every": 0},
     }, "test")  # fmt: skip
     return train_from_recipe(rec, tmp / "dense.pt", evaluate=False).out
+
+
+@pytest.fixture
+def ultralytics():
+    """The optional Ultralytics package, imported the adapter's way (offline, settings in the cache).
+    Missing: a failure under CI=true (CI installs the extra), a skip elsewhere (tests/extras.py)."""
+    from surgery.errors import UnknownModelError
+    from surgery.yolo import ultralytics_adapter
+    from tests.extras import require
+
+    ultralytics_adapter._ultralytics.cache_clear()
+    try:
+        return ultralytics_adapter._ultralytics()
+    except UnknownModelError:
+        require("ultralytics")
+        raise

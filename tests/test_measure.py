@@ -12,7 +12,6 @@ import torch.nn.utils.prune as tprune
 
 from surgery import compat
 from surgery.bench import BENCH_COLUMNS, bench_checkpoints, write_csv
-from surgery.measure.timing import paired_ratio
 from surgery.checkpoint import save_checkpoint
 from surgery.measure import (
     configured_rois,
@@ -24,6 +23,7 @@ from surgery.measure import (
     measure_latency,
     state_dict_size,
 )
+from surgery.measure.timing import paired_ratio
 from surgery.models import ModelSpec, build_model
 from surgery.recipe import BenchSection
 

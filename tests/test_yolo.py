@@ -10,44 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
-from cli.main import app
 from surgery.checkpoint import load, save_checkpoint
 from surgery.errors import UnknownModelError
-from surgery.measure import count_params
 from surgery.models import ModelSpec, build_model
 from surgery.prune import prune_model
 from surgery.recipe import PruneSection
 from tests.extras import require
+from tests.yolo_helpers import SIZE, images, prune_with_cli, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = 128
 YOLOS = ["yolov8n.yaml", "yolo11n.yaml"]
 
 
-def _images() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.rand(3, 96, 128, generator=g), torch.rand(3, 128, 112, generator=g)]
 
 
-def _targets() -> list[dict[str, torch.Tensor]]:
-    return [
-        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
-        {"boxes": torch.tensor([[20.0, 30.0, 90.0, 100.0], [5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([2, 4])},
-    ]
 
 
-def _train_step(model: nn.Module) -> float:
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = model(_images(), _targets())
-    loss = sum(losses.values())
-    assert torch.isfinite(loss)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return float(loss)
 
 
 def _eval(model: nn.Module) -> list[dict[str, torch.Tensor]]:
@@ -56,14 +35,14 @@ def _eval(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     thresh, model.score_thresh = model.score_thresh, 0.0
     try:
         with torch.no_grad():
-            return model(_images())
+            return model(images())
     finally:
         model.score_thresh = thresh
 
 
 def _check_outputs(outs: list[dict[str, torch.Tensor]], num_classes: int) -> None:
     assert len(outs) == 2
-    for out, img in zip(outs, _images()):
+    for out, img in zip(outs, images()):
         n = out["boxes"].shape[0]
         assert out["boxes"].shape == (n, 4) and out["scores"].shape == (n,) and out["labels"].shape == (n,)
         assert torch.isfinite(out["boxes"]).all() and torch.isfinite(out["scores"]).all()
@@ -76,17 +55,6 @@ def _check_outputs(outs: list[dict[str, torch.Tensor]], num_classes: int) -> Non
 # Ultralytics
 
 
-@pytest.fixture
-def ultralytics():
-    """Skip without the optional package; import it the adapter's way (offline, settings in the cache)."""
-    from surgery.yolo import ultralytics_adapter
-
-    ultralytics_adapter._ultralytics.cache_clear()
-    try:
-        return ultralytics_adapter._ultralytics()
-    except UnknownModelError:
-        require("ultralytics")  # fails under CI=true (CI installs the extra), skips elsewhere
-        raise
 
 
 def _vary(model: nn.Module) -> None:
@@ -109,7 +77,7 @@ def _raw(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The network's decoded boxes and scores before NMS (exact comparisons without NMS ties)."""
     model.eval()
     with torch.no_grad():
-        batch, _, _ = model.transform(_images())
+        batch, _, _ = model.transform(images())
         return model.predict(batch)
 
 
@@ -143,21 +111,13 @@ def _check_yolo_blocks(model: nn.Module) -> None:
 def test_ultralytics_prune_cli_reload_train_export(yaml: str, tmp_path, ultralytics) -> None:
     from surgery.export import export_onnx
 
-    out = tmp_path / "pruned.pt"
-    res = CliRunner().invoke(
-        app, ["prune", "--model", f"ultralytics:{yaml}", "-k", "nc=4", "-k", f"size={SIZE}", "--ratio", "0.5",
-              "--macs-size", str(SIZE), "--out", str(out)],
-    )  # fmt: skip
-    assert res.exit_code == 0, res.output
-    dense = build_model(ModelSpec(f"ultralytics:{yaml}", {"nc": 4, "size": SIZE}))
-    model = load(out)
-    assert count_params(model).total < 0.5 * count_params(dense).total
+    _, model, out = prune_with_cli(yaml, tmp_path)
     _check_yolo_blocks(model)
     _check_outputs(_eval(model), 4)
     again = load(out)
     for a, b in zip(_raw(model), _raw(again)):
         assert torch.equal(a, b)
-    assert _train_step(model) > 0
+    assert sum(train_step(model).values()) > 0
     _vary(again)
     # NMS of heavily overlapping random boxes flips on IoUs within float error of the threshold
     # between torchvision and onnxruntime; with NMS a no-op the whole graph (letterbox, network,
@@ -213,9 +173,9 @@ def test_ultralytics_pickle_needs_trust_and_bad_names(tmp_path, ultralytics) -> 
 def test_yolov2_trains_prunes_passthrough_and_reloads(tmp_path) -> None:
     spec = ModelSpec("yolov2_darknet19", {"num_classes": 5, "width": 0.25, "size": SIZE})
     model = build_model(spec)
-    first = _train_step(model)
+    first = sum(train_step(model).values())
     for _ in range(3):
-        last = _train_step(model)
+        last = sum(train_step(model).values())
     assert last < first
     _check_outputs(_eval(model), 4)
     passthrough_before = model.passthrough[0].out_channels
@@ -227,7 +187,7 @@ def test_yolov2_trains_prunes_passthrough_and_reloads(tmp_path) -> None:
     assert model.fuse[0].in_channels == 4 * model.passthrough[0].out_channels + model.head[-1][0].out_channels
     assert model.output.out_channels == 5 * (5 + 4)
     _check_outputs(_eval(model), 4)
-    _train_step(model)
+    train_step(model)
     path = save_checkpoint(tmp_path / "v2.pt", model, spec, kind="structured", plan=result.plan)
     again = load(path)
     for a, b in zip(_raw(model), _raw(again)):

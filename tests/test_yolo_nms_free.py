@@ -15,45 +15,17 @@ from surgery.checkpoint import load
 from surgery.errors import UnknownModelError
 from surgery.measure import count_params
 from surgery.models import ModelSpec, build_model
+from tests.yolo_helpers import SIZE, images, prune_with_cli, train_step
 
-SIZE = 128
 NMS_FREE = ["yolo26n.yaml", "yolov10n.yaml"]
 
 
-@pytest.fixture
-def ultralytics():
-    """Skip without the optional package; import it the adapter's way (offline, settings in the cache)."""
-    from surgery.yolo import ultralytics_adapter
-
-    ultralytics_adapter._ultralytics.cache_clear()
-    try:
-        return ultralytics_adapter._ultralytics()
-    except UnknownModelError:
-        pytest.skip("ultralytics is not installed (pip install 'surgery[yolo]')")
 
 
-def _images() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.rand(3, 96, 128, generator=g), torch.rand(3, 128, 112, generator=g)]
 
 
-def _targets() -> list[dict[str, torch.Tensor]]:
-    return [
-        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
-        {"boxes": torch.tensor([[20.0, 30.0, 90.0, 100.0], [5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([2, 4])},
-    ]
 
 
-def _train_step(model: nn.Module) -> dict[str, float]:
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = model(_images(), _targets())
-    loss = sum(losses.values())
-    assert torch.isfinite(loss)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return {k: float(v) for k, v in losses.items()}
 
 
 def _vary(model: nn.Module) -> None:
@@ -78,7 +50,7 @@ def _branches(model: nn.Module) -> dict[str, torch.Tensor]:
     comparisons, no top-k ties."""
     model.eval()
     with torch.no_grad():
-        batch, _, _ = model.transform(_images())
+        batch, _, _ = model.transform(images())
         model._sync_widths()
         _, raw = model.net(batch)
     if "one2one" not in raw:  # a Detect head without a one-to-one branch
@@ -118,29 +90,21 @@ def _check_head_matches_neck(model: nn.Module) -> None:
 def test_nms_free_prune_cli_eval_train_reload_export(yaml: str, tmp_path, ultralytics) -> None:
     from surgery.export import export_onnx
 
-    out = tmp_path / "pruned.pt"
-    res = CliRunner().invoke(
-        app, ["prune", "--model", f"ultralytics:{yaml}", "-k", "nc=4", "-k", f"size={SIZE}", "--ratio", "0.5",
-              "--macs-size", str(SIZE), "--out", str(out)],
-    )  # fmt: skip
-    assert res.exit_code == 0, res.output
-    dense = build_model(ModelSpec(f"ultralytics:{yaml}", {"nc": 4, "size": SIZE}))
-    model = load(out)  # torch.load(weights_only=True) inside
-    assert count_params(model).total < 0.5 * count_params(dense).total
+    dense, model, out = prune_with_cli(yaml, tmp_path)
     assert _neck_widths(model) != _neck_widths(dense)  # the neck was cut...
     _check_head_matches_neck(model)  # ...and both branches with it
     assert not model.nms  # one-to-one outputs, no NMS
     model.score_thresh = 0.0
-    outs = model.eval()(_images())
+    outs = model.eval()(images())
     assert [len(o["boxes"]) for o in outs] == [model.detections_per_img] * 2  # the head's own top-k, no NMS
-    for o, img in zip(outs, _images()):
+    for o, img in zip(outs, images()):
         assert torch.isfinite(o["boxes"]).all() and o["labels"].min() >= 1 and o["labels"].max() <= 4
         assert o["boxes"][:, 2].max() <= img.shape[-1] and o["boxes"][:, 3].max() <= img.shape[-2]
         assert torch.all(o["scores"][:-1] >= o["scores"][1:])
     again = load(out)
     for k, v in _branches(model).items():
         assert torch.equal(v, _branches(again)[k]), k
-    losses = _train_step(model)
+    losses = train_step(model)
     assert set(losses) == {"loss_box", "loss_cls", "loss_l1" if model.net.model[-1].reg_max == 1 else "loss_dfl"}
     _vary(again)
     export = export_onnx(again, tmp_path / "m.onnx", SIZE)
@@ -153,7 +117,7 @@ def test_nms_free_one_to_many_with_nms(ultralytics) -> None:
     model = build_model(ModelSpec("ultralytics:yolo26n.yaml", {"nc": 4, "size": SIZE, "end2end": False}))
     _vary(model)
     assert model.nms and not model.net.model[-1].end2end
-    boxes, scores = model.eval().predict(model.transform(_images())[0])
+    boxes, scores = model.eval().predict(model.transform(images())[0])
     anchors = sum((SIZE // s) ** 2 for s in (8, 16, 32))
     assert boxes.shape == (2, anchors, 4) and scores.shape == (2, anchors, 4)
     raw = _branches(model)
@@ -269,8 +233,8 @@ def test_every_shipped_detection_yaml_prunes_or_is_refused(row, ultralytics) -> 
     if getattr(model.net.model[-1], "one2one_cv2", None) is not None:
         _check_head_matches_neck(model)
     with torch.no_grad():
-        assert len(model.eval()(_images())) == 2
-    _train_step(model)
+        assert len(model.eval()(images())) == 2
+    train_step(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +292,7 @@ def test_export_ultralytics_round_trip(yaml: str, tmp_path, ultralytics) -> None
     n = sum(p.numel() for p in theirs.model.parameters())
     assert n == count_params(ours.net).total < 0.5 * count_params(dense.net).total
     assert {k: v.shape for k, v in theirs.model.state_dict().items()} == {k: v.shape for k, v in ours.net.state_dict().items()}
-    batch = ours.transform(_images())[0]
+    batch = ours.transform(images())[0]
     ours._sync_widths()
     with torch.no_grad():
         ours.net.model[-1].__dict__.pop("_end2end", None)  # Ultralytics' default branch for both
