@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
-from surgery.checkpoint import load_checkpoint, read_checkpoint
+from surgery.checkpoint import load_checkpoint
 from surgery.train import HookBase, build_trainer
-from tests.test_train import SPEC, Kill, Shapes, _cfg, _model
+from tests.test_train import SPEC, Shapes, _cfg, _model, reference_and_killed
 
 
 class RawWeights(HookBase):
@@ -40,12 +39,7 @@ def test_ema_weights_are_the_moving_average_of_the_raw_weights(tmp_path: Path):
 
 def test_ema_run_resumes_after_a_kill(tmp_path: Path):
     cfg = _cfg(steps=6, checkpoint_every=2, ema=0.9)
-    ref = _model()
-    build_trainer(ref, SPEC, Shapes(12), cfg, out=tmp_path / "ref.pt").train()
-    out = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):
-        build_trainer(_model(), SPEC, Shapes(12), cfg, out=out, hooks=[Kill(5)]).train()
-    assert read_checkpoint(out).train_state["step"] == 4
+    ref, out = reference_and_killed(cfg, tmp_path)
     resumed = _model(seed=123)
     build_trainer(resumed, SPEC, Shapes(12), cfg, out=out).train(resume=True)
     for k, v in ref.state_dict().items():

@@ -89,6 +89,18 @@ class Kill(HookBase):
             raise KeyboardInterrupt("simulated kill")
 
 
+def reference_and_killed(cfg: TrainSection, tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    """The uninterrupted run of ``cfg`` (6 steps, checkpoints every 2) and the checkpoint a run
+    killed during step 5 left: it holds step 4."""
+    ref = _model()
+    build_trainer(ref, SPEC, Shapes(12), cfg, out=tmp_path / "ref.pt").train()
+    out = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        build_trainer(_model(), SPEC, Shapes(12), cfg, out=out, hooks=[Kill(5)]).train()
+    assert read_checkpoint(out).train_state["step"] == 4
+    return ref, out
+
+
 def test_lr_schedule():
     cfg = TrainSection(steps=100, warmup_steps=10, schedule="cosine")
     assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
@@ -233,14 +245,7 @@ def test_divergence_never_keeps_the_destroying_update(tmp_path: Path):
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path):
     cfg = _cfg(steps=6, checkpoint_every=2, schedule="cosine", warmup_steps=2)
-    ref = _model()
-    build_trainer(ref, SPEC, Shapes(12), cfg, out=tmp_path / "ref.pt").train()
-
-    out = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):
-        build_trainer(_model(), SPEC, Shapes(12), cfg, out=out, hooks=[Kill(5)]).train()
-    assert read_checkpoint(out).train_state["step"] == 4
-
+    ref, out = reference_and_killed(cfg, tmp_path)
     resumed = _model(seed=123)  # different init: everything must come from the checkpoint
     rec = Recorder()
     trainer = build_trainer(resumed, SPEC, Shapes(12), cfg, out=out, hooks=[rec])
