@@ -132,7 +132,8 @@ def family_rows(family: str, results: Path, device: str) -> list[dict[str, str]]
 def _model_name(folder: Path) -> str:
     md = folder / "results.md"
     first = md.read_text().splitlines()[0] if md.is_file() else ""
-    return first.removeprefix("# ").split(":")[0] if first.startswith("# ") else ""
+    # "# ultralytics:yolov8n.yaml: structured vs masked pruning": the name may hold a colon itself
+    return first.removeprefix("# ").rsplit(": ", 1)[0] if first.startswith("# ") else ""
 
 
 def _f(x: str, pct: bool = False) -> str:

@@ -93,3 +93,10 @@ def test_a_reused_dense_model_changes_only_the_recipes_weights(tmp_path: Path) -
     shipped["model"]["weights"] = str(ckpt)
     assert yaml.safe_load(derived.read_text()) == shipped
     assert rf.family_recipe("recipes/recovery_retinanet.yaml", tmp_path / "x", None) == ROOT / "recipes/recovery_retinanet.yaml"
+
+
+def test_the_model_name_is_read_whole_from_the_sweeps_report(tmp_path: Path) -> None:
+    (tmp_path / "results.md").write_text("# ultralytics:yolov8n.yaml: structured vs masked pruning\n\nbody\n")
+    assert rf._model_name(tmp_path) == "ultralytics:yolov8n.yaml"
+    (tmp_path / "results.md").write_text("# fcos_resnet18_slim: structured vs masked pruning\n")
+    assert rf._model_name(tmp_path) == "fcos_resnet18_slim"
