@@ -7,6 +7,7 @@ checkpoint records, so a pruned model can be rebuilt without pickled code.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from pathlib import Path
@@ -349,18 +350,33 @@ def retinanet_resnet18_slim(
     fpn_channels: int = 128,
     min_size: int = 160,
     max_size: int = 160,
+    anchor_scales: int = 3,
+    head_norm: bool = True,
     weights: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A slim anchor-based RetinaNet sized for a CPU (the cross-family recovery benchmark's
-    anchor-based detector): the quickstart FCOS's ResNet-18 (real BatchNorm) + FPN P3-P7, 3
-    anchors per location (aspect ratios 0.5, 1, 2), torchvision's RetinaNet head and focal loss."""
+    anchor-based detector): the quickstart FCOS's ResNet-18 (real BatchNorm) + FPN P3-P7 and
+    torchvision's RetinaNet head with focal loss.
+
+    Anchors as in the RetinaNet paper, scaled to small images: ``anchor_scales`` octave scales
+    (2^0, 2^1/3, 2^2/3) x aspect ratios 0.5, 1, 2 per location, base size 2x the level's stride
+    (16 px at P3). One scale at 1x the stride (the first version) gave only 24% of the synthetic
+    set's boxes (15-59 px at 128 px) an anchor at IoU >= 0.5, 0.4 positives per box, and a model
+    at mAP 0.002 after 800 steps; three scales at 2x give 99% and 7.9. ``head_norm``: GroupNorm in
+    the head's conv towers (torchvision's v2 head, the FCOS head's norm), which a head trained
+    from scratch needs."""
     from torchvision.models.detection import RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.retinanet import RetinaNetHead
 
     backbone = _resnet18_fpn("retinanet_resnet18_slim", fpn_channels, weights)
-    anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)
-    return RetinaNet(backbone, num_classes=num_classes, anchor_generator=anchors, min_size=min_size,
+    sizes = tuple(tuple(round(2 * stride * 2 ** (i / anchor_scales), 1) for i in range(anchor_scales))
+                  for stride in (8, 16, 32, 64, 128))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    norm = functools.partial(nn.GroupNorm, 32) if head_norm else None
+    head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
+    return RetinaNet(backbone, num_classes=num_classes, anchor_generator=anchors, head=head, min_size=min_size,
                      max_size=max_size, **kwargs)
 
 

@@ -28,7 +28,7 @@ SLOW_MEMBERS = {
     "fasterrcnn_mobilenet_v3_large_fpn": "fasterrcnn_mobilenet_v3_large_320_fpn at a larger size",
     "fcos_resnet50_fpn": "fcos_resnet18_slim's head on resnet50",
     "retinanet_resnet50_fpn_v2": "retinanet_resnet50_fpn with a GroupNorm head",
-    "retinanet_resnet18_slim": "retinanet_resnet50_fpn's head on the quickstart's ResNet-18 (CPU-sized)",
+    "retinanet_resnet18_slim": "retinanet_resnet50_fpn_v2's GroupNorm head on the quickstart's ResNet-18 (CPU-sized)",
     "ssd300_vgg16": "SSD heads on VGG16 at a fixed 300 px (L2Norm scale)",
 }
 
