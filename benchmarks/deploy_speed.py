@@ -5,13 +5,14 @@
   traced as is and with surgery.postprocess's vectorised one (same detections), every model keeping
   100 detections at score threshold 0 as ``surgery bench`` does.
 - ``int8``: network time of FP32 and of each INT8 form (surgery.quantize.FORMS) for the two FCOS.
+- ``threads``: the dense and cut FCOS end to end at 1 and 2 threads, spin-waiting off and on.
 - ``latency``: ``prune_model`` with ``target_latency`` on the dense FCOS (and YOLOv8n with
   ``--yolo``), re-measured with ``surgery bench --runtime onnxruntime``'s own code.
 
 Untrained weights (timing does not depend on them at a fixed detection count). Every timing is
 interleaved across the files compared, ``--rounds`` x ``--runs``, medians.
 
-    python benchmarks/deploy_speed.py --csv benchmarks/deploy_speed.csv [--what pp,int8,latency] [--yolo]
+    python benchmarks/deploy_speed.py --csv benchmarks/deploy_speed.csv [--what pp,int8,threads,latency] [--yolo] [--spin]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch  # noqa: E402
 from surgery.export import export_onnx  # noqa: E402
 from surgery.measure import count_macs, fixed_workload  # noqa: E402
 from surgery.measure.split import onnx_scopes, onnx_split_ms  # noqa: E402
-from surgery.measure.timing import time_interleaved  # noqa: E402
+from surgery.measure.timing import RUN_BLOCK, time_interleaved  # noqa: E402
 from surgery.models import ModelSpec, build_model  # noqa: E402
 from surgery.prune import prune_model  # noqa: E402
 from surgery.recipe import BenchSection, PruneSection  # noqa: E402
@@ -75,7 +76,10 @@ def time_files(files: dict[str, tuple[Path, tuple[str, ...]]], size: int, thread
     cpu: dict[str, list[float]] = {k: [] for k in files}
     share: dict[str, list[float]] = {k: [] for k in files}
     for _ in range(rounds):
-        t = time_interleaved(fns, warmup=2, runs=runs)
+        # in blocks as `surgery bench` times (surgery.measure.timing.RUN_BLOCK); spinning: each
+        # file's runs of a round in one block (the idle spinning threads of the file timed before
+        # would take the cores from the next one)
+        t = time_interleaved(fns, warmup=2, runs=runs, block=runs if SPINNING else RUN_BLOCK)
         for k in files:
             e2e[k].append(statistics.median(t[k]))
         for _ in range(runs):
@@ -162,6 +166,32 @@ def section_int8(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
                         cpu=(t[best][2], t[best][3]), value_cpu=dense_fp32[2] / t[best][2]))
 
 
+def section_threads(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
+    """The dense and 25%-MACs FCOS end to end at 1 and 2 threads, spinning off and on: each
+    session's runs in one block per round (spinning threads would take the cores from the next
+    session), ``rounds`` rounds, medians. What a second thread buys a thin model."""
+    global SPINNING
+    dense, cut, ratio = fcos_pair(128)
+    paths = {name: export(m, tmp / f"threads-{name}.onnx", 128) for name, m in (("dense", dense), ("cut", cut))}
+    feed = {"image": torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(1)).numpy()}
+    configs = [(1, False), (2, False), (2, True)]
+    sessions = {(n, c): ort_session(p, c[0], spinning=c[1]) for n, p in paths.items() for c in configs}
+    fns = {f"{n}|{c[0]}|{c[1]}": (lambda s=s: s.run(None, feed)) for (n, c), s in sessions.items()}
+    ms: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.rounds):
+        t = time_interleaved(fns, warmup=1, runs=args.runs, block=args.runs)
+        for k in fns:
+            ms[k].append(statistics.median(t[k]))
+    saved = SPINNING
+    for threads, spin in configs:
+        SPINNING = spin
+        d, c = (statistics.median(ms[f"{n}|{threads}|{spin}"]) for n in ("dense", "cut"))
+        rows.append(row("threads", "fcos-dense", f"{threads} threads", 1.0, d, None))
+        rows.append(row("threads", "fcos-macs0.25", f"{threads} threads", ratio, c, None, c / d / ratio,
+                        f"e2e ratio {c / d:.3f} at MACs ratio {ratio:.3f}: value = e2e ratio / MACs ratio"))
+    SPINNING = saved
+
+
 def section_latency(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     from surgery.bench import bench_checkpoints
     from surgery.checkpoint import save_checkpoint
@@ -215,7 +245,8 @@ def main() -> int:
     printed = 0
     with tempfile.TemporaryDirectory(prefix="deploy-speed-") as tmp:
         for what in args.what.split(","):
-            {"pp": section_pp, "int8": section_int8, "latency": section_latency}[what](Path(tmp), args, rows)
+            sections = {"pp": section_pp, "int8": section_int8, "threads": section_threads, "latency": section_latency}
+            sections[what](Path(tmp), args, rows)
             for r in rows[printed:]:
                 print(",".join("" if r[c] is None else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))
                                for c in COLUMNS), flush=True)

@@ -37,7 +37,7 @@ from .measure.split import (
     record_calls,
     replay_network,
 )
-from .measure.timing import paired_ratio, summarize, time_interleaved
+from .measure.timing import RUN_BLOCK, SPIN_BLOCK, paired_ratio, summarize, time_interleaved
 from .measure.workload import MACS_ROIS, example_images, quiet
 from .onnx_io import onnx_parameter_count
 from .postprocess import fast_postprocess
@@ -127,6 +127,8 @@ def _num(meta: dict[str, str], key: str) -> float | None:
         return float(meta[key])
     except (KeyError, ValueError):
         return None
+
+
 
 
 @dataclass
@@ -272,6 +274,7 @@ def _time_all(
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else None
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    block = SPIN_BLOCK if cfg.spinning else RUN_BLOCK
     out: dict[tuple[str, int], dict[str, Any]] = {}
     try:
         with contextlib.ExitStack() as stack:
@@ -299,8 +302,8 @@ def _time_all(
                     fns[f"{s.key}\0e2e"] = lambda m=s.model, b=batch: m(b)
                 with torch.inference_mode():
                     times = time_interleaved(
-                        fns, warmup=cfg.warmup, runs=cfg.runs, sync=sync,
-                        progress=lambda: tick("latency", 1 / max(cfg.warmup + cfg.runs, 1)),
+                        fns, warmup=cfg.warmup, runs=cfg.runs, sync=sync, block=block,
+                        progress=lambda: tick("latency", 1 / max(cfg.warmup + math.ceil(cfg.runs / block), 1)),
                     )
                 shares = _onnx_shares([s for s in subjects if s.runtime != "torch"], batch, cfg)
                 for s in subjects:

@@ -53,7 +53,7 @@ from .graph import trace
 from .latency_table import FRACTIONS, LatencyTable, measure_table
 from .measure import fixed_workload
 from .measure.split import onnx_network_shares, onnx_scopes, record_calls, replay_network
-from .measure.timing import time_interleaved
+from .measure.timing import RUN_BLOCK, time_interleaved
 from .measure.workload import example_images, quiet
 from .runtime import OnnxDetector, fit_image
 
@@ -213,7 +213,7 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
             raise PruningError("no network node found in the exported model's profile: cannot time its network")
         fns = {str(k): (lambda d=d: d(images)) for k, d in enumerate(detectors)}
         for _ in range(rounds):
-            times = time_interleaved(fns, warmup=1, runs=runs)
+            times = time_interleaved(fns, warmup=1, runs=runs, block=RUN_BLOCK)  # as bench times
             for k, share in enumerate(shares):
                 samples[k].append(statistics.median(times[str(k)]) * share)
     return samples

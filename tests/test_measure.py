@@ -23,7 +23,7 @@ from surgery.measure import (
     measure_latency,
     state_dict_size,
 )
-from surgery.measure.timing import paired_ratio
+from surgery.measure.timing import paired_ratio, time_interleaved
 from surgery.models import ModelSpec, build_model
 from surgery.recipe import BenchSection
 
@@ -204,6 +204,15 @@ def test_paired_ratio_cancels_a_burst_that_the_ratio_of_medians_does_not():
     subject, reference = [1.0, 6.0, 6.0], [2.0, 2.0, 12.0]  # a burst over the subject's run 2
     assert paired_ratio(subject, reference) == pytest.approx(0.5)
     assert statistics.median(subject) / statistics.median(reference) == pytest.approx(3.0)
+
+
+def test_time_interleaved_in_blocks_runs_each_function_back_to_back():
+    calls: list[str] = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in "ab"}
+    times = time_interleaved(fns, warmup=0, runs=5, block=3)
+    assert [len(t) for t in times.values()] == [5, 5]
+    # one untimed call, then the block; the next round starts with the other function
+    assert "".join(calls) == "aaaa" + "bbbb" + "bbb" + "aaa"
 
 
 def test_bench_ratios_pair_runs_of_the_same_round(ckpts, monkeypatch):

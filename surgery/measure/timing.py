@@ -45,6 +45,15 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+# Consecutive timed runs of one model (after one untimed run) before the next model takes over;
+# the models rotate round by round, so drift on a shared machine still hits all of them alike.
+# Run by run alternation measured each call cold (the other model's weights in the caches, its
+# thread pool asleep): the quickstart's 25%-MACs FCOS ran at 0.43 of the dense time that way and
+# at 0.35 in blocks, as it runs when it serves a stream of images (docs/deployment-speed.md).
+RUN_BLOCK = 5
+SPIN_BLOCK = 10  # ONNX Runtime spinning: the idle threads of the model timed before keep the cores a while
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], Any]],
     *,
@@ -52,12 +61,16 @@ def time_interleaved(
     runs: int = 20,
     sync: Callable[[], None] | None = None,
     progress: Callable[[], None] | None = None,
+    block: int = 1,
 ) -> dict[str, list[float]]:
     """Milliseconds of each of ``runs`` calls of every function, after ``warmup`` untimed rounds.
 
     Rounds are round-robin with a rotating start, so drift on a shared machine (another process,
     thermal throttling) is spread over all functions alike. ``sync`` runs before and after each
-    timed call (CUDA); ``progress()`` after each round.
+    timed call (CUDA); ``progress()`` after each round. ``block`` > 1: each function runs that many
+    timed calls in a row (after one untimed call) before the next takes over, for runtimes whose
+    idle threads keep spinning after a call (ONNX Runtime with spinning on) and would otherwise
+    take the cores from the function timed next.
     """
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -68,16 +81,20 @@ def time_interleaved(
             sync()
         if progress:
             progress()
-    for r in range(runs):
+    block = max(1, int(block))
+    for r in range(math.ceil(runs / block)):
         k = r % len(names)
         for n in names[k:] + names[:k]:
-            if sync:
-                sync()
-            t0 = time.perf_counter()
-            fns[n]()
-            if sync:
-                sync()
-            times[n].append((time.perf_counter() - t0) * 1e3)
+            if block > 1:
+                fns[n]()
+            for _ in range(min(block, runs - r * block)):
+                if sync:
+                    sync()
+                t0 = time.perf_counter()
+                fns[n]()
+                if sync:
+                    sync()
+                times[n].append((time.perf_counter() - t0) * 1e3)
         if progress:
             progress()
     return times
