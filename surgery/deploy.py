@@ -197,8 +197,8 @@ def deploy_report(recipe: Any, out: Path, checkpoints: Sequence[Path], val_set: 
         f"calibrated on {sweep.calib_batches} batches of training images; output layers, decoding and NMS in float)"
         + (f", and INT8 after {sweep.qat_steps} quantization-aware steps" if sweep.qat_steps else "")
         + f". mAP on the validation set through the same evaluator; latency: batch 1, {cfg.input_size} px, "
-        f"{cfg.threads} threads{' (spinning)' if cfg.spinning else ''}, median of {cfg.runs} interleaved runs "
-        "(ratios: median of run-by-run ratios), network share from ONNX Runtime's "
+        f"{cfg.threads} threads{' (spinning)' if cfg.spinning else ''}, median of {cfg.runs} runs interleaved "
+        "in blocks per model (ratios: median of the ratios of paired runs), network share from ONNX Runtime's "
         "profiler. Last column: INT8 end to end against the dense FP32 file.\n\n"
         + deploy_markdown(rows, reference_ms=dense_ms)
     )
