@@ -129,8 +129,6 @@ def _num(meta: dict[str, str], key: str) -> float | None:
         return None
 
 
-
-
 @dataclass
 class _Subject:
     """One model under one runtime: what is timed, and what is known about it."""
@@ -185,7 +183,8 @@ def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) ->
     with fixed_workload(model, rois, det):  # the detection count is baked into the graph
         export_onnx(model, onnx, cfg.input_size, verify=False)
     info["torch_model"] = model  # mAP is measured on the real thresholds: see _evaluate
-    return _Subject(key, "onnxruntime", OnnxDetector(onnx, cfg.threads, spinning=cfg.spinning), info, onnx=onnx, scopes=onnx_scopes(model))
+    det = OnnxDetector(onnx, cfg.threads, spinning=cfg.spinning)
+    return _Subject(key, "onnxruntime", det, info, onnx=onnx, scopes=onnx_scopes(model))
 
 
 def _memory_format(subject: _Subject, cfg: BenchSection, batch: list[torch.Tensor]) -> str:

@@ -188,7 +188,7 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
                         calls.append(record_calls(m.eval(), images))
                 fns = {str(k): (lambda c=c: replay_network(c)) for k, c in enumerate(calls)}
                 for _ in range(rounds):
-                    times = time_interleaved(fns, warmup=1, runs=runs)
+                    times = time_interleaved(fns, warmup=1, runs=runs, block=RUN_BLOCK)  # as bench times
                     for k in range(len(models)):
                         samples[k].append(statistics.median(times[str(k)]))
         finally:
@@ -205,7 +205,7 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
         # measured as `surgery bench --runtime onnxruntime` measures it (the number a user checks
         # the target against): the end-to-end time of the exported detector, interleaved, times
         # the network's share of the profiled kernel time. The profiled kernel sum alone leaves
-        # out the runtime's per-operator overhead and disagreed with bench by 5-10% (quiet machine)
+        # out the runtime's per-operator overhead and disagreed with bench by 5-13% on this machine
         detectors = [OnnxDetector(path, threads) for path, _ in files]
         feeds = [{"image": fit_image(img, input_size).numpy()} for img in images]
         shares = onnx_network_shares([(p, sc, feeds) for p, sc in files], threads=threads, runs=min(runs, 10))
