@@ -218,18 +218,18 @@ def test_time_interleaved_in_blocks_runs_each_function_back_to_back():
 def test_bench_ratios_pair_runs_of_the_same_round(ckpts, monkeypatch):
     import surgery.bench as bench_mod
 
-    def fake(fns, **kw):  # the reference steady, the subject slowed in runs 2-3 only: paired 0.5
+    def fake(fns, **kw):  # a burst slows both in rounds 4-5 and the reference alone in round 3
         out = {}
         for name in fns:
-            slow = not name.startswith(str(ckpts[0]))
-            out[name] = [1.0, 4.0, 4.0, 1.0, 1.0] if slow else [2.0, 2.0, 2.0, 2.0, 2.0]
+            thin = not name.startswith(str(ckpts[0]))
+            out[name] = [1.0, 1.0, 1.0, 4.0, 4.0] if thin else [2.0, 2.0, 8.0, 8.0, 8.0]
         return out
 
     monkeypatch.setattr(bench_mod, "time_interleaved", fake)
     rows = bench_checkpoints([ckpts[0], ckpts[2]], TINY)
     thin = rows[2]
-    assert thin.latency_ms_median == 1.0 and rows[0].latency_ms_median == 2.0
-    assert thin.latency_ratio == pytest.approx(0.5)
+    assert thin.latency_ms_median == 1.0 and rows[0].latency_ms_median == 8.0  # ratio of medians: 0.125
+    assert thin.latency_ratio == pytest.approx(0.5)  # paired: 0.5 in four rounds of five
     assert thin.network_ratio == pytest.approx(0.5)
 
 
