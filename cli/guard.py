@@ -45,10 +45,12 @@ def _precheck(command: str, bound: dict[str, Any]) -> None:
 
     inputs = _inputs(bound)
     check_device(bound.get("device"))
-    if command == "export":
-        size, opset = bound.get("input_size"), bound.get("opset")
+    for key in ("input_size", "macs_size"):  # a side of 100000 would allocate ~1 TB before anything else
+        size = bound.get(key)
         if size is not None and not 32 <= size <= 4096:
-            raise RecipeError(f"--input-size {size}: expected an integer in [32, 4096]")
+            raise RecipeError(f"--{key.replace('_', '-')} {size}: expected an integer in [32, 4096]")
+    if command == "export":
+        opset = bound.get("opset")
         if opset is not None and not 7 <= opset <= 30:
             raise RecipeError(f"--opset {opset}: expected an ONNX opset in [7, 30] (17 is well supported)")
     if bound.get("kwarg") and isinstance(bound.get("model"), str) and ":" not in bound["model"] and looks_like_path(bound["model"]):
@@ -63,6 +65,11 @@ def check_device(device: Any, flag: str = "--device") -> None:
         return
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d{1,2})?|mps", device):
         raise RecipeError(f"{flag} {device!r}: expected cpu, cuda or cuda:N")
+    if device == "mps":
+        import torch  # only for mps: --help and cpu runs stay torch-free here
+
+        if not torch.backends.mps.is_available():
+            raise RecipeError(f"{flag} mps: Apple's MPS is not available on this machine (use cpu)")
     if device.startswith("cuda"):
         import torch  # only for a cuda device: --help and cpu runs stay torch-free here
 

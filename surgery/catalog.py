@@ -72,7 +72,7 @@ def find_recipe(value: str | Path) -> Path:
     # ``recipes/NAME.yaml`` as the README and the Makefile write it also finds the shipped recipe
     # outside a checkout (a pip install): only when no such file exists here
     shipped_path = path.parent.as_posix() == "recipes"
-    if path.is_file() or not (looks_like_name(value) or shipped_path):
+    if (path.exists() and not path.is_dir()) or not (looks_like_name(value) or shipped_path):  # a FIFO is named as one
         return path
     name = path.name.removesuffix(SUFFIX)
     entries = list_recipes()

@@ -153,6 +153,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "nms_thresh": (_prob, "a number in [0, 1]"),
     "fpn_channels": (lambda v: _int_at_least(v, 32) and v <= 4096 and v % 32 == 0, "a multiple of 32 in [32, 4096]"),
     "num_convs": (lambda v: _int_at_least(v, 0) and v <= 16, "an integer in [0, 16]"),
+    "size": (lambda v: _int_at_least(v, 32) and v <= 4096, "an integer in [32, 4096] (the input side)"),
 }
 
 

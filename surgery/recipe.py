@@ -21,7 +21,7 @@ from .catalog import find_recipe
 from .errors import DataError, RecipeError
 from .importance import list_importances, pruning_methods
 from .registry import did_you_mean
-from .trust import safe_yaml_load
+from .trust import read_small_file, safe_yaml_load
 
 SCHEMA_VERSION = 1
 ALLOCATIONS = ("uniform", "global", "sensitivity")
@@ -473,12 +473,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file (or a shipped recipe by name: ``quickstart``)."""
     path = find_recipe(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist" if not path.exists() else f"recipe {path} is not a file")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from e
+    raw = read_small_file(path, "recipe")  # stat first: a 3 GB or FIFO recipe is one line
     try:
         data = safe_yaml_load(raw, str(path))
     except yaml.YAMLError as e:

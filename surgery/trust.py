@@ -307,6 +307,33 @@ def _expanded_size(root: yaml.Node, limit: int) -> int:
     return sizes[id(root)]
 
 
+def read_small_file(path: str | Path, what: str, limit: int = MAX_YAML_BYTES,
+                    error: type[SurgeryError] = RecipeError) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, sized with ``stat`` before it is read
+    (a 3 GB yaml is one line, not 3.9 GB of memory; a FIFO is named, never opened to block)."""
+    import stat  # only here: the one use
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "a device or socket"
+        raise error(f"{what} {path} is {kind}, not a regular file; refused")
+    if st.st_size > limit:
+        raise error(f"{what} {path} is {st.st_size} bytes, more than {limit} ({limit >> 20} MiB); refused before reading it")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+    if len(data) > limit:  # grew since the stat
+        raise error(f"{what} {path} is more than {limit} bytes; refused")
+    return data
+
+
 def safe_yaml_load(text: str | bytes, source: str = "<yaml>", max_nodes: int = MAX_YAML_NODES) -> Any:
     """``yaml.safe_load`` that refuses alias bombs, recursive aliases and non-UTF-8 bytes."""
     if isinstance(text, bytes):
@@ -330,6 +357,8 @@ def safe_yaml_load(text: str | bytes, source: str = "<yaml>", max_nodes: int = M
                 f"{source}: YAML aliases expand to more than {max_nodes} nodes (an alias bomb?); refused"
             )
         return loader.construct_document(node)
+    except ValueError as e:  # e.g. a 5000-digit integer: Python's int() refuses more than 4300 digits
+        raise RecipeError(f"{source}: {' '.join(str(e).split())[:200]}") from None
     except _DuplicateKey as e:
         raise RecipeError(f"{source}: {e}") from None
     except RecursionError:

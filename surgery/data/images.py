@@ -5,7 +5,9 @@ Pillow's ``convert("RGB")`` clips 16- and 32-bit grey images (``I;16``, ``I``) a
 those are scaled to 0..255 first (16-bit by 257, i.e. the high byte rounded; 32-bit integers by
 their type's range if they exceed 16 bits; floats as [0, 1] when they lie there, else as 0..255);
 the other modes (palette, grey, alpha, CMYK, YCbCr) go through Pillow's conversion, alpha dropped.
-A file above Pillow's decompression-bomb limit is a :class:`~surgery.errors.DataError` line.
+A file above Pillow's decompression-bomb limit is a :class:`~surgery.errors.DataError` line, and so
+is one whose header declares more than :data:`MAX_PIXELS` (checked before decoding: Pillow's own
+limit, 179 MP, lets a 140 KB 12000x12000 PNG through, 1.7 GB once it is a float image).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+
+MAX_PIXELS = 8192 * 8192  # 64 MP (a 48 MP phone photo fits): 0.8 GB as a float32 RGB tensor
 
 
 def _scaled_grey(im: Image.Image) -> np.ndarray:
@@ -43,10 +47,20 @@ def to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+def check_pixels(im: Image.Image, what: str) -> None:
+    """One :class:`DataError` line if the opened (not yet decoded) image's header declares more than
+    :data:`MAX_PIXELS`."""
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        raise DataError(f"{what} is {w}x{h} pixels, more than {MAX_PIXELS // 10**6} MP; refused before decoding "
+                        "(resize it first)")
+
+
 def read_rgb(path: str | Path, what: str = "image") -> np.ndarray:
     """The image file at ``path`` as ``H x W x 3`` uint8, or one :class:`DataError` line."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            check_pixels(im, f"{what} {path}")
             return to_rgb_array(im)
     except FileNotFoundError:
         raise DataError(f"{what} {path} does not exist") from None

@@ -16,8 +16,15 @@ whatever was imported first:
   ``repeats`` a small positive integer, ``module`` one of the detection layers Ultralytics defines
   (``Conv``, ``C2f``, ``SPPF``, ``Detect``...) or a few ``nn.`` layers, ``args`` finite numbers,
   bools, short lists of those, or one of a few strings (``nc``, ``None``, ``nearest``...);
+- every argument of every row against :data:`LAYER_ARGS`, a table of what each allowed layer's
+  arguments mean (kernel, stride, padding, groups, expansion, channel counts, ``nc`` used as a
+  channel count, ``nn.Upsample``'s scale, ``nn.ZeroPad2d``'s padding...) and their bounds
+  (:data:`ARG_KINDS`): ``Conv [64, 5000, 1]`` is one line, not 102 GB. A new layer is one row there;
 - a size estimate: the widest layer (after the width multiple) and the total repeats are bounded,
-  so ``width_multiple: 1000`` or ``depth_multiple: 100000`` is one line, not 295 GB.
+  so ``width_multiple: 1000`` or ``depth_multiple: 100000`` is one line, not 295 GB; then
+  :func:`estimate_cost` follows channels and feature-map sides through the rows (as Ultralytics'
+  parser will) and bounds parameters plus activation memory at the trace size by
+  :func:`max_build_bytes` (12 GiB, an overestimate about 2x: fits a 24 GB machine; ``SURGERY_MAX_MODEL_GB`` raises it).
 
 Each violation is one :class:`~surgery.errors.UnknownModelError` line naming the key and the
 source. No torch, no Ultralytics here: this module only reads Python data.
@@ -27,6 +34,9 @@ from __future__ import annotations
 
 import ast
 import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UnknownModelError
@@ -38,22 +48,19 @@ MAX_REPEATS = 64  # one row's repeats after the depth multiple (YOLOv8x: 9)
 MAX_ROWS = 512  # backbone + head (YOLOv9e: ~50)
 MAX_LIST = 64  # elements in one argument list
 MAX_INT_ARG = 100_000
+MAX_KERNEL = 31  # shipped yamls: at most 13 (SPP)
+MAX_STRIDE = 16
+MAX_DILATION = 16
+MAX_EXPANSION = 8.0  # C2f/C3 e (shipped: 0.5, 1.0), ResNetLayer e (4), mlp ratios (1.2, 2.0)
+MAX_HEADS = 64
+MAX_SIDE = 4096  # a feature map's side (Upsample size) and the trace size
+MAX_UPSAMPLE = 8.0
+MAX_BUILD_GB = 12.0  # parameters (+ grads, Adam) and batch-1 activations at the trace size
+BUILD_GB_ENV = "SURGERY_MAX_MODEL_GB"
 
 TOP_KEYS = frozenset({
     "nc", "scales", "scale", "depth_multiple", "width_multiple", "activation", "backbone", "head",
     "reg_max", "end2end", "channels", "ch", "yaml_file",
-})  # fmt: skip
-
-# layers Ultralytics defines for detection models (its shipped detection yamls use these); heads
-# other than detection (Segment, Pose, OBB, Classify), text/vision downloads (WorldDetect, YOLOE*,
-# TorchVision) and anything else in its module namespace (functions such as torch_safe_load) are not
-MODULES = frozenset({
-    "A2C2f", "AConv", "ADown", "AIFI", "Bottleneck", "BottleneckCSP", "C1", "C2", "C2PSA", "C2f",
-    "C2fCIB", "C2fPSA", "C3", "C3Ghost", "C3TR", "C3k2", "C3x", "CBFuse", "CBLinear", "Concat", "Conv",
-    "ConvTranspose", "DWConv", "DWConvTranspose2d", "Detect", "ELAN1", "Focus", "GhostBottleneck",
-    "GhostConv", "HGBlock", "HGStem", "PSA", "RepC3", "RepNCSPELAN4", "ResNetLayer", "SCDown", "SPP",
-    "SPPELAN", "SPPF", "v10Detect",
-    "nn.BatchNorm2d", "nn.ConvTranspose2d", "nn.Identity", "nn.MaxPool2d", "nn.Upsample", "nn.ZeroPad2d",
 })  # fmt: skip
 
 ACTIVATIONS = frozenset({
@@ -63,6 +70,103 @@ ACTIVATIONS = frozenset({
 ACTIVATION_KEYWORDS = frozenset({"inplace", "negative_slope", "alpha", "num_parameters", "init", "approximate"})
 
 STRING_ARGS = frozenset({"nc", "None", "nearest", "bilinear", "True", "False"})
+
+
+def _int_in(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _ints_in(v: Any, lo: int, hi: int, lengths: tuple[int, ...] = (1, 2, 3, 4)) -> bool:
+    return _int_in(v, lo, hi) or (isinstance(v, list) and len(v) in lengths and all(_int_in(x, lo, hi) for x in v))
+
+
+def _in(v: Any, lo: float, hi: float) -> bool:  # lo < v <= hi
+    return _number(v) and lo < v <= hi
+
+
+# what an argument may be, by its meaning: (check, description for the error line)
+ARG_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "channels": (lambda v: _int_in(v, 1, MAX_CHANNELS), f"a channel count in 1..{MAX_CHANNELS}"),
+    "channel_list": (lambda v: isinstance(v, list) and 0 < len(v) <= 8 and all(_int_in(x, 1, MAX_CHANNELS) for x in v),
+                     f"a short list of channel counts in 1..{MAX_CHANNELS}"),
+    "kernel": (lambda v: _ints_in(v, 1, MAX_KERNEL), f"a kernel size in 1..{MAX_KERNEL} (or a short list of them)"),
+    "stride": (lambda v: _int_in(v, 1, MAX_STRIDE), f"a stride in 1..{MAX_STRIDE}"),
+    "stride_or_none": (lambda v: v is None or _int_in(v, 1, MAX_STRIDE), f"a stride in 1..{MAX_STRIDE} or None"),
+    "padding": (lambda v: v is None or _ints_in(v, 0, MAX_KERNEL, (1, 2)), f"a padding in 0..{MAX_KERNEL} or None"),
+    "pad4": (lambda v: _ints_in(v, 0, MAX_KERNEL, (2, 4)), f"a padding in 0..{MAX_KERNEL} (or 2 or 4 of them)"),
+    "groups": (lambda v: _int_in(v, 1, MAX_CHANNELS), f"a group count in 1..{MAX_CHANNELS}"),
+    "dilation": (lambda v: _ints_in(v, 1, MAX_DILATION, (1, 2)), f"a dilation in 1..{MAX_DILATION}"),
+    "expansion": (lambda v: _in(v, 0, MAX_EXPANSION), f"an expansion in (0, {MAX_EXPANSION:g}]"),
+    "repeats": (lambda v: _int_in(v, 1, MAX_REPEATS), f"a repeat count in 1..{MAX_REPEATS}"),
+    "heads": (lambda v: _int_in(v, 1, MAX_HEADS), f"a head count in 1..{MAX_HEADS}"),
+    "area": (lambda v: v == -1 or _int_in(v, 1, 16), "an area count in 1..16 (or -1: none)"),
+    "dropout": (lambda v: _number(v) and 0 <= v < 1, "a dropout in [0, 1)"),
+    "flag": (lambda v: isinstance(v, bool) or v in (0, 1), "true or false"),
+    "act": (lambda v: isinstance(v, bool) or v is None, "true, false or None"),
+    "nc": (lambda v: _int_in(v, 1, MAX_CLASSES), f"a class count in 1..{MAX_CLASSES}"),
+    "dim": (lambda v: _int_in(v, 1, 3), "a tensor dimension in 1..3"),
+    "indices": (lambda v: isinstance(v, list) and 0 < len(v) <= 8 and all(_int_in(x, 0, 8) for x in v),
+                "a short list of small indices"),
+    "side": (lambda v: v is None or _ints_in(v, 1, MAX_SIDE, (1, 2)), f"None or a size in 1..{MAX_SIDE}"),
+    "scale": (lambda v: v is None or _in(v, 0, MAX_UPSAMPLE), f"None or a scale in (0, {MAX_UPSAMPLE:g}]"),
+    "mode": (lambda v: v in ("nearest", "bilinear"), "'nearest' or 'bilinear'"),
+    "ignored": (lambda v: True, "anything (ignored)"),
+}
+
+_C2 = ("c2", "channels")  # the output channels base layers scale by the width multiple
+_CSP = (_C2, ("shortcut", "flag"), ("g", "groups"), ("e", "expansion"))
+
+# the layers Ultralytics defines for detection models (its shipped detection yamls use these), each
+# with its yaml arguments in order, by meaning (Ultralytics inserts the input channels and, for
+# blocks with repeats, the repeat count; those are not in the yaml). A new layer is one row. Heads
+# other than detection (Segment, Pose, OBB, Classify), text/vision downloads (WorldDetect, YOLOE*,
+# TorchVision) and anything else in its module namespace (functions such as torch_safe_load) are not.
+LAYER_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "Conv": (_C2, ("k", "kernel"), ("s", "stride"), ("p", "padding"), ("g", "groups"), ("d", "dilation"), ("act", "act")),
+    "ConvTranspose": (_C2, ("k", "kernel"), ("s", "stride"), ("p", "padding"), ("bn", "flag"), ("act", "act")),
+    "DWConv": (_C2, ("k", "kernel"), ("s", "stride"), ("d", "dilation"), ("act", "act")),
+    "DWConvTranspose2d": (_C2, ("k", "kernel"), ("s", "stride"), ("p", "padding"), ("p2", "padding")),
+    "GhostConv": (_C2, ("k", "kernel"), ("s", "stride"), ("g", "groups"), ("act", "act")),
+    "Focus": (_C2, ("k", "kernel"), ("s", "stride"), ("p", "padding"), ("g", "groups"), ("act", "act")),
+    "Bottleneck": (_C2, ("shortcut", "flag"), ("g", "groups"), ("k", "kernel"), ("e", "expansion")),
+    "GhostBottleneck": (_C2, ("k", "kernel"), ("s", "stride")),
+    "SCDown": (_C2, ("k", "kernel"), ("s", "stride")),
+    "SPP": (_C2, ("k", "kernel")),
+    "SPPF": (_C2, ("k", "kernel"), ("n", "repeats"), ("shortcut", "flag")),
+    "SPPELAN": (_C2, ("c3", "channels"), ("k", "kernel")),
+    "ADown": (_C2,),
+    "AConv": (_C2,),
+    "ELAN1": (_C2, ("c3", "channels"), ("c4", "channels")),
+    "RepNCSPELAN4": (_C2, ("c3", "channels"), ("c4", "channels"), ("n", "repeats")),
+    "C1": (_C2,),
+    "C2": _CSP, "C2f": _CSP, "C3": _CSP, "C3x": _CSP, "C3TR": _CSP, "C3Ghost": _CSP, "BottleneckCSP": _CSP,
+    "C2fCIB": (_C2, ("shortcut", "flag"), ("lk", "flag"), ("g", "groups"), ("e", "expansion")),
+    "C3k2": (_C2, ("c3k", "flag"), ("e", "expansion"), ("attn", "flag"), ("g", "groups"), ("shortcut", "flag")),
+    "A2C2f": (_C2, ("a2", "flag"), ("area", "area"), ("residual", "flag"), ("mlp_ratio", "expansion"),
+              ("e", "expansion"), ("g", "groups"), ("shortcut", "flag")),
+    "C2PSA": (_C2, ("e", "expansion")), "C2fPSA": (_C2, ("e", "expansion")), "PSA": (_C2, ("e", "expansion")),
+    "RepC3": (_C2, ("e", "expansion")),
+    "HGStem": (("cm", "channels"), ("c2", "channels")),
+    "HGBlock": (("cm", "channels"), ("c2", "channels"), ("k", "kernel"), ("lightconv", "flag"), ("shortcut", "flag"),
+                ("act", "act")),
+    "ResNetLayer": (("c1", "channels"), ("c2", "channels"), ("s", "stride"), ("is_first", "flag"), ("n", "repeats"),
+                    ("e", "expansion")),
+    "AIFI": (("cm", "channels"), ("num_heads", "heads"), ("dropout", "dropout"), ("act", "act"), ("normalize_before", "flag")),
+    "CBLinear": (("c2s", "channel_list"), ("k", "kernel"), ("s", "stride"), ("p", "padding"), ("g", "groups")),
+    "CBFuse": (("idx", "indices"),),
+    "Concat": (("dimension", "dim"),),
+    "Detect": (("nc", "nc"),),
+    "v10Detect": (("nc", "nc"),),
+    "nn.BatchNorm2d": (("num_features", "ignored"),),  # Ultralytics passes the input channels instead
+    "nn.Identity": (),
+    "nn.ConvTranspose2d": (_C2, ("kernel_size", "kernel"), ("stride", "stride"), ("padding", "padding"),
+                           ("output_padding", "padding"), ("groups", "groups"), ("bias", "flag"), ("dilation", "dilation")),
+    "nn.MaxPool2d": (("kernel_size", "kernel"), ("stride", "stride_or_none"), ("padding", "padding"), ("dilation", "dilation"),
+                     ("return_indices", "flag"), ("ceil_mode", "flag")),
+    "nn.Upsample": (("size", "side"), ("scale_factor", "scale"), ("mode", "mode"), ("align_corners", "act")),
+    "nn.ZeroPad2d": (("padding", "pad4"),),
+}  # fmt: skip
+MODULES = frozenset(LAYER_ARGS)
 
 
 def _fail(source: str, what: str) -> UnknownModelError:
@@ -107,6 +211,10 @@ def check_activation(text: Any, source: str = "config") -> None:
     values = [*call.args, *(k.value for k in call.keywords)]
     if any(k.arg not in ACTIVATION_KEYWORDS for k in call.keywords) or len(values) > 3:
         raise _fail(source, f"activation {_short(text)}: arguments other than {sorted(ACTIVATION_KEYWORDS)}")
+    if chain[0] == "PReLU":  # one activation module is shared by every Conv: only a single slope fits them all
+        count = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "num_parameters"), None)
+        if count is not None and not (isinstance(count, ast.Constant) and count.value == 1):
+            raise _fail(source, f"activation {_short(text)}: PReLU's num_parameters must be 1 (one module serves every layer)")
     for v in values:
         if not (isinstance(v, ast.Constant) and (_number(v.value) or isinstance(v.value, bool) or v.value in ("tanh", "none"))):
             if not (isinstance(v, ast.UnaryOp) and isinstance(v.op, ast.USub) and isinstance(v.operand, ast.Constant) and _number(v.operand.value)):
@@ -133,6 +241,169 @@ def _check_arg(a: Any, where: str, source: str, depth: int = 0) -> None:
             _check_arg(x, where, source, depth + 1)
         return
     raise _fail(source, f"{where}: argument {_short(a)} is not a number, bool, short list or known name")
+
+
+_LITERALS = {"None": None, "True": True, "False": False}
+
+
+def _named_args(m: str, args: list[Any], nc: int, where: str, source: str) -> dict[str, Any]:
+    """``args`` by name (``nc`` and ``None``/``True``/``False`` strings resolved as Ultralytics will),
+    each checked against its kind in :data:`LAYER_ARGS`."""
+    spec = LAYER_ARGS[m]
+    if len(args) > len(spec) and m not in ("nn.BatchNorm2d", "nn.Identity"):
+        names = ", ".join(n for n, _ in spec) or "none"
+        raise _fail(source, f"{where}: {m} takes at most {len(spec)} argument(s) ({names}), got {len(args)}")
+    named: dict[str, Any] = {}
+    for (name, kind), raw in zip(spec, args):
+        value = nc if raw == "nc" else _LITERALS.get(raw, raw) if isinstance(raw, str) else raw
+        ok, allowed = ARG_KINDS[kind]
+        if not ok(value):
+            via = f" (nc = {nc})" if raw == "nc" else ""
+            raise _fail(source, f"{where}: {m} argument {name} = {_short(raw)}{via} must be {allowed}")
+        named[name] = value
+    return named
+
+
+@dataclass
+class Cost:
+    """What building a model config will allocate, estimated from its rows (no torch)."""
+
+    params: int  # weights
+    activations: int  # activation values of one image at the trace size (what autograd keeps)
+    size: int  # the trace size used
+
+    @property
+    def bytes(self) -> int:  # float32 weights, grads and two Adam moments; batch-1 activations
+        return 4 * (4 * self.params + self.activations)
+
+
+def max_build_bytes() -> int:
+    """The most :attr:`Cost.bytes` a config may need: ``SURGERY_MAX_MODEL_GB`` (GiB) or 12 GiB."""
+    raw = os.environ.get(BUILD_GB_ENV, "")
+    try:
+        gb = float(raw) if raw else MAX_BUILD_GB
+    except ValueError:
+        gb = MAX_BUILD_GB
+    return int((gb if math.isfinite(gb) and gb > 0 else MAX_BUILD_GB) * 2**30)
+
+
+def _first(v: Any, default: int) -> int:
+    v = default if v is None else v
+    return int(max(v)) if isinstance(v, list) else int(v)
+
+
+def _side(m: str, a: dict[str, Any], side: float) -> float:
+    """A row's output feature-map side from its input side (an estimate: padding ignored)."""
+    s = _first(a.get("s"), 1)
+    if m in ("Conv", "GhostConv", "DWConv", "GhostBottleneck", "SCDown", "CBLinear"):
+        return math.ceil(side / s)
+    if m == "Focus":
+        return math.ceil(side / 2 / s)
+    if m in ("ADown", "AConv"):
+        return math.ceil(side / 2)
+    if m == "HGStem":
+        return math.ceil(side / 4)
+    if m == "ResNetLayer":
+        return math.ceil(side / 4) if a.get("is_first") else math.ceil(side / s)
+    if m == "nn.MaxPool2d":
+        return math.ceil(side / _first(a.get("stride"), _first(a.get("kernel_size"), 1)))
+    if m in ("ConvTranspose", "DWConvTranspose2d"):
+        return side * _first(a.get("s"), 2 if m == "ConvTranspose" else 1)
+    if m == "nn.ConvTranspose2d":
+        return side * _first(a.get("stride"), 1) + _first(a.get("kernel_size"), 1)
+    if m == "nn.Upsample":
+        return _first(a["size"], 1) if a.get("size") is not None else side * float(a.get("scale_factor") or 1)
+    if m == "nn.ZeroPad2d":
+        return side + 2 * _first(a.get("padding"), 0)
+    return side
+
+
+def _row_cost(m: str, a: dict[str, Any], c1: int, c2: int, n: int, reg_max: int, nc: int) -> tuple[float, float]:
+    """(parameters, activation values per output pixel) of one row: an upper-bound style estimate."""
+    if m in ("Detect", "v10Detect"):  # per input level: box and class branches
+        return 0.0, 0.0  # added by the caller, which knows every input's channels
+    g = _first(a.get("g", a.get("groups")), 1)
+    k = _first(a.get("k", a.get("kernel_size")), 1)
+    if m in ("Conv", "ConvTranspose", "GhostConv", "Focus", "CBLinear", "nn.ConvTranspose2d", "DWConvTranspose2d", "DWConv"):
+        per_group = 1 if m.startswith("DW") else 4 * c1 if m == "Focus" else c1 / g
+        return per_group * c2 * k * k, 3.0 * c2
+    if m in ("SPP", "SPPF", "SPPELAN", "nn.MaxPool2d", "nn.Upsample", "nn.ZeroPad2d", "nn.Identity", "nn.BatchNorm2d",
+             "Concat", "CBFuse"):
+        k = 1  # pooling kernels have no weights
+    hidden = max(c2 * float(a.get("e", 0.5)), *(float(a.get(x, 0) or 0) for x in ("cm", "c3", "c4", "c1")))
+    if "mlp_ratio" in a:
+        hidden = max(hidden, c2 * float(a["mlp_ratio"]) * float(a.get("e", 0.5)))
+    blocks = n * _first(a.get("n"), 1)
+    kk = max(k, 3) if m not in ("SPP", "SPPF", "SPPELAN") else 1
+    params = (c1 + c2) * max(c2, hidden) + blocks * 2 * hidden * hidden * kk * kk / g
+    return params, 3.0 * (c1 + c2 + (2 * blocks + 2) * hidden)
+
+
+def _detect_cost(chs: list[int], nc: int, reg_max: int, sides: list[float]) -> tuple[float, float]:
+    params = acts = 0.0
+    for c, side in zip(chs, sides):
+        c2, c3 = max(16, c // 4, reg_max * 4), max(c, min(nc, 100))
+        params += 9 * (c * c2 + c2 * c2 + c * c3 + c3 * c3) + c2 * 4 * reg_max + c3 * nc
+        acts += side * side * 3.0 * (2 * c2 + 2 * c3 + 4 * reg_max + nc)
+    return 2 * params, 2 * acts  # one-to-many and one-to-one branches (YOLOv10, YOLO26)
+
+
+def estimate_cost(cfg: dict[str, Any], size: int = 640, nc: int | None = None) -> Cost:
+    """Parameters and activation values of a config that passed the row checks (rows only in
+    :func:`check_config`), following channels and sides as Ultralytics' parser builds them."""
+    depth, width, max_ch = _scale_row(cfg, "config")
+    nc = int(nc if nc is not None else cfg.get("nc", 80))
+    reg_max = int(cfg.get("reg_max", 16))
+    chs: list[int] = []
+    sides: list[float] = []
+    params = acts = 0.0
+    for f, n, m, args in cfg["backbone"] + cfg["head"]:
+        idx = f if isinstance(f, list) else [f]
+        ins = [chs[x] if chs else 3 for x in idx]
+        in_sides = [sides[x] if sides else float(size) for x in idx]
+        a = _named_args(m, list(args), nc, m, "config")
+        n = max(round(n * depth), 1) if n > 1 else n
+        c1, side = ins[0], max(in_sides)
+        if m in ("Detect", "v10Detect"):
+            p, act = _detect_cost(ins, nc, reg_max, in_sides)
+            params, acts = params + p, acts + act
+            chs.append(c1)
+            sides.append(side)
+            continue
+        c2 = _out_channels(m, a, ins, width, max_ch)
+        out_side = _side(m, a, side)
+        p, per_pixel = _row_cost(m, a, c1, c2, n, reg_max, nc)
+        params += p
+        acts += per_pixel * max(out_side, side) ** 2
+        chs.append(c2)
+        sides.append(out_side)
+    return Cost(int(params), int(acts), size)
+
+
+def _out_channels(m: str, a: dict[str, Any], ins: list[int], width: float, max_ch: float) -> int:
+    if "c2" in a and m not in ("HGStem", "HGBlock", "ResNetLayer"):
+        return int(math.ceil(min(a["c2"], max_ch) * width / 8) * 8)
+    if m in ("HGStem", "HGBlock"):
+        return int(a["c2"])
+    if m == "ResNetLayer":
+        return int(a["c2"]) if a.get("is_first") else int(a["c2"]) * int(a.get("e", 4))
+    if m == "Concat":
+        return sum(ins)
+    if m == "CBLinear":
+        return sum(a["c2s"])
+    return ins[-1]
+
+
+def _check_cost(cfg: dict[str, Any], source: str, size: int, nc: int | None) -> None:
+    cost = estimate_cost(cfg, size, nc)
+    limit = max_build_bytes()
+    if cost.bytes > limit:
+        raise _fail(
+            source,
+            f"building it and tracing one {size}px image needs about {cost.bytes / 2**30:.1f} GiB "
+            f"({cost.params / 1e6:.0f}M parameters, {cost.activations / 1e6:.0f}M activation values), "
+            f"more than the {limit / 2**30:.3g} GiB limit (set {BUILD_GB_ENV} to raise it on purpose)",
+        )
 
 
 def _check_from(f: Any, i: int, where: str, source: str) -> list[int]:
@@ -173,18 +444,19 @@ def _scale_row(cfg: dict[str, Any], source: str) -> tuple[float, float, float]:
     return d, w, c
 
 
-def check_config(cfg: Any, source: str = "config") -> None:
+def check_config(cfg: Any, source: str = "config", *, nc: int | None = None, size: int = 640) -> None:
     """Raise :class:`UnknownModelError` (one line) unless ``cfg`` is a detection model config made
-    only of allowed layers, literal arguments and bounded sizes (see the module docstring)."""
+    only of allowed layers, literal arguments and bounded sizes (see the module docstring).
+    ``nc``: the class count the build will use instead of the yaml's; ``size``: the trace size."""
     if not isinstance(cfg, dict):
         raise _fail(source, f"the model config must be a mapping, got {type(cfg).__name__}")
     unknown = sorted(str(k) for k in cfg if k not in TOP_KEYS)
     if unknown:
         raise _fail(source, f"unknown key(s) {', '.join(_short(k) for k in unknown)} (allowed: {', '.join(sorted(TOP_KEYS))})")
     if "nc" in cfg:
-        nc = cfg["nc"]
-        if not isinstance(nc, int) or isinstance(nc, bool) or not 1 <= nc <= MAX_CLASSES:
-            raise _fail(source, f"nc (object classes) must be an integer in 1..{MAX_CLASSES}, got {_short(nc)}")
+        yaml_nc = cfg["nc"]
+        if not isinstance(yaml_nc, int) or isinstance(yaml_nc, bool) or not 1 <= yaml_nc <= MAX_CLASSES:
+            raise _fail(source, f"nc (object classes) must be an integer in 1..{MAX_CLASSES}, got {_short(yaml_nc)}")
     for key in ("depth_multiple", "width_multiple"):
         if key in cfg:
             _positive(cfg, key, MAX_MULTIPLE, source)
@@ -226,6 +498,7 @@ def check_config(cfg: Any, source: str = "config") -> None:
             raise _fail(source, f"{where}: args must be a short list, got {_short(args)}")
         for a in args:
             _check_arg(a, where, source)
+        _named_args(m, args, nc if nc is not None else cfg.get("nc", 80), where, source)
         if args and _number(args[0]) and not m.startswith("nn.") and m not in ("Concat", "Detect", "v10Detect"):
             width_out = min(args[0], max_ch) * width
             if width_out > MAX_CHANNELS or args[0] < 0:
@@ -235,3 +508,4 @@ def check_config(cfg: Any, source: str = "config") -> None:
     head = rows[-1][2][2]
     if head not in ("Detect", "v10Detect"):
         raise _fail(source, f"the last layer is {_short(head)}, not a detection head (Detect, v10Detect)")
+    _check_cost(cfg, source, size, nc)

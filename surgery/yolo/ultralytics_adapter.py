@@ -52,8 +52,8 @@ from .. import compat
 from ..data.synth import default_synthetic_root
 from ..errors import UnknownModelError
 from ..specs import register_scheme
-from ..trust import refuse, safe_yaml_load, trust_enabled
-from .config_check import MAX_CLASSES, check_config
+from ..trust import read_small_file, refuse, safe_yaml_load, trust_enabled
+from .config_check import MAX_CLASSES, MAX_SIDE, check_config
 from .interface import YoloInterface, xyxy_to_cxcywh
 
 SCHEME = "ultralytics"
@@ -186,9 +186,10 @@ def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tens
         return _read_pickle(name, path)
     if path.suffix not in {".yaml", ".yml"}:
         raise UnknownModelError(f"model {name!r}: expected a model .yaml (shipped or yours) or a .pt file, got {ref!r}")
-    if path.is_file():  # the user's yaml: read as data
+    if path.exists():  # the user's yaml: read as data (stat first: a 3 GB or FIFO yaml is one line)
+        raw = read_small_file(path, f"model {name!r}: yaml", error=UnknownModelError)
         try:
-            cfg = safe_yaml_load(path.read_bytes(), str(path))
+            cfg = safe_yaml_load(raw, str(path))
         except yaml.YAMLError as e:  # e.g. a !!python tag: safe loading refuses it
             raise UnknownModelError(f"model {name!r}: {path} is not valid YAML ({' '.join(str(e).split())[:200]})") from None
         if not isinstance(cfg, dict) or "backbone" not in cfg or "head" not in cfg:
@@ -242,7 +243,9 @@ def build_ultralytics(
     refusal = head_refusal(cfg) if isinstance(cfg, dict) else None
     if refusal is not None:
         raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: {refusal}")
-    check_config(cfg, str(cfg.get("yaml_file", "config")) if isinstance(cfg, dict) else "config")
+    if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= MAX_SIDE:
+        raise UnknownModelError(f"ultralytics model: size must be an integer in [32, {MAX_SIDE}] (the letterbox side), got {size!r}")
+    check_config(cfg, str(cfg.get("yaml_file", "config")) if isinstance(cfg, dict) else "config", nc=nc, size=size)
     if not isinstance(end2end, bool):
         raise UnknownModelError(f"ultralytics model: end2end must be true or false, got {end2end!r}")
     try:
