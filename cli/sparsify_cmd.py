@@ -45,9 +45,11 @@ def sparsify(
     """Sparse training before the cut: group lasso over coupled groups (+ norm-gamma L1), targeted at
     the channels the cut removes; then `surgery prune` the result."""
     from surgery.checkpoint import read_checkpoint
+    from surgery.sparsify import check_target_ratio
     from surgery.train import destroy_distributed, init_distributed
     from surgery.workflows import recipe_for_checkpoint, sparsify_checkpoint
 
+    check_target_ratio(ratio)  # before the checkpoint is read or an output folder is made
     flags = dict(batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, data=data, workers=workers)
     over = {**overrides("retrain", **flags), "prune.sparsify.steps": steps, "prune.sparsify.weight": weight,
             "prune.sparsify.norm_weight": norm_weight, "prune.target_macs": target_macs}

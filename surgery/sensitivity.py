@@ -23,7 +23,9 @@ import copy
 import csv
 import dataclasses
 import hashlib
+import io
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from .measure import count_macs
 from .measure.workload import MACS_ROIS
 from .recipe import PruneSection
 from .recover import recover
+from .trust import read_small_file
 
 COLUMNS = ("key", "group", "ratio", "channels", "kept", "macs", "macs_ratio", "map", "map50", "seconds")
 DENSE = "dense"
@@ -92,29 +95,69 @@ def run_key(checkpoint_digest: str, settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+MAX_TABLE_BYTES = 16 << 20  # a few thousand rows are ~1 MB
+
+
 def read_table(path: str | Path) -> tuple[str | None, list[SensitivityRow]]:
-    """``(key, rows)`` of a sensitivity CSV; one clear error for a file that is not one."""
+    """``(key, rows)`` of a sensitivity CSV; one clear error for a file that is not one.
+
+    The table feeds the cut, so it is checked as data: sized before it is read, a UTF-8 BOM
+    accepted, each row's numbers finite and in range (ratio in (0, 1], 0 for the dense row; mAP in
+    [0, 1]; counts non-negative; kept <= channels) and no (group, ratio) twice."""
     path = Path(path)
+    raw_bytes = read_small_file(path, "sensitivity CSV", MAX_TABLE_BYTES)
     try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) != COLUMNS:
-                raise RecipeError(f"{path} is not a sensitivity CSV (expected columns {', '.join(COLUMNS)})")
-            raw = list(reader)
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read the sensitivity CSV {path}: {e}") from None
+        text = raw_bytes.decode("utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is not part of the first column
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if tuple(reader.fieldnames or ()) != COLUMNS:
+            raise RecipeError(f"{path} is not a sensitivity CSV (expected columns {', '.join(COLUMNS)})")
+        raw = list(reader)
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"cannot read the sensitivity CSV {path}: not UTF-8 text (offset {e.start})") from None
+    except csv.Error as e:  # e.g. a field over the csv module's 128 KB limit
+        raise RecipeError(f"{path} is not a sensitivity CSV: {e}") from None
     keys = {r["key"] for r in raw}
     if len(keys) > 1:
-        raise RecipeError(f"{path} mixes rows of several runs (keys {', '.join(sorted(keys))})")
-    rows = []
-    for r in raw:
-        try:
-            rows.append(SensitivityRow(group=r["group"], ratio=float(r["ratio"]), channels=int(r["channels"]),
-                                       kept=int(r["kept"]), macs=int(r["macs"]), macs_ratio=float(r["macs_ratio"]),
-                                       map=float(r["map"]), map50=float(r["map50"]), seconds=float(r["seconds"])))
-        except (TypeError, ValueError) as e:
-            raise RecipeError(f"{path}: bad row {r}: {e}") from None
+        raise RecipeError(f"{path} mixes rows of several runs (keys {', '.join(sorted(map(repr, keys))[:3])})")
+    rows = [_table_row(path, n, r) for n, r in enumerate(raw, start=2)]
+    seen: set[tuple[str, float]] = set()
+    for n, row in enumerate(rows, start=2):
+        if (row.group, row.ratio) in seen:
+            raise RecipeError(f"{path} line {n}: group {row.group[:80]!r} at ratio {row.ratio:g} is in the table twice")
+        seen.add((row.group, row.ratio))
     return (keys.pop() if keys else None), rows
+
+
+_ROW_BOUNDS: dict[str, tuple[type, float, float]] = {  # field: (type, low, high), inclusive
+    "channels": (int, 0, math.inf), "kept": (int, 0, math.inf), "macs": (int, 0, math.inf),
+    "macs_ratio": (float, 0.0, 1e6), "map": (float, 0.0, 1.0), "map50": (float, 0.0, 1.0), "seconds": (float, 0.0, math.inf),
+}  # fmt: skip
+
+
+def _table_row(path: Path, line: int, r: dict[str, Any]) -> SensitivityRow:
+    where = f"{path} line {line}"
+    if None in r or any(v is None for v in r.values()):
+        raise RecipeError(f"{where}: expected {len(COLUMNS)} fields ({', '.join(COLUMNS)})")
+    group = r["group"]
+    if not group or len(group) > 1024:
+        raise RecipeError(f"{where}: group must be a layer name of at most 1024 characters")
+    values: dict[str, Any] = {}
+    for name, (kind, lo, hi) in {"ratio": (float, 0.0, 1.0), **_ROW_BOUNDS}.items():
+        text = r[name].strip()
+        try:
+            v = kind(text) if len(text) <= 40 else None
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or not lo <= v <= hi:
+            rng = f"[{lo:g}, {hi:g}]" if math.isfinite(hi) else f">= {lo:g}"
+            raise RecipeError(f"{where}: {name} = {text[:40]!r} must be a finite {kind.__name__} {rng}")
+        values[name] = v
+    dense = group == DENSE
+    if (values["ratio"] == 0) != dense:
+        raise RecipeError(f"{where}: ratio = {values['ratio']:g}: a group's cut ratio must be in (0, 1] (0 only on the dense row)")
+    if values["kept"] > values["channels"]:
+        raise RecipeError(f"{where}: kept = {values['kept']} is more than channels = {values['channels']}")
+    return SensitivityRow(group=group, **values)
 
 
 def _write_table(path: Path, key: str, rows: Sequence[SensitivityRow]) -> None:
@@ -320,6 +363,16 @@ def greedy_path(groups: Sequence[str], table: Sequence[SensitivityRow], *, step:
     return path
 
 
+def _more_rows_hint(roots: Sequence[str], curves: dict[str, Any]) -> str:
+    """What the table lacks: groups never measured (a table of some --group only) or larger ratios."""
+    unmeasured = [r for r in roots if r not in curves]
+    if unmeasured:
+        return (f"{len(unmeasured)} of the model's {len(roots)} groups have no rows in the table "
+                f"({', '.join(unmeasured[:3])}{'...' if len(unmeasured) > 3 else ''}): measure them "
+                "(surgery sensitivity without --group), or add larger --ratios")
+    return "add larger --ratios"
+
+
 def allocate_by_sensitivity(
     groups: Sequence[Any],
     table: Sequence[SensitivityRow],
@@ -368,7 +421,7 @@ def allocate_by_sensitivity(
         hi = len(path) - 1
         if kept(hi) > target_macs:
             notes.append(f"cutting every group to the table's largest ratio keeps {kept(hi):.1%} of the MACs "
-                         f"> the target {target_macs:.1%}: add larger --ratios")
+                         f"> the target {target_macs:.1%}: {_more_rows_hint(roots, curves)}")
             lo = hi
         while lo < hi:
             mid = (lo + hi) // 2

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from . import compat
+from .errors import RecipeError
 from .graph import LAYER_TYPES, NORM_TYPES, trace
 from .hooks import HookBase
 from .importance import needs_data
@@ -165,6 +167,15 @@ def growing_fraction(step: int, total: int, warmup: int) -> float:
     return 2.0 * k / (n * (n + 1))
 
 
+def check_target_ratio(ratio: float | None, what: str = "--ratio") -> None:
+    """A cut ratio to target: ``None`` or a finite fraction strictly between 0 and 1 (1 would cut
+    every channel, 0 none; a larger value is no cut at all), else one :class:`RecipeError` line."""
+    if ratio is None:
+        return
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0 < ratio < 1:
+        raise RecipeError(f"{what} {ratio!r}: the cut ratio to target must be a number strictly between 0 and 1 (e.g. 0.5)")
+
+
 class SparsityHook(HookBase):
     """Trainer hook: group lasso (``cfg.weight``) and norm-gamma L1 (``cfg.norm_weight``) as
     proximal steps on the prunable groups of ``model``; see the module docstring.
@@ -177,6 +188,7 @@ class SparsityHook(HookBase):
 
     def __init__(self, model: nn.Module, cfg: SparsifySection, *, prune: PruneSection | None = None,
                  ratio: float | None = None, trace_size: int = 256) -> None:
+        check_target_ratio(ratio)
         self.cfg = cfg
         self.prune = prune
         self.ratio = ratio

@@ -47,7 +47,7 @@ from .recipe import (
 from .records import RecordHook, RunFiles
 from .recover import RECOVER_BATCH_SIZE, recover
 from .sensitivity import sensitivity_allocation
-from .sparsify import SparsityHook
+from .sparsify import SparsityHook, check_target_ratio
 from .target import find_ratio_for_target
 from .train import TrainResult, build_trainer
 from .transfer import build_with_weights_file, load_checkpoint_with
@@ -465,6 +465,7 @@ def sparsify_checkpoint(
     channels that cut will remove; without either every channel of every prunable group is
     penalised. The output is a dense checkpoint: prune it as usual."""
 
+    check_target_ratio(ratio)  # before the checkpoint is loaded or anything trains
     cb = callbacks or Callbacks()
     info = dist_info or current_dist()
     model, ckpt = load_checkpoint(ckpt_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,9 @@ def _voc_object(
         xmin, ymin, xmax, ymax = (float(_xml_text(bb, t, xml)) for t in ("xmin", "ymin", "xmax", "ymax"))
     except ValueError:
         raise DataError(f"{xml}: object {k} ({cname}) has a non-numeric bndbox") from None
+    for tag, v in zip(("xmin", "ymin", "xmax", "ymax"), (xmin, ymin, xmax, ymax)):
+        if not math.isfinite(v):  # NaN would pass every comparison below and min/max drop it: a full-width box
+            raise DataError(f"{xml}: object {k} ({cname}) has <{tag}>{v}</{tag}>; expected a finite pixel index")
     # VOC boxes are 1-based inclusive pixel indices; convert to continuous pixel edges
     x, y, w, h = xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1
     if xmax < xmin or ymax < ymin:  # malformed, not tiny: refused
