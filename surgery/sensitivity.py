@@ -103,7 +103,7 @@ def read_table(path: str | Path) -> tuple[str | None, list[SensitivityRow]]:
 
     The table feeds the cut, so it is checked as data: sized before it is read, a UTF-8 BOM
     accepted, each row's numbers finite and in range (ratio in (0, 1], 0 for the dense row; mAP in
-    [0, 1]; counts non-negative; kept <= channels) and no (group, ratio) twice."""
+    [-1, 1] (COCOeval writes -1 where there is no ground truth); counts non-negative; kept <= channels) and no (group, ratio) twice."""
     path = Path(path)
     raw_bytes = read_small_file(path, "sensitivity CSV", MAX_TABLE_BYTES)
     try:
@@ -130,7 +130,8 @@ def read_table(path: str | Path) -> tuple[str | None, list[SensitivityRow]]:
 
 _ROW_BOUNDS: dict[str, tuple[type, float, float]] = {  # field: (type, low, high), inclusive
     "channels": (int, 0, math.inf), "kept": (int, 0, math.inf), "macs": (int, 0, math.inf),
-    "macs_ratio": (float, 0.0, 1e6), "map": (float, 0.0, 1.0), "map50": (float, 0.0, 1.0), "seconds": (float, 0.0, math.inf),
+    "macs_ratio": (float, 0.0, 1e6), "map": (float, -1.0, 1.0), "map50": (float, -1.0, 1.0),  # -1: COCOeval, no ground truth
+    "seconds": (float, 0.0, math.inf),
 }  # fmt: skip
 
 

@@ -59,6 +59,7 @@ def test_a_written_table_reads_back_and_a_bom_is_accepted(tmp_path: Path) -> Non
         (_set(2, "ratio", "-0.2"), "ratio = '-0.2'"),
         (_set(2, "ratio", "0"), "a group's cut ratio must be in \\(0, 1\\]"),
         (_set(2, "map", "nan"), "map = 'nan'"),
+        (_set(2, "map", "1.5"), "map = '1.5'"),
         (_set(2, "map50", "inf"), "map50 = 'inf'"),
         (_set(2, "macs", "-5"), "macs = '-5'"),
         (_set(2, "kept", "65"), "kept = 65 is more than channels = 64"),
