@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .console import console
+from .console import LINE_LIMIT, console, shown
 from .progress import TaskProgress, working
 
 __all__ = ["TaskProgress", "TrainDisplay", "format_losses", "macs_line", "print_train_summary", "step_line", "working"]
@@ -81,13 +81,13 @@ class TrainDisplay:
         self.progress.update(self.task, total=info.total, completed=info.step, info=escape(text))
 
     def on_stage(self, text: str) -> None:
-        self.progress.update(self.task, info=escape(text + "…"))
+        self.progress.update(self.task, info=shown(text + "…", LINE_LIMIT))
 
     def on_note(self, text: str) -> None:
-        self.progress.console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True, highlight=False)
+        self.progress.console.print(f"[yellow]note:[/] {shown(text, LINE_LIMIT)}", soft_wrap=True, highlight=False)
 
     def on_warning(self, text: str) -> None:
-        self.progress.console.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True, highlight=False)
+        self.progress.console.print(f"[yellow]warning:[/] {shown(text, LINE_LIMIT)}", soft_wrap=True, highlight=False)
 
     def on_eval_progress(self, done: int, total: int) -> None:
         self.progress.update(self.task, description=f"{escape(self.title)} [dim](evaluating {done}/{total})[/]")

@@ -12,7 +12,7 @@ import sys  # noqa: E402
 
 import typer  # noqa: E402
 
-from .console import console, err_console  # noqa: E402
+from .console import LINE_LIMIT, console, err_console, shown  # noqa: E402
 
 app = typer.Typer(
     name="surgery",
@@ -121,10 +121,8 @@ def main() -> None:
 
 def _error_line(text: str) -> None:
     """The one error style: ``error: ...`` on one line of stderr. The message quotes user strings
-    (paths, values): never interpret them as markup."""
-    from rich.markup import escape
-
-    err_console.print(f"[bold red]error:[/] {escape(' '.join(text.split()))}", highlight=False, markup=True,
+    (paths, values, names from files): never interpret them as markup or control characters."""
+    err_console.print(f"[bold red]error:[/] {shown(' '.join(text.split()), LINE_LIMIT)}", highlight=False, markup=True,
                       soft_wrap=True)  # fmt: skip
 
 

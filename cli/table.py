@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .console import console
+from .console import LINE_LIMIT, console, escape_control, shown
 
 FORMATS = ("table", "json", "csv")
 FORMAT_HELP = "table (full width, nothing cut) | json | csv (machine-readable, on stdout)."
@@ -42,6 +42,11 @@ def machine_readable(fmt: str) -> bool:
     return check_format(fmt) != "table"
 
 
+def _csv_value(value: Any) -> Any:
+    """Strings (names from files) with control characters escaped: CSV on a terminal is still text."""
+    return escape_control(value) if isinstance(value, str) else value
+
+
 def _cell(col: Column, row: dict[str, Any]) -> str:
     value = row.get(col.key)
     if value is None:
@@ -64,7 +69,7 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[Column | str], fmt:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow([c.key for c in cols])
         for r in rows:
-            writer.writerow(["" if r.get(c.key) is None else r.get(c.key) for c in cols])
+            writer.writerow(["" if r.get(c.key) is None else _csv_value(r.get(c.key)) for c in cols])
         typer.echo(buf.getvalue(), nl=False)
         return
     table = Table(title=escape(title) if title else None)
@@ -72,7 +77,7 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[Column | str], fmt:
         # full names: a cell wider than the console folds onto a second line rather than "back…"
         table.add_column(escape(c.header or c.key), justify=c.justify, no_wrap=True, overflow="fold")  # type: ignore[arg-type]
     for r in rows:
-        table.add_row(*(escape(_cell(c, r)) for c in cols))
+        table.add_row(*(shown(_cell(c, r), LINE_LIMIT) for c in cols))
     print_wide(table)
 
 

@@ -114,11 +114,16 @@ def _cuts(ckpt: Checkpoint) -> tuple[list[LayerCut], list[StageCut]]:
     return layers, list(stages.values())
 
 
-def _scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+MAX_METRICS_DEPTH = 8  # surgery records two levels; a crafted 5000-deep dict is not recursed into
+
+
+def _scalars(metrics: dict[str, Any], prefix: str = "", depth: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in metrics.items():
-        if isinstance(v, dict):
-            out.update(_scalars(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and depth >= MAX_METRICS_DEPTH:
+            out[f"{prefix}{k}"] = f"<{len(v)} more nested keys, not shown>"
+        elif isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}.", depth + 1))
         elif isinstance(v, (int, float, str, bool)) or v is None:
             out[f"{prefix}{k}"] = v
     return out

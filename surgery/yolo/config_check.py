@@ -169,8 +169,16 @@ LAYER_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
 MODULES = frozenset(LAYER_ARGS)
 
 
+def short_source(source: Any) -> str:
+    """A config's name (its ``yaml_file``, from the file) shortened for a one-line error."""
+    text = str(source)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _fail(source: str, what: str) -> UnknownModelError:
-    return UnknownModelError(f"ultralytics model {source}: {what}; refused (the model config is data, checked before it is built)")
+    return UnknownModelError(
+        f"ultralytics model {short_source(source)}: {what}; refused (the model config is data, checked before it is built)"
+    )
 
 
 def _short(value: Any) -> str:

@@ -53,7 +53,7 @@ from ..data.synth import default_synthetic_root
 from ..errors import UnknownModelError
 from ..specs import register_scheme
 from ..trust import read_small_file, refuse, safe_yaml_load, trust_enabled
-from .config_check import MAX_CLASSES, MAX_SIDE, check_config
+from .config_check import MAX_CLASSES, MAX_SIDE, check_config, short_source
 from .interface import YoloInterface, xyxy_to_cxcywh
 
 SCHEME = "ultralytics"
@@ -242,7 +242,7 @@ def build_ultralytics(
     # clearer than the allow-list's complaint about the keys such a yaml brings along
     refusal = head_refusal(cfg) if isinstance(cfg, dict) else None
     if refusal is not None:
-        raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: {refusal}")
+        raise UnknownModelError(f"ultralytics model {short_source(cfg.get('yaml_file', '?'))}: {refusal}")
     if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= MAX_SIDE:
         raise UnknownModelError(f"ultralytics model: size must be an integer in [32, {MAX_SIDE}] (the letterbox side), got {size!r}")
     check_config(cfg, str(cfg.get("yaml_file", "config")) if isinstance(cfg, dict) else "config", nc=nc, size=size)
@@ -253,12 +253,12 @@ def build_ultralytics(
             net = u.tasks.DetectionModel(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
     except (KeyError, TypeError, ValueError, AssertionError, IndexError) as e:
         why = " ".join(str(e).split())
-        raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: cannot build it from its yaml "
+        raise UnknownModelError(f"ultralytics model {short_source(cfg.get('yaml_file', '?'))}: cannot build it from its yaml "
                                 f"({type(e).__name__}: {why[:200]})") from e
     head = net.model[-1]
     if not isinstance(head, u.Detect) or type(head).__name__ not in SUPPORTED_HEADS:  # a yaml naming another class
         raise UnknownModelError(
-            f"ultralytics model {cfg.get('yaml_file', '?')}: head {type(head).__name__}: not a YOLO detection head"
+            f"ultralytics model {short_source(cfg.get('yaml_file', '?'))}: head {type(head).__name__}: not a YOLO detection head"
         )
     if _has_one2one(head):
         head.end2end = bool(end2end)  # which branch inference uses; training always runs both
@@ -267,7 +267,7 @@ def build_ultralytics(
             net.load_state_dict(_state_dict)
         except RuntimeError as e:  # e.g. a pruned model handed back by `export --format ultralytics`
             raise UnknownModelError(
-                f"ultralytics model {cfg.get('yaml_file', '?')}: its weights do not fit the layers its yaml builds "
+                f"ultralytics model {short_source(cfg.get('yaml_file', '?'))}: its weights do not fit the layers its yaml builds "
                 f"(a pruned model? load the surgery checkpoint it came from instead): {str(e).splitlines()[0]}"
             ) from None
     return UltralyticsDetector(net, size=size, score_thresh=score_thresh, nms_thresh=nms_thresh,
