@@ -260,6 +260,7 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             saved = state_dict.get(f"{mname}.{pname}" if mname else pname)
             if saved is None or tensor is None or saved.shape == tensor.shape:
                 continue
+            _check_cut_shape(f"{mname}.{pname}" if mname else pname, module, tensor, saved)
             new = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
             if isinstance(tensor, nn.Parameter):
                 setattr(module, pname, nn.Parameter(new, requires_grad=tensor.requires_grad))
@@ -268,6 +269,18 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             changed = True
         if changed:
             _sync_attributes(module)
+
+
+def _check_cut_shape(name: str, module: nn.Module, tensor: torch.Tensor, saved: torch.Tensor) -> None:
+    """A cut changes channel counts, never a tensor's rank or a conv's kernel: anything else is a
+    corrupt or crafted checkpoint, one line here instead of an IndexError in the first forward."""
+    if not isinstance(saved, torch.Tensor) or saved.dim() != tensor.dim():
+        got = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+        raise CheckpointError(f"checkpoint tensor {name} has shape {got}, but the layer needs {tensor.dim()} "
+                              f"dimensions like {tuple(tensor.shape)}: a corrupt or edited checkpoint")
+    if isinstance(module, nn.modules.conv._ConvNd) and saved.shape[2:] != tensor.shape[2:]:
+        raise CheckpointError(f"checkpoint tensor {name} has kernel {tuple(saved.shape[2:])}, the layer "
+                              f"{tuple(tensor.shape[2:])}: a cut never changes kernels (a corrupt or edited checkpoint)")
 
 
 def _sync_attributes(module: nn.Module) -> None:

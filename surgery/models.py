@@ -255,9 +255,12 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
         # (torch's message advises weights_only=False, i.e. running the file's pickled code: never)
+        hint = ""
+        if "ultralytics." in str(e):  # torch names the class it refused: an Ultralytics model pickle
+            hint = f"; it is an Ultralytics model pickle: load it as --model ultralytics:{path} with --trust-code"
         raise CheckpointError(
             f"cannot read weights file {path}: not a plain tensor file ({e.__class__.__name__}); "
-            "surgery only reads weights that load with weights_only=True"
+            f"surgery only reads weights that load with weights_only=True{hint}"
         ) from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]

@@ -96,10 +96,14 @@ def build_with_weights_file(spec: ModelSpec, path: str | Path) -> tuple[nn.Modul
     try:
         load_weights_file(model, Path(path))
         return model, Transfer(len(model.state_dict()))
-    except CheckpointError:
+    except CheckpointError as e:
         if "num_classes" not in spec.kwargs:
             raise
-    obj = torch.load(path, map_location="cpu", weights_only=True)  # readable: load_weights_file read it
+        first = e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing, unreadable or not a tensor file: load_weights_file's line says which
+        raise first from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
             obj = obj[key]

@@ -251,8 +251,11 @@ def synthesize(
         raise DataError(f"output folder {out} already exists and is not a surgery synthetic dataset; choose a new or empty folder")
     if not replace and _is_complete(out):
         return _synth_info(out, images, n_val, size, seed, reused=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise DataError(f"cannot write the synthetic dataset {out}: {e.strerror or e}") from None
     umask = os.umask(0)  # mkdtemp creates 0700: a shared cache gets the permissions mkdir would
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
@@ -294,6 +297,8 @@ def synthesize(
                   "generator_version": GENERATOR_VERSION, "train_objects": counts["train"], "val_objects": counts["val"]}  # fmt: skip
         (tmp / DONE_MARKER).write_text(json.dumps(params, indent=1))
         _publish(tmp, out, replace=replace)
+    except OSError as e:  # e.g. ENOSPC: the half-written folder is removed below, nothing is published
+        raise DataError(f"cannot write the synthetic dataset {out}: {e.strerror or e}; nothing was written") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
