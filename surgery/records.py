@@ -11,12 +11,14 @@ import csv
 import io
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import append_text
+from .atomic import append_text, atomic_open
 from .hooks import HookBase
+from .safety import no_space
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -45,13 +47,32 @@ class RunFiles:
                    d / f"{prefix}tensorboard")
 
 
+def _jsonl_step(line: str) -> int | None:
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _csv_step(line: str) -> int | None:
+    head = line.split(",", 1)[0]
+    return int(head) if head.strip().isdigit() else None
+
+
 def next_run_dir(root: str | Path, name: str = "exp") -> Path:
-    """``root/name``, or ``root/name2``, ``name3``... the first that does not exist yet."""
+    """``root/name``, or ``root/name2``, ``name3``... the first that does not exist yet, claimed
+    by creating it (``mkdir`` is atomic: two runs started together never share a folder)."""
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     n = 1
-    while (root / (name if n == 1 else f"{name}{n}")).exists():
-        n += 1
-    return root / (name if n == 1 else f"{name}{n}")
+    while True:
+        run = root / (name if n == 1 else f"{name}{n}")
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            n += 1
 
 
 def latest_run_dir(root: str | Path, name: str = "exp") -> Path | None:
@@ -74,6 +95,8 @@ class RecordHook(HookBase):
         self._evals_seen = 0
         self._tb: Any = None
         self._t0 = 0.0
+        self._resumed_at: int | None = None  # a resumed run: rows up to this step are already recorded
+        self._new_run = False
 
     def before_train(self, trainer: Trainer) -> None:
         import time
@@ -82,12 +105,16 @@ class RecordHook(HookBase):
         self._evals_seen = len(trainer.history)
         if not trainer.dist.is_main:
             return
+        self._new_run = trainer.step == 0
         if trainer.step == 0:  # a new run: start the records afresh
             for p in (self.files.csv, self.files.jsonl):
                 p.unlink(missing_ok=True)
-        elif self.files.csv.exists():
-            with open(self.files.csv, newline="") as f:
-                self._columns = next(csv.reader(f), None)
+        else:
+            self._resumed_at = trainer.step
+            self._drop_rows_after(trainer.step)
+            if self.files.csv.exists():
+                with open(self.files.csv, newline="") as f:
+                    self._columns = next(csv.reader(f), None)
         try:  # optional: TensorBoard only when its package is installed
             from torch.utils.tensorboard import SummaryWriter
 
@@ -95,7 +122,29 @@ class RecordHook(HookBase):
         except ImportError:
             self._tb = None
 
+    def _drop_rows_after(self, step: int) -> None:
+        """Rows past the checkpoint a run resumes from (written before it was interrupted) are
+        removed: the resumed run writes those steps again, so each step is recorded once."""
+        for path, parse in ((self.files.jsonl, _jsonl_step), (self.files.csv, _csv_step)):
+            if not path.exists():
+                continue
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [ln for i, ln in enumerate(lines) if (path is self.files.csv and i == 0) or (parse(ln) or 0) <= step]
+            if len(kept) != len(lines):
+                with atomic_open(path, "w") as f:
+                    f.writelines(kept)
+
+    def on_abort(self, trainer: Trainer) -> None:
+        """A new run stopped by a full disk before its first checkpoint leaves no metrics files
+        (the error says nothing was written)."""
+        error = sys.exc_info()[1]
+        if self._new_run and error is not None and no_space(error, self.files.csv) is not None and not self.files.last.exists():
+            for p in (self.files.csv, self.files.jsonl):
+                p.unlink(missing_ok=True)
+
     def _write(self, row: dict[str, Any]) -> None:
+        if self._resumed_at is not None and row["step"] <= self._resumed_at:
+            return  # recorded before the interruption (the checkpoint's own step)
         self.files.jsonl.parent.mkdir(parents=True, exist_ok=True)
         # each row is appended whole or not at all (a full disk leaves no half line)
         append_text(self.files.jsonl, json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
