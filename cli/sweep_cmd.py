@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from .common import resolve_recipe
-from .console import console
+from .console import console, err_console
 from .display import step_line
 from .table import print_wide
 
@@ -45,9 +45,16 @@ def sweep(
         progress.update(steps, visible=True, total=info.total, completed=info.step,
                         info=f"{losses} lr={info.lr:.2e} {info.images_per_s:.1f} img/s")
 
-    with progress:
-        result = run_sweep(rec, out, device=rec.bench.device, on_stage=on_stage, on_step=on_step)
-        progress.update(stages, completed=progress.tasks[0].total)
+    try:
+        with progress:
+            result = run_sweep(rec, out, device=rec.bench.device, on_stage=on_stage, on_step=on_step)
+            progress.update(stages, completed=progress.tasks[0].total)
+    except KeyboardInterrupt:  # like train: say what was kept and how to continue, exit 130
+        folder = out if out is not None else rec.sweep.out
+        err_console.print(f"interrupted: the steps the sweep finished are kept in {folder}; run the same command "
+                          "again to continue (finished steps are reused, the interrupted one starts over)",
+                          markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+        raise typer.Exit(130) from None
 
     table = Table(title=f"{rec.model.name}: structured vs masked ({result.seconds / 60:.1f} min)")
     for col in ("variant", "params", "MACs ratio", "latency ms", "latency ratio", "mAP pruned", "mAP retrained", "retained"):

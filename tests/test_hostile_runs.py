@@ -90,3 +90,19 @@ def test_full_disk_in_a_new_run_leaves_no_metrics_files(tmp_path: Path) -> None:
             hook2.on_abort(trainer)
             raise
     assert files.csv.exists()
+
+
+def test_interrupted_sweep_says_what_was_kept_and_how_to_continue(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import surgery.sweep
+    from cli.main import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(surgery.sweep, "run_sweep", interrupted)
+    res = CliRunner().invoke(app, ["sweep", "quickstart", "--out", str(tmp_path / "sw")])
+    assert res.exit_code == 130, res.output
+    assert f"interrupted: the steps the sweep finished are kept in {tmp_path / 'sw'}" in res.output
+    assert "run the same command again to continue" in res.output
