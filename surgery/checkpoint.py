@@ -31,7 +31,7 @@ from .errors import CheckpointError, SurgeryError
 from .models import ModelSpec, build_model
 from .onnx_io import is_onnx
 from .plan import Plan, plan_chain, plan_from_dict
-from .trust import code_reference, origin
+from .trust import UntrustedCodeError, code_reference, is_user_code, origin, trust_enabled
 
 FORMAT = "surgery-checkpoint"
 FORMAT_VERSION = 1
@@ -316,6 +316,23 @@ def load_checkpoint(
         return _load(path, ckpt, device, trust_code)
 
 
+def _refuse_unpinned_code(path: str | Path, spec: ModelSpec, trust_code: bool | None) -> None:
+    """With --trust-code, a checkpoint naming a builder file runs it only if it recorded the file's
+    sha256 (``code.sha256``, written by save_checkpoint): without it nothing shows that the file
+    found now is the code that built the model, so trust is not extended to it."""
+    if not is_user_code(spec.name) or not trust_enabled(trust_code):
+        return  # registered builders run no user code; untrusted ones are refused by build_model
+    code = spec.code if isinstance(spec.code, dict) else {}
+    names_file = spec.name.rpartition(":")[0].endswith(".py") or bool(code.get("file"))
+    digest = code.get("sha256")
+    if names_file and not (isinstance(digest, str) and len(digest) == 64):
+        raise UntrustedCodeError(
+            f"checkpoint {path} names builder {spec.name!r} but records no sha256 of its file (code.sha256), so "
+            "surgery cannot check that the file found now is the code that built it; nothing was run, even with "
+            f"--trust-code. To run that file anyway: --model {spec.name} --weights {path} --trust-code"
+        )
+
+
 def _load(path: str | Path, ckpt: Checkpoint, device: str | torch.device, trust_code: bool | None) -> tuple[nn.Module, Checkpoint]:
     spec = ModelSpec(ckpt.spec.name, {**ckpt.spec.kwargs}, ckpt.spec.code)
     # the architecture comes from the builder; the weights from the checkpoint
@@ -323,6 +340,7 @@ def _load(path: str | Path, ckpt: Checkpoint, device: str | torch.device, trust_
         spec.kwargs["weights"] = None
     if "weights_backbone" in spec.kwargs:
         spec.kwargs["weights_backbone"] = None
+    _refuse_unpinned_code(path, spec, trust_code)
     try:
         model = build_model(spec, trust_code=trust_code)
     except Exception as e:

@@ -120,8 +120,19 @@ def check_output(path: str | Path, *, inputs: Iterable[str | Path | None] = (), 
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
+def name_key(name: str) -> str:
+    """``name`` itself, or its sha256 (32 hex) when a temporary or lock file built from it
+    (``.NAME.PID.XXXXXXXX.tmp``, ``.NAME.lock``) would pass the 255-byte file-name limit: a valid
+    250-character output name must not be refused for the names of its helpers."""
+    if len(os.fsencode(name)) <= 200:
+        return name
+    import hashlib  # only here: the one use
+
+    return hashlib.sha256(os.fsencode(name)).hexdigest()[:32]
+
+
 def tmp_prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}."
+    return f".{name_key(path.name)}.{os.getpid()}."
 
 
 def _alive(pid: int) -> bool:
@@ -146,7 +157,8 @@ def clean_stale_temporaries(folder: str | Path, name: str | None = None) -> list
     for e in entries:
         m = _TMP.match(e.name)
         # NAME's own temporaries, and those of its temporaries (a pending checkpoint being written)
-        if not m or (name is not None and m.group("name") != name and not m.group("name").startswith(f".{name}.")):
+        key = name_key(name) if name is not None else None
+        if not m or (key is not None and m.group("name") != key and not m.group("name").startswith(f".{key}.")):
             continue
         if _alive(int(m.group("pid"))):
             continue
@@ -217,7 +229,7 @@ class OutputLock:
 
     def __init__(self, path: str | Path, what: str = "output") -> None:
         self.path = Path(path)
-        self.lock = self.path.with_name(f".{self.path.name}.lock")
+        self.lock = self.path.with_name(f".{name_key(self.path.name)}.lock")
         self.what = what
         self.fd: int | None = None
 
