@@ -174,12 +174,14 @@ def resolve(spec: Any) -> Any:
     _ultralytics()
     state = None
     if spec.kwargs.get("cfg") is None:
-        cfg, state = _read_reference(spec.name, ref)
+        cfg, state, meta = _read_reference(spec.name, ref)
         spec.kwargs["cfg"] = cfg
+        for key, value in meta.items():  # a trained .pt's names, imgsz, training arguments (recorded)
+            spec.kwargs.setdefault(key, value)
     return functools.partial(build_ultralytics, _state_dict=state)
 
 
-def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tensor] | None, dict[str, Any]]:
     u = _ultralytics()
     path = Path(ref).expanduser()
     if path.suffix in {".pt", ".pth"}:
@@ -195,18 +197,45 @@ def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tens
             raise UnknownModelError(f"model {name!r}: {path} is not an Ultralytics model yaml (no backbone/head)")
         cfg.setdefault("scale", u.tasks.guess_model_scale(path))
         cfg.setdefault("yaml_file", str(path))
-        return cfg, None
+        return cfg, None, {}
     if len(path.parts) > 1:
         raise UnknownModelError(f"model {name!r}: file {ref} does not exist")
     try:
-        return u.tasks.yaml_model_load(ref), None  # a yaml the package ships (no download for a bare name)
+        return u.tasks.yaml_model_load(ref), None, {}  # a yaml the package ships (no download for a bare name)
     except (FileNotFoundError, OSError) as e:
         raise UnknownModelError(
             f"model {name!r}: Ultralytics ships no model yaml {ref!r} (e.g. yolov8n.yaml, yolo11s.yaml) ({e})"
         ) from None
 
 
-def _read_pickle(name: str, path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _json_args(args: Any) -> dict[str, Any]:
+    """The plain-valued training arguments of an Ultralytics checkpoint (what a surgery checkpoint
+    can record without a pickle): strings, numbers, booleans, None and lists of them."""
+    plain = (str, int, float, bool, type(None))
+    items = vars(args).items() if hasattr(args, "__dict__") else dict(args or {}).items()
+    return {str(k): (list(v) if isinstance(v, tuple) else v) for k, v in items
+            if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}  # fmt: skip
+
+
+def _pickle_meta(ckpt: Any, net: nn.Module) -> dict[str, Any]:
+    """What a user's trained ``best.pt`` says besides its weights: class names (``names``), the
+    image size it was trained at (``size``, a multiple of 32) and its training arguments."""
+    meta: dict[str, Any] = {}
+    names = getattr(net, "names", None)
+    if isinstance(names, dict) and sorted(names) == list(range(len(names))):
+        meta["names"] = [str(names[i]) for i in range(len(names))]
+    elif isinstance(names, (list, tuple)):
+        meta["names"] = [str(n) for n in names]
+    args = _json_args(ckpt.get("train_args") if isinstance(ckpt, dict) else None)
+    if args:
+        meta["train_args"] = args
+    imgsz = args.get("imgsz")
+    if isinstance(imgsz, int) and not isinstance(imgsz, bool) and 32 <= imgsz <= 4096:
+        meta["size"] = imgsz
+    return meta
+
+
+def _read_pickle(name: str, path: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:
     if not trust_enabled():
         raise refuse(name)  # a .pt is a pickle: it runs code when loaded
     if not path.is_file():
@@ -217,7 +246,7 @@ def _read_pickle(name: str, path: Path) -> tuple[dict[str, Any], dict[str, Tenso
         raise UnknownModelError(f"model {name!r}: {path} is not an Ultralytics model checkpoint")
     cfg = copy.deepcopy(net.yaml)
     cfg["nc"] = int(getattr(net, "nc", cfg.get("nc", 80)))
-    return cfg, {k: v.float() for k, v in net.state_dict().items()}
+    return cfg, {k: v.float() for k, v in net.state_dict().items()}, _pickle_meta(ckpt, net)
 
 
 def build_ultralytics(
@@ -228,12 +257,16 @@ def build_ultralytics(
     nms_thresh: float = 0.7,
     detections_per_img: int = 100,
     end2end: bool = True,
+    names: list[str] | None = None,
+    train_args: dict[str, Any] | None = None,
     _state_dict: dict[str, Tensor] | None = None,
 ) -> UltralyticsDetector:
     """An Ultralytics ``DetectionModel`` built from ``cfg`` (a model yaml dict), in torchvision's
     interface. ``nc``: object classes (labels 1..nc; the yaml's value by default); ``size``: the
     letterbox size (a multiple of 32 is used); ``end2end``: for heads with a one-to-one branch
-    (YOLOv10, YOLO26), predict with it and without NMS (``False``: the one-to-many branch and NMS)."""
+    (YOLOv10, YOLO26), predict with it and without NMS (``False``: the one-to-many branch and NMS);
+    ``names``, ``train_args``: what a trained ``.pt`` recorded (class names, Ultralytics' training
+    arguments), kept for the hand-back (:mod:`.ultralytics_handback`)."""
     u = _ultralytics()
     if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or not 1 <= nc <= MAX_CLASSES):
         raise UnknownModelError(f"ultralytics model: nc must be an integer in 1..{MAX_CLASSES} (object classes), got {nc!r}")
@@ -267,8 +300,12 @@ def build_ultralytics(
                 f"ultralytics model {cfg.get('yaml_file', '?')}: its weights do not fit the layers its yaml builds "
                 f"(a pruned model? load the surgery checkpoint it came from instead): {str(e).splitlines()[0]}"
             ) from None
-    return UltralyticsDetector(net, size=size, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                               detections_per_img=detections_per_img)  # fmt: skip
+    detector = UltralyticsDetector(net, size=size, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                                   detections_per_img=detections_per_img)  # fmt: skip
+    if names is not None and len(names) == detector.num_classes:
+        detector.class_names = [str(n) for n in names]
+    detector.train_args = dict(train_args or {})
+    return detector
 
 
 class UltralyticsDetector(YoloInterface):
@@ -277,6 +314,8 @@ class UltralyticsDetector(YoloInterface):
     # what `surgery bench` times as the network (surgery.measure.split); Detect's box decoding
     # (DFL, anchors) runs inside it, the letterbox, top-k and NMS are the pipeline
     network_modules = ("net",)
+    class_names: list[str] | None = None  # object class names a trained .pt recorded (no background)
+    train_args: dict[str, Any]  # Ultralytics' training arguments a trained .pt recorded
 
     def __init__(self, net: nn.Module, *, size: int, **kwargs: Any) -> None:
         super().__init__(size, **kwargs)

@@ -1,0 +1,89 @@
+"""Handing a pruned YOLO back to Ultralytics cannot silently lose the pruning: Ultralytics' own
+trainer (through the shipped width-keeping trainer) trains the pruned network, names / imgsz / nc
+survive, and every surgery command handed the file names it an Ultralytics pickle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from cli.main import app
+from surgery.checkpoint import read_checkpoint
+from surgery.data import synthesize
+from surgery.errors import CheckpointError
+from surgery.measure import count_params
+
+SIZE = 64
+NAMES = ["ring", "brick", "wedge", "dot"]  # not the synthetic set's names: they must come from the yaml
+
+
+@pytest.fixture(scope="module")
+def yolo_data(tmp_path_factory) -> Path:
+    """A YOLO-format set written by `surgery data convert`, its class names renamed."""
+    root = tmp_path_factory.mktemp("yolo_data")
+    synthesize(root / "coco", images=8, size=SIZE, seed=0, val_images=4)
+    res = CliRunner().invoke(app, ["data", "convert", f"coco:{root / 'coco'}", "--to", "yolo", "--out", str(root / "y")])
+    assert res.exit_code == 0, res.output
+    spec = yaml.safe_load((root / "y/data.yaml").read_text())
+    spec["names"] = dict(enumerate(NAMES))
+    (root / "y/data.yaml").write_text(yaml.safe_dump(spec))
+    return root / "y/data.yaml"
+
+
+def _prune_and_hand_back(tmp_path: Path, data: Path, yaml_name: str = "yolov8n.yaml") -> tuple[Path, Path]:
+    pruned, handed = tmp_path / "pruned.pt", tmp_path / "back.pt"
+    runner = CliRunner()
+    res = runner.invoke(app, ["prune", "--model", f"ultralytics:{yaml_name}", "-k", "nc=4", "-k", f"size={SIZE}",
+                              "--ratio", "0.5", "--macs-size", str(SIZE), "--data", f"yolo:{data}", "--out", str(pruned)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["export", str(pruned), "--format", "ultralytics", "--out", str(handed)])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "trainer=PrunedDetectionTrainer" in out and "--engine ultralytics" in out  # the one line that keeps widths
+    return pruned, handed
+
+
+def test_ultralytics_trainer_keeps_pruned_widths_names_and_imgsz(ultralytics, yolo_data, tmp_path) -> None:
+    from ultralytics import YOLO
+
+    from surgery.yolo.ultralytics_trainer import PrunedDetectionTrainer
+
+    pruned, handed = _prune_and_hand_back(tmp_path, yolo_data)
+    n = count_params(__import__("surgery.checkpoint", fromlist=["load"]).load(pruned).net).total
+    ckpt = torch.load(handed, map_location="cpu", weights_only=False)  # our own file, just written
+    assert ckpt["train_args"]["imgsz"] == SIZE and ckpt["model"].model[-1].nc == 4 == ckpt["model"].yaml["nc"]
+    assert list(ckpt["model"].names.values()) == NAMES  # from the dataset the recipe names, not '0'..'3'
+    model = YOLO(str(handed))
+    assert sum(p.numel() for p in model.model.parameters()) == n
+    model.train(data=str(yolo_data), trainer=PrunedDetectionTrainer, epochs=1, imgsz=SIZE, batch=4, workers=0,
+                plots=False, device="cpu", amp=False, verbose=False, val=False, project=str(tmp_path / "runs"),
+                name="t")  # fmt: skip
+    assert sum(p.numel() for p in model.model.parameters()) == n
+    best = torch.load(model.trainer.last, map_location="cpu", weights_only=False)["model"]
+    assert sum(p.numel() for p in best.parameters()) == n and list(best.names.values()) == NAMES
+    # the oracle for why the trainer exists: Ultralytics' own trainer rebuilds the full widths
+    plain = YOLO(str(handed))
+    plain.train(data=str(yolo_data), epochs=1, imgsz=SIZE, batch=4, workers=0, plots=False, device="cpu",
+                amp=False, verbose=False, val=False, project=str(tmp_path / "runs"), name="plain")  # fmt: skip
+    assert sum(p.numel() for p in plain.model.parameters()) > 1.5 * n
+
+
+def test_commands_name_the_handed_back_file_an_ultralytics_pickle(ultralytics, yolo_data, tmp_path) -> None:
+    _, handed = _prune_and_hand_back(tmp_path, yolo_data)
+    with pytest.raises(CheckpointError, match=rf"Ultralytics checkpoint.*--model ultralytics:{handed} --trust-code"):
+        read_checkpoint(handed)
+    for args in (["info", str(handed)], ["eval", str(handed), "--data", f"yolo:{yolo_data}"]):
+        res = CliRunner().invoke(app, args)
+        assert "Ultralytics checkpoint" in str(res.exception) and "corrupt" not in str(res.exception), args
+
+
+def test_export_ultralytics_refuses_onnx_only_flags_and_onnx_names(ultralytics, yolo_data, tmp_path) -> None:
+    pruned, _ = _prune_and_hand_back(tmp_path, yolo_data)
+    for extra, why in ((["--out", str(tmp_path / "y.onnx")], "name it .pt"), (["--opset", "13"], "--opset")):
+        res = CliRunner().invoke(app, ["export", str(pruned), "--format", "ultralytics", *extra])
+        assert res.exception is not None and why in str(res.exception)
+        assert not (tmp_path / "y.onnx").exists()
