@@ -87,3 +87,34 @@ def test_export_ultralytics_refuses_onnx_only_flags_and_onnx_names(ultralytics, 
         res = CliRunner().invoke(app, ["export", str(pruned), "--format", "ultralytics", *extra])
         assert res.exception is not None and why in str(res.exception)
         assert not (tmp_path / "y.onnx").exists()
+
+
+def test_retrain_engine_ultralytics_trains_the_pruned_widths_and_writes_both_files(ultralytics, yolo_data, tmp_path) -> None:
+    """`surgery retrain --engine ultralytics` runs Ultralytics' loop (1 epoch, 64 px, CPU) on the pruned
+    network: the surgery checkpoint reloads weights_only at the pruned count with new weights, and the
+    Ultralytics file next to it holds the same network (same outputs) with the dataset's names."""
+    from ultralytics import YOLO
+
+    from surgery.checkpoint import load
+
+    pruned, _ = _prune_and_hand_back(tmp_path, yolo_data)
+    before = load(pruned)
+    out = tmp_path / "re.pt"
+    res = CliRunner().invoke(app, ["retrain", str(pruned), "--engine", "ultralytics", "--data", f"yolo:{yolo_data}",
+                                   "--epochs", "1", "--batch-size", "4", "--no-eval", "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, (res.output, res.exception)
+    after = load(out)
+    n = count_params(before.net).total
+    assert count_params(after.net).total == n
+    assert any(not torch.equal(a, b) for a, b in zip(before.net.state_dict().values(), after.net.state_dict().values()))
+    assert read_checkpoint(out).class_names == ["__background__", *NAMES]
+    theirs = YOLO(str(out.with_suffix(".ultralytics.pt")))
+    assert sum(p.numel() for p in theirs.model.parameters()) == n and list(theirs.model.names.values()) == NAMES
+    batch = torch.rand(1, 3, SIZE, SIZE)
+    after._sync_widths()
+    with torch.no_grad():
+        after.net.model[-1].__dict__.pop("_end2end", None)
+        torch.testing.assert_close(theirs.model.float().eval()(batch)[0], after.net.eval()(batch)[0])
+    res = CliRunner().invoke(app, ["retrain", str(pruned), "--engine", "ultralytics", "--data", f"yolo:{yolo_data}",
+                                   "--epochs", "1", "--steps", "5", "--out", str(tmp_path / "x.pt")])  # fmt: skip
+    assert res.exception is not None and "--steps" in str(res.exception) and not (tmp_path / "x.pt").exists()

@@ -22,14 +22,21 @@ Importing this module imports Ultralytics (offline, see :mod:`.ultralytics_adapt
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..checkpoint import save_checkpoint
+from ..data.yolo_format import read_data_yaml
+from ..errors import DataError
 from .ultralytics_adapter import _ultralytics
+from .ultralytics_handback import save_for_ultralytics
 
 _ultralytics()  # offline and inert before the trainers are imported
-from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402 - after the offline set-up
+from ultralytics import YOLO  # noqa: E402 - after the offline set-up
+from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 from ultralytics.models.yolo.obb import OBBTrainer  # noqa: E402
 from ultralytics.models.yolo.pose import PoseTrainer  # noqa: E402
 from ultralytics.models.yolo.segment import SegmentationTrainer  # noqa: E402
@@ -95,3 +102,65 @@ def train_line(path: str, task: str = "detect") -> str:
     name = trainer_for(task).__name__
     return (f"from surgery.yolo.ultralytics_trainer import {name}; "
             f"YOLO({path!r}).train(data='data.yaml', trainer={name}, ...)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class UltralyticsRetrain:
+    """What ``surgery retrain --engine ultralytics`` wrote and measured."""
+
+    checkpoint: Path  # the surgery checkpoint (weights_only, rebuilds from its spec and plan)
+    handed_back: Path  # the same network as an Ultralytics .pt (save_for_ultralytics)
+    run_dir: Path  # Ultralytics' run folder (weights/last.pt, best.pt, results.csv)
+    params: int
+    metrics: dict[str, float]  # Ultralytics' last validation metrics (empty with val=False)
+
+
+def ultralytics_device(device: str) -> str:
+    """surgery's ``--device`` (cpu, cuda, cuda:1) as Ultralytics spells it (cpu, 0, 1)."""
+    device = str(device).strip().lower()
+    if device.startswith("cuda"):
+        return device.partition(":")[2] or "0"
+    return device
+
+
+def retrain_with_ultralytics(
+    model: nn.Module,
+    spec: Any,
+    *,
+    data_yaml: str | Path,
+    out: str | Path,
+    kind: str = "structured",
+    plan: Any = None,
+    recipe: dict[str, Any] | None = None,
+    train_args: dict[str, Any] | None = None,
+) -> UltralyticsRetrain:
+    """Train ``model`` (an :class:`~.ultralytics_adapter.UltralyticsDetector`, pruned or not) with
+    Ultralytics' own training loop (its augmentation, loss gains, EMA, AMP, schedule), widths kept
+    (:class:`PrunedDetectionTrainer`), then write the surgery checkpoint ``out`` (same spec and
+    plan, the trained weights) and ``out`` with suffix ``.ultralytics.pt`` (the hand-back file).
+    ``train_args``: Ultralytics' training arguments (``epochs``, ``batch``, ``device``, ``lr0``...);
+    ``imgsz`` defaults to the model's letterbox size, the run folder to ``<out>_ultralytics``."""
+    out = Path(out)
+    run_dir = out.with_name(out.stem + "_ultralytics")
+    start = out.with_name(out.stem + ".start.ultralytics.pt")
+    names = read_data_yaml(data_yaml).names
+    if len(names) != model.num_classes:
+        raise DataError(f"{data_yaml} lists {len(names)} classes but the model predicts {model.num_classes}: "
+                        "a pruned head keeps its classes")  # fmt: skip
+    save_for_ultralytics(model, start, class_names=["__background__", *names], source=str(out))
+    args = {"epochs": 1, "imgsz": int(model.transform.canvas()), "workers": 0, "plots": False, "verbose": False,
+            **(train_args or {}), "data": str(data_yaml), "project": str(run_dir.parent), "name": run_dir.name,
+            "exist_ok": True}  # fmt: skip
+    yolo = YOLO(str(start))
+    yolo.train(trainer=PrunedDetectionTrainer, **args)
+    trained = yolo.model
+    model.net.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
+    model._sync_widths()
+    metrics = {str(k): float(v) for k, v in (getattr(yolo, "metrics", None) and yolo.metrics.results_dict or {}).items()}
+    params = sum(p.numel() for p in model.net.parameters())
+    save_checkpoint(out, model, spec, kind=kind, plan=plan, recipe=recipe, class_names=["__background__", *names],
+                    metrics={"params": params, "ultralytics": metrics})  # fmt: skip
+    back = save_for_ultralytics(model, out.with_suffix(".ultralytics.pt"), class_names=["__background__", *names],
+                                source=str(out))  # fmt: skip
+    start.unlink(missing_ok=True)
+    return UltralyticsRetrain(out, back.path, Path(yolo.trainer.save_dir), params, metrics)
