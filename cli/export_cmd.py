@@ -104,7 +104,7 @@ def _hand_back(model: Any, ckpt: Any, checkpoint: Path, out: Path) -> None:
     )
     console.print(
         "[bold]To train it with Ultralytics, keep the pruned widths[/] (plain YOLO(file).train() rebuilds the "
-        f"full model from its yaml):\n  {escape(train_line(str(hb.path)))}\n"
+        f"full model from its yaml):\n  {escape(train_line(str(hb.path), model.task))}\n"
         f"or: surgery retrain {escape(str(checkpoint))} --engine ultralytics --data yolo:data.yaml",
         soft_wrap=True, highlight=False,
     )

@@ -27,7 +27,13 @@ a second, one-to-one branch (``one2one_cv2``/``one2one_cv3``, copies of ``cv2``/
 *detached* neck features. By default (``end2end=True``) eval, predict and export use the one-to-one
 outputs through the head's own top-k, without NMS; ``-k end2end=false`` uses the one-to-many
 outputs with NMS instead (Ultralytics' ``nms=True`` behaviour). Both branches are pruned with the
-neck (see ``trace_context``). Every other head of the package is refused in one line
+neck (see ``trace_context``). Task heads: ``Segment`` / ``Pose`` / ``OBB`` (and YOLO26's ``Segment26``,
+``Pose26``, ``OBB26``) build as Ultralytics' Segmentation/Pose/OBB models and prune the same way; their
+mask prototypes and coefficients, keypoints and angles reach the loss directly, so the trace finds
+them as output layers and never cuts them. surgery's own loop trains them with what its targets hold
+(box-shaped masks, invisible keypoints unless given, angle 0: see ``_task_targets``) and evaluates
+their boxes; real masks / keypoints / angles train through Ultralytics' trainer (``retrain --engine
+ultralytics``) and are scored by Ultralytics' val on the handed-back file. Every other head of the package is refused in one line
 (:data:`REFUSED_HEADS`); :func:`list_ultralytics_detection_yamls` says which shipped yamls work.
 """
 
@@ -59,18 +65,19 @@ from .interface import YoloInterface, xyxy_to_cxcywh
 SCHEME = "ultralytics"
 INSTALL_HINT = "pip install 'surgery[yolo]' (or: pip install ultralytics; Ultralytics is AGPL-3.0)"
 _ENV_FORCED = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "ULTRALYTICS_SAFE_LOAD": "1"}
-SUPPORTED_HEADS = ("Detect", "v10Detect")
+DETECT_HEADS = ("Detect", "v10Detect")
+# task heads (Detect subclasses): pruned through the graph like Detect; their extra outputs (mask
+# prototypes and coefficients, keypoints, angles) feed the loss directly, so they are output layers
+# and never cut. Ultralytics' task of each (its trainer, its val) and the model class that builds it.
+TASK_HEADS = {"Segment": "segment", "Segment26": "segment", "Pose": "pose", "Pose26": "pose", "OBB": "obb",
+              "OBB26": "obb"}  # fmt: skip
+SUPPORTED_HEADS = DETECT_HEADS + tuple(TASK_HEADS)
+_MODEL_CLASSES = {"detect": "DetectionModel", "segment": "SegmentationModel", "pose": "PoseModel", "obb": "OBBModel"}
 # Heads of the package that are refused, by the name a model yaml gives its last module, with why.
 REFUSED_HEADS = {
     "WorldDetect": "YOLO-World is open-vocabulary: its class embeddings come from a CLIP text model (downloaded)",
     "YOLOEDetect": "YOLOE is open-vocabulary: its prompt embeddings come from a text/visual encoder (downloaded)",
     "RTDETRDecoder": "RT-DETR's transformer decoder (Hungarian matching, no Detect head) is not supported",
-    "Segment": "instance segmentation is not supported",
-    "Segment26": "instance segmentation is not supported",
-    "Pose": "pose estimation is not supported",
-    "Pose26": "pose estimation is not supported",
-    "OBB": "oriented boxes are not supported",
-    "OBB26": "oriented boxes are not supported",
     "Classify": "a classifier, not a detector",
 }
 
@@ -114,7 +121,7 @@ def head_refusal(cfg: dict[str, Any]) -> str | None:
     if head in SUPPORTED_HEADS:
         return None
     why = REFUSED_HEADS.get(head, "not a YOLO detection head")
-    return (f"head {head}: {why}; surgery prunes YOLO detection models with a Detect or v10Detect head "
+    return (f"head {head}: {why}; surgery prunes YOLO models with a Detect, v10Detect, Segment, Pose or OBB head "
             "(YOLOv3/v5/v6/v8/v9/v10, YOLO11, YOLO12, YOLO26)")  # fmt: skip
 
 
@@ -280,7 +287,8 @@ def build_ultralytics(
         raise UnknownModelError(f"ultralytics model: end2end must be true or false, got {end2end!r}")
     try:
         with _restricted(u.tasks):
-            net = u.tasks.DetectionModel(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
+            task = TASK_HEADS.get(_head_name(cfg), "detect")
+            net = getattr(u.tasks, _MODEL_CLASSES[task])(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
     except (KeyError, TypeError, ValueError, AssertionError, IndexError) as e:
         why = " ".join(str(e).split())
         raise UnknownModelError(f"ultralytics model {cfg.get('yaml_file', '?')}: cannot build it from its yaml "
@@ -305,6 +313,7 @@ def build_ultralytics(
     if names is not None and len(names) == detector.num_classes:
         detector.class_names = [str(n) for n in names]
     detector.train_args = dict(train_args or {})
+    detector.task = task
     return detector
 
 
@@ -315,6 +324,7 @@ class UltralyticsDetector(YoloInterface):
     # (DFL, anchors) runs inside it, the letterbox, top-k and NMS are the pipeline
     network_modules = ("net",)
     class_names: list[str] | None = None  # object class names a trained .pt recorded (no background)
+    task = "detect"  # Ultralytics' task of the head: detect, segment, pose or obb
     train_args: dict[str, Any]  # Ultralytics' training arguments a trained .pt recorded
 
     def __init__(self, net: nn.Module, *, size: int, **kwargs: Any) -> None:
@@ -324,7 +334,9 @@ class UltralyticsDetector(YoloInterface):
         self.nms = not bool(getattr(net.model[-1], "end2end", False))  # one-to-one outputs need no NMS
         hyp = _ultralytics().hyp
         # the loss reads its gains from model.args (Ultralytics' training defaults: box 7.5, cls 0.5, dfl 1.5)
-        self.net.args = SimpleNamespace(box=float(hyp["box"]), cls=float(hyp["cls"]), dfl=float(hyp["dfl"]))
+        # (+ the task heads' gains: pose, kobj, rle, angle; masks one per object, not overlapped)
+        self.net.args = SimpleNamespace(**{k: hyp[k] for k in ("box", "cls", "dfl", "pose", "kobj", "rle", "angle") if k in hyp},
+                                        overlap_mask=False)  # fmt: skip
         self._half_width_blocks = [
             m for m in net.modules()
             if isinstance(getattr(m, "c", None), int) and isinstance(getattr(getattr(m, "cv1", None), "conv", None), nn.Conv2d)
@@ -343,6 +355,7 @@ class UltralyticsDetector(YoloInterface):
         boxes = torch.cat([xyxy_to_cxcywh(t["boxes"]) for t in targets]) / size
         device = batch.device
         labelled = {"batch_idx": idx.to(device), "cls": labels.to(device), "bboxes": boxes.to(device)}
+        labelled.update(_task_targets(self.net.model[-1], batch, boxes, idx, labels, targets))
         self._sync_widths()
         preds = self.net(batch)
         # a fresh criterion each step: it caches strides and the device, which pruning and .to() change
@@ -425,15 +438,47 @@ class UltralyticsDetector(YoloInterface):
             head.max_det = self.detections_per_img  # the head's own top-k (Ultralytics' default 300)
         with _without_one2many(head) if not self.nms else contextlib.nullcontext():
             out = self.net(batch)
-        y = out[0] if isinstance(out, (tuple, list)) else out
+        y = out
+        while isinstance(y, (tuple, list)):  # (predictions, extras); Segment nests (predictions, protos) once more
+            y = y[0]
         if not self.nms:  # [B, K, 6]: x1, y1, x2, y2, score, class index, best first (one-to-one branch)
             scores = y.new_zeros(y.shape[0], y.shape[1], self.num_classes)
             scores.scatter_(2, y[..., 5:6].long(), y[..., 4:5])
             return y[..., :4], scores
-        y = y.transpose(1, 2)  # [B, 4 + nc, A]: cx, cy, w, h, class scores
+        y = y.transpose(1, 2)  # [B, 4 + nc (+ mask coefficients / keypoints / angle), A]: cx, cy, w, h, scores
         cx, cy, w, h = y[..., :4].unbind(-1)
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-        return boxes, y[..., 4:]
+        return boxes, y[..., 4 : 4 + self.num_classes]
+
+
+def _task_targets(
+    head: nn.Module, batch: Tensor, boxes: Tensor, idx: Tensor, labels: Tensor, targets: list[dict[str, Tensor]]
+) -> dict[str, Tensor]:
+    """What a task head's loss needs besides boxes, from what surgery's targets hold: box-shaped
+    masks for ``Segment`` (surgery's letterbox does not carry instance masks: train masks with
+    ``retrain --engine ultralytics``), invisible keypoints for ``Pose`` unless the targets carry
+    ``keypoints`` (``[N, K, 3]`` in batch pixels), angle 0 for ``OBB`` (axis-aligned boxes)."""
+    kind = type(head).__name__
+    device, size = batch.device, float(batch.shape[-1])
+    if kind.startswith("Segment"):
+        side = int(batch.shape[-1]) // 4  # Ultralytics' mask resolution (the loss resizes to the prototypes')
+        grid = (torch.arange(side, device=device, dtype=batch.dtype) + 0.5) / side
+        cx, cy, w, h = boxes.to(device).unbind(-1)
+        inside_x = (grid[None] >= (cx - w / 2)[:, None]) & (grid[None] <= (cx + w / 2)[:, None])
+        inside_y = (grid[None] >= (cy - h / 2)[:, None]) & (grid[None] <= (cy + h / 2)[:, None])
+        masks = inside_y[:, :, None] & inside_x[:, None, :]
+        sem = torch.zeros(batch.shape[0], side, side, dtype=torch.long, device=device)  # YOLO26's semantic target
+        for n, (i, c) in enumerate(zip(idx.long().tolist(), labels.long().tolist())):
+            sem[i][masks[n]] = c
+        return {"masks": masks.float(), "sem_masks": sem}
+    if kind.startswith("Pose"):
+        k, d = (int(v) for v in head.kpt_shape)
+        parts = [t["keypoints"][..., :d].float() / size if "keypoints" in t else torch.zeros(len(t["boxes"]), k, d)
+                 for t in targets]  # fmt: skip
+        return {"keypoints": torch.cat(parts).to(device) if parts else torch.zeros(0, k, d, device=device)}
+    if kind.startswith("OBB"):
+        return {"bboxes": torch.cat([boxes, boxes.new_zeros(len(boxes), 1)], 1).to(device)}
+    return {}
 
 
 def _has_one2one(head: nn.Module) -> bool:

@@ -71,7 +71,7 @@ def recipe_class_names(recipe: dict[str, Any] | None) -> list[str] | None:
 
 def save_for_ultralytics(
     model: nn.Module, path: str | Path, *, class_names: list[str] | None = None, source: str = "",
-    task: str = "detect",
+    task: str | None = None,
 ) -> HandBack:
     """Write ``model``'s Ultralytics network (``model.net``, with its pruned widths) to ``path`` in
     the checkpoint layout Ultralytics loads (see the module docstring), atomically.
@@ -95,7 +95,7 @@ def save_for_ultralytics(
     params = sum(p.numel() for p in net.parameters())
     ckpt = {
         "model": net,
-        "train_args": {**getattr(model, "train_args", {}), "task": task, "imgsz": size},
+        "train_args": {**getattr(model, "train_args", {}), "task": task or model.task, "imgsz": size},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "version": ultralytics_version(),
         "license": "AGPL-3.0 License (https://ultralytics.com/license)",

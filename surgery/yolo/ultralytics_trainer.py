@@ -136,7 +136,7 @@ def retrain_with_ultralytics(
 ) -> UltralyticsRetrain:
     """Train ``model`` (an :class:`~.ultralytics_adapter.UltralyticsDetector`, pruned or not) with
     Ultralytics' own training loop (its augmentation, loss gains, EMA, AMP, schedule), widths kept
-    (:class:`PrunedDetectionTrainer`), then write the surgery checkpoint ``out`` (same spec and
+    (:class:`PrunedDetectionTrainer` or the head's task trainer), then write the surgery checkpoint ``out`` (same spec and
     plan, the trained weights) and ``out`` with suffix ``.ultralytics.pt`` (the hand-back file).
     ``train_args``: Ultralytics' training arguments (``epochs``, ``batch``, ``device``, ``lr0``...);
     ``imgsz`` defaults to the model's letterbox size, the run folder to ``<out>_ultralytics``."""
@@ -152,7 +152,7 @@ def retrain_with_ultralytics(
             **(train_args or {}), "data": str(data_yaml), "project": str(run_dir.parent), "name": run_dir.name,
             "exist_ok": True}  # fmt: skip
     yolo = YOLO(str(start))
-    yolo.train(trainer=PrunedDetectionTrainer, **args)
+    yolo.train(trainer=trainer_for(model.task), **args)
     trained = yolo.model
     model.net.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
     model._sync_widths()
