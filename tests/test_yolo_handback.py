@@ -118,3 +118,29 @@ def test_retrain_engine_ultralytics_trains_the_pruned_widths_and_writes_both_fil
     res = CliRunner().invoke(app, ["retrain", str(pruned), "--engine", "ultralytics", "--data", f"yolo:{yolo_data}",
                                    "--epochs", "1", "--steps", "5", "--out", str(tmp_path / "x.pt")])  # fmt: skip
     assert res.exception is not None and "--steps" in str(res.exception) and not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.slow
+def test_users_best_pt_keeps_names_imgsz_and_train_args_through_prune_and_hand_back(ultralytics, yolo_data, tmp_path) -> None:
+    """A best.pt trained by Ultralytics itself (1 epoch, 64 px): `ultralytics:best.pt --trust-code`
+    is pruned (and recovered) with its class names, its imgsz as the letterbox size and its training
+    arguments recorded in the (weights_only) checkpoint, and they come back in the hand-back file."""
+    from ultralytics import YOLO
+
+    user = YOLO("yolov8n.yaml")
+    user.train(data=str(yolo_data), epochs=1, imgsz=SIZE, batch=4, workers=0, plots=False, device="cpu", amp=False,
+               verbose=False, val=False, project=str(tmp_path / "runs"), name="user", fliplr=0.25)  # fmt: skip
+    best = Path(user.trainer.last)
+    pruned, handed = tmp_path / "pruned.pt", tmp_path / "back.pt"
+    runner = CliRunner()
+    res = runner.invoke(app, ["prune", "--model", f"ultralytics:{best}", "--trust-code", "--ratio", "0.5", "--recover",
+                              "2", "--data", f"yolo:{yolo_data}", "--macs-size", str(SIZE), "--out", str(pruned)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    spec = read_checkpoint(pruned).spec
+    assert spec.kwargs["names"] == NAMES and spec.kwargs["size"] == SIZE and spec.kwargs["train_args"]["fliplr"] == 0.25
+    res = runner.invoke(app, ["export", str(pruned), "--format", "ultralytics", "--out", str(handed)])
+    assert res.exit_code == 0, res.output
+    ckpt = torch.load(handed, map_location="cpu", weights_only=False)  # our own file, just written
+    assert list(ckpt["model"].names.values()) == NAMES
+    assert ckpt["train_args"]["imgsz"] == SIZE and ckpt["train_args"]["fliplr"] == 0.25
+    assert ckpt["train_args"]["data"] == str(yolo_data)
