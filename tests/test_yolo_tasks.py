@@ -28,8 +28,12 @@ def _task_outputs(net: nn.Module) -> dict[str, int]:
     out: dict[str, int] = {}
     if hasattr(head, "proto"):
         out["proto"] = head.proto.cv3.conv.out_channels
-    for i, seq in enumerate(getattr(head, "cv4", None) or []):
-        out[f"cv4.{i}"] = [c for c in seq.modules() if isinstance(c, nn.Conv2d)][-1].out_channels
+    # Pose26 computes keypoints in cv4_kpts / cv4_sigma from a hidden cv4 (prunable); the others in cv4
+    names = [n for n in ("cv4_kpts", "cv4_sigma", "one2one_cv4_kpts", "one2one_cv4_sigma") if hasattr(head, n)] \
+        or [n for n in ("cv4", "one2one_cv4") if getattr(head, n, None) is not None]  # fmt: skip
+    for name in names:
+        for i, seq in enumerate(getattr(head, name)):
+            out[f"{name}.{i}"] = [c for c in seq.modules() if isinstance(c, nn.Conv2d)][-1].out_channels
     return out
 
 
