@@ -139,7 +139,8 @@ def retrain_with_ultralytics(
     (:class:`PrunedDetectionTrainer` or the head's task trainer), then write the surgery checkpoint ``out`` (same spec and
     plan, the trained weights) and ``out`` with suffix ``.ultralytics.pt`` (the hand-back file).
     ``train_args``: Ultralytics' training arguments (``epochs``, ``batch``, ``device``, ``lr0``...);
-    ``imgsz`` defaults to the model's letterbox size, the run folder to ``<out>_ultralytics``."""
+    ``imgsz`` defaults to the model's letterbox size, the run folder to ``<out>_ultralytics`` (an absolute
+    path: a relative project would land under Ultralytics' own ``runs_dir`` setting)."""
     out = Path(out)
     run_dir = out.with_name(out.stem + "_ultralytics")
     start = out.with_name(out.stem + ".start.ultralytics.pt")
@@ -149,7 +150,7 @@ def retrain_with_ultralytics(
                         "a pruned head keeps its classes")  # fmt: skip
     save_for_ultralytics(model, start, class_names=["__background__", *names], source=str(out))
     args = {"epochs": 1, "imgsz": int(model.transform.canvas()), "workers": 0, "plots": False, "verbose": False,
-            **(train_args or {}), "data": str(data_yaml), "project": str(run_dir.parent), "name": run_dir.name,
+            **(train_args or {}), "data": str(data_yaml), "project": str(run_dir.parent.resolve()), "name": run_dir.name,
             "exist_ok": True}  # fmt: skip
     yolo = YOLO(str(start))
     yolo.train(trainer=trainer_for(model.task), **args)
