@@ -39,7 +39,7 @@ def bench(
     checkpoints: list[Path] = typer.Argument(
         ..., help="Checkpoints or exported .onnx files to compare; the FIRST is the dense reference."
     ),
-    data: str | None = typer.Option(None, "--data", help="Dataset for mAP (synthetic, coco:ROOT, voc:ROOT, ann.json)."),
+    data: str | None = typer.Option(None, "--data", help="Dataset for mAP (synthetic, coco:ROOT, voc:ROOT, yolo:DATA_YAML, ann.json)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     input_size: int = typer.Option(320, "--input-size", help="Square input side in pixels."),
     runs: int = typer.Option(20, "--runs", help="Timed runs per model and batch size."),

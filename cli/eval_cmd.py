@@ -12,7 +12,7 @@ from .console import console, err_console
 from .display import TaskProgress
 from .table import FORMAT_HELP, Column, machine_readable, render
 
-DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a dataset folder | a COCO .json (default: the checkpoint's recipe)."
+DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | yolo:DATA_YAML | a dataset folder | a COCO .json (default: the checkpoint's recipe)."
 MAIN_METRICS = ("mAP", "mAP50", "segm_mAP", "kp_mAP", "voc_mAP50")
 
 

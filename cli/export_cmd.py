@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -23,7 +24,7 @@ def export(
     input_size: int = typer.Option(
         None, "--input-size", help="Square input side the graph is traced for (default: the model's own, its min_size, as quantize)."
     ),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    opset: int = typer.Option(None, "--opset", help="ONNX opset version [default: 17]."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare onnxruntime with PyTorch."),
     dynamic_size: bool = typer.Option(
         False, "--dynamic-size/--fixed-size",
@@ -37,10 +38,17 @@ def export(
     from surgery.export import checkpoint_metadata, export_onnx
     from surgery.masked import fold_masks
     from surgery.quantize import export_size
-    from surgery.safety import protecting
 
     if fmt not in ("onnx", "ultralytics"):
         raise SurgeryError(f"--format {fmt!r}: expected onnx or ultralytics")
+    if fmt == "ultralytics":
+        given = [flag for flag, v in (("--opset", opset), ("--input-size", input_size), ("--dynamic-size", dynamic_size or None))
+                 if v is not None]  # fmt: skip
+        if given:
+            raise SurgeryError(f"{', '.join(given)} apply to ONNX exports; --format ultralytics writes the network itself")
+        if out is not None and out.suffix.lower() != ".pt":
+            raise SurgeryError(f"--out {out}: --format ultralytics writes a .pt pickle (Ultralytics loads *.pt); name it .pt")
+    opset = 17 if opset is None else opset
     default_suffix = ".onnx" if fmt == "onnx" else ".ultralytics.pt"
     out = out if out is not None else checkpoint.with_name(checkpoint.stem + default_suffix)
     model, ckpt = load_checkpoint(checkpoint)
@@ -48,16 +56,7 @@ def export(
         fold_masks(model, ckpt.masks)
     model.eval()
     if fmt == "ultralytics":
-        from surgery.yolo.ultralytics_handback import save_for_ultralytics
-
-        with protecting([checkpoint]):
-            hb = save_for_ultralytics(model, out, class_names=ckpt.class_names, source=str(checkpoint))
-        console.print(
-            f"wrote {hb.path} ({hb.file_bytes / 2**20:.1f} MiB, {hb.params:,} parameters, imgsz {hb.imgsz}, "
-            f"classes {', '.join(hb.names.values())}): load it with ultralytics.YOLO({str(hb.path)!r}). "
-            "It is a pickle: trust it only if you made it.",
-            soft_wrap=True, highlight=False,
-        )
+        _hand_back(model, ckpt, checkpoint, out)
         return
     input_size = input_size or export_size(model)
     with console.status(f"exporting {checkpoint.name} at {input_size}px (opset {opset})..."):
@@ -82,6 +81,33 @@ def export(
     for note in res.notes:
         table.add_row("note", note)
     console.print(table)
+
+
+def _hand_back(model: Any, ckpt: Any, checkpoint: Path, out: Path) -> None:
+    from rich.markup import escape
+
+    from surgery.safety import protecting
+    from surgery.yolo.ultralytics_handback import recipe_class_names, save_for_ultralytics
+    from surgery.yolo.ultralytics_trainer import train_line
+
+    names = ckpt.class_names
+    if not names and not getattr(model, "class_names", None):
+        found = recipe_class_names(ckpt.recipe)
+        names = ["__background__", *found] if found else None
+    with protecting([checkpoint]):
+        hb = save_for_ultralytics(model, out, class_names=names, source=str(checkpoint))
+    console.print(
+        f"wrote {hb.path} ({hb.file_bytes / 2**20:.1f} MiB, {hb.params:,} parameters, imgsz {hb.imgsz}, "
+        f"classes {', '.join(hb.names.values())}): load it with ultralytics.YOLO({str(hb.path)!r}). "
+        "It is a pickle: trust it only if you made it.",
+        soft_wrap=True, highlight=False, markup=False,
+    )
+    console.print(
+        "[bold]To train it with Ultralytics, keep the pruned widths[/] (plain YOLO(file).train() rebuilds the "
+        f"full model from its yaml):\n  {escape(train_line(str(hb.path), model.task))}\n"
+        f"or: surgery retrain {escape(str(checkpoint))} --engine ultralytics --data yolo:data.yaml",
+        soft_wrap=True, highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -37,7 +37,7 @@ def prune(
         None, "--keep-params", "--target-params", help="Fraction of the parameters KEPT: the cut ratio is searched."
     ),
     calib_batches: int = typer.Option(None, help="taylor/fisher: calibration batches from --data (default 4)."),
-    data: str = typer.Option(None, "--data", help="Calibration data for taylor/fisher: synthetic | coco:ROOT | voc:ROOT | a COCO .json."),
+    data: str = typer.Option(None, "--data", help="Calibration data for taylor/fisher: synthetic | coco:ROOT | voc:ROOT | yolo:DATA_YAML | a COCO .json."),
     target_latency: float = typer.Option(None, "--keep-latency", "--target-latency", help="Fraction of the dense network latency KEPT on --runtime (0.5): per-group widths from a measured latency table."),
     runtime: str = typer.Option(None, help="--keep-latency: onnxruntime | torch (where the latency table is measured)."),
     recover: int = typer.Option(None, "--recover", help=RECOVER_HELP),

@@ -18,7 +18,7 @@ def quantize(
     input_size: int = typer.Option(None, "--input-size", min=16, help="Square input side (default: the model's min_size)."),
     keep_float: Path = typer.Option(None, "--keep-float", help="Also write the float ONNX export here."),
     verify_images: int = typer.Option(8, "--verify-images", min=0, help="Validation images to compare INT8 with float on."),
-    data: str = typer.Option(None, "--data", help="synthetic | coco:ROOT | voc:ROOT | a COCO .json (default: the checkpoint's)."),
+    data: str = typer.Option(None, "--data", help="synthetic | coco:ROOT | voc:ROOT | yolo:DATA_YAML | a COCO .json (default: the checkpoint's)."),
     reduce_range: bool = typer.Option(False, "--reduce-range", help="7-bit weights (ORT's advice for U8S8 on non-VNNI x86)."),
     form: str = typer.Option("auto", "--form", help="auto (time every form, keep the fastest) | qdq-per-channel | qdq-per-tensor | qoperator-per-channel | qoperator-per-tensor."),
 ) -> None:

@@ -10,7 +10,7 @@ import typer
 from .console import console
 from .display import working
 
-DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a dataset folder | a COCO .json (default: the checkpoint's recipe)."
+DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | yolo:DATA_YAML | a dataset folder | a COCO .json (default: the checkpoint's recipe)."
 
 
 def sensitivity(

@@ -19,7 +19,7 @@ def sweep(
     recipe: Path = typer.Argument(..., help="Recipe YAML file, or a shipped recipe name (quickstart; `surgery recipes` lists them)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: the recipe's sweep.out)."),
     device: str = typer.Option(None, help="cpu | cuda (default: the recipe's bench.device)."),
-    data: str = typer.Option(None, help="synthetic | coco:ROOT | voc:ROOT | annotations.json"),
+    data: str = typer.Option(None, help="synthetic | coco:ROOT | voc:ROOT | yolo:DATA_YAML | annotations.json"),
 ) -> None:
     """Prune at every ratio (structured) and sparsity (masked), retrain, bench, and report."""
     from surgery.sweep import run_sweep

@@ -106,8 +106,25 @@ def retrain(
     distill_weight: float = typer.Option(None, "--distill-weight", help="Feature-imitation loss weight (retrain.distill.weight)."),
     qat: bool = typer.Option(False, "--qat", help="Quantization-aware: train with fake-quantized int8 layers (then surgery quantize)."),
     kwarg: list[str] = KWARG,
+    engine: str = typer.Option(
+        "surgery", "--engine",
+        help="surgery (its own trainer) or ultralytics: Ultralytics' own training loop on the pruned YOLO, widths kept "
+        "(--data yolo:DATA_YAML, --epochs; -k passes Ultralytics train arguments, e.g. -k lr0=0.002 -k device=0,1).",
+    ),
 ) -> None:
     """Retrain a pruned, masked or dense checkpoint; masks of masked checkpoints are kept exactly."""
+    if engine == "ultralytics":
+        unused = {"--steps": steps, "--warmup-steps": warmup_steps, "--resume": resume or None, "--eval-every": eval_every,
+                  "--checkpoint-every": checkpoint_every, "--sparsity": sparsity, "--agp": agp or None, "--scope": scope,
+                  "--teacher": teacher, "--distill-weight": distill_weight, "--qat": qat or None, "--recipe": recipe}  # fmt: skip
+        _retrain_ultralytics(ckpt, data=data, epochs=epochs, batch_size=batch_size, lr=lr, device=device, out=out,
+                             seed=seed, workers=workers, evaluate=eval_, kwarg=kwarg,
+                             unused=[k for k, v in unused.items() if v is not None])  # fmt: skip
+        return
+    if engine != "surgery":
+        from surgery.errors import RecipeError
+
+        raise RecipeError(f"--engine {engine!r}: expected surgery or ultralytics")
     from surgery.checkpoint import read_checkpoint
     from surgery.qat import QATHook
     from surgery.train import destroy_distributed, init_distributed
@@ -134,6 +151,49 @@ def retrain(
             print_train_summary(f"retrain {ckpt.stem}", outcome)
     finally:
         destroy_distributed()
+
+
+def _retrain_ultralytics(ckpt: Path, *, data: str | None, epochs: float | None, batch_size: int | None,
+                         lr: float | None, device: str | None, out: Path | None, seed: int | None, workers: int | None,
+                         evaluate: bool, kwarg: list[str], unused: list[str]) -> None:
+    """``retrain --engine ultralytics``: Ultralytics' trainer on the checkpoint's network, widths kept."""
+    from surgery.checkpoint import load_checkpoint
+    from surgery.data.sources import normalize_source
+    from surgery.errors import RecipeError
+    from surgery.yolo.ultralytics_adapter import UltralyticsDetector
+
+    if unused:
+        raise RecipeError(f"{', '.join(unused)} do not apply to --engine ultralytics (Ultralytics' own loop and "
+                          "settings; pass its arguments with -k, e.g. -k warmup_epochs=1)")  # fmt: skip
+    if epochs is None:
+        raise RecipeError("--engine ultralytics trains whole epochs: pass --epochs N")
+    model, rec = load_checkpoint(ckpt)
+    if not isinstance(model, UltralyticsDetector):
+        raise RecipeError(f"--engine ultralytics retrains Ultralytics YOLOs; {ckpt} holds {type(model).__name__}")
+    if rec.kind == "masked":
+        raise RecipeError(f"{ckpt} is masked: Ultralytics' trainer would not keep its zeros (use --engine surgery)")
+    source = normalize_source(data or ((rec.recipe or {}).get("data") or {}).get("source") or "synthetic")
+    if not source.startswith("yolo:"):
+        raise RecipeError(f"--engine ultralytics reads YOLO-format data (--data yolo:DATA_YAML), got {source}; "
+                          f"write one with: surgery data convert {source} --to yolo --out DIR")  # fmt: skip
+    from surgery.yolo.ultralytics_trainer import retrain_with_ultralytics, ultralytics_device
+
+    args: dict[str, object] = {"epochs": max(1, round(epochs)), "val": evaluate}
+    for key, value in (("batch", batch_size), ("lr0", lr), ("seed", seed), ("workers", workers),
+                       ("device", ultralytics_device(device) if device else None)):  # fmt: skip
+        if value is not None:
+            args[key] = value
+    args.update(parse_kv(kwarg, "--kwarg"))
+    out = _run_out(out, "runs/retrain", False)
+    res = retrain_with_ultralytics(model, rec.spec, data_yaml=source[5:], out=out, kind=rec.kind, plan=rec.plan,
+                                   recipe=rec.recipe, train_args=args)  # fmt: skip
+    from .console import console
+
+    maps = ", ".join(f"{k.removeprefix('metrics/')} {v:.3f}" for k, v in res.metrics.items() if "mAP" in k)
+    console.print(f"retrained {ckpt.name} with Ultralytics' trainer: {res.params:,} parameters (widths kept)"
+                  + (f", {maps}" if maps else ""), highlight=False, markup=False)  # fmt: skip
+    for what, where in (("checkpoint", res.checkpoint), ("ultralytics", res.handed_back), ("run", res.run_dir)):
+        console.print(f"  {what:<12}{where}", highlight=False, markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,7 +14,7 @@ from surgery.recipe import Recipe
 
 from .console import err_console
 
-DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | a COCO .json"
+DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | yolo:DATA_YAML | a COCO .json"
 # what a recipe without a train / retrain section trains with (flags left out take the recipe's value)
 _DEFAULTS = {"train": Recipe().train, "retrain": Recipe().retrain}
 

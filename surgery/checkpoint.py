@@ -32,6 +32,7 @@ from .models import ModelSpec, build_model
 from .onnx_io import is_onnx
 from .plan import Plan, plan_chain, plan_from_dict
 from .trust import UntrustedCodeError, code_reference, is_user_code, origin, trust_enabled
+from .yolo.pickle_probe import is_ultralytics_pickle, ultralytics_pickle_hint
 
 FORMAT = "surgery-checkpoint"
 FORMAT_VERSION = 1
@@ -228,8 +229,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 f"{path} is an ONNX export, not a surgery checkpoint: bench, eval and predict take it; "
                 "this command needs the .pt checkpoint it was exported from"
             ) from None
+        if is_ultralytics_pickle(path):
+            raise CheckpointError(ultralytics_pickle_hint(path)) from None
         raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a torch file ({e.__class__.__name__})") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        if is_ultralytics_pickle(path):  # loadable here when Ultralytics registered its classes as safe
+            raise CheckpointError(ultralytics_pickle_hint(path))
         raise CheckpointError(
             f"{path} is not a surgery checkpoint (a plain state dict can be given as the model's weights instead)"
         )

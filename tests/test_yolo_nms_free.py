@@ -197,9 +197,10 @@ def test_detection_yamls_listed_and_refusals_are_one_line(ultralytics) -> None:
             build_model(ModelSpec(f"ultralytics:{r.name}", {"nc": 4}))
         msg = str(e.value)
         assert "\n" not in msg and "{" not in msg and len(msg) < 400 and r.head in msg, msg
-    for name, head in (("yolov8n-seg.yaml", "Segment"), ("yolo26n-pose.yaml", "Pose26"), ("yolo11n-obb.yaml", "OBB")):
-        with pytest.raises(UnknownModelError, match=f"head {head}: [^{{]*$"):  # no config dict in the line
-            build_model(ModelSpec(f"ultralytics:{name}", {"nc": 4}))
+    for name, task in (("yolov8n-seg.yaml", "segment"), ("yolo26n-pose.yaml", "pose"), ("yolo11n-obb.yaml", "obb")):
+        assert build_model(ModelSpec(f"ultralytics:{name}", {"nc": 4, "size": 64})).task == task  # task heads build
+    with pytest.raises(UnknownModelError, match="head Classify: [^{]*$"):  # no config dict in the line
+        build_model(ModelSpec("ultralytics:yolov8n-cls.yaml", {"nc": 4}))
 
 
 def _shipped_detection_yamls() -> list:

@@ -1,4 +1,4 @@
-"""Data sources (``synthetic``, ``coco:ROOT``, ``voc:ROOT``, an annotation ``.json``) and loaders."""
+"""Data sources (``synthetic``, ``coco:ROOT``, ``voc:ROOT``, ``yolo:DATA_YAML``, an annotation ``.json``) and loaders."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .datasets import DetectionDataset
 from .sources import normalize_source
 from .synth import ensure_synthetic
 from .voc import VOCDetection
+from .yolo_format import YoloDetection
 
 
 def _coco_layout(root: Path, split: str) -> tuple[Path, Path]:
@@ -60,6 +61,7 @@ def build_dataset(
     ``source``: ``"synthetic"`` (generated and cached, see :func:`ensure_synthetic`),
     ``"coco:ROOT"`` (``ROOT/{train,val}2017`` + ``ROOT/annotations/instances_{split}2017.json``, or
     the ``train/``, ``val/``, ``instances_{split}.json`` layout :func:`synthesize` writes),
+    ``"yolo:DATA_YAML"`` (Ultralytics' dataset yaml, splits train/val/test, see :mod:`.yolo_format`),
     ``"voc:ROOT"`` (VOCdevkit or VOC2007 folder) or a COCO annotation ``.json`` (used for any
     ``split``; images next to it, see :func:`_json_image_dirs`). ``train`` enables the horizontal
     flip (probability ``hflip``). ``progress`` reports synthetic generation.
@@ -81,6 +83,8 @@ def build_dataset(
         return CocoDetection(img_dir, ann, train=train, with_masks=with_masks, hflip=hflip, name=source, split=split)
     if source.startswith("voc:"):
         return VOCDetection(source[4:], split, train=train, hflip=hflip, name=source)
+    if source.startswith("yolo:"):
+        return YoloDetection(source[5:], split, train=train, hflip=hflip, name=source)
     if source.endswith(".json"):
         ann = Path(source).expanduser()
         return CocoDetection(_json_image_dirs(ann), ann, train=train, with_masks=with_masks, hflip=hflip, name=source, split=split)

@@ -77,6 +77,8 @@ def _watch_shapes(model: nn.Module, seen: dict[str, int]) -> list[Any]:
             heads.box_roi_pool.register_forward_hook(lambda m, i, o: seen.__setitem__("rois", int(o.shape[0])))
         )
     backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):  # a single-stage YOLO: its network (letterboxed input) instead
+        backbone = next((getattr(model, n) for n in getattr(model, "network_modules", ()) if isinstance(getattr(model, n, None), nn.Module)), None)
     if isinstance(backbone, nn.Module):
 
         def grab(m: nn.Module, args: tuple[Any, ...]) -> None:

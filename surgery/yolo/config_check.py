@@ -71,6 +71,24 @@ ACTIVATION_KEYWORDS = frozenset({"inplace", "negative_slope", "alpha", "num_para
 
 STRING_ARGS = frozenset({"nc", "None", "nearest", "bilinear", "True", "False"})
 
+# ---- task heads: segmentation (Segment: mask prototypes), pose (Pose: keypoints), oriented boxes
+# (OBB: an angle per box), and their YOLO26 forms. Kept in this one block, apart from the size bounds.
+TASK_HEADS = frozenset({"Segment", "Segment26", "Pose", "Pose26", "OBB", "OBB26"})
+MODULES = MODULES | TASK_HEADS
+STRING_ARGS = STRING_ARGS | {"kpt_shape"}  # Pose's argument: the yaml's kpt_shape
+TOP_KEYS = TOP_KEYS | {"kpt_shape"}
+MAX_KEYPOINTS = 1024
+
+
+def check_task_keys(cfg: dict[str, Any], source: str) -> None:
+    """``kpt_shape`` (pose yamls): ``[keypoints, 2 or 3]`` with a bounded keypoint count."""
+    kpt = cfg.get("kpt_shape")
+    if kpt is None:
+        return
+    if (not isinstance(kpt, list) or len(kpt) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in kpt)
+            or not 1 <= kpt[0] <= MAX_KEYPOINTS or kpt[1] not in (2, 3)):  # fmt: skip
+        raise _fail(source, f"kpt_shape must be [keypoints in 1..{MAX_KEYPOINTS}, 2 or 3], got {_short(kpt)}")
+
 
 def _int_in(v: Any, lo: int, hi: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
@@ -476,6 +494,7 @@ def check_config(cfg: Any, source: str = "config", *, nc: int | None = None, siz
     for key in ("yaml_file", "scale"):
         if cfg.get(key) is not None and (not isinstance(cfg[key], str) or len(cfg[key]) > 4096):
             raise _fail(source, f"{key} must be a string, got {_short(cfg[key])}")
+    check_task_keys(cfg, source)
     if cfg.get("activation") is not None:
         check_activation(cfg["activation"], source)
     depth, width, max_ch = _scale_row(cfg, source)
@@ -514,6 +533,6 @@ def check_config(cfg: Any, source: str = "config", *, nc: int | None = None, siz
     if total > MAX_ROWS * 4:
         raise _fail(source, f"{total} layers after the depth multiple is more than {MAX_ROWS * 4}")
     head = rows[-1][2][2]
-    if head not in ("Detect", "v10Detect"):
+    if head not in ("Detect", "v10Detect", *TASK_HEADS):
         raise _fail(source, f"the last layer is {_short(head)}, not a detection head (Detect, v10Detect)")
     _check_cost(cfg, source, size, nc)

@@ -48,16 +48,19 @@ class LetterboxTransform(nn.Module):
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> tuple[Tensor, list[dict[str, Tensor]] | None, list[tuple[float, int, int]]]:
         s = self.canvas()
-        batch = images[0].new_full((len(images), 3, s, s), PAD_VALUE)
+        # each image padded in the graph (F.pad), not copied into a grey canvas tensor: traced for ONNX,
+        # a canvas made with new_full becomes a 1x3xSxS float constant (4.9 MB at 640 px) in the file
+        padded: list[Tensor] = []
         metas: list[tuple[float, int, int]] = []
-        for i, img in enumerate(images):
+        for img in images:
             h, w = int(img.shape[-2]), int(img.shape[-1])
             scale = self.max_size / max(h, w)
             nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
             if (nh, nw) != (h, w):
                 img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-            batch[i, :, :nh, :nw] = img
+            padded.append(F.pad(img, (0, s - nw, 0, s - nh), value=PAD_VALUE))
             metas.append((scale, h, w))
+        batch = torch.stack(padded)
         if targets is None:
             return batch, None, metas
         scaled = []

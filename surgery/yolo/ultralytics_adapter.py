@@ -27,7 +27,13 @@ a second, one-to-one branch (``one2one_cv2``/``one2one_cv3``, copies of ``cv2``/
 *detached* neck features. By default (``end2end=True``) eval, predict and export use the one-to-one
 outputs through the head's own top-k, without NMS; ``-k end2end=false`` uses the one-to-many
 outputs with NMS instead (Ultralytics' ``nms=True`` behaviour). Both branches are pruned with the
-neck (see ``trace_context``). Every other head of the package is refused in one line
+neck (see ``trace_context``). Task heads: ``Segment`` / ``Pose`` / ``OBB`` (and YOLO26's ``Segment26``,
+``Pose26``, ``OBB26``) build as Ultralytics' Segmentation/Pose/OBB models and prune the same way; their
+mask prototypes and coefficients, keypoints and angles reach the loss directly, so the trace finds
+them as output layers and never cuts them. surgery's own loop trains them with what its targets hold
+(box-shaped masks, invisible keypoints unless given, angle 0: see ``_task_targets``) and evaluates
+their boxes; real masks / keypoints / angles train through Ultralytics' trainer (``retrain --engine
+ultralytics``) and are scored by Ultralytics' val on the handed-back file. Every other head of the package is refused in one line
 (:data:`REFUSED_HEADS`); :func:`list_ultralytics_detection_yamls` says which shipped yamls work.
 """
 
@@ -59,18 +65,19 @@ from .interface import YoloInterface, xyxy_to_cxcywh
 SCHEME = "ultralytics"
 INSTALL_HINT = "pip install 'surgery[yolo]' (or: pip install ultralytics; Ultralytics is AGPL-3.0)"
 _ENV_FORCED = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "ULTRALYTICS_SAFE_LOAD": "1"}
-SUPPORTED_HEADS = ("Detect", "v10Detect")
+DETECT_HEADS = ("Detect", "v10Detect")
+# task heads (Detect subclasses): pruned through the graph like Detect; their extra outputs (mask
+# prototypes and coefficients, keypoints, angles) feed the loss directly, so they are output layers
+# and never cut. Ultralytics' task of each (its trainer, its val) and the model class that builds it.
+TASK_HEADS = {"Segment": "segment", "Segment26": "segment", "Pose": "pose", "Pose26": "pose", "OBB": "obb",
+              "OBB26": "obb"}  # fmt: skip
+SUPPORTED_HEADS = DETECT_HEADS + tuple(TASK_HEADS)
+_MODEL_CLASSES = {"detect": "DetectionModel", "segment": "SegmentationModel", "pose": "PoseModel", "obb": "OBBModel"}
 # Heads of the package that are refused, by the name a model yaml gives its last module, with why.
 REFUSED_HEADS = {
     "WorldDetect": "YOLO-World is open-vocabulary: its class embeddings come from a CLIP text model (downloaded)",
     "YOLOEDetect": "YOLOE is open-vocabulary: its prompt embeddings come from a text/visual encoder (downloaded)",
     "RTDETRDecoder": "RT-DETR's transformer decoder (Hungarian matching, no Detect head) is not supported",
-    "Segment": "instance segmentation is not supported",
-    "Segment26": "instance segmentation is not supported",
-    "Pose": "pose estimation is not supported",
-    "Pose26": "pose estimation is not supported",
-    "OBB": "oriented boxes are not supported",
-    "OBB26": "oriented boxes are not supported",
     "Classify": "a classifier, not a detector",
 }
 
@@ -114,7 +121,7 @@ def head_refusal(cfg: dict[str, Any]) -> str | None:
     if head in SUPPORTED_HEADS:
         return None
     why = REFUSED_HEADS.get(head, "not a YOLO detection head")
-    return (f"head {head}: {why}; surgery prunes YOLO detection models with a Detect or v10Detect head "
+    return (f"head {head}: {why}; surgery prunes YOLO models with a Detect, v10Detect, Segment, Pose or OBB head "
             "(YOLOv3/v5/v6/v8/v9/v10, YOLO11, YOLO12, YOLO26)")  # fmt: skip
 
 
@@ -174,12 +181,14 @@ def resolve(spec: Any) -> Any:
     _ultralytics()
     state = None
     if spec.kwargs.get("cfg") is None:
-        cfg, state = _read_reference(spec.name, ref)
+        cfg, state, meta = _read_reference(spec.name, ref)
         spec.kwargs["cfg"] = cfg
+        for key, value in meta.items():  # a trained .pt's names, imgsz, training arguments (recorded)
+            spec.kwargs.setdefault(key, value)
     return functools.partial(build_ultralytics, _state_dict=state)
 
 
-def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tensor] | None, dict[str, Any]]:
     u = _ultralytics()
     path = Path(ref).expanduser()
     if path.suffix in {".pt", ".pth"}:
@@ -196,18 +205,45 @@ def _read_reference(name: str, ref: str) -> tuple[dict[str, Any], dict[str, Tens
             raise UnknownModelError(f"model {name!r}: {path} is not an Ultralytics model yaml (no backbone/head)")
         cfg.setdefault("scale", u.tasks.guess_model_scale(path))
         cfg.setdefault("yaml_file", str(path))
-        return cfg, None
+        return cfg, None, {}
     if len(path.parts) > 1:
         raise UnknownModelError(f"model {name!r}: file {ref} does not exist")
     try:
-        return u.tasks.yaml_model_load(ref), None  # a yaml the package ships (no download for a bare name)
+        return u.tasks.yaml_model_load(ref), None, {}  # a yaml the package ships (no download for a bare name)
     except (FileNotFoundError, OSError) as e:
         raise UnknownModelError(
             f"model {name!r}: Ultralytics ships no model yaml {ref!r} (e.g. yolov8n.yaml, yolo11s.yaml) ({e})"
         ) from None
 
 
-def _read_pickle(name: str, path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _json_args(args: Any) -> dict[str, Any]:
+    """The plain-valued training arguments of an Ultralytics checkpoint (what a surgery checkpoint
+    can record without a pickle): strings, numbers, booleans, None and lists of them."""
+    plain = (str, int, float, bool, type(None))
+    items = vars(args).items() if hasattr(args, "__dict__") else dict(args or {}).items()
+    return {str(k): (list(v) if isinstance(v, tuple) else v) for k, v in items
+            if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}  # fmt: skip
+
+
+def _pickle_meta(ckpt: Any, net: nn.Module) -> dict[str, Any]:
+    """What a user's trained ``best.pt`` says besides its weights: class names (``names``), the
+    image size it was trained at (``size``, a multiple of 32) and its training arguments."""
+    meta: dict[str, Any] = {}
+    names = getattr(net, "names", None)
+    if isinstance(names, dict) and sorted(names) == list(range(len(names))):
+        meta["names"] = [str(names[i]) for i in range(len(names))]
+    elif isinstance(names, (list, tuple)):
+        meta["names"] = [str(n) for n in names]
+    args = _json_args(ckpt.get("train_args") if isinstance(ckpt, dict) else None)
+    if args:
+        meta["train_args"] = args
+    imgsz = args.get("imgsz")
+    if isinstance(imgsz, int) and not isinstance(imgsz, bool) and 32 <= imgsz <= 4096:
+        meta["size"] = imgsz
+    return meta
+
+
+def _read_pickle(name: str, path: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:
     if not trust_enabled():
         raise refuse(name)  # a .pt is a pickle: it runs code when loaded
     if not path.is_file():
@@ -218,7 +254,7 @@ def _read_pickle(name: str, path: Path) -> tuple[dict[str, Any], dict[str, Tenso
         raise UnknownModelError(f"model {name!r}: {path} is not an Ultralytics model checkpoint")
     cfg = copy.deepcopy(net.yaml)
     cfg["nc"] = int(getattr(net, "nc", cfg.get("nc", 80)))
-    return cfg, {k: v.float() for k, v in net.state_dict().items()}
+    return cfg, {k: v.float() for k, v in net.state_dict().items()}, _pickle_meta(ckpt, net)
 
 
 def build_ultralytics(
@@ -229,12 +265,16 @@ def build_ultralytics(
     nms_thresh: float = 0.7,
     detections_per_img: int = 100,
     end2end: bool = True,
+    names: list[str] | None = None,
+    train_args: dict[str, Any] | None = None,
     _state_dict: dict[str, Tensor] | None = None,
 ) -> UltralyticsDetector:
     """An Ultralytics ``DetectionModel`` built from ``cfg`` (a model yaml dict), in torchvision's
     interface. ``nc``: object classes (labels 1..nc; the yaml's value by default); ``size``: the
     letterbox size (a multiple of 32 is used); ``end2end``: for heads with a one-to-one branch
-    (YOLOv10, YOLO26), predict with it and without NMS (``False``: the one-to-many branch and NMS)."""
+    (YOLOv10, YOLO26), predict with it and without NMS (``False``: the one-to-many branch and NMS);
+    ``names``, ``train_args``: what a trained ``.pt`` recorded (class names, Ultralytics' training
+    arguments), kept for the hand-back (:mod:`.ultralytics_handback`)."""
     u = _ultralytics()
     if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or not 1 <= nc <= MAX_CLASSES):
         raise UnknownModelError(f"ultralytics model: nc must be an integer in 1..{MAX_CLASSES} (object classes), got {nc!r}")
@@ -250,7 +290,8 @@ def build_ultralytics(
         raise UnknownModelError(f"ultralytics model: end2end must be true or false, got {end2end!r}")
     try:
         with _restricted(u.tasks):
-            net = u.tasks.DetectionModel(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
+            task = TASK_HEADS.get(_head_name(cfg), "detect")
+            net = getattr(u.tasks, _MODEL_CLASSES[task])(copy.deepcopy(cfg), ch=3, nc=nc, verbose=False)
     except (KeyError, TypeError, ValueError, AssertionError, IndexError) as e:
         why = " ".join(str(e).split())
         raise UnknownModelError(f"ultralytics model {short_source(cfg.get('yaml_file', '?'))}: cannot build it from its yaml "
@@ -270,8 +311,13 @@ def build_ultralytics(
                 f"ultralytics model {short_source(cfg.get('yaml_file', '?'))}: its weights do not fit the layers its yaml builds "
                 f"(a pruned model? load the surgery checkpoint it came from instead): {str(e).splitlines()[0]}"
             ) from None
-    return UltralyticsDetector(net, size=size, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                               detections_per_img=detections_per_img)  # fmt: skip
+    detector = UltralyticsDetector(net, size=size, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                                   detections_per_img=detections_per_img)  # fmt: skip
+    if names is not None and len(names) == detector.num_classes:
+        detector.class_names = [str(n) for n in names]
+    detector.train_args = dict(train_args or {})
+    detector.task = task
+    return detector
 
 
 class UltralyticsDetector(YoloInterface):
@@ -280,6 +326,9 @@ class UltralyticsDetector(YoloInterface):
     # what `surgery bench` times as the network (surgery.measure.split); Detect's box decoding
     # (DFL, anchors) runs inside it, the letterbox, top-k and NMS are the pipeline
     network_modules = ("net",)
+    class_names: list[str] | None = None  # object class names a trained .pt recorded (no background)
+    task = "detect"  # Ultralytics' task of the head: detect, segment, pose or obb
+    train_args: dict[str, Any]  # Ultralytics' training arguments a trained .pt recorded
 
     def __init__(self, net: nn.Module, *, size: int, **kwargs: Any) -> None:
         super().__init__(size, **kwargs)
@@ -288,7 +337,9 @@ class UltralyticsDetector(YoloInterface):
         self.nms = not bool(getattr(net.model[-1], "end2end", False))  # one-to-one outputs need no NMS
         hyp = _ultralytics().hyp
         # the loss reads its gains from model.args (Ultralytics' training defaults: box 7.5, cls 0.5, dfl 1.5)
-        self.net.args = SimpleNamespace(box=float(hyp["box"]), cls=float(hyp["cls"]), dfl=float(hyp["dfl"]))
+        # (+ the task heads' gains: pose, kobj, rle, angle; masks one per object, not overlapped)
+        self.net.args = SimpleNamespace(**{k: hyp[k] for k in ("box", "cls", "dfl", "pose", "kobj", "rle", "angle") if k in hyp},
+                                        overlap_mask=False)  # fmt: skip
         self._half_width_blocks = [
             m for m in net.modules()
             if isinstance(getattr(m, "c", None), int) and isinstance(getattr(getattr(m, "cv1", None), "conv", None), nn.Conv2d)
@@ -307,6 +358,7 @@ class UltralyticsDetector(YoloInterface):
         boxes = torch.cat([xyxy_to_cxcywh(t["boxes"]) for t in targets]) / size
         device = batch.device
         labelled = {"batch_idx": idx.to(device), "cls": labels.to(device), "bboxes": boxes.to(device)}
+        labelled.update(_task_targets(self.net.model[-1], batch, boxes, idx, labels, targets))
         self._sync_widths()
         preds = self.net(batch)
         # a fresh criterion each step: it caches strides and the device, which pruning and .to() change
@@ -389,15 +441,47 @@ class UltralyticsDetector(YoloInterface):
             head.max_det = self.detections_per_img  # the head's own top-k (Ultralytics' default 300)
         with _without_one2many(head) if not self.nms else contextlib.nullcontext():
             out = self.net(batch)
-        y = out[0] if isinstance(out, (tuple, list)) else out
+        y = out
+        while isinstance(y, (tuple, list)):  # (predictions, extras); Segment nests (predictions, protos) once more
+            y = y[0]
         if not self.nms:  # [B, K, 6]: x1, y1, x2, y2, score, class index, best first (one-to-one branch)
             scores = y.new_zeros(y.shape[0], y.shape[1], self.num_classes)
             scores.scatter_(2, y[..., 5:6].long(), y[..., 4:5])
             return y[..., :4], scores
-        y = y.transpose(1, 2)  # [B, 4 + nc, A]: cx, cy, w, h, class scores
+        y = y.transpose(1, 2)  # [B, 4 + nc (+ mask coefficients / keypoints / angle), A]: cx, cy, w, h, scores
         cx, cy, w, h = y[..., :4].unbind(-1)
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-        return boxes, y[..., 4:]
+        return boxes, y[..., 4 : 4 + self.num_classes]
+
+
+def _task_targets(
+    head: nn.Module, batch: Tensor, boxes: Tensor, idx: Tensor, labels: Tensor, targets: list[dict[str, Tensor]]
+) -> dict[str, Tensor]:
+    """What a task head's loss needs besides boxes, from what surgery's targets hold: box-shaped
+    masks for ``Segment`` (surgery's letterbox does not carry instance masks: train masks with
+    ``retrain --engine ultralytics``), invisible keypoints for ``Pose`` unless the targets carry
+    ``keypoints`` (``[N, K, 3]`` in batch pixels), angle 0 for ``OBB`` (axis-aligned boxes)."""
+    kind = type(head).__name__
+    device, size = batch.device, float(batch.shape[-1])
+    if kind.startswith("Segment"):
+        side = int(batch.shape[-1]) // 4  # Ultralytics' mask resolution (the loss resizes to the prototypes')
+        grid = (torch.arange(side, device=device, dtype=batch.dtype) + 0.5) / side
+        cx, cy, w, h = boxes.to(device).unbind(-1)
+        inside_x = (grid[None] >= (cx - w / 2)[:, None]) & (grid[None] <= (cx + w / 2)[:, None])
+        inside_y = (grid[None] >= (cy - h / 2)[:, None]) & (grid[None] <= (cy + h / 2)[:, None])
+        masks = inside_y[:, :, None] & inside_x[:, None, :]
+        sem = torch.zeros(batch.shape[0], side, side, dtype=torch.long, device=device)  # YOLO26's semantic target
+        for n, (i, c) in enumerate(zip(idx.long().tolist(), labels.long().tolist())):
+            sem[i][masks[n]] = c
+        return {"masks": masks.float(), "sem_masks": sem}
+    if kind.startswith("Pose"):
+        k, d = (int(v) for v in head.kpt_shape)
+        parts = [t["keypoints"][..., :d].float() / size if "keypoints" in t else torch.zeros(len(t["boxes"]), k, d)
+                 for t in targets]  # fmt: skip
+        return {"keypoints": torch.cat(parts).to(device) if parts else torch.zeros(0, k, d, device=device)}
+    if kind.startswith("OBB"):
+        return {"bboxes": torch.cat([boxes, boxes.new_zeros(len(boxes), 1)], 1).to(device)}
+    return {}
 
 
 def _has_one2one(head: nn.Module) -> bool:

@@ -14,10 +14,13 @@ such a file only if you made it. Ultralytics can load it without running code
 references nothing else: plain dicts, tensors and Ultralytics/torch modules. surgery itself never
 reads it back (its own checkpoints stay ``weights_only`` state dicts).
 
-Training it with ``YOLO("pruned.pt").train(...)`` goes through Ultralytics' trainer, which rebuilds
-the model from ``model.yaml`` and copies the weights whose shapes match: the pruned widths are lost.
-Pass a trainer that keeps the model (see ``docs/yolo-nms-free.md``) or fine-tune with ``surgery
-retrain`` first.
+Training it with ``YOLO("pruned.pt").train(...)`` alone goes through Ultralytics' trainer, which
+rebuilds the model from ``model.yaml`` and copies the weights whose shapes match: the pruned widths
+would be lost. Pass ``trainer=PrunedDetectionTrainer`` (:mod:`.ultralytics_trainer`, the line
+:func:`surgery.yolo.ultralytics_trainer.train_line` prints) or run ``surgery retrain CKPT --engine
+ultralytics``. ``train_args`` holds the image size, the task and the training arguments of the
+user's own ``best.pt`` when the model came from one; ``model.names`` the class names (from the
+checkpoint, the ``.pt`` it came from, or the dataset its recipe names).
 """
 
 from __future__ import annotations
@@ -26,11 +29,16 @@ import copy
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..atomic import atomic_path
+from ..data.loader import build_dataset
+from ..data.synth import SYNTH_CLASSES
+from ..data.yolo_format import read_data_yaml
+from ..errors import DataError
 from ..export import ExportError
 from .ultralytics_adapter import UltralyticsDetector, ultralytics_version
 
@@ -44,8 +52,26 @@ class HandBack:
     file_bytes: int
 
 
+def recipe_class_names(recipe: dict[str, Any] | None) -> list[str] | None:
+    """The object class names (no background) of the dataset a checkpoint's recipe names, or
+    ``None`` when it names none or it cannot be read (a model pruned from a yaml has no names of
+    its own; the dataset its recipe calibrated or recovered on has)."""
+    source = ((recipe or {}).get("data") or {}).get("source")
+    if not isinstance(source, str) or not source:
+        return None
+    try:
+        if source == "synthetic":
+            return list(SYNTH_CLASSES)
+        if source.startswith("yolo:"):
+            return read_data_yaml(source[5:]).names
+        return build_dataset(source, "val", train=False).class_names[1:]
+    except (DataError, OSError):
+        return None
+
+
 def save_for_ultralytics(
-    model: nn.Module, path: str | Path, *, class_names: list[str] | None = None, source: str = ""
+    model: nn.Module, path: str | Path, *, class_names: list[str] | None = None, source: str = "",
+    task: str | None = None,
 ) -> HandBack:
     """Write ``model``'s Ultralytics network (``model.net``, with its pruned widths) to ``path`` in
     the checkpoint layout Ultralytics loads (see the module docstring), atomically.
@@ -63,11 +89,13 @@ def save_for_ultralytics(
         head.__dict__.pop(name, None)
     if class_names and len(class_names) == model.num_classes + 1:
         net.names = {i: str(n) for i, n in enumerate(class_names[1:])}
+    elif model.class_names and len(model.class_names) == model.num_classes:
+        net.names = dict(enumerate(model.class_names))
     size = int(model.transform.canvas())
     params = sum(p.numel() for p in net.parameters())
     ckpt = {
         "model": net,
-        "train_args": {"task": "detect", "imgsz": size},
+        "train_args": {**getattr(model, "train_args", {}), "task": task or model.task, "imgsz": size},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "version": ultralytics_version(),
         "license": "AGPL-3.0 License (https://ultralytics.com/license)",
