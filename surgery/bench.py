@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str, float, int], None]  # (what, steps done, total steps)
 
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "openvino")
 
 
 @dataclass
@@ -68,6 +68,8 @@ class BenchRow:
     sparsity: float | None
     kind: str
     runtime: str
+    precision: str  # f32 | bf16 | f16 (OpenVINO's inference precision; torch on CUDA: autocast)
+    compile: str  # torch: none (eager) | cuda-graphs | reduce-overhead | default; ONNX runtimes: -
     device: str
     torch: str
     threads: int
@@ -137,15 +139,21 @@ class _Subject:
     runtime: str
     model: nn.Module  # torch detector, or an OnnxDetector
     info: dict[str, Any]
-    onnx: Path | None = None  # the file ONNX Runtime runs (timing: fixed detection count)
+    onnx: Path | None = None  # the file ONNX Runtime / OpenVINO runs (timing: fixed detection count)
     scopes: tuple[str, ...] = ()
     memory_format: str = "-"
+
+
+def _onnx_runtime(cfg: BenchSection) -> str:
+    """What runs ONNX files: OpenVINO when asked, else ONNX Runtime (also for ``--runtime torch``)."""
+    return "openvino" if cfg.runtime == "openvino" else "onnxruntime"
 
 
 def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) -> _Subject:
     key = str(path)
     if is_onnx(path):
-        det, ckpt = load_detector(path, "cpu", threads=cfg.threads, spinning=cfg.spinning)
+        det, ckpt = load_detector(path, "cpu", threads=cfg.threads, spinning=cfg.spinning, runtime=_onnx_runtime(cfg),
+                                  precision=cfg.precision if cfg.runtime == "openvino" else "f32")
         meta = ckpt.meta.get("onnx", {})
         fbytes, fgzip = file_size(path)
         counted = onnx_parameter_count(path)  # the file's initializers: what a lying metadata cannot change
@@ -165,7 +173,7 @@ def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) ->
         macs_size = _num(meta, "input_size")
         if macs_size is not None and int(macs_size) != cfg.input_size:
             info["notes"].append(f"{path.name}: MACs are from its export at {int(macs_size)}px")
-        return _Subject(key, "onnxruntime", det, info, onnx=path, scopes=onnx_scopes(NETWORK_MODULES))
+        return _Subject(key, det.runtime, det, info, onnx=path, scopes=onnx_scopes(NETWORK_MODULES))
     model, ckpt = load_detector(path, device=cfg.device)
     if cfg.resize_model:
         compat.set_resize(model, (int(cfg.input_size),), int(cfg.input_size))  # SSD: fixed size, kept
@@ -183,8 +191,8 @@ def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) ->
     with fixed_workload(model, rois, det):  # the detection count is baked into the graph
         export_onnx(model, onnx, cfg.input_size, verify=False)
     info["torch_model"] = model  # mAP is measured on the real thresholds: see _evaluate
-    det = OnnxDetector(onnx, cfg.threads, spinning=cfg.spinning)
-    return _Subject(key, "onnxruntime", det, info, onnx=onnx, scopes=onnx_scopes(model))
+    det = OnnxDetector(onnx, cfg.threads, spinning=cfg.spinning, runtime=cfg.runtime, precision=cfg.precision)
+    return _Subject(key, cfg.runtime, det, info, onnx=onnx, scopes=onnx_scopes(model))
 
 
 def _memory_format(subject: _Subject, cfg: BenchSection, batch: list[torch.Tensor]) -> str:
@@ -224,9 +232,10 @@ def bench_checkpoints(
     every ``cfg.batch_sizes`` the
     end-to-end, network and pipeline latency, interleaved across models, with every model keeping
     exactly its ``detections_per_img`` detections (score threshold 0) so post-processing costs the
-    same for all. ``cfg.runtime`` ``onnxruntime`` exports each checkpoint (fixed workload baked
-    in) and times it in ONNX Runtime, its network/pipeline split from ONNX Runtime's profiler;
-    ``.onnx`` files always run in ONNX Runtime. Size of the weights (plain and gzipped), and mAP /
+    same for all. ``cfg.runtime`` ``onnxruntime`` / ``openvino`` exports each checkpoint (fixed
+    workload baked in) and times it in that runtime (OpenVINO at ``cfg.precision``), its
+    network/pipeline split from the runtime's profiler; ``.onnx`` files run in OpenVINO with
+    ``--runtime openvino``, in ONNX Runtime otherwise. Size of the weights (plain and gzipped), and mAP /
     mAP50 when ``dataset`` is given (with the models' own thresholds). One row per (model, batch).
     """
     import tempfile
@@ -326,13 +335,17 @@ def _time_all(
 
 
 def _onnx_shares(subjects: list[_Subject], batch: list[torch.Tensor], cfg: BenchSection) -> dict[str, float | None]:
-    """Each ONNX Runtime subject's network share of its profiled kernel time (median of 3 passes
-    alternating the subjects, :func:`~surgery.measure.split.onnx_network_shares`)."""
-    files = [(s.onnx, s.scopes, [{s.model.input_name: fit_image(img, s.model.fixed).numpy()} for img in batch])
-             for s in subjects]
-    shares = onnx_network_shares(files, threads=cfg.threads, runs=max(1, min(cfg.runs, 10) // 2),
-                                 spinning=cfg.spinning)
-    return dict(zip((s.key for s in subjects), shares))
+    """Each ONNX Runtime / OpenVINO subject's network share of its profiled kernel time (median of
+    3 passes alternating the subjects of one runtime, :func:`~surgery.measure.split.onnx_network_shares`)."""
+    out: dict[str, float | None] = {}
+    for runtime in sorted({s.runtime for s in subjects}):
+        group = [s for s in subjects if s.runtime == runtime]
+        files = [(s.onnx, s.scopes, [{s.model.input_name: fit_image(img, s.model.fixed).numpy()} for img in batch])
+                 for s in group]
+        shares = onnx_network_shares(files, threads=cfg.threads, runs=max(1, min(cfg.runs, 10) // 2),
+                                     spinning=cfg.spinning, runtime=runtime, precision=group[0].model.precision)
+        out.update(zip((s.key for s in group), shares))
+    return out
 
 
 def _evaluate(s: _Subject, dataset: Any, cfg: BenchSection) -> tuple[float | None, float | None]:
@@ -345,7 +358,7 @@ def _evaluate(s: _Subject, dataset: Any, cfg: BenchSection) -> tuple[float | Non
         if "torch_model" in s.info:
             path = Path(tmp) / "eval.onnx"
             export_onnx(s.info["torch_model"], path, cfg.input_size, verify=False)
-            model = OnnxDetector(path, cfg.threads)
+            model = OnnxDetector(path, cfg.threads, runtime=s.model.runtime, precision=s.model.precision)
         res = evaluate(model, dataset, batch_size=8, device=cfg.device if s.runtime == "torch" else "cpu")
     return res.metrics.get("mAP"), res.metrics.get("mAP50")
 
@@ -374,7 +387,8 @@ def _rows(
             med, p90 = t["e2e"]
             rows.append(BenchRow(
                 model=i["model"], method=i["method"], ratio=i["ratio"], sparsity=i["sparsity"], kind=i["kind"],
-                runtime=s.runtime, device=cfg.device if s.runtime == "torch" else "cpu", torch=torch.__version__,
+                runtime=s.runtime, precision=_precision(s, cfg), compile=cfg.compile if s.runtime == "torch" else "-",
+                device=cfg.device if s.runtime == "torch" else "cpu", torch=torch.__version__,
                 threads=cfg.threads, memory_format=t["memory_format"], input_size=cfg.input_size, batch_size=bs,
                 detections=i["detections"], params=i["params"], params_nonzero=i["params_nonzero"],
                 macs=None if i["macs"] is None else int(i["macs"]), latency_ms_median=med, latency_ms_p90=p90,
@@ -387,6 +401,12 @@ def _rows(
                 checkpoint=s.key, notes=list(i["notes"]) + notes,
             ))
     return rows
+
+
+def _precision(s: _Subject, cfg: BenchSection) -> str:
+    if s.runtime == "torch":
+        return cfg.precision if cfg.device == "cuda" else "f32"
+    return s.model.precision
 
 
 def compare_notes(subjects: Sequence[_Subject]) -> list[str]:
