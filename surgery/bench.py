@@ -31,6 +31,7 @@ from .measure import (
 )
 from .measure.split import (
     NETWORK_MODULES,
+    accelerated_network,
     network_stubbed,
     onnx_network_shares,
     onnx_scopes,
@@ -295,20 +296,25 @@ def _time_all(
             for bs in cfg.batch_sizes:
                 batch = example_images(bs, cfg.input_size, dev, seed=bs)
                 fns: dict[str, Callable[[], Any]] = {}
+                per_batch = contextlib.ExitStack()
                 for s in subjects:
                     if s.runtime == "torch":
                         if s.memory_format == "-":
                             s.memory_format = _memory_format(s, cfg, batch)
-                        calls = record_calls(s.model, batch)
+                        with _autocast(cfg):
+                            calls = record_calls(s.model, batch)
+                        per_batch.enter_context(accelerated_network(calls, cfg.compile))
 
                         def pipeline(m: nn.Module = s.model, calls: list = calls, b: list = batch) -> None:
                             with network_stubbed(calls):
                                 m(b)
 
-                        fns[f"{s.key}\0network"] = lambda calls=calls: replay_network(calls)
-                        fns[f"{s.key}\0pipeline"] = pipeline
-                    fns[f"{s.key}\0e2e"] = lambda m=s.model, b=batch: m(b)
-                with torch.inference_mode():
+                        fns[f"{s.key}\0network"] = _in_precision(lambda calls=calls: replay_network(calls), cfg)
+                        fns[f"{s.key}\0pipeline"] = _in_precision(pipeline, cfg)
+                        fns[f"{s.key}\0e2e"] = _in_precision(lambda m=s.model, b=batch: m(b), cfg)
+                    else:
+                        fns[f"{s.key}\0e2e"] = lambda m=s.model, b=batch: m(b)
+                with per_batch, torch.inference_mode():
                     times = time_interleaved(
                         fns, warmup=cfg.warmup, runs=cfg.runs, sync=sync, block=block,
                         progress=lambda: tick("latency", 1 / max(cfg.warmup + math.ceil(cfg.runs / block), 1)),
@@ -332,6 +338,25 @@ def _time_all(
     finally:
         torch.set_num_threads(old_threads)
     return out
+
+
+def _autocast(cfg: BenchSection) -> contextlib.AbstractContextManager:
+    """torch on CUDA at ``cfg.precision`` bf16 / f16: autocast (convolutions in half precision,
+    reductions and the post-processing's sensitive ops in float, as torch decides); else nothing."""
+    if cfg.device != "cuda" or cfg.precision == "f32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+
+
+def _in_precision(fn: Callable[[], Any], cfg: BenchSection) -> Callable[[], Any]:
+    if cfg.device != "cuda" or cfg.precision == "f32":
+        return fn
+
+    def run() -> Any:
+        with _autocast(cfg):
+            return fn()
+
+    return run
 
 
 def _onnx_shares(subjects: list[_Subject], batch: list[torch.Tensor], cfg: BenchSection) -> dict[str, float | None]:

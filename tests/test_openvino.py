@@ -4,6 +4,7 @@ runtime and precision, the missing-extra message."""
 from __future__ import annotations
 
 import csv
+import json
 import sys
 
 import pytest
@@ -136,3 +137,30 @@ def test_keep_latency_on_openvino_lands_near_the_target(tmp_path, monkeypatch) -
     assert t.runtime == "openvino" and t.measured_ratio is not None
     assert abs(t.measured_ratio - 0.5) <= 0.1, t  # timed on a shared machine: within 20% of the target
     assert list((tmp_path / "cache" / "latency").glob("*.json"))  # the OpenVINO table was cached
+
+
+def test_eval_and_predict_run_an_onnx_file_in_openvino(tmp_path, monkeypatch, capsys, onnx_file) -> None:
+    """The same file through both runtimes scores the same mAP (f32): the CLI reaches OpenVINO."""
+    from cli.main import main
+    from surgery.data import synthesize
+
+    root = synthesize(tmp_path / "shapes", images=2, size=SIZE, seed=3, val_images=3).root
+    metrics = {}
+    for runtime in ("onnxruntime", "openvino"):
+        out = tmp_path / f"{runtime}.json"
+        monkeypatch.setattr(sys, "argv", ["surgery", "eval", str(onnx_file), "--data", f"coco:{root}",
+                                          "--runtime", runtime, "--json", str(out)])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        printed = capsys.readouterr()
+        assert exit_.value.code == 0, printed
+        assert f"({runtime} f32)" in printed.out + printed.err
+        metrics[runtime] = json.loads(out.read_text())
+    assert metrics["openvino"]["num_detections"] == metrics["onnxruntime"]["num_detections"] > 0
+    assert metrics["openvino"]["metrics"]["mAP50"] == pytest.approx(metrics["onnxruntime"]["metrics"]["mAP50"], abs=1e-3)
+    from surgery.predict import load_predictor
+
+    assert isinstance(load_predictor(onnx_file, runtime="openvino").model, OnnxDetector)
+    assert load_predictor(onnx_file, runtime="openvino").model.runtime == "openvino"
+    with pytest.raises(RuntimeUnavailable, match="run exported .onnx files"):
+        load_predictor(tmp_path / "x.pt", runtime="openvino")

@@ -255,3 +255,73 @@ def onnx_network_shares(
             if share is not None:
                 shares[k].append(share)
     return [statistics.median(s) if s else None for s in shares]
+
+
+# --------------------------------------------------------------------------------------------
+# the network the way GPUs run it: CUDA graphs or torch.compile
+
+
+COMPILE_MODES = ("none", "cuda-graphs", "reduce-overhead", "default")
+
+
+@contextlib.contextmanager
+def accelerated_network(calls: Sequence[Call], mode: str) -> Iterator[None]:
+    """The network modules of ``calls`` (:func:`record_calls`) run as ``mode`` says until exit:
+
+    - ``cuda-graphs``: each module's recorded call is captured once in a CUDA graph
+      (``torch.cuda.graph``) on static copies of its inputs; a call copies its inputs in and replays
+      the graph (launch overhead gone: what a deployed GPU model does at batch 1). Only calls with
+      the recorded shapes can replay: another shape raises :class:`~surgery.errors.MeasureError`.
+    - ``reduce-overhead`` / ``default``: ``torch.compile`` of each module with that mode
+      (``reduce-overhead`` uses CUDA graphs inside).
+    - ``none``: eager, unchanged.
+
+    The post-processing stays eager (data-dependent shapes); a graph-captured network feeds it
+    the same tensors."""
+    if mode not in COMPILE_MODES:
+        raise MeasureError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    modules = list(dict.fromkeys(c.module for c in calls))
+    try:
+        if mode in ("reduce-overhead", "default"):
+            for mod in modules:
+                mod.forward = torch.compile(mod.forward, mode=mode, dynamic=False)
+        elif mode == "cuda-graphs":
+            for mod in modules:
+                mod.forward = _graphed(mod, [c for c in calls if c.module is mod])
+        yield
+    finally:
+        for mod in modules:
+            mod.__dict__.pop("forward", None)
+
+
+def _graphed(mod: nn.Module, calls: Sequence[Call]) -> Any:
+    """``mod``'s forward replaying a CUDA graph captured on its first recorded call."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    first = calls[0]
+    flat, spec = tree_flatten((first.args, first.kwargs))
+    if not all(t.is_cuda for t in flat if isinstance(t, torch.Tensor)):
+        raise MeasureError("cuda-graphs: the network's inputs are not on a CUDA device (bench --device cuda)")
+    static = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
+    args, kwargs = tree_unflatten(static, spec)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(2):  # warm-up on a side stream, as torch.cuda.graph's docs ask
+            type(mod).forward(mod, *args, **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        out = type(mod).forward(mod, *args, **kwargs)
+
+    def forward(*a: Any, **k: Any) -> Any:
+        got, got_spec = tree_flatten((a, k))
+        if got_spec != spec or any(isinstance(g, torch.Tensor) and g.shape != s.shape for g, s in zip(got, static)):
+            raise MeasureError(f"cuda-graphs: {type(mod).__name__} called with other shapes than it was captured with")
+        for g, s in zip(got, static):
+            if isinstance(s, torch.Tensor) and g is not s:
+                s.copy_(g)
+        graph.replay()
+        return out
+
+    return forward
