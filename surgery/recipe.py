@@ -349,9 +349,14 @@ class SweepSection:
     int8: str = "none"
     qat_steps: int = 0  # > 0: also quantization-aware fine-tuning for that many steps, then INT8
     calib_batches: int = 8  # batches of training images calibrating INT8 post-training quantization
+    # where the deployment table's files run: onnxruntime and/or openvino (the same files, f32 / INT8)
+    deploy_runtimes: list[str] = field(default_factory=lambda: ["onnxruntime"])
 
     def validate(self) -> None:
         _check(all(0 < r < 1 for r in self.ratios), "ratios", "numbers strictly between 0 and 1")
+        _check(bool(self.deploy_runtimes) and len(set(self.deploy_runtimes)) == len(self.deploy_runtimes)
+               and set(self.deploy_runtimes) <= {"onnxruntime", "openvino"}, "deploy_runtimes",
+               "a list of distinct runtimes among onnxruntime, openvino")
         _check(all(0 < t < 1 for t in self.target_latency), "target_latency", "fractions strictly between 0 and 1")
         _check(all(0 < s < 1 for s in self.sparsities), "sparsities", "numbers strictly between 0 and 1")
         _check(all(0 < t < 1 for t in self.target_macs), "target_macs", "fractions strictly between 0 and 1")
