@@ -17,6 +17,7 @@ whatever post-processing the detections need.
 from __future__ import annotations
 
 import csv
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -204,13 +205,17 @@ def deploy_report(recipe: Any, out: Path, checkpoints: Sequence[Path], val_set: 
     """The sweep's deployment stage: :func:`deploy_table` for ``checkpoints`` (the dense control
     first) with the recipe's bench settings, ``deploy.csv`` written, markdown for results.md returned."""
     cfg, sweep = recipe.bench, recipe.sweep
+    # the table comes after the whole sweep: a missing extra drops its rows with a note, not the run
+    runtimes = [r for r in sweep.deploy_runtimes if r != "openvino" or importlib.util.find_spec("openvino")]
+    skipped = "" if runtimes == list(sweep.deploy_runtimes) else (
+        "OpenVINO rows skipped: openvino is not installed (pip install 'surgery[openvino]').\n\n")
     rows = deploy_table(checkpoints, out / "deploy", val_set, input_size=cfg.input_size,
                         calib_batches=sweep.calib_batches, qat_steps=sweep.qat_steps, runs=cfg.runs,
-                        warmup=cfg.warmup, threads=cfg.threads, spinning=cfg.spinning, runtimes=sweep.deploy_runtimes)
+                        warmup=cfg.warmup, threads=cfg.threads, spinning=cfg.spinning, runtimes=runtimes or ["onnxruntime"])
     write_deploy_csv(rows, out / "deploy.csv")
     dense_ms = next(r.latency_ms for r in rows if r.precision == "fp32")
     names = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO (f32 inference precision)"}
-    where = " and ".join(names[r] for r in sweep.deploy_runtimes)
+    where = " and ".join(names[r] for r in runtimes or ["onnxruntime"])
     return (
         f"\n## Deployment: FP32 vs INT8 in {where}\n\nStatic INT8 (int8 weights, uint8 activations, in the form "
         "measured fastest for each model among QDQ / QOperator x per-channel / per-tensor weights, "
@@ -221,5 +226,5 @@ def deploy_report(recipe: Any, out: Path, checkpoints: Sequence[Path], val_set: 
         "in blocks per model (ratios: median of the ratios of paired runs), network share from each runtime's "
         "profiler. OpenVINO runs the same files (the INT8 form chosen in ONNX Runtime). Last column: INT8 end "
         "to end against the dense FP32 file in the same runtime.\n\n"
-        + deploy_markdown(rows, reference_ms=dense_ms)
+        + skipped + deploy_markdown(rows, reference_ms=dense_ms)
     )

@@ -164,3 +164,27 @@ def test_eval_and_predict_run_an_onnx_file_in_openvino(tmp_path, monkeypatch, ca
     assert load_predictor(onnx_file, runtime="openvino").model.runtime == "openvino"
     with pytest.raises(RuntimeUnavailable, match="run exported .onnx files"):
         load_predictor(tmp_path / "x.pt", runtime="openvino")
+
+
+def test_demo_deploy_stage_without_openvino_keeps_onnxruntime_rows_and_says_so(monkeypatch, tmp_path) -> None:
+    """The deployment table comes after the whole sweep: a missing extra drops its rows with a
+    note naming the extra, instead of failing the run at its end."""
+    import importlib.util
+
+    import surgery.deploy as deploy
+    from surgery.recipe import load_recipe
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    asked = {}
+
+    def fake_table(checkpoints, out_dir, val_set, **kw):
+        asked.update(kw)
+        return [deploy.DeployRow("control", "fp32", 0.5, 0.7, 0.0, 1.0, 2.0, 1.0, 1.0, 10, 0, 0, "c.onnx")]
+
+    monkeypatch.setattr(deploy, "deploy_table", fake_table)
+    recipe = load_recipe("recipes/quickstart.yaml")
+    assert recipe.sweep.deploy_runtimes == ["onnxruntime", "openvino"]
+    text = deploy.deploy_report(recipe, tmp_path, [tmp_path / "control.pt"], None)
+    assert asked["runtimes"] == ["onnxruntime"]
+    assert "pip install 'surgery[openvino]'" in text and "in ONNX Runtime\n" in text
