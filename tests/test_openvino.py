@@ -188,3 +188,21 @@ def test_demo_deploy_stage_without_openvino_keeps_onnxruntime_rows_and_says_so(m
     text = deploy.deploy_report(recipe, tmp_path, [tmp_path / "control.pt"], None)
     assert asked["runtimes"] == ["onnxruntime"]
     assert "pip install 'surgery[openvino]'" in text and "in ONNX Runtime\n" in text
+
+
+def test_openvino_split_counts_groupnorm_in_the_network(onnx_file) -> None:
+    """OpenVINO renames the head's GroupNorm (``MVN_123``, no scope): it still counts as network."""
+    import numpy as np
+
+    from surgery.measure.split import NETWORK_MODULES, OvSession, onnx_scopes, onnx_split_ms
+
+    scopes = onnx_scopes(NETWORK_MODULES)
+    feeds = [{"image": np.random.rand(3, SIZE, SIZE).astype("float32")}]
+    sess = OvSession(onnx_file, 1, profiling=True)
+    sess.run(None, feeds[0])
+    names = [n for n, _ in sess.profile()]
+    generated = {n for n in names if n.startswith("MVN")}
+    scoped = {n for n in names if n.startswith(scopes)}
+    assert generated  # the FCOS head's GroupNorms
+    split = onnx_split_ms(onnx_file, feeds, scopes, threads=1, warmup=0, runs=1, runtime="openvino")
+    assert split.network_nodes == len(scoped | generated)
