@@ -87,7 +87,7 @@ def test_onnxruntime_runtime_splits_by_profile(ckpts):
 @pytest.mark.parametrize("spinning", [False, True])
 def test_onnxruntime_spinning_reaches_every_timed_session(ckpts, monkeypatch, spinning):
     import surgery.measure.split as split_mod
-    import surgery.runtime as runtime_mod
+    import surgery.onnx_io as runtime_mod  # where sessions are made (surgery.onnx_io.session)
 
     seen: list[str] = []
     real_session, real_split = runtime_mod.ort_session, split_mod.onnx_split_ms
