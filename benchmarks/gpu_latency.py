@@ -1,10 +1,13 @@
-"""GPU latency of dense vs structurally pruned detectors (CUDA, eager PyTorch, synchronised).
+"""GPU latency of dense vs structurally pruned detectors (CUDA, synchronised), the way GPUs run them.
 
 Builds each model with untrained weights (latency does not depend on the values), cuts it to keep
 50% and 25% of its MACs with `surgery prune --target-macs`, and times every checkpoint with
 `surgery bench --device cuda` (interleaved, warm-up, median; torch.cuda.synchronize around each run)
-at batch 1 and 8. Writes one CSV with bench's fixed columns (plus the input size in the file name of
-each block). Needs a CUDA device; `make gpu-check` runs it after the `gpu` tests.
+in each of :data:`MODES`: eager FP32 (the old numbers), and the network captured in CUDA graphs under
+FP16 autocast (bench's `--compile cuda-graphs --precision f16`, launch overhead gone), at batch 1 and 8.
+Writes one CSV with bench's fixed columns (with `precision` and `compile` naming the mode) plus the
+input size. Needs a CUDA device; `make gpu-check` runs it after the `gpu` tests. Sized for about 6
+minutes on one H100 (`--models` / `--modes` to run less; `--runs` 30 by default).
 
     python benchmarks/gpu_latency.py --csv benchmarks/gpu_latency.csv
 """
@@ -24,11 +27,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import surgery  # noqa: E402  (lazy: torch loads on first use, after the variable above)
 
 MODELS = [  # (builder, kwargs, input size)
-    ("fcos_resnet18_slim", {"min_size": 640, "max_size": 640}, 640),
     ("fcos_resnet50_fpn", {"min_size": 640, "max_size": 640}, 640),
-    ("retinanet_resnet50_fpn", {"min_size": 640, "max_size": 640}, 640),
     ("ultralytics:yolov8s.yaml", {"nc": 80, "size": 640}, 640),
+    ("fcos_resnet18_slim", {"min_size": 640, "max_size": 640}, 640),
 ]
+MODES = {  # name -> bench options
+    "eager-f32": [],
+    "graphs-f16": ["--compile", "cuda-graphs", "--precision", "f16"],
+}
 
 
 def _save_dense(name: str, kwargs: dict, path: Path) -> None:
@@ -43,7 +49,8 @@ def _surgery(*args: str, cwd: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--csv", type=Path, default=Path("benchmarks/gpu_latency.csv"))
-    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--modes", nargs="*", default=list(MODES), help=f"bench modes (default: {' '.join(MODES)})")
     ap.add_argument("--device", default="cuda", help="cuda (default); cpu only to dry-run the script")
     ap.add_argument("--models", nargs="*", default=None, help="builders to run (default: all)")
     args = ap.parse_args()
@@ -59,14 +66,19 @@ def main() -> None:
                 for keep in ("0.5", "0.25"):
                     _surgery("prune", "--model", f"{tag}-dense.pt", "--target-macs", keep, "--macs-size", str(size),
                              "--out", f"{tag}-macs{keep}.pt", cwd=d)
-                _surgery("bench", f"{tag}-dense.pt", f"{tag}-macs0.5.pt", f"{tag}-macs0.25.pt", "--device", args.device,
-                         "--input-size", str(size), "-b", "1", "-b", "8", "--runs", str(args.runs), "--warmup", "10",
-                         "--csv", f"{tag}.csv", cwd=d)
             except (subprocess.CalledProcessError, ImportError) as e:  # one model failing must not lose the others' rows
                 print(f"{name}: {e}", file=sys.stderr)
                 continue
-            with open(d / f"{tag}.csv", newline="") as f:
-                out_rows += [{"input_size": str(size), **r} for r in csv.DictReader(f)]
+            for mode in args.modes:
+                try:
+                    _surgery("bench", f"{tag}-dense.pt", f"{tag}-macs0.5.pt", f"{tag}-macs0.25.pt", "--device", args.device,
+                             "--input-size", str(size), "-b", "1", "-b", "8", "--runs", str(args.runs), "--warmup", "10",
+                             *MODES[mode], "--csv", f"{tag}-{mode}.csv", cwd=d)
+                except subprocess.CalledProcessError as e:
+                    print(f"{name} {mode}: {e}", file=sys.stderr)
+                    continue
+                with open(d / f"{tag}-{mode}.csv", newline="") as f:
+                    out_rows += [{"input_size": str(size), "mode": mode, **r} for r in csv.DictReader(f)]
     if not out_rows:
         sys.exit("no model benchmarked")
     args.csv.parent.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,13 @@ def bench(
     csv: Path | None = typer.Option(None, "--csv", help="Write every number to this CSV (fixed columns)."),
     rois: int = typer.Option(None, "--rois", min=1, help="Two-stage models: time and count MACs at this fixed RoI count."),
     runtime: str = typer.Option(
-        "torch", "--runtime", help="torch (eager) or onnxruntime (checkpoints exported, then timed in ONNX Runtime)."
+        "torch", "--runtime", help="torch (eager), onnxruntime or openvino (checkpoints exported, then timed in that "
+        "runtime; .onnx files run in OpenVINO with openvino, else in ONNX Runtime)."
     ),
+    precision: str = typer.Option("f32", "--precision", help="f32, bf16 or f16: OpenVINO's inference precision "
+                                  "(its CPU default is bf16 where it exists), torch on CUDA: autocast."),
+    compile_mode: str = typer.Option("none", "--compile", help="torch on CUDA: none (eager), cuda-graphs, "
+                                     "reduce-overhead (torch.compile) or default (torch.compile; also on CPU)."),
     channels_last: str = typer.Option("auto", "--channels-last", help="torch on CPU: auto (keep the faster layout), on, off."),
     spinning: bool = typer.Option(False, "--spin/--no-spin", help="ONNX Runtime threads spin-wait between "
                                   "operators (its default, for a dedicated device; off suits a shared machine)."),
@@ -68,7 +73,8 @@ def bench(
         raise typer.BadParameter(f"--format {fmt!r}: expected table, json or csv")
     options = {"input_size": input_size, "batch_sizes": list(batch_size), "warmup": warmup, "runs": runs,
                "threads": threads, "device": device, "resize_model": resize_model, "rois": rois,
-               "runtime": runtime, "channels_last": channels_last, "spinning": spinning}
+               "runtime": runtime, "channels_last": channels_last, "spinning": spinning, "precision": precision,
+               "compile": compile_mode}
     cfg = recipe_from_dict({"bench": options}, "bench options").bench
     dataset = _load_dataset(data, checkpoints[0]) if data else None
     with TaskProgress("bench", out=err_console if fmt != "table" else console) as bar:
@@ -99,7 +105,8 @@ def _print_machine(rows: list[Any], fmt: str) -> None:
 def _print_table(rows: list[Any], cfg: Any) -> None:
     ref = Path(rows[0].checkpoint).name if rows else "first"
     spin = " (ONNX Runtime spinning)" if cfg.spinning and cfg.runtime == "onnxruntime" else ""
-    table = Table(title=f"bench {cfg.input_size}px, {cfg.threads} threads{spin}, median of {cfg.runs} interleaved runs, "
+    how = sorted({f"{r.runtime} {r.precision}" + ("" if r.compile in ("-", "none") else f" {r.compile}") for r in rows})
+    table = Table(title=f"bench {', '.join(how)}, {cfg.input_size}px, {cfg.threads} threads{spin}, median of {cfg.runs} interleaved runs, "
                   f"{rows[0].detections if rows else '-'} detections per image; x = vs {ref}", box=box.SIMPLE_HEAD, pad_edge=False)
     # each column group shows related values; a terminal stacks them in one cell (compact), a log
     # file or a pipe gets one value per cell so that the lines can be read by tools
@@ -107,7 +114,7 @@ def _print_table(rows: list[Any], cfg: Any) -> None:
     groups: list[list[tuple[str, Any]]] = [
         [("model", lambda r: Path(r.checkpoint).name),
          ("kind", lambda r: r.kind if r.method in (r.kind, "dense") else f"{r.kind} {r.method}")],
-        [("runtime", lambda r: r.runtime),
+        [("runtime", lambda r: f"{r.runtime} {r.precision}"),
          ("layout", lambda r: "" if r.memory_format in ("-", "contiguous") else r.memory_format)],
         [("bs", lambda r: str(r.batch_size))],
         [("params", lambda r: fmt_count(r.params)), ("nonzero", lambda r: fmt_count(r.params_nonzero))],

@@ -22,6 +22,8 @@ def eval_command(
     split: str = typer.Option("val", "--split", help="train / val (VOC: also trainval, test)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    runtime: str = typer.Option("onnxruntime", "--runtime", help=".onnx files: onnxruntime or openvino."),
+    precision: str = typer.Option("f32", "--precision", help="--runtime openvino: f32, bf16 or f16."),
     max_images: int | None = typer.Option(None, "--max-images", min=1, help="Evaluate only the first N images."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the metrics (and what was evaluated) to this JSON file."),
     detections: Path | None = typer.Option(None, "--detections", help="Write the detections (COCO results format) to this file."),
@@ -34,7 +36,7 @@ def eval_command(
     from surgery.runtime import load_detector
 
     out = err_console if machine_readable(fmt) else console  # json/csv: stdout is only the data
-    model, info = load_detector(ckpt, device=device)
+    model, info = load_detector(ckpt, device=device, runtime=runtime, precision=precision)
     recipe_data = (info.recipe or {}).get("data")  # the synthetic set the checkpoint was trained on
     with TaskProgress("preparing data", out=out) as bar:
         dataset = dataset_for(recipe_data, split, train=False, source=data, progress=bar.update)
@@ -62,6 +64,7 @@ def eval_command(
         render(rows, ["metric", Column("value", justify="right", fmt=lambda v: f"{v:.4f}")])
     out.print(
         f"{result.num_detections} detections, {result.seconds:.1f} s in all, model {ips:.1f} images/s on {device}"
+        + (f" ({model.runtime} {model.precision})" if hasattr(model, "runtime") else "")
         + (" ('-': no ground truth in that size range)" if result.undefined else ""), highlight=False
     )
     for what, path in (("metrics", json_out), ("detections", detections)):

@@ -21,6 +21,8 @@ def predict(
     score_thresh: float = typer.Option(0.3, "--score-thresh", help="Keep detections scoring at least this (0-1)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    runtime: str = typer.Option("onnxruntime", "--runtime", help=".onnx files: onnxruntime or openvino."),
+    precision: str = typer.Option("f32", "--precision", help="--runtime openvino: f32, bf16 or f16."),
     draw: bool = typer.Option(True, "--draw/--no-draw", help="Write each image with its boxes."),
 ) -> None:
     """Detect objects in images: boxes drawn with class names, and a JSON of the detections."""
@@ -31,7 +33,7 @@ def predict(
 
         out = next_run_dir("runs/predict")
     files = image_files(images)
-    predictor = load_predictor(checkpoint, device)
+    predictor = load_predictor(checkpoint, device, runtime=runtime, precision=precision)
     with TaskProgress("predicting") as bar:
         preds = predict_files(predictor, files, score_thresh=score_thresh, batch_size=batch_size, progress=bar.update)
     # an existing, non-empty --out was refused up front unless --overwrite (cli.outputs)

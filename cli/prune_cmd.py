@@ -39,7 +39,7 @@ def prune(
     calib_batches: int = typer.Option(None, help="taylor/fisher: calibration batches from --data (default 4)."),
     data: str = typer.Option(None, "--data", help="Calibration data for taylor/fisher: synthetic | coco:ROOT | voc:ROOT | yolo:DATA_YAML | a COCO .json."),
     target_latency: float = typer.Option(None, "--keep-latency", "--target-latency", help="Fraction of the dense network latency KEPT on --runtime (0.5): per-group widths from a measured latency table."),
-    runtime: str = typer.Option(None, help="--keep-latency: onnxruntime | torch (where the latency table is measured)."),
+    runtime: str = typer.Option(None, help="--keep-latency: onnxruntime | openvino | torch (where the latency table is measured)."),
     recover: int = typer.Option(None, "--recover", help=RECOVER_HELP),
     allocation: str = typer.Option(None, "--allocation", help=ALLOCATION_HELP),
     sensitivity: Path = typer.Option(None, "--sensitivity", help="CSV from `surgery sensitivity` (--allocation sensitivity)."),

@@ -31,6 +31,7 @@ from .measure import (
 )
 from .measure.split import (
     NETWORK_MODULES,
+    accelerated_network,
     network_stubbed,
     onnx_network_shares,
     onnx_scopes,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str, float, int], None]  # (what, steps done, total steps)
 
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "openvino")
 
 
 @dataclass
@@ -68,6 +69,8 @@ class BenchRow:
     sparsity: float | None
     kind: str
     runtime: str
+    precision: str  # f32 | bf16 | f16 (OpenVINO's inference precision; torch on CUDA: autocast)
+    compile: str  # torch: none (eager) | cuda-graphs | reduce-overhead | default; ONNX runtimes: -
     device: str
     torch: str
     threads: int
@@ -137,15 +140,21 @@ class _Subject:
     runtime: str
     model: nn.Module  # torch detector, or an OnnxDetector
     info: dict[str, Any]
-    onnx: Path | None = None  # the file ONNX Runtime runs (timing: fixed detection count)
+    onnx: Path | None = None  # the file ONNX Runtime / OpenVINO runs (timing: fixed detection count)
     scopes: tuple[str, ...] = ()
     memory_format: str = "-"
+
+
+def _onnx_runtime(cfg: BenchSection) -> str:
+    """What runs ONNX files: OpenVINO when asked, else ONNX Runtime (also for ``--runtime torch``)."""
+    return "openvino" if cfg.runtime == "openvino" else "onnxruntime"
 
 
 def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) -> _Subject:
     key = str(path)
     if is_onnx(path):
-        det, ckpt = load_detector(path, "cpu", threads=cfg.threads, spinning=cfg.spinning)
+        det, ckpt = load_detector(path, "cpu", threads=cfg.threads, spinning=cfg.spinning, runtime=_onnx_runtime(cfg),
+                                  precision=cfg.precision if cfg.runtime == "openvino" else "f32")
         meta = ckpt.meta.get("onnx", {})
         fbytes, fgzip = file_size(path)
         counted = onnx_parameter_count(path)  # the file's initializers: what a lying metadata cannot change
@@ -165,7 +174,7 @@ def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) ->
         macs_size = _num(meta, "input_size")
         if macs_size is not None and int(macs_size) != cfg.input_size:
             info["notes"].append(f"{path.name}: MACs are from its export at {int(macs_size)}px")
-        return _Subject(key, "onnxruntime", det, info, onnx=path, scopes=onnx_scopes(NETWORK_MODULES))
+        return _Subject(key, det.runtime, det, info, onnx=path, scopes=onnx_scopes(NETWORK_MODULES))
     model, ckpt = load_detector(path, device=cfg.device)
     if cfg.resize_model:
         compat.set_resize(model, (int(cfg.input_size),), int(cfg.input_size))  # SSD: fixed size, kept
@@ -183,8 +192,8 @@ def _load_subject(path: Path, cfg: BenchSection, rois: int | None, tmp: Path) ->
     with fixed_workload(model, rois, det):  # the detection count is baked into the graph
         export_onnx(model, onnx, cfg.input_size, verify=False)
     info["torch_model"] = model  # mAP is measured on the real thresholds: see _evaluate
-    det = OnnxDetector(onnx, cfg.threads, spinning=cfg.spinning)
-    return _Subject(key, "onnxruntime", det, info, onnx=onnx, scopes=onnx_scopes(model))
+    det = OnnxDetector(onnx, cfg.threads, spinning=cfg.spinning, runtime=cfg.runtime, precision=cfg.precision)
+    return _Subject(key, cfg.runtime, det, info, onnx=onnx, scopes=onnx_scopes(model))
 
 
 def _memory_format(subject: _Subject, cfg: BenchSection, batch: list[torch.Tensor]) -> str:
@@ -224,9 +233,10 @@ def bench_checkpoints(
     every ``cfg.batch_sizes`` the
     end-to-end, network and pipeline latency, interleaved across models, with every model keeping
     exactly its ``detections_per_img`` detections (score threshold 0) so post-processing costs the
-    same for all. ``cfg.runtime`` ``onnxruntime`` exports each checkpoint (fixed workload baked
-    in) and times it in ONNX Runtime, its network/pipeline split from ONNX Runtime's profiler;
-    ``.onnx`` files always run in ONNX Runtime. Size of the weights (plain and gzipped), and mAP /
+    same for all. ``cfg.runtime`` ``onnxruntime`` / ``openvino`` exports each checkpoint (fixed
+    workload baked in) and times it in that runtime (OpenVINO at ``cfg.precision``), its
+    network/pipeline split from the runtime's profiler; ``.onnx`` files run in OpenVINO with
+    ``--runtime openvino``, in ONNX Runtime otherwise. Size of the weights (plain and gzipped), and mAP /
     mAP50 when ``dataset`` is given (with the models' own thresholds). One row per (model, batch).
     """
     import tempfile
@@ -286,20 +296,25 @@ def _time_all(
             for bs in cfg.batch_sizes:
                 batch = example_images(bs, cfg.input_size, dev, seed=bs)
                 fns: dict[str, Callable[[], Any]] = {}
+                per_batch = contextlib.ExitStack()
                 for s in subjects:
                     if s.runtime == "torch":
                         if s.memory_format == "-":
                             s.memory_format = _memory_format(s, cfg, batch)
-                        calls = record_calls(s.model, batch)
+                        with _autocast(cfg):
+                            calls = record_calls(s.model, batch)
+                        per_batch.enter_context(accelerated_network(calls, cfg.compile))
 
                         def pipeline(m: nn.Module = s.model, calls: list = calls, b: list = batch) -> None:
                             with network_stubbed(calls):
                                 m(b)
 
-                        fns[f"{s.key}\0network"] = lambda calls=calls: replay_network(calls)
-                        fns[f"{s.key}\0pipeline"] = pipeline
-                    fns[f"{s.key}\0e2e"] = lambda m=s.model, b=batch: m(b)
-                with torch.inference_mode():
+                        fns[f"{s.key}\0network"] = _in_precision(lambda calls=calls: replay_network(calls), cfg)
+                        fns[f"{s.key}\0pipeline"] = _in_precision(pipeline, cfg)
+                        fns[f"{s.key}\0e2e"] = _in_precision(lambda m=s.model, b=batch: m(b), cfg)
+                    else:
+                        fns[f"{s.key}\0e2e"] = lambda m=s.model, b=batch: m(b)
+                with per_batch, torch.inference_mode():
                     times = time_interleaved(
                         fns, warmup=cfg.warmup, runs=cfg.runs, sync=sync, block=block,
                         progress=lambda: tick("latency", 1 / max(cfg.warmup + math.ceil(cfg.runs / block), 1)),
@@ -325,14 +340,37 @@ def _time_all(
     return out
 
 
+def _autocast(cfg: BenchSection) -> contextlib.AbstractContextManager:
+    """torch on CUDA at ``cfg.precision`` bf16 / f16: autocast (convolutions in half precision,
+    reductions and the post-processing's sensitive ops in float, as torch decides); else nothing."""
+    if cfg.device != "cuda" or cfg.precision == "f32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+
+
+def _in_precision(fn: Callable[[], Any], cfg: BenchSection) -> Callable[[], Any]:
+    if cfg.device != "cuda" or cfg.precision == "f32":
+        return fn
+
+    def run() -> Any:
+        with _autocast(cfg):
+            return fn()
+
+    return run
+
+
 def _onnx_shares(subjects: list[_Subject], batch: list[torch.Tensor], cfg: BenchSection) -> dict[str, float | None]:
-    """Each ONNX Runtime subject's network share of its profiled kernel time (median of 3 passes
-    alternating the subjects, :func:`~surgery.measure.split.onnx_network_shares`)."""
-    files = [(s.onnx, s.scopes, [{s.model.input_name: fit_image(img, s.model.fixed).numpy()} for img in batch])
-             for s in subjects]
-    shares = onnx_network_shares(files, threads=cfg.threads, runs=max(1, min(cfg.runs, 10) // 2),
-                                 spinning=cfg.spinning)
-    return dict(zip((s.key for s in subjects), shares))
+    """Each ONNX Runtime / OpenVINO subject's network share of its profiled kernel time (median of
+    3 passes alternating the subjects of one runtime, :func:`~surgery.measure.split.onnx_network_shares`)."""
+    out: dict[str, float | None] = {}
+    for runtime in sorted({s.runtime for s in subjects}):
+        group = [s for s in subjects if s.runtime == runtime]
+        files = [(s.onnx, s.scopes, [{s.model.input_name: fit_image(img, s.model.fixed).numpy()} for img in batch])
+                 for s in group]
+        shares = onnx_network_shares(files, threads=cfg.threads, runs=max(1, min(cfg.runs, 10) // 2),
+                                     spinning=cfg.spinning, runtime=runtime, precision=group[0].model.precision)
+        out.update(zip((s.key for s in group), shares))
+    return out
 
 
 def _evaluate(s: _Subject, dataset: Any, cfg: BenchSection) -> tuple[float | None, float | None]:
@@ -345,7 +383,7 @@ def _evaluate(s: _Subject, dataset: Any, cfg: BenchSection) -> tuple[float | Non
         if "torch_model" in s.info:
             path = Path(tmp) / "eval.onnx"
             export_onnx(s.info["torch_model"], path, cfg.input_size, verify=False)
-            model = OnnxDetector(path, cfg.threads)
+            model = OnnxDetector(path, cfg.threads, runtime=s.model.runtime, precision=s.model.precision)
         res = evaluate(model, dataset, batch_size=8, device=cfg.device if s.runtime == "torch" else "cpu")
     return res.metrics.get("mAP"), res.metrics.get("mAP50")
 
@@ -374,7 +412,8 @@ def _rows(
             med, p90 = t["e2e"]
             rows.append(BenchRow(
                 model=i["model"], method=i["method"], ratio=i["ratio"], sparsity=i["sparsity"], kind=i["kind"],
-                runtime=s.runtime, device=cfg.device if s.runtime == "torch" else "cpu", torch=torch.__version__,
+                runtime=s.runtime, precision=_precision(s, cfg), compile=cfg.compile if s.runtime == "torch" else "-",
+                device=cfg.device if s.runtime == "torch" else "cpu", torch=torch.__version__,
                 threads=cfg.threads, memory_format=t["memory_format"], input_size=cfg.input_size, batch_size=bs,
                 detections=i["detections"], params=i["params"], params_nonzero=i["params_nonzero"],
                 macs=None if i["macs"] is None else int(i["macs"]), latency_ms_median=med, latency_ms_p90=p90,
@@ -387,6 +426,12 @@ def _rows(
                 checkpoint=s.key, notes=list(i["notes"]) + notes,
             ))
     return rows
+
+
+def _precision(s: _Subject, cfg: BenchSection) -> str:
+    if s.runtime == "torch":
+        return cfg.precision if cfg.device == "cuda" else "f32"
+    return s.model.precision
 
 
 def compare_notes(subjects: Sequence[_Subject]) -> list[str]:

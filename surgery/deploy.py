@@ -1,6 +1,7 @@
 """The deployment table: per checkpoint, float vs INT8 (post-training and quantization-aware) in
-ONNX Runtime - COCO mAP, network and end-to-end latency, file size - in the form of TI's
-detection tables (Float / 8-bit calibration / 8-bit QAT side by side).
+ONNX Runtime and/or OpenVINO - COCO mAP, network and end-to-end latency, file size - in the form
+of TI's detection tables (Float / 8-bit calibration / 8-bit QAT side by side). OpenVINO runs the
+same files (the INT8 ones as written for ONNX Runtime: OpenVINO executes QDQ graphs in INT8) at f32.
 
 For each checkpoint: export the float ONNX file and quantize it (:func:`surgery.quantize.quantize_checkpoint`,
 calibrated on training images); with ``qat_steps`` also fine-tune that many steps with
@@ -16,6 +17,7 @@ whatever post-processing the detections need.
 from __future__ import annotations
 
 import csv
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +36,7 @@ from .workflows import recipe_for_checkpoint, retrain_checkpoint
 DEPLOY_COLUMNS: tuple[str, ...] = (
     "checkpoint", "precision", "mAP", "mAP50", "mAP_minus_float", "network_ms", "latency_ms",
     "network_vs_float", "latency_vs_float", "file_bytes", "quantized_nodes", "qat_steps", "onnx", "int8_form",
-    "latency_vs_dense",
+    "latency_vs_dense", "runtime",
 )  # fmt: skip
 
 
@@ -55,6 +57,7 @@ class DeployRow:
     onnx: str
     int8_form: str = ""  # INT8 rows: the form (surgery.quantize.FORMS) measured fastest here
     latency_vs_dense: float | None = None  # end to end against the first checkpoint's FP32 file
+    runtime: str = "onnxruntime"  # onnxruntime | openvino (f32 for float files)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,10 +87,12 @@ def deploy_table(
     threads: int = 2,
     spinning: bool = False,
     progress: Callable[[str], None] | None = None,
+    runtimes: Sequence[str] = ("onnxruntime",),
 ) -> list[DeployRow]:
-    """Float / INT8 PTQ / INT8 QAT rows for each checkpoint (files written under ``out_dir``).
-    Ratios come from :func:`~surgery.bench.bench_checkpoints`' paired runs against the first
-    file (the first checkpoint's FP32 export); ratios between two other files divide two of those."""
+    """Float / INT8 PTQ / INT8 QAT rows for each checkpoint (files written under ``out_dir``), for
+    each of ``runtimes`` (the same files). Ratios come from
+    :func:`~surgery.bench.bench_checkpoints`' paired runs against the first file (the first
+    checkpoint's FP32 export) in the same runtime; ratios between two other files divide two of those."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[tuple[str, str, Path, int, int]] = []  # (stem, precision, onnx, quantized nodes, qat steps)
@@ -109,17 +114,30 @@ def deploy_table(
                                       input_size=input_size, verify_images=4, threads=threads)
             forms[qat.path] = qat.form
             files.append((stem, "int8-qat", qat.path, qat.quantized_nodes, qat_steps))
+    size = input_size or ptq.input_size
+    rows: list[DeployRow] = []
+    for runtime in runtimes:
+        rows += _runtime_rows(files, forms, val_set, runtime, size, max_images=max_images, runs=runs, warmup=warmup,
+                              threads=threads, spinning=spinning, progress=progress)
+    return rows
+
+
+def _runtime_rows(
+    files: Sequence[tuple[str, str, Path, int, int]], forms: dict[Path, str], val_set: Any, runtime: str, size: int, *,
+    max_images: int | None, runs: int, warmup: int, threads: int, spinning: bool,
+    progress: Callable[[str], None] | None,
+) -> list[DeployRow]:
+    """The rows of one runtime: every file evaluated and timed (interleaved) in it."""
     maps: dict[Path, tuple[float, float]] = {}
     for _stem, _precision, path, _n, _s in files:
         if progress:
-            progress(f"mAP {path.name}")
-        m = evaluate(OnnxDetector(path, threads), val_set, batch_size=8, max_images=max_images).metrics
+            progress(f"mAP {path.name} ({runtime})")
+        m = evaluate(OnnxDetector(path, threads, runtime=runtime), val_set, batch_size=8, max_images=max_images).metrics
         maps[path] = (m["mAP"], m["mAP50"])
     if progress:
-        progress("ONNX Runtime latency (interleaved)")
-    size = input_size or ptq.input_size
+        progress(f"{runtime} latency (interleaved)")
     cfg = BenchSection(input_size=size, batch_sizes=[1], warmup=warmup, runs=runs, threads=threads,
-                       runtime="onnxruntime", spinning=spinning)
+                       runtime=runtime, spinning=spinning)
     timed = {Path(r.checkpoint): r for r in bench_checkpoints([f[2] for f in files], cfg)}
     rows: list[DeployRow] = []
     for stem, precision, path, nodes, steps in files:
@@ -133,7 +151,7 @@ def deploy_table(
                               if t.network_ms_median and ref.network_ms_median else None),
             latency_vs_float=t.latency_ratio / ref.latency_ratio, file_bytes=path.stat().st_size,
             quantized_nodes=nodes, qat_steps=steps, onnx=str(path), int8_form=forms.get(path, ""),
-            latency_vs_dense=t.latency_ratio,
+            latency_vs_dense=t.latency_ratio, runtime=runtime,
         ))  # fmt: skip
     return rows
 
@@ -151,8 +169,9 @@ def deploy_markdown(rows: Sequence[DeployRow], reference_ms: float | None = None
     """The table in TI's form: one line per checkpoint, float / PTQ / QAT side by side.
     ``reference_ms``: the dense float model's end-to-end time, for the "x faster" column."""
     by: dict[str, dict[str, DeployRow]] = {}
+    several = len({r.runtime for r in rows}) > 1  # the model cell names the runtime (f32 / INT8)
     for r in rows:
-        by.setdefault(r.checkpoint, {})[r.precision] = r
+        by.setdefault(f"{r.checkpoint} ({r.runtime})" if several else r.checkpoint, {})[r.precision] = r
     out = [
         "| model | mAP float | mAP INT8 PTQ | mAP INT8 QAT | network ms FP32 / INT8 | end-to-end ms FP32 / INT8 "
         "| INT8 vs FP32 network | MB FP32 / INT8 | INT8 vs dense FP32 end to end | INT8 form (fastest here) |",
@@ -186,19 +205,26 @@ def deploy_report(recipe: Any, out: Path, checkpoints: Sequence[Path], val_set: 
     """The sweep's deployment stage: :func:`deploy_table` for ``checkpoints`` (the dense control
     first) with the recipe's bench settings, ``deploy.csv`` written, markdown for results.md returned."""
     cfg, sweep = recipe.bench, recipe.sweep
+    # the table comes after the whole sweep: a missing extra drops its rows with a note, not the run
+    runtimes = [r for r in sweep.deploy_runtimes if r != "openvino" or importlib.util.find_spec("openvino")]
+    skipped = "" if runtimes == list(sweep.deploy_runtimes) else (
+        "OpenVINO rows skipped: openvino is not installed (pip install 'surgery[openvino]').\n\n")
     rows = deploy_table(checkpoints, out / "deploy", val_set, input_size=cfg.input_size,
                         calib_batches=sweep.calib_batches, qat_steps=sweep.qat_steps, runs=cfg.runs,
-                        warmup=cfg.warmup, threads=cfg.threads, spinning=cfg.spinning)
+                        warmup=cfg.warmup, threads=cfg.threads, spinning=cfg.spinning, runtimes=runtimes or ["onnxruntime"])
     write_deploy_csv(rows, out / "deploy.csv")
     dense_ms = next(r.latency_ms for r in rows if r.precision == "fp32")
+    names = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO (f32 inference precision)"}
+    where = " and ".join(names[r] for r in runtimes or ["onnxruntime"])
     return (
-        "\n## Deployment: FP32 vs INT8 in ONNX Runtime\n\nStatic INT8 (int8 weights, uint8 activations, in the form "
+        f"\n## Deployment: FP32 vs INT8 in {where}\n\nStatic INT8 (int8 weights, uint8 activations, in the form "
         "measured fastest for each model among QDQ / QOperator x per-channel / per-tensor weights, "
         f"calibrated on {sweep.calib_batches} batches of training images; output layers, decoding and NMS in float)"
         + (f", and INT8 after {sweep.qat_steps} quantization-aware steps" if sweep.qat_steps else "")
         + f". mAP on the validation set through the same evaluator; latency: batch 1, {cfg.input_size} px, "
         f"{cfg.threads} threads{' (spinning)' if cfg.spinning else ''}, median of {cfg.runs} runs interleaved "
-        "in blocks per model (ratios: median of the ratios of paired runs), network share from ONNX Runtime's "
-        "profiler. Last column: INT8 end to end against the dense FP32 file.\n\n"
-        + deploy_markdown(rows, reference_ms=dense_ms)
+        "in blocks per model (ratios: median of the ratios of paired runs), network share from each runtime's "
+        "profiler. OpenVINO runs the same files (the INT8 form chosen in ONNX Runtime). Last column: INT8 end "
+        "to end against the dense FP32 file in the same runtime.\n\n"
+        + skipped + deploy_markdown(rows, reference_ms=dense_ms)
     )

@@ -39,8 +39,9 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import SurgeryError, require_extra
+from .errors import MeasureError, SurgeryError, require_extra
 from .measure import configured_detections, count_macs, count_params
+from .measure.split import onnx_scopes
 from .onnx_io import (
     METADATA_PREFIX,
     check_metadata,
@@ -136,7 +137,55 @@ def _export(
         kwargs["dynamic_axes"] = axes
     with _quiet(), torch.no_grad(), fast_postprocess(model, enabled=vectorized and bool(names) and not dynamic) as fast:
         torch.onnx.export(target, (example,) if names else ([example],), str(path), dynamo=dynamo, **kwargs)
+    if names:
+        _outputs_named_first(path, _network_scopes(model))
     return fast
+
+
+def _network_scopes(model: nn.Module) -> tuple[str, ...]:
+    try:
+        return onnx_scopes(model)
+    except MeasureError:  # a model without network modules: every tensor is post-processing's
+        return ()
+
+
+POST_PREFIX = "~"  # sorts after every letter: see _outputs_named_first
+
+
+def _outputs_named_first(path: Path, scopes: tuple[str, ...]) -> None:
+    """Keep ``boxes`` / ``scores`` / ``labels`` the first name of each output in OpenVINO.
+
+    OpenVINO's graph optimisations fold ops such as the Concat that assembles ``boxes`` and merge
+    the folded input's tensor name into the output's names; ``get_any_name()`` returns the first
+    in sorted order, which was ``/model/Gather_30_output_0`` for the quickstart FCOS. The
+    post-processing's intermediate tensors (produced by nodes outside the network ``scopes``) are
+    renamed with :data:`POST_PREFIX`, which sorts after the output names. Network tensors keep
+    their names: ONNX Runtime's layout pass names a convolution after its output tensor, and the
+    network/pipeline split of :mod:`surgery.measure.split` reads node names by scope."""
+    import onnx  # optional extra (export), required by the caller
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return  # a Loop / If body may name outer tensors implicitly: left as exported
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    renamed = {}
+    for node in graph.node:
+        if node.name.startswith(scopes) and scopes:
+            continue
+        for k, out in enumerate(node.output):
+            if out and out not in keep:
+                renamed[out] = node.output[k] = POST_PREFIX + out
+    if not renamed:
+        return
+    for node in graph.node:
+        for k, inp in enumerate(node.input):
+            if inp in renamed:
+                node.input[k] = renamed[inp]
+    for info in graph.value_info:
+        if info.name in renamed:
+            info.name = renamed[info.name]
+    onnx.save(proto, str(path))
 
 
 def export_onnx(

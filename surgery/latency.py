@@ -202,13 +202,14 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
             with fixed_workload(m, 100, 100):
                 export_onnx(m, path, input_size, verify=False)
             files.append((path, onnx_scopes(m)))
-        # measured as `surgery bench --runtime onnxruntime` measures it (the number a user checks
+        # measured as `surgery bench --runtime onnxruntime|openvino` measures it (the number a user checks
         # the target against): the end-to-end time of the exported detector, interleaved, times
         # the network's share of the profiled kernel time. The profiled kernel sum alone leaves
         # out the runtime's per-operator overhead and disagreed with bench by 5-13% on this machine
-        detectors = [OnnxDetector(path, threads) for path, _ in files]
+        detectors = [OnnxDetector(path, threads, runtime=runtime) for path, _ in files]  # f32
         feeds = [{"image": fit_image(img, input_size).numpy()} for img in images]
-        shares = onnx_network_shares([(p, sc, feeds) for p, sc in files], threads=threads, runs=min(runs, 10))
+        shares = onnx_network_shares([(p, sc, feeds) for p, sc in files], threads=threads, runs=min(runs, 10),
+                                     runtime=runtime)
         if any(share is None for share in shares):
             raise PruningError("no network node found in the exported model's profile: cannot time its network")
         fns = {str(k): (lambda d=d: d(images)) for k, d in enumerate(detectors)}
@@ -282,7 +283,7 @@ def latency_ratios(
     lm = LatencyModel(table, specs)
     dense_est = lm.total({})
     notes = [f"latency table: {len(table.ms)} convolutions x {len(FRACTIONS) ** 2} widths on {runtime} "
-             f"({threads} threads, {input_size}px, batch {batch}; cache key {table.key})"]
+             f"({threads} threads, {input_size}px, batch {batch}; cache key {table.key})", *table.notes]
     goal = target
     best: tuple[float, dict[int, float], float, float, float] | None = None
     dense_ms = float("nan")

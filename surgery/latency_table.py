@@ -4,8 +4,10 @@ docstring, step 1), and the bilinear estimate between grid points."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -23,11 +25,10 @@ from .measure import fixed_workload
 from .measure.split import network_modules
 from .measure.timing import time_interleaved
 from .measure.workload import example_images, quiet
-from .onnx_io import ort_options
-from .runtime import import_onnxruntime
+from .onnx_io import OvSession, import_onnxruntime, ort_options, runtime_version
 
 FRACTIONS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "openvino", "torch")
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,6 +47,7 @@ class LatencyTable:
     ms: dict[str, list[list[float]]]
     depthwise: set[str] = field(default_factory=set)
     key: str = ""
+    notes: list[str] = field(default_factory=list)  # not cached: what happened while loading it
 
     def layer_ms(self, name: str, f_in: float, f_out: float) -> float:
         if name in self.depthwise:
@@ -184,25 +186,43 @@ def _grid(layers: dict[str, Any], med: dict[str, float]) -> dict[str, list[list[
     return out
 
 
+def _bank_files(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], tmp: str) -> list[tuple[tuple[int, int], str, dict[str, Any]]]:
+    """One ONNX file per grid cell holding every layer as an independent branch, with its feed."""
+    names = list(layers)
+    out = []
+    for i, j in _cells():
+        convs = [_scaled(layers[n][0], FRACTIONS[i], FRACTIONS[j]) for n in names]
+        xs = tuple(torch.rand(layers[n][1][0], c.in_channels, *layers[n][1][2:]) for n, c in zip(names, convs))
+        path = os.path.join(tmp, f"cell{i}{j}.onnx")
+        with torch.no_grad():
+            torch.onnx.export(_Bank(convs).eval(), xs, path, input_names=[f"x{k}" for k in range(len(xs))],
+                              output_names=[f"y{k}" for k in range(len(xs))], opset_version=17, dynamo=False)
+        out.append(((i, j), path, {f"x{k}": x.numpy() for k, x in enumerate(xs)}))
+    return out
+
+
+def _cell_medians(names: list[str], cell: tuple[int, int], nodes: Sequence[tuple[str, float]], med: dict[str, float]) -> None:
+    """Each bank layer's median over its profiled (node, ms) entries, into ``med``."""
+    per: dict[int, list[float]] = {}
+    for node, ms in nodes:
+        k = _bank_index(node)
+        if k is not None:
+            per.setdefault(k, []).append(ms)
+    for k, values in per.items():
+        med[f"{names[k]}\0{cell[0]}\0{cell[1]}"] = statistics.median(values)
+
+
 def _time_onnxruntime(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: int, runs: int) -> dict[str, list[list[float]]]:
 
     ort = import_onnxruntime()
     names = list(layers)
     with tempfile.TemporaryDirectory(prefix="surgery-latency-") as tmp:
         sessions = []
-        for i, j in _cells():
-            convs = [_scaled(layers[n][0], FRACTIONS[i], FRACTIONS[j]) for n in names]
-            xs = tuple(torch.rand(layers[n][1][0], c.in_channels, *layers[n][1][2:]) for n, c in zip(names, convs))
-            path = os.path.join(tmp, f"cell{i}{j}.onnx")
-            with torch.no_grad():
-                torch.onnx.export(_Bank(convs).eval(), xs, path, input_names=[f"x{k}" for k in range(len(xs))],
-                                  output_names=[f"y{k}" for k in range(len(xs))], opset_version=17, dynamo=False)
+        for (i, j), path, feed in _bank_files(layers, tmp):
             opts = ort_options(threads)
             opts.enable_profiling = True
             opts.profile_file_prefix = os.path.join(tmp, f"prof{i}{j}")
-            sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-            feed = {f"x{k}": x.numpy() for k, x in enumerate(xs)}
-            sessions.append(((i, j), sess, feed))
+            sessions.append(((i, j), ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"]), feed))
         for _ in range(2):  # warm-up, not profiled apart: the median drops it
             for _, s, f in sessions:
                 s.run(None, f)
@@ -210,20 +230,37 @@ def _time_onnxruntime(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], thre
             for _, s, f in sessions:
                 s.run(None, f)
         med: dict[str, float] = {}
-        for (i, j), s, _ in sessions:
-            per: dict[int, list[float]] = {}
-            for e in json.loads(Path(s.end_profiling()).read_text()):
-                if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
-                    continue
-                node = e["name"][: -len("_kernel_time")]
-                k = _bank_index(node)
-                if k is not None:
-                    per.setdefault(k, []).append(float(e["dur"]) / 1e3)
-            for k, values in per.items():
-                med[f"{names[k]}\0{i}\0{j}"] = statistics.median(values)
-    missing = [n for n in names if f"{n}\0{0}\0{0}" not in med]
+        for cell, s, _ in sessions:
+            events = json.loads(Path(s.end_profiling()).read_text())
+            nodes = [(e["name"][: -len("_kernel_time")], float(e["dur"]) / 1e3) for e in events
+                     if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")]
+            _cell_medians(names, cell, nodes, med)
+    return _checked_grid(layers, med, "ONNX Runtime")
+
+
+def _time_openvino(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: int, runs: int) -> dict[str, list[list[float]]]:
+    """As :func:`_time_onnxruntime`, from OpenVINO's per-node counters (f32, read after every call)."""
+    names = list(layers)
+    with tempfile.TemporaryDirectory(prefix="surgery-latency-") as tmp:
+        sessions = [(cell, OvSession(path, threads, "f32", profiling=True), feed) for cell, path, feed in _bank_files(layers, tmp)]
+        for _ in range(2):
+            for _, s, f in sessions:
+                s.run(None, f)
+        nodes: dict[tuple[int, int], list[tuple[str, float]]] = {cell: [] for cell, _, _ in sessions}
+        for _ in range(runs):
+            for cell, s, f in sessions:
+                s.run(None, f)
+                nodes[cell] += s.profile()
+    med: dict[str, float] = {}
+    for cell, entries in nodes.items():
+        _cell_medians(names, cell, entries, med)
+    return _checked_grid(layers, med, "OpenVINO")
+
+
+def _checked_grid(layers: dict[str, Any], med: dict[str, float], runtime: str) -> dict[str, list[list[float]]]:
+    missing = [n for n in layers if f"{n}\0{0}\0{0}" not in med]
     if missing:
-        raise PruningError(f"latency table: ONNX Runtime's profile has no time for {missing[:3]}")
+        raise PruningError(f"latency table: {runtime}'s profile has no time for {missing[:3]}")
     return _grid(layers, med)
 
 
@@ -243,16 +280,93 @@ def cache_dir() -> Path:
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "surgery") / "latency"
 
 
+def check_cache_dir(folder: Path) -> None:
+    """The latency cache can be written: one clear error naming it *before* anything is measured
+    (a ``SURGERY_CACHE`` that is a file, or a folder that cannot be written)."""
+    env = "SURGERY_CACHE" if os.environ.get("SURGERY_CACHE") else "the default cache"
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            raise PruningError(f"latency cache {folder}: {p} is not a folder ({env}); set SURGERY_CACHE to a writable folder")
+        if p.exists():
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PruningError(f"latency cache {folder} cannot be written ({env}: {e.strerror or e}); "
+                           "set SURGERY_CACHE to a writable folder") from None
+
+
+def machine_identity() -> dict[str, Any]:
+    """What a latency table depends on besides the model: the CPU (model name, logical cores, the
+    cores this process may use), the host name."""
+    import platform
+    import socket
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "host": socket.gethostname()}
+
+
 def _table_key(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], runtime: str, threads: int, size: int, batch: int,
                model_name: str) -> str:
-    version = torch.__version__
-    if runtime == "onnxruntime":
-
-        version = import_onnxruntime().__version__
-    desc = [model_name, runtime, version, threads, size, batch, list(FRACTIONS)]
+    """The cache key: the layers, the runtime, its version and precision (f32), threads, size,
+    batch, and :func:`machine_identity`: another machine's table is never used."""
+    desc = [model_name, runtime, runtime_version(runtime), "f32", threads, size, batch, list(FRACTIONS), machine_identity()]
     desc += [[n, c.in_channels, c.out_channels, list(c.kernel_size), list(c.stride), c.groups, list(s)]
              for n, (c, s) in layers.items()]
     return hashlib.sha256(json.dumps(desc, default=str).encode()).hexdigest()[:16]
+
+
+MAX_CACHE_BYTES = 16 * 2**20  # a 1000-layer table is ~0.5 MB: a larger entry is not read
+MAX_LAYER_MS = 60_000.0  # one convolution taking a minute is not a measurement
+
+
+def check_table(d: Any, layers: dict[str, Any], key: str) -> str | None:
+    """Why a cached table cannot be used (``None``: it can): its key, its layers, a
+    ``len(FRACTIONS)`` x ``len(FRACTIONS)`` grid of finite positive milliseconds per layer (below
+    :data:`MAX_LAYER_MS`), and not one constant value everywhere (an edited or zeroed file)."""
+    if not isinstance(d, dict) or not isinstance(d.get("ms"), dict):
+        return "not a latency table"
+    if d.get("key") != key:
+        return "made for another key (model, runtime or machine)"
+    if set(d["ms"]) != set(layers):
+        return "its layers differ from the model's"
+    n = len(FRACTIONS)
+    values: list[float] = []
+    for name, grid in d["ms"].items():
+        if not (isinstance(grid, list) and len(grid) == n and all(isinstance(r, list) and len(r) == n for r in grid)):
+            return f"layer {name!r} is not a {n} x {n} grid"
+        for v in (v for r in grid for v in r):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < MAX_LAYER_MS:
+                return f"layer {name!r} holds {v!r} (milliseconds must be finite, positive, below {MAX_LAYER_MS:g})"
+            values.append(float(v))
+    if len(values) > 1 and max(values) == min(values):
+        return f"every value is {values[0]:g} ms (not a measurement)"
+    return None
+
+
+def _cached(path: Path, layers: dict[str, Any], key: str) -> tuple[LatencyTable | None, str | None]:
+    """The cached table at ``path`` if it is valid data; else ``(None, why)`` (``why`` is ``None``
+    when there is no entry). The size is checked before anything is read."""
+    if not path.is_file():
+        return None, None
+    size = path.stat().st_size
+    if size > MAX_CACHE_BYTES:
+        return None, f"{size} bytes (at most {MAX_CACHE_BYTES})"
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return None, f"unreadable ({type(e).__name__})"
+    why = check_table(d, layers, key)
+    if why is not None:
+        return None, why
+    return LatencyTable.from_dict(d), None
 
 
 def measure_table(
@@ -260,25 +374,28 @@ def measure_table(
     model_name: str = "", refresh: bool = False, cache: bool = True,
 ) -> LatencyTable:
     """The latency table of ``model``'s network convolutions on ``runtime`` (cached; see the
-    module docstring)."""
+    module docstring). A cache entry that is not valid data (:func:`check_table`, or larger than
+    :data:`MAX_CACHE_BYTES`) is measured again, and the table says so in ``notes``."""
     if runtime not in RUNTIMES:
         raise PruningError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if cache:
+        check_cache_dir(cache_dir())
     layers = _conv_inputs(model, input_size, batch)
     if not layers:
         raise PruningError(f"{type(model).__name__}: no convolution in its network modules to time")
     key = _table_key(layers, runtime, threads, input_size, batch, model_name or type(model).__name__)
     path = cache_dir() / f"{key}.json"
-    if cache and not refresh and path.is_file():
-        try:
-            table = LatencyTable.from_dict(json.loads(path.read_text()))
-            if set(table.ms) == set(layers):
-                return table
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged cache entry is measured again
-    timer = _time_onnxruntime if runtime == "onnxruntime" else _time_torch
+    notes: list[str] = []
+    if cache and not refresh:
+        table, why = _cached(path, layers, key)
+        if table is not None:
+            return table
+        if why is not None:
+            notes.append(f"latency cache entry {path} is not a valid table ({why}): measured again")
+    timer = {"onnxruntime": _time_onnxruntime, "openvino": _time_openvino, "torch": _time_torch}[runtime]
     ms = timer(layers, threads, runs)
     table = LatencyTable(runtime, threads, input_size, batch, ms,
-                         {n for n, (c, _) in layers.items() if _is_depthwise(c)}, key)
+                         {n for n, (c, _) in layers.items() if _is_depthwise(c)}, key, notes)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(path, "w") as f:

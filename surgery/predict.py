@@ -57,10 +57,11 @@ class Predictor:
         return names[label] if names and 0 <= label < len(names) else str(label)
 
 
-def load_predictor(path: str | Path, device: str = "cpu", *, trust_code: bool | None = None) -> Predictor:
-    """A surgery checkpoint or an exported ``.onnx`` file (run by ONNX Runtime) as a
-    :class:`Predictor` (eval mode, the class names stored with it)."""
-    model, ckpt = load_detector(Path(path), device, trust_code=trust_code)
+def load_predictor(path: str | Path, device: str = "cpu", *, trust_code: bool | None = None,
+                   runtime: str = "onnxruntime", precision: str = "f32") -> Predictor:
+    """A surgery checkpoint or an exported ``.onnx`` file (run by ONNX Runtime, or OpenVINO at
+    ``precision``) as a :class:`Predictor` (eval mode, the class names stored with it)."""
+    model, ckpt = load_detector(Path(path), device, trust_code=trust_code, runtime=runtime, precision=precision)
     return Predictor(model, ckpt.class_names, str(path))
 
 

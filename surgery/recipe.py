@@ -125,7 +125,7 @@ class PruneSection:
     target_params: float | None = None
     # fraction of the dense network latency to keep on `runtime` (surgery.latency): per-group widths
     target_latency: float | None = None
-    runtime: str = "onnxruntime"  # onnxruntime | torch: where the latency table is measured
+    runtime: str = "onnxruntime"  # onnxruntime | openvino | torch: where the latency table is measured
     # masked pruning
     sparsity: float = 0.8
     scope: str = "layer"  # layer | global
@@ -178,7 +178,7 @@ class PruneSection:
                "target_latency", "null when target_macs or target_params is set")
         _check(self.target_latency is None or self.method != "magnitude", "target_latency",
                "null for method magnitude (masks keep the latency)")
-        _check(self.runtime in ("onnxruntime", "torch"), "runtime", "'onnxruntime' or 'torch'")
+        _check(self.runtime in ("onnxruntime", "openvino", "torch"), "runtime", "'onnxruntime', 'openvino' or 'torch'")
 
 
 @dataclass
@@ -266,8 +266,14 @@ class BenchSection:
     # two-stage models: MACs and latency with exactly this many RoIs reaching the box head
     # (None: surgery.measure.workload.MACS_ROIS, as prune counts), so variants are compared at equal work
     rois: int | None = None
-    # torch (eager) or onnxruntime (each checkpoint exported, then timed in ONNX Runtime)
+    # torch (eager), onnxruntime or openvino (each checkpoint exported, then timed in that runtime)
     runtime: str = "torch"
+    # f32 | bf16 | f16: OpenVINO's inference precision (its CPU default is bf16 where the CPU has it:
+    # f32 unless asked), torch on CUDA: autocast to that type; named in every table
+    precision: str = "f32"
+    # torch on CUDA: none (eager) | cuda-graphs (the network captured once, replayed) |
+    # reduce-overhead (torch.compile's CUDA-graph mode) | default (torch.compile, no graphs)
+    compile: str = "none"
     # torch on CPU: "auto" times NCHW and channels_last (NHWC) and keeps the faster; "on" / "off"
     channels_last: str = "auto"
     # ONNX Runtime's worker threads spin-wait between operators (its own default, what a dedicated
@@ -277,7 +283,15 @@ class BenchSection:
     spinning: bool = False
 
     def validate(self) -> None:
-        _check(self.runtime in ("torch", "onnxruntime"), "runtime", "'torch' or 'onnxruntime'")
+        _check(self.runtime in ("torch", "onnxruntime", "openvino"), "runtime", "'torch', 'onnxruntime' or 'openvino'")
+        _check(self.precision in ("f32", "bf16", "f16"), "precision", "'f32', 'bf16' or 'f16'")
+        _check(self.precision == "f32" or self.runtime == "openvino" or self.device == "cuda", "precision",
+               "'f32' (bf16/f16: runtime openvino, or torch on device cuda)")
+        _check(self.compile in ("none", "cuda-graphs", "reduce-overhead", "default"), "compile",
+               "'none', 'cuda-graphs', 'reduce-overhead' or 'default'")
+        _check(self.compile in ("none", "default") or self.device == "cuda", "compile",
+               "'none' or 'default' on the CPU (CUDA graphs need device cuda)")
+        _check(self.compile == "none" or self.runtime == "torch", "compile", "'none' unless runtime is torch")
         _check(self.channels_last in ("auto", "on", "off"), "channels_last", "'auto', 'on' or 'off'")
         _check(32 <= self.input_size <= 4096, "input_size", "an integer in [32, 4096]")
         _check(all(1 <= b <= 1024 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes", "integers in [1, 1024]")
@@ -335,9 +349,14 @@ class SweepSection:
     int8: str = "none"
     qat_steps: int = 0  # > 0: also quantization-aware fine-tuning for that many steps, then INT8
     calib_batches: int = 8  # batches of training images calibrating INT8 post-training quantization
+    # where the deployment table's files run: onnxruntime and/or openvino (the same files, f32 / INT8)
+    deploy_runtimes: list[str] = field(default_factory=lambda: ["onnxruntime"])
 
     def validate(self) -> None:
         _check(all(0 < r < 1 for r in self.ratios), "ratios", "numbers strictly between 0 and 1")
+        _check(bool(self.deploy_runtimes) and len(set(self.deploy_runtimes)) == len(self.deploy_runtimes)
+               and set(self.deploy_runtimes) <= {"onnxruntime", "openvino"}, "deploy_runtimes",
+               "a list of distinct runtimes among onnxruntime, openvino")
         _check(all(0 < t < 1 for t in self.target_latency), "target_latency", "fractions strictly between 0 and 1")
         _check(all(0 < s < 1 for s in self.sparsities), "sparsities", "numbers strictly between 0 and 1")
         _check(all(0 < t < 1 for t in self.target_macs), "target_macs", "fractions strictly between 0 and 1")

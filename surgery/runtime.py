@@ -1,6 +1,6 @@
-"""Deployment runtimes: :class:`OnnxDetector` (an exported detector called like a torchvision one)
-and :func:`load_detector` (a checkpoint or an ONNX file). Sessions and ONNX metadata come from
-:mod:`surgery.onnx_io` (their names stay importable from here)."""
+"""Deployment runtimes: :class:`OnnxDetector` (an exported detector called like a torchvision one,
+run by ONNX Runtime or OpenVINO) and :func:`load_detector` (a checkpoint or an ONNX file). Sessions
+and ONNX metadata come from :mod:`surgery.onnx_io` (their names stay importable from here)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .onnx_io import (
     is_onnx,
     ort_session,
     read_metadata,
+    session,
 )
 
 __all__ = ["OnnxDetector", "RuntimeUnavailable", "fit_image", "import_onnxruntime", "is_onnx", "load_detector",
@@ -27,7 +28,8 @@ __all__ = ["OnnxDetector", "RuntimeUnavailable", "fit_image", "import_onnxruntim
 
 
 class OnnxDetector(nn.Module):
-    """An exported detector run by ONNX Runtime, callable like a torchvision detector in eval mode:
+    """An exported detector run by ONNX Runtime or OpenVINO (``runtime``; OpenVINO at
+    ``precision``, see :mod:`surgery.onnx_io`), callable like a torchvision detector in eval mode:
     ``model(images)`` with a list of ``3 x H x W`` float tensors in [0, 1] returns one dict per
     image with ``boxes`` (in that image's pixels), ``scores``, ``labels`` (+ ``masks`` /
     ``keypoints``). A fixed-size file (``[3, S, S]``) gets each image resized to ``S x S`` and its
@@ -35,10 +37,12 @@ class OnnxDetector(nn.Module):
     that evaluates and times torch models (``.eval()``, ``.to()``, ``parameters()``) takes it too.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None, *, spinning: bool = False) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, *, spinning: bool = False,
+                 runtime: str = "onnxruntime", precision: str = "f32") -> None:
         super().__init__()
         self.path = Path(path)
-        self.session = ort_session(path, threads, spinning=spinning)
+        self.runtime, self.precision = runtime, precision
+        self.session = session(path, runtime, threads, precision=precision, spinning=spinning)
         shape = self.session.get_inputs()[0].shape
         if len(shape) != 3:
             raise RuntimeUnavailable(f"{path}: expected a surgery export (one image [3, H, W] in), the input is {shape}")
@@ -115,12 +119,12 @@ def run_image(det: OnnxDetector, image: torch.Tensor) -> dict[str, torch.Tensor]
 
 def load_detector(
     path: str | Path, device: str = "cpu", *, threads: int | None = None, trust_code: bool | None = None,
-    spinning: bool = False,
+    spinning: bool = False, runtime: str = "onnxruntime", precision: str = "f32",
 ) -> tuple[nn.Module, Any]:
     """A checkpoint or an ONNX export, ready for inference: ``(model, checkpoint)``.
 
     Checkpoints load with :func:`surgery.checkpoint.load_checkpoint` (masks folded in); an ONNX file
-    becomes an :class:`OnnxDetector` (CPU, ONNX Runtime) with a :class:`~surgery.checkpoint.Checkpoint`
+    becomes an :class:`OnnxDetector` (CPU; ``runtime`` onnxruntime or openvino at ``precision``) with a :class:`~surgery.checkpoint.Checkpoint`
     made from its ``surgery.*`` metadata (model, kind, recipe; no weights). Both come back in eval mode.
     """
     import json
@@ -128,7 +132,7 @@ def load_detector(
     if is_onnx(path):
         if str(device) != "cpu":
             raise RuntimeUnavailable(f"{path}: ONNX files run on the CPU here (got --device {device})")
-        det = OnnxDetector(path, threads, spinning=spinning)
+        det = OnnxDetector(path, threads, spinning=spinning, runtime=runtime, precision=precision)
         meta = det.metadata
         kwargs = {"num_classes": int(meta["num_classes"])} if meta.get("num_classes", "").isdigit() else {}
         ckpt = Checkpoint(
@@ -141,6 +145,9 @@ def load_detector(
             path=Path(path),
         )
         return det.eval(), ckpt
+    if runtime != "onnxruntime" or precision != "f32":
+        raise RuntimeUnavailable(f"{path}: --runtime {runtime} / --precision {precision} run exported .onnx files "
+                                 "(surgery export first); a checkpoint runs in torch")
     model, ckpt = load_checkpoint(path, device=device, trust_code=trust_code)
     if ckpt.kind == "masked":
         fold_masks(model, ckpt.masks)

@@ -87,7 +87,7 @@ def test_onnxruntime_runtime_splits_by_profile(ckpts):
 @pytest.mark.parametrize("spinning", [False, True])
 def test_onnxruntime_spinning_reaches_every_timed_session(ckpts, monkeypatch, spinning):
     import surgery.measure.split as split_mod
-    import surgery.runtime as runtime_mod
+    import surgery.onnx_io as runtime_mod  # where sessions are made (surgery.onnx_io.session)
 
     seen: list[str] = []
     real_session, real_split = runtime_mod.ort_session, split_mod.onnx_split_ms
@@ -172,3 +172,21 @@ def test_deploy_table_float_and_int8_side_by_side(tmp_path, ckpts):
     table = deploy_markdown(rows, reference_ms=dense_fp.latency_ms)
     assert table.count("\n") == 4 and "| half |" in table
     assert f"| {1 / half_q.latency_vs_dense:.2f}x |" in table
+
+
+@pytest.mark.slow
+def test_deploy_table_has_openvino_rows_for_the_same_files(tmp_path, ckpts):
+    from surgery.deploy import deploy_markdown, deploy_table
+
+    require("openvino")
+    root = synthesize(tmp_path / "shapes", images=8, size=SIZE, seed=3, val_images=2).root
+    val = build_dataset(f"coco:{root}", "val", train=False)
+    rows = deploy_table([ckpts[0]], tmp_path / "deploy", val, input_size=SIZE, calib_batches=1, runs=2, warmup=1,
+                        threads=1, runtimes=("onnxruntime", "openvino"))
+    assert [(r.runtime, r.precision) for r in rows] == [
+        ("onnxruntime", "fp32"), ("onnxruntime", "int8-ptq"), ("openvino", "fp32"), ("openvino", "int8-ptq")]
+    assert rows[0].onnx == rows[2].onnx and rows[1].onnx == rows[3].onnx  # the same files in both runtimes
+    assert rows[2].latency_vs_dense == 1.0  # OpenVINO's ratios are against OpenVINO's FP32 file
+    assert all(r.network_ms and r.latency_ms > 0 for r in rows)
+    table = deploy_markdown(rows)
+    assert "| dense (onnxruntime) |" in table and "| dense (openvino) |" in table

@@ -159,3 +159,36 @@ def test_yolo_cuda_train_step(tmp_path):
     _surgery("retrain", "y.pt", "--data", "shapes", "--steps", "2", "-b", "4", "--device", "cuda",
              "--no-eval", "--out", "y2.pt", cwd=tmp_path)
     assert (tmp_path / "y2.pt").stat().st_size > 0
+
+
+def test_cuda_graphs_replay_the_network_as_eager_computes_it(pruned):
+    """The network captured in CUDA graphs gives eager's outputs (fp32), for a new input too."""
+    from surgery.measure.split import accelerated_network, record_calls, replay_network
+
+    model = pruned.to("cuda")
+    try:
+        images = [torch.rand(3, SIZE, SIZE, device="cuda")]
+        calls = record_calls(model, images)
+        with torch.inference_mode():
+            eager = model(images)
+            with accelerated_network(calls, "cuda-graphs"):
+                graphed = model(images)
+                replay_network(calls)
+        assert "forward" not in model.backbone.__dict__  # restored
+        torch.testing.assert_close(graphed[0]["scores"], eager[0]["scores"], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(graphed[0]["boxes"], eager[0]["boxes"], rtol=1e-3, atol=1e-2)
+    finally:
+        pruned.to("cpu")
+
+
+@pytest.mark.parametrize("compile_mode,precision", [("cuda-graphs", "f16"), ("reduce-overhead", "bf16")])
+def test_bench_on_cuda_names_graphs_and_half_precision(ckpts, compile_mode, precision):
+    from surgery.bench import bench_checkpoints
+    from surgery.recipe import BenchSection
+
+    d, dense, pruned_path = ckpts
+    cfg = BenchSection(input_size=SIZE, batch_sizes=[1], warmup=2, runs=5, device="cuda", compile=compile_mode,
+                       precision=precision)
+    rows = bench_checkpoints([dense, pruned_path], cfg)
+    assert [(r.compile, r.precision, r.device) for r in rows] == [(compile_mode, precision, "cuda")] * 2
+    assert all(r.latency_ms_median > 0 and r.network_ms_median > 0 for r in rows)

@@ -11,7 +11,9 @@ module answering instantly with its recorded output. Both are real, separate mea
 ONNX Runtime (:func:`onnx_split_ms`): the exported graph runs with ONNX Runtime's profiler on,
 and each node's kernel time is attributed to the network when its scope (the TorchScript exporter
 names nodes ``/backbone/body/layer1/.../Conv``; quantization keeps those names in its Q/DQ nodes)
-starts with a network module's path, to the pipeline otherwise.
+starts with a network module's path, to the pipeline otherwise. OpenVINO (``runtime="openvino"``):
+the same from its per-node performance counters (node names keep the exporter's scopes; the layout
+reorders it inserts are named after the node they feed from).
 
 Which modules are "the network": :data:`NETWORK_MODULES` for torchvision's families; a model can
 name its own with a ``network_modules`` attribute (a list of dotted submodule names).
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import MeasureError
-from ..onnx_io import import_onnxruntime, ort_options
+from ..onnx_io import OvSession, import_onnxruntime, ort_options
 
 NETWORK_MODULES: tuple[str, ...] = (
     "backbone",  # body + FPN / extra layers
@@ -159,12 +161,16 @@ def onnx_split_ms(
     warmup: int = 2,
     runs: int = 10,
     spinning: bool = False,
+    runtime: str = "onnxruntime",
+    precision: str = "f32",
 ) -> OnnxSplit:
     """Profile ``runs`` passes over ``feeds`` (one ``session.run`` per feed) and split the kernel
     time into network (node names under ``scopes``, default :data:`NETWORK_MODULES`') and pipeline.
-    Per pass over all feeds, in ms."""
-    ort = import_onnxruntime()
+    Per pass over all feeds, in ms. ``runtime``: onnxruntime or openvino (at ``precision``)."""
     scopes = tuple(scopes) or onnx_scopes(NETWORK_MODULES)
+    if runtime == "openvino":
+        return _openvino_split_ms(path, feeds, scopes, threads=threads, warmup=warmup, runs=runs, precision=precision)
+    ort = import_onnxruntime()
     with tempfile.TemporaryDirectory(prefix="surgery-profile-") as tmp:
         opts = ort_options(threads, spinning=spinning)
         opts.enable_profiling = True
@@ -200,6 +206,38 @@ def onnx_split_ms(
     return OnnxSplit(net / runs / 1e3, pipe / runs / 1e3, len(net_nodes), len(pipe_nodes))
 
 
+def _openvino_split_ms(
+    path: str | Path, feeds: Sequence[dict[str, Any]], scopes: tuple[str, ...], *, threads: int | None, warmup: int,
+    runs: int, precision: str,
+) -> OnnxSplit:
+    """:func:`onnx_split_ms` from OpenVINO's performance counters (read after every call: they
+    describe the last inference only). Nodes OpenVINO made itself carry a generated name without
+    the exporter's scope (GroupNorm's ``InstanceNormalization`` becomes ``MVN_907``): they count
+    where the node executed before them counts, which is where they sit in the graph."""
+    sess = OvSession(path, threads, precision, profiling=True)
+    for _ in range(warmup):
+        for f in feeds:
+            sess.run(None, f)
+    net = pipe = 0.0
+    net_nodes: set[str] = set()
+    pipe_nodes: set[str] = set()
+    for _ in range(runs):
+        for f in feeds:
+            sess.run(None, f)
+            in_network = False
+            for node, ms in sess.profile():
+                if "/" in node:
+                    in_network = node.startswith(scopes)
+                if in_network:
+                    net += ms
+                    net_nodes.add(node)
+                else:
+                    pipe += ms
+                    pipe_nodes.add(node)
+    runs = max(runs, 1)
+    return OnnxSplit(net / runs, pipe / runs, len(net_nodes), len(pipe_nodes))
+
+
 def onnx_network_shares(
     files: Sequence[tuple[str | Path, Sequence[str], Sequence[dict[str, Any]]]],
     *,
@@ -207,6 +245,8 @@ def onnx_network_shares(
     rounds: int = 3,
     runs: int = 5,
     spinning: bool = False,
+    runtime: str = "onnxruntime",
+    precision: str = "f32",
 ) -> list[float | None]:
     """Each ``(file, scopes, feeds)``'s network share of its profiled kernel time
     (:attr:`OnnxSplit.network_share`), the median over ``rounds`` passes that alternate the files: one profiled pass per file is
@@ -215,7 +255,78 @@ def onnx_network_shares(
     shares: list[list[float]] = [[] for _ in files]
     for _ in range(max(1, rounds)):
         for k, (path, scopes, feeds) in enumerate(files):
-            share = onnx_split_ms(path, feeds, scopes, threads=threads, warmup=1, runs=runs, spinning=spinning).network_share
+            share = onnx_split_ms(path, feeds, scopes, threads=threads, warmup=1, runs=runs, spinning=spinning,
+                                  runtime=runtime, precision=precision).network_share
             if share is not None:
                 shares[k].append(share)
     return [statistics.median(s) if s else None for s in shares]
+
+
+# --------------------------------------------------------------------------------------------
+# the network the way GPUs run it: CUDA graphs or torch.compile
+
+
+COMPILE_MODES = ("none", "cuda-graphs", "reduce-overhead", "default")
+
+
+@contextlib.contextmanager
+def accelerated_network(calls: Sequence[Call], mode: str) -> Iterator[None]:
+    """The network modules of ``calls`` (:func:`record_calls`) run as ``mode`` says until exit:
+
+    - ``cuda-graphs``: each module's recorded call is captured once in a CUDA graph
+      (``torch.cuda.graph``) on static copies of its inputs; a call copies its inputs in and replays
+      the graph (launch overhead gone: what a deployed GPU model does at batch 1). Only calls with
+      the recorded shapes can replay: another shape raises :class:`~surgery.errors.MeasureError`.
+    - ``reduce-overhead`` / ``default``: ``torch.compile`` of each module with that mode
+      (``reduce-overhead`` uses CUDA graphs inside).
+    - ``none``: eager, unchanged.
+
+    The post-processing stays eager (data-dependent shapes); a graph-captured network feeds it
+    the same tensors."""
+    if mode not in COMPILE_MODES:
+        raise MeasureError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    modules = list(dict.fromkeys(c.module for c in calls))
+    try:
+        if mode in ("reduce-overhead", "default"):
+            for mod in modules:
+                mod.forward = torch.compile(mod.forward, mode=mode, dynamic=False)
+        elif mode == "cuda-graphs":
+            for mod in modules:
+                mod.forward = _graphed(mod, [c for c in calls if c.module is mod])
+        yield
+    finally:
+        for mod in modules:
+            mod.__dict__.pop("forward", None)
+
+
+def _graphed(mod: nn.Module, calls: Sequence[Call]) -> Any:
+    """``mod``'s forward replaying a CUDA graph captured on its first recorded call."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    first = calls[0]
+    flat, spec = tree_flatten((first.args, first.kwargs))
+    if not all(t.is_cuda for t in flat if isinstance(t, torch.Tensor)):
+        raise MeasureError("cuda-graphs: the network's inputs are not on a CUDA device (bench --device cuda)")
+    static = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
+    args, kwargs = tree_unflatten(static, spec)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(2):  # warm-up on a side stream, as torch.cuda.graph's docs ask
+            type(mod).forward(mod, *args, **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        out = type(mod).forward(mod, *args, **kwargs)
+
+    def forward(*a: Any, **k: Any) -> Any:
+        got, got_spec = tree_flatten((a, k))
+        if got_spec != spec or any(isinstance(g, torch.Tensor) and g.shape != s.shape for g, s in zip(got, static)):
+            raise MeasureError(f"cuda-graphs: {type(mod).__name__} called with other shapes than it was captured with")
+        for g, s in zip(got, static):
+            if isinstance(s, torch.Tensor) and g is not s:
+                s.copy_(g)
+        graph.replay()
+        return out
+
+    return forward
