@@ -231,3 +231,59 @@ def test_workers_join_one_study_on_a_postgresql_server(trained_slim: Path, tmp_p
     assert len(complete) == 3
     assert not (tmp_path / "a" / "study.db").exists() and not (tmp_path / "b" / "study.db").exists()
     assert len({t.user_attrs["worker"] for t in complete}) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# the command: a goal it cannot meet, a goal it meets
+
+
+def test_unmeetable_goal_exits_1_with_the_closest_trial_and_writes_no_model(trained_slim: Path, tmp_path: Path) -> None:
+    require("optuna")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "surgery", "compress", str(trained_slim), "--out", str(out), "--keep-map", "1.0",
+           "--keep-macs", "0.1", "--trials", "2", *FAST]
+    run = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 1, run.stdout + run.stderr
+    last = run.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith("goal not met: closest trial #"), run.stderr
+    assert "> budget 10.0%" in last[0] and "try " in last[0]
+    assert not (out / "model.pt").exists() and not (out / "pruned.pt").exists() and not (out / "model.onnx").exists()
+    report = (out / "report.md").read_text()
+    assert "**Goal not met in the search**" in report and "Goal met" not in report
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("trial,state,proxy_map")
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
+
+
+@pytest.mark.slow
+def test_met_goal_is_retrained_verified_and_delivered(trained_slim: Path, tmp_path: Path) -> None:
+    require("optuna")
+    require("onnxruntime")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "surgery", "compress", str(trained_slim), "--out", str(out), "--keep-macs", "0.6",
+           "--trials", "2", "--retrain-steps", "3", *FAST]
+    run = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert run.returncode in (0, 1), run.stdout + run.stderr
+    from surgery.checkpoint import load_checkpoint
+    from surgery.measure import count_macs
+
+    dense, _ = load_checkpoint(trained_slim)
+    model, ckpt = load_checkpoint(out / "model.pt")
+    kept = count_macs(model, 64).total / count_macs(dense, 64).total
+    assert kept <= 0.6 * (1 + BUDGET_TOL)  # the budget holds on the delivered model, counted again
+    assert ckpt.plan.extra["compress"]["trial"] in (0, 1)
+    assert (out / "model.onnx").exists()
+    report = (out / "report.md").read_text()
+    assert ("Goal met on the validation split" in report) == (run.returncode == 0)
+
+
+def test_missing_search_extra_names_the_extra_to_install(monkeypatch) -> None:
+    import importlib.util
+
+    from surgery import compress
+    from surgery.errors import MissingExtraError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    with pytest.raises(MissingExtraError, match=r"pip install 'surgery\[search\]'"):
+        compress._optuna()
