@@ -388,6 +388,8 @@ def open_study(url: str, name: str, seed: int, heartbeat: int = 30) -> Any:
     from each trial's ``constraints`` attribute). Heartbeats: a trial whose worker died is failed
     by the next worker after ``2 x heartbeat`` seconds (it was not finished, so it is not repeated)."""
     optuna = _optuna()
+    if url.startswith("postgresql") and "+" not in url.split(":", 1)[0]:  # SQLAlchemy's default driver: psycopg 3
+        require_extra(("psycopg",), "search", "a PostgreSQL study storage")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(3):  # workers starting together race to create the tables

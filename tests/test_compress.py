@@ -187,7 +187,7 @@ def _free_port() -> int:
 def postgres_url():
     """A real PostgreSQL server on a temporary folder and a free port of 127.0.0.1, stopped at teardown.
     Under CI=true a server that cannot start is a failure (.ci/run installs it), elsewhere a skip."""
-    require("psycopg2")
+    require("psycopg")
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     initdb = Path(shutil.which("initdb") or (bins[-1] if bins else "initdb"))
     if not initdb.exists():
