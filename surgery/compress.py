@@ -580,13 +580,14 @@ def search(
     elif study.user_attrs.get("goal") != dataclasses.asdict(goal):
         raise CompressError(f"the study {settings.study_name!r} at {_redact(url)} was run for another goal "
                             f"({study.user_attrs.get('goal')}); use another --out, --study or --storage")
-    study.enqueue_trial(uniform_params(goal, space, stages, recipe.prune), skip_if_exists=True)
+    uniform = uniform_params(goal, space, stages, recipe.prune)
+    study.enqueue_trial(uniform, skip_if_exists=True)
     ctx = _Context(dense, recipe, goal, space, settings, allocator, holdout, float(dense_map), recover_data, calib)
     ran: list[int] = []
 
     def objective(trial: Any) -> tuple[float, float]:
         cfg = suggest(trial, goal, space, stages)
-        if _duplicate_of_earlier(study, trial):
+        if _duplicate_of_earlier(study, trial, uniform):
             raise optuna.TrialPruned("the uniform trial, enqueued twice by workers starting together")
         attrs = run_trial(ctx, cfg)
         for k, v in attrs.items():
@@ -618,9 +619,9 @@ def search(
                         stages=allocator.stages, miss=miss)
 
 
-def _duplicate_of_earlier(study: Any, trial: Any) -> bool:
-    """An enqueued trial (the uniform one) whose parameters an earlier trial already has."""
-    if "fixed_params" not in trial.system_attrs:
+def _duplicate_of_earlier(study: Any, trial: Any, uniform: dict[str, Any]) -> bool:
+    """The uniform trial again (enqueued by two workers starting together), when an earlier trial has it."""
+    if trial.params != uniform:
         return False
     return any(t.number < trial.number and t.params == trial.params and t.state.name in ("COMPLETE", "RUNNING")
                for t in study.get_trials(deepcopy=False))
