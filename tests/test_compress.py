@@ -123,7 +123,10 @@ def _env() -> dict[str, str]:
 
 def _trials(url: str) -> list:
     optuna = require("optuna")
-    return optuna.load_study(study_name="compress", storage=url).get_trials(deepcopy=False)
+    try:
+        return optuna.load_study(study_name="compress", storage=url).get_trials(deepcopy=False)
+    except KeyError:  # the worker has created the tables but not the study yet
+        return []
 
 
 def _complete(url: str) -> list:
