@@ -173,7 +173,7 @@ def test_two_workers_share_one_sqlite_study_without_losing_or_repeating_a_trial(
     ran = [[int(x) for x in o.split("ran trials ")[1].split(";")[0].split(", ") if x.strip().isdigit()] for o in outputs]
     trials = _trials(f"sqlite:///{out / 'study.db'}")
     complete = {t.number for t in trials if t.state.name == "COMPLETE"}
-    assert len(complete) >= 4
+    assert 4 <= len(complete) <= 5  # each worker stops once 4 are finished: at most one more was in flight
     assert not set(ran[0]) & set(ran[1]), "a trial was run by both workers"
     assert set(ran[0]) | set(ran[1]) == complete, "a finished trial no worker reports, or a reported one lost"
     workers = {t.user_attrs["worker"] for t in trials if t.state.name == "COMPLETE"}
@@ -291,3 +291,13 @@ def test_missing_search_extra_names_the_extra_to_install(monkeypatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
     with pytest.raises(MissingExtraError, match=r"pip install 'surgery\[search\]'"):
         compress._optuna()
+
+
+def test_time_limit_reads_seconds_minutes_and_hours() -> None:
+    import typer
+
+    from cli.compress_cmd import parse_duration
+
+    assert [parse_duration(t) for t in ("90s", "30m", "2h", "45", None)] == [90, 1800, 7200, 45, None]
+    with pytest.raises(typer.BadParameter, match="30 minutes"):
+        parse_duration("30 minutes")
