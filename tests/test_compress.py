@@ -301,3 +301,17 @@ def test_time_limit_reads_seconds_minutes_and_hours() -> None:
     assert [parse_duration(t) for t in ("90s", "30m", "2h", "45", None)] == [90, 1800, 7200, 45, None]
     with pytest.raises(typer.BadParameter, match="30 minutes"):
         parse_duration("30 minutes")
+
+
+def test_sensitivity_weights_cut_the_insensitive_group_more(tmp_path: Path) -> None:
+    from surgery.compress import sensitivity_weights
+    from surgery.sensitivity import COLUMNS
+
+    rows = [["k", "dense", 0.0, 0, 0, 100, 1.0, 0.5, 0.7, 0]]
+    for group, losses in (("a", (0.0, 0.1, 0.3)), ("b", (0.1, 0.3, 0.4))):
+        rows += [["k", group, r, 16, 8, 80, 0.8, 0.5 - loss, 0.6, 0] for r, loss in zip((0.25, 0.5, 0.75), losses)]
+    path = tmp_path / "sens.csv"
+    path.write_text("\n".join(",".join(map(str, r)) for r in [list(COLUMNS), *rows]) + "\n")
+    w = sensitivity_weights(path, ["a", "b", "c"])
+    # losses at the middle ratio (0.5): a 0.1, b 0.3, mean 0.2; a group the table lacks gets 1
+    assert w == pytest.approx({"a": 2.0, "b": 2 / 3, "c": 1.0})
