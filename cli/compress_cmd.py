@@ -67,6 +67,9 @@ def compress(
     goal.validate()
     if trials < 1:
         raise RecipeError("--trials must be >= 1")
+    written = {(out / name).resolve() for name in ("model.pt", "pruned.pt", "trials.csv", "report.md")}
+    if model.resolve() in written:
+        raise RecipeError(f"{model} is one of the files compress writes in --out {out}: pass another --out")
     ckpt = read_checkpoint(model)
     rec = (resolve_recipe(recipe, {}) if recipe is not None else recipe_for_checkpoint(ckpt, None, {}))
     rec = resolve_recipe_flags(rec, data, retrain_steps)
