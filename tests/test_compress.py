@@ -315,3 +315,11 @@ def test_sensitivity_weights_cut_the_insensitive_group_more(tmp_path: Path) -> N
     w = sensitivity_weights(path, ["a", "b", "c"])
     # losses at the middle ratio (0.5): a 0.1, b 0.3, mean 0.2; a group the table lacks gets 1
     assert w == pytest.approx({"a": 2.0, "b": 2 / 3, "c": 1.0})
+
+
+def test_a_dense_checkpoint_inside_out_that_would_be_replaced_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "model.pt").write_bytes(b"dense")
+    run = subprocess.run([sys.executable, "-m", "surgery", "compress", str(tmp_path / "model.pt"), "--out", str(tmp_path),
+                          "--keep-macs", "0.5"], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "one of the files compress writes" in run.stderr, run.stderr
+    assert (tmp_path / "model.pt").read_bytes() == b"dense"
