@@ -17,8 +17,9 @@ from surgery.safety import OutputError, OutputLock, check_folder, check_output
 OUTPUT_PARAMS = {"out": "--out", "json_out": "--json", "csv": "--csv", "detections": "--detections",
                  "keep_float": "--keep-float", "plot": "--plot"}
 FOLDER_OUTPUTS = ("sweep", "predict")  # their --out is a folder
-# a sweep's --out is its run folder: re-running the sweep resumes it (steps keyed by their settings)
-RESUMED_FOLDERS = ("sweep",)
+# a sweep's --out is its run folder: re-running the sweep resumes it (steps keyed by their settings);
+# so does compress's (its study; workers on one machine share it)
+RESUMED_FOLDERS = ("sweep", "compress")
 
 OVERWRITE_HELP = "Replace outputs that already exist (without it an existing output is refused before any work)."
 _OVERWRITE: ContextVar[bool] = ContextVar("surgery_overwrite", default=False)

@@ -10,7 +10,7 @@ import pytest
 
 # CI installs the `dev` and `yolo` extras (Makefile: `.[dev,yolo]`): there a missing one is a broken
 # environment, not an optional feature, so `require` fails instead of skipping.
-CI_EXTRAS = frozenset({"onnx", "onnxruntime", "openvino", "ultralytics", "hypothesis"})
+CI_EXTRAS = frozenset({"onnx", "onnxruntime", "openvino", "ultralytics", "hypothesis", "optuna", "sqlalchemy", "psycopg"})
 
 
 def in_ci() -> bool:
