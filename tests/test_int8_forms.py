@@ -11,8 +11,9 @@ import torch
 from surgery.export import export_onnx
 from surgery.models import build_model
 from surgery.quantize import FORMS, choose_form, quantize_onnx
+from tests.extras import require
 
-pytest.importorskip("onnxruntime")
+require("onnxruntime")
 
 
 @pytest.fixture(scope="module")

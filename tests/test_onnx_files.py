@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from cli.main import app
 from surgery.checkpoint import save_checkpoint
 from surgery.models import ModelSpec, build_model
+from tests.extras import require
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+onnx = require("onnx")
+require("onnxruntime")
 
 SIZE = 96
 CLASSES = ["__background__", "square", "disc", "triangle", "cross"]

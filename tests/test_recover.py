@@ -28,6 +28,7 @@ from surgery.sensitivity import (
     read_table,
     sensitivity_allocation,
 )
+from tests.extras import require
 
 SIZE = 64
 
@@ -197,7 +198,7 @@ def _freeze_norms(module: nn.Module) -> None:
 
 
 def test_recovery_runs_on_yolov8n():
-    pytest.importorskip("ultralytics")
+    require("ultralytics")
     torch.manual_seed(0)
     model = build_model(ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4, "size": 96})).eval()
     dense, result = _cut(model)
