@@ -47,7 +47,7 @@ def _deliverable_sigint() -> None:
 
 # slow (`make bench`), not in the default suite: in three full-suite runs the trained child did not
 # exit within 300 s of the SIGINT, while the test passes alone and in smaller groups every time;
-# the cause is open (see the session note). `_kept`'s wording is checked in test_hostile_outputs.
+# the cause is open (see the session note). `_kept`'s wording is checked in test_output_safety.
 @pytest.mark.slow
 def test_ctrl_c_during_training_says_what_was_kept(tmp_path) -> None:
     from surgery.data import synthesize
