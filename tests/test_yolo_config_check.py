@@ -207,6 +207,13 @@ def _with(cfg: dict, path: str, value) -> dict:
         ("backbone.0.3", [10**9, 3, 2], "out of range"),
         ("backbone.0.3", [[[[1]]]], "argument"),
         ("text_model", "clip:ViT-B/32", "unknown key"),
+        # head rows go through the same allow-list as backbone rows
+        ("head.0.2", "torch_safe_load", r"head\[0\]: module 'torch_safe_load'"),
+        ("head.2.2", "nn.Module", r"head\[2\]: module 'nn.Module'"),
+        ("head.1.1", 10**6, r"head\[1\]: repeats"),
+        ("head.1.0", [-1, 9], r"head\[1\]: 'from'"),
+        ("head.0.3", ["__import__('os')"], r"head\[0\]: string argument"),
+        ("head.2.3", [10**9], r"head\[2\]: argument"),
         ("head", [], "head"),
     ],
 )
