@@ -25,6 +25,8 @@ from .trust import safe_yaml_load
 
 SCHEMA_VERSION = 1
 ALLOCATIONS = ("uniform", "global", "sensitivity")
+# surgery.quantize.FORMS and "auto" (listed here: recipes load without torch; a test keeps them equal)
+INT8_FORMS = ("auto", "qdq-per-channel", "qdq-per-tensor", "qoperator-per-channel", "qoperator-per-tensor")
 
 
 def _finite(x: float | None) -> bool:
@@ -335,6 +337,8 @@ class SweepSection:
     int8: str = "none"
     qat_steps: int = 0  # > 0: also quantization-aware fine-tuning for that many steps, then INT8
     calib_batches: int = 8  # batches of training images calibrating INT8 post-training quantization
+    # the INT8 form: auto (each measured, the fastest kept) or one of surgery.quantize.FORMS
+    int8_form: str = "auto"
 
     def validate(self) -> None:
         _check(all(0 < r < 1 for r in self.ratios), "ratios", "numbers strictly between 0 and 1")
@@ -350,6 +354,7 @@ class SweepSection:
         _check(self.int8 in ("none", "smallest", "all"), "int8", "'none', 'smallest' or 'all'")
         _check(0 <= self.qat_steps <= 1_000_000, "qat_steps", "an integer >= 0")
         _check(1 <= self.calib_batches <= 10_000, "calib_batches", "an integer in [1, 10000]")
+        _check(self.int8_form in INT8_FORMS, "int8_form", f"one of {', '.join(INT8_FORMS)}")
 
 
 @dataclass

@@ -119,3 +119,10 @@ def test_quantize_auto_writes_the_form_it_chose(tmp_path, monkeypatch, chosen: s
     assert res.exit_code == 0, res.output
     assert picked == [chosen] and _written_form(out) == chosen
     assert chosen in res.output
+
+
+def test_the_recipe_lists_the_same_forms() -> None:
+    """``sweep.int8_form`` is validated without importing torch, against a copy of the forms."""
+    from surgery.recipe import INT8_FORMS
+
+    assert INT8_FORMS == ("auto", *FORMS)

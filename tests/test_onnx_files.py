@@ -35,7 +35,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     r = runner.invoke(app, ["export", str(ckpt), "--out", str(out["float"]), "--no-verify"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["quantize", str(ckpt), "--out", str(out["int8"]), "--calib-batches", "1", "-b", "2",
-                            "--verify-images", "0", "--keep-float", str(out["kept"])])  # fmt: skip
+                            "--verify-images", "0", "--keep-float", str(out["kept"]), "--form", "qdq-per-channel"])  # fmt: skip
     assert r.exit_code == 0, r.output
     return out
 

@@ -20,7 +20,8 @@ def tiny_recipe(tmp_path_factory):
         "data": {"source": "synthetic", "images": 16, "size": 64, "root": str(root / "data")},
         "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2},
         "retrain": {"steps": 2, "batch_size": 4, "warmup_steps": 0},
-        "sweep": {"ratios": [0.5], "sparsities": [0.8], "out": str(root / "out"), "int8": "smallest", "calib_batches": 1},
+        "sweep": {"ratios": [0.5], "sparsities": [0.8], "out": str(root / "out"), "int8": "smallest", "calib_batches": 1,
+                  "int8_form": "qdq-per-channel"},  # the form choice is test_int8_forms' subject
         "bench": {"input_size": 64, "batch_sizes": [1], "runs": 2, "warmup": 1},
     }), root / "out"
 
