@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/prune_speed.py --csv benchmarks/prune_speed.csv
 
 DEVICE ?= cpu
-recovery: $(STAMP)  # slow: about an hour from scratch on 2 shared cores (docs/accuracy.md); `make recovery DEVICE=cuda` on a GPU
+recovery: $(STAMP)  # slow: about an hour from scratch on 2 shared cores (docs/benchmarks/accuracy.md); `make recovery DEVICE=cuda` on a GPU
 	$(BIN)/python benchmarks/recovery_families.py --device $(DEVICE)
 
 lint: $(STAMP)

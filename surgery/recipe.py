@@ -275,7 +275,7 @@ class BenchSection:
     # ONNX Runtime's worker threads spin-wait between operators (its own default, what a dedicated
     # device runs). Off by default: on a shared machine spinning threads fight the other jobs
     # (10x slower on a busy 2-core box), and without it each parallel operator pays a thread
-    # wake-up, which a thin pruned model with many small operators feels most (docs/deployment-speed.md)
+    # wake-up, which a thin pruned model with many small operators feels most (docs/benchmarks/deployment-speed.md)
     spinning: bool = False
 
     def validate(self) -> None:

@@ -16,7 +16,7 @@ reads it back (its own checkpoints stay ``weights_only`` state dicts).
 
 Training it with ``YOLO("pruned.pt").train(...)`` goes through Ultralytics' trainer, which rebuilds
 the model from ``model.yaml`` and copies the weights whose shapes match: the pruned widths are lost.
-Pass a trainer that keeps the model (see ``docs/yolo-nms-free.md``) or fine-tune with ``surgery
+Pass a trainer that keeps the model (see ``docs/benchmarks/yolo-nms-free.md``) or fine-tune with ``surgery
 retrain`` first.
 """
 
