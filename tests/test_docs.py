@@ -117,3 +117,12 @@ def test_the_link_check_finds_a_broken_link(tmp_path: Path) -> None:
     page.write_text("[ok](there.md) [ok](there.md#a-title-here) [web](https://x.org/y)\n"
                     "[gone](missing.md) [bad anchor](there.md#nope)\n```\n[in code](nowhere.md)\n```\n")
     assert broken_links(page) == ["missing.md", "there.md#nope"]
+
+
+def test_readme_is_short_and_quotes_no_commit_hash() -> None:
+    """The README keeps the set-up commands, one worked example and links (under 200 lines); a
+    commit hash there goes stale with the next commit."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) < 200
+    hashes = [w for w in re.findall(r"\b[0-9a-f]{7,40}\b", text) if re.search(r"\d", w) and re.search(r"[a-f]", w)]
+    assert hashes == []
