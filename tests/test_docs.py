@@ -126,3 +126,45 @@ def test_readme_is_short_and_quotes_no_commit_hash() -> None:
     assert len(text.splitlines()) < 200
     hashes = [w for w in re.findall(r"\b[0-9a-f]{7,40}\b", text) if re.search(r"\d", w) and re.search(r"[a-f]", w)]
     assert hashes == []
+
+
+def _documented_commands() -> list[tuple[str, str]]:
+    """``(page, command line)`` of every ``surgery ...`` line in the README's and docs' bash blocks."""
+    found = []
+    for path in _markdown_files():
+        in_bash = False
+        for line in path.read_text().splitlines():
+            if line.startswith("```"):
+                in_bash = line.strip() == "```bash"
+                continue
+            if in_bash and line.startswith("surgery "):
+                found.append((str(path.relative_to(ROOT)), line.split("  #")[0].strip()))
+    return found
+
+
+def test_every_documented_command_and_flag_exists() -> None:
+    """The commands the pages tell a reader to type use commands and flags the app has."""
+    import shlex
+
+    import typer
+
+    from cli.main import app
+
+    root = typer.main.get_command(app)
+    commands = _documented_commands()
+    assert len(commands) > 30
+    wrong = []
+    for page, line in commands:
+        try:
+            words = shlex.split(line)[1:]
+        except ValueError:  # a Windows path or a lone quote: whitespace is enough to find the flags
+            words = line.split()[1:]
+        cmd, rest = root.commands.get(words[0]), words[1:]
+        if cmd is not None and hasattr(cmd, "commands") and rest:
+            cmd, rest = cmd.commands.get(rest[0]), rest[1:]
+        if cmd is None:
+            wrong.append((page, line, words[0]))
+            continue
+        flags = {o for p in cmd.params for o in (*p.opts, *getattr(p, "secondary_opts", []))} | {"--help"}
+        wrong += [(page, line, w) for w in rest if w.startswith("-") and w.split("=")[0] not in flags]
+    assert wrong == []
