@@ -1,5 +1,5 @@
 """The README's Usage chain, run as written through the real entry point, with smaller step
-counts and image sizes (the only substitutions)."""
+counts and image sizes and a named INT8 form (the only substitutions)."""
 
 from __future__ import annotations
 
