@@ -208,6 +208,9 @@ PAGES = {CLI_PAGE: cli_reference, RECIPES_PAGE: recipe_reference}
 
 
 def main(argv: list[str]) -> int:
+    if not (ROOT / "pyproject.toml").is_file():
+        print("python -m cli.docgen writes docs/reference/ of a source checkout: run it from one", file=sys.stderr)
+        return 2
     check = "--check" in argv
     stale = []
     for path, make in PAGES.items():
