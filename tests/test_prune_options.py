@@ -116,6 +116,18 @@ def test_global_ranking_varies_widths_and_hits_the_ratio() -> None:
     assert 0.3 < removed < 0.5
 
 
+def test_allocation_global_cuts_as_global_ranking_does() -> None:
+    """``allocation: global`` reaches the global allocator: the same widths as ``global_ranking``,
+    not the uniform cut (the section is not validated first, so nothing else sets the flag)."""
+    def widths(cfg: PruneSection) -> list[int]:
+        torch.manual_seed(0)  # the same weights for each cut
+        return [g.channels_after for g in prune_model(_slim(), cfg).report.groups]
+
+    by_name = widths(PruneSection(ratio=0.4, allocation="global", min_channels=1))
+    assert by_name == widths(PruneSection(ratio=0.4, global_ranking=True, min_channels=1))
+    assert by_name != widths(PruneSection(ratio=0.4, min_channels=1))
+
+
 def test_bad_patterns_and_methods_are_clear_errors() -> None:
     with pytest.raises(PruningError, match="matches no layer"):
         prune_model(_slim(), PruneSection(skip=["backbone.nothing_here"]))
