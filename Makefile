@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv test demo bench recovery lint gpu-check
+.PHONY: venv test demo bench recovery lint gpu-check mutants
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,11 +27,16 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/prune_speed.py --csv benchmarks/prune_speed.csv
 
 DEVICE ?= cpu
-recovery: $(STAMP)  # slow: about an hour from scratch on 2 shared cores (docs/accuracy.md); `make recovery DEVICE=cuda` on a GPU
+recovery: $(STAMP)  # slow: about an hour from scratch on 2 shared cores (docs/benchmarks/accuracy.md); `make recovery DEVICE=cuda` on a GPU
 	$(BIN)/python benchmarks/recovery_families.py --device $(DEVICE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check surgery cli tests benchmarks
+
+# A mutation pass over the pruning pipeline against its own tests (benchmarks/mutants.py: a fixed
+# list of plausible bugs, each applied to a copy of the tree); lists the survivors. ~15 min on 2 cores.
+mutants: $(STAMP)
+	$(BIN)/python benchmarks/mutants.py
 
 # On a machine with a CUDA device: the `gpu` tests, then GPU latency (benchmarks/gpu_latency.csv).
 # GPU_PY=python3 uses an existing interpreter (one that has surgery's dependencies) instead of .venv.

@@ -1,4 +1,4 @@
-"""Deployment speed (docs/deployment-speed.md): the numbers behind issue 19, CSV out.
+"""Deployment speed (docs/benchmarks/deployment-speed.md): the numbers behind issue 19, CSV out.
 
 - ``pp``: end-to-end and network time in ONNX Runtime of the quickstart FCOS (dense and cut to
   25% of its MACs) and SSDlite (90 classes, 320 px), exported with torchvision's post-processing

@@ -19,7 +19,7 @@ def export(
     fmt: str = typer.Option(
         "onnx", "--format",
         help="onnx, or ultralytics: a .pt that Ultralytics loads with the pruned widths (YOLO('x.pt'); a pickle, "
-        "see docs/yolo-nms-free.md).",
+        "see docs/benchmarks/yolo-nms-free.md).",
     ),
     input_size: int = typer.Option(
         None, "--input-size", help="Square input side the graph is traced for (default: the model's own, its min_size, as quantize)."

@@ -88,11 +88,13 @@ def deploy_table(
     spinning: bool = False,
     progress: Callable[[str], None] | None = None,
     runtimes: Sequence[str] = ("onnxruntime",),
+    int8_form: str = "auto",
 ) -> list[DeployRow]:
     """Float / INT8 PTQ / INT8 QAT rows for each checkpoint (files written under ``out_dir``), for
     each of ``runtimes`` (the same files). Ratios come from
     :func:`~surgery.bench.bench_checkpoints`' paired runs against the first file (the first
-    checkpoint's FP32 export) in the same runtime; ratios between two other files divide two of those."""
+    checkpoint's FP32 export) in the same runtime; ratios between two other files divide two of those.
+    ``int8_form``: ``auto`` (each form measured, the fastest kept) or one of :data:`surgery.quantize.FORMS`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[tuple[str, str, Path, int, int]] = []  # (stem, precision, onnx, quantized nodes, qat steps)
@@ -103,7 +105,8 @@ def deploy_table(
             progress(f"INT8 PTQ {stem}")
         float_path = out_dir / f"{stem}.onnx"
         ptq = quantize_checkpoint(ckpt, out_dir / f"{stem}.int8.onnx", calib_batches=calib_batches,
-                                  input_size=input_size, keep_float=float_path, verify_images=4, threads=threads)
+                                  input_size=input_size, keep_float=float_path, verify_images=4, threads=threads,
+                                  form=int8_form)
         forms[ptq.path] = ptq.form
         files += [(stem, "fp32", float_path, 0, 0), (stem, "int8-ptq", ptq.path, ptq.quantized_nodes, 0)]
         if qat_steps > 0:
@@ -111,7 +114,7 @@ def deploy_table(
                 progress(f"INT8 QAT {stem} ({qat_steps} steps)")
             qat_ckpt = qat_finetune(ckpt, out_dir / f"{stem}.qat.pt", qat_steps)
             qat = quantize_checkpoint(qat_ckpt, out_dir / f"{stem}.qat.int8.onnx", calib_batches=calib_batches,
-                                      input_size=input_size, verify_images=4, threads=threads)
+                                      input_size=input_size, verify_images=4, threads=threads, form=int8_form)
             forms[qat.path] = qat.form
             files.append((stem, "int8-qat", qat.path, qat.quantized_nodes, qat_steps))
     size = input_size or ptq.input_size
@@ -211,15 +214,17 @@ def deploy_report(recipe: Any, out: Path, checkpoints: Sequence[Path], val_set: 
         "OpenVINO rows skipped: openvino is not installed (pip install 'surgery[openvino]').\n\n")
     rows = deploy_table(checkpoints, out / "deploy", val_set, input_size=cfg.input_size,
                         calib_batches=sweep.calib_batches, qat_steps=sweep.qat_steps, runs=cfg.runs,
-                        warmup=cfg.warmup, threads=cfg.threads, spinning=cfg.spinning, runtimes=runtimes or ["onnxruntime"])
+                        warmup=cfg.warmup, threads=cfg.threads, spinning=cfg.spinning, runtimes=runtimes or ["onnxruntime"],
+                        int8_form=sweep.int8_form)
     write_deploy_csv(rows, out / "deploy.csv")
     dense_ms = next(r.latency_ms for r in rows if r.precision == "fp32")
     names = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO (f32 inference precision)"}
     where = " and ".join(names[r] for r in runtimes or ["onnxruntime"])
     return (
-        f"\n## Deployment: FP32 vs INT8 in {where}\n\nStatic INT8 (int8 weights, uint8 activations, in the form "
-        "measured fastest for each model among QDQ / QOperator x per-channel / per-tensor weights, "
-        f"calibrated on {sweep.calib_batches} batches of training images; output layers, decoding and NMS in float)"
+        f"\n## Deployment: FP32 vs INT8 in {where}\n\nStatic INT8 (int8 weights, uint8 activations, "
+        + ("in the form measured fastest for each model among QDQ / QOperator x per-channel / per-tensor weights, "
+           if sweep.int8_form == "auto" else f"in the {sweep.int8_form} form, ")
+        + f"calibrated on {sweep.calib_batches} batches of training images; output layers, decoding and NMS in float)"
         + (f", and INT8 after {sweep.qat_steps} quantization-aware steps" if sweep.qat_steps else "")
         + f". mAP on the validation set through the same evaluator; latency: batch 1, {cfg.input_size} px, "
         f"{cfg.threads} threads{' (spinning)' if cfg.spinning else ''}, median of {cfg.runs} runs interleaved "

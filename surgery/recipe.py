@@ -25,6 +25,8 @@ from .trust import read_small_file, safe_yaml_load
 
 SCHEMA_VERSION = 1
 ALLOCATIONS = ("uniform", "global", "sensitivity")
+# surgery.quantize.FORMS and "auto" (listed here: recipes load without torch; a test keeps them equal)
+INT8_FORMS = ("auto", "qdq-per-channel", "qdq-per-tensor", "qoperator-per-channel", "qoperator-per-tensor")
 
 
 def _finite(x: float | None) -> bool:
@@ -279,7 +281,7 @@ class BenchSection:
     # ONNX Runtime's worker threads spin-wait between operators (its own default, what a dedicated
     # device runs). Off by default: on a shared machine spinning threads fight the other jobs
     # (10x slower on a busy 2-core box), and without it each parallel operator pays a thread
-    # wake-up, which a thin pruned model with many small operators feels most (docs/deployment-speed.md)
+    # wake-up, which a thin pruned model with many small operators feels most (docs/benchmarks/deployment-speed.md)
     spinning: bool = False
 
     def validate(self) -> None:
@@ -351,6 +353,8 @@ class SweepSection:
     calib_batches: int = 8  # batches of training images calibrating INT8 post-training quantization
     # where the deployment table's files run: onnxruntime and/or openvino (the same files, f32 / INT8)
     deploy_runtimes: list[str] = field(default_factory=lambda: ["onnxruntime"])
+    # the INT8 form: auto (each measured, the fastest kept) or one of surgery.quantize.FORMS
+    int8_form: str = "auto"
 
     def validate(self) -> None:
         _check(all(0 < r < 1 for r in self.ratios), "ratios", "numbers strictly between 0 and 1")
@@ -369,6 +373,7 @@ class SweepSection:
         _check(self.int8 in ("none", "smallest", "all"), "int8", "'none', 'smallest' or 'all'")
         _check(0 <= self.qat_steps <= 1_000_000, "qat_steps", "an integer >= 0")
         _check(1 <= self.calib_batches <= 10_000, "calib_batches", "an integer in [1, 10000]")
+        _check(self.int8_form in INT8_FORMS, "int8_form", f"one of {', '.join(INT8_FORMS)}")
 
 
 @dataclass

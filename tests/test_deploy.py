@@ -160,7 +160,7 @@ def test_deploy_table_float_and_int8_side_by_side(tmp_path, ckpts):
     root = synthesize(tmp_path / "shapes", images=8, size=SIZE, seed=3, val_images=2).root
     val = build_dataset(f"coco:{root}", "val", train=False)
     rows = deploy_table(list(ckpts), tmp_path / "deploy", val, input_size=SIZE, calib_batches=1, runs=2, warmup=1,
-                        threads=1)
+                        threads=1, int8_form="qdq-per-channel")  # the form choice: test_int8_forms
     assert [(r.checkpoint, r.precision) for r in rows] == [
         ("dense", "fp32"), ("dense", "int8-ptq"), ("half", "fp32"), ("half", "int8-ptq")]
     dense_fp, dense_q, half_fp, half_q = rows

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
 import tests.extras as extras
@@ -28,3 +31,29 @@ def test_missing_extra_fails_under_ci(monkeypatch, value: str) -> None:
 def test_installed_extra_is_returned(monkeypatch) -> None:
     monkeypatch.setenv("CI", "true")
     assert extras.require("json").dumps([1]) == "[1]"
+
+
+def importorskip_calls(source: str) -> list[int]:
+    """Line numbers of every ``importorskip`` call (``pytest.importorskip(...)`` or a bare name)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if name == "importorskip":
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_importorskip_outside_the_gpu_tests() -> None:
+    """A silent skip hides an untested feature under CI: tests use ``tests.extras.require``. Only the
+    ``gpu`` tests (run by hand on a GPU machine, never in CI) may skip on a missing extra."""
+    tests = Path(__file__).parent
+    found = {p.name: importorskip_calls(p.read_text()) for p in sorted(tests.rglob("*.py"))
+             if p.name not in {"test_gpu.py", "extras.py"}}
+    assert {name: lines for name, lines in found.items() if lines} == {}
+
+
+def test_the_importorskip_scan_finds_calls() -> None:
+    src = "import pytest\nx = pytest.importorskip('onnx')\ndef f():\n    from pytest import importorskip\n    importorskip('a')\n"
+    assert importorskip_calls(src) == [2, 5]

@@ -11,8 +11,9 @@ import torch
 from surgery.export import export_onnx
 from surgery.models import build_model
 from surgery.quantize import FORMS, choose_form, quantize_onnx
+from tests.extras import require
 
-pytest.importorskip("onnxruntime")
+require("onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +73,56 @@ def test_auto_keeps_the_fastest_measured_form(small) -> None:  # noqa: ANN001
     assert set(ms) == set(FORMS[:3])
     eligible = [f for f in ms if agree[f] >= max(agree.values()) - 0.02]
     assert best == min(eligible, key=lambda f: ms[f])
+
+
+def _written_form(path) -> str:  # noqa: ANN001
+    """The INT8 form of a written file, read from its operators and weight scales alone."""
+    proto = onnx.load(str(path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    qlinear = [n for n in proto.graph.node if n.op_type == "QLinearConv"]
+    if qlinear:
+        scales = [inits[n.input[4]] for n in qlinear]
+    else:
+        scales = [inits[n.input[1]] for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                  and n.input[0] in inits and len(inits[n.input[0]].dims) == 4]
+    assert scales, "no INT8 weight in the file"
+    vector = any(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)
+    return f"{'qoperator' if qlinear else 'qdq'}-{'per-channel' if vector else 'per-tensor'}"
+
+
+@pytest.mark.parametrize("chosen", ["qoperator-per-tensor", "qdq-per-tensor"])
+def test_quantize_auto_writes_the_form_it_chose(tmp_path, monkeypatch, chosen: str) -> None:  # noqa: ANN001
+    """``surgery quantize --form auto`` writes the form its measurement picked (the timing is
+    replaced by a fixed verdict, so the check does not depend on this machine's speed): the file's
+    own operators say which form it is."""
+    from typer.testing import CliRunner
+
+    import surgery.quantize as quantize
+    from cli.main import app
+    from surgery.checkpoint import save_checkpoint
+    from surgery.models import ModelSpec
+
+    picked: list[str] = []
+
+    def verdict(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        picked.append(chosen)
+        return chosen, {f: 1.0 if f == chosen else 2.0 for f in FORMS}, dict.fromkeys(FORMS, 1.0)
+
+    monkeypatch.setattr(quantize, "choose_form", verdict)
+    kwargs = {"num_classes": 3, "min_size": 64, "max_size": 64}
+    spec = ModelSpec("fcos_resnet18_slim", kwargs)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model(spec), spec,
+                           recipe={"data": {"root": str(tmp_path / "synth"), "images": 4, "size": 64}})
+    out = tmp_path / "m.int8.onnx"
+    res = CliRunner().invoke(app, ["quantize", str(ckpt), "--out", str(out), "--form", "auto", "--calib-batches", "1",
+                                   "-b", "2", "--verify-images", "0"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert picked == [chosen] and _written_form(out) == chosen
+    assert chosen in res.output
+
+
+def test_the_recipe_lists_the_same_forms() -> None:
+    """``sweep.int8_form`` is validated without importing torch, against a copy of the forms."""
+    from surgery.recipe import INT8_FORMS
+
+    assert INT8_FORMS == ("auto", *FORMS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from surgery.allocate import keep_count
 from surgery.latency import GroupSpec, LatencyModel, _keep_to_ratios, allocate
@@ -118,3 +119,37 @@ def test_timed_verification_corrects_a_biased_table(monkeypatch: pytest.MonkeyPa
                              cut=lambda m, r: Cut(r), tol=0.05)
     assert res.within_tolerance and abs(res.measured - 0.5) <= 0.025
     assert res.rounds >= 2  # the first allocation (estimate 0.5 -> measured 0.625) was corrected
+
+
+def test_prune_to_a_latency_budget_plans_from_the_latency_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prune_model`` with a latency budget (``--keep-latency``) cuts where the measured table says
+    the milliseconds are: one convolution is made 100x slower than the others in the table, and
+    the cut lands on the group that sets its width while the groups away from it keep theirs.
+    (The table and the timing are replaced: no wall clock; the allocation from the table is real.)"""
+    import surgery.latency as lat
+    from surgery.models import build_model
+    from surgery.prune import prune_model
+    from surgery.recipe import PruneSection
+
+    hot = "backbone.body.layer3.0.conv1"
+    model = build_model("fcos_resnet18_slim", num_classes=3, min_size=64, max_size=64).eval()
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert hot in convs
+    tables: list[LatencyTable] = []
+
+    def table(model, runtime, input_size, **kw):  # noqa: ANN001, ANN003, ANN202
+        tables.append(_table({n: 100.0 if n == hot else 1.0 for n in convs}))
+        return tables[-1]
+
+    monkeypatch.setattr(lat, "measure_table", table)
+    monkeypatch.setattr(lat, "network_ms", lambda models, *a, **k: [[1.0] * 5, [0.6] * 5])  # on target at once
+    res = prune_model(model, PruneSection(target_latency=0.6, runtime="torch"), trace_size=64, macs_input_size=64)
+    assert len(tables) == 1 and res.report.target.within_tolerance
+    groups = [g for g in res.report.groups if g.prunable]
+    hot_group = next(g for g in groups if hot in g.layers)
+    assert hot_group.channels_after <= 0.5 * hot_group.channels_before
+    # the groups that touch no 100x layer are left (nearly) whole: the table, not a uniform ratio, decided
+    others = [g for g in groups if g is not hot_group and not g.root.startswith("backbone.body.layer3.0")]
+    whole = [g for g in others if g.channels_after == g.channels_before]
+    assert len(whole) >= 0.8 * len(others), [(g.root, g.channels_before, g.channels_after) for g in others]
+    assert dict(model.named_modules())[hot].out_channels == hot_group.channels_after

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 from cli.main import app
 from surgery.checkpoint import save_checkpoint
 from surgery.models import ModelSpec, build_model
+from tests.extras import require
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+onnx = require("onnx")
+require("onnxruntime")
 
 SIZE = 96
 CLASSES = ["__background__", "square", "disc", "triangle", "cross"]
@@ -34,7 +35,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     r = runner.invoke(app, ["export", str(ckpt), "--out", str(out["float"]), "--no-verify"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["quantize", str(ckpt), "--out", str(out["int8"]), "--calib-batches", "1", "-b", "2",
-                            "--verify-images", "0", "--keep-float", str(out["kept"])])  # fmt: skip
+                            "--verify-images", "0", "--keep-float", str(out["kept"]), "--form", "qdq-per-channel"])  # fmt: skip
     assert r.exit_code == 0, r.output
     return out
 

@@ -11,6 +11,7 @@ from torchvision.ops import nms
 
 from surgery.models import build_model
 from surgery.postprocess import batched_nms, fast_postprocess
+from tests.extras import require
 
 
 def _unmatched(ref: dict, got: dict, atol: float = 1e-4) -> int:
@@ -98,7 +99,7 @@ def test_capped_nms_falls_back_when_the_prefix_keeps_too_few() -> None:
 
 
 def test_exported_file_matches_torchvision(tmp_path) -> None:  # noqa: ANN001
-    pytest.importorskip("onnxruntime")
+    require("onnxruntime")
     from surgery.export import export_onnx, run_onnx
 
     model = _spread(build_model("ssdlite320_mobilenet_v3_large", num_classes=21, weights_backbone=None), seed=3)
@@ -119,7 +120,7 @@ def test_exported_file_matches_torchvision(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_yolo_adapter_uses_the_capped_nms() -> None:
-    pytest.importorskip("ultralytics")
+    require("ultralytics")
     from torchvision.ops import batched_nms as tv_batched_nms
 
     from surgery.yolo.interface import YoloInterface

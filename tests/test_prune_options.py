@@ -71,6 +71,27 @@ def test_importance_registry_lists_suggests_and_flags_data() -> None:
         reg.get("tow")
 
 
+@pytest.mark.parametrize("method,stronger", [("l1", 0), ("l2", 1)])
+def test_l1_and_l2_rank_by_their_own_norm(method: str, stronger: int) -> None:
+    """Two channels of one group with equal consumer slices: channel 0's filter is all ones (L1 n,
+    squared L2 n), channel 1's one spike of 2 sqrt(n) (L1 2 sqrt(n) < n, squared L2 4n > n). L1
+    must rank channel 0 above channel 1 and L2 the other way round."""
+    model = _slim()
+    graph = trace(model, trace_size=TEST_SIZE)
+    group = next(g for g in graph.groups if g.root == "backbone.body.layer2.0.conv1")
+    assert group.producers[0] == group.root and group.consumers == ["backbone.body.layer2.0.conv2"]
+    mods = dict(model.named_modules())
+    root, consumer = mods[group.root], mods[group.consumers[0]]
+    with torch.no_grad():
+        n = root.weight[0].numel()
+        root.weight[0] = 1.0
+        root.weight[1] = 0.0
+        root.weight[1].view(-1)[0] = 2.0 * n**0.5
+        consumer.weight[:, 1] = consumer.weight[:, 0]
+    scores = get_importance(method)(group)
+    assert (scores[0] > scores[1]) == (stronger == 0), scores[:2]
+
+
 def test_bn_ranking_cuts_smallest_gammas() -> None:
     model = _slim()
     bn = model.backbone.body.bn1
@@ -114,6 +135,18 @@ def test_global_ranking_varies_widths_and_hits_the_ratio() -> None:
     assert len(ratios) > 2  # not uniform
     removed = 1 - res.report.channels_after / res.report.channels_before
     assert 0.3 < removed < 0.5
+
+
+def test_allocation_global_cuts_as_global_ranking_does() -> None:
+    """``allocation: global`` reaches the global allocator: the same widths as ``global_ranking``,
+    not the uniform cut (the section is not validated first, so nothing else sets the flag)."""
+    def widths(cfg: PruneSection) -> list[int]:
+        torch.manual_seed(0)  # the same weights for each cut
+        return [g.channels_after for g in prune_model(_slim(), cfg).report.groups]
+
+    by_name = widths(PruneSection(ratio=0.4, allocation="global", min_channels=1))
+    assert by_name == widths(PruneSection(ratio=0.4, global_ranking=True, min_channels=1))
+    assert by_name != widths(PruneSection(ratio=0.4, min_channels=1))
 
 
 def test_bad_patterns_and_methods_are_clear_errors() -> None:

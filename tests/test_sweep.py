@@ -20,15 +20,21 @@ def tiny_recipe(tmp_path_factory):
         "data": {"source": "synthetic", "images": 16, "size": 64, "root": str(root / "data")},
         "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2},
         "retrain": {"steps": 2, "batch_size": 4, "warmup_steps": 0},
-        "sweep": {"ratios": [0.5], "sparsities": [0.8], "out": str(root / "out"), "int8": "smallest", "calib_batches": 1},
+        "sweep": {"ratios": [0.5], "sparsities": [0.8], "out": str(root / "out"), "int8": "smallest", "calib_batches": 1,
+                  "int8_form": "qdq-per-channel"},  # the form choice is test_int8_forms' subject
         "bench": {"input_size": 64, "batch_sizes": [1], "runs": 2, "warmup": 1},
     }), root / "out"
 
 
-def test_tiny_sweep_end_to_end_and_resume(tiny_recipe) -> None:
+@pytest.fixture(scope="module")
+def tiny_sweep(tiny_recipe):
+    """The first run of the tiny sweep, shared by the tests below (each also passes when run alone)."""
     recipe, out = tiny_recipe
-    stages: list[str] = []
-    res = run_sweep(recipe, on_stage=lambda name, i, n: stages.append(name))
+    return recipe, out, run_sweep(recipe)
+
+
+def test_tiny_sweep_end_to_end_and_resume(tiny_sweep) -> None:
+    recipe, out, res = tiny_sweep
     assert not res.skipped
     for name in ("results.csv", "results.md", "bench.csv", "state.json", "dense.pt", "control.pt"):
         assert (out / name).is_file(), name
@@ -71,8 +77,8 @@ def test_tiny_sweep_end_to_end_and_resume(tiny_recipe) -> None:
     assert [r["map_retrained"] for r in res2.rows] == [r["map_retrained"] for r in res.rows]
 
 
-def test_interrupted_sweep_redoes_only_missing_steps(tiny_recipe) -> None:
-    recipe, out = tiny_recipe
+def test_interrupted_sweep_redoes_only_missing_steps(tiny_sweep) -> None:
+    recipe, out, _ = tiny_sweep
     state = json.loads((out / "state.json").read_text())
     # simulate a run killed during the structured retrain: its checkpoint and record are gone
     (out / "l1-cut0.5.pt").unlink()

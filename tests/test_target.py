@@ -58,6 +58,10 @@ def test_unreachable_target_reports_the_closest() -> None:
     assert not res.within_tolerance
     assert "not reached" in res.note and "the most this model can be cut" in res.note
     assert res.achieved_macs_ratio > 0.1
+    # a target 8% below the most this model can be cut is missed by 8%: outside the 2% tolerance
+    near = find_ratio_for_target(model, cfg, target_macs=res.achieved_macs_ratio / 1.08, macs_input_size=SIZE,
+                                 trace_size=SIZE)
+    assert not near.within_tolerance and near.achieved_macs_ratio == pytest.approx(res.achieved_macs_ratio, rel=0.01)
 
 
 def test_target_errors() -> None:

@@ -261,6 +261,39 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path):
     assert build_trainer(_model(), SPEC, Shapes(12), cfg, out=out).train(resume=True).start_step == 6
 
 
+class RandomDraws(HookBase):
+    """Draws from the torch, Python and numpy generators inside every step (as augmentation or
+    dropout would), keyed by the step being taken."""
+
+    def __init__(self) -> None:
+        self.draws: dict[int, tuple[float, float, float]] = {}
+
+    def loss_terms(self, trainer, images, targets) -> dict:
+        import random
+
+        import numpy as np
+
+        self.draws[trainer.step + 1] = (float(torch.rand(1)), random.random(), float(np.random.rand()))
+        return {}
+
+
+def test_resume_continues_the_random_streams(tmp_path: Path):
+    """The steps after a resume draw the same random numbers as the uninterrupted run's (the
+    checkpoint restores the torch, Python and numpy generators): a resume that re-seeded or kept
+    the process's streams would augment differently from the run it continues."""
+    cfg = _cfg(steps=6, checkpoint_every=2)
+    ref = RandomDraws()
+    build_trainer(_model(), SPEC, Shapes(12), cfg, out=tmp_path / "ref.pt", hooks=[ref]).train()
+    out = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        build_trainer(_model(), SPEC, Shapes(12), cfg, out=out, hooks=[RandomDraws(), Kill(5)]).train()
+    torch.manual_seed(123)  # the process's streams move on; only the checkpoint can bring them back
+    resumed = RandomDraws()
+    build_trainer(_model(seed=123), SPEC, Shapes(12), cfg, out=out, hooks=[resumed]).train(resume=True)
+    assert sorted(resumed.draws) == [5, 6]
+    assert resumed.draws == {k: ref.draws[k] for k in (5, 6)}
+
+
 def test_resume_keeps_agp_masks(tmp_path: Path):
     cfg = _cfg(steps=6, checkpoint_every=2)
     agp = AGPSchedule(0.0, 0.5, 0, 6, 2)

@@ -12,10 +12,11 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.checkpoint import read_checkpoint
+from surgery.checkpoint import read_checkpoint, save_checkpoint
 from surgery.data import synthesize
 from surgery.errors import CheckpointError
 from surgery.measure import count_params
+from surgery.models import ModelSpec, build_model
 
 SIZE = 64
 NAMES = ["ring", "brick", "wedge", "dot"]  # not the synthetic set's names: they must come from the yaml
@@ -144,3 +145,18 @@ def test_users_best_pt_keeps_names_imgsz_and_train_args_through_prune_and_hand_b
     assert list(ckpt["model"].names.values()) == NAMES
     assert ckpt["train_args"]["imgsz"] == SIZE and ckpt["train_args"]["fliplr"] == 0.25
     assert ckpt["train_args"]["data"] == str(yolo_data)
+
+
+def test_handed_back_model_names_each_class_as_surgery_does(tmp_path: Path, ultralytics) -> None:
+    """Surgery's label 0 is the background, Ultralytics' class 0 the first object class: the same
+    name on both sides (fails with the names shifted by one)."""
+    from ultralytics import YOLO
+
+    names = ["__background__", "cat", "dog", "bird"]
+    spec = ModelSpec("ultralytics:yolov8n.yaml", {"nc": 3, "size": 96})
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model(spec), spec, class_names=names)
+    out = tmp_path / "back.pt"
+    res = CliRunner().invoke(app, ["export", str(ckpt), "--format", "ultralytics", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert YOLO(str(out)).names == {i - 1: names[i] for i in range(1, len(names))}

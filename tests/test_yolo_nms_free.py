@@ -308,7 +308,7 @@ def test_export_ultralytics_round_trip(yaml: str, tmp_path, ultralytics) -> None
     assert 0.0 <= metrics.box.map <= 1.0 and metrics.box.nc == 4
     assert sum(p.numel() for p in theirs.model.parameters()) <= n  # val fused Conv+BN: never wider
     # Ultralytics' trainer rebuilds from model.yaml (the original widths) unless given the model itself:
-    # the trainer docs/yolo-nms-free.md shows keeps the pruned widths through training and its own save
+    # the trainer docs/benchmarks/yolo-nms-free.md shows keeps the pruned widths through training and its own save
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     class KeepPrunedWidths(DetectionTrainer):

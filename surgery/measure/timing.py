@@ -49,7 +49,7 @@ def _quantile(values: Sequence[float], q: float) -> float:
 # the models rotate round by round, so drift on a shared machine still hits all of them alike.
 # Run by run alternation measured each call cold (the other model's weights in the caches, its
 # thread pool asleep): the quickstart's 25%-MACs FCOS ran at 0.43 of the dense time that way and
-# at 0.35 in blocks, as it runs when it serves a stream of images (docs/deployment-speed.md).
+# at 0.35 in blocks, as it runs when it serves a stream of images (docs/benchmarks/deployment-speed.md).
 RUN_BLOCK = 5
 SPIN_BLOCK = 10  # ONNX Runtime spinning: the idle threads of the model timed before keep the cores a while
 

@@ -19,6 +19,7 @@ import yaml
 
 from surgery.errors import RecipeError, UnknownModelError
 from surgery.yolo.config_check import check_config
+from tests.extras import require
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,7 +116,7 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_crafted_configs_run_nothing_with_ultralytics_imported_first(tmp_path) -> None:
-    pytest.importorskip("ultralytics")
+    require("ultralytics")
     script = tmp_path / "probe.py"
     script.write_text(_SCRIPT)
     r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=_env(),
@@ -137,7 +138,7 @@ def test_crafted_configs_run_nothing_with_ultralytics_imported_first(tmp_path) -
 
 
 def test_crafted_checkpoint_through_the_cli_is_one_line(tmp_path) -> None:
-    pytest.importorskip("ultralytics")
+    require("ultralytics")
     import torch
     from torch import nn
 
@@ -160,7 +161,7 @@ def test_crafted_checkpoint_through_the_cli_is_one_line(tmp_path) -> None:
 
 
 def test_every_shipped_detection_yaml_passes_the_check() -> None:
-    pytest.importorskip("ultralytics")
+    require("ultralytics")
     for name in ("yolov3-tiny.yaml", "yolov5n.yaml", "yolov6n.yaml", "yolov8n.yaml", "yolov9t.yaml",
                  "yolov10n.yaml", "yolo11n.yaml", "yolo12n.yaml", "yolo26n.yaml", "yolov8x.yaml"):  # fmt: skip
         check_config(_shipped(name), name)
@@ -206,6 +207,13 @@ def _with(cfg: dict, path: str, value) -> dict:
         ("backbone.0.3", [10**9, 3, 2], "out of range"),
         ("backbone.0.3", [[[[1]]]], "argument"),
         ("text_model", "clip:ViT-B/32", "unknown key"),
+        # head rows go through the same allow-list as backbone rows
+        ("head.0.2", "torch_safe_load", r"head\[0\]: module 'torch_safe_load'"),
+        ("head.2.2", "nn.Module", r"head\[2\]: module 'nn.Module'"),
+        ("head.1.1", 10**6, r"head\[1\]: repeats"),
+        ("head.1.0", [-1, 9], r"head\[1\]: 'from'"),
+        ("head.0.3", ["__import__('os')"], r"head\[0\]: string argument"),
+        ("head.2.3", [10**9], r"head\[2\]: argument"),
         ("head", [], "head"),
     ],
 )
@@ -229,7 +237,7 @@ def test_width_and_depth_multiples_bound_the_size() -> None:
 
 
 def test_user_yaml_with_python_tag_or_duplicate_keys_is_one_line(tmp_path) -> None:
-    pytest.importorskip("ultralytics")
+    require("ultralytics")
     from surgery.models import ModelSpec, build_model
 
     marker = tmp_path / "marker"

@@ -1,5 +1,5 @@
 """MACs targets land on thin networks: round_to relaxed for thin groups and per-group rounding
-thresholds (surgery.prune.keep_count), so the kept fraction follows the ratio instead of jumping."""
+thresholds (surgery.allocate.keep_count), so the kept fraction follows the ratio instead of jumping."""
 
 from __future__ import annotations
 

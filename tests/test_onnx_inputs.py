@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-onnx = pytest.importorskip("onnx")
+from tests.extras import require
+
+onnx = require("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
 from surgery.errors import CheckpointError, SurgeryError  # noqa: E402
