@@ -163,9 +163,10 @@ def test_crafted_checkpoint_through_the_cli_is_one_line(tmp_path) -> None:
 def test_every_shipped_detection_yaml_passes_the_check() -> None:
     require("ultralytics")
     for name in ("yolov3-tiny.yaml", "yolov5n.yaml", "yolov6n.yaml", "yolov8n.yaml", "yolov9t.yaml",
-                 "yolov10n.yaml", "yolo11n.yaml", "yolo12n.yaml", "yolo26n.yaml", "yolov8x.yaml"):  # fmt: skip
+                 "yolov10n.yaml", "yolo11n.yaml", "yolo12n.yaml", "yolo26n.yaml", "yolov8x.yaml",
+                 "yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolo11n-obb.yaml", "yolo26n-seg.yaml", "yolo26n-pose.yaml"):  # fmt: skip
         check_config(_shipped(name), name)
-    for name in ("yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolo11n-cls.yaml", "yolov8s-worldv2.yaml"):
+    for name in ("yolo11n-cls.yaml", "yolov8s-worldv2.yaml", "yoloe-26n-seg.yaml"):
         with pytest.raises(UnknownModelError, match="refused"):
             check_config(_shipped(name), name)
 

@@ -74,7 +74,7 @@ STRING_ARGS = frozenset({"nc", "None", "nearest", "bilinear", "True", "False"})
 # ---- task heads: segmentation (Segment: mask prototypes), pose (Pose: keypoints), oriented boxes
 # (OBB: an angle per box), and their YOLO26 forms. Kept in this one block, apart from the size bounds.
 TASK_HEADS = frozenset({"Segment", "Segment26", "Pose", "Pose26", "OBB", "OBB26"})
-MODULES = MODULES | TASK_HEADS
+HEADS = frozenset({"Detect", "v10Detect"}) | TASK_HEADS
 STRING_ARGS = STRING_ARGS | {"kpt_shape"}  # Pose's argument: the yaml's kpt_shape
 TOP_KEYS = TOP_KEYS | {"kpt_shape"}
 MAX_KEYPOINTS = 1024
@@ -129,6 +129,8 @@ ARG_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "scale": (lambda v: v is None or _in(v, 0, MAX_UPSAMPLE), f"None or a scale in (0, {MAX_UPSAMPLE:g}]"),
     "mode": (lambda v: v in ("nearest", "bilinear"), "'nearest' or 'bilinear'"),
     "ignored": (lambda v: True, "anything (ignored)"),
+    "kpt_shape": (lambda v: v == "kpt_shape", "kpt_shape (the yaml's top-level key)"),
+    "extra": (lambda v: _int_in(v, 1, 8), "a count of extra box parameters in 1..8"),
 }
 
 _C2 = ("c2", "channels")  # the output channels base layers scale by the width multiple
@@ -137,7 +139,7 @@ _CSP = (_C2, ("shortcut", "flag"), ("g", "groups"), ("e", "expansion"))
 # the layers Ultralytics defines for detection models (its shipped detection yamls use these), each
 # with its yaml arguments in order, by meaning (Ultralytics inserts the input channels and, for
 # blocks with repeats, the repeat count; those are not in the yaml). A new layer is one row. Heads
-# other than detection (Segment, Pose, OBB, Classify), text/vision downloads (WorldDetect, YOLOE*,
+# other than these and the task heads below (Classify, SemanticSegment), text/vision downloads (WorldDetect, YOLOE*,
 # TorchVision) and anything else in its module namespace (functions such as torch_safe_load) are not.
 LAYER_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
     "Conv": (_C2, ("k", "kernel"), ("s", "stride"), ("p", "padding"), ("g", "groups"), ("d", "dilation"), ("act", "act")),
@@ -175,6 +177,10 @@ LAYER_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
     "Concat": (("dimension", "dim"),),
     "Detect": (("nc", "nc"),),
     "v10Detect": (("nc", "nc"),),
+    # task heads (the block above): mask coefficients and prototype channels, keypoints, box angles
+    **{m: (("nc", "nc"), ("nm", "channels"), ("npr", "channels")) for m in ("Segment", "Segment26")},
+    **{m: (("nc", "nc"), ("kpt_shape", "kpt_shape")) for m in ("Pose", "Pose26")},
+    **{m: (("nc", "nc"), ("ne", "extra")) for m in ("OBB", "OBB26")},
     "nn.BatchNorm2d": (("num_features", "ignored"),),  # Ultralytics passes the input channels instead
     "nn.Identity": (),
     "nn.ConvTranspose2d": (_C2, ("kernel_size", "kernel"), ("stride", "stride"), ("padding", "padding"),
@@ -346,7 +352,7 @@ def _side(m: str, a: dict[str, Any], side: float) -> float:
 
 def _row_cost(m: str, a: dict[str, Any], c1: int, c2: int, n: int, reg_max: int, nc: int) -> tuple[float, float]:
     """(parameters, activation values per output pixel) of one row: an upper-bound style estimate."""
-    if m in ("Detect", "v10Detect"):  # per input level: box and class branches
+    if m in HEADS:  # per input level: box and class branches
         return 0.0, 0.0  # added by the caller, which knows every input's channels
     g = _first(a.get("g", a.get("groups")), 1)
     k = _first(a.get("k", a.get("kernel_size")), 1)
@@ -390,7 +396,7 @@ def estimate_cost(cfg: dict[str, Any], size: int = 640, nc: int | None = None) -
         a = _named_args(m, list(args), nc, m, "config")
         n = max(round(n * depth), 1) if n > 1 else n
         c1, side = ins[0], max(in_sides)
-        if m in ("Detect", "v10Detect"):
+        if m in HEADS:
             p, act = _detect_cost(ins, nc, reg_max, in_sides)
             params, acts = params + p, acts + act
             chs.append(c1)
@@ -526,13 +532,13 @@ def check_config(cfg: Any, source: str = "config", *, nc: int | None = None, siz
         for a in args:
             _check_arg(a, where, source)
         _named_args(m, args, nc if nc is not None else cfg.get("nc", 80), where, source)
-        if args and _number(args[0]) and not m.startswith("nn.") and m not in ("Concat", "Detect", "v10Detect"):
+        if args and _number(args[0]) and not m.startswith("nn.") and m not in ("Concat", *HEADS):
             width_out = min(args[0], max_ch) * width
             if width_out > MAX_CHANNELS or args[0] < 0:
                 raise _fail(source, f"{where}: {args[0]} channels x width multiple {width:g} = {width_out:g} (at most {MAX_CHANNELS})")
     if total > MAX_ROWS * 4:
         raise _fail(source, f"{total} layers after the depth multiple is more than {MAX_ROWS * 4}")
     head = rows[-1][2][2]
-    if head not in ("Detect", "v10Detect", *TASK_HEADS):
+    if head not in HEADS:
         raise _fail(source, f"the last layer is {_short(head)}, not a detection head (Detect, v10Detect)")
     _check_cost(cfg, source, size, nc)
