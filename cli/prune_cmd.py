@@ -83,8 +83,13 @@ def prune(
     source = model or rec.model.name
     if not source:
         raise RecipeError("no model: pass --model or a recipe with model.name")
+    # the prune settings given as flags, as spelled: surgery.budget refuses what they would not change
+    given = {key.split(".", 1)[1]: FLAGS[key] for key, value in overrides.items() if value is not None and key in FLAGS}
+    if macs_size is not None:
+        given["macs_input_size"] = "--macs-size"
     with working(f"pruning {source} (tracing, ranking, cutting)"):
-        outcome = prune_and_save(source, rec, out, macs_input_size=macs_size or rec.bench.input_size)
+        outcome = prune_and_save(source, rec, out, given=given,
+                                 macs_input_size=macs_size if macs_size is not None else rec.bench.input_size)
     if outcome.masked is not None:
         m = outcome.masked
         console.print(
@@ -98,6 +103,16 @@ def prune(
         if outcome.recovery is not None:
             _print_recovery(outcome.recovery)
     console.print(f"saved [bold]{outcome.path}[/] (kind: {outcome.kind})")
+
+
+FLAGS = {
+    "prune.ratio": "--cut-ratio", "prune.method": "--method", "prune.global_ranking": "--global/--uniform",
+    "prune.round_to": "--round-to", "prune.min_channels": "--min-channels", "prune.overrides": "--override",
+    "prune.skip": "--skip", "prune.anchors": "--anchors", "prune.sparsity": "--sparsity", "prune.scope": "--scope",
+    "prune.target_macs": "--keep-macs", "prune.target_params": "--keep-params", "prune.target_latency": "--keep-latency",
+    "prune.runtime": "--runtime", "prune.calib_batches": "--calib-batches", "prune.recover": "--recover",
+    "prune.allocation": "--allocation", "prune.sensitivity": "--sensitivity",
+}
 
 
 def _print_allocation(a, rec) -> None:  # noqa: ANN001 - sensitivity.Allocation, Recipe
