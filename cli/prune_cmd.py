@@ -115,7 +115,7 @@ FLAGS = {
 }
 
 
-def _print_allocation(a, rec) -> None:  # noqa: ANN001 - sensitivity.Allocation, Recipe
+def _print_allocation(a, rec) -> None:  # noqa: ANN001 - sensitivity.SensitivityAllocation, Recipe
     console.print(f"allocation by sensitivity ({rec.prune.sensitivity}): {len(a.ratios)} groups cut, MACs kept "
                   f"{a.measured_macs_ratio:.1%} (target {rec.prune.target_macs:.1%}, table estimate "
                   f"{a.estimated_macs_ratio:.1%})" + ("" if a.met else " [yellow]target not met[/]"), soft_wrap=True)
@@ -135,7 +135,7 @@ def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
                   + (f", {macs}" if macs else ""), highlight=False, soft_wrap=True)
     console.print(f"output layers kept whole: {', '.join(report.output_layers)}\n"
                   f"analysis {report.seconds_analysis:.2f}s, cut {report.seconds_cut:.2f}s", soft_wrap=True)
-    if report.target is not None and hasattr(report.target, "table_key"):  # surgery.latency.LatencyResult
+    if report.target is not None and hasattr(report.target, "table_key"):  # surgery.latency.LatencyTargetResult
         t = report.target
         measured = "not timed" if t.measured is None else (f"measured {t.measured:.1%} (median of interleaved passes; "
                                                             f"{t.measured_ms:.2f} / {t.dense_ms:.2f} ms)")

@@ -51,7 +51,7 @@ class Allocation:
     plan: ChannelPlan
     ratio: float | None = None
     group_ratios: dict[int, float] = field(default_factory=dict)
-    target: Any = None  # surgery.target.TargetResult / surgery.latency.LatencyResult
+    target: Any = None  # surgery.target.TargetResult / surgery.latency.LatencyTargetResult
     info: dict[str, Any] = field(default_factory=dict)  # e.g. {"sensitivity": SensitivityAllocation}
 
 
