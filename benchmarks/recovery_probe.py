@@ -46,7 +46,7 @@ def run(dense: str, recipe_path: str, ratio: float, variant: str, train_set, val
     size = rec.bench.input_size
     macs0 = count_macs(model, size).total
     if name != "control":
-        prune_model(model, dataclasses.replace(rec.prune, ratio=ratio))
+        prune_model(model, dataclasses.replace(rec.prune, ratio=ratio, recover=0))  # retrained, not recovered
     hooks = []
     if "distill" in name:
         cfg = DistillSection(type="imitation", weight=float(opt.get("w", 1.0)),

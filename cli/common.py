@@ -22,6 +22,8 @@ def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"{what} {item!r}: expected KEY=VALUE")
+        if key.strip() in out:  # the last one would silently win
+            raise RecipeError(f"{what} {key.strip()!r} is given twice: give it once")
         try:
             out[key.strip()] = safe_yaml_load(value, f"{what} {item!r}")
         except yaml.YAMLError as e:

@@ -83,8 +83,13 @@ def prune(
     source = model or rec.model.name
     if not source:
         raise RecipeError("no model: pass --model or a recipe with model.name")
+    # the prune settings given as flags, as spelled: surgery.budget refuses what they would not change
+    given = {key.split(".", 1)[1]: FLAGS[key] for key, value in overrides.items() if value is not None and key in FLAGS}
+    if macs_size is not None:
+        given["macs_input_size"] = "--macs-size"
     with working(f"pruning {source} (tracing, ranking, cutting)"):
-        outcome = prune_and_save(source, rec, out, macs_input_size=macs_size or rec.bench.input_size)
+        outcome = prune_and_save(source, rec, out, given=given,
+                                 macs_input_size=macs_size if macs_size is not None else rec.bench.input_size)
     if outcome.masked is not None:
         m = outcome.masked
         console.print(
@@ -100,7 +105,17 @@ def prune(
     console.print(f"saved [bold]{outcome.path}[/] (kind: {outcome.kind})")
 
 
-def _print_allocation(a, rec) -> None:  # noqa: ANN001 - sensitivity.Allocation, Recipe
+FLAGS = {
+    "prune.ratio": "--cut-ratio", "prune.method": "--method", "prune.global_ranking": "--global/--uniform",
+    "prune.round_to": "--round-to", "prune.min_channels": "--min-channels", "prune.overrides": "--override",
+    "prune.skip": "--skip", "prune.anchors": "--anchors", "prune.sparsity": "--sparsity", "prune.scope": "--scope",
+    "prune.target_macs": "--keep-macs", "prune.target_params": "--keep-params", "prune.target_latency": "--keep-latency",
+    "prune.runtime": "--runtime", "prune.calib_batches": "--calib-batches", "prune.recover": "--recover",
+    "prune.allocation": "--allocation", "prune.sensitivity": "--sensitivity",
+}
+
+
+def _print_allocation(a, rec) -> None:  # noqa: ANN001 - sensitivity.SensitivityAllocation, Recipe
     console.print(f"allocation by sensitivity ({rec.prune.sensitivity}): {len(a.ratios)} groups cut, MACs kept "
                   f"{a.measured_macs_ratio:.1%} (target {rec.prune.target_macs:.1%}, table estimate "
                   f"{a.estimated_macs_ratio:.1%})" + ("" if a.met else " [yellow]target not met[/]"), soft_wrap=True)
@@ -120,7 +135,7 @@ def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
                   + (f", {macs}" if macs else ""), highlight=False, soft_wrap=True)
     console.print(f"output layers kept whole: {', '.join(report.output_layers)}\n"
                   f"analysis {report.seconds_analysis:.2f}s, cut {report.seconds_cut:.2f}s", soft_wrap=True)
-    if report.target is not None and hasattr(report.target, "table_key"):  # surgery.latency.LatencyResult
+    if report.target is not None and hasattr(report.target, "table_key"):  # surgery.latency.LatencyTargetResult
         t = report.target
         measured = "not timed" if t.measured is None else (f"measured {t.measured:.1%} (median of interleaved passes; "
                                                             f"{t.measured_ms:.2f} / {t.dense_ms:.2f} ms)")

@@ -23,12 +23,22 @@ _EXPORTS = {
     "build_model": "models",
     "list_models": "models",
     "register_model": "models",
+    "prune_to": "prune",
+    "CutRatio": "budget",
+    "KeepMacs": "budget",
+    "KeepParams": "budget",
+    "KeepLatency": "budget",
+    "Sensitivity": "budget",
+    "Rounding": "budget",
+    "Recovery": "budget",
 }
 
 if TYPE_CHECKING:
+    from .budget import CutRatio, KeepLatency, KeepMacs, KeepParams, Recovery, Rounding, Sensitivity
     from .checkpoint import load, load_checkpoint, save_checkpoint
     from .errors import SurgeryError
     from .models import ModelSpec, build_model, list_models, register_model
+    from .prune import prune_to
 
 
 def __getattr__(name: str) -> Any:
@@ -45,12 +55,20 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "CutRatio",
+    "KeepLatency",
+    "KeepMacs",
+    "KeepParams",
     "ModelSpec",
+    "Recovery",
+    "Rounding",
+    "Sensitivity",
     "SurgeryError",
     "build_model",
     "list_models",
     "load",
     "load_checkpoint",
+    "prune_to",
     "register_model",
     "save_checkpoint",
 ]

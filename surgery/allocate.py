@@ -2,117 +2,66 @@
 
 Pruning runs in stages (:func:`surgery.prune.prune_model` composes them):
 
-1. **rank** - each group's channel importance (:mod:`surgery.importance`, :mod:`surgery.calibrate`);
-2. **allocate** - this module: a channel plan ``{group index: sorted channel indices to cut}``;
-3. **cut** - :mod:`surgery.cut` removes the planned channels (and anchors) from every coupled layer;
-4. **recover** - repair the cut model without gradient steps (:func:`surgery.cut.recover`, a hook).
+1. **rank** - ``graph, data -> scores``: each group's channel importance (:mod:`surgery.importance`,
+   :func:`surgery.calibrate.group_scores`);
+2. **allocate** - ``graph, scores, budget, rounding -> Allocation``: this module's
+   :func:`channel_plan` (a channel plan ``{group index: sorted channel indices to cut}``) driven by
+   the allocator the budget's type selects (:data:`surgery.prune.ALLOCATORS`);
+3. **cut** - ``graph, plan -> kept``: :mod:`surgery.cut` removes the planned channels (and anchors);
+4. **recover** - ``dense, pruned, kept, data -> report``: :data:`surgery.prune.RECOVERY_METHODS`.
 
 Allocators
 ----------
-An allocator is one function registered under a name::
-
-    @register_allocator("mine")
-    def allocate_mine(ctx: AllocationContext) -> Allocation:
-        ...
-
-It receives an :class:`AllocationContext` (the traced model ``ctx.graph``, the ranked
-``ctx.scores``, the recipe's ``ctx.cfg``, the MACs input size and the dense MACs when known, the
-calibration batches) and returns an :class:`Allocation`: the channel plan, the ``PruneSection`` it
-was made with (e.g. with the ratio a search found: it is what the checkpoint's plan records) and
-an optional ``target`` report. It must not change the model; measuring a candidate on a copy is
-fine (the ``target`` allocator does). Most allocators decide a ratio per group and call
-:func:`plan_channels` with ``cfg.overrides`` (a per-layer ratio) or :func:`keep_count` and pick the
-weakest channels themselves. Registered here: ``uniform`` (every group cut by ``cfg.ratio``),
-``global`` (one threshold over mean-normalised scores); :mod:`surgery.target` registers ``target``
-(the ratio that keeps a MACs/params fraction). :func:`allocation_name` picks one from the recipe:
-``target`` when ``target_macs``/``target_params`` is set, else ``cfg.allocation`` when the section
-has that field, else ``global`` or ``uniform`` from ``global_ranking``.
+An allocator is a function ``(graph, scores, budget, rounding) -> Allocation`` for one budget
+type (:mod:`surgery.budget`); :data:`surgery.prune.ALLOCATORS` maps each budget type to its
+allocator, in one place. Here: :func:`allocate_ratio` (:class:`~surgery.budget.CutRatio`: every
+group cut by one ratio, or one global threshold over mean-normalised scores). The searches live
+in :mod:`surgery.target` (MACs/params), :mod:`surgery.latency` and :mod:`surgery.sensitivity`; they
+measure candidates on copies with :mod:`surgery.candidate` and never change the model. An
+allocator returns per-group ratios (``group_ratios``, by group index) or the one ratio it chose,
+and :func:`channel_plan` picks the weakest channels.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .budget import CutRatio, Rounding
+from .candidate import Candidates
 from .errors import PruningError
 from .graph import ChannelGroup, DetectorGraph, match_layer
 from .importance import get_importance
 from .recipe import PruneSection
-from .registry import Registry, close_matches
+from .registry import close_matches
 
 ChannelPlan = dict[int, list[int]]  # group index -> sorted root channel indices to cut
 
 
 @dataclass
-class AllocationContext:
-    """What an allocator may use: the model (not to be changed), its trace and group scores."""
-
-    model: nn.Module
-    graph: DetectorGraph
-    scores: dict[int, torch.Tensor]
-    cfg: PruneSection
-    macs_input_size: int | None = None  # MACs are counted on one square image of this side
-    macs_before: int | None = None  # the dense model's MACs at that size, when counted
-    calib_data: Iterable[Any] | None = None
-
-
-@dataclass
 class Allocation:
-    """A channel plan and the section it was made with (recorded in the checkpoint's plan)."""
+    """What an allocator decided: the channel plan, the ratio it was made with (a search's answer;
+    ``None`` for per-group ratios), the per-group ratios by group index, and what a search reports."""
 
     plan: ChannelPlan
-    cfg: PruneSection
-    target: Any = None  # surgery.target.TargetResult for a MACs/params target
-    info: dict[str, Any] = field(default_factory=dict)  # anything else an allocator reports
+    ratio: float | None = None
+    group_ratios: dict[int, float] = field(default_factory=dict)
+    target: Any = None  # surgery.target.TargetResult / surgery.latency.LatencyTargetResult
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. {"sensitivity": SensitivityAllocation}
 
 
-Allocator = Callable[[AllocationContext], Allocation]
-ALLOCATORS: Registry[Allocator] = Registry("allocation", PruningError)
-
-
-def register_allocator(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: ``@register_allocator("name")`` makes ``fn(ctx) -> Allocation`` an allocator."""
-    return ALLOCATORS.register(name)
-
-
-def list_allocators() -> list[str]:
-    return ALLOCATORS.names()
-
-
-def allocation_name(cfg: PruneSection) -> str:
-    """The allocator a prune section asks for (see the module docstring)."""
-    if cfg.target_macs is not None or cfg.target_params is not None:
-        return "target"
-    if getattr(cfg, "target_latency", None) is not None:
-        return "latency"
-    chosen = getattr(cfg, "allocation", None)
-    if chosen and chosen != "uniform":  # "uniform" is the default: global_ranking still says "global"
-        return str(chosen)
-    return "global" if cfg.global_ranking else "uniform"
-
-
-def allocate(ctx: AllocationContext, name: str | None = None) -> Allocation:
-    """Run allocator ``name`` (default: :func:`allocation_name` of ``ctx.cfg``)."""
-    return ALLOCATORS.get(name or allocation_name(ctx.cfg))(ctx)
-
-
-@register_allocator("uniform")
-def allocate_uniform(ctx: AllocationContext) -> Allocation:
-    """Every prunable group cut by ``cfg.ratio`` (``cfg.overrides``: per-layer ratios)."""
-    cfg = replace(ctx.cfg, global_ranking=False)
-    return Allocation(plan=plan_channels(ctx.graph, cfg, scores=ctx.scores), cfg=ctx.cfg)
-
-
-@register_allocator("global")
-def allocate_global(ctx: AllocationContext) -> Allocation:
-    """``cfg.ratio`` of all channels, cut below one threshold over mean-normalised group scores."""
-    cfg = replace(ctx.cfg, global_ranking=True)
-    return Allocation(plan=plan_channels(ctx.graph, cfg, scores=ctx.scores), cfg=ctx.cfg)
+def allocate_ratio(candidates: Candidates, scores: dict[int, torch.Tensor], budget: CutRatio,
+                   rounding: Rounding) -> Allocation:
+    """The :class:`~surgery.budget.CutRatio` allocator: every prunable group cut by ``budget.ratio``
+    (``global_ranking``: one threshold over mean-normalised scores; ``overrides``: per-layer ratios)."""
+    plan = channel_plan(candidates.graph, scores, budget.ratio, rounding, global_ranking=budget.global_ranking,
+                        overrides=budget.overrides)
+    return Allocation(plan=plan, ratio=budget.ratio)
 
 
 def check_patterns(model: nn.Module, patterns: Sequence[str], what: str) -> None:
@@ -125,11 +74,11 @@ def check_patterns(model: nn.Module, patterns: Sequence[str], what: str) -> None
             raise PruningError(f"{what} pattern {p!r} matches no layer of this model.{hint}")
 
 
-def _ratio_for(group: ChannelGroup, cfg: PruneSection) -> float:
-    for pattern, r in cfg.overrides.items():
+def _ratio_for(group: ChannelGroup, overrides: Mapping[str, float], default: float) -> float:
+    for pattern, r in overrides.items():
         if any(match_layer(x, [pattern]) for x in group.producers):
             return float(r)
-    return cfg.ratio
+    return default
 
 
 THIN_GROUP_FACTOR = 4  # round_to applies in full to groups at least this many times as wide
@@ -181,56 +130,41 @@ def keep_count(channels: int, ratio: float, *, round_to: int = 1, min_channels: 
 
 def plan_channels(
     graph: DetectorGraph, cfg: PruneSection, *, scores: dict[int, torch.Tensor] | None = None
-) -> dict[int, list[int]]:
+) -> ChannelPlan:
+    """:func:`channel_plan` with a recipe section's ratio, ranking, overrides and rounding;
+    groups missing from ``scores`` are scored with ``cfg.method``."""
+    rounding = Rounding(cfg.round_to, cfg.min_channels, strict=cfg.strict_round_to)
+    return channel_plan(graph, scores or {}, cfg.ratio, rounding, global_ranking=cfg.global_ranking,
+                        overrides=cfg.overrides, method=cfg.method)
+
+
+def channel_plan(
+    graph: DetectorGraph,
+    scores: dict[int, torch.Tensor],
+    ratio: float,
+    rounding: Rounding,
+    *,
+    global_ranking: bool = False,
+    overrides: Mapping[str, float] | None = None,
+    group_ratios: Mapping[int, float] | None = None,
+    method: str = "l1",
+) -> ChannelPlan:
     """Which root channels to cut in each prunable group: ``{group index: sorted indices}``.
 
-    ``scores``: precomputed importance per group index (:func:`surgery.calibrate.group_scores`,
-    required for the data-driven ``taylor`` and ``fisher``); groups missing from it are scored
-    with ``cfg.method``."""
-    given = scores or {}
-    scores = {}
-    ratios: dict[int, float] = {}
-    for g in graph.groups:
-        if not g.prunable:
-            continue
-        r = _ratio_for(g, cfg)
-        if r <= 0.0:
-            continue
-        ratios[g.index] = r
-        s = given[g.index] if g.index in given else get_importance(cfg.method)(g)
-        if s.numel() != g.channels:
-            raise PruningError(f"internal: importance of group {g.root} has {s.numel()} entries for {g.channels} channels")
-        scores[g.index] = s
-
-    keep: dict[int, int] = {}
+    A group's ratio: the first of ``overrides`` (layer glob -> ratio) matching one of its layers,
+    else ``group_ratios[index]``, else ``ratio``. ``global_ranking``: the groups at ``ratio`` share
+    one threshold over mean-normalised scores. ``scores``: importance per group index
+    (:func:`surgery.calibrate.group_scores`); groups missing from it are scored with ``method``."""
+    scores, ratios = _ranked(graph, scores, ratio, overrides or {}, group_ratios or {}, method)
     by_index = {g.index: g for g in graph.groups}
-    overridden = {i for i, r in ratios.items() if r != cfg.ratio}
-    if cfg.global_ranking:
-        # Normalise each group by its mean so groups of different layer sizes compare, then cut
-        # the globally weakest channels (per-group floors still apply).
-        pool = [i for i in scores if i not in overridden]
-        if pool:
-            normed = torch.cat([scores[i] / scores[i].mean().clamp_min(1e-12) for i in pool])
-            n_cut = int(round(normed.numel() * cfg.ratio))
-            threshold = normed.kthvalue(max(1, n_cut)).values.item() if n_cut > 0 else -math.inf
-            for i in pool:
-                local = scores[i] / scores[i].mean().clamp_min(1e-12)
-                r_i = float((local <= threshold).float().mean()) if n_cut > 0 else 0.0
-                g = by_index[i]
-                keep[i] = keep_count(g.channels, r_i, round_to=cfg.round_to, min_channels=cfg.min_channels,
-                                     strict_round_to=cfg.strict_round_to,
-                                     dither=None if cfg.strict_round_to else group_dither(i),
-                                     multiple_of=g.multiple_of)
+    keep: dict[int, int] = {}
+    if global_ranking:
+        pool = [i for i in scores if ratios[i] == ratio]  # groups with their own ratio keep it
+        keep = _global_keep(pool, scores, ratio, rounding, by_index)
     for i, r in ratios.items():
-        if i in keep:
-            continue
-        g = by_index[i]
-        keep[i] = keep_count(g.channels, r, round_to=cfg.round_to, min_channels=cfg.min_channels,
-                             strict_round_to=cfg.strict_round_to,
-                             dither=None if cfg.strict_round_to else group_dither(i),
-                             multiple_of=g.multiple_of)
-
-    plan: dict[int, list[int]] = {}
+        if i not in keep:
+            keep[i] = _keep(by_index[i], r, rounding)
+    plan: ChannelPlan = {}
     for i, k in keep.items():
         n = by_index[i].channels
         if k >= n:
@@ -242,6 +176,48 @@ def plan_channels(
         order = torch.argsort(scores[i], stable=True)  # weakest first; ties by index
         plan[i] = sorted(int(x) for x in order[: n - k].tolist())
     return plan
+
+
+def _ranked(graph: DetectorGraph, given: dict[int, torch.Tensor], ratio: float, overrides: Mapping[str, float],
+            group_ratios: Mapping[int, float], method: str) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+    """Scores and ratio of every prunable group that is cut at all."""
+    scores: dict[int, torch.Tensor] = {}
+    ratios: dict[int, float] = {}
+    for g in graph.groups:
+        if not g.prunable:
+            continue
+        r = _ratio_for(g, overrides, group_ratios.get(g.index, ratio))
+        if r <= 0.0:
+            continue
+        ratios[g.index] = r
+        s = given[g.index] if g.index in given else get_importance(method)(g)
+        if s.numel() != g.channels:
+            raise PruningError(f"internal: importance of group {g.root} has {s.numel()} entries for {g.channels} channels")
+        scores[g.index] = s
+    return scores, ratios
+
+
+def _keep(group: ChannelGroup, ratio: float, rounding: Rounding) -> int:
+    return keep_count(group.channels, ratio, round_to=rounding.step, min_channels=rounding.min_channels,
+                      strict_round_to=rounding.strict, dither=None if rounding.strict else group_dither(group.index),
+                      multiple_of=group.multiple_of)
+
+
+def _global_keep(pool: Sequence[int], scores: dict[int, torch.Tensor], ratio: float, rounding: Rounding,
+                 by_index: dict[int, ChannelGroup]) -> dict[int, int]:
+    """Normalise each group by its mean so groups of different layer sizes compare, then cut the
+    globally weakest channels (per-group floors still apply)."""
+    if not pool:
+        return {}
+    normed = torch.cat([scores[i] / scores[i].mean().clamp_min(1e-12) for i in pool])
+    n_cut = int(round(normed.numel() * ratio))
+    threshold = normed.kthvalue(max(1, n_cut)).values.item() if n_cut > 0 else -math.inf
+    keep = {}
+    for i in pool:
+        local = scores[i] / scores[i].mean().clamp_min(1e-12)
+        r_i = float((local <= threshold).float().mean()) if n_cut > 0 else 0.0
+        keep[i] = _keep(by_index[i], r_i, rounding)
+    return keep
 
 
 def _norm_blocks(graph: DetectorGraph, group: ChannelGroup, keep: int) -> int:

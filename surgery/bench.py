@@ -38,7 +38,7 @@ from .measure.split import (
     record_calls,
     replay_network,
 )
-from .measure.timing import RUN_BLOCK, SPIN_BLOCK, paired_ratio, summarize, time_interleaved
+from .measure.timing import RUN_BLOCK, SPIN_BLOCK, paired_ratio, summarize, time_interleaved, torch_threads
 from .measure.workload import MACS_ROIS, example_images, quiet
 from .onnx_io import onnx_parameter_count
 from .postprocess import fast_postprocess
@@ -281,62 +281,58 @@ def _time_all(
     dev = torch.device(cfg.device)
     cuda = dev.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else None
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
     block = SPIN_BLOCK if cfg.spinning else RUN_BLOCK
     out: dict[tuple[str, int], dict[str, Any]] = {}
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(quiet())
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch_threads(cfg.threads))
+        stack.enter_context(quiet())
+        for s in subjects:
+            if s.runtime == "torch":
+                stack.enter_context(fixed_workload(s.model, rois, s.info["detections"]))
+                # the exported file's post-processing (surgery.postprocess), same detections
+                stack.enter_context(fast_postprocess(s.model))
+        for bs in cfg.batch_sizes:
+            batch = example_images(bs, cfg.input_size, dev, seed=bs)
+            fns: dict[str, Callable[[], Any]] = {}
+            per_batch = contextlib.ExitStack()
             for s in subjects:
                 if s.runtime == "torch":
-                    stack.enter_context(fixed_workload(s.model, rois, s.info["detections"]))
-                    # the exported file's post-processing (surgery.postprocess), same detections
-                    stack.enter_context(fast_postprocess(s.model))
-            for bs in cfg.batch_sizes:
-                batch = example_images(bs, cfg.input_size, dev, seed=bs)
-                fns: dict[str, Callable[[], Any]] = {}
-                per_batch = contextlib.ExitStack()
-                for s in subjects:
-                    if s.runtime == "torch":
-                        if s.memory_format == "-":
-                            s.memory_format = _memory_format(s, cfg, batch)
-                        with _autocast(cfg):
-                            calls = record_calls(s.model, batch)
-                        per_batch.enter_context(accelerated_network(calls, cfg.compile))
+                    if s.memory_format == "-":
+                        s.memory_format = _memory_format(s, cfg, batch)
+                    with _autocast(cfg):
+                        calls = record_calls(s.model, batch)
+                    per_batch.enter_context(accelerated_network(calls, cfg.compile))
 
-                        def pipeline(m: nn.Module = s.model, calls: list = calls, b: list = batch) -> None:
-                            with network_stubbed(calls):
-                                m(b)
+                    def pipeline(m: nn.Module = s.model, calls: list = calls, b: list = batch) -> None:
+                        with network_stubbed(calls):
+                            m(b)
 
-                        fns[f"{s.key}\0network"] = _in_precision(lambda calls=calls: replay_network(calls), cfg)
-                        fns[f"{s.key}\0pipeline"] = _in_precision(pipeline, cfg)
-                        fns[f"{s.key}\0e2e"] = _in_precision(lambda m=s.model, b=batch: m(b), cfg)
-                    else:
-                        fns[f"{s.key}\0e2e"] = lambda m=s.model, b=batch: m(b)
-                with per_batch, torch.inference_mode():
-                    times = time_interleaved(
-                        fns, warmup=cfg.warmup, runs=cfg.runs, sync=sync, block=block,
-                        progress=lambda: tick("latency", 1 / max(cfg.warmup + math.ceil(cfg.runs / block), 1)),
-                    )
-                shares = _onnx_shares([s for s in subjects if s.runtime != "torch"], batch, cfg)
-                for s in subjects:
-                    t = {part: times.get(f"{s.key}\0{part}") for part in ("e2e", "network", "pipeline")}
-                    row: dict[str, Any] = {"e2e": summarize(t["e2e"]), "memory_format": s.memory_format,
-                                           "e2e_runs": t["e2e"], "network_runs": t["network"]}
-                    if s.runtime == "torch":
-                        row["network"] = statistics.median(t["network"])
-                        row["pipeline"] = statistics.median(t["pipeline"])
-                    else:
-                        # the profiler's per-node times add overhead: split the measured
-                        # end-to-end time by the profiled share of network kernel time
-                        share = row["share"] = shares[s.key]
-                        e2e = row["e2e"][0]
-                        row["network"] = None if share is None else e2e * share
-                        row["pipeline"] = None if share is None else e2e - row["network"]
-                    out[(s.key, bs)] = row
-    finally:
-        torch.set_num_threads(old_threads)
+                    fns[f"{s.key}\0network"] = _in_precision(lambda calls=calls: replay_network(calls), cfg)
+                    fns[f"{s.key}\0pipeline"] = _in_precision(pipeline, cfg)
+                    fns[f"{s.key}\0e2e"] = _in_precision(lambda m=s.model, b=batch: m(b), cfg)
+                else:
+                    fns[f"{s.key}\0e2e"] = lambda m=s.model, b=batch: m(b)
+            with per_batch, torch.inference_mode():
+                times = time_interleaved(
+                    fns, warmup=cfg.warmup, runs=cfg.runs, sync=sync, block=block,
+                    progress=lambda: tick("latency", 1 / max(cfg.warmup + math.ceil(cfg.runs / block), 1)),
+                )
+            shares = _onnx_shares([s for s in subjects if s.runtime != "torch"], batch, cfg)
+            for s in subjects:
+                t = {part: times.get(f"{s.key}\0{part}") for part in ("e2e", "network", "pipeline")}
+                row: dict[str, Any] = {"e2e": summarize(t["e2e"]), "memory_format": s.memory_format,
+                                       "e2e_runs": t["e2e"], "network_runs": t["network"]}
+                if s.runtime == "torch":
+                    row["network"] = statistics.median(t["network"])
+                    row["pipeline"] = statistics.median(t["pipeline"])
+                else:
+                    # the profiler's per-node times add overhead: split the measured
+                    # end-to-end time by the profiled share of network kernel time
+                    share = row["share"] = shares[s.key]
+                    e2e = row["e2e"][0]
+                    row["network"] = None if share is None else e2e * share
+                    row["pipeline"] = None if share is None else e2e - row["network"]
+                out[(s.key, bs)] = row
     return out
 
 

@@ -61,7 +61,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import build_dataset, make_loader
 from .errors import PruningError
 from .graph import LAYER_TYPES, NORM_TYPES, ChannelGroup, DetectorGraph
 from .importance import get_importance, needs_data
@@ -309,6 +308,10 @@ class _LazyCalibration:
 
     def __iter__(self) -> Iterator[Batch]:
         from torch.utils.data import Subset
+
+        # function-level: the dataset readers and the synthetic-image generator load only when a
+        # recipe's batches are iterated, so the pipeline (surgery.prune -> group_scores) does not import them
+        from .data import build_dataset, make_loader
 
         d = self.section
         kw: dict[str, Any] = {}

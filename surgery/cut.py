@@ -1,15 +1,10 @@
-"""Cut: remove a channel plan's channels from every coupled layer (and the anchors a recipe
-drops); then the recover hook. Stage 3 and 4 of :func:`surgery.prune.prune_model` (see
-:mod:`surgery.allocate` for the stages).
-
-Recover is a hook point: a function registered in :data:`RECOVERERS` under a name repairs the cut
-model without gradient steps (e.g. BatchNorm re-estimation); :func:`recover` runs the one a
-section names in its ``recover`` field (no field or none named: nothing runs).
+"""Cut: remove a channel plan's channels from every coupled layer (and the anchors a job drops).
+Stage 3 of :func:`surgery.prune.prune_model` (``graph, plan -> kept``; see :mod:`surgery.allocate`
+for the stages).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -18,12 +13,7 @@ from torch import nn
 from .anchors import prune_anchors
 from .errors import PruningError
 from .graph import DetectorGraph
-from .recipe import PruneSection
-from .registry import Registry
-
-# name -> fn(model, graph, cfg, calib_data) -> a report (a dict) or None
-Recoverer = Callable[[nn.Module, DetectorGraph, PruneSection, Iterable[Any] | None], Any]
-RECOVERERS: Registry[Recoverer] = Registry("recovery", PruningError)
+from .recipe import AnchorSection
 
 
 def apply_channel_plan(graph: DetectorGraph, plan: dict[int, list[int]]) -> dict[str, list[int]]:
@@ -68,20 +58,12 @@ def _record_kept(dg: Any, group: Any, names: dict[nn.Module, str], kept: dict[st
 
 
 def cut(
-    graph: DetectorGraph, plan: dict[int, list[int]], cfg: PruneSection
-) -> tuple[dict[str, Any] | None, dict[str, list[int]]]:
-    """Apply ``plan`` to ``graph.model`` and prune the anchors ``cfg.anchors`` names; returns the
-    anchor plan (``None`` without one) and the output channels each cut layer kept
-    (:func:`apply_channel_plan`)."""
+    graph: DetectorGraph, plan: dict[int, list[int]], anchors: AnchorSection | None = None
+) -> tuple[dict[str, list[int]], dict[str, Any] | None]:
+    """Apply ``plan`` to ``graph.model`` and prune the anchor shapes ``anchors`` names; returns the
+    output channels each cut layer kept (:func:`apply_channel_plan`) and the anchor plan (``None``
+    without one)."""
     kept = apply_channel_plan(graph, plan)
-    if cfg.anchors is None:
-        return None, kept
-    return prune_anchors(graph.model, cfg.anchors, graph.output_layers), kept
-
-
-def recover(graph: DetectorGraph, cfg: PruneSection, calib_data: Iterable[Any] | None = None) -> Any:
-    """Run the recoverer ``cfg.recover`` names on the cut model (a hook: none by default)."""
-    name = getattr(cfg, "recover", None)
-    if not name or not isinstance(name, str):
-        return None
-    return RECOVERERS.get(name)(graph.model, graph, cfg, calib_data)
+    if anchors is None:
+        return kept, None
+    return kept, prune_anchors(graph.model, anchors, graph.output_layers)

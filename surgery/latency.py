@@ -25,14 +25,15 @@ millisecond saved, the result timed and reported.
    is corrected (first by the observed factor, then by the secant through the last two
    (estimate, measured) points) and the allocation repeated (at most ``max_rounds``).
 
-The result is a ratio per coupled group, which :func:`surgery.prune.prune_model` applies as
-per-group overrides.
+The result is a ratio per coupled group (by group index), which :func:`allocate_for_latency`
+turns into the channel plan (:func:`surgery.allocate.channel_plan`).
+
+The table and the timing need the ONNX export and ONNX Runtime session helpers; they are imported
+in the functions that measure, so importing the pipeline (:mod:`surgery.prune`) does not load them.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import heapq
 import math
 import statistics
@@ -40,22 +41,21 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .allocate import Allocation, AllocationContext, keep_count, plan_channels, register_allocator
-from .cut import apply_channel_plan
+from .allocate import Allocation, channel_plan, keep_count
+from .budget import KeepLatency, Rounding
+from .candidate import Candidates
 from .errors import PruningError
-from .export import export_onnx
-from .graph import trace
-from .latency_table import FRACTIONS, LatencyTable, measure_table
 from .measure import fixed_workload
-from .measure.split import onnx_network_shares, onnx_scopes, record_calls, replay_network
-from .measure.timing import RUN_BLOCK, time_interleaved
+from .measure.timing import RUN_BLOCK, time_interleaved, torch_threads
 from .measure.workload import example_images, quiet
-from .runtime import OnnxDetector, fit_image
+
+if TYPE_CHECKING:
+    from .latency_table import LatencyTable
 
 
 @dataclass
@@ -175,24 +175,25 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
     network share, as ``surgery bench`` splits it; torch: recorded network calls replayed). Ratios between models
     are best taken per pass, then their median: a load change between passes cancels out."""
 
+    # function-level: measure.split, the export and the runtime bring the ONNX (Runtime) helpers,
+    # which only a latency budget needs (importing the pipeline must not load them)
+    from .export import export_onnx
+    from .measure.split import onnx_network_shares, onnx_scopes, record_calls, replay_network
+    from .runtime import OnnxDetector, fit_image
+
     images = example_images(batch, input_size, "cpu", seed=batch)
     samples: list[list[float]] = [[] for _ in models]
     if runtime == "torch":
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with quiet(), torch.inference_mode():
-                calls = []
-                for m in models:
-                    with fixed_workload(m, 100, 100):
-                        calls.append(record_calls(m.eval(), images))
-                fns = {str(k): (lambda c=c: replay_network(c)) for k, c in enumerate(calls)}
-                for _ in range(rounds):
-                    times = time_interleaved(fns, warmup=1, runs=runs, block=RUN_BLOCK)  # as bench times
-                    for k in range(len(models)):
-                        samples[k].append(statistics.median(times[str(k)]))
-        finally:
-            torch.set_num_threads(old)
+        with torch_threads(threads), quiet(), torch.inference_mode():
+            calls = []
+            for m in models:
+                with fixed_workload(m, 100, 100):
+                    calls.append(record_calls(m.eval(), images))
+            fns = {str(k): (lambda c=c: replay_network(c)) for k, c in enumerate(calls)}
+            for _ in range(rounds):
+                times = time_interleaved(fns, warmup=1, runs=runs, block=RUN_BLOCK)  # as bench times
+                for k in range(len(models)):
+                    samples[k].append(statistics.median(times[str(k)]))
         return samples
 
     with tempfile.TemporaryDirectory(prefix="surgery-latency-") as tmp:
@@ -225,8 +226,9 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
 
 
 @dataclass
-class LatencyResult:
-    """Per-group ratios for a latency target and what they measured."""
+class LatencyTargetResult:
+    """Per-group ratios for a latency budget and what they measured (not
+    :class:`surgery.measure.LatencyResult`, one model's timing)."""
 
     ratios: dict[int, float]  # group index -> fraction of its channels cut
     target: float  # fraction of the dense network latency to keep
@@ -246,15 +248,15 @@ class LatencyResult:
         return self.measured_ratio
 
 
-def group_specs(graph: Any, scores: dict[int, torch.Tensor], cfg: Any) -> list[GroupSpec]:
+def group_specs(graph: Any, scores: dict[int, torch.Tensor], rounding: Rounding) -> list[GroupSpec]:
     """The allocator's view of a traced graph's prunable groups (overridden and skipped groups
     keep their own ratio / width)."""
     out = []
     for g in graph.groups:
         if not g.prunable or g.index not in scores:
             continue
-        step = math.lcm(max(1, cfg.round_to), max(1, g.multiple_of))
-        floor = keep_count(g.channels, 0.999, round_to=cfg.round_to, min_channels=cfg.min_channels,
+        step = math.lcm(rounding.step, max(1, g.multiple_of))
+        floor = keep_count(g.channels, 0.999, round_to=rounding.step, min_channels=rounding.min_channels,
                            multiple_of=g.multiple_of)
         out.append(GroupSpec(g.index, g.channels, step, floor, scores[g.index].tolist(), g.producers, g.consumers))
     return out
@@ -266,22 +268,32 @@ def _keep_to_ratios(keep: dict[int, int], specs: Sequence[GroupSpec]) -> dict[in
     return {i: max(0.0, 1.0 - (k - 0.5) / by[i].channels) if k < by[i].channels else 0.0 for i, k in keep.items()}
 
 
+def measure_table(model: nn.Module, runtime: str, input_size: int, **kw: Any) -> LatencyTable:
+    """:func:`surgery.latency_table.measure_table` (cached per machine and shapes)."""
+    # function-level: the table module imports the ONNX Runtime helpers (see the module docstring)
+    from .latency_table import measure_table as measured
+
+    return measured(model, runtime, input_size, **kw)
+
+
 def latency_ratios(
-    model: nn.Module, graph: Any, scores: dict[int, torch.Tensor], cfg: Any, *, target: float, runtime: str,
+    model: nn.Module, graph: Any, scores: dict[int, torch.Tensor], rounding: Rounding, *, target: float, runtime: str,
     input_size: int, batch: int = 1, threads: int = 2, tol: float = 0.05, max_rounds: int = 4,
     cut: Callable[[nn.Module, dict[int, float]], nn.Module] | None = None, model_name: str = "",
-) -> LatencyResult:
+) -> LatencyTargetResult:
     """Per-group cut ratios that keep ``target`` of the dense network latency on ``runtime``,
     verified by timing (see the module docstring). ``cut(model, ratios)`` returns a cut copy
     (:func:`surgery.prune.prune_model` passes one); without it nothing is verified."""
     if not 0.0 < target < 1.0:
         raise PruningError(f"target_latency must be a fraction strictly between 0 and 1, got {target}")
     table = measure_table(model, runtime, input_size, batch=batch, threads=threads, model_name=model_name)
-    specs = group_specs(graph, scores, cfg)
+    specs = group_specs(graph, scores, rounding)
     if not specs:
         raise PruningError("no prunable group to reach a latency target with")
     lm = LatencyModel(table, specs)
     dense_est = lm.total({})
+    from .latency_table import FRACTIONS  # function-level: see measure_table
+
     notes = [f"latency table: {len(table.ms)} convolutions x {len(FRACTIONS) ** 2} widths on {runtime} "
              f"({threads} threads, {input_size}px, batch {batch}; cache key {table.key})", *table.notes]
     goal = target
@@ -294,7 +306,7 @@ def latency_ratios(
         ratios = _keep_to_ratios(keep, specs)
         est = lm.total(keep) / dense_est
         if cut is None:
-            return LatencyResult(ratios, target, runtime, dense_est, None, est * dense_est, table.key, rounds,
+            return LatencyTargetResult(ratios, target, runtime, dense_est, None, est * dense_est, table.key, rounds,
                                  abs(est - target) <= tol * target, tol, notes + ["not verified by timing"])
         cut_model = cut(model, ratios)
         dense_s, cut_s = network_ms([model, cut_model], runtime, input_size, batch=batch, threads=threads)
@@ -323,37 +335,22 @@ def latency_ratios(
     if not ok:
         notes.append(f"no allocation within {tol:.0%} of the target after {rounds} timed rounds "
                      "(round_to / min_channels steps, or a busy machine): the closest is returned")
-    return LatencyResult(ratios, target, runtime, dense_ms, cut_ms, est * dense_est, table.key, rounds, ok, tol, notes,
+    return LatencyTargetResult(ratios, target, runtime, dense_ms, cut_ms, est * dense_est, table.key, rounds, ok, tol, notes,
                          measured_ratio=achieved)
 
 
-def cut_with_overrides(graph: Any, cfg: Any, scores: dict[int, torch.Tensor]) -> Callable[[nn.Module, dict[int, float]], nn.Module]:
-    """``cut`` for :func:`latency_ratios`: a deep copy traced again and cut with the per-group
-    ratios as overrides of the groups' root layers (what :func:`surgery.prune.prune_model` applies)."""
-    roots = {g.index: g.root for g in graph.groups}
+def allocate_for_latency(candidates: Candidates, scores: dict[int, torch.Tensor], budget: KeepLatency,
+                         rounding: Rounding) -> Allocation:
+    """The :class:`~surgery.budget.KeepLatency` allocator: per-group widths from the measured
+    latency table that keep ``budget.fraction`` of the dense network latency on ``budget.runtime``
+    (:func:`latency_ratios`, verified by timing cut copies)."""
+    graph = candidates.graph
 
-    def cut(model: nn.Module, ratios: dict[int, float]) -> nn.Module:
-        twin = copy.deepcopy(model)
-        g2 = trace(twin, trace_size=graph.trace_size, skip=cfg.skip)
-        if [g.root for g in g2.groups] != [g.root for g in graph.groups]:
-            raise PruningError("internal: the copy of the model traced into different groups")
-        c2 = dataclasses.replace(cfg, overrides={**cfg.overrides, **{roots[i]: r for i, r in ratios.items()}})
-        apply_channel_plan(g2, plan_channels(g2, c2, scores=scores))
-        return twin
+    def plan(ratios: dict[int, float]) -> dict[int, list[int]]:
+        return channel_plan(graph, scores, 0.0, rounding, overrides=budget.overrides, group_ratios=ratios)
 
-    return cut
-@register_allocator("latency")
-def allocate_for_latency(ctx: AllocationContext) -> Allocation:
-    """The ``latency`` allocator (:mod:`surgery.allocate`): per-group widths from the measured
-    latency table that meet ``cfg.target_latency`` x the dense network latency on ``cfg.runtime``
-    (:func:`latency_ratios`), applied as overrides of the groups' root layers."""
-    cfg = ctx.cfg
     target = latency_ratios(
-        ctx.model, ctx.graph, ctx.scores, cfg, target=cfg.target_latency, runtime=cfg.runtime,
-        input_size=ctx.macs_input_size or ctx.graph.trace_size, cut=cut_with_overrides(ctx.graph, cfg, ctx.scores),
+        graph.model, graph, scores, rounding, target=budget.fraction, runtime=budget.runtime,
+        input_size=budget.input_size, cut=lambda model, ratios: candidates.cut(plan(ratios))[0],
     )  # fmt: skip
-    roots = {g.index: g.root for g in ctx.graph.groups}
-    cfg = dataclasses.replace(cfg, overrides={**cfg.overrides, **{roots[i]: r for i, r in target.ratios.items()}})
-    return Allocation(plan=plan_channels(ctx.graph, cfg, scores=ctx.scores), cfg=cfg, target=target)
-
-
+    return Allocation(plan=plan(target.ratios), group_ratios=dict(target.ratios), target=target)

@@ -23,7 +23,7 @@ from .atomic import atomic_open
 from .errors import PruningError
 from .measure import fixed_workload
 from .measure.split import network_modules
-from .measure.timing import time_interleaved
+from .measure.timing import time_interleaved, torch_threads
 from .measure.workload import example_images, quiet
 from .onnx_io import OvSession, import_onnxruntime, ort_options, runtime_version
 
@@ -164,13 +164,8 @@ def _time_torch(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: i
             x = torch.rand(shape[0], c.in_channels, *shape[2:]).contiguous(memory_format=torch.channels_last)
             c = c.to(memory_format=torch.channels_last)
             fns[f"{name}\0{i}\0{j}"] = lambda c=c, x=x: c(x)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            times = time_interleaved(fns, warmup=2, runs=runs)
-    finally:
-        torch.set_num_threads(old)
+    with torch_threads(threads), torch.inference_mode():
+        times = time_interleaved(fns, warmup=2, runs=runs)
     return _grid(layers, {k: statistics.median(v) for k, v in times.items()})
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -32,17 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from .allocate import Allocation as ChannelAllocation
-from .allocate import AllocationContext, plan_channels, register_allocator
+from .allocate import Allocation, ChannelPlan, channel_plan
 from .atomic import atomic_open, atomic_path
+from .budget import Rounding, Sensitivity
 from .calibrate import group_scores
-from .cut import apply_channel_plan
+from .candidate import Candidates, macs_of
 from .errors import PruningError, RecipeError
 from .graph import trace
-from .measure import count_macs
-from .measure.workload import MACS_ROIS
 from .recipe import PruneSection
 from .recover import recover
 from .trust import read_small_file
@@ -174,20 +172,16 @@ def _write_table(path: Path, key: str, rows: Sequence[SensitivityRow]) -> None:
 # analysis
 
 
-def _cut_one(model: nn.Module, cfg: PruneSection, root: str, ratio: float, trace_size: int,
-             calib_data: Iterable[Any] | None) -> tuple[nn.Module, dict[str, list[int]], int, int]:
-    """A copy of ``model`` with only the group rooted at ``root`` cut at ``ratio``: (copy, kept
+def _cut_one(candidates: Candidates, scores: dict[int, torch.Tensor], rounding: Rounding, root: str,
+             ratio: float) -> tuple[nn.Module, dict[str, list[int]], int, int]:
+    """A copy of the model with only the group rooted at ``root`` cut at ``ratio``: (copy, kept
     output channels, channels, kept channels)."""
-    m = copy.deepcopy(model)
-    graph = trace(m, trace_size=trace_size, skip=cfg.skip)
-    group = next((g for g in graph.groups if g.root == root), None)
+    group = next((g for g in candidates.graph.groups if g.root == root), None)
     if group is None:
         raise PruningError(f"internal: group {root} not found on the copy")
-    scores = group_scores(graph, cfg.method, calib_data=calib_data, calib_batches=cfg.calib_batches)
-    one = dataclasses.replace(cfg, ratio=ratio, overrides={}, global_ranking=False)
-    plan = plan_channels(graph, one, scores={group.index: scores[group.index]})
-    plan = {group.index: plan[group.index]} if group.index in plan else {}
-    kept = apply_channel_plan(graph, plan)
+    plan = channel_plan(candidates.graph, {group.index: scores[group.index]}, 0.0, rounding,
+                        group_ratios={group.index: ratio})
+    m, kept = candidates.cut(plan)
     return m, kept, group.channels, group.channels - len(plan.get(group.index, []))
 
 
@@ -232,7 +226,10 @@ def analyse(
         names = [n for n in names if n in groups]
     todo = [(DENSE, 0.0)] + [(n, float(r)) for n in names for r in ratios]
     todo = [t for t in todo if (t[0], round(t[1], 6)) not in have]
-    dense_macs = _count(model, macs_input_size)
+    candidates = Candidates(graph, cfg.skip)
+    rounding = Rounding(cfg.round_to, cfg.min_channels, strict=cfg.strict_round_to)
+    scores: dict[int, torch.Tensor] = {}  # ranked once, on the first cut
+    dense_macs = macs_of(model, macs_input_size)
     dense_row = next((r for r in rows if r.group == DENSE), None)
     total = len(todo)
     for i, (name, ratio) in enumerate(todo):
@@ -242,14 +239,15 @@ def analyse(
             row = SensitivityRow(DENSE, 0.0, 0, 0, dense_macs, 1.0, s["mAP"], s["mAP50"])
             dense_row = row
         else:
-            cut, kept, channels, k = _cut_one(model, cfg, name, ratio, trace_size, calib_data)
+            scores = scores or group_scores(graph, cfg.method, calib_data=calib_data, calib_batches=cfg.calib_batches)
+            cut, kept, channels, k = _cut_one(candidates, scores, rounding, name, ratio)
             if k == channels and dense_row is not None:  # nothing cut (floors): the dense model
                 row = SensitivityRow(name, ratio, channels, k, dense_macs, 1.0, dense_row.map, dense_row.map50)
             else:
                 if calib_data is not None and recover_batches > 0:
                     recover(cut, model, calib_data, kept=kept, batches=recover_batches)
                 s = score(cut)
-                macs = _count(cut, macs_input_size)
+                macs = macs_of(cut, macs_input_size)
                 row = SensitivityRow(name, ratio, channels, k, macs, macs / max(1, dense_macs), s["mAP"], s["mAP50"])
             del cut
         row.seconds = time.perf_counter() - t0
@@ -258,10 +256,6 @@ def analyse(
         if on_row is not None:
             on_row(row, i + 1, total)
     return rows, resumed
-
-
-def _count(model: nn.Module, size: int) -> int:
-    return int(count_macs(model, size, rois=MACS_ROIS).total)
 
 
 def plot_table(rows: Sequence[SensitivityRow], path: str | Path) -> Path:
@@ -301,7 +295,9 @@ def plot_table(rows: Sequence[SensitivityRow], path: str | Path) -> Path:
 
 
 @dataclass
-class Allocation:
+class SensitivityAllocation:
+    """Per-group ratios a sensitivity table gives for a MACs budget (the allocator's report)."""
+
     ratios: dict[str, float]  # group root -> fraction of its channels to cut
     estimated_macs_ratio: float  # from the table, assuming single-group savings add up
     measured_macs_ratio: float | None  # on a cut copy (None without measure)
@@ -381,7 +377,7 @@ def allocate_by_sensitivity(
     *,
     measure: Callable[[dict[str, float]], float] | None = None,
     step: float = 0.05,
-) -> Allocation:
+) -> SensitivityAllocation:
     """Per-group ratios that keep ``target_macs`` of the dense MACs with the least estimated mAP
     loss (see the module docstring). ``groups``: the prunable groups (``ChannelGroup`` or root
     names); ``measure(ratios)``: the kept MACs fraction of a copy cut that way (``None``: the
@@ -433,77 +429,41 @@ def allocate_by_sensitivity(
         chosen, measured, examined = path[lo], kept(lo), len(cache)
         met = measured <= target_macs
     ratios = {g: round(r, 4) for g, r in chosen.items() if r > 0}
-    return Allocation(ratios=ratios, estimated_macs_ratio=estimate(chosen), measured_macs_ratio=measured, met=met,
+    return SensitivityAllocation(ratios=ratios, estimated_macs_ratio=estimate(chosen), measured_macs_ratio=measured, met=met,
                       steps=examined, notes=notes)
 
 
-def macs_of_allocation(model: nn.Module, cfg: PruneSection, ratios: dict[str, float], *, macs_input_size: int,
-                       trace_size: int = 256, calib_data: Iterable[Any] | None = None) -> float:
-    """Kept MACs fraction of a copy of ``model`` cut with per-group ``ratios`` (roots)."""
-    dense = _count(model, macs_input_size)
-    m = copy.deepcopy(model)
-    graph = trace(m, trace_size=trace_size, skip=cfg.skip)
-    apply_channel_plan(graph, plan_channels(graph, allocation_section(cfg, ratios, graph_roots(graph)),
-                                            scores=group_scores(graph, cfg.method, calib_data=calib_data,
-                                                                calib_batches=cfg.calib_batches)))
-    return _count(m, macs_input_size) / max(1, dense)
+def allocate_sensitivity(candidates: Candidates, scores: dict[int, torch.Tensor], budget: Sensitivity,
+                         rounding: Rounding) -> Allocation:
+    """The :class:`~surgery.budget.Sensitivity` allocator: :func:`allocate_by_sensitivity`'s
+    per-group ratios from ``budget.table``, each candidate's MACs counted on a cut copy."""
+    _, table = read_table(budget.table)
+    graph = candidates.graph
+    index = {g.root: g.index for g in graph.groups if g.prunable}
+    dense = candidates.dense_macs(budget.input_size)
 
+    def plan(ratios: dict[str, float]) -> ChannelPlan:
+        return channel_plan(graph, scores, 0.0, rounding, group_ratios={index[g]: r for g, r in ratios.items()})
 
-def graph_roots(graph: Any) -> list[str]:
-    return [g.root for g in graph.groups if g.prunable]
+    def kept(ratios: dict[str, float]) -> float:
+        return candidates.count(plan(ratios), budget.input_size).macs / max(1, dense)
 
-
-def allocation_section(cfg: PruneSection, ratios: dict[str, float], roots: Sequence[str]) -> PruneSection:
-    """``cfg`` with one override per prunable group (0 for those not cut): the per-group ratios go
-    through the ordinary override mechanism (a root names exactly its own group)."""
-    overrides = {r: float(ratios.get(r, 0.0)) for r in roots}
-    cut = [v for v in overrides.values() if v > 0]
-    return dataclasses.replace(cfg, overrides=overrides, global_ranking=False, target_macs=None, target_params=None,
-                               allocation="uniform",
-                               ratio=round(sum(cut) / len(cut), 4) if cut else cfg.ratio)
-
-
-def sensitivity_allocation(model: nn.Module, cfg: PruneSection, *, macs_input_size: int, trace_size: int = 256,
-                           calib_data: Iterable[Any] | None = None) -> tuple[PruneSection, Allocation]:
-    """The prune section that cuts ``model`` to ``cfg.target_macs`` by ``cfg.sensitivity``'s table:
-    per-group ratios as overrides (what :func:`surgery.prune.prune_model` then applies)."""
-    if cfg.sensitivity is None or cfg.target_macs is None:
-        raise RecipeError("allocation 'sensitivity' needs prune.sensitivity (a CSV) and prune.target_macs")
-    _, table = read_table(cfg.sensitivity)
-    graph = trace(copy.deepcopy(model), trace_size=trace_size, skip=cfg.skip)
-    roots = graph_roots(graph)
-    alloc = allocate_by_sensitivity(
-        roots, table, cfg.target_macs,
-        measure=lambda ratios: macs_of_allocation(model, cfg, ratios, macs_input_size=macs_input_size,
-                                                  trace_size=trace_size, calib_data=calib_data),
-    )  # fmt: skip
-    return allocation_section(cfg, alloc.ratios, roots), alloc
-
-
-@register_allocator("sensitivity")
-def allocate_sensitivity(ctx: AllocationContext) -> ChannelAllocation:
-    """The ``sensitivity`` allocator (:mod:`surgery.allocate`): :func:`sensitivity_allocation`'s
-    per-group ratios, cut from the ranked scores like any override."""
-    if ctx.macs_input_size is None:
-        raise RecipeError("allocation 'sensitivity' needs a MACs input size (the recipe's bench.input_size)")
-    cfg, alloc = sensitivity_allocation(ctx.model, ctx.cfg, macs_input_size=ctx.macs_input_size,
-                                        trace_size=ctx.graph.trace_size, calib_data=ctx.calib_data)
-    return ChannelAllocation(plan=plan_channels(ctx.graph, cfg, scores=ctx.scores), cfg=cfg, info={"sensitivity": alloc})
+    alloc = allocate_by_sensitivity(list(index), table, budget.keep_macs, measure=kept)
+    return Allocation(plan=plan(alloc.ratios), group_ratios={i: alloc.ratios.get(g, 0.0) for g, i in index.items()},
+                      info={"sensitivity": alloc})
 
 
 __all__ = [
     "COLUMNS",
-    "Allocation",
+    "SensitivityAllocation",
     "SensitivityResult",
     "SensitivityRow",
     "allocate_by_sensitivity",
-    "allocation_section",
+    "allocate_sensitivity",
     "analyse",
     "file_digest",
     "greedy_path",
-    "macs_of_allocation",
     "plot_table",
     "read_table",
     "run_key",
-    "sensitivity_allocation",
 ]

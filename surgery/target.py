@@ -23,21 +23,22 @@ when no ratio lands within ``tol``, the closest verified one is returned with
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .allocate import Allocation, AllocationContext, check_patterns, plan_channels, register_allocator
+from .allocate import Allocation, ChannelPlan, channel_plan, check_patterns
+from .budget import KeepMacs, KeepParams, Rounding
 from .calibrate import group_scores
-from .cut import cut
+from .candidate import Candidates
 from .errors import PruningError
 from .graph import LAYER_TYPES, NORM_TYPES, DetectorGraph, trace
-from .measure import count_macs, count_params, fixed_workload
+from .measure import fixed_workload
 from .measure.workload import MACS_ROIS
 from .recipe import PruneSection
 
@@ -244,22 +245,6 @@ def _bisect(fraction, goal: float) -> tuple[float, float, int]:  # noqa: ANN001 
     return best, seen[best], len(seen)
 
 
-def _measure_copy(
-    model: nn.Module, graph: DetectorGraph, cfg: PruneSection, scores: dict[int, torch.Tensor],
-    macs_input_size: int | None,
-) -> tuple[int, int | None]:
-    """Params and MACs of a deep copy of ``model`` cut with ``cfg`` (anchors included)."""
-    clone = copy.deepcopy(model)
-    g2 = trace(clone, trace_size=graph.trace_size, skip=cfg.skip)
-    if [g.root for g in g2.groups] != [g.root for g in graph.groups]:
-        raise PruningError("internal: the copy of the model traced into different groups")
-    cut(g2, plan_channels(g2, cfg, scores=scores), cfg)
-    macs = None
-    if macs_input_size is not None:
-        macs = int(count_macs(clone, macs_input_size).total)
-    return count_params(clone).total, macs
-
-
 def find_ratio_for_target(
     model: nn.Module,
     cfg: PruneSection,
@@ -297,15 +282,39 @@ def find_ratio_for_target(
         graph = trace(model, trace_size=trace_size, skip=cfg.skip)
     if scores is None:
         scores = group_scores(graph, cfg.method, calib_data=calib_data, calib_batches=cfg.calib_batches)
-    if macs_input_size is not None and macs_before is None:
-        macs_before = int(count_macs(model, macs_input_size).total)
-    cost = CostModel(graph, macs_input_size, macs_before)
+    candidates = Candidates(graph, cfg.skip, cfg.anchors)
+    if macs_input_size is not None and macs_before is not None:
+        candidates.known_macs[macs_input_size] = macs_before
+    rounding = Rounding(cfg.round_to, cfg.min_channels, strict=cfg.strict_round_to)
+
+    def plan_at(ratio: float) -> ChannelPlan:
+        return channel_plan(graph, scores, ratio, rounding, global_ranking=cfg.global_ranking,
+                            overrides=cfg.overrides, method=cfg.method)
+
+    return search_ratio(candidates, plan_at, target_macs=target_macs, target_params=target_params,
+                        macs_input_size=macs_input_size, tol=tol, max_rounds=max_rounds)
+
+
+def search_ratio(candidates: Candidates, plan_at: Callable[[float], ChannelPlan], *, target_macs: float | None,
+                 target_params: float | None, macs_input_size: int | None, tol: float = 0.02,
+                 max_rounds: int = 3) -> TargetResult:
+    """The ratio whose plan (``plan_at(ratio)``) keeps the target: bisected on the cost model,
+    verified on cut copies (see the module docstring)."""
+    macs_before = candidates.dense_macs(macs_input_size) if macs_input_size is not None else None
+    target = float(target_macs if target_macs is not None else target_params)
+    cost = CostModel(candidates.graph, macs_input_size, macs_before)
     params_before = cost.params_before
-    fraction = _estimator(cost, graph, cfg, scores, macs=target_macs is not None)
-    search = _search(fraction, target, max_rounds, tol,
-                     lambda r: _measure_copy(model, graph, dataclasses.replace(cfg, ratio=r), scores, macs_input_size),
-                     lambda p, m: m / macs_before if target_macs is not None else p / params_before)  # fmt: skip
-    best, tried, estimates = search
+
+    def fraction(ratio: float) -> float:
+        widths = cost.widths(plan_at(ratio))
+        return cost.macs(widths) / cost.macs_before if target_macs is not None else cost.params(widths) / params_before
+
+    def measure(ratio: float) -> tuple[int, int | None]:
+        counts = candidates.count(plan_at(ratio), macs_input_size)
+        return counts.params, counts.macs
+
+    best, tried, estimates = _search(fraction, target, max_rounds, tol, measure,
+                                     lambda p, m: m / macs_before if target_macs is not None else p / params_before)
     params_after, macs_after = tried[best]
     achieved = macs_after / macs_before if target_macs is not None else params_after / params_before
     result = TargetResult(
@@ -326,16 +335,6 @@ def find_ratio_for_target(
     if not result.within_tolerance:
         result.note = _miss_note(result, target, achieved, fraction(MAX_RATIO), "MACs" if target_macs is not None else "params")
     return result
-
-
-def _estimator(cost: CostModel, graph: DetectorGraph, cfg: PruneSection, scores: dict[int, torch.Tensor], *, macs: bool):
-    """``ratio -> kept fraction`` of the MACs (``macs``) or the params, on the cost model."""
-
-    def fraction(ratio: float) -> float:
-        widths = cost.widths(plan_channels(graph, dataclasses.replace(cfg, ratio=ratio), scores=scores))
-        return cost.macs(widths) / cost.macs_before if macs else cost.params(widths) / cost.params_before
-
-    return fraction
 
 
 def _search(fraction, target: float, max_rounds: int, tol: float, measure, achieved_of):  # noqa: ANN001
@@ -381,17 +380,21 @@ def _miss_note(result: TargetResult, target: float, achieved: float, floor: floa
     )
 
 
-@register_allocator("target")
-def allocate_for_target(ctx: AllocationContext) -> Allocation:
-    """The uniform or global plan at the ratio that keeps ``cfg.target_macs`` / ``cfg.target_params``."""
-    cfg = ctx.cfg
-    result = find_ratio_for_target(
-        ctx.model, cfg, target_macs=cfg.target_macs, target_params=cfg.target_params,
-        macs_input_size=ctx.macs_input_size, trace_size=ctx.graph.trace_size, graph=ctx.graph, scores=ctx.scores,
-        macs_before=ctx.macs_before,
-    )  # fmt: skip
-    cfg = dataclasses.replace(cfg, ratio=result.ratio)
-    return Allocation(plan=plan_channels(ctx.graph, cfg, scores=ctx.scores), cfg=cfg, target=result)
+def allocate_for_target(candidates: Candidates, scores: dict[int, torch.Tensor], budget: KeepMacs | KeepParams,
+                        rounding: Rounding) -> Allocation:
+    """The :class:`~surgery.budget.KeepMacs` / :class:`~surgery.budget.KeepParams` allocator: the
+    uniform or global plan at the ratio that keeps the budget's fraction."""
+    graph = candidates.graph
+
+    def plan_at(ratio: float) -> ChannelPlan:
+        return channel_plan(graph, scores, ratio, rounding, global_ranking=budget.global_ranking,
+                            overrides=budget.overrides)
+
+    macs = isinstance(budget, KeepMacs)
+    result = search_ratio(candidates, plan_at, target_macs=budget.fraction if macs else None,
+                          target_params=None if macs else budget.fraction,
+                          macs_input_size=budget.input_size if macs else None)
+    return Allocation(plan=plan_at(result.ratio), ratio=result.ratio, target=result)
 
 
-__all__ = ["CostModel", "TargetResult", "allocate_for_target", "find_ratio_for_target"]
+__all__ = ["CostModel", "TargetResult", "allocate_for_target", "find_ratio_for_target", "search_ratio"]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .budget import check_combination, from_config
 from .calibrate import calibration_data
 from .callbacks import Callbacks, WarmupCheck
 from .checkpoint import Checkpoint, load_checkpoint, resolve_model, save_pruned
@@ -33,7 +34,7 @@ from .masked import AGPSchedule, apply_masks, magnitude_masks, masks_sparsity, p
 from .measure import count_params
 from .models import ModelSpec, _is_local_file, accepts, build_model, get_builder
 from .plan import MaskedPlan
-from .prune import PruneResult, prune_model
+from .prune import PruneResult, prune_to
 from .recipe import (
     AGPSection,
     DataSection,
@@ -45,8 +46,7 @@ from .recipe import (
     recipe_from_dict,
 )
 from .records import RecordHook, RunFiles
-from .recover import RECOVER_BATCH_SIZE, recover
-from .sensitivity import sensitivity_allocation
+from .recover import RECOVER_BATCH_SIZE
 from .sparsify import SparsityHook, check_target_ratio
 from .target import find_ratio_for_target
 from .train import TrainResult, build_trainer
@@ -114,7 +114,7 @@ class PruneOutcome:
     masked: Any = None  # surgery.masked.MaskedResult
     recovery: Any = None  # surgery.recover.RecoveryResult when prune.recover > 0
     cut_metrics: dict[str, Any] | None = None  # what on_cut returned (before recovery)
-    allocation: Any = None  # surgery.sensitivity.Allocation with prune.allocation: sensitivity
+    allocation: Any = None  # surgery.sensitivity.SensitivityAllocation with prune.allocation: sensitivity
 
 
 def prune_and_save(
@@ -124,13 +124,16 @@ def prune_and_save(
     *,
     trace_size: int = 256,
     macs_input_size: int | None = None,
+    given: dict[str, str] | None = None,
 ) -> PruneOutcome:
     """Prune a model (registered name, ``module:function`` or checkpoint) as the recipe says and
     write the pruned checkpoint atomically. ``method: magnitude`` gives a masked model. The plan
-    records where it came from (the default distillation teacher) and the plan it continues."""
+    records where it came from (the default distillation teacher) and the plan it continues.
+    ``given``: see :func:`prune_loaded`."""
+    check_combination(recipe.prune, given or {}, macs_input_size)  # before loading anything
     model, spec, prior = resolve_model(source, recipe.model.kwargs, recipe.model.weights)
     return prune_loaded(model, spec, prior, recipe, out, source=source, trace_size=trace_size,
-                        macs_input_size=macs_input_size)
+                        macs_input_size=macs_input_size, given=given)
 
 
 def prune_loaded(
@@ -144,16 +147,19 @@ def prune_loaded(
     trace_size: int = 256,
     macs_input_size: int | None = None,
     on_cut: Callable[[nn.Module], dict[str, Any]] | None = None,
+    given: dict[str, str] | None = None,
 ) -> PruneOutcome:
     """:func:`prune_and_save` for a model already in memory (``prior``: its checkpoint, if any).
     ``on_cut(model)`` is called right after the cut, before any recovery (the sweep scores the
-    model there)."""
+    model there). ``given``: the prune settings the user set explicitly, as spelled (CLI flags),
+    for :func:`surgery.budget.from_config` to refuse what would be ignored."""
     cfg = recipe.prune
     recipe = _inherit_data(_naming(recipe, spec), prior)
     previous = prior.plan if prior is not None else None
     origin = str(prior.path) if prior is not None and prior.path is not None else source
     class_names = prior.class_names if prior is not None else None
     if cfg.method == "magnitude":
+        check_combination(cfg, given or {}, macs_input_size)
         prior_masks = prior.masks if prior is not None and prior.kind == "masked" else None
         masked = prune_masked(model, cfg.sparsity, cfg.scope)
         if prior_masks:
@@ -169,41 +175,22 @@ def prune_loaded(
             f"{origin} is a masked (unstructured) checkpoint: cutting channels would silently drop its masks. "
             "Prune the dense model it came from, or mask again with --method magnitude"
         )
-    dense = copy.deepcopy(model) if cfg.recover > 0 else None  # what recovery matches, captured before the cut
-    calib = calib_data_for(recipe, model)
-    allocation = None
-    if cfg.allocation == "sensitivity":
-        size = macs_input_size or recipe.bench.input_size
-        cfg, allocation = sensitivity_allocation(model, cfg, macs_input_size=size, trace_size=trace_size, calib_data=calib)
-        macs_input_size = size
-    result = prune_model(model, cfg, trace_size=trace_size, macs_input_size=macs_input_size, calib_data=calib)
-    if allocation is not None:
-        result.plan.extra["allocation"] = {"kind": "sensitivity", "table": recipe.prune.sensitivity,
-                                           "target_macs": recipe.prune.target_macs, "met": allocation.met,
-                                           "estimated_macs_ratio": round(allocation.estimated_macs_ratio, 4)}
-        result.plan.target_macs = recipe.prune.target_macs
+    job = from_config(cfg, given=given, macs_input_size=macs_input_size or recipe.bench.input_size)
+    recover_data = (calibration_data(recipe.data, batches=cfg.recover, batch_size=RECOVER_BATCH_SIZE, model=model)
+                    if job.recovery is not None else None)
+    result = prune_to(model, job.budget, data=calib_data_for(recipe, model), method=job.method, rounding=job.rounding,
+                      skip=job.skip, anchors=job.anchors, calib_batches=job.calib_batches, recovery=job.recovery,
+                      recover_data=recover_data, trace_size=trace_size, macs_size=macs_input_size, on_cut=on_cut)
     result.plan.previous = previous
     result.plan.source = origin
     metrics: dict[str, Any] = {"params": result.report.params_after}
     if result.report.macs_after is not None:
         metrics["macs"] = result.report.macs_after
-    cut_metrics = on_cut(model) if on_cut is not None else None
-    recovery = None
-    if dense is not None:
-        recovery = recover_model(model, dense, recipe, kept=result.kept)
-        result.plan.extra["recovery"] = recovery.summary()
-        metrics["recovery"] = recovery.summary()
+    if result.recovery is not None:
+        metrics["recovery"] = result.recovery.summary()
     path = save_pruned(out, model, spec, result.plan, recipe=recipe.to_dict(), metrics=metrics, class_names=class_names)
-    return PruneOutcome(path=path, kind="structured", spec=spec, structured=result, recovery=recovery,
-                        cut_metrics=cut_metrics, allocation=allocation)
-
-
-def recover_model(model: nn.Module, dense: nn.Module, recipe: Recipe, *, kept: dict[str, list[int]]) -> Any:
-    """Recovery without retraining (:mod:`surgery.recover`) on ``recipe.prune.recover`` batches of
-    the recipe's data (train split, no flips)."""
-    n = recipe.prune.recover
-    data = calibration_data(recipe.data, batches=n, batch_size=RECOVER_BATCH_SIZE, model=model)
-    return recover(model, dense, data, kept=kept, batches=n)
+    return PruneOutcome(path=path, kind="structured", spec=spec, structured=result, recovery=result.recovery,
+                        cut_metrics=result.cut_metrics, allocation=result.allocation.info.get("sensitivity"))
 
 
 def _inherit_data(recipe: Recipe, prior: Checkpoint | None) -> Recipe:
@@ -225,7 +212,6 @@ def _inherit_data(recipe: Recipe, prior: Checkpoint | None) -> Recipe:
 def _naming(recipe: Recipe, spec: ModelSpec) -> Recipe:
     """A copy of ``recipe`` whose model section names the model actually pruned (``--model`` and
     ``--kwarg`` flags, or the checkpoint's builder), so the saved recipe rebuilds the same thing."""
-    import copy
 
     saved = copy.deepcopy(recipe)
     saved.model.name = spec.name
@@ -505,7 +491,6 @@ __all__ = [
     "load_datasets",
     "prune_and_save",
     "prune_loaded",
-    "recover_model",
     "recipe_for_checkpoint",
     "retrain_checkpoint",
     "sparsify_checkpoint",

@@ -24,10 +24,8 @@ from surgery.sensitivity import (
     SensitivityRow,
     allocate_by_sensitivity,
     analyse,
-    macs_of_allocation,
     plot_table,
     read_table,
-    sensitivity_allocation,
 )
 from tests.extras import require
 
@@ -343,17 +341,17 @@ def test_sensitivity_allocation_meets_the_macs_target(tmp_path: Path):
     target = 0.8
     cfg = PruneSection(target_macs=target, allocation="sensitivity", sensitivity=str(tmp_path / "s.csv"))
     cfg.validate()
-    section, alloc = sensitivity_allocation(model, cfg, macs_input_size=SIZE, trace_size=SIZE)
+    # the sensitivity allocator runs inside prune_model (not the MACs search)
+    res = prune_model(model, cfg, trace_size=SIZE, macs_input_size=SIZE)
+    alloc = res.allocation.info["sensitivity"]
     assert alloc.met and target - 0.03 < alloc.measured_macs_ratio <= target
     # the head is costlier per MAC: the backbone is cut deeper
     head = [r for g, r in alloc.ratios.items() if g.startswith("head")]
     body = [r for g, r in alloc.ratios.items() if g.startswith("backbone.body")]
     assert (sum(body) / len(body)) > (sum(head) / len(head) if head else 0.0)
-    # the real cut through prune_model with the per-group overrides lands where the check said
-    res = prune_model(model, section, trace_size=SIZE, macs_input_size=SIZE)
+    # the real cut lands where the allocator's measurement on a cut copy said
     assert res.report.macs_ratio == pytest.approx(alloc.measured_macs_ratio, abs=1e-6)
-    assert macs_of_allocation(build_model("fcos_resnet18_slim", num_classes=5, min_size=SIZE, max_size=SIZE), cfg,
-                              {}, macs_input_size=SIZE, trace_size=SIZE) == pytest.approx(1.0)
+    assert res.plan.extra["allocation"]["kind"] == "sensitivity" and res.plan.target_macs == target
 
 
 def test_sweep_records_map_right_after_the_cut_and_after_recovery(tmp_path: Path):

@@ -6,7 +6,7 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,18 @@ from torch import nn
 
 from ..errors import MeasureError
 from .workload import example_images, fixed_workload, quiet
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads (``None``: as set), restored after."""
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @dataclass
@@ -145,9 +157,6 @@ def measure_latency(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MeasureError("device 'cuda' asked for, but torch sees no CUDA device")
     modes = {n: m.training for n, m in models.items()}
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(max(1, int(threads)))
     results: list[LatencyResult] = []
     total_steps = len(batch_sizes) * (warmup + runs)
     step = [0]
@@ -160,6 +169,7 @@ def measure_latency(
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(torch_threads(threads))
             stack.enter_context(quiet())
             for m in models.values():
                 m.to(dev).eval()
@@ -173,7 +183,6 @@ def measure_latency(
                     peaks = {n: _peak_mem_mb(models[n], calls[n], dev) for n in models}
                 results += [_latency(n, t, dev, input_size, bs, warmup, runs, peaks[n]) for n, t in times.items()]
     finally:
-        torch.set_num_threads(old_threads)
         for n, m in models.items():
             m.train(modes[n])
     return results
