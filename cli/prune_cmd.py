@@ -12,6 +12,7 @@ from surgery.report import fmt_count as _fmt
 from .common import parse_kv, parse_ratios, resolve_recipe
 from .console import console
 from .display import macs_line, working
+from .recover_cmd import reconstruct_line
 from .table import Column, render
 
 RECOVER_HELP = ("Recovery without retraining after the cut: N calibration batches (8 images each) from --data; "
@@ -144,6 +145,8 @@ def _print_recovery(rec) -> None:  # noqa: ANN001 - surgery.recover.RecoveryResu
            if s["mean_error_before"] is not None else "")
     console.print(f"recovered on {rec.images} images ({rec.batches} batches): {s['layers_refit']} layers re-fit by least "
                   f"squares, {s['bn_reestimated']} BatchNorm layers re-estimated{err}, {rec.seconds:.1f}s", soft_wrap=True)
+    if s.get("method") == "reconstruct":
+        console.print(reconstruct_line(rec), soft_wrap=True, highlight=False)
     if rec.frozen_norms:
         console.print(f"{len(rec.frozen_norms)} FrozenBatchNorm2d layers kept as they are (the convs before them are re-fit "
                       "to the dense pre-norm outputs)", soft_wrap=True)

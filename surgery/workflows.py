@@ -44,6 +44,7 @@ from .recipe import (
     load_recipe,
     recipe_from_dict,
 )
+from .reconstruct import reconstruct
 from .records import RecordHook, RunFiles
 from .recover import RECOVER_BATCH_SIZE, recover
 from .sensitivity import sensitivity_allocation
@@ -203,6 +204,10 @@ def recover_model(model: nn.Module, dense: nn.Module, recipe: Recipe, *, kept: d
     the recipe's data (train split, no flips)."""
     n = recipe.prune.recover
     data = calibration_data(recipe.data, batches=n, batch_size=RECOVER_BATCH_SIZE, model=model)
+    if recipe.prune.recover_method == "reconstruct":  # label-free: the images only, the dense model as teacher
+        p = recipe.prune
+        return reconstruct(dense, model, data, kept=kept, batches=n, steps=p.recover_steps, seconds=p.recover_seconds,
+                           lr=p.recover_lr)
     return recover(model, dense, data, kept=kept, batches=n)
 
 
