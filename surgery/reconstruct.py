@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,7 @@ class ReconstructReport:
     held_out_images: int
     seconds: float
     lr: float
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads): the cost on a machine shared with others
     extra: dict[str, Any] = field(default_factory=dict)
 
     # what the CLI and checkpoints read from a recovery result (as surgery.recover.RecoveryResult)
@@ -123,7 +124,7 @@ class ReconstructReport:
                 "best_step": self.best_step, "stopped": self.stopped, "held_out_error_cut": round(self.error_cut, 5),
                 "held_out_error_refit": round(self.error_refit, 5), "held_out_error_best": round(self.error_best, 5),
                 "calibration_images": self.calibration_images, "held_out_images": self.held_out_images,
-                "seconds": round(self.seconds, 2), "lr": self.lr}
+                "seconds": round(self.seconds, 2), "cpu_seconds": round(self.cpu_seconds, 2), "lr": self.lr}
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +270,16 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
 
 
+def _outside_inference_mode(model: nn.Module) -> None:
+    """Tensors a module caches as plain attributes while evaluated under ``torch.inference_mode``
+    (Ultralytics' Detect keeps its anchor points and strides until the input shape changes) cannot
+    enter a graph that autograd records: replace them by ordinary copies."""
+    for m in model.modules():
+        for name, value in list(vars(m).items()):
+            if isinstance(value, torch.Tensor) and value.is_inference():
+                setattr(m, name, value.clone())
+
+
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -290,15 +301,17 @@ def reconstruct(
     refit: bool = True,
     flip: bool = True,
     seed: int = 0,
+    on_refit: Callable[[nn.Module], Any] | None = None,
 ) -> ReconstructReport:
     """Make ``pruned`` (cut from ``dense``; changed in place) reproduce ``dense`` on the first
     ``batches`` batches of ``images`` (lists of image tensors, or ``(images, targets)`` batches
     whose targets are never read): least-squares re-fit, then Adam steps on the matched layers'
-    error, the best weights by held-out error kept (see the module docstring). ``dense`` is unchanged."""
+    error, the best weights by held-out error kept (see the module docstring). ``on_refit(pruned)``
+    is called between the two stages (a benchmark scores the re-fit there). ``dense`` is unchanged."""
     if steps < 0 or not seconds > 0 or not lr > 0 or eval_every < 1 or patience < 1 or not 0 < held_out < 1:
         raise PruningError("reconstruction: steps >= 0, seconds > 0, lr > 0, eval_every >= 1, patience >= 1 and "
                            "0 < held_out < 1")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     device = next(pruned.parameters()).device
     imgs = [_images(b, device) for b in itertools.islice(iter(images), batches)]
     if not imgs:
@@ -310,9 +323,12 @@ def reconstruct(
         held_targets = _teacher_targets(matcher, held)
         error_cut = _held_out_error(matcher, held, held_targets)
     rec = recover(pruned, dense, calib, kept=kept, batches=len(calib)) if refit else None
+    if on_refit is not None:
+        on_refit(pruned)
     with _eval_mode(pruned, dense):
         best_error = error_refit = _held_out_error(matcher, held, held_targets)
         best_state, best_step, history = _state(pruned), 0, [(0, error_refit)]
+        _outside_inference_mode(pruned)
         opt = torch.optim.Adam(_trainable(pruned), lr=lr)
         gen = torch.Generator().manual_seed(seed)
         stopped, step, bad = "steps", 0, 0
@@ -348,7 +364,7 @@ def reconstruct(
                              error_cut=error_cut, error_refit=error_refit, error_best=best_error, history=history,
                              calibration_images=sum(len(b) for b in calib),
                              held_out_images=0 if held is calib else sum(len(b) for b in held),
-                             seconds=time.perf_counter() - t0, lr=lr)
+                             seconds=time.perf_counter() - t0, lr=lr, cpu_seconds=time.process_time() - cpu0)
 
 
 # --------------------------------------------------------------------------------------------
