@@ -45,7 +45,7 @@ from surgery.recover import RECOVER_BATCH_SIZE  # noqa: E402
 COLUMNS = ("date", "family", "model", "target_macs", "macs_ratio", "dense_map", "map_cut", "map_refit",
            "map_reconstruct", "retained_refit", "retained_reconstruct", "steps", "best_step", "stopped",
            "held_out_error_cut", "held_out_error_refit", "held_out_error_best", "calibration_images",
-           "held_out_images", "seconds", "cpu_seconds", "budget_steps", "budget_seconds", "lr", "load1_start", "load1_end")
+           "held_out_images", "seconds", "cpu_seconds", "budget_steps", "budget_seconds", "lr", "match", "load1_start", "load1_end")
 
 
 def measure(family: str, dense_path: str, target: float, args: argparse.Namespace, dense_map: float) -> dict:
@@ -64,7 +64,7 @@ def measure(family: str, dense_path: str, target: float, args: argparse.Namespac
     scored: dict[str, float] = {}
     data = calibration_data(rec.data, batches=rec.prune.recover, batch_size=RECOVER_BATCH_SIZE, model=model)
     report = reconstruct(dense, model, data, kept=result.kept, batches=rec.prune.recover, steps=args.steps,
-                         seconds=args.seconds, lr=args.lr,
+                         seconds=args.seconds, lr=args.lr, match=args.match,
                          on_refit=lambda m: scored.__setitem__("refit", evaluate(m, val, batch_size=8).metrics["mAP"]))
     map_rec = evaluate(model, val, batch_size=8).metrics["mAP"]
     s = report.summary()
@@ -76,7 +76,7 @@ def measure(family: str, dense_path: str, target: float, args: argparse.Namespac
             "held_out_error_cut": s["held_out_error_cut"], "held_out_error_refit": s["held_out_error_refit"],
             "held_out_error_best": s["held_out_error_best"], "calibration_images": s["calibration_images"],
             "held_out_images": s["held_out_images"], "seconds": s["seconds"], "cpu_seconds": s["cpu_seconds"], "budget_steps": args.steps,
-            "budget_seconds": args.seconds, "lr": args.lr, "load1_start": round(load0, 2),
+            "budget_seconds": args.seconds, "lr": args.lr, "match": args.match, "load1_start": round(load0, 2),
             "load1_end": round(os.getloadavg()[0], 2)}
 
 
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seconds", type=float, default=240.0)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--match", default="outputs", help="outputs | features (surgery.reconstruct.MATCHES)")
     ap.add_argument("--csv", default="benchmarks/label_free_recovery.csv")
     args = ap.parse_args()
     torch.set_num_threads(2)

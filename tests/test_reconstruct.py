@@ -203,3 +203,4 @@ def test_reconstruction_runs_on_a_two_stage_detector_and_yolo(ultralytics):
             assert "roi_heads.box_predictor.cls_score" in report.layers
         else:
             assert fixed and all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in fixed.items())
+
