@@ -34,6 +34,8 @@ FAMILIES = {
     "fcos": "recipes/recovery_fcos.yaml",
     "yolov8n": "recipes/recovery_yolov8n.yaml",
     "retinanet": "recipes/recovery_retinanet.yaml",
+    "yolo11n": "recipes/recovery_yolo11n.yaml",
+    "yolo26n": "recipes/recovery_yolo26n.yaml",
 }
 COLUMNS = ("family", "model", "technique", "target_macs", "achieved_macs_ratio", "target_met", "map_pruned",
            "map_recovered", "map_sparse", "map_retrained", "dense_control_map", "retained_map", "retrain_steps",

@@ -19,7 +19,7 @@ from .outputs import OUTPUT_PARAMS, OVERWRITE_HELP, RESUMED_FOLDERS, check_outpu
 
 # commands that load a model, a checkpoint or a recipe
 TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "sparsify", "eval", "bench", "export", "sweep", "quantize",
-                  "predict", "info", "sensitivity")
+                  "predict", "info", "sensitivity", "recover")
 # parameters naming input files, and output files (-> the flag shown in errors)
 INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights", "images")
 TRUST_HELP = (

@@ -26,7 +26,7 @@ app = typer.Typer(
 # one module per command group, each with ``register(app)``
 COMMAND_MODULES = ("models_cmd", "prune_cmd", "inspect_cmd", "data_cmd", "train_cmd", "eval_cmd", "bench_cmd", "sweep_cmd",
                    "export_cmd", "quantize_cmd", "predict_cmd", "info_cmd", "recipes_cmd",
-                   "sensitivity_cmd", "sparsify_cmd", "compress_cmd")
+                   "sensitivity_cmd", "sparsify_cmd", "recover_cmd", "compress_cmd")
 
 
 def _register() -> None:

@@ -12,6 +12,7 @@ from surgery.report import fmt_count as _fmt
 from .common import parse_kv, parse_ratios, resolve_recipe
 from .console import console
 from .display import macs_line, working
+from .recover_cmd import reconstruct_line
 from .table import Column, render
 
 RECOVER_HELP = ("Recovery without retraining after the cut: N calibration batches (8 images each) from --data; "
@@ -41,6 +42,7 @@ def prune(
     target_latency: float = typer.Option(None, "--keep-latency", "--target-latency", help="Fraction of the dense network latency KEPT on --runtime (0.5): per-group widths from a measured latency table."),
     runtime: str = typer.Option(None, help="--keep-latency: onnxruntime | openvino | torch (where the latency table is measured)."),
     recover: int = typer.Option(None, "--recover", help=RECOVER_HELP),
+    recover_method: str = typer.Option(None, "--recover-method", help="refit (least squares + BatchNorm) | reconstruct (then Adam steps matching the dense model's head outputs; images only)."),
     allocation: str = typer.Option(None, "--allocation", help=ALLOCATION_HELP),
     sensitivity: Path = typer.Option(None, "--sensitivity", help="CSV from `surgery sensitivity` (--allocation sensitivity)."),
     sparsity: float = typer.Option(None, help="Masked pruning: fraction of conv/linear weights ZEROED (shapes kept)."),
@@ -72,6 +74,7 @@ def prune(
         "prune.runtime": runtime,
         "prune.calib_batches": calib_batches,
         "prune.recover": recover,
+        "prune.recover_method": recover_method,
         "prune.allocation": allocation,
         "prune.sensitivity": str(sensitivity) if sensitivity is not None else None,
         "data.source": data,
@@ -159,6 +162,8 @@ def _print_recovery(rec) -> None:  # noqa: ANN001 - surgery.recover.RecoveryResu
            if s["mean_error_before"] is not None else "")
     console.print(f"recovered on {rec.images} images ({rec.batches} batches): {s['layers_refit']} layers re-fit by least "
                   f"squares, {s['bn_reestimated']} BatchNorm layers re-estimated{err}, {rec.seconds:.1f}s", soft_wrap=True)
+    if s.get("method") == "reconstruct":
+        console.print(reconstruct_line(rec), soft_wrap=True, highlight=False)
     if rec.frozen_norms:
         console.print(f"{len(rec.frozen_norms)} FrozenBatchNorm2d layers kept as they are (the convs before them are re-fit "
                       "to the dense pre-norm outputs)", soft_wrap=True)

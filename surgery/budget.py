@@ -157,6 +157,11 @@ class Recovery:
 
     batches: int
     method: str = "refit"
+    # the "reconstruct" method's budget (prune.recover_steps / recover_seconds / recover_lr): Adam
+    # steps after the re-fit, a wall-clock limit on the whole recovery, the learning rate
+    steps: int = 300
+    seconds: float = 240.0
+    lr: float = 1e-4
 
     def __post_init__(self) -> None:
         if isinstance(self.batches, bool) or not isinstance(self.batches, int) or not 1 <= self.batches <= 10_000:
@@ -210,9 +215,8 @@ def from_config(cfg: PruneSection, *, given: Mapping[str, str] | None = None,
     if cfg.method == "magnitude":
         raise PruningError("method 'magnitude' is masked weight pruning: use surgery.masked.prune_masked")
     rounding = Rounding(cfg.round_to, cfg.min_channels, strict=cfg.strict_round_to)
-    # the recovery method key lands with the second recovery method; until then: the re-fit
-    method = getattr(cfg, "recover_method", None) or "refit"
-    recovery = Recovery(cfg.recover, method) if cfg.recover > 0 else None
+    recovery = (Recovery(cfg.recover, cfg.recover_method, cfg.recover_steps, cfg.recover_seconds, cfg.recover_lr)
+                if cfg.recover > 0 else None)
     return PruneJob(budget=budget_of(cfg, macs_input_size, latency_size), method=cfg.method, rounding=rounding,
                     skip=tuple(cfg.skip), anchors=cfg.anchors, calib_batches=cfg.calib_batches, recovery=recovery)
 

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_open, atomic_path
-from .data.images import read_rgb
+from .data.images import IMAGE_SUFFIXES, read_rgb
 from .errors import DataError
 from .runtime import load_detector
 from .safety import OutputError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
             (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]  # fmt: skip
 

@@ -8,7 +8,7 @@
     >>> result.report.params_after < 0.5 * result.report.params_before
     True
 
-(``docs/python-api.md``: every budget, recovery, the result's parts.)
+(``docs/reference/python-api.md``: every budget, recovery, the result's parts.)
 
 The stages, each one function with one signature:
 
@@ -69,6 +69,7 @@ from .measure import count_macs, count_params
 from .measure.workload import MACS_ROIS, is_two_stage
 from .plan import StructuredPlan
 from .recipe import AnchorSection, PruneSection
+from .reconstruct import ReconstructReport, reconstruct
 from .recover import RecoveryResult, recover
 from .sensitivity import allocate_sensitivity
 from .target import allocate_for_target
@@ -85,16 +86,25 @@ ALLOCATORS: dict[type, Allocator] = {
 
 
 def refit(dense: nn.Module, pruned: nn.Module, kept: dict[str, list[int]], data: Iterable[Any],
-          batches: int) -> RecoveryResult:
+          recovery: Recovery) -> RecoveryResult:
     """Least-squares re-fit of the cut layers' consumers + BatchNorm re-estimation (:mod:`surgery.recover`)."""
-    return recover(pruned, dense, data, kept=kept, batches=batches)
+    return recover(pruned, dense, data, kept=kept, batches=recovery.batches)
 
 
-RecoveryMethod = Callable[[nn.Module, nn.Module, dict[str, list[int]], Iterable[Any], int], Any]
-# recovery method name (prune.recover_method) -> fn(dense, pruned, kept, data, batches) -> a report
+def reconstruction(dense: nn.Module, pruned: nn.Module, kept: dict[str, list[int]], data: Iterable[Any],
+                   recovery: Recovery) -> ReconstructReport:
+    """The re-fit, then Adam steps matching the dense model's outputs on the calibration images,
+    labels never read (:mod:`surgery.reconstruct`)."""
+    return reconstruct(dense, pruned, data, kept=kept, batches=recovery.batches, steps=recovery.steps,
+                       seconds=recovery.seconds, lr=recovery.lr)
+
+
+RecoveryMethod = Callable[[nn.Module, nn.Module, dict[str, list[int]], Iterable[Any], Recovery], Any]
+# recovery method name (prune.recover_method) -> fn(dense, pruned, kept, data, recovery) -> a report
 # with summary(): every method, listed here
 RECOVERY_METHODS: dict[str, RecoveryMethod] = {
     "refit": refit,
+    "reconstruct": reconstruction,
 }
 
 
@@ -289,7 +299,7 @@ def recover_cut(recovery: Recovery, dense: nn.Module, pruned: nn.Module, kept: d
     method = RECOVERY_METHODS.get(recovery.method)
     if method is None:
         raise PruningError(f"unknown recovery method {recovery.method!r} (one of {', '.join(RECOVERY_METHODS)})")
-    return method(dense, pruned, kept, data, recovery.batches)
+    return method(dense, pruned, kept, data, recovery)
 
 
 def _check_job(model: nn.Module, job: PruneJob, data: Any, recover_data: Any) -> None:

@@ -136,6 +136,12 @@ class PruneSection:
     # recovery without retraining (surgery.recover): calibration batches of the data section's train
     # split for the least-squares re-fit + BatchNorm re-estimation after the cut; 0 = off
     recover: int = 0
+    # refit (least squares + BatchNorm, surgery.recover) | reconstruct (then Adam steps matching the dense
+    # model's head outputs on the calibration images, no labels read; surgery.reconstruct)
+    recover_method: str = "refit"
+    recover_steps: int = 300  # reconstruct: at most this many optimiser steps...
+    recover_seconds: float = 240.0  # ...and this wall-clock budget for the whole recovery (re-fit included)
+    recover_lr: float = 1e-4  # reconstruct: Adam's learning rate
     # how the cut is spread over the groups: uniform (one ratio, or overrides), global (one ranking
     # across groups, = global_ranking), sensitivity (per-group ratios from a `surgery sensitivity`
     # CSV that meet target_macs while cutting the insensitive groups more)
@@ -165,6 +171,11 @@ class PruneSection:
                "a number of calibration batches in [0, 10000] (0: no recovery)")
         _check(self.recover == 0 or self.method != "magnitude", "recover",
                "0 for method magnitude (recovery re-fits the layers a structured cut changed)")
+        _check(self.recover_method in ("refit", "reconstruct"), "recover_method", "'refit' or 'reconstruct'")
+        _check(isinstance(self.recover_steps, int) and 0 <= self.recover_steps <= 10**6, "recover_steps",
+               "an integer in [0, 1000000]")
+        _check(math.isfinite(self.recover_seconds) and self.recover_seconds > 0, "recover_seconds", "a number > 0")
+        _check(math.isfinite(self.recover_lr) and 0 < self.recover_lr < 1, "recover_lr", "a number in (0, 1)")
         _check(self.allocation in ALLOCATIONS, "allocation", f"one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "global":
             self.global_ranking = True

@@ -20,11 +20,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from . import reconstruct as reconstruction
 from .budget import check_combination, from_config
 from .calibrate import calibration_data
 from .callbacks import Callbacks, WarmupCheck
 from .checkpoint import Checkpoint, load_checkpoint, resolve_model, save_pruned
 from .data import dataset_for
+from .data.image_folder import image_batches, image_files
 from .distill import distill_hook_for, teacher_path
 from .distributed import DistInfo, current_dist, main_process_first
 from .errors import DataError, PruningError, RecipeError
@@ -46,7 +48,7 @@ from .recipe import (
     recipe_from_dict,
 )
 from .records import RecordHook, RunFiles
-from .recover import RECOVER_BATCH_SIZE
+from .recover import DEFAULT_RECOVER_BATCHES, RECOVER_BATCH_SIZE
 from .sparsify import SparsityHook, check_target_ratio
 from .target import find_ratio_for_target
 from .train import TrainResult, build_trainer
@@ -481,7 +483,54 @@ def sparsify_checkpoint(
                 metrics={"input": {"checkpoint": str(ckpt_path)}, "sparsify": {"ratio": ratio}})
 
 
+@dataclass
+class RecoveredCheckpoint:
+    """What :func:`recover_checkpoint` wrote."""
+
+    path: Path
+    teacher: str
+    images: int  # image files found (at most ``batches`` x the batch size are read)
+    report: reconstruction.ReconstructReport
+
+
+def recover_checkpoint(
+    pruned: str | Path,
+    images: str | Path,
+    out: str | Path,
+    *,
+    teacher: str | None = "auto",
+    batches: int = DEFAULT_RECOVER_BATCHES,
+    batch_size: int = RECOVER_BATCH_SIZE,
+    steps: int = reconstruction.DEFAULT_STEPS,
+    seconds: float = reconstruction.DEFAULT_SECONDS,
+    lr: float = reconstruction.DEFAULT_LR,
+    device: str = "cpu",
+    trust_code: bool | None = None,
+) -> RecoveredCheckpoint:
+    """Label-free recovery of a pruned checkpoint: :func:`surgery.reconstruct.reconstruct` against ``teacher`` (a dense
+    checkpoint; ``auto``/``None``: the one the plan records it was pruned from) on the images of
+    ``images`` (:func:`surgery.data.image_folder.image_files`), written atomically to ``out`` with the plan it had and the
+    recovery's summary in its metrics."""
+    student, ck = load_checkpoint(pruned, device, trust_code=trust_code)
+    if ck.kind != "structured" or ck.plan is None:
+        raise PruningError(f"{pruned} is a {ck.kind} checkpoint: recovery needs one whose channels were cut (surgery prune)")
+    source = teacher_path(ck.plan, teacher)
+    if source is None:
+        raise PruningError(f"{pruned} records no dense checkpoint it was pruned from: pass --teacher DENSE.pt")
+    dense, _ = load_checkpoint(source, device, trust_code=trust_code)
+    files = image_files(images)
+    report = reconstruction.reconstruct(dense, student, image_batches(files, batch_size=batch_size, max_batches=batches),
+                         batches=batches, steps=steps, seconds=seconds, lr=lr)
+    ck.plan.extra["recovery"] = report.summary()
+    metrics = {k: v for k, v in ck.metrics.items() if k not in ("mAP", "mAP50")}  # the weights changed: stale
+    path = save_pruned(out, student, ck.spec, ck.plan, recipe=ck.recipe, metrics={**metrics, "recovery": report.summary()},
+                       class_names=ck.class_names)
+    return RecoveredCheckpoint(path=path, teacher=str(source), images=len(files), report=report)
+
+
 __all__ = [
+    "RecoveredCheckpoint",
+    "recover_checkpoint",
     "Callbacks",
     "PruneOutcome",
     "TrainOutcome",

@@ -17,10 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 # Pages linked before they exist: written by other changes of the same round. Once a page exists,
 # its entry must go (the test below says so), so this list never hides a broken link for long.
-PENDING = {
-    "docs/howto/prune-ultralytics.md", "docs/howto/recover-without-labels.md", "docs/howto/deploy-openvino-gpu.md",
-    "docs/howto/compress.md", "docs/reference/python-api.md",
-}
 
 
 @pytest.mark.parametrize("page", sorted(docgen.PAGES, key=str), ids=lambda p: p.name)
@@ -93,8 +89,7 @@ def broken_links(path: Path) -> list[str]:
                 continue
             file, _, anchor = target.partition("#")
             dest = (path.parent / file).resolve() if file else path
-            pending = dest.is_relative_to(ROOT) and str(dest.relative_to(ROOT)) in PENDING
-            if not dest.exists() and not pending:
+            if not dest.exists():
                 broken.append(target)
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
                 broken.append(target)
@@ -104,11 +99,6 @@ def broken_links(path: Path) -> list[str]:
 def test_every_relative_link_in_the_readme_and_docs_resolves() -> None:
     found = {str(p.relative_to(ROOT)): broken_links(p) for p in _markdown_files()}
     assert {k: v for k, v in found.items() if v} == {}
-
-
-def test_pending_pages_are_still_missing() -> None:
-    """A page on the PENDING list that now exists is taken off it (its links are then checked)."""
-    assert sorted(p for p in PENDING if (ROOT / p).exists()) == []
 
 
 def test_the_link_check_finds_a_broken_link(tmp_path: Path) -> None:

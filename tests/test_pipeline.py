@@ -151,7 +151,7 @@ def test_recovery_runs_inside_the_pipeline_by_method_name(monkeypatch: pytest.Mo
     assert res.plan.extra["recovery"]["layers_refit"] == len(res.recovery.refit)
     calls = []
     monkeypatch.setitem(pipeline.RECOVERY_METHODS, "spy",
-                        lambda dense, pruned, kept, data, batches: calls.append((kept, batches)))
+                        lambda dense, pruned, kept, data, recovery: calls.append((kept, recovery.batches)))
     prune_to(_slim(), CutRatio(0.5), data=batches, recovery=Recovery(1, method="spy"), trace_size=SIZE)
     assert len(calls) == 1 and calls[0][0] and calls[0][1] == 1
     with pytest.raises(PruningError, match="unknown recovery method"):
@@ -168,10 +168,10 @@ def test_budgets_refuse_impossible_values() -> None:
 
 
 def test_python_api_docs_example_runs() -> None:
-    text = (ROOT / "docs" / "python-api.md").read_text()
+    text = (ROOT / "docs" / "reference" / "python-api.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks
     for block in blocks:
-        exec(compile(block, "docs/python-api.md", "exec"), {})  # noqa: S102 - the documented example
+        exec(compile(block, "docs/reference/python-api.md", "exec"), {})  # noqa: S102 - the documented example
     failed, tried = doctest.testmod(pipeline, verbose=False)[:2]
     assert tried > 0 and failed == 0

@@ -19,6 +19,9 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 
+# the image files surgery reads from a folder (predict, label-free recovery)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
 MAX_PIXELS = 8192 * 8192  # 64 MP (a 48 MP phone photo fits): 0.8 GB as a float32 RGB tensor
 
 
