@@ -66,7 +66,7 @@ from .prune import PruneResult, prune_model
 from .quantize import quantize_checkpoint
 from .recipe import DistillSection, PruneSection, Recipe
 from .recover import RECOVER_BATCH_SIZE, recover
-from .sensitivity import DENSE, allocation_section, graph_roots, read_table
+from .sensitivity import DENSE, read_table
 from .target import CostModel
 from .workflows import retrain_checkpoint
 from .yolo.ultralytics_adapter import UltralyticsDetector
@@ -224,7 +224,7 @@ class Allocator:
                  calib_data: Iterable[Any] | None, space: SearchSpace) -> None:
         self.base, self.calib_data = base, calib_data
         self.graph = trace(copy.deepcopy(dense), trace_size=trace_size, skip=base.skip)
-        self.roots = graph_roots(self.graph)
+        self.roots = [g.root for g in self.graph.groups if g.prunable]
         self.stages = stages_of(self.roots)
         self.cost = CostModel(self.graph, macs_input_size, int(count_macs(dense, macs_input_size, rois=MACS_ROIS).total))
         self.weights = sensitivity_weights(space.sensitivity, self.roots) if space.sensitivity else {}
@@ -242,8 +242,12 @@ class Allocator:
                 for r in self.roots}
 
     def section(self, cfg: TrialConfig, ratios: dict[str, float]) -> PruneSection:
-        base = dataclasses.replace(self.base, method=cfg.criterion, round_to=cfg.round_to)
-        return allocation_section(base, ratios, self.roots)
+        # one override per prunable group (0: not cut); a root names exactly its own group
+        overrides = {r: float(ratios.get(r, 0.0)) for r in self.roots}
+        cut = [v for v in overrides.values() if v > 0]
+        return dataclasses.replace(self.base, method=cfg.criterion, round_to=cfg.round_to, overrides=overrides,
+                                   global_ranking=False, target_macs=None, target_params=None, allocation="uniform",
+                                   ratio=round(sum(cut) / len(cut), 4) if cut else self.base.ratio)
 
     def macs_fraction(self, cfg: TrialConfig, ratios: dict[str, float]) -> float:
         plan = plan_channels(self.graph, self.section(cfg, ratios), scores=self.scores(cfg.criterion))
