@@ -484,11 +484,15 @@ def rewrite_python(rel: Path, src: str, plan: Plan, known: set[str]) -> str:
 # README's Layout block
 
 
-def _split_row_line(line: str) -> tuple[str, str, int]:
+def _split_row_line(line: str, col: int) -> tuple[str, str, int]:
+    """(names, description, column of the description): at the first gap of two spaces, or at the
+    block's description column where the names run up to it with one space."""
     m = re.match(r"^(\s*\S.*?)(\s{2,})(\S.*)?$", line)
-    if not m or m.group(3) is None:
-        return line.rstrip(), "", -1
-    return m.group(1), m.group(3), m.end(2)
+    if m and m.group(3) is not None:
+        return m.group(1), m.group(3), m.end(2)
+    if col > 0 and len(line) > col and line[col - 1] == " ":
+        return line[:col], line[col:], col
+    return line.rstrip(), "", -1
 
 
 def _expand(token: str) -> list[str]:
@@ -517,11 +521,13 @@ def rewrite_layout_rows(block: list[str], moved: dict[str, str]) -> list[str]:
             rows[-1].append(line)
         else:
             rows.append([line])
+    cols = [_split_row_line(row[0], 0)[2] for row in rows]
+    block_col = max(set(cols), key=cols.count) if cols else 0
     parsed, changed = [], False
     for row in rows:
         lefts, descs = [], []
         for i, line in enumerate(row):
-            left, desc, col = _split_row_line(line)
+            left, desc, col = _split_row_line(line, block_col + (2 if i else 0))
             lefts.append(left.strip())
             descs.append((desc, col, i))
         tokens = [t for part in " ".join(lefts).split("·") for t in _expand(part.strip()) if t]
