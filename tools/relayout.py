@@ -31,13 +31,13 @@ The subpackages (for the README):
 | `surgery/detectors/` | what can be pruned: the model registry and builders, `ModelSpec`, anchor surgery, scalable post-processing |
 | `surgery/pruning/` | the pipeline rank -> allocate -> cut -> recover: dependency graph, importance criteria, allocators and budgets (MACs, latency, sensitivity), the cut, recovery, masked pruning, plans, sparse training |
 | `surgery/training/` | the trainer and its hooks: EMA, distillation, DDP, QAT, run records, fine-tuning to new classes |
-| `surgery/measure/` | the numbers: params/MACs, latency, mAP, `surgery bench`, file sizes, tables and plots |
+| `surgery/measure/` | the numbers: params/MACs, latency, mAP, `surgery bench`, file sizes |
 | `surgery/deployment/` | ONNX export, ONNX Runtime sessions, INT8 quantization, runtimes, prediction, the deployment table |
 | `surgery/storage/` | what is written and read safely: checkpoints, `surgery info`, atomic writes, overwrite guards and locks, the trust boundary |
 | `surgery/config/` | recipes: the YAML schema, the shipped catalogue, settings hashes |
 | `surgery/data/` | datasets: synthetic, COCO, VOC, YOLO txt |
 | `surgery/yolo/` | the YOLO family: Ultralytics adapter (optional extra), hand-back, YOLOv2, YOLO distillation |
-| top level | the public API (`__init__`), `python -m surgery`, the jobs (`workflows`, `sweep` and its state/table), and the foundations every layer may import (`errors`, `registry`, `compat`) |
+| top level | the public API (`__init__`), `python -m surgery`, the jobs (`workflows`, `sweep` with its state, table and plots in `report`), and the foundations every layer may import (`errors`, `registry`, `compat`) |
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ MAPPING: dict[str, str] = {
     "surgery.sweep": "surgery.sweep",
     "surgery.sweep_state": "surgery.sweep_state",
     "surgery.sweep_table": "surgery.sweep_table",
+    # torch-free (the CLI's --help formats with it), so not under measure/, whose __init__ imports torch
+    "surgery.report": "surgery.report",
     # detectors: what can be pruned
     "surgery.models": "surgery.detectors.builders",
     "surgery.specs": "surgery.detectors.specs",
@@ -111,7 +113,6 @@ MAPPING: dict[str, str] = {
     "surgery.measure.workload": "surgery.measure.workload",
     "surgery.evaluate": "surgery.measure.evaluate",
     "surgery.bench": "surgery.measure.bench",
-    "surgery.report": "surgery.measure.report",
     # deployment
     "surgery.export": "surgery.deployment.export",
     "surgery.onnx_io": "surgery.deployment.onnx_io",
@@ -251,6 +252,7 @@ class Plan:
 def make_plan(root: Path, mapping: dict[str, str] = MAPPING) -> Plan:
     present = discover(root)
     finals = set(mapping.values())
+    finals |= {".".join(v.split(".")[:i]) for v in finals for i in range(2, len(v.split(".")))}  # new packages
     unknown = sorted(m for m in present if m not in mapping and m not in finals)
     if unknown:
         lines = "\n".join(f'    "{m}": "{m}",' for m in unknown)
@@ -634,7 +636,17 @@ def leftovers(root: Path, plan: Plan) -> list[str]:
             handled = rel.parts[0] == "cli" or rel.as_posix() == "surgery/__init__.py"  # cli/ stays; _EXPORTS
             if not handled and re.search(r"import_module\(\s*f?[\"']\.", line):
                 out.append(f"{rel}:{i}: relative import_module string: {line.strip()[:100]}")
+    for old, new in sorted(plan.moved.items()):
+        init = root / module_path(new.rpartition(".")[0], True)
+        if new.rpartition(".")[0] not in plan.new_packages and init.is_file() and _imports_something(init):
+            out.append(f"{old} -> {new}: importing it now runs {init.relative_to(root)}, which imports modules"
+                       " (torch-free code must not move there)")
     return out
+
+
+def _imports_something(path: Path) -> bool:
+    return any(isinstance(n, (ast.Import, ast.ImportFrom)) and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")
+               for n in ast.parse(path.read_text()).body)
 
 
 def _git(root: Path, *args: str) -> bool:
@@ -662,6 +674,8 @@ def apply(root: Path, plan: Plan, edits: dict[Path, str], fix_order: bool = True
         ruff = Path(sys.executable).parent / "ruff"
         cmd = [str(ruff) if ruff.exists() else "ruff", "check", "-q", "--select", "I", "--fix", *py]
         subprocess.run(cmd, cwd=root, capture_output=True)
+    if changed:  # the whole relayout staged: `git status` shows renames, `git commit` takes it all
+        _git(root, "add", "--", *[str(p) for p in changed])
     return changed
 
 
