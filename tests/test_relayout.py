@@ -1,6 +1,6 @@
 """tools/relayout.py (issue 25 item 6) on a small tree of its own: the moved package still imports
 and runs (Python itself is the oracle for the rewritten imports), a second run changes nothing, an
-unmapped module and an ambiguous mapping are refused; and the real tree's modules are all mapped."""
+unmapped module and an ambiguous mapping are refused; a path taken from ``__file__`` follows the move; and the real tree's modules are all mapped."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ FILES = {
     "surgery/__init__.py": '_EXPORTS = {"load": "ckpt"}\n\n\ndef __getattr__(name):\n'
     "    import importlib\n\n    return getattr(importlib.import_module(f\".{_EXPORTS[name]}\", __name__), name)\n",
     "surgery/errors.py": "class E(Exception):\n    pass\n",
-    "surgery/util.py": '"""See surgery/ckpt.py and :mod:`surgery.ckpt`."""\n\n\ndef f():\n    return 1\n',
+    "surgery/util.py": '"""See surgery/ckpt.py and :mod:`surgery.ckpt`."""\n\nfrom pathlib import Path\n\n'
+    "HOME = Path(__file__).resolve().parent.parent  # the tree: moved a folder deeper, one more .parent\n\n\n"
+    "def f():\n    return 1\n",
     "surgery/plan.py": "from .errors import E\n\nP = E\n",
     "surgery/ckpt.py": "from . import plan, util\nfrom .errors import E\n\n\ndef load():\n    return util.f() + (plan.P is E)\n",
     "surgery/data/__init__.py": "",
@@ -65,11 +67,11 @@ def test_moved_modules_import_and_run_and_a_second_run_changes_nothing(tmp_path:
     assert sorted(str(d) for _, d in plan.moves) == ["surgery/storage/ckpt.py", "surgery/tools/plan.py", "surgery/tools/util.py"]
     assert not (root / "surgery" / "ckpt.py").exists() and (root / "surgery" / "tools" / "__init__.py").is_file()
     probe = ("import surgery, surgery.data.x as x, tests.test_a as t; "
-             "print(surgery.load(), x.G, t.V, t.TARGET)")  # fmt: skip
+             "import surgery.tools.util as u; print(surgery.load(), x.G, t.V, t.TARGET, u.HOME)")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["2", "2", "3", "surgery.tools.util.f"]
+    assert out.stdout.split() == ["2", "2", "3", "surgery.tools.util.f", str(root.resolve())]
     ckpt = (root / "surgery/storage/ckpt.py").read_text()
     assert "from ..tools import plan, util" in ckpt and "from ..errors import E" in ckpt
     assert "surgery/storage/ckpt.py and :mod:`surgery.storage.ckpt`" in (root / "surgery/tools/util.py").read_text()

@@ -205,7 +205,8 @@ NOT_MODULES = frozenset({"surgery.recipe"})
 PY_ROOTS = ("surgery", "cli", "tests", "benchmarks", "tools", "setup.py")
 TEXT_GLOBS = ("README.md", "*.md", "docs/**/*.md", "Makefile", "pyproject.toml", "recipes/*.yaml",
               "tests/data/*.yaml", ".ci/*", "benchmarks/*.md")
-SELF = "tools/relayout.py"  # the mapping above names every old module: never rewrite this file
+# this script and its test name old modules on purpose (the mapping): never rewritten
+SELF = ("tools/relayout.py", "tests/test_relayout.py")
 LAYERS_TEST = "tests/test_layers.py"
 
 
@@ -468,11 +469,26 @@ def _map_short(token: str, moved: dict[str, str]) -> str:
     return new.removeprefix("surgery.").replace(".", sep)
 
 
+FILE_PARENTS = re.compile(r"(Path\(__file__\)\.resolve\(\))((?:\.parent)+)")
+FILE_PARENTS_N = re.compile(r"(Path\(__file__\)(?:\.resolve\(\))?\.parents\[)(\d+)\]")
+
+
+def rewrite_file_paths(src: str, depth: int) -> str:
+    """``Path(__file__).resolve().parent.parent`` / ``.parents[N]`` in a module moved ``depth``
+    folders deeper (the shipped recipes are found beside the package that way)."""
+    if depth == 0:
+        return src
+    src = FILE_PARENTS.sub(lambda m: m.group(1) + ".parent" * max(m.group(2).count(".parent") + depth, 0), src)
+    return FILE_PARENTS_N.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + depth}]", src)
+
+
 def rewrite_python(rel: Path, src: str, plan: Plan, known: set[str]) -> str:
     moved = plan.moved
     importer = module_name(rel) if rel.parts[0] == "surgery" else None
     final = plan.mapping.get(importer, importer) if importer else None
     out = rewrite_imports(src, importer, final, rel.name == "__init__.py", known, moved)
+    if importer and final != importer:
+        out = rewrite_file_paths(out, final.count(".") - importer.count("."))
     out = rewrite_dotted(out, moved, python=True)
     out = rewrite_paths(out, moved)
     if rel.as_posix() == "surgery/__init__.py":
@@ -597,7 +613,7 @@ def _files(root: Path) -> tuple[list[Path], list[Path]]:
             py |= {f.relative_to(root) for f in p.rglob("*.py") if "__pycache__" not in f.parts and ".venv" not in f.parts}
     for pattern in TEXT_GLOBS:
         text |= {f.relative_to(root) for f in root.glob(pattern) if f.is_file()}
-    py.discard(Path(SELF))
+    py -= {Path(p) for p in SELF}
     py = {p for p in py if not any(part.startswith(".") for part in p.parts)}
     return sorted(py), sorted(text - py)
 
@@ -633,6 +649,9 @@ def leftovers(root: Path, plan: Plan) -> list[str]:
         for i, line in enumerate((root / rel).read_text().splitlines(), 1):
             if bare and bare.search(line):
                 out.append(f"{rel}:{i}: bare file name: {line.strip()[:100]}")
+            if "__file__" in line and not FILE_PARENTS.search(line) and not FILE_PARENTS_N.search(line) \
+                    and rel.parts[0] == "surgery" and module_name(rel) in {*plan.moved, *plan.moved.values()}:
+                out.append(f"{rel}:{i}: a path from __file__ in a moved module: {line.strip()[:100]}")
             handled = rel.parts[0] == "cli" or rel.as_posix() == "surgery/__init__.py"  # cli/ stays; _EXPORTS
             if not handled and re.search(r"import_module\(\s*f?[\"']\.", line):
                 out.append(f"{rel}:{i}: relative import_module string: {line.strip()[:100]}")
@@ -696,7 +715,12 @@ def main(argv: list[str] | None = None) -> int:
     for pkg in plan.new_packages:
         print(f"package {pkg}")
     print(f"{len(plan.moves)} moves, {len(plan.new_packages)} new packages, {len(edits)} files rewritten")
-    if not args.check:
+    if args.check:
+        readme = edits.get(Path("README.md"))
+        if readme is not None:  # the proposed Layout section
+            section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+            print("README.md ## Layout, as it would be:\n## Layout" + section)
+    else:
         apply(args.root, plan, edits)
     for line in leftovers(args.root, plan):
         print(f"look at: {line}")
