@@ -20,6 +20,12 @@ run it again. Running it twice is a no-op. What it rewrites:
   and one line per new subpackage in its folder block.
 - Import order (``ruff check --select I --fix`` on the Python files it changed).
 
+After it runs (by hand): read its ``look at:`` lines (bare ``prune.py`` in prose, a relative
+``import_module`` string, code moved under a package whose ``__init__`` imports torch); reword prose
+that the names alone do not fix (README Layout descriptions, ``surgery/measure/__init__.py``'s module
+list); run ruff, ``tests/test_layers.py`` and the suite; commit (everything is staged); then delete this
+script and ``tests/test_relayout.py``.
+
 Checkpoints, recipes and ONNX files record no module path (a checkpoint's builder is a registered
 name or the user's own ``module:function``; ONNX metadata keys are ``surgery.<key>`` with no module
 among them, see :data:`NOT_MODULES`), so old names need no alias table and nothing is shimmed.
