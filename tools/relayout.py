@@ -73,6 +73,7 @@ MAPPING: dict[str, str] = {
     "surgery.sweep": "surgery.sweep",
     "surgery.sweep_state": "surgery.sweep_state",
     "surgery.sweep_table": "surgery.sweep_table",
+    "surgery.compress": "surgery.compress",  # the goal-seeking job, beside the sweep
     # torch-free (the CLI's --help formats with it), so not under measure/, whose __init__ imports torch
     "surgery.report": "surgery.report",
     # detectors: what can be pruned
@@ -99,7 +100,6 @@ MAPPING: dict[str, str] = {
     "surgery.budget": "surgery.pruning.budget",  # issue 25 items 1-3 (other branches)
     "surgery.candidate": "surgery.pruning.candidate",
     "surgery.reconstruct": "surgery.pruning.reconstruct",
-    "surgery.compress": "surgery.pruning.compress",
     # training
     "surgery.train": "surgery.training.train",
     "surgery.hooks": "surgery.training.hooks",
@@ -147,6 +147,8 @@ MAPPING: dict[str, str] = {
     "surgery.data.synth": "surgery.data.synth",
     "surgery.data.voc": "surgery.data.voc",
     "surgery.data.yolo_txt": "surgery.data.yolo_txt",
+    "surgery.data.yolo_format": "surgery.data.yolo_format",
+    "surgery.data.image_folder": "surgery.data.image_folder",
     # yolo (the package exists)
     "surgery.yolo": "surgery.yolo",
     "surgery.yolo.config_check": "surgery.yolo.config_check",
@@ -155,6 +157,8 @@ MAPPING: dict[str, str] = {
     "surgery.yolo.ultralytics_adapter": "surgery.yolo.ultralytics_adapter",
     "surgery.yolo.ultralytics_handback": "surgery.yolo.ultralytics_handback",
     "surgery.yolo.yolov2": "surgery.yolo.yolov2",
+    "surgery.yolo.pickle_probe": "surgery.yolo.pickle_probe",
+    "surgery.yolo.ultralytics_trainer": "surgery.yolo.ultralytics_trainer",
 }
 
 # new package -> (one line for README's folder block, the package's __init__ docstring)
