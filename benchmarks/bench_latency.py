@@ -3,7 +3,7 @@
 Builds one detector at a real ``--size`` input (``min_size = max_size = size``), makes pruned copies
 (structured L1 at each ``--ratios``, masked magnitude at each ``--sparsities``; untrained weights are
 fine for timing), then measures params, MACs (fvcore) and latency interleaved across all models, and
-writes the bench CSV (:data:`surgery.bench.BENCH_COLUMNS`). Usage:
+writes the bench CSV (:data:`surgery.measure.bench.BENCH_COLUMNS`). Usage:
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_latency.py --csv benchmarks/bench_latency.csv
 """
@@ -37,12 +37,12 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, default=None)
     args = ap.parse_args()
 
-    from surgery.bench import bench_checkpoints, write_csv
-    from surgery.checkpoint import save_checkpoint
-    from surgery.masked import prune_masked
-    from surgery.models import ModelSpec, build_model, is_torchvision_model
-    from surgery.prune import prune_model
-    from surgery.recipe import BenchSection, PruneSection
+    from surgery.config.recipe import BenchSection, PruneSection
+    from surgery.detectors.builders import ModelSpec, build_model, is_torchvision_model
+    from surgery.measure.bench import bench_checkpoints, write_csv
+    from surgery.pruning.masked import prune_masked
+    from surgery.pruning.prune import prune_model
+    from surgery.storage.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     sized = is_torchvision_model(args.model) and not args.model.startswith("ssd")

@@ -25,13 +25,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waitin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from surgery.callbacks import Callbacks  # noqa: E402
-from surgery.catalog import find_recipe  # noqa: E402
-from surgery.checkpoint import load_checkpoint, save_pruned  # noqa: E402
 from surgery.compress import Goal, SearchSettings, SearchSpace, rebuild_trial, search  # noqa: E402
+from surgery.config.catalog import find_recipe  # noqa: E402
+from surgery.config.recipe import apply_overrides, load_recipe  # noqa: E402
 from surgery.data import dataset_for  # noqa: E402
-from surgery.evaluate import evaluate  # noqa: E402
-from surgery.recipe import apply_overrides, load_recipe  # noqa: E402
+from surgery.measure.evaluate import evaluate  # noqa: E402
+from surgery.storage.checkpoint import load_checkpoint, save_pruned  # noqa: E402
+from surgery.training.callbacks import Callbacks  # noqa: E402
 from surgery.workflows import retrain_checkpoint, train_from_recipe  # noqa: E402
 
 

@@ -2,9 +2,9 @@
 
 - ``pp``: end-to-end and network time in ONNX Runtime of the quickstart FCOS (dense and cut to
   25% of its MACs) and SSDlite (90 classes, 320 px), exported with torchvision's post-processing
-  traced as is and with surgery.postprocess's vectorised one (same detections), every model keeping
+  traced as is and with surgery.detectors.postprocess's vectorised one (same detections), every model keeping
   100 detections at score threshold 0 as ``surgery bench`` does.
-- ``int8``: network time of FP32 and of each INT8 form (surgery.quantize.FORMS) for the two FCOS.
+- ``int8``: network time of FP32 and of each INT8 form (surgery.deployment.quantize.FORMS) for the two FCOS.
 - ``threads``: the dense and cut FCOS end to end at 1 and 2 threads, spin-waiting off and on.
 - ``latency``: ``prune_model`` with ``target_latency`` on the dense FCOS (and YOLOv8n with
   ``--yolo``), re-measured with ``surgery bench --runtime onnxruntime``'s own code.
@@ -31,14 +31,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from surgery.export import export_onnx  # noqa: E402
+from surgery.config.recipe import BenchSection, PruneSection  # noqa: E402
+from surgery.deployment.export import export_onnx  # noqa: E402
+from surgery.deployment.runtime import ort_session  # noqa: E402
+from surgery.detectors.builders import ModelSpec, build_model  # noqa: E402
 from surgery.measure import count_macs, fixed_workload  # noqa: E402
 from surgery.measure.split import onnx_scopes, onnx_split_ms  # noqa: E402
 from surgery.measure.timing import RUN_BLOCK, time_interleaved  # noqa: E402
-from surgery.models import ModelSpec, build_model  # noqa: E402
-from surgery.prune import prune_model  # noqa: E402
-from surgery.recipe import BenchSection, PruneSection  # noqa: E402
-from surgery.runtime import ort_session  # noqa: E402
+from surgery.pruning.prune import prune_model  # noqa: E402
 
 COLUMNS = ("section", "model", "variant", "spinning", "macs_ratio", "e2e_ms", "network_ms", "pipeline_ms",
            "cpu_e2e_ms", "cpu_network_ms", "value", "value_cpu", "note")
@@ -136,7 +136,7 @@ def section_pp(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
 
 
 def section_int8(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
-    from surgery.quantize import FORMS, quantize_onnx
+    from surgery.deployment.quantize import FORMS, quantize_onnx
 
     dense, cut, ratio = fcos_pair(128)
     calib = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(i)) for i in range(16)]
@@ -193,8 +193,8 @@ def section_threads(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> No
 
 
 def section_latency(tmp: Path, args: argparse.Namespace, rows: list[dict]) -> None:
-    from surgery.bench import bench_checkpoints
-    from surgery.checkpoint import save_checkpoint
+    from surgery.measure.bench import bench_checkpoints
+    from surgery.storage.checkpoint import save_checkpoint
 
     models = [("fcos_resnet18_slim", FCOS_KW, 128)]
     if args.yolo:

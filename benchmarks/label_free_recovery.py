@@ -32,15 +32,15 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery_families import FAMILIES, ROOT  # noqa: E402
 
-from surgery.calibrate import calibration_data  # noqa: E402
-from surgery.checkpoint import load_checkpoint  # noqa: E402
+from surgery.config.recipe import load_recipe  # noqa: E402
 from surgery.data import dataset_for  # noqa: E402
-from surgery.evaluate import evaluate  # noqa: E402
 from surgery.measure import count_macs  # noqa: E402
-from surgery.prune import prune_model  # noqa: E402
-from surgery.recipe import load_recipe  # noqa: E402
-from surgery.reconstruct import reconstruct  # noqa: E402
-from surgery.recover import RECOVER_BATCH_SIZE  # noqa: E402
+from surgery.measure.evaluate import evaluate  # noqa: E402
+from surgery.pruning.calibrate import calibration_data  # noqa: E402
+from surgery.pruning.prune import prune_model  # noqa: E402
+from surgery.pruning.reconstruct import reconstruct  # noqa: E402
+from surgery.pruning.recover import RECOVER_BATCH_SIZE  # noqa: E402
+from surgery.storage.checkpoint import load_checkpoint  # noqa: E402
 
 COLUMNS = ("date", "family", "model", "target_macs", "macs_ratio", "dense_map", "map_cut", "map_refit",
            "map_reconstruct", "retained_refit", "retained_reconstruct", "steps", "best_step", "stopped",
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seconds", type=float, default=240.0)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--match", default="outputs", help="outputs | features (surgery.reconstruct.MATCHES)")
+    ap.add_argument("--match", default="outputs", help="outputs | features (surgery.pruning.reconstruct.MATCHES)")
     ap.add_argument("--csv", default="benchmarks/label_free_recovery.csv")
     args = ap.parse_args()
     torch.set_num_threads(2)

@@ -37,7 +37,7 @@ YOLO_MODELS = ["ultralytics:yolov8n.yaml", "ultralytics:yolov8s.yaml", "ultralyt
 
 
 def _kwargs(name: str, size: int) -> dict:
-    from surgery.models import is_torchvision_model
+    from surgery.detectors.builders import is_torchvision_model
 
     if name.startswith("ultralytics:") or name == "yolov2_darknet19":
         return {"size": size}
@@ -63,9 +63,9 @@ def _one(name: str, size: int, ratio: float, threads: int) -> dict:
 
     import torch
 
-    from surgery.models import build_model
-    from surgery.prune import prune_model
-    from surgery.recipe import PruneSection
+    from surgery.config.recipe import PruneSection
+    from surgery.detectors.builders import build_model
+    from surgery.pruning.prune import prune_model
 
     torch.set_num_threads(threads)
     model = build_model(name, **_kwargs(name, size))
@@ -97,7 +97,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(_one(args.child, args.size, args.ratio, args.threads)))
         return
-    from surgery.models import list_models
+    from surgery.detectors.builders import list_models
 
     names = args.models or (YOLO_MODELS if args.yolo else list_models() + YOLO_MODELS[:-1])
     if not _yolo_available():

@@ -1,5 +1,5 @@
 """mAP and ONNX Runtime latency of float vs INT8 PTQ vs INT8 QAT, per checkpoint (the deployment
-table of :mod:`surgery.deploy`): for each checkpoint (e.g. the quickstart's dense model and a
+table of :mod:`surgery.deployment.table`): for each checkpoint (e.g. the quickstart's dense model and a
 50%-channel pruned one) the float export, its INT8 PTQ copy (calibrated on ``--calib-batches x 8``
 training images) and, with ``--qat-steps``, an INT8 copy after that many quantization-aware
 fine-tuning steps; COCO mAP of each file on the first ``--val-images`` validation images, network and
@@ -34,9 +34,9 @@ def main() -> None:
 
     import torch
 
-    from surgery.checkpoint import read_checkpoint
     from surgery.data import dataset_for
-    from surgery.deploy import deploy_markdown, deploy_table, write_deploy_csv
+    from surgery.deployment.table import deploy_markdown, deploy_table, write_deploy_csv
+    from surgery.storage.checkpoint import read_checkpoint
 
     torch.set_num_threads(args.threads)
     val = dataset_for((read_checkpoint(args.checkpoints[0]).recipe or {}).get("data"), "val", train=False)

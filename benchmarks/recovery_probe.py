@@ -25,13 +25,13 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from surgery.checkpoint import load_checkpoint  # noqa: E402
-from surgery.distill import FeatureImitation  # noqa: E402
-from surgery.evaluate import evaluate  # noqa: E402
+from surgery.config.recipe import DistillSection, load_recipe  # noqa: E402
 from surgery.measure import count_macs  # noqa: E402
-from surgery.prune import prune_model  # noqa: E402
-from surgery.recipe import DistillSection, load_recipe  # noqa: E402
-from surgery.train import build_trainer  # noqa: E402
+from surgery.measure.evaluate import evaluate  # noqa: E402
+from surgery.pruning.prune import prune_model  # noqa: E402
+from surgery.storage.checkpoint import load_checkpoint  # noqa: E402
+from surgery.training.distill import FeatureImitation  # noqa: E402
+from surgery.training.train import build_trainer  # noqa: E402
 from surgery.workflows import load_datasets  # noqa: E402
 
 COLUMNS = ("variant", "ratio", "macs_ratio", "map", "map50", "seconds", "losses")

@@ -19,11 +19,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from surgery.bench import bench_checkpoints, write_csv  # noqa: E402
-from surgery.checkpoint import save_checkpoint  # noqa: E402
-from surgery.models import ModelSpec, build_model  # noqa: E402
-from surgery.prune import prune_model  # noqa: E402
-from surgery.recipe import BenchSection, PruneSection  # noqa: E402
+from surgery.config.recipe import BenchSection, PruneSection  # noqa: E402
+from surgery.detectors.builders import ModelSpec, build_model  # noqa: E402
+from surgery.measure.bench import bench_checkpoints, write_csv  # noqa: E402
+from surgery.pruning.prune import prune_model  # noqa: E402
+from surgery.storage.checkpoint import save_checkpoint  # noqa: E402
 
 SPEC = ModelSpec("fcos_resnet18_slim", {"num_classes": 5, "min_size": 128, "max_size": 128})
 SIZE = 128
@@ -47,11 +47,11 @@ def profile(paths: list[Path], tmp: Path, runs: int = 20) -> None:
     pipeline, node type), ms per image: where a cut model's time goes that its MACs do not explain."""
     import numpy as np
 
-    from surgery.export import export_onnx
+    from surgery.deployment.export import export_onnx
+    from surgery.deployment.onnx_io import OvSession
+    from surgery.deployment.runtime import load_detector
     from surgery.measure import fixed_workload
     from surgery.measure.split import onnx_scopes
-    from surgery.onnx_io import OvSession
-    from surgery.runtime import load_detector
 
     image = {"image": np.random.default_rng(0).random((3, SIZE, SIZE), dtype=np.float32)}
     for path in paths:

@@ -32,11 +32,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from surgery.config.recipe import TrainSection  # noqa: E402
 from surgery.data import build_dataset  # noqa: E402
-from surgery.evaluate import evaluate  # noqa: E402
-from surgery.models import ModelSpec, build_model  # noqa: E402
-from surgery.recipe import TrainSection  # noqa: E402
-from surgery.train import HookBase, LoggingHook, StepInfo, Trainer, build_trainer  # noqa: E402
+from surgery.detectors.builders import ModelSpec, build_model  # noqa: E402
+from surgery.measure.evaluate import evaluate  # noqa: E402
+from surgery.training.train import HookBase, LoggingHook, StepInfo, Trainer, build_trainer  # noqa: E402
 
 FIELDS = ["date", "model", "steps", "batch", "seconds", "s_per_step", "mAP", "mAP50", "torch", "threads"]
 MODEL = "fcos_resnet18_slim"

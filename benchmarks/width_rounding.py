@@ -5,7 +5,7 @@ PyTorch, ONNX Runtime): MACs ratio against network and end-to-end latency ratios
 Published anchor: rounding pruned widths turned a 2.15x MACs cut from a 1.44x into a 1.95x latency
 gain on a CPU runtime. Here the question is which multiple makes latency follow the MACs best
 (``network_ratio / macs_ratio`` closest to 1) on this CPU. Untrained weights are fine for timing.
-Writes ``round_to`` + :data:`surgery.bench.BENCH_COLUMNS` rows. Usage:
+Writes ``round_to`` + :data:`surgery.measure.bench.BENCH_COLUMNS` rows. Usage:
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/width_rounding.py --csv benchmarks/width_rounding.csv
 """
@@ -40,12 +40,12 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, default=None)
     args = ap.parse_args()
 
-    from surgery.atomic import atomic_open
-    from surgery.bench import BENCH_COLUMNS, bench_checkpoints
-    from surgery.checkpoint import save_checkpoint
-    from surgery.models import ModelSpec, build_model, is_torchvision_model
-    from surgery.prune import prune_model
-    from surgery.recipe import BenchSection, PruneSection
+    from surgery.config.recipe import BenchSection, PruneSection
+    from surgery.detectors.builders import ModelSpec, build_model, is_torchvision_model
+    from surgery.measure.bench import BENCH_COLUMNS, bench_checkpoints
+    from surgery.pruning.prune import prune_model
+    from surgery.storage.atomic import atomic_open
+    from surgery.storage.checkpoint import save_checkpoint
 
     out_rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="surgery-rounding-") as tmp:

@@ -26,7 +26,7 @@ def _ms(x: float | None) -> str:
 def _load_dataset(source: str, reference: Path) -> Any:
     """The validation split of ``source`` (the synthetic set as the reference's recipe made it)."""
     from surgery.data import dataset_for
-    from surgery.runtime import load_detector
+    from surgery.deployment.runtime import load_detector
 
     recipe_data = None
     if source == "synthetic":
@@ -66,8 +66,8 @@ def bench(
     ),
 ) -> None:
     """Params, MACs, latency (end to end, network, pipeline; interleaved across models), size, mAP."""
-    from surgery.bench import bench_checkpoints, write_csv
-    from surgery.recipe import recipe_from_dict
+    from surgery.config.recipe import recipe_from_dict
+    from surgery.measure.bench import bench_checkpoints, write_csv
 
     if fmt not in ("table", "json", "csv"):
         raise typer.BadParameter(f"--format {fmt!r}: expected table, json or csv")
@@ -94,7 +94,7 @@ def _print_machine(rows: list[Any], fmt: str) -> None:
     import json
     import sys
 
-    from surgery.bench import write_csv_to
+    from surgery.measure.bench import write_csv_to
 
     if fmt == "json":
         sys.stdout.write(json.dumps([{**r.to_dict(), "notes": r.notes} for r in rows], indent=1, default=str) + "\n")

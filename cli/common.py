@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from surgery.config.recipe import Recipe, apply_overrides, load_recipe
 from surgery.errors import RecipeError
-from surgery.recipe import Recipe, apply_overrides, load_recipe
 
 from .outputs import overwrite_allowed
 
@@ -15,7 +15,7 @@ def parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
     """``["num_classes=5", "min_size=320"]`` -> ``{"num_classes": 5, "min_size": 320}`` (YAML values)."""
     import yaml
 
-    from surgery.trust import safe_yaml_load
+    from surgery.storage.trust import safe_yaml_load
 
     out: dict[str, Any] = {}
     for item in items or []:
@@ -45,7 +45,7 @@ def resolve_recipe(recipe: Path | None, overrides: dict[str, Any]) -> Recipe:
     """The recipe file (or defaults) with CLI flags applied on top (``None`` flags are ignored).
 
     A bad value set by a flag is blamed on the flag, a bad value in the file on the file."""
-    from surgery.recipe import check_flag_overrides
+    from surgery.config.recipe import check_flag_overrides
 
     check_flag_overrides(overrides)
     base = load_recipe(recipe) if recipe is not None else Recipe(source="<defaults>")
@@ -55,8 +55,8 @@ def resolve_recipe(recipe: Path | None, overrides: dict[str, Any]) -> Recipe:
 def run_out(out: Path | None, root: str, resume: bool) -> Path:
     """``--out``, or ``root/expN/last.pt`` in a new run folder (``--resume``: the latest one).
     An existing checkpoint is never silently overwritten."""
-    from surgery.records import latest_run_dir, next_run_dir
-    from surgery.safety import OutputError
+    from surgery.storage.safety import OutputError
+    from surgery.training.records import latest_run_dir, next_run_dir
 
     if out is None:
         latest = latest_run_dir(root) if resume else None

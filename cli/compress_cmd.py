@@ -57,9 +57,9 @@ def compress(
 ) -> None:
     """Search for the fastest detector above an mAP floor, or the most accurate within a budget; retrain it
     and write the checkpoint, ONNX and a report (Pareto front, every trial, goal met or not)."""
-    from surgery.checkpoint import read_checkpoint
     from surgery.compress import Goal, SearchSettings, SearchSpace, deliver, search, write_report
     from surgery.errors import RecipeError
+    from surgery.storage.checkpoint import read_checkpoint
     from surgery.workflows import recipe_for_checkpoint
 
     goal = Goal(keep_map=keep_map, min_map=min_map, keep_macs=keep_macs, keep_latency=keep_latency, runtime=runtime,
@@ -77,7 +77,7 @@ def compress(
                               macs_input_size=input_size or rec.bench.input_size, seed=seed, study_name=study)
     space = SearchSpace(criteria=_csv(criteria, str, "--criteria"), round_to=_csv(round_to, int, "--round-to"),
                         sensitivity=str(sensitivity) if sensitivity is not None else None)
-    from surgery.checkpoint import load_checkpoint
+    from surgery.storage.checkpoint import load_checkpoint
     from surgery.workflows import Callbacks
 
     dense, _ = load_checkpoint(model)
@@ -106,7 +106,7 @@ def compress(
 
 
 def resolve_recipe_flags(rec, data: str | None, retrain_steps: int | None):  # noqa: ANN001, ANN201 - Recipe
-    from surgery.recipe import apply_overrides, check_flag_overrides
+    from surgery.config.recipe import apply_overrides, check_flag_overrides
 
     overrides = {"data.source": data, "retrain.steps": retrain_steps}
     check_flag_overrides(overrides)

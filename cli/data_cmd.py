@@ -59,7 +59,7 @@ def convert(
     import shutil
 
     from surgery.data.yolo_txt import convert_dataset
-    from surgery.safety import OutputError
+    from surgery.storage.safety import OutputError
 
     with overwriting(overwrite):
         refuse_existing(out, "--out", folder=True, hint=", or another folder")

@@ -31,7 +31,7 @@ def format_losses(losses: dict[str, float]) -> str:
 
 
 def step_line(info: Any) -> str:
-    """One plain log line for a :class:`surgery.hooks.StepInfo` (logs, pipes, CI: no progress bar)."""
+    """One plain log line for a :class:`surgery.training.hooks.StepInfo` (logs, pipes, CI: no progress bar)."""
     eta = f"{int(info.eta_s // 60)}:{int(info.eta_s % 60):02d}"
     return (f"step {info.step}/{info.total}  loss {info.loss:.3f} ({format_losses(info.losses)})  "
             f"lr {info.lr:.2e}  {info.images_per_s:.1f} img/s  eta {eta}")

@@ -149,7 +149,7 @@ def _nested(tp: Any) -> type | None:
 def _type_text(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
-    return str(tp).replace("typing.", "").replace("surgery.recipe.", "").replace("NoneType", "None")
+    return str(tp).replace("typing.", "").replace("surgery.config.recipe.", "").replace("NoneType", "None")
 
 
 def _default_text(f: dataclasses.Field) -> str:
@@ -189,13 +189,16 @@ def _section(cls: type, key: str) -> list[str]:
 
 def recipe_reference() -> str:
     """``docs/reference/recipes.md``: every key of the recipe schema with its type, default and
-    the comment beside it in :mod:`surgery.recipe`."""
-    from surgery.recipe import SCHEMA_VERSION, Recipe  # the app above is torch-free; so is the recipe module
+    the comment beside it in :mod:`surgery.config.recipe`."""
+    from surgery.config.recipe import (  # the app above is torch-free; so is the recipe module
+        SCHEMA_VERSION,
+        Recipe,
+    )
 
     lines = [
         "# Recipe reference",
         "",
-        f"Generated from the dataclasses in `surgery/recipe.py` by `{REGENERATE}`; do not edit by hand",
+        f"Generated from the dataclasses in `surgery/config/recipe.py` by `{REGENERATE}`; do not edit by hand",
         "(`tests/test_docs.py` fails when this page and the code differ). A recipe is YAML",
         f"(`version: {SCHEMA_VERSION}`) read with `yaml.safe_load`; an unknown key or a bad value is one error",
         "naming the file, the key and what is allowed. CLI flags override recipe values.",

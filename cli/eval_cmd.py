@@ -30,10 +30,10 @@ def eval_command(
     fmt: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
 ) -> None:
     """Evaluate a checkpoint with COCO metrics (mAP@[.5:.95], mAP50, ..., AR)."""
-    from surgery.atomic import atomic_open
     from surgery.data import dataset_for
-    from surgery.evaluate import evaluate
-    from surgery.runtime import load_detector
+    from surgery.deployment.runtime import load_detector
+    from surgery.measure.evaluate import evaluate
+    from surgery.storage.atomic import atomic_open
 
     out = err_console if machine_readable(fmt) else console  # json/csv: stdout is only the data
     model, info = load_detector(ckpt, device=device, runtime=runtime, precision=precision)

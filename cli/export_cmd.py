@@ -33,11 +33,11 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX: one image [3, S, S] in [0, 1] -> boxes, scores, labels (+ masks, keypoints).
     With --format ultralytics, an Ultralytics YOLO checkpoint goes back to Ultralytics as a .pt file."""
-    from surgery.checkpoint import load_checkpoint
+    from surgery.deployment.export import checkpoint_metadata, export_onnx
+    from surgery.deployment.quantize import export_size
     from surgery.errors import SurgeryError
-    from surgery.export import checkpoint_metadata, export_onnx
-    from surgery.masked import fold_masks
-    from surgery.quantize import export_size
+    from surgery.pruning.masked import fold_masks
+    from surgery.storage.checkpoint import load_checkpoint
 
     if fmt not in ("onnx", "ultralytics"):
         raise SurgeryError(f"--format {fmt!r}: expected onnx or ultralytics")
@@ -86,7 +86,7 @@ def export(
 def _hand_back(model: Any, ckpt: Any, checkpoint: Path, out: Path) -> None:
     from rich.markup import escape
 
-    from surgery.safety import protecting
+    from surgery.storage.safety import protecting
     from surgery.yolo.ultralytics_handback import recipe_class_names, save_for_ultralytics
     from surgery.yolo.ultralytics_trainer import train_line
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import typer
 
+from surgery.config.recipe import load_recipe
 from surgery.errors import RecipeError
-from surgery.recipe import load_recipe
 
 from .outputs import OUTPUT_PARAMS, OVERWRITE_HELP, RESUMED_FOLDERS, check_outputs, output_locks, overwriting
 
@@ -41,7 +41,7 @@ def _inputs(bound: dict[str, Any]) -> list[Any]:
 
 def _precheck(command: str, bound: dict[str, Any]) -> None:
     """Before any work: outputs are writable and are not inputs; --kwarg is not given with a checkpoint."""
-    from surgery.checkpoint import looks_like_path
+    from surgery.storage.checkpoint import looks_like_path
 
     inputs = _inputs(bound)
     check_device(bound.get("device"))
@@ -83,8 +83,8 @@ def check_device(device: Any, flag: str = "--device") -> None:
 def _refuse_untrusted_early(model: Any, recipe: Any) -> None:
     """Before datasets are built or anything trains: a --model, a recipe's model.name or its
     model.weights checkpoint that names user code is refused now (the same check the loader does)."""
-    from surgery.checkpoint import looks_like_path, read_checkpoint
-    from surgery.trust import is_user_code, origin, refuse
+    from surgery.storage.checkpoint import looks_like_path, read_checkpoint
+    from surgery.storage.trust import is_user_code, origin, refuse
 
     def check_checkpoint(path: Any, label: str) -> None:
         if isinstance(path, (str, Path)) and ":" not in str(path) and looks_like_path(str(path)) and Path(path).is_file():
@@ -125,8 +125,8 @@ def guard(command: str, fn: Any) -> Any:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, trust_code: bool = False, overwrite: bool = False, **kwargs: Any) -> Any:
-        from surgery.safety import protecting
-        from surgery.trust import origin, trusting
+        from surgery.storage.safety import protecting
+        from surgery.storage.trust import origin, trusting
 
         bound = sig.bind_partial(*args, **kwargs).arguments
         with overwriting(overwrite):

@@ -22,8 +22,8 @@ def info(
     fmt: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP + " csv: one row per layer."),
 ) -> None:
     """Where a checkpoint came from, what was cut (before -> after), and its recorded metrics."""
-    from surgery.info import describe_checkpoint
-    from surgery.runtime import is_onnx
+    from surgery.deployment.runtime import is_onnx
+    from surgery.storage.info import describe_checkpoint
 
     check_format(fmt)
     if is_onnx(checkpoint):
@@ -88,8 +88,8 @@ def _number(value: Any) -> float:
 
 
 def _onnx_info(path: Path, fmt: str) -> None:
-    from surgery.info import describe_onnx
     from surgery.report import fmt_count
+    from surgery.storage.info import describe_onnx
 
     d = describe_onnx(path)
     if fmt == "json":

@@ -25,10 +25,10 @@ def inspect(
     fmt: str = typer.Option("table", "--format", "-f", help=FORMAT_HELP),
 ) -> None:
     """Show the coupled channel groups and their widths without cutting anything."""
-    from surgery.checkpoint import resolve_model
     from surgery.errors import RecipeError
     from surgery.measure import count_macs, count_params
-    from surgery.prune import MACS_ROIS, inspect_model, is_two_stage
+    from surgery.pruning.prune import MACS_ROIS, inspect_model, is_two_stage
+    from surgery.storage.checkpoint import resolve_model
 
     rec = resolve_recipe(recipe, {"prune.skip": list(skip) if skip else None})
     rec.model.kwargs.update(parse_kv(kwarg, "--kwarg"))

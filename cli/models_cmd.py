@@ -8,7 +8,7 @@ from .console import console
 
 def models() -> None:
     """List the detectors surgery can build (torchvision's and the project's own)."""
-    from surgery.models import is_torchvision_model, list_models
+    from surgery.detectors.builders import is_torchvision_model, list_models
 
     table = Table(title="Detectors")
     table.add_column("name")

@@ -11,7 +11,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from surgery.safety import OutputError, OutputLock, check_folder, check_output
+from surgery.storage.safety import OutputError, OutputLock, check_folder, check_output
 
 # parameters naming output files (-> the flag shown in errors)
 OUTPUT_PARAMS = {"out": "--out", "json_out": "--json", "csv": "--csv", "detections": "--detections",
@@ -42,7 +42,7 @@ def overwrite_allowed() -> bool:
 def refuse_existing(path: str | Path, flag: str, *, folder: bool = False, hint: str = "") -> None:
     """Never a silent overwrite: the one check every command that writes runs before any work. An
     existing output file (or a non-empty output folder) is refused in one line unless the command
-    runs with ``--overwrite``. Links, devices and inputs are refused by :func:`surgery.safety.check_output`
+    runs with ``--overwrite``. Links, devices and inputs are refused by :func:`surgery.storage.safety.check_output`
     whatever the flag says."""
     p = Path(path)
     present = (p.is_dir() and any(p.iterdir())) if folder else (p.exists() or p.is_symlink())

@@ -1,5 +1,5 @@
 """``surgery predict CKPT IMAGES... --out DIR``: boxes drawn with class names, and a JSON of the
-detections, over :mod:`surgery.predict`."""
+detections, over :mod:`surgery.deployment.predict`."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ def predict(
     draw: bool = typer.Option(True, "--draw/--no-draw", help="Write each image with its boxes."),
 ) -> None:
     """Detect objects in images: boxes drawn with class names, and a JSON of the detections."""
-    from surgery.predict import image_files, load_predictor, predict_files, write_predictions
+    from surgery.deployment.predict import image_files, load_predictor, predict_files, write_predictions
 
     if out is None:
-        from surgery.records import next_run_dir
+        from surgery.training.records import next_run_dir
 
         out = next_run_dir("runs/predict")
     files = image_files(images)

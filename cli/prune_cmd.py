@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from surgery.importance import method_help
+from surgery.pruning.importance import method_help
 from surgery.report import fmt_count as _fmt
 
 from .common import parse_kv, parse_ratios, resolve_recipe
@@ -53,7 +53,7 @@ def prune(
     out: Path = typer.Option(Path("pruned.pt"), "--out", "-o", help="Where to write the pruned checkpoint."),
 ) -> None:
     """Cut channels (or mask weights) of a detector and save a checkpoint that reloads without code."""
-    from surgery.anchors import parse_anchor_spec
+    from surgery.detectors.anchors import parse_anchor_spec
     from surgery.errors import RecipeError
     from surgery.workflows import prune_and_save
 
@@ -86,7 +86,7 @@ def prune(
     source = model or rec.model.name
     if not source:
         raise RecipeError("no model: pass --model or a recipe with model.name")
-    # the prune settings given as flags, as spelled: surgery.budget refuses what they would not change
+    # the prune settings given as flags, as spelled: surgery.pruning.budget refuses what they would not change
     given = {key.split(".", 1)[1]: FLAGS[key] for key, value in overrides.items() if value is not None and key in FLAGS}
     if macs_size is not None:
         given["macs_input_size"] = "--macs-size"
@@ -138,7 +138,7 @@ def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
                   + (f", {macs}" if macs else ""), highlight=False, soft_wrap=True)
     console.print(f"output layers kept whole: {', '.join(report.output_layers)}\n"
                   f"analysis {report.seconds_analysis:.2f}s, cut {report.seconds_cut:.2f}s", soft_wrap=True)
-    if report.target is not None and hasattr(report.target, "table_key"):  # surgery.latency.LatencyTargetResult
+    if report.target is not None and hasattr(report.target, "table_key"):  # surgery.pruning.latency.LatencyTargetResult
         t = report.target
         measured = "not timed" if t.measured is None else (f"measured {t.measured:.1%} (median of interleaved passes; "
                                                             f"{t.measured_ms:.2f} / {t.dense_ms:.2f} ms)")
@@ -156,7 +156,7 @@ def _print_report(source: str, report) -> None:  # noqa: ANN001 - PruneReport
             console.print(f"anchors {gen['path']}: per level {gen['before']} -> {after}")
 
 
-def _print_recovery(rec) -> None:  # noqa: ANN001 - surgery.recover.RecoveryResult
+def _print_recovery(rec) -> None:  # noqa: ANN001 - surgery.pruning.recover.RecoveryResult
     s = rec.summary()
     err = (f"; reconstruction error (relative, mean over layers) {s['mean_error_before']:.3f} -> {s['mean_error_after']:.3f}"
            if s["mean_error_before"] is not None else "")

@@ -1,4 +1,4 @@
-"""``surgery quantize``: INT8 ONNX from a checkpoint (options and display over :mod:`surgery.quantize`)."""
+"""``surgery quantize``: INT8 ONNX from a checkpoint (options and display over :mod:`surgery.deployment.quantize`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def quantize(
 ) -> None:
     """Quantize a checkpoint to INT8 ONNX (static, per-channel weights, ONNX Runtime QDQ); output layers,
     decoding, NMS and RoIAlign stay float."""
-    from surgery.quantize import quantize_checkpoint
+    from surgery.deployment.quantize import quantize_checkpoint
 
     with console.status(f"exporting and quantizing {checkpoint.name}..."):
         res = quantize_checkpoint(

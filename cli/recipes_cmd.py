@@ -11,7 +11,7 @@ def recipes(
     fmt: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """List the shipped recipes: pass a name to --recipe or to `surgery sweep` from any folder."""
-    from surgery.catalog import list_recipes
+    from surgery.config.catalog import list_recipes
 
     rows = [{"name": e.name, "about": e.summary, "path": str(e.path)} for e in list_recipes()]
     render(rows, [Column("name"), Column("about"), Column("path")], fmt,

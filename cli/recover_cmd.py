@@ -40,7 +40,7 @@ def recover(
     console.print(f"saved [bold]{done.path}[/]")
 
 
-def reconstruct_line(report: Any) -> str:  # surgery.reconstruct.ReconstructReport
+def reconstruct_line(report: Any) -> str:  # surgery.pruning.reconstruct.ReconstructReport
     s = report.summary()
     return (f"reconstructed on {s['calibration_images']} images ({s['held_out_images']} held out): "
             f"held-out head-output error {s['held_out_error_cut']:.4f} after the cut -> {s['held_out_error_refit']:.4f} "

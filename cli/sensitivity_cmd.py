@@ -29,13 +29,13 @@ def sensitivity(
     """Sensitivity of each coupled group to cutting (Distiller's analysis), for --allocation sensitivity."""
     from torch.utils.data import Subset
 
-    from surgery.calibrate import calibration_data
-    from surgery.checkpoint import load_checkpoint
     from surgery.data import dataset_for
     from surgery.errors import RecipeError
-    from surgery.evaluate import evaluate
-    from surgery.recover import RECOVER_BATCH_SIZE
-    from surgery.sensitivity import analyse, file_digest, plot_table, run_key
+    from surgery.measure.evaluate import evaluate
+    from surgery.pruning.calibrate import calibration_data
+    from surgery.pruning.recover import RECOVER_BATCH_SIZE
+    from surgery.pruning.sensitivity import analyse, file_digest, plot_table, run_key
+    from surgery.storage.checkpoint import load_checkpoint
     from surgery.workflows import recipe_for_checkpoint
 
     try:

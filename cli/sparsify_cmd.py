@@ -44,9 +44,9 @@ def sparsify(
 ) -> None:
     """Sparse training before the cut: group lasso over coupled groups (+ norm-gamma L1), targeted at
     the channels the cut removes; then `surgery prune` the result."""
-    from surgery.checkpoint import read_checkpoint
-    from surgery.sparsify import check_target_ratio
-    from surgery.train import destroy_distributed, init_distributed
+    from surgery.pruning.sparsify import check_target_ratio
+    from surgery.storage.checkpoint import read_checkpoint
+    from surgery.training.train import destroy_distributed, init_distributed
     from surgery.workflows import recipe_for_checkpoint, sparsify_checkpoint
 
     check_target_ratio(ratio)  # before the checkpoint is read or an output folder is made

@@ -38,7 +38,7 @@ def sweep(
         progress.update(steps, visible=False)
         console.print(f"[{i}/{n}] {name}", markup=False, highlight=False)  # no log_path: no "sweep_cmd.py:36"
 
-    def on_step(info) -> None:  # noqa: ANN001 - surgery.train.StepInfo
+    def on_step(info) -> None:  # noqa: ANN001 - surgery.training.train.StepInfo
         if not console.is_terminal and (info.step % 50 == 0 or info.step == info.total):
             console.print(step_line(info), markup=False, highlight=False, soft_wrap=True)
         losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in info.losses.items())

@@ -61,7 +61,7 @@ def train(
     weights: str = typer.Option(None, "--weights", help="Start from these weights: a file (state dict or checkpoint) or a torchvision name."),
 ) -> None:
     """Train a dense detector (from scratch, or from --weights: fine-tune to your classes)."""
-    from surgery.train import destroy_distributed, init_distributed
+    from surgery.training.train import destroy_distributed, init_distributed
     from surgery.workflows import train_from_recipe
 
     flags = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
@@ -125,9 +125,9 @@ def retrain(
         from surgery.errors import RecipeError
 
         raise RecipeError(f"--engine {engine!r}: expected surgery or ultralytics")
-    from surgery.checkpoint import read_checkpoint
-    from surgery.qat import QATHook
-    from surgery.train import destroy_distributed, init_distributed
+    from surgery.storage.checkpoint import read_checkpoint
+    from surgery.training.qat import QATHook
+    from surgery.training.train import destroy_distributed, init_distributed
     from surgery.workflows import recipe_for_checkpoint, retrain_checkpoint
 
     flags = dict(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
@@ -157,9 +157,9 @@ def _retrain_ultralytics(ckpt: Path, *, data: str | None, epochs: float | None, 
                          lr: float | None, device: str | None, out: Path | None, seed: int | None, workers: int | None,
                          evaluate: bool, kwarg: list[str], unused: list[str]) -> None:
     """``retrain --engine ultralytics``: Ultralytics' trainer on the checkpoint's network, widths kept."""
-    from surgery.checkpoint import load_checkpoint
     from surgery.data.sources import normalize_source
     from surgery.errors import RecipeError
+    from surgery.storage.checkpoint import load_checkpoint
     from surgery.yolo.ultralytics_adapter import UltralyticsDetector
 
     if unused:

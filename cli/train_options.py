@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from surgery.recipe import Recipe
+from surgery.config.recipe import Recipe
 
 from .console import err_console
 
@@ -76,8 +76,8 @@ def interrupt_note(out: Path, main: bool) -> Iterator[None]:
 
 
 def _kept(out: Path) -> str:
-    from surgery.checkpoint import read_checkpoint
     from surgery.errors import SurgeryError
+    from surgery.storage.checkpoint import read_checkpoint
 
     try:
         state = read_checkpoint(out).train_state if out.is_file() else None

@@ -15,30 +15,30 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it (imported on first use)
 _EXPORTS = {
-    "load": "checkpoint",
-    "load_checkpoint": "checkpoint",
-    "save_checkpoint": "checkpoint",
+    "load": "storage.checkpoint",
+    "load_checkpoint": "storage.checkpoint",
+    "save_checkpoint": "storage.checkpoint",
     "SurgeryError": "errors",
-    "ModelSpec": "models",
-    "build_model": "models",
-    "list_models": "models",
-    "register_model": "models",
-    "prune_to": "prune",
-    "CutRatio": "budget",
-    "KeepMacs": "budget",
-    "KeepParams": "budget",
-    "KeepLatency": "budget",
-    "Sensitivity": "budget",
-    "Rounding": "budget",
-    "Recovery": "budget",
+    "ModelSpec": "detectors.builders",
+    "build_model": "detectors.builders",
+    "list_models": "detectors.builders",
+    "register_model": "detectors.builders",
+    "prune_to": "pruning.prune",
+    "CutRatio": "pruning.budget",
+    "KeepMacs": "pruning.budget",
+    "KeepParams": "pruning.budget",
+    "KeepLatency": "pruning.budget",
+    "Sensitivity": "pruning.budget",
+    "Rounding": "pruning.budget",
+    "Recovery": "pruning.budget",
 }
 
 if TYPE_CHECKING:
-    from .budget import CutRatio, KeepLatency, KeepMacs, KeepParams, Recovery, Rounding, Sensitivity
-    from .checkpoint import load, load_checkpoint, save_checkpoint
+    from .detectors.builders import ModelSpec, build_model, list_models, register_model
     from .errors import SurgeryError
-    from .models import ModelSpec, build_model, list_models, register_model
-    from .prune import prune_to
+    from .pruning.budget import CutRatio, KeepLatency, KeepMacs, KeepParams, Recovery, Rounding, Sensitivity
+    from .pruning.prune import prune_to
+    from .storage.checkpoint import load, load_checkpoint, save_checkpoint
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waitin
 
 from pathlib import Path
 
-from surgery.trust import drop_implicit_cwd
+from surgery.storage.trust import drop_implicit_cwd
 
 # ``python -m`` puts the current directory first on sys.path: a stray ``evil.py`` (or a module a
 # checkpoint names) must not be importable from there implicitly. The folder this package lives in

@@ -79,7 +79,7 @@ def set_rpn_top_n(rpn: nn.Module, stage: str, mode: str, value: int) -> int | No
 def onnx_roi_merge() -> Iterator[None]:
     """Make ``MultiScaleRoIAlign`` merge its levels with the scatter of its ONNX-export branch
     (``_onnx_merge_levels``) instead of ``result[idx] = level_output``. Same values; see
-    :mod:`surgery.graph` (why the dependency trace needs it). torchvision chooses the branch with
+    :mod:`surgery.pruning.graph` (why the dependency trace needs it). torchvision chooses the branch with
     ``torchvision._is_tracing()``, so that is made to answer True during the pooler's call only."""
     import torchvision
     from torchvision.ops import poolers
@@ -183,7 +183,7 @@ def remove_prune_reparametrizations(model: nn.Module) -> None:
 @contextlib.contextmanager
 def attached_detach(module: nn.Module) -> Iterator[None]:
     """While ``module``'s forward runs (and only then), ``Tensor.detach`` returns the tensor itself,
-    still attached to autograd. Same values; see :mod:`surgery.graph` (why the dependency trace
+    still attached to autograd. Same values; see :mod:`surgery.pruning.graph` (why the dependency trace
     needs it: Ultralytics' end-to-end heads feed their one-to-one branch ``x.detach()`` in training,
     which hides that branch's coupling to the neck from a trace that walks autograd). The switch is
     made by a forward pre-hook and undone by a forward hook that also runs when the forward fails."""

@@ -6,14 +6,14 @@ dense MACs or of its measured network latency), with the goal's floor and budget
 constraints, so its Pareto front is the report's and the chosen trial is the best feasible one.
 
 Each trial (:func:`cut_and_recover`, the one place that builds a :class:`PruneSection` and calls
-:func:`surgery.prune.prune_model` + :func:`surgery.recover.recover`) cuts a copy of the dense
+:func:`surgery.pruning.prune.prune_model` + :func:`surgery.pruning.recover.recover`) cuts a copy of the dense
 model with per-group ratios, recovers it without retraining, scores mAP on a *held-out
 calibration split* (training images the recovery did not see; the validation split stays for the
 final check) and measures its cost. The parameters Optuna samples:
 
 - ``keep``: the fraction of the dense MACs the cut aims at (the global ratio, re-expressed so that
   every trial of a MACs budget lands on the budget: the scale of the per-group ratios is bisected
-  on :class:`surgery.target.CostModel`, which counts MACs from widths without cutting);
+  on :class:`surgery.pruning.target.CostModel`, which counts MACs from widths without cutting);
 - ``mult:<stage>``: a multiplier of the ratio per stage (groups whose roots share a name prefix);
 - ``sens_power`` (with a sensitivity table from ``surgery sensitivity``): per-group multipliers
   ``(mean loss / group loss) ** p`` from the table's mAP loss at its middle ratio;
@@ -49,25 +49,25 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from .allocate import plan_channels
-from .atomic import atomic_open, atomic_path
-from .calibrate import calibration_data, group_scores
-from .callbacks import Callbacks
-from .checkpoint import load_checkpoint, save_pruned
+from .config.recipe import DistillSection, PruneSection, Recipe
 from .data import dataset_for
+from .deployment.export import export_onnx
+from .deployment.quantize import quantize_checkpoint
 from .errors import RecipeError, SurgeryError, require_extra
-from .evaluate import evaluate
-from .export import export_onnx
-from .graph import trace
-from .latency import network_ms
 from .measure import count_macs
+from .measure.evaluate import evaluate
 from .measure.workload import MACS_ROIS
-from .prune import PruneResult, prune_model
-from .quantize import quantize_checkpoint
-from .recipe import DistillSection, PruneSection, Recipe
-from .recover import RECOVER_BATCH_SIZE, recover
-from .sensitivity import DENSE, read_table
-from .target import CostModel
+from .pruning.allocate import plan_channels
+from .pruning.calibrate import calibration_data, group_scores
+from .pruning.graph import trace
+from .pruning.latency import network_ms
+from .pruning.prune import PruneResult, prune_model
+from .pruning.recover import RECOVER_BATCH_SIZE, recover
+from .pruning.sensitivity import DENSE, read_table
+from .pruning.target import CostModel
+from .storage.atomic import atomic_open, atomic_path
+from .storage.checkpoint import load_checkpoint, save_pruned
+from .training.callbacks import Callbacks
 from .workflows import retrain_checkpoint
 from .yolo.ultralytics_adapter import UltralyticsDetector
 from .yolo.ultralytics_handback import save_for_ultralytics
@@ -76,7 +76,7 @@ STUDY_FILE = "study.db"
 MAX_GROUP_RATIO = 0.9  # never cut more of one group in a trial
 MAX_STAGES = 8
 # a MACs budget is met within 1% (relative): the cost model's bisection lands within a channel or
-# two of the budget, and round_to makes the real count a step function (surgery.target uses 2%)
+# two of the budget, and round_to makes the real count a step function (surgery.pruning.target uses 2%)
 BUDGET_TOL = 0.01
 DEFAULT_CRITERIA = ("l1", "l2", "bn")
 DEFAULT_ROUND_TO = (1, 8)
@@ -281,7 +281,7 @@ def cut_and_recover(
 ) -> tuple[nn.Module, PruneResult]:
     """A copy of ``dense`` cut with ``section`` and recovered without retraining on
     ``recover_batches`` batches of ``recover_data``: the one call into the pruning pipeline
-    (:func:`surgery.prune.prune_model`, :func:`surgery.recover.recover`) the search makes."""
+    (:func:`surgery.pruning.prune.prune_model`, :func:`surgery.pruning.recover.recover`) the search makes."""
     model = copy.deepcopy(dense)
     result = prune_model(model, section, trace_size=trace_size, macs_input_size=macs_input_size,
                          calib_data=calib_data)
@@ -296,7 +296,7 @@ def cut_and_recover(
 
 def holdout_split(recipe: Recipe, images: int, recover_batches: int) -> Subset:
     """``images`` training images the recovery never sees (the calibration batches are the first
-    ``recover_batches x 8`` of the same seeded permutation, :func:`surgery.calibrate.calibration_data`):
+    ``recover_batches x 8`` of the same seeded permutation, :func:`surgery.pruning.calibrate.calibration_data`):
     the split the proxy mAP is scored on, so the validation split stays for the final check."""
     dataset = dataset_for(recipe.data, "train", train=False)
     used = recover_batches * RECOVER_BATCH_SIZE
@@ -519,7 +519,7 @@ def _score(model: nn.Module, holdout: Subset) -> float:
 
 def latency_ratio(dense: nn.Module, model: nn.Module, runtime: str, input_size: int, *, runs: int, rounds: int) -> float:
     """The model's network latency over the dense model's on ``runtime``: the median of the
-    per-pass ratios (:func:`surgery.latency.network_ms`, interleaved so load changes cancel)."""
+    per-pass ratios (:func:`surgery.pruning.latency.network_ms`, interleaved so load changes cancel)."""
     d, m = network_ms([dense, model], runtime, input_size, runs=runs, rounds=rounds)
     return statistics.median(b / a for a, b in zip(d, m))
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import atomic_path
+from .storage.atomic import atomic_path
 
 if TYPE_CHECKING:  # torch loads only when a plot needs it: `surgery --help` must not import it
     import torch

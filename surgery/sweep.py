@@ -27,25 +27,25 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_open
-from .bench import bench_checkpoints, write_csv
-from .checkpoint import is_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
-from .deploy import deploy_report
+from .config.recipe import DistillSection, PruneSection, Recipe, SparsifySection, Technique, parse_technique
+from .config.settings import StepKeys, settings_hash
+from .deployment.table import deploy_report
+from .detectors.builders import ModelSpec, accepts, build_model, get_builder
 from .errors import RecipeError
-from .evaluate import evaluate
-from .hooks import LoggingHook
-from .importance import needs_data
-from .masked import matched_sparsity
-from .models import ModelSpec, accepts, build_model, get_builder
-from .plan import plan_chain
-from .recipe import DistillSection, PruneSection, Recipe, SparsifySection, Technique, parse_technique
+from .measure.bench import bench_checkpoints, write_csv
+from .measure.evaluate import evaluate
+from .pruning.importance import needs_data
+from .pruning.masked import matched_sparsity
+from .pruning.plan import plan_chain
+from .pruning.sparsify import SparsityHook
+from .pruning.target import find_ratio_for_target
 from .report import (
     MIN_REFERENCE_MAP,
     sweep_markdown,
 )
-from .safety import RunLock, check_folder
-from .settings import StepKeys, settings_hash
-from .sparsify import SparsityHook
+from .storage.atomic import atomic_open
+from .storage.checkpoint import is_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from .storage.safety import RunLock, check_folder
 from .sweep_state import StepState
 from .sweep_table import (
     SWEEP_COLUMNS,
@@ -57,8 +57,8 @@ from .sweep_table import (
     target_columns,
     write_rows,
 )
-from .target import find_ratio_for_target
-from .train import build_trainer
+from .training.hooks import LoggingHook
+from .training.train import build_trainer
 from .workflows import distill_hook, load_datasets, prune_loaded
 
 

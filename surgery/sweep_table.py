@@ -11,9 +11,7 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_open
-from .checkpoint import load_checkpoint, read_checkpoint
-from .plan import plan_chain
+from .pruning.plan import plan_chain
 from .report import (
     MIN_REFERENCE_MAP,
     plot_detections_grid,
@@ -21,6 +19,8 @@ from .report import (
     plot_layer_widths,
     plot_map_vs_macs,
 )
+from .storage.atomic import atomic_open
+from .storage.checkpoint import load_checkpoint, read_checkpoint
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The pipeline steps as the CLI and the sweep run them: prune and save, train from a recipe,
-retrain a checkpoint. Each takes a resolved :class:`~surgery.recipe.Recipe` and returns a typed
+retrain a checkpoint. Each takes a resolved :class:`~surgery.config.recipe.Recipe` and returns a typed
 result; progress reaches the caller through :class:`Callbacks` (the library never prints).
 
 Under ``torchrun`` the training workflows build the (cached) datasets on rank 0 first and only
@@ -20,24 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import reconstruct as reconstruction
-from .budget import check_combination, from_config
-from .calibrate import calibration_data
-from .callbacks import Callbacks, WarmupCheck
-from .checkpoint import Checkpoint, load_checkpoint, resolve_model, save_pruned
-from .data import dataset_for
-from .data.image_folder import image_batches, image_files
-from .distill import distill_hook_for, teacher_path
-from .distributed import DistInfo, current_dist, main_process_first
-from .errors import DataError, PruningError, RecipeError
-from .hooks import EvalHook, HookBase, LoggingHook, MaskHook
-from .importance import needs_data
-from .masked import AGPSchedule, apply_masks, magnitude_masks, masks_sparsity, prune_masked
-from .measure import count_params
-from .models import ModelSpec, _is_local_file, accepts, build_model, get_builder
-from .plan import MaskedPlan
-from .prune import PruneResult, prune_to
-from .recipe import (
+from .config.recipe import (
     AGPSection,
     DataSection,
     Recipe,
@@ -47,12 +30,29 @@ from .recipe import (
     load_recipe,
     recipe_from_dict,
 )
-from .records import RecordHook, RunFiles
-from .recover import DEFAULT_RECOVER_BATCHES, RECOVER_BATCH_SIZE
-from .sparsify import SparsityHook, check_target_ratio
-from .target import find_ratio_for_target
-from .train import TrainResult, build_trainer
-from .transfer import build_with_weights_file, load_checkpoint_with
+from .data import dataset_for
+from .data.image_folder import image_batches, image_files
+from .detectors.builders import ModelSpec, _is_local_file, accepts, build_model, get_builder
+from .errors import DataError, PruningError, RecipeError
+from .measure import count_params
+from .pruning import reconstruct as reconstruction
+from .pruning.budget import check_combination, from_config
+from .pruning.calibrate import calibration_data
+from .pruning.importance import needs_data
+from .pruning.masked import AGPSchedule, apply_masks, magnitude_masks, masks_sparsity, prune_masked
+from .pruning.plan import MaskedPlan
+from .pruning.prune import PruneResult, prune_to
+from .pruning.recover import DEFAULT_RECOVER_BATCHES, RECOVER_BATCH_SIZE
+from .pruning.sparsify import SparsityHook, check_target_ratio
+from .pruning.target import find_ratio_for_target
+from .storage.checkpoint import Checkpoint, load_checkpoint, resolve_model, save_pruned
+from .training.callbacks import Callbacks, WarmupCheck
+from .training.distill import distill_hook_for, teacher_path
+from .training.distributed import DistInfo, current_dist, main_process_first
+from .training.hooks import EvalHook, HookBase, LoggingHook, MaskHook
+from .training.records import RecordHook, RunFiles
+from .training.train import TrainResult, build_trainer
+from .training.transfer import build_with_weights_file, load_checkpoint_with
 
 # --------------------------------------------------------------------------------------------
 # data
@@ -113,10 +113,10 @@ class PruneOutcome:
     kind: str  # structured | masked
     spec: ModelSpec
     structured: PruneResult | None = None
-    masked: Any = None  # surgery.masked.MaskedResult
-    recovery: Any = None  # surgery.recover.RecoveryResult when prune.recover > 0
+    masked: Any = None  # surgery.pruning.masked.MaskedResult
+    recovery: Any = None  # surgery.pruning.recover.RecoveryResult when prune.recover > 0
     cut_metrics: dict[str, Any] | None = None  # what on_cut returned (before recovery)
-    allocation: Any = None  # surgery.sensitivity.SensitivityAllocation with prune.allocation: sensitivity
+    allocation: Any = None  # surgery.pruning.sensitivity.SensitivityAllocation with prune.allocation: sensitivity
 
 
 def prune_and_save(
@@ -154,7 +154,7 @@ def prune_loaded(
     """:func:`prune_and_save` for a model already in memory (``prior``: its checkpoint, if any).
     ``on_cut(model)`` is called right after the cut, before any recovery (the sweep scores the
     model there). ``given``: the prune settings the user set explicitly, as spelled (CLI flags),
-    for :func:`surgery.budget.from_config` to refuse what would be ignored."""
+    for :func:`surgery.pruning.budget.from_config` to refuse what would be ignored."""
     cfg = recipe.prune
     recipe = _inherit_data(_naming(recipe, spec), prior)
     previous = prior.plan if prior is not None else None
@@ -246,7 +246,7 @@ class TrainOutcome:
     recipe: Recipe
     device: str
     world_size: int = 1
-    files: Any = None  # surgery.records.RunFiles: best.pt, metrics.csv / .jsonl beside the checkpoint
+    files: Any = None  # surgery.training.records.RunFiles: best.pt, metrics.csv / .jsonl beside the checkpoint
 
 
 def _fit(
@@ -447,7 +447,7 @@ def sparsify_checkpoint(
     dist_info: DistInfo | None = None,
     callbacks: Callbacks | None = None,
 ) -> TrainOutcome:
-    """Sparse training of a dense checkpoint before it is cut (:mod:`surgery.sparsify`):
+    """Sparse training of a dense checkpoint before it is cut (:mod:`surgery.pruning.sparsify`):
     ``recipe.prune.sparsify`` (steps, weights, warm-up) with the ``retrain`` section's optimizer
     and schedule. ``ratio`` (or ``prune.target_macs``/``target_params``, searched here) targets the
     channels that cut will remove; without either every channel of every prunable group is
@@ -507,7 +507,7 @@ def recover_checkpoint(
     device: str = "cpu",
     trust_code: bool | None = None,
 ) -> RecoveredCheckpoint:
-    """Label-free recovery of a pruned checkpoint: :func:`surgery.reconstruct.reconstruct` against ``teacher`` (a dense
+    """Label-free recovery of a pruned checkpoint: :func:`surgery.pruning.reconstruct.reconstruct` against ``teacher`` (a dense
     checkpoint; ``auto``/``None``: the one the plan records it was pruned from) on the images of
     ``images`` (:func:`surgery.data.image_folder.image_files`), written atomically to ``out`` with the plan it had and the
     recovery's summary in its metrics."""

@@ -28,7 +28,7 @@ def synthetic_shapes(tmp_path_factory: pytest.TempPathFactory):
 def trained_slim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fcos_resnet18_slim (fpn_channels 64) trained 40 steps from scratch at 64 px: not accurate, but its
     scores and boxes come from trained heads (no ties at the prior), which agreement checks need."""
-    from surgery.recipe import recipe_from_dict
+    from surgery.config.recipe import recipe_from_dict
     from surgery.workflows import train_from_recipe
 
     tmp = tmp_path_factory.mktemp("trained")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from surgery.models import build_model, is_torchvision_model
+from surgery.detectors.builders import build_model, is_torchvision_model
 
 TEST_SIZE = 224
 

@@ -1,13 +1,13 @@
 """MACs targets land on thin networks: round_to relaxed for thin groups and per-group rounding
-thresholds (surgery.allocate.keep_count), so the kept fraction follows the ratio instead of jumping."""
+thresholds (surgery.pruning.allocate.keep_count), so the kept fraction follows the ratio instead of jumping."""
 
 from __future__ import annotations
 
 import pytest
 
-from surgery.allocate import group_dither, keep_count, thin_round_to
-from surgery.recipe import PruneSection
-from surgery.target import find_ratio_for_target
+from surgery.config.recipe import PruneSection
+from surgery.pruning.allocate import group_dither, keep_count, thin_round_to
+from surgery.pruning.target import find_ratio_for_target
 
 
 def test_thin_groups_round_to_less():
@@ -30,7 +30,7 @@ def test_keep_count_strict_is_the_old_ceiling_and_dither_averages_to_the_exact_c
 @pytest.mark.parametrize("name", ["ultralytics:yolov8n.yaml", "ultralytics:yolo11n.yaml"])
 @pytest.mark.parametrize("target", [0.5, 0.25])
 def test_macs_targets_land_within_2_percent_on_yolo(name: str, target: float):
-    from surgery.models import ModelSpec, build_model
+    from surgery.detectors.builders import ModelSpec, build_model
 
     model = build_model(ModelSpec(name, {"nc": 4, "size": 128}))
     cfg = PruneSection(method="l1", round_to=8, min_channels=8)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from surgery.config.recipe import RecipeError, recipe_from_dict
+from surgery.detectors.builders import build_model
 from surgery.errors import MeasureError
 from surgery.measure.split import accelerated_network, record_calls
-from surgery.models import build_model
-from surgery.recipe import RecipeError, recipe_from_dict
 
 SIZE = 64
 
@@ -61,7 +61,7 @@ def test_bench_options_for_a_gpu_validate() -> None:
 
 def test_bench_cli_passes_compile_and_precision(monkeypatch) -> None:
     import cli.bench_cmd as bench_cmd
-    import surgery.bench as bench
+    import surgery.measure.bench as bench
 
     seen = {}
 

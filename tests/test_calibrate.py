@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 
 import surgery
 from cli.main import app
-from surgery.calibrate import calibrate, calibration_data, group_grad_product, group_scores
+from surgery.config.recipe import DataSection, PruneSection, recipe_from_dict
+from surgery.detectors.builders import build_model
 from surgery.errors import PruningError, RecipeError
-from surgery.graph import _trace_mode, dummy_inputs, trace
-from surgery.importance import list_importances, needs_data
-from surgery.models import build_model
-from surgery.prune import plan_channels, prune_model
-from surgery.recipe import DataSection, PruneSection, recipe_from_dict
+from surgery.pruning.calibrate import calibrate, calibration_data, group_grad_product, group_scores
+from surgery.pruning.graph import _trace_mode, dummy_inputs, trace
+from surgery.pruning.importance import list_importances, needs_data
+from surgery.pruning.prune import plan_channels, prune_model
 
 SIZE = 96
 SLIM = {"num_classes": 5, "min_size": SIZE, "max_size": SIZE}  # synthetic labels are 1..4
@@ -126,7 +126,7 @@ def test_group_grad_product_is_the_channel_directional_derivative(name: str, kwa
 def test_frozen_batchnorm_and_frozen_stages_are_ranked(batches) -> None:
     """A user detector with FrozenBatchNorm2d and frozen first stages (Torch-Pruning's Taylor
     raises on the gradient-less layers)."""
-    model = surgery.models.build_model("tests.custom_detectors:fasterrcnn_resnet18_fpn", trust_code=True, min_size=SIZE, max_size=SIZE)
+    model = surgery.detectors.builders.build_model("tests.custom_detectors:fasterrcnn_resnet18_fpn", trust_code=True, min_size=SIZE, max_size=SIZE)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen
     # fewer proposals and sampled RoIs keep the train-mode loss quick on CPU
@@ -172,7 +172,7 @@ def test_cli_prune_taylor_on_synthetic(tmp_path) -> None:
                               "--data", "synthetic", "--target-macs", "0.5", "--out", str(out)])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "target 50.0% of the MACs" in res.output
-    ckpt = surgery.checkpoint.read_checkpoint(out)
+    ckpt = surgery.storage.checkpoint.read_checkpoint(out)
     plan = ckpt.plan
     assert plan.method == "taylor" and plan.calib_batches == 2 and plan.target_macs == 0.5
     assert abs(plan.achieved_macs_ratio / 0.5 - 1) <= 0.02 and 0 < plan.ratio < 1

@@ -16,8 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.checkpoint import read_checkpoint, save_checkpoint
-from surgery.models import ModelSpec, build_model
+from surgery.detectors.builders import ModelSpec, build_model
+from surgery.storage.checkpoint import read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SLIM = {"num_classes": 5, "min_size": 64, "max_size": 64, "fpn_channels": 64, "score_thresh": 0.0}
@@ -149,7 +149,7 @@ def test_info_provenance_and_saved_recipe_names_the_pruned_model(dense: Path, tm
 
 
 def test_weights_with_other_num_classes_keeps_all_but_class_outputs(tmp_path: Path, shapes: Path) -> None:
-    from surgery.transfer import build_with_weights_file
+    from surgery.training.transfer import build_with_weights_file
 
     for name, kw in (("fcos_resnet18_slim", {"fpn_channels": 32}), ("ssdlite320_mobilenet_v3_large", {}),
                      ("fasterrcnn_mobilenet_v3_large_320_fpn", {})):
@@ -190,7 +190,7 @@ def test_retrain_kwarg_num_classes_on_a_pruned_checkpoint(dense: Path, shapes: P
 
 
 BUILDER = '''
-from surgery.models import build_model
+from surgery.detectors.builders import build_model
 
 
 def build(num_classes=5):

@@ -48,7 +48,7 @@ def test_switches_show_as_switches_in_every_help():
 
 
 def test_train_help_shows_the_defaults(monkeypatch):
-    from surgery.recipe import Recipe
+    from surgery.config.recipe import Recipe
 
     monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", 300)  # one help line per option
 
@@ -76,8 +76,8 @@ def test_macs_label_says_the_resolution_the_network_ran_at():
     MACs counted 'at 128' are the MACs of a 64x64 network (oracle: count_macs at 64)."""
     import json
 
+    from surgery.detectors.builders import build_model
     from surgery.measure import count_macs
-    from surgery.models import build_model
 
     res = CliRunner().invoke(app, ["inspect", "--model", "fcos_resnet18_slim", "-k", "min_size=64", "-k", "max_size=64",
                                    "-k", "fpn_channels=64", "--macs-size", "128", "--format", "json"])  # fmt: skip
@@ -129,7 +129,7 @@ def test_one_error_style_for_usage_and_known_errors(args):
 
 
 def test_a_builders_refusal_is_one_line_without_its_config(monkeypatch):
-    from surgery import models
+    from surgery.detectors import builders as models
     from surgery.errors import UnknownModelError
 
     cfg = {"backbone": [[-1, 1, "Conv", [64, 3, 2]]] * 50, "head": [[-1, 1, "v10Detect", [80]]]}
@@ -140,10 +140,10 @@ def test_a_builders_refusal_is_one_line_without_its_config(monkeypatch):
     def failing(**kwargs):
         raise ValueError("bad layer")
 
-    from surgery import specs
+    from surgery.detectors import specs
 
     monkeypatch.setitem(specs._SCHEMES, "fake", lambda spec: refusing)
-    monkeypatch.setattr("surgery.models.check_builder_kwargs", lambda *a: None)
+    monkeypatch.setattr("surgery.detectors.builders.check_builder_kwargs", lambda *a: None)
     with pytest.raises(UnknownModelError) as e:
         models.build_model(models.ModelSpec("fake:x.yaml", {"cfg": cfg, "nc": 4}))
     assert str(e.value) == "head v10Detect is not supported"  # the builder's own line, unwrapped

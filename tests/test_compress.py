@@ -81,9 +81,9 @@ def test_stages_merge_until_at_most_the_limit() -> None:
 
 
 def test_allocator_lands_on_the_macs_budget_and_multipliers_move_the_cut(trained_slim: Path) -> None:
-    from surgery.checkpoint import load_checkpoint
     from surgery.compress import Allocator, SearchSpace, cut_and_recover
-    from surgery.recipe import PruneSection
+    from surgery.config.recipe import PruneSection
+    from surgery.storage.checkpoint import load_checkpoint
 
     dense, _ = load_checkpoint(trained_slim)
     dense.eval()
@@ -268,8 +268,8 @@ def test_met_goal_is_retrained_verified_and_delivered(trained_slim: Path, tmp_pa
            "--trials", "2", "--retrain-steps", "3", *FAST]
     run = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert run.returncode in (0, 1), run.stdout + run.stderr
-    from surgery.checkpoint import load_checkpoint
     from surgery.measure import count_macs
+    from surgery.storage.checkpoint import load_checkpoint
 
     dense, _ = load_checkpoint(trained_slim)
     model, ckpt = load_checkpoint(out / "model.pt")
@@ -305,7 +305,7 @@ def test_time_limit_reads_seconds_minutes_and_hours() -> None:
 
 def test_sensitivity_weights_cut_the_insensitive_group_more(tmp_path: Path) -> None:
     from surgery.compress import sensitivity_weights
-    from surgery.sensitivity import COLUMNS
+    from surgery.pruning.sensitivity import COLUMNS
 
     rows = [["k", "dense", 0.0, 0, 0, 100, 1.0, 0.5, 0.7, 0]]
     for group, losses in (("a", (0.0, 0.1, 0.3)), ("b", (0.1, 0.3, 0.4))):

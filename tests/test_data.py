@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from surgery.config.recipe import DataSection
 from surgery.data import (
     DONE_MARKER,
     CocoDetection,
@@ -25,7 +26,6 @@ from surgery.data import (
     synthetic_options,
 )
 from surgery.errors import DataError
-from surgery.recipe import DataSection
 
 # --------------------------------------------------------------------------------------------
 # helpers writing tiny datasets

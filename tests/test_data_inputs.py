@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from surgery.config.recipe import load_recipe
 from surgery.errors import DataError, RecipeError
-from surgery.recipe import load_recipe
 
 
 def _cli(*args: str) -> tuple[int, str]:
@@ -85,10 +85,10 @@ def test_tiny_box_is_still_dropped(tmp_path) -> None:
 
 
 def test_prune_keeps_the_data_the_checkpoint_was_trained_on(tmp_path) -> None:
-    from surgery.checkpoint import read_checkpoint, save_checkpoint
+    from surgery.config.recipe import recipe_from_dict
     from surgery.data import synthesize
-    from surgery.models import ModelSpec, build_model
-    from surgery.recipe import recipe_from_dict
+    from surgery.detectors.builders import ModelSpec, build_model
+    from surgery.storage.checkpoint import read_checkpoint, save_checkpoint
     from surgery.workflows import prune_and_save
 
     root = synthesize(tmp_path / "coco", images=4, size=64, seed=1, val_images=2).root

@@ -9,16 +9,16 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.bench import bench_checkpoints
-from surgery.checkpoint import save_checkpoint
+from surgery.config.recipe import BenchSection, PruneSection
 from surgery.data import build_dataset, synthesize
-from surgery.evaluate import evaluate
-from surgery.export import export_onnx
+from surgery.deployment.export import export_onnx
+from surgery.deployment.runtime import OnnxDetector, load_detector
+from surgery.detectors.builders import ModelSpec, build_model
+from surgery.measure.bench import bench_checkpoints
+from surgery.measure.evaluate import evaluate
 from surgery.measure.split import network_stubbed, record_calls, replay_network
-from surgery.models import ModelSpec, build_model
-from surgery.prune import prune_model
-from surgery.recipe import BenchSection, PruneSection
-from surgery.runtime import OnnxDetector, load_detector
+from surgery.pruning.prune import prune_model
+from surgery.storage.checkpoint import save_checkpoint
 from tests.extras import require
 
 require("onnxruntime")
@@ -86,8 +86,8 @@ def test_onnxruntime_runtime_splits_by_profile(ckpts):
 
 @pytest.mark.parametrize("spinning", [False, True])
 def test_onnxruntime_spinning_reaches_every_timed_session(ckpts, monkeypatch, spinning):
+    import surgery.deployment.onnx_io as runtime_mod  # where sessions are made (surgery.deployment.onnx_io.session)
     import surgery.measure.split as split_mod
-    import surgery.onnx_io as runtime_mod  # where sessions are made (surgery.onnx_io.session)
 
     seen: list[str] = []
     real_session, real_split = runtime_mod.ort_session, split_mod.onnx_split_ms
@@ -155,7 +155,7 @@ def test_cli_bench_and_eval_take_onnx_files(tmp_path, ckpts):
 
 
 def test_deploy_table_float_and_int8_side_by_side(tmp_path, ckpts):
-    from surgery.deploy import deploy_markdown, deploy_table
+    from surgery.deployment.table import deploy_markdown, deploy_table
 
     root = synthesize(tmp_path / "shapes", images=8, size=SIZE, seed=3, val_images=2).root
     val = build_dataset(f"coco:{root}", "val", train=False)
@@ -176,7 +176,7 @@ def test_deploy_table_float_and_int8_side_by_side(tmp_path, ckpts):
 
 @pytest.mark.slow
 def test_deploy_table_has_openvino_rows_for_the_same_files(tmp_path, ckpts):
-    from surgery.deploy import deploy_markdown, deploy_table
+    from surgery.deployment.table import deploy_markdown, deploy_table
 
     require("openvino")
     root = synthesize(tmp_path / "shapes", images=8, size=SIZE, seed=3, val_images=2).root

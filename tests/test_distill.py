@@ -13,15 +13,15 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from surgery.checkpoint import read_checkpoint, save_checkpoint
-from surgery.distill import FeatureImitation, feature_widths, imitation_masks
+from surgery.config.recipe import DistillSection, PruneSection, TrainSection, recipe_from_dict
+from surgery.detectors.builders import ModelSpec, build_model, list_models
 from surgery.errors import TrainingError
-from surgery.graph import dummy_inputs
-from surgery.hooks import HookBase
-from surgery.models import ModelSpec, build_model, list_models
-from surgery.prune import prune_model
-from surgery.recipe import DistillSection, PruneSection, TrainSection, recipe_from_dict
-from surgery.train import build_trainer
+from surgery.pruning.graph import dummy_inputs
+from surgery.pruning.prune import prune_model
+from surgery.storage.checkpoint import read_checkpoint, save_checkpoint
+from surgery.training.distill import FeatureImitation, feature_widths, imitation_masks
+from surgery.training.hooks import HookBase
+from surgery.training.train import build_trainer
 from tests.helpers import by_family
 from tests.test_train import Kill, Shapes
 
@@ -142,7 +142,7 @@ def test_retrain_with_teacher_saves_no_adapters_and_reloads(tmp_path: Path):
     ckpt = read_checkpoint(outcome.out)
     assert set(ckpt.state_dict) == set(read_checkpoint(pruned_path).state_dict)  # no adaptation layers
     assert ckpt.plan.source == str(dense_path) and ckpt.recipe["retrain"]["distill"]["type"] == "imitation"
-    from surgery.checkpoint import load
+    from surgery.storage.checkpoint import load
 
     model = load(outcome.out).eval()
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_no_teacher_is_one_clear_error(tmp_path: Path):
 
 
 def test_resume_restores_the_adaptation_layers(tmp_path: Path):
-    from surgery.checkpoint import load_checkpoint
+    from surgery.storage.checkpoint import load_checkpoint
 
     dense_path, pruned_path = _pruned_pair(tmp_path)
     cfg = TrainSection(steps=4, batch_size=4, warmup_steps=1, log_every=1, checkpoint_every=2)
@@ -194,8 +194,8 @@ def test_resume_restores_the_adaptation_layers(tmp_path: Path):
 def _ddp_worker(rank: int, port: int, tmp: str, dense: str, pruned: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from surgery.checkpoint import load_checkpoint
-    from surgery.train import destroy_distributed, init_distributed
+    from surgery.storage.checkpoint import load_checkpoint
+    from surgery.training.train import destroy_distributed, init_distributed
 
     info = init_distributed()
     try:

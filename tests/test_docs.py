@@ -43,7 +43,7 @@ def test_every_command_and_flag_is_in_the_cli_reference() -> None:
 
 
 def test_every_recipe_key_is_in_the_recipe_reference() -> None:
-    from surgery.recipe import Recipe
+    from surgery.config.recipe import Recipe
 
     text = docgen.recipe_reference()
 

@@ -1,4 +1,4 @@
-"""EMA of the weights (surgery.ema): the saved model is the moving average of the raw weights,
+"""EMA of the weights (surgery.training.ema): the saved model is the moving average of the raw weights,
 with the documented decay ramp, and a killed run resumes to the same average."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from surgery.checkpoint import load_checkpoint
-from surgery.train import HookBase, build_trainer
+from surgery.storage.checkpoint import load_checkpoint
+from surgery.training.train import HookBase, build_trainer
 from tests.test_train import SPEC, Shapes, _cfg, _model, reference_and_killed
 
 

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from surgery.graph import DetectorGraph, trace
-from surgery.models import ModelSpec, build_model, is_torchvision_model, list_models
-from surgery.prune import apply_channel_plan, count_params, plan_channels
-from surgery.recipe import PruneSection
+from surgery.config.recipe import PruneSection
+from surgery.detectors.builders import ModelSpec, build_model, is_torchvision_model, list_models
+from surgery.pruning.graph import DetectorGraph, trace
+from surgery.pruning.prune import apply_channel_plan, count_params, plan_channels
 from tests.extras import require
 from tests.helpers import FAMILY_REPRESENTATIVES, SLOW_MEMBERS, by_family
 

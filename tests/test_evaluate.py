@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from surgery.data import CocoDetection, VOCDetection, build_dataset, synthesize
-from surgery.evaluate import (
+from surgery.measure.evaluate import (
     BBOX_KEYS,
     EvalResult,
     coco_map_from_detections,
@@ -233,7 +233,7 @@ def test_evaluate_voc_reports_voc_map(tmp_path: Path) -> None:
 
 
 def test_evaluate_real_detector(synth_root: Path) -> None:
-    from surgery.models import build_model
+    from surgery.detectors.builders import build_model
 
     ds = build_dataset(f"coco:{synth_root}", "val", train=False)
     # untrained: a low score threshold so that its (poor) detections reach the scoring
@@ -251,8 +251,8 @@ def test_cli_eval(synth_root: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from cli.main import app
-    from surgery.checkpoint import save_checkpoint
-    from surgery.models import ModelSpec, build_model
+    from surgery.detectors.builders import ModelSpec, build_model
+    from surgery.storage.checkpoint import save_checkpoint
 
     spec = ModelSpec("fcos_resnet18_slim", {"num_classes": 5, "min_size": 64, "max_size": 64, "fpn_channels": 32})
     ckpt = save_checkpoint(tmp_path / "m.pt", build_model(spec), spec)

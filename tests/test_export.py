@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import surgery.export as sexport
-from surgery.checkpoint import save_checkpoint
-from surgery.export import ExportError, export_onnx, run_onnx
-from surgery.models import ModelSpec, build_model
+import surgery.deployment.export as sexport
+from surgery.deployment.export import ExportError, export_onnx, run_onnx
+from surgery.detectors.builders import ModelSpec, build_model
+from surgery.storage.checkpoint import save_checkpoint
 from tests.extras import require
 from tests.test_equivalence import distinct_norms
 

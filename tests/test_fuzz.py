@@ -14,11 +14,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from surgery.checkpoint import load_checkpoint, save_checkpoint
+from surgery.config.recipe import Recipe, load_recipe, recipe_from_dict
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.errors import SurgeryError
-from surgery.models import ModelSpec, build_model
-from surgery.recipe import Recipe, load_recipe, recipe_from_dict
-from surgery.trust import safe_yaml_load
+from surgery.storage.checkpoint import load_checkpoint, save_checkpoint
+from surgery.storage.trust import safe_yaml_load
 
 SLIM = {"num_classes": 3, "fpn_channels": 32, "num_convs": 1, "min_size": 64, "max_size": 64}
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.models import ModelSpec, build_model
-from surgery.prune import prune_model
-from surgery.recipe import PruneSection
+from surgery.config.recipe import PruneSection
+from surgery.detectors.builders import ModelSpec, build_model
+from surgery.pruning.prune import prune_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -73,7 +73,7 @@ def test_pruned_model_on_cuda_matches_cpu(pruned):
 def test_cuda_train_step_with_amp_then_reload_on_cpu(ckpts):
     """A CUDA run (AMP is on by default on CUDA: `train.amp`) trains (the saved weights moved away from the dense start) and its
     checkpoint reloads on the CPU with the same outputs as on the GPU."""
-    from surgery.checkpoint import load
+    from surgery.storage.checkpoint import load
 
     d, _, pruned_path = ckpts
     _surgery("retrain", str(pruned_path), "--data", "shapes", "--steps", "3", "-b", "4", "--device", "cuda",
@@ -92,9 +92,9 @@ def test_cuda_train_step_with_amp_then_reload_on_cpu(ckpts):
 
 def test_trainer_uses_amp_on_cuda(ckpts):
     """On CUDA the trainer runs its steps under a live GradScaler (AMP) and keeps the loss finite."""
+    from surgery.config.recipe import TrainSection
     from surgery.data import build_dataset
-    from surgery.recipe import TrainSection
-    from surgery.train import build_trainer
+    from surgery.training.train import build_trainer
 
     torch.manual_seed(0)
     model = build_model(SPEC)
@@ -110,8 +110,8 @@ def test_trainer_uses_amp_on_cuda(ckpts):
 
 def test_cuda_latency_is_synchronised(ckpts, monkeypatch):
     """`bench --device cuda` waits for the kernels (torch.cuda.synchronize around every timed run)."""
-    from surgery.bench import bench_checkpoints
-    from surgery.recipe import BenchSection
+    from surgery.config.recipe import BenchSection
+    from surgery.measure.bench import bench_checkpoints
 
     d, dense, pruned_path = ckpts
     calls = {"n": 0}
@@ -183,8 +183,8 @@ def test_cuda_graphs_replay_the_network_as_eager_computes_it(pruned):
 
 @pytest.mark.parametrize("compile_mode,precision", [("cuda-graphs", "f16"), ("reduce-overhead", "bf16")])
 def test_bench_on_cuda_names_graphs_and_half_precision(ckpts, compile_mode, precision):
-    from surgery.bench import bench_checkpoints
-    from surgery.recipe import BenchSection
+    from surgery.config.recipe import BenchSection
+    from surgery.measure.bench import bench_checkpoints
 
     d, dense, pruned_path = ckpts
     cfg = BenchSection(input_size=SIZE, batch_sizes=[1], warmup=2, runs=5, device="cuda", compile=compile_mode,

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import surgery
-from surgery.atomic import atomic_path
-from surgery.checkpoint import save_checkpoint
-from surgery.models import ModelSpec, build_model
-from surgery.safety import OutputLock, clean_stale_temporaries, tmp_prefix
-from surgery.trust import UntrustedCodeError
+from surgery.detectors.builders import ModelSpec, build_model
+from surgery.storage.atomic import atomic_path
+from surgery.storage.checkpoint import save_checkpoint
+from surgery.storage.safety import OutputLock, clean_stale_temporaries, tmp_prefix
+from surgery.storage.trust import UntrustedCodeError
 
 SLIM = {"num_classes": 3, "min_size": 64, "max_size": 64}
 
@@ -24,7 +24,7 @@ SLIM = {"num_classes": 3, "min_size": 64, "max_size": 64}
 def test_trusted_checkpoint_without_a_pinned_hash_runs_nothing(tmp_path: Path, code) -> None:
     marker = tmp_path / "MARKER"
     builder = tmp_path / "evil_builder.py"
-    builder.write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom surgery.models import fcos_resnet18_slim as build\n")
+    builder.write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom surgery.detectors.builders import fcos_resnet18_slim as build\n")
     spec = ModelSpec(f"{builder}:build", dict(SLIM))
     path = save_checkpoint(tmp_path / "u.pt", build_model(ModelSpec("fcos_resnet18_slim", dict(SLIM))), spec)
     marker.unlink(missing_ok=True)  # save_checkpoint hashes the file, it does not run it
@@ -41,7 +41,7 @@ def test_trusted_checkpoint_without_a_pinned_hash_runs_nothing(tmp_path: Path, c
 
 def test_trusted_checkpoint_with_its_hash_still_loads(tmp_path: Path) -> None:
     builder = tmp_path / "my_builder.py"
-    builder.write_text("from surgery.models import fcos_resnet18_slim as build\n")
+    builder.write_text("from surgery.detectors.builders import fcos_resnet18_slim as build\n")
     spec = ModelSpec(f"{builder}:build", dict(SLIM))
     path = save_checkpoint(tmp_path / "u.pt", build_model(spec, trust_code=True), spec)
     assert isinstance(surgery.load(path, trust_code=True), torch.nn.Module)

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from surgery.records import RecordHook, RunFiles, next_run_dir
-from surgery.safety import OutputError
+from surgery.storage.safety import OutputError
+from surgery.training.records import RecordHook, RunFiles, next_run_dir
 
 
 def test_run_folders_are_claimed_so_two_runs_never_share_one(tmp_path: Path) -> None:

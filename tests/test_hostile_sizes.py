@@ -116,8 +116,8 @@ def test_checkpoint_config_payload_is_refused_before_allocation(tmp_path) -> Non
     require("ultralytics")
     from torch import nn
 
-    from surgery.checkpoint import load, save_checkpoint
-    from surgery.models import ModelSpec
+    from surgery.detectors.builders import ModelSpec
+    from surgery.storage.checkpoint import load, save_checkpoint
 
     cfg = _row(_tiny(), "backbone", 1, [-1, 1, "Conv", [64, 1200, 1]])  # ~6 GB of weights if built
     ckpt = tmp_path / "k.pt"
@@ -131,7 +131,7 @@ def test_checkpoint_config_payload_is_refused_before_allocation(tmp_path) -> Non
 @pytest.mark.parametrize("size", [100000, -5, 0, 16, "big"])
 def test_builder_size_argument_is_bounded_before_build(size) -> None:
     require("ultralytics")
-    from surgery.models import ModelSpec, build_model
+    from surgery.detectors.builders import ModelSpec, build_model
 
     with pytest.raises(UnknownModelError, match="size"):
         build_model(ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4, "size": size}))
@@ -152,8 +152,8 @@ def test_cli_size_flags_are_bounded(tmp_path) -> None:
 
 
 def test_yaml_files_are_sized_before_they_are_read(tmp_path) -> None:
-    from surgery.models import ModelSpec, build_model
-    from surgery.recipe import load_recipe
+    from surgery.config.recipe import load_recipe
+    from surgery.detectors.builders import ModelSpec, build_model
 
     big = tmp_path / "big.yaml"
     with open(big, "wb") as f:
@@ -167,7 +167,7 @@ def test_yaml_files_are_sized_before_they_are_read(tmp_path) -> None:
 
 
 def test_fifo_recipe_is_named_not_missing(tmp_path) -> None:
-    from surgery.recipe import load_recipe
+    from surgery.config.recipe import load_recipe
 
     fifo = tmp_path / "recipe.yaml"
     os.mkfifo(fifo)
@@ -177,7 +177,7 @@ def test_fifo_recipe_is_named_not_missing(tmp_path) -> None:
 
 def test_huge_integers_in_yaml_are_one_line() -> None:
     from cli.common import parse_kv
-    from surgery.trust import safe_yaml_load
+    from surgery.storage.trust import safe_yaml_load
 
     with pytest.raises(RecipeError, match="digits"):
         safe_yaml_load("prune:\n  ratio: " + "9" * 5000, "r.yaml")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from surgery.errors import DataError, RecipeError
-from surgery.sensitivity import (
+from surgery.pruning.sensitivity import (
     COLUMNS,
     DENSE,
     SensitivityRow,
@@ -18,7 +18,7 @@ from surgery.sensitivity import (
     allocate_by_sensitivity,
     read_table,
 )
-from surgery.sparsify import check_target_ratio
+from surgery.pruning.sparsify import check_target_ratio
 
 
 def _rows() -> list[SensitivityRow]:

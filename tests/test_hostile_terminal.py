@@ -14,8 +14,8 @@ import pytest
 from torch import nn
 
 from cli.console import SafeConsole, plain, shown
-from surgery.checkpoint import save_checkpoint
-from surgery.models import ModelSpec
+from surgery.detectors.builders import ModelSpec
+from surgery.storage.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 EVIL = "cat\x1b[2J\x1b]0;owned\x07[bold red]big[/bold red]\u202e\nerror: fake"
@@ -71,7 +71,7 @@ def test_info_shows_class_names_and_kwargs_escaped(tmp_path: Path) -> None:
 
 
 def test_info_with_deeply_nested_metrics_is_one_summary(tmp_path: Path) -> None:
-    from surgery.info import _scalars
+    from surgery.storage.info import _scalars
 
     def nested(depth: int) -> dict:
         deep: dict = {"x": 1}

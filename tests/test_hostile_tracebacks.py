@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from surgery.detectors.builders import ModelSpec
 from surgery.errors import CheckpointError, DataError, RecipeError
-from surgery.models import ModelSpec
 from tests.extras import require
 
 
 def test_missing_weights_file_is_one_line_with_or_without_num_classes(tmp_path: Path) -> None:
-    from surgery.transfer import build_with_weights_file
+    from surgery.training.transfer import build_with_weights_file
 
     for kwargs in ({}, {"num_classes": 3}):  # num_classes took the second, unguarded torch.load
         with pytest.raises(CheckpointError, match="nonexist.pt does not exist"):
@@ -26,7 +26,7 @@ def test_missing_weights_file_is_one_line_with_or_without_num_classes(tmp_path: 
 
 def test_ultralytics_pickle_as_weights_is_named_with_the_way_in(tmp_path: Path) -> None:
     require("ultralytics")
-    from surgery.transfer import build_with_weights_file
+    from surgery.training.transfer import build_with_weights_file
     from surgery.yolo.ultralytics_adapter import _ultralytics
 
     u = _ultralytics()
@@ -67,8 +67,8 @@ def test_synth_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, mon
 
 @pytest.mark.parametrize("edit", ["rank", "kernel"])
 def test_checkpoint_tensor_of_the_wrong_rank_or_kernel_is_one_line(tmp_path: Path, edit: str) -> None:
-    from surgery.checkpoint import load, save_checkpoint
-    from surgery.models import build_model
+    from surgery.detectors.builders import build_model
+    from surgery.storage.checkpoint import load, save_checkpoint
 
     spec = ModelSpec("fcos_resnet18_slim", {"num_classes": 3})
     save_checkpoint(tmp_path / "m.pt", build_model(spec), spec)

@@ -31,7 +31,7 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path) -> None:
 
 
 def test_predict_reads_the_same_pixels(tmp_path) -> None:
-    from surgery.predict import _read
+    from surgery.deployment.predict import _read
 
     a, ref = _grey16()
     Image.fromarray(a).save(tmp_path / "g16.png")

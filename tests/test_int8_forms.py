@@ -1,4 +1,4 @@
-"""INT8 forms (surgery.quantize.FORMS): each writes the operators it names, and ``auto`` keeps
+"""INT8 forms (surgery.deployment.quantize.FORMS): each writes the operators it names, and ``auto`` keeps
 the fastest of what it measured (no wall-clock assertion: the choice is checked against the
 timings it returns)."""
 
@@ -8,9 +8,9 @@ import onnx
 import pytest
 import torch
 
-from surgery.export import export_onnx
-from surgery.models import build_model
-from surgery.quantize import FORMS, choose_form, quantize_onnx
+from surgery.deployment.export import export_onnx
+from surgery.deployment.quantize import FORMS, choose_form, quantize_onnx
+from surgery.detectors.builders import build_model
 from tests.extras import require
 
 require("onnxruntime")
@@ -58,7 +58,7 @@ def test_each_form_writes_its_operators(small, tmp_path, form: str) -> None:  # 
 
 
 def test_unknown_form_is_one_clear_error(small, tmp_path) -> None:  # noqa: ANN001
-    from surgery.quantize import QuantizeError
+    from surgery.deployment.quantize import QuantizeError
 
     model, path, calib = small
     with pytest.raises(QuantizeError, match="unknown INT8 form"):
@@ -97,10 +97,10 @@ def test_quantize_auto_writes_the_form_it_chose(tmp_path, monkeypatch, chosen: s
     own operators say which form it is."""
     from typer.testing import CliRunner
 
-    import surgery.quantize as quantize
+    import surgery.deployment.quantize as quantize
     from cli.main import app
-    from surgery.checkpoint import save_checkpoint
-    from surgery.models import ModelSpec
+    from surgery.detectors.builders import ModelSpec
+    from surgery.storage.checkpoint import save_checkpoint
 
     picked: list[str] = []
 
@@ -123,6 +123,6 @@ def test_quantize_auto_writes_the_form_it_chose(tmp_path, monkeypatch, chosen: s
 
 def test_the_recipe_lists_the_same_forms() -> None:
     """``sweep.int8_form`` is validated without importing torch, against a copy of the forms."""
-    from surgery.recipe import INT8_FORMS
+    from surgery.config.recipe import INT8_FORMS
 
     assert INT8_FORMS == ("auto", *FORMS)

@@ -1,13 +1,13 @@
-"""The latency allocator (surgery.latency) on synthetic cost tables: no wall-clock assertions."""
+"""The latency allocator (surgery.pruning.latency) on synthetic cost tables: no wall-clock assertions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from surgery.allocate import keep_count
-from surgery.latency import GroupSpec, LatencyModel, _keep_to_ratios, allocate
-from surgery.latency_table import FRACTIONS, LatencyTable, _bilinear
+from surgery.pruning.allocate import keep_count
+from surgery.pruning.latency import GroupSpec, LatencyModel, _keep_to_ratios, allocate
+from surgery.pruning.latency_table import FRACTIONS, LatencyTable, _bilinear
 
 
 def _table(costs: dict[str, float], depthwise: set[str] = frozenset()) -> LatencyTable:
@@ -89,7 +89,7 @@ def test_depthwise_layers_follow_the_diagonal() -> None:
                                         ({"target_latency": 0.5, "target_macs": 0.5}, "target_latency"),
                                         ({"target_latency": 0.5, "runtime": "tflite"}, "runtime")])
 def test_recipe_refuses_bad_latency_settings(fields: dict, key: str) -> None:
-    from surgery.recipe import PruneSection
+    from surgery.config.recipe import PruneSection
 
     with pytest.raises(Exception, match=key):  # the recipe loader turns it into one RecipeError line
         PruneSection(**fields).validate()
@@ -99,7 +99,7 @@ def test_recipe_refuses_bad_latency_settings(fields: dict, key: str) -> None:
 def test_timed_verification_corrects_a_biased_table(monkeypatch: pytest.MonkeyPatch) -> None:
     """The runtime's fixed per-op cost is not in the table: the 'measured' network is
     0.25 + 0.75 x the estimate. The timed rounds must steer the allocation onto the target."""
-    import surgery.latency as lat
+    import surgery.pruning.latency as lat
 
     model, groups = _chain()
     monkeypatch.setattr(lat, "measure_table", lambda *a, **k: model.table)
@@ -126,10 +126,10 @@ def test_prune_to_a_latency_budget_plans_from_the_latency_table(monkeypatch: pyt
     the milliseconds are: one convolution is made 100x slower than the others in the table, and
     the cut lands on the group that sets its width while the groups away from it keep theirs.
     (The table and the timing are replaced: no wall clock; the allocation from the table is real.)"""
-    import surgery.latency as lat
-    from surgery.models import build_model
-    from surgery.prune import prune_model
-    from surgery.recipe import PruneSection
+    import surgery.pruning.latency as lat
+    from surgery.config.recipe import PruneSection
+    from surgery.detectors.builders import build_model
+    from surgery.pruning.prune import prune_model
 
     hot = "backbone.body.layer3.0.conv1"
     model = build_model("fcos_resnet18_slim", num_classes=3, min_size=64, max_size=64).eval()

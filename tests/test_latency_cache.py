@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-import surgery.latency_table as lt
+import surgery.pruning.latency_table as lt
+from surgery.detectors.builders import build_model
 from surgery.errors import PruningError
-from surgery.models import build_model
 
 SIZE = 64
 N = len(lt.FRACTIONS)

@@ -12,14 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (importing module, imported module) -> why the import is made inside a function
 ALLOWED_LAZY = {
-    ("surgery.importance", "surgery.graph"): "torch-free --help: `surgery prune --help` lists the criteria",
-    ("surgery.recipe", "surgery.data.sources"): "torch-free recipes: surgery.data's __init__ imports torch",
-    # the pipeline (surgery.prune) imports neither the datasets nor ONNX: only what uses them loads them
-    ("surgery.calibrate", "surgery.data"): "a lean pipeline: datasets load when a recipe's batches are iterated",
-    ("surgery.latency", "surgery.export"): "a lean pipeline: ONNX export only for a latency budget",
-    ("surgery.latency", "surgery.measure.split"): "a lean pipeline: ONNX Runtime profiling only for a latency budget",
-    ("surgery.latency", "surgery.runtime"): "a lean pipeline: ONNX Runtime sessions only for a latency budget",
-    ("surgery.latency", "surgery.latency_table"): "a lean pipeline: the latency table (ONNX Runtime) only for a latency budget",
+    ("surgery.pruning.importance", "surgery.pruning.graph"): "torch-free --help: `surgery prune --help` lists the criteria",
+    ("surgery.config.recipe", "surgery.data.sources"): "torch-free recipes: surgery.data's __init__ imports torch",
+    # the pipeline (surgery.pruning.prune) imports neither the datasets nor ONNX: only what uses them loads them
+    ("surgery.pruning.calibrate", "surgery.data"): "a lean pipeline: datasets load when a recipe's batches are iterated",
+    ("surgery.pruning.latency", "surgery.deployment.export"): "a lean pipeline: ONNX export only for a latency budget",
+    ("surgery.pruning.latency", "surgery.measure.split"): "a lean pipeline: ONNX Runtime profiling only for a latency budget",
+    ("surgery.pruning.latency", "surgery.deployment.runtime"): "a lean pipeline: ONNX Runtime sessions only for a latency budget",
+    ("surgery.pruning.latency", "surgery.pruning.latency_table"): "a lean pipeline: the latency table (ONNX Runtime) only for a latency budget",
 }
 # the command modules import the library inside their commands: `surgery --help` never loads torch
 LAZY_PACKAGES = {"cli": "torch-free --help"}

@@ -12,9 +12,9 @@ from torchvision.ops import roi_align
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.checkpoint import load
+from surgery.detectors.builders import build_model
 from surgery.measure import count_macs
-from surgery.models import build_model
+from surgery.storage.checkpoint import load
 
 
 class Stacked(nn.Module):

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from surgery.config.recipe import AGPSection
+from surgery.detectors.builders import build_model
 from surgery.errors import PruningError
-from surgery.masked import (
+from surgery.pruning.masked import (
     AGPSchedule,
     apply_masks,
     magnitude_masks,
@@ -16,8 +18,6 @@ from surgery.masked import (
     pruned_count,
     sparsity_report,
 )
-from surgery.models import build_model
-from surgery.recipe import AGPSection
 
 
 def _toy() -> nn.Module:

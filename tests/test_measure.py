@@ -11,8 +11,8 @@ import torch
 import torch.nn.utils.prune as tprune
 
 from surgery import compat
-from surgery.bench import BENCH_COLUMNS, bench_checkpoints, write_csv
-from surgery.checkpoint import save_checkpoint
+from surgery.config.recipe import BenchSection
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.measure import (
     configured_rois,
     count_macs,
@@ -23,9 +23,9 @@ from surgery.measure import (
     measure_latency,
     state_dict_size,
 )
+from surgery.measure.bench import BENCH_COLUMNS, bench_checkpoints, write_csv
 from surgery.measure.timing import paired_ratio, time_interleaved
-from surgery.models import ModelSpec, build_model
-from surgery.recipe import BenchSection
+from surgery.storage.checkpoint import save_checkpoint
 
 SIZE = 160  # fcos_resnet18_slim resizes to 160 anyway
 
@@ -216,7 +216,7 @@ def test_time_interleaved_in_blocks_runs_each_function_back_to_back():
 
 
 def test_bench_ratios_pair_runs_of_the_same_round(ckpts, monkeypatch):
-    import surgery.bench as bench_mod
+    import surgery.measure.bench as bench_mod
 
     def fake(fns, **kw):  # a burst slows both in rounds 4-5 and the reference alone in round 3
         out = {}
@@ -317,8 +317,8 @@ def test_cli_bench_with_data_fills_map(tmp_path, ckpts):
 
 
 def test_bench_two_stage_at_a_fixed_roi_count(tmp_path):
-    from surgery.models import ModelSpec, build_model
-    from surgery.recipe import BenchSection
+    from surgery.config.recipe import BenchSection
+    from surgery.detectors.builders import ModelSpec, build_model
 
     spec = ModelSpec("fasterrcnn_mobilenet_v3_large_320_fpn", {"min_size": 128, "max_size": 128})
     path = save_checkpoint(tmp_path / "frcnn.pt", build_model(spec), spec)

@@ -11,9 +11,9 @@ import torch
 import torchvision
 
 import surgery
-from surgery.checkpoint import save_checkpoint
+from surgery.detectors.builders import ModelSpec, build_model, list_models
 from surgery.errors import CheckpointError, UnknownModelError
-from surgery.models import ModelSpec, build_model, list_models
+from surgery.storage.checkpoint import save_checkpoint
 
 
 def test_lists_every_torchvision_detection_builder() -> None:

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.checkpoint import save_checkpoint
-from surgery.models import ModelSpec, build_model
+from surgery.detectors.builders import ModelSpec, build_model
+from surgery.storage.checkpoint import save_checkpoint
 from tests.extras import require
 
 onnx = require("onnx")

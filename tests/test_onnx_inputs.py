@@ -13,8 +13,8 @@ from tests.extras import require
 onnx = require("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
+from surgery.deployment.runtime import OnnxDetector, RuntimeUnavailable  # noqa: E402
 from surgery.errors import CheckpointError, SurgeryError  # noqa: E402
-from surgery.runtime import OnnxDetector, RuntimeUnavailable  # noqa: E402
 
 
 def tiny_detector(path: Path, *, shape=(3, "H", "W"), meta: dict[str, str] | None = None, weights=(10, 100)) -> Path:
@@ -77,9 +77,9 @@ def test_bad_metadata_is_one_line(tmp_path, key, value) -> None:
 
 
 def test_params_are_read_from_the_initializers(tmp_path) -> None:
-    from surgery.bench import _load_subject
-    from surgery.export import onnx_parameter_count
-    from surgery.recipe import BenchSection
+    from surgery.config.recipe import BenchSection
+    from surgery.deployment.export import onnx_parameter_count
+    from surgery.measure.bench import _load_subject
 
     path = tiny_detector(tmp_path / "lie.onnx", meta={"params": "1", "params_nonzero": "1", "macs": "5"}, weights=(7, 11))
     assert onnx_parameter_count(path) == 7 * 11 + 1  # the weights and the Unsqueeze axis

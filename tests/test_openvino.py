@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
-from surgery.bench import BENCH_COLUMNS, bench_checkpoints, write_csv
-from surgery.checkpoint import save_checkpoint
-from surgery.export import export_onnx
+from surgery.config.recipe import BenchSection, RecipeError, recipe_from_dict
+from surgery.deployment.export import export_onnx
+from surgery.deployment.onnx_io import RuntimeUnavailable, session
+from surgery.deployment.runtime import OnnxDetector
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.measure import fixed_workload
-from surgery.models import ModelSpec, build_model
-from surgery.onnx_io import RuntimeUnavailable, session
-from surgery.recipe import BenchSection, RecipeError, recipe_from_dict
-from surgery.runtime import OnnxDetector
+from surgery.measure.bench import BENCH_COLUMNS, bench_checkpoints, write_csv
+from surgery.storage.checkpoint import save_checkpoint
 from tests import extras
 
 ov = extras.require("openvino")
@@ -125,8 +125,8 @@ def test_missing_openvino_names_the_extra(monkeypatch, capsys, onnx_file) -> Non
 
 @pytest.mark.slow
 def test_keep_latency_on_openvino_lands_near_the_target(tmp_path, monkeypatch) -> None:
-    from surgery.prune import prune_model
-    from surgery.recipe import PruneSection
+    from surgery.config.recipe import PruneSection
+    from surgery.pruning.prune import prune_model
 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
@@ -158,7 +158,7 @@ def test_eval_and_predict_run_an_onnx_file_in_openvino(tmp_path, monkeypatch, ca
         metrics[runtime] = json.loads(out.read_text())
     assert metrics["openvino"]["num_detections"] == metrics["onnxruntime"]["num_detections"] > 0
     assert metrics["openvino"]["metrics"]["mAP50"] == pytest.approx(metrics["onnxruntime"]["metrics"]["mAP50"], abs=1e-3)
-    from surgery.predict import load_predictor
+    from surgery.deployment.predict import load_predictor
 
     assert isinstance(load_predictor(onnx_file, runtime="openvino").model, OnnxDetector)
     assert load_predictor(onnx_file, runtime="openvino").model.runtime == "openvino"
@@ -171,8 +171,8 @@ def test_demo_deploy_stage_without_openvino_keeps_onnxruntime_rows_and_says_so(m
     note naming the extra, instead of failing the run at its end."""
     import importlib.util
 
-    import surgery.deploy as deploy
-    from surgery.recipe import load_recipe
+    import surgery.deployment.table as deploy
+    from surgery.config.recipe import load_recipe
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))

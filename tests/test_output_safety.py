@@ -17,9 +17,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.checkpoint import atomic_save, save_checkpoint
-from surgery.models import ModelSpec, build_model
-from surgery.safety import OutputError, OutputLock, check_output, clean_stale_temporaries
+from surgery.detectors.builders import ModelSpec, build_model
+from surgery.storage.checkpoint import atomic_save, save_checkpoint
+from surgery.storage.safety import OutputError, OutputLock, check_output, clean_stale_temporaries
 
 SLIM = {"num_classes": 5, "min_size": 64, "max_size": 64, "fpn_channels": 64, "score_thresh": 0.0}
 
@@ -68,7 +68,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("writer", ["json", "checkpoint", "image", "csv"])
 def test_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, writer: str) -> None:
-    from surgery.atomic import atomic_open
+    from surgery.storage.atomic import atomic_open
 
     target = tmp_path / {"json": "a.json", "checkpoint": "c.pt", "image": "i.png", "csv": "r.csv"}[writer]
     target.write_bytes(b"the previous file")
@@ -87,7 +87,7 @@ def test_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, wr
             draw_samples([__import__("numpy").zeros((32, 32, 3), "uint8")], [[]], ["a"], target)
             Image.open(target)  # never reached
         else:
-            from surgery.bench import BENCH_COLUMNS, write_csv
+            from surgery.measure.bench import BENCH_COLUMNS, write_csv
 
             write_csv([{BENCH_COLUMNS[0]: "m" * 500}] * 10, target)
     monkeypatch.undo()
@@ -98,7 +98,7 @@ def test_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, wr
 
 
 def test_full_disk_appends_no_half_row(tmp_path, monkeypatch) -> None:
-    from surgery.atomic import append_text
+    from surgery.storage.atomic import append_text
 
     log = tmp_path / "metrics.csv"
     append_text(log, "step,loss\n1,0.5\n")
@@ -212,7 +212,7 @@ def test_a_writer_that_hides_enospc_on_a_full_disk_is_still_one_line(tmp_path, m
     import shutil
     from collections import namedtuple
 
-    from surgery.atomic import atomic_path
+    from surgery.storage.atomic import atomic_path
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
@@ -227,7 +227,7 @@ def test_a_writer_that_hides_enospc_on_a_full_disk_is_still_one_line(tmp_path, m
 
 
 def test_a_run_folder_lock_leaves_no_empty_folder(tmp_path) -> None:
-    from surgery.safety import RunLock
+    from surgery.storage.safety import RunLock
 
     with RunLock(tmp_path / "sweep"):
         pass  # the run failed before writing anything

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from cli.outputs import OUTPUT_PARAMS, RESUMED_FOLDERS
-from surgery.safety import OutputError
+from surgery.storage.safety import OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SLIM = ["--model", "fcos_resnet18_slim", "-k", "min_size=64", "-k", "max_size=64", "-k", "fpn_channels=64",
@@ -104,10 +104,10 @@ def test_predict_without_out_gets_a_new_run_folder(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     seen = []
-    monkeypatch.setattr("surgery.predict.image_files", lambda images: seen.append("files") or [])
-    monkeypatch.setattr("surgery.predict.load_predictor", lambda *a: type("P", (), {"class_names": None})())
-    monkeypatch.setattr("surgery.predict.predict_files", lambda *a, **k: [])
-    monkeypatch.setattr("surgery.predict.write_predictions", lambda preds, out, draw, **kw: seen.append(out) or out / "d.json")
+    monkeypatch.setattr("surgery.deployment.predict.image_files", lambda images: seen.append("files") or [])
+    monkeypatch.setattr("surgery.deployment.predict.load_predictor", lambda *a: type("P", (), {"class_names": None})())
+    monkeypatch.setattr("surgery.deployment.predict.predict_files", lambda *a, **k: [])
+    monkeypatch.setattr("surgery.deployment.predict.write_predictions", lambda preds, out, draw, **kw: seen.append(out) or out / "d.json")
     Path("runs/predict/exp").mkdir(parents=True)
     predict_cmd.predict(Path("x.pt"), [Path("a.png")], None, 0.3, 1, "cpu", True)
     assert seen[-1] == Path("runs/predict/exp2")

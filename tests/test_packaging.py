@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery.catalog import find_recipe, list_recipes
+from surgery.config.catalog import find_recipe, list_recipes
 from surgery.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,8 +145,8 @@ def test_recipe_names_resolve_and_a_file_path_wins(tmp_path, monkeypatch):
 
 
 def test_missing_export_extra_names_the_extra(monkeypatch):
+    from surgery.deployment.export import export_onnx
     from surgery.errors import MissingExtraError
-    from surgery.export import export_onnx
 
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
     with pytest.raises(MissingExtraError, match=r"pip install 'surgery\[export\]'"):

@@ -1,4 +1,4 @@
-"""The pruning pipeline (surgery.prune, surgery.budget): budgets reach their allocator by type,
+"""The pruning pipeline (surgery.pruning.prune, surgery.pruning.budget): budgets reach their allocator by type,
 flag combinations apply or are refused, recovery runs inside the pipeline, the pipeline imports
 nothing of ONNX/Ultralytics/datasets, and the Python API gives what the CLI gives."""
 
@@ -16,16 +16,24 @@ import torch
 from typer.testing import CliRunner
 
 import surgery
-import surgery.prune as pipeline
+import surgery.pruning.prune as pipeline
 from cli.main import app
-from surgery.allocate import Allocation
-from surgery.budget import CutRatio, KeepLatency, KeepMacs, KeepParams, Recovery, Sensitivity, from_config
-from surgery.checkpoint import load_checkpoint, save_checkpoint
+from surgery.config.recipe import PruneSection
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.errors import PruningError, SurgeryError
-from surgery.models import ModelSpec, build_model
-from surgery.prune import inspect_model, prune_model, prune_to
-from surgery.recipe import PruneSection
-from surgery.sensitivity import COLUMNS
+from surgery.pruning.allocate import Allocation
+from surgery.pruning.budget import (
+    CutRatio,
+    KeepLatency,
+    KeepMacs,
+    KeepParams,
+    Recovery,
+    Sensitivity,
+    from_config,
+)
+from surgery.pruning.prune import inspect_model, prune_model, prune_to
+from surgery.pruning.sensitivity import COLUMNS
+from surgery.storage.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -38,9 +46,9 @@ def _slim() -> torch.nn.Module:
 
 
 def test_importing_the_pipeline_loads_no_onnx_ultralytics_or_datasets() -> None:
-    code = ("import sys\nimport surgery.prune\n"
+    code = ("import sys\nimport surgery.pruning.prune\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('onnxruntime', 'onnx', 'ultralytics') or m in "
-            "('surgery.export', 'surgery.onnx_io', 'surgery.quantize', 'surgery.runtime', 'surgery.latency_table', "
+            "('surgery.deployment.export', 'surgery.deployment.onnx_io', 'surgery.deployment.quantize', 'surgery.deployment.runtime', 'surgery.pruning.latency_table', "
             "'surgery.measure.split', 'surgery.yolo.ultralytics_adapter', 'surgery.data', 'surgery.data.synth')]\n"
             "print('LOADED', bad)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

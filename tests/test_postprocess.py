@@ -1,4 +1,4 @@
-"""The vectorised post-processing (surgery.postprocess) returns torchvision's detections: same
+"""The vectorised post-processing (surgery.detectors.postprocess) returns torchvision's detections: same
 boxes, scores and labels (up to the order of tied scores), for FCOS, RetinaNet-style, SSDlite and
 the YOLO adapter, in PyTorch and in the exported ONNX file; the one-call class-aware NMS equals a
 loop of per-class NMS."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision.ops import nms
 
-from surgery.models import build_model
-from surgery.postprocess import batched_nms, fast_postprocess
+from surgery.detectors.builders import build_model
+from surgery.detectors.postprocess import batched_nms, fast_postprocess
 from tests.extras import require
 
 
@@ -100,7 +100,7 @@ def test_capped_nms_falls_back_when_the_prefix_keeps_too_few() -> None:
 
 def test_exported_file_matches_torchvision(tmp_path) -> None:  # noqa: ANN001
     require("onnxruntime")
-    from surgery.export import export_onnx, run_onnx
+    from surgery.deployment.export import export_onnx, run_onnx
 
     model = _spread(build_model("ssdlite320_mobilenet_v3_large", num_classes=21, weights_backbone=None), seed=3)
     model.score_thresh, model.nms_thresh, model.detections_per_img = 0.0, 0.5, 40

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.checkpoint import save_checkpoint
-from surgery.graph import dummy_inputs
-from surgery.models import ModelSpec, is_torchvision_model, list_models
-from surgery.prune import prune_model
-from surgery.recipe import PruneSection
+from surgery.config.recipe import PruneSection
+from surgery.detectors.builders import ModelSpec, is_torchvision_model, list_models
+from surgery.pruning.graph import dummy_inputs
+from surgery.pruning.prune import prune_model
+from surgery.storage.checkpoint import save_checkpoint
 from tests.helpers import TEST_SIZE, assert_outputs_close, by_family, eval_outputs, small_model
 
 

@@ -9,16 +9,22 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import surgery
-from surgery.anchors import prune_anchors
-from surgery.calibrate import calibration_data
-from surgery.checkpoint import save_checkpoint
+from surgery.config.recipe import AnchorSection, DataSection, PruneSection
+from surgery.detectors.anchors import prune_anchors
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.errors import PruningError
-from surgery.graph import dummy_inputs, trace
-from surgery.importance import get_importance, list_importances, method_help, needs_data, pruning_methods
-from surgery.models import ModelSpec, build_model
-from surgery.prune import keep_count, plan_channels, prune_model
-from surgery.recipe import AnchorSection, DataSection, PruneSection
+from surgery.pruning.calibrate import calibration_data
+from surgery.pruning.graph import dummy_inputs, trace
+from surgery.pruning.importance import (
+    get_importance,
+    list_importances,
+    method_help,
+    needs_data,
+    pruning_methods,
+)
+from surgery.pruning.prune import keep_count, plan_channels, prune_model
 from surgery.registry import Registry
+from surgery.storage.checkpoint import save_checkpoint
 from tests.helpers import TEST_SIZE, assert_outputs_close, eval_outputs, small_model
 
 SLIM = {"num_classes": 5, "min_size": 128, "max_size": 128}
@@ -99,7 +105,7 @@ def test_bn_ranking_cuts_smallest_gammas() -> None:
         bn.weight.fill_(1.0)
         bn.weight[[3, 5, 7, 11]] = 1e-4
     graph = trace(model)
-    from surgery.prune import plan_channels
+    from surgery.pruning.prune import plan_channels
 
     plan = plan_channels(graph, PruneSection(method="bn", ratio=4 / 64, min_channels=1))
     group = graph.group_of("backbone.body.conv1")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from surgery.models import ModelSpec, build_model
-from surgery.recipe import recipe_from_dict
+from surgery.config.recipe import recipe_from_dict
+from surgery.detectors.builders import ModelSpec, build_model
+from surgery.storage.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from tests.extras import require
 
 onnx = require("onnx")
@@ -39,14 +39,14 @@ def test_ptq_quantizes_convs_keeps_outputs_float_and_agrees(trained, tmp_path):
     8-bit activations carry ~1/255 of each layer's range: box edges move well under 10% of a box
     (IoU 0.9 tolerates ~5% per edge) and scores a few hundredths; a quantized output layer or a wrong
     range (e.g. calibrating on blank images) moves many boxes and scores by far more."""
-    from surgery.graph import output_layers
-    from surgery.quantize import (
+    from surgery.deployment.quantize import (
         compare_detections,
         dataset_images,
         layer_nodes,
         quantize_checkpoint,
     )
-    from surgery.runtime import OnnxDetector
+    from surgery.deployment.runtime import OnnxDetector
+    from surgery.pruning.graph import output_layers
 
     res = quantize_checkpoint(trained, tmp_path / "m.int8.onnx", calib_batches=2, batch_size=4,
                               keep_float=tmp_path / "m.onnx", verify_images=4,
@@ -76,7 +76,7 @@ def test_ptq_quantizes_convs_keeps_outputs_float_and_agrees(trained, tmp_path):
 
 
 def test_node_names_map_to_modules():
-    from surgery.quantize import node_module
+    from surgery.deployment.quantize import node_module
 
     model = build_model("fcos_resnet18_slim")
     names = dict(model.named_modules())
@@ -88,8 +88,8 @@ def test_node_names_map_to_modules():
 
 
 def test_ssdlite_quantizes_with_its_predictors_float(tmp_path):
-    from surgery.export import export_onnx
-    from surgery.quantize import layer_nodes, quantize_onnx
+    from surgery.deployment.export import export_onnx
+    from surgery.deployment.quantize import layer_nodes, quantize_onnx
 
     torch.manual_seed(0)
     model = build_model("ssdlite320_mobilenet_v3_large", num_classes=5).eval()
@@ -104,9 +104,9 @@ def test_ssdlite_quantizes_with_its_predictors_float(tmp_path):
 
 
 def test_qat_on_masked_checkpoint_keeps_masks_resumes_and_exports(trained, tmp_path):
-    from surgery.masked import prune_masked
-    from surgery.qat import QATHook, qat_ranges
-    from surgery.quantize import quantize_checkpoint
+    from surgery.deployment.quantize import quantize_checkpoint
+    from surgery.pruning.masked import prune_masked
+    from surgery.training.qat import QATHook, qat_ranges
     from surgery.workflows import retrain_checkpoint
 
     model, ckpt = load_checkpoint(trained)
@@ -146,7 +146,7 @@ def test_qat_on_masked_checkpoint_keeps_masks_resumes_and_exports(trained, tmp_p
 def test_cli_unexportable_model_is_one_clear_line(tmp_path):
     builder = tmp_path / "udet.py"
     builder.write_text(
-        "import torch\nfrom torch import nn\nfrom surgery.models import build_model\n\n"
+        "import torch\nfrom torch import nn\nfrom surgery.detectors.builders import build_model\n\n"
         "class Cummax(nn.Module):\n"
         "    def __init__(self, body):\n        super().__init__()\n        self.body = body\n"
         "        self.out_channels = body.out_channels\n\n"

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 import surgery
 from cli.main import app
+from surgery.config.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from surgery.detectors.builders import list_models
 from surgery.errors import RecipeError
-from surgery.models import list_models
-from surgery.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 runner = CliRunner()
@@ -105,7 +105,7 @@ def test_cli_prune_inspect_and_reprune(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     assert "params" in res.output and out.exists()
     model = surgery.load(out)
-    ckpt = surgery.checkpoint.read_checkpoint(out)
+    ckpt = surgery.storage.checkpoint.read_checkpoint(out)
     assert ckpt.kind == "structured" and ckpt.plan.ratio == 0.5
     assert ckpt.plan.pruned_channels > 0 and ckpt.recipe["prune"]["round_to"] == 8
     assert sum(p.numel() for p in model.parameters()) == ckpt.plan.params_after
@@ -121,7 +121,7 @@ def test_cli_prune_inspect_and_reprune(tmp_path) -> None:
     out3 = tmp_path / "m.pt"
     res = runner.invoke(app, ["prune", "--model", "fcos_resnet18_slim", "--method", "magnitude", "--sparsity", "0.8", "--out", str(out3)])
     assert res.exit_code == 0, res.output
-    ck = surgery.checkpoint.read_checkpoint(out3)
+    ck = surgery.storage.checkpoint.read_checkpoint(out3)
     assert ck.kind == "masked" and ck.masks
     m = surgery.load(out3)
     w = m.backbone.body.layer1[0].conv1.weight

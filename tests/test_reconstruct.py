@@ -1,4 +1,4 @@
-"""Label-free recovery (surgery.reconstruct): images only, the dense model as teacher."""
+"""Label-free recovery (surgery.pruning.reconstruct): images only, the dense model as teacher."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.calibrate import calibration_data
-from surgery.checkpoint import load_checkpoint
+from surgery.config.recipe import PruneSection, recipe_from_dict
 from surgery.data.image_folder import image_batches, image_files
+from surgery.detectors.builders import build_model
 from surgery.errors import PruningError, RecipeError
-from surgery.models import build_model
-from surgery.prune import prune_model
-from surgery.recipe import PruneSection, recipe_from_dict
-from surgery.reconstruct import matched_layers, reconstruct
-from surgery.recover import recover
-from surgery.safety import OutputError
+from surgery.pruning.calibrate import calibration_data
+from surgery.pruning.prune import prune_model
+from surgery.pruning.reconstruct import matched_layers, reconstruct
+from surgery.pruning.recover import recover
+from surgery.storage.checkpoint import load_checkpoint
+from surgery.storage.safety import OutputError
 
 SIZE = 64
 

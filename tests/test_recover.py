@@ -1,4 +1,4 @@
-"""Recovery without retraining (surgery.recover), sensitivity analysis and allocation (surgery.sensitivity)."""
+"""Recovery without retraining (surgery.pruning.recover), sensitivity analysis and allocation (surgery.pruning.sensitivity)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.checkpoint import load_checkpoint
+from surgery.config.recipe import PruneSection, recipe_from_dict
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.errors import RecipeError
-from surgery.models import ModelSpec, build_model
-from surgery.prune import prune_model
-from surgery.recipe import PruneSection, recipe_from_dict
-from surgery.recover import DEFAULT_RECOVER_BATCHES, recover
-from surgery.sensitivity import (
+from surgery.pruning.prune import prune_model
+from surgery.pruning.recover import DEFAULT_RECOVER_BATCHES, recover
+from surgery.pruning.sensitivity import (
     DENSE,
     SensitivityRow,
     allocate_by_sensitivity,
@@ -27,6 +26,7 @@ from surgery.sensitivity import (
     plot_table,
     read_table,
 )
+from surgery.storage.checkpoint import load_checkpoint
 from tests.extras import require
 
 SIZE = 64
@@ -145,9 +145,9 @@ def test_default_calibration_size_generalises_better_than_four_batches():
 
 
 def test_recovery_raises_map_on_a_trained_model(trained_fcos: Path, tmp_path: Path):
-    from surgery.calibrate import calibration_data
     from surgery.data import dataset_for
-    from surgery.evaluate import evaluate
+    from surgery.measure.evaluate import evaluate
+    from surgery.pruning.calibrate import calibration_data
 
     model, ck = load_checkpoint(trained_fcos)
     rec = recipe_from_dict(ck.recipe, "ckpt")
@@ -240,7 +240,7 @@ def _silence_group(model: nn.Module, root: str) -> None:
 
 def test_sensitivity_irrelevant_group_keeps_the_dense_map_and_resumes(trained_fcos: Path, tmp_path: Path):
     from surgery.data import dataset_for
-    from surgery.evaluate import evaluate
+    from surgery.measure.evaluate import evaluate
 
     model, ck = load_checkpoint(trained_fcos)
     rec = recipe_from_dict(ck.recipe, "ckpt")
@@ -335,7 +335,7 @@ def test_sensitivity_allocation_meets_the_macs_target(tmp_path: Path):
     for r in rows:
         if r.group != DENSE:
             r.map = dense.map - (1 - r.macs_ratio) * (3.0 if r.group.startswith("head") else 1.0)
-    from surgery.sensitivity import _write_table
+    from surgery.pruning.sensitivity import _write_table
 
     _write_table(tmp_path / "s.csv", "k", rows)
     target = 0.8

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from surgery.recipe import recipe_from_dict
+from surgery.config.recipe import recipe_from_dict
 from surgery.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent

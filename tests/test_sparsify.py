@@ -1,4 +1,4 @@
-"""Prune-aware sparse training (surgery.sparsify): the channels the cut removes are driven to zero,
+"""Prune-aware sparse training (surgery.pruning.sparsify): the channels the cut removes are driven to zero,
 the cut then costs less, the run resumes after a kill, recipes and sweep techniques validate."""
 
 from __future__ import annotations
@@ -9,13 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.checkpoint import read_checkpoint
+from surgery.config.recipe import PruneSection, SparsifySection, recipe_from_dict
 from surgery.errors import RecipeError
-from surgery.prune import prune_model
-from surgery.recipe import PruneSection, SparsifySection, recipe_from_dict
-from surgery.sparsify import SparsityHook, channel_norms, coupled_groups, group_lasso, growing_fraction
+from surgery.pruning.prune import prune_model
+from surgery.pruning.sparsify import (
+    SparsityHook,
+    channel_norms,
+    coupled_groups,
+    group_lasso,
+    growing_fraction,
+)
+from surgery.storage.checkpoint import read_checkpoint
 from surgery.sweep import parse_technique
-from surgery.train import build_trainer
+from surgery.training.train import build_trainer
 from tests.test_train import SIZE, SPEC, Kill, Shapes, _cfg, _model
 
 PRUNE = PruneSection(method="l1", ratio=0.5)

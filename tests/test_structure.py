@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import surgery
-from surgery.checkpoint import read_checkpoint
+from surgery.config.recipe import Recipe, recipe_from_dict
 from surgery.errors import CheckpointError
-from surgery.hooks import HookBase
-from surgery.plan import MaskedPlan, StructuredPlan, plan_chain, plan_from_dict
-from surgery.recipe import Recipe, recipe_from_dict
+from surgery.pruning.plan import MaskedPlan, StructuredPlan, plan_chain, plan_from_dict
+from surgery.storage.checkpoint import read_checkpoint
+from surgery.training.hooks import HookBase
 from surgery.workflows import prune_and_save, recipe_for_checkpoint, retrain_checkpoint, train_from_recipe
 
 DATA = Path(__file__).parent / "data"

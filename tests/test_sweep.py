@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from surgery.bench import BENCH_COLUMNS
-from surgery.recipe import recipe_from_dict
+from surgery.config.recipe import recipe_from_dict
+from surgery.measure.bench import BENCH_COLUMNS
 from surgery.sweep import SWEEP_COLUMNS, run_sweep
 
 
@@ -90,8 +90,8 @@ def test_interrupted_sweep_redoes_only_missing_steps(tiny_sweep) -> None:
 
 def test_sweep_techniques_at_a_macs_target(tmp_path) -> None:
     """l1, l1+distill and taylor+progressive at 50% of the dense MACs, one step budget for all."""
-    from surgery.checkpoint import load, read_checkpoint
-    from surgery.plan import plan_chain
+    from surgery.pruning.plan import plan_chain
+    from surgery.storage.checkpoint import load, read_checkpoint
 
     recipe = recipe_from_dict({
         "model": {"name": "fcos_resnet18_slim", "kwargs": {"num_classes": 5, "min_size": 64, "max_size": 64}},

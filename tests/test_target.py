@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from surgery.config.recipe import PruneSection
+from surgery.detectors.builders import build_model
 from surgery.errors import PruningError
 from surgery.measure import count_macs
-from surgery.models import build_model
-from surgery.prune import count_params, prune_model
-from surgery.recipe import PruneSection
-from surgery.target import find_ratio_for_target
+from surgery.pruning.prune import count_params, prune_model
+from surgery.pruning.target import find_ratio_for_target
 
 SIZE = 128
 

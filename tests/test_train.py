@@ -10,12 +10,18 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from surgery.checkpoint import load, load_checkpoint, read_checkpoint
+from surgery.config.recipe import TrainSection
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.errors import TrainingError
-from surgery.masked import AGPSchedule, magnitude_masks, prunable_parameters, prune_masked, pruned_count
-from surgery.models import ModelSpec, build_model
-from surgery.recipe import TrainSection
-from surgery.train import (
+from surgery.pruning.masked import (
+    AGPSchedule,
+    magnitude_masks,
+    prunable_parameters,
+    prune_masked,
+    pruned_count,
+)
+from surgery.storage.checkpoint import load, load_checkpoint, read_checkpoint
+from surgery.training.train import (
     HookBase,
     LoggingHook,
     MaskHook,
@@ -323,8 +329,8 @@ def test_init_distributed_without_torchrun(monkeypatch):
 def _ddp_worker(rank: int, port: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import surgery.hooks as hooks_mod
-    import surgery.train as train_mod
+    import surgery.training.hooks as hooks_mod
+    import surgery.training.train as train_mod
 
     saves = []
     real_save = hooks_mod.save_checkpoint
@@ -410,7 +416,7 @@ def test_cli_train_then_retrain_with_agp(tmp_path: Path):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from surgery.masked import sparsity_report
+    from surgery.pruning.masked import sparsity_report
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import surgery
-from surgery.checkpoint import read_checkpoint, save_checkpoint
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.errors import SurgeryError
-from surgery.models import ModelSpec, build_model
-from surgery.trust import UntrustedCodeError
+from surgery.storage.checkpoint import read_checkpoint, save_checkpoint
+from surgery.storage.trust import UntrustedCodeError
 
 ROOT = Path(__file__).resolve().parent.parent
 SLIM = {"num_classes": 5, "fpn_channels": 32, "num_convs": 1, "min_size": 64, "max_size": 64}
@@ -32,7 +32,7 @@ SLIM = {"num_classes": 5, "fpn_channels": 32, "num_convs": 1, "min_size": 64, "m
 EVIL_FILE = """
 from pathlib import Path
 Path(__file__).with_name("MARKER").write_text("ran")
-from surgery.models import fcos_resnet18_slim as build  # a stealthy builder returns the real model
+from surgery.detectors.builders import fcos_resnet18_slim as build  # a stealthy builder returns the real model
 """
 
 
@@ -82,7 +82,7 @@ def _make_files(d: Path) -> None:
     dense = d / "dense.pt"
     model = build_model(ModelSpec("fcos_resnet18_slim", dict(SLIM)))
     save_checkpoint(dense, model, ModelSpec("fcos_resnet18_slim", dict(SLIM)), recipe={"data": {"root": str(d / "synth")}})
-    from surgery.masked import prune_masked
+    from surgery.pruning.masked import prune_masked
 
     masked_model = build_model(ModelSpec("fcos_resnet18_slim", dict(SLIM)))
     res = prune_masked(masked_model, 0.8)
@@ -248,7 +248,7 @@ def _in_process(args: list[str], cwd: Path) -> Result:
 def results(tmp_path_factory):
     import signal
 
-    from surgery.safety import RunLock
+    from surgery.storage.safety import RunLock
 
     d = tmp_path_factory.mktemp("trust")
     _make_files(d)
@@ -304,7 +304,7 @@ def test_one_clear_error_and_nothing_changed(results, name: str) -> None:
 
 def test_user_file_builder_hash_is_recorded_and_verified(tmp_path) -> None:
     builder = tmp_path / "my_builder.py"
-    builder.write_text("from surgery.models import fcos_resnet18_slim as build\n")
+    builder.write_text("from surgery.detectors.builders import fcos_resnet18_slim as build\n")
     spec = ModelSpec(f"{builder}:build", dict(SLIM))
     with pytest.raises(UntrustedCodeError, match="--trust-code"):
         build_model(spec)
@@ -317,7 +317,7 @@ def test_user_file_builder_hash_is_recorded_and_verified(tmp_path) -> None:
     assert isinstance(surgery.load(path, trust_code=True), torch.nn.Module)
     # the file changes after the save: refused even when trusted, before it is executed
     builder.write_text(f"open({str(tmp_path / 'MARKER')!r}, 'w').write('ran')\n"
-                       "from surgery.models import fcos_resnet18_slim as build\n")  # fmt: skip
+                       "from surgery.detectors.builders import fcos_resnet18_slim as build\n")  # fmt: skip
     with pytest.raises(UntrustedCodeError, match="changed since it was saved"):
         surgery.load(path, trust_code=True)
     assert not (tmp_path / "MARKER").exists()
@@ -327,7 +327,7 @@ def test_module_builder_needs_trust_and_records_its_file(tmp_path) -> None:
     spec = ModelSpec("tests.custom_detectors:fasterrcnn_resnet18_fpn", {"num_classes": 3, "min_size": 64, "max_size": 64})
     with pytest.raises(UntrustedCodeError):
         build_model(spec)
-    from surgery.trust import trusting
+    from surgery.storage.trust import trusting
 
     with trusting():
         model = build_model(spec)
@@ -357,7 +357,7 @@ def test_os_system_checkpoint_runs_nothing_without_trust(tmp_path) -> None:
 
 
 def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path) -> None:
-    from surgery.atomic import atomic_open
+    from surgery.storage.atomic import atomic_open
 
     stale = tmp_path / ".o.json.999999999.abcd.tmp"  # a pid that cannot be running
     live = tmp_path / f".o.json.{os.getppid()}.abcd.tmp"
@@ -369,8 +369,8 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path) -> None:
 
 
 def test_protected_inputs_are_never_replaced(tmp_path) -> None:
-    from surgery.atomic import atomic_open
-    from surgery.safety import OutputError, protecting
+    from surgery.storage.atomic import atomic_open
+    from surgery.storage.safety import OutputError, protecting
 
     src = tmp_path / "in.pt"
     src.write_text("precious")
@@ -381,8 +381,8 @@ def test_protected_inputs_are_never_replaced(tmp_path) -> None:
 
 
 def test_sweep_state_is_keyed_by_settings(tmp_path) -> None:
-    from surgery.recipe import Recipe, apply_overrides
-    from surgery.settings import StepKeys
+    from surgery.config.recipe import Recipe, apply_overrides
+    from surgery.config.settings import StepKeys
     from surgery.sweep_state import StepState as _State
 
     a, b = StepKeys(Recipe()), StepKeys(apply_overrides(Recipe(), {"retrain.lr": 0.01}))

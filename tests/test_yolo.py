@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from surgery.checkpoint import load, save_checkpoint
+from surgery.config.recipe import PruneSection
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.errors import UnknownModelError
-from surgery.models import ModelSpec, build_model
-from surgery.prune import prune_model
-from surgery.recipe import PruneSection
+from surgery.pruning.prune import prune_model
+from surgery.storage.checkpoint import load, save_checkpoint
 from tests.extras import require
 from tests.yolo_helpers import SIZE, images, prune_with_cli, train_step
 
@@ -109,7 +109,7 @@ def _check_yolo_blocks(model: nn.Module) -> None:
 
 @pytest.mark.parametrize("yaml", YOLOS)
 def test_ultralytics_prune_cli_reload_train_export(yaml: str, tmp_path, ultralytics) -> None:
-    from surgery.export import export_onnx
+    from surgery.deployment.export import export_onnx
 
     _, model, out = prune_with_cli(yaml, tmp_path)
     _check_yolo_blocks(model)
@@ -154,7 +154,7 @@ def test_ultralytics_missing_package_is_one_clear_line(monkeypatch) -> None:
 
 
 def test_ultralytics_pickle_needs_trust_and_bad_names(tmp_path, ultralytics) -> None:
-    from surgery.trust import UntrustedCodeError
+    from surgery.storage.trust import UntrustedCodeError
 
     pt = tmp_path / "mine.pt"
     pt.write_bytes(b"not read")
@@ -197,9 +197,9 @@ def test_yolov2_trains_prunes_passthrough_and_reloads(tmp_path) -> None:
 def test_yolo_bench_splits_network_and_pipeline(tmp_path):
     """bench's network/pipeline split finds YOLO networks (their own ``network_modules``)."""
     require("ultralytics")
-    from surgery.bench import bench_checkpoints
-    from surgery.checkpoint import save_checkpoint
-    from surgery.recipe import BenchSection
+    from surgery.config.recipe import BenchSection
+    from surgery.measure.bench import bench_checkpoints
+    from surgery.storage.checkpoint import save_checkpoint
 
     spec = ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4, "size": 128})
     path = save_checkpoint(tmp_path / "y.pt", build_model(spec), spec)
@@ -211,7 +211,7 @@ def test_yolo_bench_splits_network_and_pipeline(tmp_path):
 def test_masked_pruning_leaves_dfl_constants_alone():
     """Magnitude masking must not zero DFL's fixed 0..reg_max-1 weights (it would wreck every box)."""
     require("ultralytics")
-    from surgery.masked import prunable_parameters, prune_masked
+    from surgery.pruning.masked import prunable_parameters, prune_masked
 
     model = build_model(ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4, "size": 128}))
     dfl = [n for n in model.fixed_weights()]

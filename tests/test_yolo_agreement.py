@@ -67,8 +67,8 @@ def test_surgery_eval_agrees_with_ultralytics_val_on_yolo_data(ultralytics, tmp_
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["export", str(tmp_path / "t.pt"), "--format", "ultralytics", "--out", str(tmp_path / "b.pt")])
     assert res.exit_code == 0, res.output
-    from surgery.checkpoint import load
-    from surgery.evaluate import evaluate
+    from surgery.measure.evaluate import evaluate
+    from surgery.storage.checkpoint import load
 
     ours = evaluate(load(tmp_path / "t.pt"), build_dataset(f"yolo:{data}", "val", train=False), device="cpu").metrics
     theirs = _val(tmp_path / "b.pt", data, 128, tmp_path)

@@ -48,8 +48,8 @@ _SCRIPT = textwrap.dedent(
     import torch, yaml
     from torch import nn
     import surgery
-    from surgery.checkpoint import save_checkpoint
-    from surgery.models import ModelSpec, build_model
+    from surgery.storage.checkpoint import save_checkpoint
+    from surgery.detectors.builders import ModelSpec, build_model
 
     tmp = sys.argv[1]
     out = {"safe_load_at_import": bool(tasks.SAFE_LOAD)}
@@ -142,8 +142,8 @@ def test_crafted_checkpoint_through_the_cli_is_one_line(tmp_path) -> None:
     import torch
     from torch import nn
 
-    from surgery.checkpoint import save_checkpoint
-    from surgery.models import ModelSpec
+    from surgery.detectors.builders import ModelSpec
+    from surgery.storage.checkpoint import save_checkpoint
 
     marker = tmp_path / "marker"
     cfg = _shipped()
@@ -239,7 +239,7 @@ def test_width_and_depth_multiples_bound_the_size() -> None:
 
 def test_user_yaml_with_python_tag_or_duplicate_keys_is_one_line(tmp_path) -> None:
     require("ultralytics")
-    from surgery.models import ModelSpec, build_model
+    from surgery.detectors.builders import ModelSpec, build_model
 
     marker = tmp_path / "marker"
     tagged = tmp_path / "tagged.yaml"

@@ -7,10 +7,10 @@ import copy
 
 import torch
 
-from surgery.distill import distill_hook_for
-from surgery.prune import prune_model
-from surgery.recipe import DistillSection, PruneSection, TrainSection
-from surgery.train import build_trainer
+from surgery.config.recipe import DistillSection, PruneSection, TrainSection
+from surgery.pruning.prune import prune_model
+from surgery.training.distill import distill_hook_for
+from surgery.training.train import build_trainer
 from surgery.yolo.distill import YoloDistillation, letterbox_masks, response_losses
 
 
@@ -49,7 +49,7 @@ class _Tiny(torch.utils.data.Dataset):
 
 
 def test_yolo_student_learns_from_its_dense_teacher(tmp_path):
-    from surgery.models import ModelSpec, build_model
+    from surgery.detectors.builders import ModelSpec, build_model
 
     spec = ModelSpec("ultralytics:yolov8n.yaml", {"nc": 2, "size": 96})
     teacher = build_model(spec)

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from cli.display import macs_line
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.measure import count_params
 from surgery.measure.count import count_macs
-from surgery.models import ModelSpec, build_model
 from surgery.yolo.interface import PAD_VALUE, LetterboxTransform
 
 
@@ -47,7 +47,7 @@ def test_letterbox_padded_in_the_graph_equals_the_canvas_copy() -> None:
 
 def test_yolo_onnx_holds_no_canvas_constant(ultralytics, tmp_path) -> None:
     """At 640 px the grey canvas would be a 4.9 MB constant: the file stays within 10% of the weights."""
-    from surgery.export import export_onnx
+    from surgery.deployment.export import export_onnx
 
     model = build_model(ModelSpec("ultralytics:yolov8n.yaml", {"nc": 4})).eval()
     res = export_onnx(model, tmp_path / "m.onnx", 640, verify=True)

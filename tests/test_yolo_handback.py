@@ -12,11 +12,11 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.checkpoint import read_checkpoint, save_checkpoint
 from surgery.data import synthesize
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.errors import CheckpointError
 from surgery.measure import count_params
-from surgery.models import ModelSpec, build_model
+from surgery.storage.checkpoint import read_checkpoint, save_checkpoint
 
 SIZE = 64
 NAMES = ["ring", "brick", "wedge", "dot"]  # not the synthetic set's names: they must come from the yaml
@@ -54,7 +54,7 @@ def test_ultralytics_trainer_keeps_pruned_widths_names_and_imgsz(ultralytics, yo
     from surgery.yolo.ultralytics_trainer import PrunedDetectionTrainer
 
     pruned, handed = _prune_and_hand_back(tmp_path, yolo_data)
-    n = count_params(__import__("surgery.checkpoint", fromlist=["load"]).load(pruned).net).total
+    n = count_params(__import__("surgery.storage.checkpoint", fromlist=["load"]).load(pruned).net).total
     ckpt = torch.load(handed, map_location="cpu", weights_only=False)  # our own file, just written
     assert ckpt["train_args"]["imgsz"] == SIZE and ckpt["model"].model[-1].nc == 4 == ckpt["model"].yaml["nc"]
     assert list(ckpt["model"].names.values()) == NAMES  # from the dataset the recipe names, not '0'..'3'
@@ -96,7 +96,7 @@ def test_retrain_engine_ultralytics_trains_the_pruned_widths_and_writes_both_fil
     Ultralytics file next to it holds the same network (same outputs) with the dataset's names."""
     from ultralytics import YOLO
 
-    from surgery.checkpoint import load
+    from surgery.storage.checkpoint import load
 
     pruned, _ = _prune_and_hand_back(tmp_path, yolo_data)
     before = load(pruned)

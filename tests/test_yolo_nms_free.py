@@ -11,10 +11,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.checkpoint import load
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.errors import UnknownModelError
 from surgery.measure import count_params
-from surgery.models import ModelSpec, build_model
+from surgery.storage.checkpoint import load
 from tests.yolo_helpers import SIZE, images, prune_with_cli, train_step
 
 NMS_FREE = ["yolo26n.yaml", "yolov10n.yaml"]
@@ -88,7 +88,7 @@ def _check_head_matches_neck(model: nn.Module) -> None:
 
 @pytest.mark.parametrize("yaml", [*NMS_FREE, pytest.param("yolo26s.yaml", marks=pytest.mark.slow)])
 def test_nms_free_prune_cli_eval_train_reload_export(yaml: str, tmp_path, ultralytics) -> None:
-    from surgery.export import export_onnx
+    from surgery.deployment.export import export_onnx
 
     dense, model, out = prune_with_cli(yaml, tmp_path)
     assert _neck_widths(model) != _neck_widths(dense)  # the neck was cut...
@@ -130,7 +130,7 @@ def test_nms_free_zeroed_channels_equivalence(yaml: str, ultralytics) -> None:
     both branches' outputs unchanged. Without the trace seeing through the one-to-one branch's
     detach, its input convs keep the old widths and the cut model does not even run. (YOLO12n: its
     area attention, whose trace used to grow past 6 GB, cut the same way as C2PSA.)"""
-    from surgery.graph import trace
+    from surgery.pruning.graph import trace
 
     model = build_model(ModelSpec(f"ultralytics:{yaml}", {"nc": 4, "size": SIZE}))
     _vary(model)
@@ -148,8 +148,8 @@ def test_nms_free_zeroed_channels_equivalence(yaml: str, ultralytics) -> None:
 
 def _cut_zeroed_and_compare(model: nn.Module, graph) -> None:
     """Zero what the ratio-0.5 plan cuts, cut it, compare the head's raw outputs."""
-    from surgery.prune import apply_channel_plan, plan_channels
-    from surgery.recipe import PruneSection
+    from surgery.config.recipe import PruneSection
+    from surgery.pruning.prune import apply_channel_plan, plan_channels
 
     params_before = count_params(model).total
     plan = plan_channels(graph, PruneSection(ratio=0.5))
@@ -219,8 +219,8 @@ def test_every_shipped_detection_yaml_prunes_or_is_refused(row, ultralytics) -> 
     """Every detection yaml of the installed package (smallest scale): the supported ones build,
     prune at ratio 0.5 (fewer parameters), predict and take a training step; the others are refused
     in one line naming the head."""
-    from surgery.prune import prune_model
-    from surgery.recipe import PruneSection
+    from surgery.config.recipe import PruneSection
+    from surgery.pruning.prune import prune_model
 
     spec = ModelSpec(f"ultralytics:{row.name}", {"nc": 4, "size": 64})
     if not row.supported:
@@ -323,8 +323,8 @@ def test_export_ultralytics_round_trip(yaml: str, tmp_path, ultralytics) -> None
 
 
 def test_export_ultralytics_refuses_other_models_and_bad_formats(tmp_path) -> None:
-    from surgery.checkpoint import save_checkpoint
-    from surgery.export import ExportError
+    from surgery.deployment.export import ExportError
+    from surgery.storage.checkpoint import save_checkpoint
 
     spec = ModelSpec("yolov2_darknet19", {"num_classes": 5, "width": 0.25, "size": SIZE})
     ckpt = save_checkpoint(tmp_path / "v2.pt", build_model(spec), spec)

@@ -10,8 +10,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.checkpoint import load
-from surgery.models import ModelSpec, build_model
+from surgery.detectors.builders import ModelSpec, build_model
+from surgery.storage.checkpoint import load
 from tests.extras import require
 from tests.test_equivalence import _images, check_zeroed_cut_is_identity
 from tests.yolo_helpers import SIZE, prune_with_cli, train_step

@@ -10,9 +10,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
-from surgery.checkpoint import load
+from surgery.detectors.builders import ModelSpec, build_model
 from surgery.measure import count_params
-from surgery.models import ModelSpec, build_model
+from surgery.storage.checkpoint import load
 
 SIZE = 128
 

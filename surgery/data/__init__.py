@@ -6,7 +6,7 @@ detectors expect: ``image`` is a float CHW tensor in [0, 1], ``target`` holds ``
 (int) and, with ``with_masks=True`` on annotations that have segmentation, ``masks`` (uint8
 ``[N, H, W]``). Crowd (COCO) and difficult (VOC) objects are not training targets; they stay in
 :attr:`DetectionDataset.coco` (the ground truth in the contiguous label space, used by
-:mod:`surgery.evaluate`) with ``iscrowd=1`` so the COCO evaluator ignores detections on them.
+:mod:`surgery.measure.evaluate`) with ``iscrowd=1`` so the COCO evaluator ignores detections on them.
 
 The synthetic set (:func:`synthesize`) is a deterministic COCO-format folder of 4 shape classes on
 textured backgrounds; :func:`ensure_synthetic` generates it once into a cache folder.

@@ -1,6 +1,6 @@
 """Images without labels: the image files of a folder or a dataset, and batches of them.
 
-What label-free recovery (:func:`surgery.reconstruct.reconstruct`, ``surgery recover --images``)
+What label-free recovery (:func:`surgery.pruning.reconstruct.reconstruct`, ``surgery recover --images``)
 reads: never an annotation file."""
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def synthetic_options(data: Any = None) -> dict[str, Any]:
     """The :func:`build_dataset` keyword arguments (``synth_root``, ``images``, ``size``, ``seed``)
     that select the synthetic set a recipe's data section describes.
 
-    ``data``: a :class:`~surgery.recipe.DataSection`, its dict form (a checkpoint's
+    ``data``: a :class:`~surgery.config.recipe.DataSection`, its dict form (a checkpoint's
     ``recipe["data"]``) or ``None``; what it leaves out takes :data:`SYNTH_DEFAULTS`.
     """
     values = dict(SYNTH_DEFAULTS)
@@ -124,7 +124,7 @@ def dataset_for(
     """The ``split`` of the dataset a recipe's data section names: ``source`` if given, else the
     section's ``source``, else ``"synthetic"``; the synthetic set is the one the section describes
     (:func:`synthetic_options`), so a checkpoint is evaluated on the set it was trained on.
-    ``data`` is a :class:`~surgery.recipe.DataSection`, its dict form or ``None``."""
+    ``data`` is a :class:`~surgery.config.recipe.DataSection`, its dict form or ``None``."""
     section_source = data.get("source") if isinstance(data, Mapping) else getattr(data, "source", None)
     source = source or section_source or "synthetic"
     if source.lower() == "synthetic":

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from ..atomic import atomic_open
 from ..errors import DataError
+from ..storage.atomic import atomic_open
 from .datasets import DetectionDataset
 from .loader import build_dataset
 from .sources import normalize_source

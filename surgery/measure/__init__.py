@@ -1,6 +1,6 @@
 """Measurements: parameters and MACs (:mod:`.count`), latency (:mod:`.timing`), file sizes
 (:mod:`.size`), and the fixed workload they share (:mod:`.workload`). ``surgery bench``, which
-loads checkpoints and writes the CSV, is :mod:`surgery.bench`.
+loads checkpoints and writes the CSV, is :mod:`surgery.measure.bench`.
 
 What each number means (they are the numbers users came for, so they are meant to be honest):
 
@@ -20,7 +20,7 @@ What each number means (they are the numbers users came for, so they are meant t
 - **latency**: timm-benchmark style, warm-up then runs *interleaved* across models (round-robin with
   a rotating start), so drift on a shared machine hits all models alike; median and p90 in ms per
   batch. Masked models are timed with their masks folded into plain weights
-  (:func:`surgery.masked.fold_masks`).
+  (:func:`surgery.pruning.masked.fold_masks`).
 - **peak memory**: CUDA only (``max_memory_allocated`` during the forward, relative to before it,
   plus the model's own weights). On CPU there is no reliable per-model number without a separate
   process (``ru_maxrss`` is a process-wide high-water mark that never goes down, and tracemalloc does
@@ -33,7 +33,7 @@ What each number means (they are the numbers users came for, so they are meant t
 from __future__ import annotations
 
 from ..errors import MeasureError
-from ..masked import fold_masks
+from ..pruning.masked import fold_masks
 from .count import MacsResult, ParamCount, count_macs, count_params
 from .size import file_size, state_dict_size
 from .timing import LatencyResult, measure_latency

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..deployment.onnx_io import OvSession, import_onnxruntime, ort_options
 from ..errors import MeasureError
-from ..onnx_io import OvSession, import_onnxruntime, ort_options
 
 NETWORK_MODULES: tuple[str, ...] = (
     "backbone",  # body + FPN / extra layers
@@ -131,7 +131,7 @@ def network_stubbed(calls: Sequence[Call]) -> Iterator[None]:
 
 def onnx_scopes(model_or_names: nn.Module | Sequence[str]) -> tuple[str, ...]:
     """ONNX node-name prefixes of the network modules (``rpn.head`` -> ``/rpn/head/``, and
-    ``/model/rpn/head/`` for :func:`surgery.export.export_onnx`'s output-ordering wrapper)."""
+    ``/model/rpn/head/`` for :func:`surgery.deployment.export.export_onnx`'s output-ordering wrapper)."""
     names = list(network_modules(model_or_names)) if isinstance(model_or_names, nn.Module) else list(model_or_names)
     return tuple(f"{root}/{n.replace('.', '/')}/" for n in names for root in ("", "/model"))
 

@@ -2,14 +2,14 @@
 distillation in the form of the head's own loss.
 
 torchvision detectors get their imitation masks from their transform and anchor generator
-(:mod:`surgery.distill`); a YOLO has neither. Here everything is read in the letterboxed batch the
+(:mod:`surgery.training.distill`); a YOLO has neither. Here everything is read in the letterboxed batch the
 network sees (:class:`~surgery.yolo.interface.LetterboxTransform`: boxes already in its pixels):
 
 - **imitation** (Wang et al. 2019): the student imitates the teacher's neck features (the Detect
   head's inputs, P3-P5) through per-level 1x1 adaptation convs, at the grid cells whose centre lies
   inside a box and within ``center_radius`` strides of its centre (FCOS' centre sampling, the rule
   the torchvision anchor-free path uses), plus the cell holding each box centre (boxes smaller than
-  a stride); normalised by the teacher's feature energy there, as in :mod:`surgery.distill`.
+  a stride); normalised by the teacher's feature energy there, as in :mod:`surgery.training.distill`.
 - **response**: the head's own loss with the teacher's outputs as targets: the class scores'
   BCE against the teacher's sigmoid scores (minus the teacher's own entropy, so it is a KL that is
   0 when they agree), normalised by the sum of the soft targets like Ultralytics normalises by the
@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import TrainingError
-from ..hooks import TeacherHook
-from ..masked import unwrap
+from ..pruning.masked import unwrap
+from ..training.hooks import TeacherHook
 from .interface import LetterboxTransform
 
 if TYPE_CHECKING:
-    from ..recipe import DistillSection
-    from ..train import Trainer
+    from ..config.recipe import DistillSection
+    from ..training.train import Trainer
 
 CLS_GAIN, DFL_GAIN = 0.5, 1.5  # Ultralytics' default loss gains (cls, dfl)
 

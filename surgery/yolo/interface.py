@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..postprocess import batched_nms
+from ..detectors.postprocess import batched_nms
 
 PAD_VALUE = 114 / 255  # the usual YOLO letterbox grey
 

@@ -56,9 +56,9 @@ from torch import Tensor, nn
 
 from .. import compat
 from ..data.synth import default_synthetic_root
+from ..detectors.specs import register_scheme
 from ..errors import UnknownModelError
-from ..specs import register_scheme
-from ..trust import read_small_file, refuse, safe_yaml_load, trust_enabled
+from ..storage.trust import read_small_file, refuse, safe_yaml_load, trust_enabled
 from .config_check import MAX_CLASSES, MAX_SIDE, check_config, short_source
 from .interface import YoloInterface, xyxy_to_cxcywh
 
@@ -174,7 +174,7 @@ def _restricted(tasks: Any) -> Iterator[None]:
 
 def resolve(spec: Any) -> Any:
     """The builder for ``spec`` (``ultralytics:<yaml or .pt>``); records the resolved yaml in
-    ``spec.kwargs["cfg"]`` the first time (called by :func:`surgery.models.build_model`)."""
+    ``spec.kwargs["cfg"]`` the first time (called by :func:`surgery.detectors.builders.build_model`)."""
     ref = spec.name.split(":", 1)[1]
     if not ref:
         raise UnknownModelError(f"model {spec.name!r}: expected ultralytics:<model yaml or .pt>, e.g. ultralytics:yolov8n.yaml")
@@ -391,7 +391,7 @@ class UltralyticsDetector(YoloInterface):
     # branches' input convs join the neck's groups. Their output convs are found from the loss as usual.
     @contextlib.contextmanager
     def trace_context(self) -> Iterator[None]:
-        """Used by :func:`surgery.graph.trace` (see above)."""
+        """Used by :func:`surgery.pruning.graph.trace` (see above)."""
         blocks = [m for _, m in self._attention_blocks()]
         head = self.net.model[-1]
         for m in blocks:
@@ -404,7 +404,7 @@ class UltralyticsDetector(YoloInterface):
                 del m.forward
 
     def fixed_channels(self) -> dict[str, str]:
-        """Layers whose output channels are never cut (read by :func:`surgery.graph.trace`): attention
+        """Layers whose output channels are never cut (read by :func:`surgery.pruning.graph.trace`): attention
         (above); ``GhostConv`` (its output concatenates a conv's output with a depthwise copy of it,
         one channel twice, which Torch-Pruning's index maps get wrong); ``CBLinear`` (YOLOv9-E: its
         conv's output is split into the stored sizes ``c2s`` at run time)."""
@@ -424,7 +424,7 @@ class UltralyticsDetector(YoloInterface):
         return out
 
     def fixed_weights(self) -> list[str]:
-        """Layers holding constants, never masked (read by :func:`surgery.masked.prunable_parameters`):
+        """Layers holding constants, never masked (read by :func:`surgery.pruning.masked.prunable_parameters`):
         the Detect head's DFL conv, whose weights are 0..reg_max-1."""
         return [f"{n}.conv" for n, m in self.named_modules() if type(m).__name__ == "DFL" and hasattr(m, "conv")]
 

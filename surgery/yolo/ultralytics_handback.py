@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
 from ..data.loader import build_dataset
 from ..data.synth import SYNTH_CLASSES
 from ..data.yolo_format import read_data_yaml
+from ..deployment.export import ExportError
 from ..errors import DataError
-from ..export import ExportError
+from ..storage.atomic import atomic_path
 from .ultralytics_adapter import UltralyticsDetector, ultralytics_version
 
 

@@ -28,9 +28,9 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import save_checkpoint
 from ..data.yolo_format import read_data_yaml
 from ..errors import DataError
+from ..storage.checkpoint import save_checkpoint
 from .ultralytics_adapter import _ultralytics
 from .ultralytics_handback import save_for_ultralytics
 
