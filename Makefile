@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv test demo bench recovery lint gpu-check mutants
+.PHONY: venv test demo bench recovery lint gpu-check postgres mutants
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,7 +16,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-test: $(STAMP)  # PYTEST_ARGS: extra pytest options (CI: --durations=15)
+# tests/test_compress.py starts a real PostgreSQL server (a search study shared by workers): installed
+# on a fresh Debian machine, quietly, only when missing (a few seconds of apt once; nothing after)
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
+	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	fi
+
+test: $(STAMP) postgres  # PYTEST_ARGS: extra pytest options (CI: --durations=15)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)

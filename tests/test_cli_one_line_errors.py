@@ -1,7 +1,7 @@
-"""Tracebacks of issue 28 (item 6) that are now one error line: a missing or pickled --weights
+"""Failures that used to be tracebacks and are now one error line: a missing or pickled --weights
 file, --device mps without MPS, a full disk under `data synth`, a checkpoint tensor of the wrong
-rank. (5000-digit integers: test_hostile_sizes; a CSV field over 128 KB: test_hostile_tables;
-nested metrics: test_hostile_terminal.)"""
+rank. (5000-digit integers: test_model_size_limits; a CSV field over 128 KB: test_number_files;
+nested metrics: test_cli_escaping.)"""
 
 from __future__ import annotations
 

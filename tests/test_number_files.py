@@ -1,4 +1,4 @@
-"""Files that feed a number are validated as data (issue 28, item 3): a sensitivity CSV, a VOC box
+"""Files that feed a number are validated as data: a sensitivity CSV, a VOC box
 and ``sparsify --ratio`` give either the right result or one clear line, never a silently wrong cut."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Nothing from a file reaches the terminal unescaped (issue 28, item 4): a name holding escape
+"""Nothing from a file reaches the terminal unescaped: a name holding escape
 sequences (clear screen, window title), a newline that forges an ``error:`` line and Rich markup
 shows as those characters, in every command that prints it, and long values are shortened."""
 

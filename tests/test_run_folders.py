@@ -1,4 +1,4 @@
-"""Outputs and interrupts (issue 28, item 7): run folders are claimed atomically, a resumed run
+"""Outputs and interrupts: run folders are claimed atomically, a resumed run
 records each step once, and a full disk that "wrote nothing" leaves no metrics files."""
 
 from __future__ import annotations

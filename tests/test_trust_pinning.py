@@ -1,4 +1,4 @@
-"""Issue 28, item 8 (this engineer's part): ``--trust-code`` runs a checkpoint's builder file only
+"""``--trust-code`` runs a checkpoint's builder file only
 when the checkpoint pinned it by hash, and a valid 250-character output name is not refused for
 the names of its lock and temporary files."""
 

@@ -1,5 +1,5 @@
 """Size before build: a model config, a builder argument, a file or an image that asks for more
-memory than a 24 GB machine has is one clear line before anything is allocated (issue 28, item 1).
+memory than a 24 GB machine has is one clear line before anything is allocated.
 
 Oracles: the cost estimate is checked against the parameter count of models Ultralytics really
 builds (it must not under-count them), every payload of the issue is refused by the argument it
