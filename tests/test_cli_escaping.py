@@ -110,7 +110,7 @@ def test_train_note_with_dataset_category_names_is_escaped(monkeypatch) -> None:
 
     buf = io.StringIO()
     display = TrainDisplay("train", enabled=True)
-    monkeypatch.setattr(display.progress.console, "file", buf)  # the display's own console, as train prints it
+    monkeypatch.setattr(display.progress.console, "_file", buf)  # the display's own console; "_file": undo restores None (follow sys.stdout), not the stream of the moment
     display.on_note(f"num_classes=2 from the data ({EVIL} + background)")
     display.on_warning(EVIL)
     _assert_escaped(buf.getvalue())

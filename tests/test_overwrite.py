@@ -105,7 +105,7 @@ def test_predict_without_out_gets_a_new_run_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     seen = []
     monkeypatch.setattr("surgery.deployment.predict.image_files", lambda images: seen.append("files") or [])
-    monkeypatch.setattr("surgery.deployment.predict.load_predictor", lambda *a: type("P", (), {"class_names": None})())
+    monkeypatch.setattr("surgery.deployment.predict.load_predictor", lambda *a, **kw: type("P", (), {"class_names": None})())
     monkeypatch.setattr("surgery.deployment.predict.predict_files", lambda *a, **k: [])
     monkeypatch.setattr("surgery.deployment.predict.write_predictions", lambda preds, out, draw, **kw: seen.append(out) or out / "d.json")
     Path("runs/predict/exp").mkdir(parents=True)

@@ -224,6 +224,7 @@ def from_config(cfg: PruneSection, *, given: Mapping[str, str] | None = None,
 def budget_of(cfg: PruneSection, macs_input_size: int | None, latency_size: int | None = None) -> Budget:
     """The budget a (validated) structured section describes."""
     overrides = dict(cfg.overrides)
+    global_ranking = cfg.global_ranking or cfg.allocation == "global"  # the flag and the allocation's name
     if cfg.allocation == "sensitivity":
         return Sensitivity(str(cfg.sensitivity), _needs(cfg.target_macs, "target_macs"),
                            _needs(macs_input_size, "a MACs input size (the recipe's bench.input_size)"))
@@ -231,10 +232,10 @@ def budget_of(cfg: PruneSection, macs_input_size: int | None, latency_size: int 
         return KeepLatency(cfg.target_latency, cfg.runtime, macs_input_size or latency_size or 320, overrides)
     if cfg.target_macs is not None:
         size = _needs(macs_input_size, "macs_input_size (the recipe's bench.input_size) to count MACs")
-        return KeepMacs(cfg.target_macs, size, cfg.global_ranking, overrides)
+        return KeepMacs(cfg.target_macs, size, global_ranking, overrides)
     if cfg.target_params is not None:
-        return KeepParams(cfg.target_params, cfg.global_ranking, overrides)
-    return CutRatio(cfg.ratio, cfg.global_ranking, overrides)
+        return KeepParams(cfg.target_params, global_ranking, overrides)
+    return CutRatio(cfg.ratio, global_ranking, overrides)
 
 
 def _needs(value: Any, what: str) -> Any:
