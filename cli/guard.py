@@ -21,7 +21,8 @@ from .outputs import OUTPUT_PARAMS, OVERWRITE_HELP, RESUMED_FOLDERS, check_outpu
 TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "sparsify", "eval", "bench", "export", "sweep", "quantize",
                   "predict", "info", "sensitivity", "recover")
 # parameters naming input files, and output files (-> the flag shown in errors)
-INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights", "images")
+INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights", "images", "teacher")
+NOT_PATHS = ("auto", "none")  # --teacher auto / none name no file
 TRUST_HELP = (
     "Allow the checkpoint / recipe / --model to run user code (a 'module:function' or 'file.py:function' "
     "builder) for this call. Without it only registered builders run."
@@ -34,7 +35,7 @@ def _inputs(bound: dict[str, Any]) -> list[Any]:
         v = bound.get(name)
         if isinstance(v, (list, tuple)):
             out.extend(v)
-        elif v is not None:
+        elif v is not None and not (name == "teacher" and str(v).lower() in NOT_PATHS):
             out.append(v)
     return out
 

@@ -18,7 +18,7 @@ def in_ci() -> bool:
 
 
 def require(module: str) -> types.ModuleType:
-    """``pytest.importorskip`` for optional extras, except that under ``CI=true`` a missing extra
+    """pytest's import-or-skip for optional extras, except that under ``CI=true`` a missing extra
     that CI installs is a failure (a silent skip would hide that a whole feature went untested).
     Works at module level (collection) and inside a test."""
     try:

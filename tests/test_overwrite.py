@@ -111,3 +111,14 @@ def test_predict_without_out_gets_a_new_run_folder(tmp_path, monkeypatch):
     Path("runs/predict/exp").mkdir(parents=True)
     predict_cmd.predict(Path("x.pt"), [Path("a.png")], None, 0.3, 1, "cpu", True)
     assert seen[-1] == Path("runs/predict/exp2")
+
+
+def test_recover_refuses_to_write_over_its_teacher(tmp_path) -> None:
+    """--teacher is an input: even with --overwrite, the recovered model never replaces the dense
+    model it imitates (the file is untouched)."""
+    teacher = tmp_path / "dense.pt"
+    teacher.write_bytes(b"dense weights")
+    res = CliRunner().invoke(app, ["recover", str(tmp_path / "pruned.pt"), "--images", str(tmp_path),
+                                   "--teacher", str(teacher), "--out", str(teacher), "--overwrite"])
+    assert isinstance(res.exception, OutputError) and "is also an input" in str(res.exception), res.output
+    assert teacher.read_bytes() == b"dense weights"
