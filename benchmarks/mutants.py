@@ -43,8 +43,8 @@ class Mutant:
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("latency allocator plans without its latency table", "surgery/pruning/latency.py",
-           "    return Allocation(plan=plan_channels(ctx.graph, cfg, scores=ctx.scores), cfg=cfg, target=target)",
-           "    return Allocation(plan=plan_channels(ctx.graph, ctx.cfg, scores=ctx.scores), cfg=ctx.cfg, target=target)",
+           "    return Allocation(plan=plan(target.ratios), group_ratios=dict(target.ratios), target=target)",
+           "    return Allocation(plan=plan({}), group_ratios=dict(target.ratios), target=target)",
            ("tests/test_latency.py",)),
     Mutant("quantize --form auto always writes one form", "surgery/deployment/quantize.py",
            "ranges=ranges, reduce_range=reduce_range,\n                               form=form)",
@@ -73,8 +73,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "    while step > 1 and channels < THIN_GROUP_FACTOR * step:",
            "    while step > 1 and channels < (THIN_GROUP_FACTOR - 1) * step:",
            ("tests/test_allocate_rounding.py", "-k", "thin or keep_count")),
-    Mutant("global allocator ranks per group", "surgery/pruning/allocate.py",
-           "    cfg = replace(ctx.cfg, global_ranking=True)", "    cfg = replace(ctx.cfg, global_ranking=False)",
+    Mutant("allocation: global ranks per group", "surgery/pruning/budget.py",
+           '    global_ranking = cfg.global_ranking or cfg.allocation == "global"', "    global_ranking = cfg.global_ranking",
            ("tests/test_prune_options.py", "-k", "global")),
     Mutant("l1 ranks by the L2 norm", "surgery/pruning/importance.py",
            'IMPORTANCES.add("l1", Criterion("l1", _magnitude(1),', 'IMPORTANCES.add("l1", Criterion("l1", _magnitude(2),',
