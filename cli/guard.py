@@ -1,6 +1,7 @@
 """The guard every command that loads a model, checkpoint or recipe runs in: the ``--trust-code``
 option (a trust context for that call), outputs checked before any work starts, inputs protected
-from being overwritten."""
+from being overwritten; and the ``--max-model-gb`` option of every command that builds a model (a
+model-size limit for that call)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import typer
 
 from surgery.config.recipe import load_recipe
 from surgery.errors import RecipeError
+from surgery.yolo.config_check import model_size_limit  # torch-free: reads Python data only
 
 from .outputs import OUTPUT_PARAMS, OVERWRITE_HELP, RESUMED_FOLDERS, check_outputs, output_locks, overwriting
 
@@ -22,10 +24,18 @@ TRUST_COMMANDS = ("prune", "inspect", "train", "retrain", "sparsify", "eval", "b
                   "predict", "info", "sensitivity", "recover")
 # parameters naming input files, and output files (-> the flag shown in errors)
 INPUT_PARAMS = ("model", "recipe", "ckpt", "checkpoint", "checkpoints", "weights", "images", "teacher")
+# commands that build a model from a config: the model-size bound (surgery/yolo/config_check.py) can fire
+SIZED_COMMANDS = ("prune", "inspect", "train", "retrain", "sparsify", "eval", "bench", "export", "sweep", "quantize",
+                  "predict", "sensitivity", "recover", "compress")
 NOT_PATHS = ("auto", "none")  # --teacher auto / none name no file
 TRUST_HELP = (
     "Allow the checkpoint / recipe / --model to run user code (a 'module:function' or 'file.py:function' "
     "builder) for this call. Without it only registered builders run."
+)
+
+MAX_MODEL_GB_HELP = (
+    "Largest model a config may build for this call, in GiB: parameters (x4: gradients, Adam) plus one image's "
+    "activations at the trace size, estimated before anything is allocated (default: SURGERY_MAX_MODEL_GB, else 12)."
 )
 
 
@@ -146,9 +156,31 @@ def guard(command: str, fn: Any) -> Any:
     return wrapper
 
 
+def sized(fn: Any) -> Any:
+    """``fn`` with a ``--max-model-gb`` option: it runs with that model-size limit (checked first:
+    a finite number of GiB above 0), which only this call sees."""
+    sig = inspect.signature(fn, eval_str=True)
+    if "max_model_gb" in sig.parameters:
+        return fn
+    extra = inspect.Parameter("max_model_gb", inspect.Parameter.KEYWORD_ONLY, annotation=float | None,
+                              default=typer.Option(None, "--max-model-gb", help=MAX_MODEL_GB_HELP))
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, max_model_gb: float | None = None, **kwargs: Any) -> Any:
+        with model_size_limit(max_model_gb):
+            return fn(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "max_model_gb": float | None}
+    return wrapper
+
+
 def guard_commands(app: typer.Typer) -> None:
-    """Apply :func:`guard` to every registered command in :data:`TRUST_COMMANDS`."""
+    """Apply :func:`guard` to every registered command in :data:`TRUST_COMMANDS` and :func:`sized`
+    (outermost: its value is checked first) to those in :data:`SIZED_COMMANDS`."""
     for info in app.registered_commands:
         name = info.name or (info.callback.__name__ if info.callback else None)
         if name in TRUST_COMMANDS and info.callback is not None:
             info.callback = guard(name, info.callback)
+        if name in SIZED_COMMANDS and info.callback is not None:
+            info.callback = sized(info.callback)

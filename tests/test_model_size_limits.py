@@ -21,7 +21,13 @@ from PIL import Image
 
 from surgery.data.images import read_rgb
 from surgery.errors import DataError, RecipeError, UnknownModelError
-from surgery.yolo.config_check import BUILD_GB_ENV, check_config, estimate_cost
+from surgery.yolo.config_check import (
+    BUILD_GB_ENV,
+    check_config,
+    estimate_cost,
+    max_build_bytes,
+    model_size_limit,
+)
 from tests.extras import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +106,7 @@ def test_cost_estimate_never_undercounts_real_models() -> None:
 def test_a_config_that_fits_every_row_bound_is_refused_by_its_cost(monkeypatch) -> None:
     wide = [[-1, 1, "Conv", [8192, 31, 1]]] * 6  # each row legal, together ~2 TB of weights
     cfg = {**_tiny(), "scales": {"n": [1.0, 1.0, 8192]}, "backbone": wide, "head": [[[-1], 1, "Detect", ["nc"]]]}
-    with pytest.raises(UnknownModelError, match=f"GiB limit \\(set {BUILD_GB_ENV}"):
+    with pytest.raises(UnknownModelError, match=f"GiB limit \\(pass --max-model-gb or set {BUILD_GB_ENV}"):
         check_config(cfg, "wide")
     check_config(_tiny(), "tiny", size=640)
     with pytest.raises(UnknownModelError, match="GiB limit"):
@@ -110,6 +116,69 @@ def test_a_config_that_fits_every_row_bound_is_refused_by_its_cost(monkeypatch) 
         check_config(_tiny(), "tiny")
     monkeypatch.setenv(BUILD_GB_ENV, "100000")  # raised on purpose, the big config passes the check
     check_config(cfg, "wide")
+
+
+def test_size_limit_context_holds_for_its_block_only(monkeypatch) -> None:
+    monkeypatch.delenv(BUILD_GB_ENV, raising=False)
+    with model_size_limit(0.001), pytest.raises(UnknownModelError, match="0.001 GiB limit"):
+        check_config(_tiny(), "tiny")
+    assert max_build_bytes() == 12 * 2**30  # nothing leaks out of the block
+    monkeypatch.setenv(BUILD_GB_ENV, "0.001")
+    with model_size_limit(100):  # the explicit setting wins over the environment's default
+        check_config(_tiny(), "tiny")
+    with model_size_limit(None), pytest.raises(UnknownModelError, match="0.001 GiB limit"):
+        check_config(_tiny(), "tiny")
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_max_model_gb_flag_sets_the_limit_for_that_call(monkeypatch) -> None:
+    """Lowered, the flag refuses a model the default lets through, naming itself; raised, it lets a
+    config the default refuses reach the build (stubbed here: 25 GiB are never allocated)."""
+    require("ultralytics")
+    from surgery.yolo import ultralytics_adapter
+
+    monkeypatch.delenv(BUILD_GB_ENV, raising=False)
+    tiny = f"ultralytics:{ROOT / 'tests' / 'data' / 'yolo_tiny.yaml'}"
+    res = _cli("inspect", "--model", tiny, "--max-model-gb", "0.001")
+    assert isinstance(res.exception, UnknownModelError), res.output
+    assert "more than the 0.001 GiB limit (pass --max-model-gb" in str(res.exception)
+    assert max_build_bytes() == 12 * 2**30  # the call's limit did not leak into the process
+
+    def built(tasks):
+        raise UnknownModelError("stub: the size check passed")
+
+    monkeypatch.setattr(ultralytics_adapter, "_restricted", built)
+    big = ("inspect", "--model", tiny, "-k", "size=4096")  # ~25 GiB of activations at 4096 px
+    res = _cli(*big)
+    assert "more than the 12 GiB limit (pass --max-model-gb" in str(res.exception), res.output
+    res = _cli(*big, "--max-model-gb", "100")
+    assert "stub: the size check passed" in str(res.exception), res.output
+    assert _peak_mb() < 2000
+
+
+def test_every_command_that_builds_a_model_takes_max_model_gb() -> None:
+    from cli.guard import SIZED_COMMANDS
+
+    for command in SIZED_COMMANDS:
+        res = _cli(command, "--help")
+        assert res.exit_code == 0 and "--max-model-gb" in res.output, command
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "big"])
+def test_max_model_gb_bad_values_are_one_error_line(value: str, tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "surgery", "inspect", "--model", "fcos_resnet18_slim", "--max-model-gb", value],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)  # fmt: skip
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "--max-model-gb" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
 
 
 def test_checkpoint_config_payload_is_refused_before_allocation(tmp_path) -> None:

@@ -24,7 +24,8 @@ whatever was imported first:
   so ``width_multiple: 1000`` or ``depth_multiple: 100000`` is one line, not 295 GB; then
   :func:`estimate_cost` follows channels and feature-map sides through the rows (as Ultralytics'
   parser will) and bounds parameters plus activation memory at the trace size by
-  :func:`max_build_bytes` (12 GiB, an overestimate about 2x: fits a 24 GB machine; ``SURGERY_MAX_MODEL_GB`` raises it).
+  :func:`max_build_bytes` (12 GiB, an overestimate about 2x: fits a 24 GB machine; ``--max-model-gb``,
+  :func:`model_size_limit` in Python, or ``SURGERY_MAX_MODEL_GB`` sets it).
 
 Each violation is one :class:`~surgery.errors.UnknownModelError` line naming the key and the
 source. No torch, no Ultralytics here: this module only reads Python data.
@@ -33,13 +34,15 @@ source. No torch, no Ultralytics here: this module only reads Python data.
 from __future__ import annotations
 
 import ast
+import contextlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UnknownModelError
+from ..errors import RecipeError, UnknownModelError
 
 MAX_CLASSES = 100_000
 MAX_MULTIPLE = 4.0  # YOLOv8x: depth 1.0, width 1.25; scales never reach 2
@@ -57,6 +60,9 @@ MAX_SIDE = 4096  # a feature map's side (Upsample size) and the trace size
 MAX_UPSAMPLE = 8.0
 MAX_BUILD_GB = 12.0  # parameters (+ grads, Adam) and batch-1 activations at the trace size
 BUILD_GB_ENV = "SURGERY_MAX_MODEL_GB"
+BUILD_GB_FLAG = "--max-model-gb"
+MAX_BUILD_GB_SETTING = 1_000_000.0  # the highest limit that may be set (GiB): finite, far above any machine
+_BUILD_GB: ContextVar[float | None] = ContextVar("surgery_max_model_gb", default=None)
 
 TOP_KEYS = frozenset({
     "nc", "scales", "scale", "depth_multiple", "width_multiple", "activation", "backbone", "head",
@@ -309,13 +315,35 @@ class Cost:
         return 4 * (4 * self.params + self.activations)
 
 
-def max_build_bytes() -> int:
-    """The most :attr:`Cost.bytes` a config may need: ``SURGERY_MAX_MODEL_GB`` (GiB) or 12 GiB."""
-    raw = os.environ.get(BUILD_GB_ENV, "")
+def check_build_gb(value: object, what: str = BUILD_GB_FLAG) -> float:
+    """``value`` as a model-size limit in GiB: a finite number in (0, :data:`MAX_BUILD_GB_SETTING`]."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not 0 < value <= MAX_BUILD_GB_SETTING:
+        raise RecipeError(f"{what} {_short(value)}: expected a number of GiB in (0, {MAX_BUILD_GB_SETTING:g}]")
+    return float(value)
+
+
+@contextlib.contextmanager
+def model_size_limit(gb: float | None) -> Iterator[None]:
+    """Within the block, a model config may need up to ``gb`` GiB (``--max-model-gb``); ``None``
+    keeps the default (``SURGERY_MAX_MODEL_GB``, else 12 GiB). Only this call (context) sees it."""
+    token = _BUILD_GB.set(None if gb is None else check_build_gb(gb))
     try:
-        gb = float(raw) if raw else MAX_BUILD_GB
-    except ValueError:
-        gb = MAX_BUILD_GB
+        yield
+    finally:
+        _BUILD_GB.reset(token)
+
+
+def max_build_bytes() -> int:
+    """The most :attr:`Cost.bytes` a config may need: :func:`model_size_limit`'s value, else
+    ``SURGERY_MAX_MODEL_GB`` (GiB), else 12 GiB."""
+    gb = _BUILD_GB.get()
+    if gb is None:
+        raw = os.environ.get(BUILD_GB_ENV, "")
+        try:
+            gb = float(raw) if raw else MAX_BUILD_GB
+        except ValueError:
+            gb = MAX_BUILD_GB
     return int((gb if math.isfinite(gb) and gb > 0 else MAX_BUILD_GB) * 2**30)
 
 
@@ -434,7 +462,7 @@ def _check_cost(cfg: dict[str, Any], source: str, size: int, nc: int | None) -> 
             source,
             f"building it and tracing one {size}px image needs about {cost.bytes / 2**30:.1f} GiB "
             f"({cost.params / 1e6:.0f}M parameters, {cost.activations / 1e6:.0f}M activation values), "
-            f"more than the {limit / 2**30:.3g} GiB limit (set {BUILD_GB_ENV} to raise it on purpose)",
+            f"more than the {limit / 2**30:.3g} GiB limit (pass {BUILD_GB_FLAG} or set {BUILD_GB_ENV} to raise it on purpose)",
         )
 
 
