@@ -1,7 +1,12 @@
 """Images in every mode Pillow opens reach the model as the right 8-bit RGB (against references
-computed here with numpy), and a decompression bomb is one clear line."""
+computed here with numpy), and a decompression bomb, or a header declaring more pixels than
+surgery decodes, is one clear line."""
 
 from __future__ import annotations
+
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -89,3 +94,36 @@ def test_not_an_image_is_one_line_after_ultralytics_patched_pil(tmp_path) -> Non
     (tmp_path / "x.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot read image"):
         read_rgb(tmp_path / "x.png")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width x height`` 8-bit grey pixels and holds none (under 100 bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def test_huge_header_is_one_line_before_decoding_in_predict_and_datasets(tmp_path) -> None:
+    """12000x12000 (a 140 KB black PNG: 1.7 GB as a float image): refused by its header with one
+    error and no Pillow warning, in predict and in a dataset (without the check, Pillow would
+    start decoding and fail on the missing pixels instead)."""
+    from surgery.data.loader import build_dataset
+    from surgery.data.synth import synthesize
+    from surgery.deployment.predict import Predictor, predict_files
+
+    big = tmp_path / "big.png"
+    big.write_bytes(_png_header(12000, 12000))
+    refused = "12000x12000 pixels, more than 67 MP; refused before decoding"
+    synthesize(tmp_path / "d", images=2, size=64, val_images=1)
+    ds = build_dataset(str(tmp_path / "d"), "val", train=False)
+    ds.records[0].path.write_bytes(big.read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning would be a second line
+        with pytest.raises(DataError, match=refused):
+            read_rgb(big)
+        with pytest.raises(DataError, match=f"image {big} is {refused}"):
+            predict_files(Predictor(None, None, "never run"), [big])  # type: ignore[arg-type]
+        with pytest.raises(DataError, match=f"dataset .*{refused}"):
+            ds.load_image(0)

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import check_pixels, to_rgb_array
+from .images import opened_image, to_rgb_array
 
 BACKGROUND = "__background__"
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (clipped), more is an error
@@ -106,8 +106,7 @@ class DetectionDataset(Dataset):
         """The image at ``index`` as a float CHW tensor in [0, 1], no augmentation."""
         rec = self.records[index]
         try:
-            with Image.open(rec.path) as im:
-                check_pixels(im, f"dataset {self.name}: image {rec.path}")  # the header, before decoding
+            with opened_image(rec.path, f"dataset {self.name}: image {rec.path}") as im:  # the header, before decoding
                 arr = to_rgb_array(im)  # 16-bit and float images scaled, not clipped to white
         except FileNotFoundError:
             raise DataError(f"dataset {self.name}: image file {rec.path} does not exist") from None

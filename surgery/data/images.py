@@ -7,11 +7,15 @@ their type's range if they exceed 16 bits; floats as [0, 1] when they lie there,
 the other modes (palette, grey, alpha, CMYK, YCbCr) go through Pillow's conversion, alpha dropped.
 A file above Pillow's decompression-bomb limit is a :class:`~surgery.errors.DataError` line, and so
 is one whose header declares more than :data:`MAX_PIXELS` (checked before decoding: Pillow's own
-limit, 179 MP, lets a 140 KB 12000x12000 PNG through, 1.7 GB once it is a float image).
+limit, 179 MP, lets a 140 KB 12000x12000 PNG through, 1.7 GB once it is a float image). Every
+reader opens files through :func:`opened_image` (or :func:`image_header` for the size alone).
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +63,30 @@ def check_pixels(im: Image.Image, what: str) -> None:
                         "(resize it first)")
 
 
+@contextlib.contextmanager
+def image_header(path: str | Path) -> Iterator[Image.Image]:
+    """``path`` opened by Pillow: its header read, nothing decoded. Pillow's
+    ``DecompressionBombWarning`` (over 89 MP) is not printed: every image it warns about is over
+    :data:`MAX_PIXELS`, refused by :func:`check_pixels` in one line before it is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    with im:
+        yield im
+
+
+@contextlib.contextmanager
+def opened_image(path: str | Path, what: str) -> Iterator[Image.Image]:
+    """``path`` opened (header only) with its size checked by :func:`check_pixels`, ready to decode."""
+    with image_header(path) as im:
+        check_pixels(im, what)
+        yield im
+
+
 def read_rgb(path: str | Path, what: str = "image") -> np.ndarray:
     """The image file at ``path`` as ``H x W x 3`` uint8, or one :class:`DataError` line."""
     try:
-        with Image.open(path) as im:  # reads the header only
-            check_pixels(im, f"{what} {path}")
+        with opened_image(path, f"{what} {path}") as im:  # the header, before decoding
             return to_rgb_array(im)
     except FileNotFoundError:
         raise DataError(f"{what} {path} does not exist") from None

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from ..errors import DataError
 from .datasets import DetectionDataset, _check_box, _GroundTruth, _Record
+from .images import image_header
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -107,7 +107,7 @@ def load_voc_ground_truth(year_dir: Path, split: str) -> _GroundTruth:
         except (DataError, ValueError):
             width = height = 0
         if width <= 0 or height <= 0:
-            with Image.open(img_path) as im:
+            with image_header(img_path) as im:
                 width, height = im.size
         image_id = idx + 1
         boxes, labels = [], []

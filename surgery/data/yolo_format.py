@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 import yaml
-from PIL import Image
 
 from ..errors import DataError
 from .datasets import DetectionDataset, _GroundTruth, _Record
+from .images import image_header
 from .sources import MAX_YAML_BYTES
 
 IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic"}
@@ -177,7 +177,7 @@ def read_labels(file: Path, nc: int) -> np.ndarray:
 
 def _record(image_id: int, path: Path, nc: int) -> tuple[_Record, list[dict[str, Any]]]:
     try:
-        with Image.open(path) as im:
+        with image_header(path) as im:
             width, height = im.size  # header only
     except OSError as e:
         raise DataError(f"cannot read image {path}: {e}") from None
