@@ -8,6 +8,8 @@ from typing import Any
 
 import typer
 
+from surgery.pruning.budget import Recovery  # torch-free: the recovery defaults, one copy
+
 from .console import console
 from .display import working
 
@@ -21,11 +23,11 @@ def recover(
     teacher: str = typer.Option("auto", "--teacher", help="The dense checkpoint to imitate; auto: the one the pruned "
                                 "checkpoint records it was cut from."),
     out: Path = typer.Option(..., "--out", "-o", help="The recovered checkpoint to write."),
-    batches: int = typer.Option(16, "--batches", min=2, help="Calibration batches read (a quarter held out to decide when to stop)."),
+    batches: int = typer.Option(Recovery.batches, "--batches", min=2, help="Calibration batches read (a quarter held out to decide when to stop)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch."),
-    steps: int = typer.Option(300, "--steps", min=0, help="At most this many optimiser steps after the least-squares re-fit."),
-    seconds: float = typer.Option(240.0, "--seconds", min=1.0, help="Wall-clock budget of the whole recovery."),
-    lr: float = typer.Option(1e-4, "--lr", help="Adam's learning rate."),
+    steps: int = typer.Option(Recovery.steps, "--steps", min=0, help="At most this many optimiser steps after the least-squares re-fit."),
+    seconds: float = typer.Option(Recovery.seconds, "--seconds", min=1.0, help="Wall-clock budget of the whole recovery."),
+    lr: float = typer.Option(Recovery.lr, "--lr", help="Adam's learning rate."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
 ) -> None:
     """Recover a pruned model's accuracy without labels: least-squares re-fit, then a few hundred

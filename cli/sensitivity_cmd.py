@@ -34,8 +34,9 @@ def sensitivity(
     from surgery.measure.evaluate import evaluate
     from surgery.pruning.calibrate import calibration_data
     from surgery.pruning.recover import RECOVER_BATCH_SIZE
-    from surgery.pruning.sensitivity import analyse, file_digest, plot_table, run_key
+    from surgery.pruning.sensitivity import analyse, plot_table, run_key
     from surgery.storage.checkpoint import load_checkpoint
+    from surgery.storage.trust import sha256_file
     from surgery.workflows import recipe_for_checkpoint
 
     try:
@@ -51,7 +52,7 @@ def sensitivity(
         subset = Subset(val, list(range(min(val_images, len(val)))))
         calib = list(calibration_data(rec.data, batches=recover, batch_size=RECOVER_BATCH_SIZE, model=model)) if recover else None
     size = macs_size or rec.bench.input_size
-    key = run_key(file_digest(ckpt), {"data": vars(rec.data), "val_images": len(subset), "recover": recover,
+    key = run_key(sha256_file(ckpt), {"data": vars(rec.data), "val_images": len(subset), "recover": recover,
                                       "method": rec.prune.method, "skip": rec.prune.skip, "macs_size": size,
                                       "round_to": rec.prune.round_to, "min_channels": rec.prune.min_channels})
 

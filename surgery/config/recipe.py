@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..errors import DataError, RecipeError
+from ..pruning.budget import Recovery
 from ..pruning.importance import list_importances, pruning_methods
 from ..registry import did_you_mean
 from ..storage.trust import read_small_file, safe_yaml_load
@@ -138,10 +139,10 @@ class PruneSection:
     recover: int = 0
     # refit (least squares + BatchNorm, surgery.pruning.recover) | reconstruct (then Adam steps matching the dense
     # model's head outputs on the calibration images, no labels read; surgery.pruning.reconstruct)
-    recover_method: str = "refit"
-    recover_steps: int = 300  # reconstruct: at most this many optimiser steps...
-    recover_seconds: float = 240.0  # ...and this wall-clock budget for the whole recovery (re-fit included)
-    recover_lr: float = 1e-4  # reconstruct: Adam's learning rate
+    recover_method: str = Recovery.method
+    recover_steps: int = Recovery.steps  # reconstruct: at most this many optimiser steps...
+    recover_seconds: float = Recovery.seconds  # ...and this wall-clock budget for the whole recovery (re-fit included)
+    recover_lr: float = Recovery.lr  # reconstruct: Adam's learning rate
     # how the cut is spread over the groups: uniform (one ratio, or overrides), global (one ranking
     # across groups, = global_ranking), sensitivity (per-group ratios from a `surgery sensitivity`
     # CSV that meet target_macs while cutting the insensitive groups more)

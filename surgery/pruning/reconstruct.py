@@ -38,7 +38,6 @@ images, so box-head outputs compare the same regions. Layers holding constants
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -49,19 +48,22 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
+from .budget import Recovery
 from .recover import (
     DEFAULT_RECOVER_BATCHES,
     RecoveryResult,
+    _calibration_images,
     _eval_mode,
     _hooks,
-    _images,
+    _in_width,
+    _out_width,
     _proposals_module,
     recover,
 )
 
-DEFAULT_STEPS = 300  # optimiser steps after the re-fit (prune.recover_steps)
-DEFAULT_SECONDS = 240.0  # wall-clock budget of the whole recovery, re-fit included (prune.recover_seconds)
-DEFAULT_LR = 1e-4  # Adam's learning rate (prune.recover_lr)
+DEFAULT_STEPS = Recovery.steps  # optimiser steps after the re-fit (prune.recover_steps)
+DEFAULT_SECONDS = Recovery.seconds  # wall-clock budget of the whole recovery, re-fit included (prune.recover_seconds)
+DEFAULT_LR = Recovery.lr  # Adam's learning rate (prune.recover_lr)
 DEFAULT_HELD_OUT = 0.25  # fraction of the calibration batches kept out of the steps, to decide when to stop
 DEFAULT_EVAL_EVERY = 25  # steps between held-out evaluations
 DEFAULT_PATIENCE = 4  # evaluations without a new best before stopping
@@ -120,14 +122,6 @@ class ReconstructReport:
 
 # --------------------------------------------------------------------------------------------
 # which layers
-
-
-def _out_width(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-
-
-def _in_width(layer: nn.Module) -> int:
-    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
 def _fixed(model: nn.Module) -> set[str]:
@@ -303,10 +297,7 @@ def reconstruct(
         raise PruningError("reconstruction: steps >= 0, seconds > 0, lr > 0, eval_every >= 1, patience >= 1 and "
                            "0 < held_out < 1")
     t0, cpu0 = time.perf_counter(), time.process_time()
-    device = next(pruned.parameters()).device
-    imgs = [_images(b, device) for b in itertools.islice(iter(images), batches)]
-    if not imgs:
-        raise PruningError("the recovery data yielded no batch")
+    imgs = _calibration_images(pruned, images, batches)
     calib, held = _split(imgs, held_out)
     layers = matched_layers(pruned, dense, kept, match=match)
     matcher = _Matcher(dense, pruned, layers, kept or {})

@@ -50,17 +50,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PruningError
+from .budget import Recovery
 
 DEFAULT_POSITIONS = 1024  # sampled spatial positions per layer call and batch
 DEFAULT_RIDGE = 1e-2  # lam = ridge x mean diagonal of X'^T X'
 RECOVER_BATCH_SIZE = 8  # images per calibration batch for recovery
-# Calibration batches the shipped recipes use (prune.recover) and recover()'s default. 16 batches =
-# 128 images: with 4 (32 images) the deep layers' fits (a 4x4 map at 128 px, up to ~2300 unknowns
-# per output) over-fit the calibration images. Measured in docs/accuracy.md (issue 17, session 3):
-# mAP after recovery, no retraining, 4 -> 16 batches, on the quickstart FCOS 0.654 -> 0.663 (50%
-# MACs cut) and 0.601 -> 0.615 (75%), YOLOv8n 0.517 -> 0.538 and 0.315 -> 0.364, YOLO11n (data
-# seed 1) 0.388 -> 0.389 and 0.224 -> 0.234; 32 batches adds a little more at twice the time.
-DEFAULT_RECOVER_BATCHES = 16
+DEFAULT_RECOVER_BATCHES = Recovery.batches  # calibration batches (why 16: the comment at Recovery)
 
 
 @dataclass
@@ -129,6 +124,10 @@ def _in_width(layer: nn.Module) -> int:
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
+def _out_width(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
 def select_layers(pruned: nn.Module, dense: nn.Module, *, scope: str = "consumers") -> tuple[list[str], dict[str, str]]:
     """Layers to re-fit (``consumers``: those whose input channels were cut; ``all``: every
     supported layer) and the reason each other candidate is skipped."""
@@ -172,6 +171,16 @@ def _images(batch: Any, device: torch.device) -> list[torch.Tensor]:
     if not isinstance(batch, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in batch):
         raise PruningError("recovery data must yield (images, targets) batches or lists of image tensors")
     return [t.to(device) for t in batch]
+
+
+def _calibration_images(model: nn.Module, data: Iterable[Any], batches: int) -> list[list[torch.Tensor]]:
+    """The first ``batches`` batches of ``data`` as lists of image tensors on ``model``'s device
+    (the targets of ``(images, targets)`` batches dropped); one error when there is none."""
+    device = next(model.parameters()).device
+    imgs = [_images(b, device) for b in itertools.islice(iter(data), batches)]
+    if not imgs:
+        raise PruningError("the recovery data yielded no batch")
+    return imgs
 
 
 @contextlib.contextmanager
@@ -408,10 +417,7 @@ def recover(
         raise PruningError("recovery: ridge must be >= 0 and positions >= 1")
     t0 = time.perf_counter()
     kept = dict(kept or {})
-    device = next(pruned.parameters()).device
-    imgs = [_images(b, device) for b in itertools.islice(iter(data), batches)]
-    if not imgs:
-        raise PruningError("the recovery data yielded no batch")
+    imgs = _calibration_images(pruned, data, batches)
     fits: list[LayerFit] = []
     skipped: dict[str, str] = {}
     with _eval_mode(pruned, dense):
@@ -437,10 +443,6 @@ def recover(
     bn = reestimate_batchnorm(pruned, imgs) if batchnorm else []
     return RecoveryResult(layers=fits, skipped=skipped, bn_reestimated=bn, frozen_norms=frozen_norms(pruned),
                           batches=len(imgs), images=sum(len(b) for b in imgs), seconds=time.perf_counter() - t0)
-
-
-def _out_width(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 __all__ = ["DEFAULT_RECOVER_BATCHES", "RECOVER_BATCH_SIZE", "LayerFit", "RecoveryResult", "frozen_norms", "recover",

@@ -80,15 +80,9 @@ class SensitivityResult:
 # the table on disk
 
 
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run_key(checkpoint_digest: str, settings: dict[str, Any]) -> str:
+    """The key a table's rows carry: the checkpoint's SHA-256 (:func:`surgery.storage.trust.sha256_file`)
+    and the settings they were measured with."""
     text = json.dumps({"checkpoint": checkpoint_digest, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -461,7 +455,6 @@ __all__ = [
     "allocate_by_sensitivity",
     "allocate_sensitivity",
     "analyse",
-    "file_digest",
     "greedy_path",
     "plot_table",
     "read_table",
