@@ -145,7 +145,7 @@ def test_max_model_gb_flag_sets_the_limit_for_that_call(monkeypatch) -> None:
     from surgery.yolo import ultralytics_adapter
 
     monkeypatch.delenv(BUILD_GB_ENV, raising=False)
-    tiny = f"ultralytics:{ROOT / 'tests' / 'data' / 'yolo_tiny.yaml'}"
+    tiny, before = f"ultralytics:{ROOT / 'tests' / 'data' / 'yolo_tiny.yaml'}", _peak_mb()
     res = _cli("inspect", "--model", tiny, "--max-model-gb", "0.001")
     assert isinstance(res.exception, UnknownModelError), res.output
     assert "more than the 0.001 GiB limit (pass --max-model-gb" in str(res.exception)
@@ -160,7 +160,7 @@ def test_max_model_gb_flag_sets_the_limit_for_that_call(monkeypatch) -> None:
     assert "more than the 12 GiB limit (pass --max-model-gb" in str(res.exception), res.output
     res = _cli(*big, "--max-model-gb", "100")
     assert "stub: the size check passed" in str(res.exception), res.output
-    assert _peak_mb() < 2000
+    assert _peak_mb() - before < 500  # the process's peak: earlier tests in the session may have set it
 
 
 def test_every_command_that_builds_a_model_takes_max_model_gb() -> None:
