@@ -153,3 +153,14 @@ def test_prune_to_a_latency_budget_plans_from_the_latency_table(monkeypatch: pyt
     whole = [g for g in others if g.channels_after == g.channels_before]
     assert len(whole) >= 0.8 * len(others), [(g.root, g.channels_before, g.channels_after) for g in others]
     assert dict(model.named_modules())[hot].out_channels == hot_group.channels_after
+
+
+def test_a_latency_budget_takes_every_runtime_the_table_measures() -> None:
+    """`--keep-latency --runtime openvino` reaches the table: the budget refused openvino once."""
+    from surgery.config.recipe import PruneSection
+    from surgery.pruning import budget, latency_table
+
+    assert set(budget.RUNTIMES) == set(latency_table.RUNTIMES)
+    for runtime in latency_table.RUNTIMES:
+        job = budget.budget_of(PruneSection(target_latency=0.5, runtime=runtime), 64, 64)
+        assert isinstance(job, budget.KeepLatency) and job.runtime == runtime

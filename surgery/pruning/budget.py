@@ -88,7 +88,7 @@ class KeepParams:
         _overrides(self.overrides)
 
 
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "openvino", "torch")  # where a latency table is measured: surgery.pruning.latency_table.RUNTIMES
 
 
 @dataclass(frozen=True)
