@@ -55,6 +55,8 @@ def keep_latency_checkpoints(d: Path, keep: float, runtime: str) -> tuple[list[P
     res = prune_model(model, PruneSection(method="l1", round_to=8, min_channels=8, target_latency=keep, runtime=runtime),
                       trace_size=SIZE, macs_input_size=SIZE)
     paths.append(save_checkpoint(d / f"keep-latency{keep}-{runtime}.pt", model, SPEC, kind="structured", plan=res.plan))
+    for note in res.report.target.notes:
+        print(f"  prune: {note}")
     return paths, res.report.target.measured_ratio
 
 

@@ -87,7 +87,9 @@ def test_depthwise_layers_follow_the_diagonal() -> None:
 
 @pytest.mark.parametrize("fields,key", [({"target_latency": 1.5}, "target_latency"),
                                         ({"target_latency": 0.5, "target_macs": 0.5}, "target_latency"),
-                                        ({"target_latency": 0.5, "runtime": "tflite"}, "runtime")])
+                                        ({"target_latency": 0.5, "runtime": "tflite"}, "runtime"),
+                                        ({"target_latency": 0.5, "runtime": "onnxruntime", "latency_device": "cuda"},
+                                         "latency_device")])
 def test_recipe_refuses_bad_latency_settings(fields: dict, key: str) -> None:
     from surgery.config.recipe import PruneSection
 
@@ -164,3 +166,30 @@ def test_a_latency_budget_takes_every_runtime_the_table_measures() -> None:
     for runtime in latency_table.RUNTIMES:
         job = budget.budget_of(PruneSection(target_latency=0.5, runtime=runtime), 64, 64)
         assert isinstance(job, budget.KeepLatency) and job.runtime == runtime
+
+
+def test_latency_device_reaches_the_table_and_the_timed_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--keep-latency --runtime torch --latency-device cuda`: the table and the verification are
+    asked for on CUDA (both stubbed here; tests/test_gpu.py measures them on a GPU)."""
+    import surgery.pruning.latency as lat
+    from surgery.config.recipe import PruneSection
+    from surgery.detectors.builders import build_model
+    from surgery.pruning.prune import prune_model
+
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", num_classes=3, min_size=64, max_size=64).eval()
+    devices = []
+
+    def table(model, runtime, input_size, **kw):  # noqa: ANN001, ANN003, ANN202
+        devices.append(("table", kw.get("device")))
+        return _table({n: 1.0 for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)})
+
+    def timed(models, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        devices.append(("network", kw.get("device")))
+        return [[1.0] * 5, [0.6] * 5]
+
+    monkeypatch.setattr(lat, "measure_table", table)
+    monkeypatch.setattr(lat, "network_ms", timed)
+    res = prune_model(model, PruneSection(target_latency=0.6, runtime="torch", latency_device="cuda"),
+                      trace_size=64, macs_input_size=64)
+    assert devices == [("table", "cuda"), ("network", "cuda")] and res.report.target.within_tolerance

@@ -23,7 +23,7 @@ from ..deployment.onnx_io import OvSession, import_onnxruntime, ort_options, run
 from ..errors import PruningError
 from ..measure import fixed_workload
 from ..measure.split import network_modules
-from ..measure.timing import time_interleaved, torch_threads
+from ..measure.timing import time_cuda_events, time_interleaved, torch_threads
 from ..measure.workload import example_images, quiet
 from ..storage.atomic import atomic_open
 
@@ -153,19 +153,28 @@ def _cells() -> list[tuple[int, int]]:
     return [(i, j) for i in range(len(FRACTIONS)) for j in range(len(FRACTIONS))]
 
 
-def _time_torch(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: int, runs: int) -> dict[str, list[list[float]]]:
-
+def _time_torch(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: int, runs: int,
+                device: str = "cpu") -> dict[str, list[list[float]]]:
+    """Each layer at each grid cell, channels-last, on ``device``: the CPU with
+    :func:`~surgery.measure.timing.time_interleaved`; CUDA with
+    :func:`~surgery.measure.timing.time_cuda_events` (each cell captured in a CUDA graph of 10
+    calls where capture works, CUDA events around the replays: the network is timed the same way,
+    see :func:`surgery.pruning.latency.network_ms`)."""
+    dev = torch.device(device)
     fns: dict[str, Callable[[], Any]] = {}
     for name, (conv, shape) in layers.items():
         for i, j in _cells():
             if _is_depthwise(conv) and i != j:
                 continue
             c = _scaled(conv, FRACTIONS[i], FRACTIONS[j])
-            x = torch.rand(shape[0], c.in_channels, *shape[2:]).contiguous(memory_format=torch.channels_last)
-            c = c.to(memory_format=torch.channels_last)
+            x = torch.rand(shape[0], c.in_channels, *shape[2:], device=dev).contiguous(memory_format=torch.channels_last)
+            c = c.to(dev, memory_format=torch.channels_last)
             fns[f"{name}\0{i}\0{j}"] = lambda c=c, x=x: c(x)
     with torch_threads(threads), torch.inference_mode():
-        times = time_interleaved(fns, warmup=2, runs=runs)
+        if dev.type == "cuda":
+            times = time_cuda_events(fns, warmup=2, runs=runs)
+        else:
+            times = time_interleaved(fns, warmup=2, runs=runs)
     return _grid(layers, {k: statistics.median(v) for k, v in times.items()})
 
 
@@ -294,6 +303,17 @@ def check_cache_dir(folder: Path) -> None:
                            "set SURGERY_CACHE to a writable folder") from None
 
 
+def check_latency_device(device: str, runtime: str) -> None:
+    """One line for a device a latency budget cannot be measured on: ``cpu`` for every runtime,
+    ``cuda`` with runtime ``torch`` and a CUDA device present."""
+    if device not in ("cpu", "cuda"):
+        raise PruningError(f"latency device {device!r}: choose cpu or cuda")
+    if device == "cuda" and runtime != "torch":
+        raise PruningError(f"latency device cuda: runtime torch only (got {runtime}; ONNX files are timed on the CPU)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PruningError("latency device cuda asked for, but torch sees no CUDA device")
+
+
 def machine_identity() -> dict[str, Any]:
     """What a latency table depends on besides the model: the CPU (model name, logical cores, the
     cores this process may use), the host name."""
@@ -308,11 +328,23 @@ def machine_identity() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "host": socket.gethostname()}
 
 
+def device_identity(device: str) -> str:
+    """``cpu``, or the CUDA device's name and compute capability (a table is per GPU model)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(dev)
+    return f"cuda:{torch.cuda.get_device_name(dev)}:sm{major}{minor}"
+
+
 def _table_key(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], runtime: str, threads: int, size: int, batch: int,
-               model_name: str) -> str:
+               model_name: str, device: str = "cpu") -> str:
     """The cache key: the layers, the runtime, its version and precision (f32), threads, size,
-    batch, and :func:`machine_identity`: another machine's table is never used."""
+    batch, the device (:func:`device_identity`) and :func:`machine_identity`: another machine's
+    table is never used."""
     desc = [model_name, runtime, runtime_version(runtime), "f32", threads, size, batch, list(FRACTIONS), machine_identity()]
+    if device_identity(device) != "cpu":  # CPU tables keep the keys they had
+        desc.append(device_identity(device))
     desc += [[n, c.in_channels, c.out_channels, list(c.kernel_size), list(c.stride), c.groups, list(s)]
              for n, (c, s) in layers.items()]
     return hashlib.sha256(json.dumps(desc, default=str).encode()).hexdigest()[:16]
@@ -366,19 +398,21 @@ def _cached(path: Path, layers: dict[str, Any], key: str) -> tuple[LatencyTable 
 
 def measure_table(
     model: nn.Module, runtime: str, input_size: int, *, batch: int = 1, threads: int = 2, runs: int = 15,
-    model_name: str = "", refresh: bool = False, cache: bool = True,
+    model_name: str = "", refresh: bool = False, cache: bool = True, device: str = "cpu",
 ) -> LatencyTable:
     """The latency table of ``model``'s network convolutions on ``runtime`` (cached; see the
     module docstring). A cache entry that is not valid data (:func:`check_table`, or larger than
-    :data:`MAX_CACHE_BYTES`) is measured again, and the table says so in ``notes``."""
+    :data:`MAX_CACHE_BYTES`) is measured again, and the table says so in ``notes``. ``device``
+    ``cuda``: runtime ``torch`` only, each cell timed on the GPU (:func:`_time_torch`)."""
     if runtime not in RUNTIMES:
         raise PruningError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    check_latency_device(device, runtime)
     if cache:
         check_cache_dir(cache_dir())
     layers = _conv_inputs(model, input_size, batch)
     if not layers:
         raise PruningError(f"{type(model).__name__}: no convolution in its network modules to time")
-    key = _table_key(layers, runtime, threads, input_size, batch, model_name or type(model).__name__)
+    key = _table_key(layers, runtime, threads, input_size, batch, model_name or type(model).__name__, device)
     path = cache_dir() / f"{key}.json"
     notes: list[str] = []
     if cache and not refresh:
@@ -387,8 +421,10 @@ def measure_table(
             return table
         if why is not None:
             notes.append(f"latency cache entry {path} is not a valid table ({why}): measured again")
-    timer = {"onnxruntime": _time_onnxruntime, "openvino": _time_openvino, "torch": _time_torch}[runtime]
-    ms = timer(layers, threads, runs)
+    if runtime == "torch":
+        ms = _time_torch(layers, threads, runs) if device == "cpu" else _time_torch(layers, threads, runs, device)
+    else:
+        ms = {"onnxruntime": _time_onnxruntime, "openvino": _time_openvino}[runtime](layers, threads, runs)
     table = LatencyTable(runtime, threads, input_size, batch, ms,
                          {n for n, (c, _) in layers.items() if _is_depthwise(c)}, key, notes)
     if cache:
