@@ -96,12 +96,19 @@ def _bilinear(grid: list[list[float]], f_in: float, f_out: float) -> float:
 # measuring the table
 
 
+CALL = "@"  # `name@k`: the k-th further call of layer `name` (a head shared by the FPN levels)
+
+
 def _conv_inputs(model: nn.Module, input_size: int, batch: int) -> dict[str, tuple[nn.Conv2d, tuple[int, ...]]]:
-    """Every Conv2d of the network modules with the input shape it sees (first call), under the
-    fixed workload."""
+    """Every call of every Conv2d of the network modules with the input shape it sees, under the
+    fixed workload: ``name`` for the first call, ``name@1``, ``name@2``, ... for the next ones (an
+    FCOS / RetinaNet head runs each of its convolutions once per FPN level: the quickstart FCOS's
+    35 convolutions make 63 calls, and a table of first calls left out four levels of the head,
+    whose fixed cost per call does not shrink with the width). :func:`_per_layer` sums them back."""
 
     nets = network_modules(model)
     seen: dict[str, tuple[nn.Conv2d, tuple[int, ...]]] = {}
+    calls: dict[str, int] = {}
     handles = []
     for prefix, net in nets.items():
         for name, m in net.named_modules():
@@ -109,8 +116,8 @@ def _conv_inputs(model: nn.Module, input_size: int, batch: int) -> dict[str, tup
                 full = f"{prefix}.{name}" if name else prefix
 
                 def hook(mod: nn.Module, args: tuple, _out: Any, full: str = full) -> None:
-                    if full not in seen:
-                        seen[full] = (mod, tuple(args[0].shape))
+                    calls[full] = calls.get(full, -1) + 1
+                    seen[full if calls[full] == 0 else f"{full}{CALL}{calls[full]}"] = (mod, tuple(args[0].shape))
 
                 handles.append(m.register_forward_hook(hook))
     try:
@@ -120,6 +127,20 @@ def _conv_inputs(model: nn.Module, input_size: int, batch: int) -> dict[str, tup
         for h in handles:
             h.remove()
     return seen
+
+
+def _layer(call: str) -> str:
+    return call.split(CALL, 1)[0]
+
+
+def _per_layer(ms: dict[str, list[list[float]]]) -> dict[str, list[list[float]]]:
+    """Each layer's grid: the sum of its calls' grids (see :func:`_conv_inputs`)."""
+    out: dict[str, list[list[float]]] = {}
+    for call, grid in ms.items():
+        base = out.get(_layer(call))
+        out[_layer(call)] = [row[:] for row in grid] if base is None else [
+            [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(base, grid)]
+    return out
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:
@@ -362,7 +383,7 @@ def check_table(d: Any, layers: dict[str, Any], key: str) -> str | None:
         return "not a latency table"
     if d.get("key") != key:
         return "made for another key (model, runtime or machine)"
-    if set(d["ms"]) != set(layers):
+    if set(d["ms"]) != {_layer(n) for n in layers}:
         return "its layers differ from the model's"
     n = len(FRACTIONS)
     values: list[float] = []
@@ -425,8 +446,8 @@ def measure_table(
         ms = _time_torch(layers, threads, runs) if device == "cpu" else _time_torch(layers, threads, runs, device)
     else:
         ms = {"onnxruntime": _time_onnxruntime, "openvino": _time_openvino}[runtime](layers, threads, runs)
-    table = LatencyTable(runtime, threads, input_size, batch, ms,
-                         {n for n, (c, _) in layers.items() if _is_depthwise(c)}, key, notes)
+    table = LatencyTable(runtime, threads, input_size, batch, _per_layer(ms),
+                         {_layer(n) for n, (c, _) in layers.items() if _is_depthwise(c)}, key, notes)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(path, "w") as f:
