@@ -2,7 +2,8 @@
 millisecond saved, the result timed and reported.
 
 1. **Table** (:func:`measure_table`): every convolution of the network runs alone, on an input of
-   the shape it sees in the model (its input size and batch, recorded by forward hooks), at the
+   the shape it sees in the model (its input size and batch, recorded by forward hooks; a head
+   shared by the FPN levels once per level, its time the sum of its calls), at the
    width fractions :data:`FRACTIONS` of its input and output channels (a 4 x 4 grid; depthwise
    layers along the diagonal). ``onnxruntime``: one ONNX file per grid cell holding every layer
    as an independent branch, the cells' sessions run round-robin under ONNX Runtime's profiler
@@ -24,6 +25,10 @@ millisecond saved, the result timed and reported.
    network calls replayed). The goal
    is corrected (first by the observed factor, then by the secant through the last two
    (estimate, measured) points) and the allocation repeated (at most ``max_rounds``).
+
+``torch`` on a CUDA device (``device="cuda"``, ``prune.latency_device``): the table's cells and the
+verified networks run in CUDA graphs and are timed with CUDA events, as a deployed GPU model runs
+at batch 1 (launch overhead gone); ONNX files are timed on the CPU only.
 
 The result is a ratio per coupled group (by group index), which :func:`allocate_for_latency`
 turns into the channel plan (:func:`surgery.pruning.allocate.channel_plan`).
