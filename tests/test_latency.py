@@ -215,3 +215,19 @@ def test_the_table_counts_every_call_of_a_head_shared_by_the_levels(monkeypatch:
     table = lt.measure_table(model, "torch", 64, cache=False)
     assert table.ms[head][0][0] == 5.0 and table.ms["backbone.body.conv1"][0][0] == 1.0
     assert not any(lt.CALL in n for n in table.ms)
+
+
+def test_the_calls_of_a_layer_share_its_weights_in_the_timed_banks(tmp_path) -> None:
+    """A head layer's calls read one weight tensor in the ONNX banks, as in the model (a copy per
+    call would read the weights from memory once per call), each call a node of its own."""
+    import onnx
+
+    from surgery.pruning import latency_table as lt
+
+    conv, other = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
+    layers = {"head.conv": (conv, (1, 8, 8, 8)), "head.conv@1": (conv, (1, 8, 4, 4)), "other": (other, (1, 8, 8, 8))}
+    (_, path, feed), *_ = lt._bank_files(layers, str(tmp_path))
+    convs = [n for n in onnx.load(path).graph.node if n.op_type == "Conv"]
+    assert [lt._bank_index(n.name) for n in convs] == [0, 1, 2]
+    assert convs[0].input[1] == convs[1].input[1] != convs[2].input[1]
+    assert feed["x1"].shape[-1] == 4

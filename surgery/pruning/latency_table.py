@@ -5,6 +5,7 @@ docstring, step 1), and the bilinear estimate between grid points."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -104,7 +105,9 @@ def _conv_inputs(model: nn.Module, input_size: int, batch: int) -> dict[str, tup
     fixed workload: ``name`` for the first call, ``name@1``, ``name@2``, ... for the next ones (an
     FCOS / RetinaNet head runs each of its convolutions once per FPN level: the quickstart FCOS's
     35 convolutions make 63 calls, and a table of first calls left out four levels of the head,
-    whose fixed cost per call does not shrink with the width). :func:`_per_layer` sums them back."""
+    whose fixed cost per call does not shrink with the width). :func:`_per_layer` sums them back.
+    The calls of one layer share one weight tensor in the banks, as in the model (separate copies
+    read the weights from memory once per call: a 1x1 level's call costs its weights' traffic)."""
 
     nets = network_modules(model)
     seen: dict[str, tuple[nn.Conv2d, tuple[int, ...]]] = {}
@@ -183,13 +186,16 @@ def _time_torch(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: i
     see :func:`surgery.pruning.latency.network_ms`)."""
     dev = torch.device(device)
     fns: dict[str, Callable[[], Any]] = {}
+    scaled: dict[tuple[str, int, int], nn.Conv2d] = {}  # the calls of one layer share its weights
     for name, (conv, shape) in layers.items():
         for i, j in _cells():
             if _is_depthwise(conv) and i != j:
                 continue
-            c = _scaled(conv, FRACTIONS[i], FRACTIONS[j])
+            key = (_layer(name), i, j)
+            if key not in scaled:
+                scaled[key] = _scaled(conv, FRACTIONS[i], FRACTIONS[j]).to(dev, memory_format=torch.channels_last)
+            c = scaled[key]
             x = torch.rand(shape[0], c.in_channels, *shape[2:], device=dev).contiguous(memory_format=torch.channels_last)
-            c = c.to(dev, memory_format=torch.channels_last)
             fns[f"{name}\0{i}\0{j}"] = lambda c=c, x=x: c(x)
     with torch_threads(threads), torch.inference_mode():
         if dev.type == "cuda":
@@ -216,7 +222,13 @@ def _bank_files(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], tmp: str) 
     names = list(layers)
     out = []
     for i, j in _cells():
-        convs = [_scaled(layers[n][0], FRACTIONS[i], FRACTIONS[j]) for n in names]
+        scaled: dict[str, nn.Conv2d] = {}  # the calls of one layer share its weights, as in the model
+        convs = []
+        for n in names:
+            if _layer(n) in scaled:  # a module of its own (the exporter names a reused one `convs.3_1`), same tensors
+                convs.append(copy.copy(scaled[_layer(n)]))
+            else:
+                convs.append(scaled.setdefault(_layer(n), _scaled(layers[n][0], FRACTIONS[i], FRACTIONS[j])))
         xs = tuple(torch.rand(layers[n][1][0], c.in_channels, *layers[n][1][2:]) for n, c in zip(names, convs))
         path = os.path.join(tmp, f"cell{i}{j}.onnx")
         with torch.no_grad():
@@ -363,7 +375,8 @@ def _table_key(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], runtime: st
     """The cache key: the layers, the runtime, its version and precision (f32), threads, size,
     batch, the device (:func:`device_identity`) and :func:`machine_identity`: another machine's
     table is never used."""
-    desc = [model_name, runtime, runtime_version(runtime), "f32", threads, size, batch, list(FRACTIONS), machine_identity()]
+    desc = [model_name, runtime, runtime_version(runtime), "f32", threads, size, batch, list(FRACTIONS), machine_identity(),
+            "every call, shared weights"]  # how the table is measured: a table measured otherwise is not reused
     if device_identity(device) != "cpu":  # CPU tables keep the keys they had
         desc.append(device_identity(device))
     desc += [[n, c.in_channels, c.out_channels, list(c.kernel_size), list(c.stride), c.groups, list(s)]
