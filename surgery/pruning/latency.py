@@ -55,7 +55,7 @@ from torch import nn
 
 from ..errors import PruningError
 from ..measure import fixed_workload
-from ..measure.timing import RUN_BLOCK, time_interleaved, torch_threads
+from ..measure.timing import RUN_BLOCK, time_cuda_events, time_interleaved, torch_threads
 from ..measure.workload import example_images, quiet
 from .allocate import Allocation, channel_plan, keep_count
 from .budget import KeepLatency, Rounding
@@ -238,7 +238,6 @@ def _network_ms_cuda(models: Sequence[nn.Module], input_size: int, *, batch: int
     """:func:`network_ms` for torch on a CUDA device (see there)."""
     # function-level: measure.split brings the ONNX (Runtime) helpers (see network_ms)
     from ..measure.split import accelerated_network, record_calls, replay_network
-    from ..measure.timing import time_cuda_events
 
     dev = torch.device(device)
     images = example_images(batch, input_size, dev, seed=batch)
