@@ -6,8 +6,10 @@ Builds each model with untrained weights (latency does not depend on the values)
 in each of :data:`MODES`: eager FP32 (the old numbers), and the network captured in CUDA graphs under
 FP16 autocast (bench's `--compile cuda-graphs --precision f16`, launch overhead gone), at batch 1 and 8.
 Writes one CSV with bench's fixed columns (with `precision` and `compile` naming the mode) plus the
-input size. Needs a CUDA device; `make gpu-check` runs it after the `gpu` tests. Sized for about 6
-minutes on one H100 (`--models` / `--modes` to run less; `--runs` 30 by default).
+input size, rewritten after every model and mode (a run cut off keeps its rows). Needs a CUDA
+device; `make gpu-check` (benchmarks/gpu_check.py) runs it for FCOS-R50 and YOLOv8s in the time
+its device budget leaves. All models: about 6 minutes on one H100 (`--models` / `--modes` to run
+less; `--runs` 30 by default).
 
     python benchmarks/gpu_latency.py --csv benchmarks/gpu_latency.csv
 """
@@ -79,16 +81,20 @@ def main() -> None:
                     continue
                 with open(d / f"{tag}-{mode}.csv", newline="") as f:
                     out_rows += [{"input_size": str(size), "mode": mode, **r} for r in csv.DictReader(f)]
+                _write(out_rows, args.csv)  # after every mode: a run cut off by a time limit keeps its rows
     if not out_rows:
         sys.exit("no model benchmarked")
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp_csv = args.csv.with_suffix(".csv.tmp")
-    with open(tmp_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(out_rows[0]))
-        w.writeheader()
-        w.writerows(out_rows)
-    os.replace(tmp_csv, args.csv)
     print(f"wrote {args.csv} ({len(out_rows)} rows)")
+
+
+def _write(rows: list[dict[str, str]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_csv = path.with_suffix(".csv.tmp")
+    with open(tmp_csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp_csv, path)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ the values, the detection count is fixed by bench), timed by `surgery bench` in 
 
     nice -n 5 python benchmarks/runtimes_bench.py --csv benchmarks/runtimes_quickstart.csv
     nice -n 5 python benchmarks/runtimes_bench.py --profile   # OpenVINO's time per node type instead
+    nice -n 5 python benchmarks/runtimes_bench.py --keep-latency 0.5 --runtimes openvino \
+        --csv benchmarks/runtimes_keep_latency.csv   # prune to a latency budget, re-measured by bench
 """
 
 from __future__ import annotations
@@ -40,6 +42,22 @@ def checkpoints(d: Path) -> list[Path]:
                           trace_size=SIZE, macs_input_size=SIZE)
         paths.append(save_checkpoint(d / f"keep-macs{keep}.pt", model, SPEC, kind="structured", plan=res.plan))
     return paths
+
+
+def keep_latency_checkpoints(d: Path, keep: float, runtime: str) -> tuple[list[Path], float | None]:
+    """The dense model and the model cut with ``--keep-latency keep --runtime runtime`` (L1, round_to 8,
+    as the quickstart cuts); with the ratio the pruning itself measured for the cut network."""
+    torch.manual_seed(0)
+    dense = build_model(SPEC).eval()
+    paths = [save_checkpoint(d / "dense.pt", dense, SPEC, kind="dense")]
+    torch.manual_seed(0)
+    model = build_model(SPEC).eval()
+    res = prune_model(model, PruneSection(method="l1", round_to=8, min_channels=8, target_latency=keep, runtime=runtime),
+                      trace_size=SIZE, macs_input_size=SIZE)
+    paths.append(save_checkpoint(d / f"keep-latency{keep}-{runtime}.pt", model, SPEC, kind="structured", plan=res.plan))
+    for note in res.report.target.notes:
+        print(f"  prune: {note}")
+    return paths, res.report.target.measured_ratio
 
 
 def profile(paths: list[Path], tmp: Path, runs: int = 20) -> None:
@@ -84,10 +102,20 @@ def main() -> None:
     ap.add_argument("--runtimes", nargs="*", default=["onnxruntime", "openvino"])
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--profile", action="store_true", help="print OpenVINO's time per node type, no CSV")
+    ap.add_argument("--keep-latency", type=float, default=None,
+                    help="instead of the MACs cuts: prune to keep this fraction of the network latency on the (one) "
+                         "runtime of --runtimes, then bench it against the dense model there")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="surgery-runtimes-") as tmp:
-        paths = checkpoints(Path(tmp))
+        if args.keep_latency is not None:
+            if len(args.runtimes) != 1:
+                ap.error("--keep-latency: name one runtime (--runtimes openvino)")
+            paths, measured = keep_latency_checkpoints(Path(tmp), args.keep_latency, args.runtimes[0])
+            print(f"prune --keep-latency {args.keep_latency} --runtime {args.runtimes[0]}: the pruning measured "
+                  f"the cut network at {measured if measured is None else f'{measured:.3f}'} of the dense one")
+        else:
+            paths = checkpoints(Path(tmp))
         if args.profile:
             profile(paths, Path(tmp))
             return

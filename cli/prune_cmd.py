@@ -41,6 +41,7 @@ def prune(
     data: str = typer.Option(None, "--data", help="Calibration data for taylor/fisher: synthetic | coco:ROOT | voc:ROOT | yolo:DATA_YAML | a COCO .json."),
     target_latency: float = typer.Option(None, "--keep-latency", "--target-latency", help="Fraction of the dense network latency KEPT on --runtime (0.5): per-group widths from a measured latency table."),
     runtime: str = typer.Option(None, help="--keep-latency: onnxruntime | openvino | torch (where the latency table is measured)."),
+    latency_device: str = typer.Option(None, "--latency-device", help="--keep-latency --runtime torch: cpu | cuda (the table and its check on the GPU, CUDA graphs)."),
     recover: int = typer.Option(None, "--recover", help=RECOVER_HELP),
     recover_method: str = typer.Option(None, "--recover-method", help="refit (least squares + BatchNorm) | reconstruct (then Adam steps matching the dense model's head outputs; images only)."),
     allocation: str = typer.Option(None, "--allocation", help=ALLOCATION_HELP),
@@ -72,6 +73,7 @@ def prune(
         "prune.target_params": target_params,
         "prune.target_latency": target_latency,
         "prune.runtime": runtime,
+        "prune.latency_device": latency_device,
         "prune.calib_batches": calib_batches,
         "prune.recover": recover,
         "prune.recover_method": recover_method,
@@ -113,7 +115,7 @@ FLAGS = {
     "prune.round_to": "--round-to", "prune.min_channels": "--min-channels", "prune.overrides": "--override",
     "prune.skip": "--skip", "prune.anchors": "--anchors", "prune.sparsity": "--sparsity", "prune.scope": "--scope",
     "prune.target_macs": "--keep-macs", "prune.target_params": "--keep-params", "prune.target_latency": "--keep-latency",
-    "prune.runtime": "--runtime", "prune.calib_batches": "--calib-batches", "prune.recover": "--recover",
+    "prune.runtime": "--runtime", "prune.latency_device": "--latency-device", "prune.calib_batches": "--calib-batches", "prune.recover": "--recover",
     "prune.allocation": "--allocation", "prune.sensitivity": "--sensitivity",
 }
 

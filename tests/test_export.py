@@ -53,11 +53,35 @@ def test_dynamic_size_export_runs_any_size(tmp_path):
     model.score_thresh = 0.0
     res = export_onnx(model, tmp_path / "m.onnx", 160, dynamic_size=True)
     assert res.dynamic_size and res.verified is True and any("also matches" in n for n in res.notes)
+    assert _transform_resizes(res.path) == 1  # other sizes are resized to the model's
     _compare(model, res.path, 160)  # exact at the traced size
     # elsewhere ONNX's Resize and torch's interpolate map coordinates slightly differently: the
     # export checked one other size within DYNAMIC_TOL; here: other sizes run, boxes in their pixels
     out = run_onnx(res.path, torch.rand(3, 90, 130))
     assert out["boxes"][:, 2].max() <= 130 + 1e-3 and out["boxes"][:, 3].max() <= 90 + 1e-3  # input pixels
+
+
+def _transform_resizes(path) -> int:
+    import onnx
+
+    return sum(n.op_type == "Resize" and n.name.startswith("/model/transform/") for n in onnx.load(str(path)).graph.node)
+
+
+def test_static_export_at_the_model_size_leaves_out_the_identity_resize(tmp_path):
+    """Traced at the model's own size, the transform's bilinear resize (scale 1, an exact copy that
+    costs OpenVINO a reorder and a Resize) is not in the file; traced at another size it is; both
+    files match PyTorch, and the caller's model keeps its resize."""
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", fpn_channels=64, min_size=96, max_size=96).eval()
+    model.score_thresh = 0.0
+    at_size = export_onnx(model, tmp_path / "96.onnx", 96)
+    other = export_onnx(model, tmp_path / "128.onnx", 128)
+    assert _transform_resizes(at_size.path) == 0 and _transform_resizes(other.path) == 1
+    assert at_size.verified is True and other.verified is True
+    assert at_size.max_abs_diff["boxes"] < 1e-3 and at_size.max_abs_diff["scores"] < 1e-5
+    _compare(model, at_size.path, 96)
+    _compare(model, other.path, 128)
+    assert "resize" not in vars(model.transform)
 
 
 def test_no_detections_verifies_a_relaxed_copy(tmp_path):

@@ -1,5 +1,6 @@
 """CUDA: a pruned model computes on the GPU what it computes on the CPU, trains a step with AMP,
-is timed with synchronisation, and runs in an ONNX Runtime CUDA session when one is installed.
+is timed with synchronisation, and runs in an ONNX Runtime CUDA session when one is installed; the
+latency table and `--keep-latency --runtime torch` on the GPU; the batched post-processing there.
 
 Marked ``gpu``: skipped by default (``addopts``) and never part of CI; ``make gpu-check`` runs them
 on a machine with a CUDA device. Every test here needs CUDA, so without one they skip with that
@@ -192,3 +193,83 @@ def test_bench_on_cuda_names_graphs_and_half_precision(ckpts, compile_mode, prec
     rows = bench_checkpoints([dense, pruned_path], cfg)
     assert [(r.compile, r.precision, r.device) for r in rows] == [(compile_mode, precision, "cuda")] * 2
     assert all(r.latency_ms_median > 0 and r.network_ms_median > 0 for r in rows)
+
+
+def test_cuda_event_timing_sees_a_thinner_convolution_faster():
+    """The latency table's CUDA timer (a CUDA graph of 10 calls, CUDA events around it): captured,
+    positive, and a quarter-width convolution below the full-width one."""
+    from surgery.measure.timing import cuda_graphed, time_cuda_events
+
+    fns = {}
+    for c in (256, 64):
+        conv = torch.nn.Conv2d(c, c, 3, padding=1).cuda().eval()
+        x = torch.rand(1, c, 80, 80, device="cuda")
+        fns[str(c)] = lambda conv=conv, x=x: conv(x)
+    with torch.inference_mode():
+        assert cuda_graphed(fns["64"], 3)[1]  # captured, not the eager fallback
+        times = time_cuda_events(fns, warmup=2, runs=10)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    assert 0 < med["64"] < med["256"], med
+
+
+def test_latency_table_on_cuda_is_its_own_table(tmp_path, monkeypatch):
+    """`--latency-device cuda`: the table is measured on the GPU, cached under a key of its own (the
+    CPU table of the same model is another entry), and wider cells of a large layer cost more."""
+    from surgery.pruning import latency_table as lt
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = build_model(SPEC).eval()
+    table = lt.measure_table(model, "torch", SIZE, runs=5, device="cuda")
+    layers = lt._conv_inputs(model, SIZE, 1)
+    assert table.key != lt._table_key(layers, "torch", 2, SIZE, 1, type(model).__name__)
+    assert all(v > 0 for grid in table.ms.values() for row in grid for v in row)
+    big = max((n for n in layers if n in table.ms), key=lambda n: layers[n][0].weight.numel() * layers[n][1][-1] * layers[n][1][-2])
+    assert table.ms[big][-1][-1] > table.ms[big][0][0], table.ms[big]
+    assert (lt.cache_dir() / f"{table.key}.json").is_file()
+
+
+def test_keep_latency_torch_on_cuda_measures_the_cut_on_the_gpu(tmp_path, monkeypatch):
+    """`prune --keep-latency 0.5 --runtime torch --latency-device cuda`: the table and the timed
+    check run on the GPU (CUDA graphs), and the cut network is faster there."""
+    from surgery.pruning.prune import prune_model
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = build_model(SPEC).eval()
+    res = prune_model(model, PruneSection(target_latency=0.5, runtime="torch", latency_device="cuda", round_to=8),
+                      trace_size=SIZE, macs_input_size=SIZE)
+    t = res.report.target
+    assert t.runtime == "torch" and any("torch on cuda" in n for n in t.notes), t.notes
+    assert t.measured_ratio is not None and t.measured_ratio < 0.9, t.notes
+    assert next(model.parameters()).device.type == "cpu"  # the caller's model stays where it was
+
+
+def test_batched_post_processing_runs_on_the_gpu_as_on_the_cpu(monkeypatch):
+    """A batch of three images of different sizes: FCOS's post-processing stays on the GPU (one NMS
+    call for the batch) and gives the CPU's detections (TF32 off)."""
+    from surgery.detectors.postprocess import fast_postprocess
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", num_classes=5, min_size=128, max_size=160).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.score_thresh, model.detections_per_img = 0.0, 50
+    images = [torch.rand(3, h, w, generator=torch.Generator().manual_seed(h)) for h, w in ((128, 128), (96, 160), (112, 80))]
+    with torch.no_grad(), fast_postprocess(model):
+        cpu = model(images)
+        calls = []
+        real = torch.ops.torchvision.nms
+        monkeypatch.setattr(torch.ops.torchvision, "nms", lambda *a: calls.append(a[0].device.type) or real(*a))
+        gpu = model.cuda()([im.cuda() for im in images])
+        model.cpu()
+    assert calls == ["cuda"]
+    for c, o in zip(cpu, gpu):
+        assert o["boxes"].is_cuda and len(c["boxes"]) == len(o["boxes"]) == 50
+        torch.testing.assert_close(o["scores"].sort().values.cpu(), c["scores"].sort().values, rtol=1e-4, atol=1e-5)
+        d = torch.cdist(c["boxes"], o["boxes"].cpu())
+        assert d.min(dim=1).values.max() < 1e-2

@@ -87,7 +87,9 @@ def test_depthwise_layers_follow_the_diagonal() -> None:
 
 @pytest.mark.parametrize("fields,key", [({"target_latency": 1.5}, "target_latency"),
                                         ({"target_latency": 0.5, "target_macs": 0.5}, "target_latency"),
-                                        ({"target_latency": 0.5, "runtime": "tflite"}, "runtime")])
+                                        ({"target_latency": 0.5, "runtime": "tflite"}, "runtime"),
+                                        ({"target_latency": 0.5, "runtime": "onnxruntime", "latency_device": "cuda"},
+                                         "latency_device")])
 def test_recipe_refuses_bad_latency_settings(fields: dict, key: str) -> None:
     from surgery.config.recipe import PruneSection
 
@@ -153,3 +155,79 @@ def test_prune_to_a_latency_budget_plans_from_the_latency_table(monkeypatch: pyt
     whole = [g for g in others if g.channels_after == g.channels_before]
     assert len(whole) >= 0.8 * len(others), [(g.root, g.channels_before, g.channels_after) for g in others]
     assert dict(model.named_modules())[hot].out_channels == hot_group.channels_after
+
+
+def test_a_latency_budget_takes_every_runtime_the_table_measures() -> None:
+    """`--keep-latency --runtime openvino` reaches the table: the budget refused openvino once."""
+    from surgery.config.recipe import PruneSection
+    from surgery.pruning import budget, latency_table
+
+    assert set(budget.RUNTIMES) == set(latency_table.RUNTIMES)
+    for runtime in latency_table.RUNTIMES:
+        job = budget.budget_of(PruneSection(target_latency=0.5, runtime=runtime), 64, 64)
+        assert isinstance(job, budget.KeepLatency) and job.runtime == runtime
+
+
+def test_latency_device_reaches_the_table_and_the_timed_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--keep-latency --runtime torch --latency-device cuda`: the table and the verification are
+    asked for on CUDA (both stubbed here; tests/test_gpu.py measures them on a GPU)."""
+    import surgery.pruning.latency as lat
+    from surgery.config.recipe import PruneSection
+    from surgery.detectors.builders import build_model
+    from surgery.pruning.prune import prune_model
+
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", num_classes=3, min_size=64, max_size=64).eval()
+    devices = []
+
+    def table(model, runtime, input_size, **kw):  # noqa: ANN001, ANN003, ANN202
+        devices.append(("table", kw.get("device")))
+        return _table({n: 1.0 for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)})
+
+    def timed(models, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        devices.append(("network", kw.get("device")))
+        return [[1.0] * 5, [0.6] * 5]
+
+    monkeypatch.setattr(lat, "measure_table", table)
+    monkeypatch.setattr(lat, "network_ms", timed)
+    res = prune_model(model, PruneSection(target_latency=0.6, runtime="torch", latency_device="cuda"),
+                      trace_size=64, macs_input_size=64)
+    assert devices == [("table", "cuda"), ("network", "cuda")] and res.report.target.within_tolerance
+
+
+def test_the_table_counts_every_call_of_a_head_shared_by_the_levels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FCOS runs each head convolution once per FPN level: the table times every call (its own
+    input size) and a layer's milliseconds are their sum, not the first level's alone (which left
+    out four calls per head layer and made OpenVINO's first estimate 0.50 where 0.66 was measured)."""
+    from surgery.detectors.builders import build_model
+    from surgery.pruning import latency_table as lt
+
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", num_classes=3, min_size=64, max_size=64).eval()
+    layers = lt._conv_inputs(model, 64, 1)
+    head = "head.classification_head.conv.0"
+    calls = [n for n in layers if lt._layer(n) == head]
+    sides = [layers[n][1][-1] for n in calls]
+    assert len(calls) == 5 and sides == sorted(sides, reverse=True) and sides[0] > sides[-1]  # P3 .. P7
+    assert [n for n in layers if lt._layer(n) == "backbone.body.conv1"] == ["backbone.body.conv1"]
+    monkeypatch.setattr(lt, "_time_torch", lambda layers, threads, runs: {
+        n: [[1.0] * len(lt.FRACTIONS) for _ in lt.FRACTIONS] for n in layers})
+    table = lt.measure_table(model, "torch", 64, cache=False)
+    assert table.ms[head][0][0] == 5.0 and table.ms["backbone.body.conv1"][0][0] == 1.0
+    assert not any(lt.CALL in n for n in table.ms)
+
+
+def test_the_calls_of_a_layer_share_its_weights_in_the_timed_banks(tmp_path) -> None:
+    """A head layer's calls read one weight tensor in the ONNX banks, as in the model (a copy per
+    call would read the weights from memory once per call), each call a node of its own."""
+    import onnx
+
+    from surgery.pruning import latency_table as lt
+
+    conv, other = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
+    layers = {"head.conv": (conv, (1, 8, 8, 8)), "head.conv@1": (conv, (1, 8, 4, 4)), "other": (other, (1, 8, 8, 8))}
+    (_, path, feed), *_ = lt._bank_files(layers, str(tmp_path))
+    convs = [n for n in onnx.load(path).graph.node if n.op_type == "Conv"]
+    assert [lt._bank_index(n.name) for n in convs] == [0, 1, 2]
+    assert convs[0].input[1] == convs[1].input[1] != convs[2].input[1]
+    assert feed["x1"].shape[-1] == 4

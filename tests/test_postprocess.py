@@ -139,3 +139,31 @@ def test_yolo_adapter_uses_the_capped_nms() -> None:
     want = tv_batched_nms(b, top, idx % 3, 0.7)[:100]
     assert torch.allclose(got["scores"], top[want])
     assert torch.equal(got["labels"], idx[want] % 3 + 1)
+
+
+@pytest.mark.parametrize("name", ["fcos_resnet18_slim", "retinanet_resnet18_slim"])
+@pytest.mark.parametrize("short_prefix", [False, True])  # True: NMS prefixes of D boxes, which keep too few
+def test_a_batch_of_different_sizes_is_post_processed_at_once(monkeypatch, name: str, short_prefix: bool) -> None:
+    """Eager, a batch's detections come from one NMS call (one host read per batch, not per image:
+    what the GPU needs) and equal torchvision's per image, images of different sizes clipped each
+    to its own; an image whose NMS prefix kept too few is done again alone, as batched_nms does."""
+    import surgery.detectors.postprocess as pp
+
+    model = _spread(build_model(name, num_classes=5, min_size=128, max_size=160), seed=3)
+    model.score_thresh, model.nms_thresh, model.detections_per_img = 0.0, 0.5, 50
+    if short_prefix:
+        monkeypatch.setattr(pp, "PREFIX_FACTOR", 1)
+        monkeypatch.setattr(pp, "PREFIX_MIN", 1)
+    images = [torch.rand(3, h, w, generator=torch.Generator().manual_seed(h)) for h, w in ((128, 128), (96, 160), (112, 80))]
+    with torch.no_grad():
+        ref = model(images)
+        calls = []
+        real = torch.ops.torchvision.nms
+        monkeypatch.setattr(torch.ops.torchvision, "nms", lambda *a: calls.append(len(a[0])) or real(*a))
+        with fast_postprocess(model):
+            got = model(images)
+    # one batched call; with short prefixes each image again alone (its prefix, then all its candidates)
+    assert len(calls) == (1 + 2 * len(images) if short_prefix else 1), calls
+    for r, o in zip(ref, got):
+        assert len(r["boxes"]) == len(o["boxes"]) == 50
+        assert _unmatched(r, o) == 0

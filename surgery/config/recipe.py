@@ -129,6 +129,7 @@ class PruneSection:
     # fraction of the dense network latency to keep on `runtime` (surgery.pruning.latency): per-group widths
     target_latency: float | None = None
     runtime: str = "onnxruntime"  # onnxruntime | openvino | torch: where the latency table is measured
+    latency_device: str = "cpu"  # cpu | cuda (runtime torch): the device the latency table and its check run on
     # masked pruning
     sparsity: float = 0.8
     scope: str = "layer"  # layer | global
@@ -193,6 +194,8 @@ class PruneSection:
         _check(self.target_latency is None or self.method != "magnitude", "target_latency",
                "null for method magnitude (masks keep the latency)")
         _check(self.runtime in ("onnxruntime", "openvino", "torch"), "runtime", "'onnxruntime', 'openvino' or 'torch'")
+        _check(self.latency_device == "cpu" or (self.latency_device == "cuda" and self.runtime == "torch"),
+               "latency_device", "'cpu', or 'cuda' with runtime torch")
 
 
 @dataclass

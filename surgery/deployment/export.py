@@ -135,11 +135,47 @@ def _export(
         if dynamic:
             axes["image"] = {1: "height", 2: "width"}
         kwargs["dynamic_axes"] = axes
-    with _quiet(), torch.no_grad(), fast_postprocess(model, enabled=vectorized and bool(names) and not dynamic) as fast:
+    with _quiet(), torch.no_grad(), fast_postprocess(model, enabled=vectorized and bool(names) and not dynamic) as fast, \
+            no_identity_resize(model, tuple(example.shape[-2:]), enabled=not dynamic):
         torch.onnx.export(target, (example,) if names else ([example],), str(path), dynamo=dynamo, **kwargs)
     if names:
         _outputs_named_first(path, _network_scopes(model))
     return fast
+
+
+@contextlib.contextmanager
+def no_identity_resize(model: nn.Module, size: tuple[int, int], enabled: bool = True) -> Iterator[int]:
+    """Inside the block, each of ``model``'s pre-processing transforms (torchvision's
+    ``GeneralizedRCNNTransform``) that would resize an image of ``size`` to that same size passes
+    it through instead; yields how many were bypassed (restored after).
+
+    A static-size export traced at the model's own ``min_size`` (the quickstart FCOS at 128 px)
+    otherwise keeps a bilinear ``Resize`` at scale 1, which copies the image exactly but is not
+    free: in OpenVINO a layout reorder and the resize itself, 0.2-0.9 ms of the 25%-MACs
+    quickstart FCOS's ~6 ms, a cost the cut does not shrink (docs/benchmarks/runtimes.md). The
+    check runs the transform's own ``resize`` once, eagerly, on a blank image of ``size``: other
+    sizes, and dynamic-size exports (``enabled=False``), keep the resize."""
+    bypassed = []
+    if enabled:
+        for mod in model.modules():
+            resize = getattr(mod, "resize", None)
+            if type(mod).__name__ != "GeneralizedRCNNTransform" or not callable(resize) or mod.training:
+                continue
+            with torch.no_grad():
+                out, _ = resize(torch.zeros(3, *size))
+            if tuple(out.shape[-2:]) == tuple(size):
+                bypassed.append(mod)
+    for mod in bypassed:
+        mod.resize = _unresized
+    try:
+        yield len(bypassed)
+    finally:
+        for mod in bypassed:
+            del mod.resize
+
+
+def _unresized(image: torch.Tensor, target: Any = None) -> tuple[torch.Tensor, Any]:
+    return image, target
 
 
 def _network_scopes(model: nn.Module) -> tuple[str, ...]:

@@ -157,6 +157,85 @@ def _dense_postprocess(
     return out
 
 
+def _dense_postprocess_batched(
+    self: nn.Module, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+    image_shapes: list[tuple[int, int]],
+) -> list[dict[str, Tensor]]:
+    """:func:`_dense_postprocess` for a whole batch at once, on the tensors' device (eager only).
+
+    Scores, candidates, decoding and clipping are ``[B, ...]`` tensors; one capped NMS runs over
+    every image's top ``max(4 D, 256)`` candidates with images and classes kept apart by the
+    coordinate offset (in float64: ``B x classes`` offsets of the largest image side stay exact).
+    The host reads the kept counts once per batch (not per image, the GPU's round trips); an image
+    whose prefix kept fewer than ``D`` boxes while it had more candidates is done again alone by
+    :func:`_dense_postprocess`, as :func:`batched_nms` falls back. Same detections up to the order
+    of tied scores."""
+    logits_l = head_outputs["cls_logits"]
+    ctr_l = head_outputs.get("bbox_ctrness")
+    logits = torch.cat(logits_l, dim=1)  # [B, A, C]
+    b, _, num_classes = logits.shape
+    scores = torch.sigmoid(logits)
+    if ctr_l is not None:
+        scores = torch.sqrt(scores * torch.sigmoid(torch.cat(ctr_l, dim=1)))
+    flat = scores.flatten(1)  # [B, A * C]
+    k, parts, start = int(self.topk_candidates), [], 0
+    for s in (int(lv.shape[1]) * int(num_classes) for lv in logits_l):
+        if s > k:
+            parts.append(flat[:, start : start + s].topk(k, dim=1).indices + start)
+        else:
+            parts.append(torch.arange(start, start + s, device=flat.device).expand(b, s))
+        start += s
+    cand = torch.cat(parts, dim=1)  # [B, K]
+    score = flat.gather(1, cand)
+    score = score.masked_fill(score <= self.score_thresh, float("-inf"))  # not a candidate
+    d = int(self.detections_per_img)
+    prefix = min(int(cand.shape[1]), max(PREFIX_FACTOR * d, PREFIX_MIN))
+    top, order = score.topk(prefix, dim=1)  # [B, P], each row in decreasing score order
+    cand = cand.gather(1, order)
+    anchor_idx = torch.div(cand, num_classes, rounding_mode="floor")
+    labels = cand % num_classes
+    reg = torch.cat(head_outputs["bbox_regression"], dim=1).gather(1, anchor_idx[..., None].expand(-1, -1, 4))
+    anc = torch.stack([torch.cat(a) for a in anchors]).gather(1, anchor_idx[..., None].expand(-1, -1, 4))
+    decode = self.box_coder.decode if ctr_l is not None else self.box_coder.decode_single
+    boxes = decode(reg.reshape(-1, 4), anc.reshape(-1, 4)).reshape(b, prefix, 4)
+    size = torch.tensor([[w, h, w, h] for h, w in image_shapes], dtype=boxes.dtype, device=boxes.device)
+    boxes = torch.minimum(boxes.clamp(min=0), size[:, None, :])  # clip_boxes_to_image, per image
+    valid = torch.isfinite(top).flatten()
+    image = torch.arange(b, device=boxes.device)[:, None].expand(b, prefix).flatten()
+    side = max(max(h, w) for h, w in image_shapes) + 1  # clipped boxes: no coordinate beyond it
+    group = (image * num_classes + labels.flatten()).to(torch.float64)
+    shifted = boxes.reshape(-1, 4).to(torch.float64) + (group * side)[:, None]
+    sel = torch.where(valid)[0]
+    kept = sel[torch.ops.torchvision.nms(shifted[sel], top.flatten()[sel].to(torch.float64), float(self.nms_thresh))]
+    kept_image = image[kept]
+    kept = kept[torch.sort(kept_image, stable=True).indices]  # by image, each in decreasing score order
+    counts = torch.bincount(kept_image, minlength=b)
+    candidates = torch.isfinite(score).sum(1)
+    host = torch.stack([counts, candidates]).tolist()  # the one device-to-host read of the batch
+    flat_boxes, flat_scores, flat_labels = boxes.reshape(-1, 4), top.flatten(), labels.flatten()
+    out: list[dict[str, Tensor]] = []
+    start = 0
+    for i, (n, avail) in enumerate(zip(*host)):
+        if n < d and avail > prefix:  # the prefix kept too few: NMS over all of this image's candidates
+            one = {key: [lv[i : i + 1] for lv in v] for key, v in head_outputs.items()}
+            out.append(_dense_postprocess(self, one, [anchors[i]], [image_shapes[i]])[0])
+        else:
+            idx = kept[start : start + min(n, d)]
+            out.append({"boxes": flat_boxes[idx], "scores": flat_scores[idx], "labels": flat_labels[idx]})
+        start += n
+    return out
+
+
+def _dense_any(
+    self: nn.Module, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+    image_shapes: list[tuple[int, int]],
+) -> list[dict[str, Tensor]]:
+    """Traced (ONNX export, one image): :func:`_dense_postprocess`; eager: the batched form."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return _dense_postprocess(self, head_outputs, anchors, image_shapes)
+    return _dense_postprocess_batched(self, head_outputs, anchors, image_shapes)
+
+
 def _ssd_postprocess(
     self: nn.Module, head_outputs: dict[str, Tensor], image_anchors: list[Tensor], image_shapes: list[tuple[int, int]]
 ) -> list[dict[str, Tensor]]:
@@ -180,7 +259,7 @@ def fast_method(model: nn.Module) -> types.MethodType | None:
     """The vectorised ``postprocess_detections`` for ``model``'s family, or ``None`` (another
     family: its own code runs)."""
     if isinstance(model, (FCOS, RetinaNet)):
-        return types.MethodType(_dense_postprocess, model)
+        return types.MethodType(_dense_any, model)
     if isinstance(model, SSD):
         return types.MethodType(_ssd_postprocess, model)
     return None

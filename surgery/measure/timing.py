@@ -112,6 +112,69 @@ def time_interleaved(
     return times
 
 
+def cuda_graphed(fn: Callable[[], Any], repeats: int = 1) -> tuple[Callable[[], Any], bool]:
+    """``fn`` (``repeats`` calls of it) captured in one CUDA graph: a callable replaying it, and
+    ``True``; or ``fn`` repeated eagerly and ``False`` where capture fails (an op that syncs with
+    the host, a CPU tensor). ``fn``'s inputs must stay where they are: a graph replays on the
+    tensors it was captured with. Warm-up runs on a side stream first, as capture requires."""
+    def eager() -> Any:
+        out = None
+        for _ in range(repeats):
+            out = fn()
+        return out
+
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                eager()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            eager()
+    except Exception:  # noqa: BLE001 - capture is an optimisation: eager still times the same work
+        torch.cuda.synchronize()
+        return eager, False
+    return graph.replay, True
+
+
+def time_cuda_events(
+    fns: dict[str, Callable[[], Any]], *, warmup: int = 3, runs: int = 20, repeats: int = 10, graphs: bool = True,
+) -> dict[str, list[float]]:
+    """Milliseconds per call of every function on the current CUDA device, interleaved as
+    :func:`time_interleaved` does: each run times ``repeats`` calls between two CUDA events (a
+    kernel of a few microseconds is below what a host clock around one synchronised call can
+    see) and divides. With ``graphs`` each function's ``repeats`` calls are captured in one CUDA
+    graph (:func:`cuda_graphed`; launch overhead gone, as a deployed GPU model runs) where it can
+    be. The device is synchronised once per round, not per call."""
+    names = list(fns)
+    calls = {}
+    for n in names:
+        if graphs:
+            calls[n], _ = cuda_graphed(fns[n], repeats)
+        else:
+            calls[n] = lambda f=fns[n]: [f() for _ in range(repeats)]
+    for _ in range(warmup):
+        for n in names:
+            calls[n]()
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(runs):
+        k = r % len(names)
+        events = []
+        for n in names[k:] + names[:k]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            calls[n]()
+            end.record()
+            events.append((n, start, end))
+        torch.cuda.synchronize()
+        for n, start, end in events:
+            times[n].append(start.elapsed_time(end) / repeats)
+    return times
+
+
 def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
     """The median of run-by-run ratios of two functions timed by :func:`time_interleaved` (run
     ``i`` of each ran back to back). On a shared machine this is steadier than the ratio of the

@@ -90,7 +90,7 @@ class KeepParams:
         _overrides(self.overrides)
 
 
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "openvino", "torch")  # where a latency table is measured: surgery.pruning.latency_table.RUNTIMES
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,14 @@ class KeepLatency:
     runtime: str = "onnxruntime"
     input_size: int = 320
     overrides: Mapping[str, float] = field(default_factory=dict)
+    device: str = "cpu"  # cuda: the table and the verification on the GPU (runtime torch)
 
     def __post_init__(self) -> None:
         _fraction(self.fraction, "the latency fraction to keep")
         if self.runtime not in RUNTIMES:
             raise PruningError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.device not in ("cpu", "cuda") or (self.device == "cuda" and self.runtime != "torch"):
+            raise PruningError(f"latency device {self.device!r}: cpu, or cuda with runtime torch (got {self.runtime})")
         _input_size(self.input_size, "the latency input size")
         _overrides(self.overrides)
 
@@ -240,7 +243,8 @@ def budget_of(cfg: PruneSection, macs_input_size: int | None, latency_size: int 
         return Sensitivity(str(cfg.sensitivity), _needs(cfg.target_macs, "target_macs"),
                            _needs(macs_input_size, "a MACs input size (the recipe's bench.input_size)"))
     if cfg.target_latency is not None:
-        return KeepLatency(cfg.target_latency, cfg.runtime, macs_input_size or latency_size or 320, overrides)
+        return KeepLatency(cfg.target_latency, cfg.runtime, macs_input_size or latency_size or 320, overrides,
+                           device=cfg.latency_device)
     if cfg.target_macs is not None:
         size = _needs(macs_input_size, "macs_input_size (the recipe's bench.input_size) to count MACs")
         return KeepMacs(cfg.target_macs, size, global_ranking, overrides)

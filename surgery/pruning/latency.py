@@ -2,7 +2,8 @@
 millisecond saved, the result timed and reported.
 
 1. **Table** (:func:`measure_table`): every convolution of the network runs alone, on an input of
-   the shape it sees in the model (its input size and batch, recorded by forward hooks), at the
+   the shape it sees in the model (its input size and batch, recorded by forward hooks; a head
+   shared by the FPN levels once per level, its time the sum of its calls), at the
    width fractions :data:`FRACTIONS` of its input and output channels (a 4 x 4 grid; depthwise
    layers along the diagonal). ``onnxruntime``: one ONNX file per grid cell holding every layer
    as an independent branch, the cells' sessions run round-robin under ONNX Runtime's profiler
@@ -25,6 +26,10 @@ millisecond saved, the result timed and reported.
    is corrected (first by the observed factor, then by the secant through the last two
    (estimate, measured) points) and the allocation repeated (at most ``max_rounds``).
 
+``torch`` on a CUDA device (``device="cuda"``, ``prune.latency_device``): the table's cells and the
+verified networks run in CUDA graphs and are timed with CUDA events, as a deployed GPU model runs
+at batch 1 (launch overhead gone); ONNX files are timed on the CPU only.
+
 The result is a ratio per coupled group (by group index), which :func:`allocate_for_latency`
 turns into the channel plan (:func:`surgery.pruning.allocate.channel_plan`).
 
@@ -34,6 +39,8 @@ in the functions that measure, so importing the pipeline (:mod:`surgery.pruning.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import heapq
 import math
 import statistics
@@ -48,7 +55,7 @@ from torch import nn
 
 from ..errors import PruningError
 from ..measure import fixed_workload
-from ..measure.timing import RUN_BLOCK, time_interleaved, torch_threads
+from ..measure.timing import RUN_BLOCK, time_cuda_events, time_interleaved, torch_threads
 from ..measure.workload import example_images, quiet
 from .allocate import Allocation, channel_plan, keep_count
 from .budget import KeepLatency, Rounding
@@ -169,11 +176,14 @@ def allocate(model: LatencyModel, goal_ms: float) -> dict[int, int]:
 
 
 def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, batch: int = 1, threads: int = 2,
-               runs: int = 15, rounds: int = 5) -> list[list[float]]:
+               runs: int = 15, rounds: int = 5, device: str = "cpu") -> list[list[float]]:
     """Per model, its network milliseconds in each of ``rounds`` interleaved passes over the
     models (each ``runs`` runs, median per pass; ONNX Runtime: end to end times the profiled
     network share, as ``surgery bench`` splits it; torch: recorded network calls replayed). Ratios between models
-    are best taken per pass, then their median: a load change between passes cancels out."""
+    are best taken per pass, then their median: a load change between passes cancels out.
+    ``device`` ``cuda`` (torch): copies of the models on the GPU, each network's recorded calls
+    captured in CUDA graphs (``bench --device cuda --compile cuda-graphs`` times it so) and timed
+    with CUDA events (:func:`~surgery.measure.timing.time_cuda_events`)."""
 
     # function-level: measure.split, the export and the runtime bring the ONNX (Runtime) helpers,
     # which only a latency budget needs (importing the pipeline must not load them)
@@ -183,6 +193,8 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
 
     images = example_images(batch, input_size, "cpu", seed=batch)
     samples: list[list[float]] = [[] for _ in models]
+    if runtime == "torch" and torch.device(device).type == "cuda":
+        return _network_ms_cuda(models, input_size, batch=batch, runs=runs, rounds=rounds, device=device)
     if runtime == "torch":
         with torch_threads(threads), quiet(), torch.inference_mode():
             calls = []
@@ -218,6 +230,30 @@ def network_ms(models: Sequence[nn.Module], runtime: str, input_size: int, *, ba
             times = time_interleaved(fns, warmup=1, runs=runs, block=RUN_BLOCK)  # as bench times
             for k, share in enumerate(shares):
                 samples[k].append(statistics.median(times[str(k)]) * share)
+    return samples
+
+
+def _network_ms_cuda(models: Sequence[nn.Module], input_size: int, *, batch: int, runs: int, rounds: int,
+                     device: str) -> list[list[float]]:
+    """:func:`network_ms` for torch on a CUDA device (see there)."""
+    # function-level: measure.split brings the ONNX (Runtime) helpers (see network_ms)
+    from ..measure.split import accelerated_network, record_calls, replay_network
+
+    dev = torch.device(device)
+    images = example_images(batch, input_size, dev, seed=batch)
+    samples: list[list[float]] = [[] for _ in models]
+    copies = [copy.deepcopy(m).to(dev).eval() for m in models]  # the caller's models stay where they are
+    with contextlib.ExitStack() as stack, quiet(), torch.inference_mode():
+        calls = []
+        for m in copies:
+            with fixed_workload(m, 100, 100):
+                calls.append(record_calls(m, images))
+            stack.enter_context(accelerated_network(calls[-1], "cuda-graphs"))
+        fns = {str(k): (lambda c=c: replay_network(c)) for k, c in enumerate(calls)}
+        for _ in range(rounds):
+            times = time_cuda_events(fns, warmup=1, runs=runs, repeats=5, graphs=False)  # graphs are inside
+            for k in range(len(models)):
+                samples[k].append(statistics.median(times[str(k)]))
     return samples
 
 
@@ -279,14 +315,14 @@ def measure_table(model: nn.Module, runtime: str, input_size: int, **kw: Any) ->
 def latency_ratios(
     model: nn.Module, graph: Any, scores: dict[int, torch.Tensor], rounding: Rounding, *, target: float, runtime: str,
     input_size: int, batch: int = 1, threads: int = 2, tol: float = 0.05, max_rounds: int = 4,
-    cut: Callable[[nn.Module, dict[int, float]], nn.Module] | None = None, model_name: str = "",
+    cut: Callable[[nn.Module, dict[int, float]], nn.Module] | None = None, model_name: str = "", device: str = "cpu",
 ) -> LatencyTargetResult:
     """Per-group cut ratios that keep ``target`` of the dense network latency on ``runtime``,
     verified by timing (see the module docstring). ``cut(model, ratios)`` returns a cut copy
     (:func:`surgery.pruning.prune.prune_model` passes one); without it nothing is verified."""
     if not 0.0 < target < 1.0:
         raise PruningError(f"target_latency must be a fraction strictly between 0 and 1, got {target}")
-    table = measure_table(model, runtime, input_size, batch=batch, threads=threads, model_name=model_name)
+    table = measure_table(model, runtime, input_size, batch=batch, threads=threads, model_name=model_name, device=device)
     specs = group_specs(graph, scores, rounding)
     if not specs:
         raise PruningError("no prunable group to reach a latency target with")
@@ -294,8 +330,9 @@ def latency_ratios(
     dense_est = lm.total({})
     from .latency_table import FRACTIONS  # function-level: see measure_table
 
-    notes = [f"latency table: {len(table.ms)} convolutions x {len(FRACTIONS) ** 2} widths on {runtime} "
-             f"({threads} threads, {input_size}px, batch {batch}; cache key {table.key})", *table.notes]
+    where = f"{runtime} on {device}" if device != "cpu" else f"{runtime} ({threads} threads"
+    notes = [f"latency table: {len(table.ms)} convolutions x {len(FRACTIONS) ** 2} widths on {where}"
+             f"{', ' if device == 'cpu' else ' ('}{input_size}px, batch {batch}; cache key {table.key})", *table.notes]
     goal = target
     best: tuple[float, dict[int, float], float, float, float] | None = None
     dense_ms = float("nan")
@@ -309,7 +346,7 @@ def latency_ratios(
             return LatencyTargetResult(ratios, target, runtime, dense_est, None, est * dense_est, table.key, rounds,
                                  abs(est - target) <= tol * target, tol, notes + ["not verified by timing"])
         cut_model = cut(model, ratios)
-        dense_s, cut_s = network_ms([model, cut_model], runtime, input_size, batch=batch, threads=threads)
+        dense_s, cut_s = network_ms([model, cut_model], runtime, input_size, batch=batch, threads=threads, device=device)
         dense_ms, cut_ms = statistics.median(dense_s), statistics.median(cut_s)
         achieved = statistics.median(c / d for c, d in zip(cut_s, dense_s))  # per interleaved pass
         notes.append(f"round {rounds}: estimate {est:.3f}, measured {achieved:.3f} of the dense network "
@@ -351,6 +388,6 @@ def allocate_for_latency(candidates: Candidates, scores: dict[int, torch.Tensor]
 
     target = latency_ratios(
         graph.model, graph, scores, rounding, target=budget.fraction, runtime=budget.runtime,
-        input_size=budget.input_size, cut=lambda model, ratios: candidates.cut(plan(ratios))[0],
+        input_size=budget.input_size, cut=lambda model, ratios: candidates.cut(plan(ratios))[0], device=budget.device,
     )  # fmt: skip
     return Allocation(plan=plan(target.ratios), group_ratios=dict(target.ratios), target=target)

@@ -5,6 +5,7 @@ docstring, step 1), and the bilinear estimate between grid points."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ from ..deployment.onnx_io import OvSession, import_onnxruntime, ort_options, run
 from ..errors import PruningError
 from ..measure import fixed_workload
 from ..measure.split import network_modules
-from ..measure.timing import time_interleaved, torch_threads
+from ..measure.timing import time_cuda_events, time_interleaved, torch_threads
 from ..measure.workload import example_images, quiet
 from ..storage.atomic import atomic_open
 
@@ -96,12 +97,21 @@ def _bilinear(grid: list[list[float]], f_in: float, f_out: float) -> float:
 # measuring the table
 
 
+CALL = "@"  # `name@k`: the k-th further call of layer `name` (a head shared by the FPN levels)
+
+
 def _conv_inputs(model: nn.Module, input_size: int, batch: int) -> dict[str, tuple[nn.Conv2d, tuple[int, ...]]]:
-    """Every Conv2d of the network modules with the input shape it sees (first call), under the
-    fixed workload."""
+    """Every call of every Conv2d of the network modules with the input shape it sees, under the
+    fixed workload: ``name`` for the first call, ``name@1``, ``name@2``, ... for the next ones (an
+    FCOS / RetinaNet head runs each of its convolutions once per FPN level: the quickstart FCOS's
+    35 convolutions make 63 calls, and a table of first calls left out four levels of the head,
+    whose fixed cost per call does not shrink with the width). :func:`_per_layer` sums them back.
+    The calls of one layer share one weight tensor in the banks, as in the model (separate copies
+    read the weights from memory once per call: a 1x1 level's call costs its weights' traffic)."""
 
     nets = network_modules(model)
     seen: dict[str, tuple[nn.Conv2d, tuple[int, ...]]] = {}
+    calls: dict[str, int] = {}
     handles = []
     for prefix, net in nets.items():
         for name, m in net.named_modules():
@@ -109,8 +119,8 @@ def _conv_inputs(model: nn.Module, input_size: int, batch: int) -> dict[str, tup
                 full = f"{prefix}.{name}" if name else prefix
 
                 def hook(mod: nn.Module, args: tuple, _out: Any, full: str = full) -> None:
-                    if full not in seen:
-                        seen[full] = (mod, tuple(args[0].shape))
+                    calls[full] = calls.get(full, -1) + 1
+                    seen[full if calls[full] == 0 else f"{full}{CALL}{calls[full]}"] = (mod, tuple(args[0].shape))
 
                 handles.append(m.register_forward_hook(hook))
     try:
@@ -120,6 +130,20 @@ def _conv_inputs(model: nn.Module, input_size: int, batch: int) -> dict[str, tup
         for h in handles:
             h.remove()
     return seen
+
+
+def _layer(call: str) -> str:
+    return call.split(CALL, 1)[0]
+
+
+def _per_layer(ms: dict[str, list[list[float]]]) -> dict[str, list[list[float]]]:
+    """Each layer's grid: the sum of its calls' grids (see :func:`_conv_inputs`)."""
+    out: dict[str, list[list[float]]] = {}
+    for call, grid in ms.items():
+        base = out.get(_layer(call))
+        out[_layer(call)] = [row[:] for row in grid] if base is None else [
+            [a + b for a, b in zip(r0, r1)] for r0, r1 in zip(base, grid)]
+    return out
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:
@@ -153,19 +177,31 @@ def _cells() -> list[tuple[int, int]]:
     return [(i, j) for i in range(len(FRACTIONS)) for j in range(len(FRACTIONS))]
 
 
-def _time_torch(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: int, runs: int) -> dict[str, list[list[float]]]:
-
+def _time_torch(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], threads: int, runs: int,
+                device: str = "cpu") -> dict[str, list[list[float]]]:
+    """Each layer at each grid cell, channels-last, on ``device``: the CPU with
+    :func:`~surgery.measure.timing.time_interleaved`; CUDA with
+    :func:`~surgery.measure.timing.time_cuda_events` (each cell captured in a CUDA graph of 10
+    calls where capture works, CUDA events around the replays: the network is timed the same way,
+    see :func:`surgery.pruning.latency.network_ms`)."""
+    dev = torch.device(device)
     fns: dict[str, Callable[[], Any]] = {}
+    scaled: dict[tuple[str, int, int], nn.Conv2d] = {}  # the calls of one layer share its weights
     for name, (conv, shape) in layers.items():
         for i, j in _cells():
             if _is_depthwise(conv) and i != j:
                 continue
-            c = _scaled(conv, FRACTIONS[i], FRACTIONS[j])
-            x = torch.rand(shape[0], c.in_channels, *shape[2:]).contiguous(memory_format=torch.channels_last)
-            c = c.to(memory_format=torch.channels_last)
+            key = (_layer(name), i, j)
+            if key not in scaled:
+                scaled[key] = _scaled(conv, FRACTIONS[i], FRACTIONS[j]).to(dev, memory_format=torch.channels_last)
+            c = scaled[key]
+            x = torch.rand(shape[0], c.in_channels, *shape[2:], device=dev).contiguous(memory_format=torch.channels_last)
             fns[f"{name}\0{i}\0{j}"] = lambda c=c, x=x: c(x)
     with torch_threads(threads), torch.inference_mode():
-        times = time_interleaved(fns, warmup=2, runs=runs)
+        if dev.type == "cuda":
+            times = time_cuda_events(fns, warmup=2, runs=runs)
+        else:
+            times = time_interleaved(fns, warmup=2, runs=runs)
     return _grid(layers, {k: statistics.median(v) for k, v in times.items()})
 
 
@@ -186,7 +222,13 @@ def _bank_files(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], tmp: str) 
     names = list(layers)
     out = []
     for i, j in _cells():
-        convs = [_scaled(layers[n][0], FRACTIONS[i], FRACTIONS[j]) for n in names]
+        scaled: dict[str, nn.Conv2d] = {}  # the calls of one layer share its weights, as in the model
+        convs = []
+        for n in names:
+            if _layer(n) in scaled:  # a module of its own (the exporter names a reused one `convs.3_1`), same tensors
+                convs.append(copy.copy(scaled[_layer(n)]))
+            else:
+                convs.append(scaled.setdefault(_layer(n), _scaled(layers[n][0], FRACTIONS[i], FRACTIONS[j])))
         xs = tuple(torch.rand(layers[n][1][0], c.in_channels, *layers[n][1][2:]) for n, c in zip(names, convs))
         path = os.path.join(tmp, f"cell{i}{j}.onnx")
         with torch.no_grad():
@@ -294,6 +336,17 @@ def check_cache_dir(folder: Path) -> None:
                            "set SURGERY_CACHE to a writable folder") from None
 
 
+def check_latency_device(device: str, runtime: str) -> None:
+    """One line for a device a latency budget cannot be measured on: ``cpu`` for every runtime,
+    ``cuda`` with runtime ``torch`` and a CUDA device present."""
+    if device not in ("cpu", "cuda"):
+        raise PruningError(f"latency device {device!r}: choose cpu or cuda")
+    if device == "cuda" and runtime != "torch":
+        raise PruningError(f"latency device cuda: runtime torch only (got {runtime}; ONNX files are timed on the CPU)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PruningError("latency device cuda asked for, but torch sees no CUDA device")
+
+
 def machine_identity() -> dict[str, Any]:
     """What a latency table depends on besides the model: the CPU (model name, logical cores, the
     cores this process may use), the host name."""
@@ -308,11 +361,24 @@ def machine_identity() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "host": socket.gethostname()}
 
 
+def device_identity(device: str) -> str:
+    """``cpu``, or the CUDA device's name and compute capability (a table is per GPU model)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(dev)
+    return f"cuda:{torch.cuda.get_device_name(dev)}:sm{major}{minor}"
+
+
 def _table_key(layers: dict[str, tuple[nn.Conv2d, tuple[int, ...]]], runtime: str, threads: int, size: int, batch: int,
-               model_name: str) -> str:
+               model_name: str, device: str = "cpu") -> str:
     """The cache key: the layers, the runtime, its version and precision (f32), threads, size,
-    batch, and :func:`machine_identity`: another machine's table is never used."""
-    desc = [model_name, runtime, runtime_version(runtime), "f32", threads, size, batch, list(FRACTIONS), machine_identity()]
+    batch, the device (:func:`device_identity`) and :func:`machine_identity`: another machine's
+    table is never used."""
+    desc = [model_name, runtime, runtime_version(runtime), "f32", threads, size, batch, list(FRACTIONS), machine_identity(),
+            "every call, shared weights"]  # how the table is measured: a table measured otherwise is not reused
+    if device_identity(device) != "cpu":  # CPU tables keep the keys they had
+        desc.append(device_identity(device))
     desc += [[n, c.in_channels, c.out_channels, list(c.kernel_size), list(c.stride), c.groups, list(s)]
              for n, (c, s) in layers.items()]
     return hashlib.sha256(json.dumps(desc, default=str).encode()).hexdigest()[:16]
@@ -330,7 +396,7 @@ def check_table(d: Any, layers: dict[str, Any], key: str) -> str | None:
         return "not a latency table"
     if d.get("key") != key:
         return "made for another key (model, runtime or machine)"
-    if set(d["ms"]) != set(layers):
+    if set(d["ms"]) != {_layer(n) for n in layers}:
         return "its layers differ from the model's"
     n = len(FRACTIONS)
     values: list[float] = []
@@ -366,19 +432,21 @@ def _cached(path: Path, layers: dict[str, Any], key: str) -> tuple[LatencyTable 
 
 def measure_table(
     model: nn.Module, runtime: str, input_size: int, *, batch: int = 1, threads: int = 2, runs: int = 15,
-    model_name: str = "", refresh: bool = False, cache: bool = True,
+    model_name: str = "", refresh: bool = False, cache: bool = True, device: str = "cpu",
 ) -> LatencyTable:
     """The latency table of ``model``'s network convolutions on ``runtime`` (cached; see the
     module docstring). A cache entry that is not valid data (:func:`check_table`, or larger than
-    :data:`MAX_CACHE_BYTES`) is measured again, and the table says so in ``notes``."""
+    :data:`MAX_CACHE_BYTES`) is measured again, and the table says so in ``notes``. ``device``
+    ``cuda``: runtime ``torch`` only, each cell timed on the GPU (:func:`_time_torch`)."""
     if runtime not in RUNTIMES:
         raise PruningError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    check_latency_device(device, runtime)
     if cache:
         check_cache_dir(cache_dir())
     layers = _conv_inputs(model, input_size, batch)
     if not layers:
         raise PruningError(f"{type(model).__name__}: no convolution in its network modules to time")
-    key = _table_key(layers, runtime, threads, input_size, batch, model_name or type(model).__name__)
+    key = _table_key(layers, runtime, threads, input_size, batch, model_name or type(model).__name__, device)
     path = cache_dir() / f"{key}.json"
     notes: list[str] = []
     if cache and not refresh:
@@ -387,10 +455,12 @@ def measure_table(
             return table
         if why is not None:
             notes.append(f"latency cache entry {path} is not a valid table ({why}): measured again")
-    timer = {"onnxruntime": _time_onnxruntime, "openvino": _time_openvino, "torch": _time_torch}[runtime]
-    ms = timer(layers, threads, runs)
-    table = LatencyTable(runtime, threads, input_size, batch, ms,
-                         {n for n, (c, _) in layers.items() if _is_depthwise(c)}, key, notes)
+    if runtime == "torch":
+        ms = _time_torch(layers, threads, runs) if device == "cpu" else _time_torch(layers, threads, runs, device)
+    else:
+        ms = {"onnxruntime": _time_onnxruntime, "openvino": _time_openvino}[runtime](layers, threads, runs)
+    table = LatencyTable(runtime, threads, input_size, batch, _per_layer(ms),
+                         {_layer(n) for n, (c, _) in layers.items() if _is_depthwise(c)}, key, notes)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(path, "w") as f:
