@@ -1,16 +1,48 @@
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waiting slows 2-core CI 10-40x
+# Under pytest-xdist (`make test` runs `-n 2`) each worker is one process on one core: two workers of
+# two threads each would oversubscribe a 2-core machine. The CLI processes a worker's tests start
+# inherit one thread too. Run alone, the suite uses up to two threads.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402  (a dependency of torch: always installed with it)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1 if XDIST_WORKER else max(1, min(2, os.cpu_count() or 1)))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def shared_artefact(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """``build(folder)`` once per test run, even under xdist: every worker gets the same path.
+
+    Alone, ``folder`` is a fresh temporary folder. Under xdist the workers share pytest's base
+    temporary folder (``getbasetemp().parent``); the first worker to take the lock builds the
+    artefact, the others wait for it and reuse it (the pattern of pytest-xdist's documentation).
+    A ``.done`` marker, written last, tells a finished build from one that failed half-way (a
+    failed build is retried by the next worker that asks). Treat the result as read-only."""
+    if XDIST_WORKER is None:
+        return build(tmp_path_factory.mktemp(name))
+    folder = tmp_path_factory.getbasetemp().parent / f"shared-{name}"
+    done = folder / ".done"
+    with FileLock(f"{folder}.lock"):
+        if done.is_file():
+            return Path(done.read_text())
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        result = build(folder)
+        done.write_text(str(result))
+        return result
 
 
 # Session-wide artefacts several test modules share (built once per run; treat them as read-only).
@@ -31,13 +63,15 @@ def trained_slim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from surgery.config.recipe import recipe_from_dict
     from surgery.workflows import train_from_recipe
 
-    tmp = tmp_path_factory.mktemp("trained")
-    rec = recipe_from_dict({
-        "model": {"name": "fcos_resnet18_slim", "kwargs": {"min_size": 64, "max_size": 64, "fpn_channels": 64}},
-        "data": {"root": str(tmp / "synth"), "images": 48, "size": 64},
-        "train": {"steps": 40, "batch_size": 8, "lr": 0.004, "warmup_steps": 5, "checkpoint_every": 0},
-    }, "test")  # fmt: skip
-    return train_from_recipe(rec, tmp / "dense.pt", evaluate=False).out
+    def train(tmp: Path) -> Path:
+        rec = recipe_from_dict({
+            "model": {"name": "fcos_resnet18_slim", "kwargs": {"min_size": 64, "max_size": 64, "fpn_channels": 64}},
+            "data": {"root": str(tmp / "synth"), "images": 48, "size": 64},
+            "train": {"steps": 40, "batch_size": 8, "lr": 0.004, "warmup_steps": 5, "checkpoint_every": 0},
+        }, "test")  # fmt: skip
+        return train_from_recipe(rec, tmp / "dense.pt", evaluate=False).out
+
+    return shared_artefact(tmp_path_factory, "trained_slim", train)
 
 
 @pytest.fixture
