@@ -61,6 +61,17 @@ def shared_artefact(tmp_path_factory: pytest.TempPathFactory, name: str, build: 
         return result
 
 
+@pytest.fixture
+def serial_threads():
+    """The test runs at the serial suite's torch thread count (2), also on an xdist worker (1). For
+    tests whose outputs sit on near-ties that flip with the float summation order (found under xdist:
+    SSDlite's detections vs torchvision's, Mask R-CNN's zeroed-cut oracle, both at 1 thread)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(old)
+
+
 # Session-wide artefacts several test modules share (built once per run; treat them as read-only).
 
 
