@@ -24,8 +24,13 @@ postgres:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
 	fi
 
+# The suite runs on 2 pytest-xdist workers (each uses one torch thread: tests/conftest.py). loadfile
+# keeps a test file on one worker, so a module's fixtures are built once; --no-loadscope-reorder keeps
+# the conftest's longest-file-first order (xdist would otherwise order files by their number of tests).
+# TEST_WORKERS=0 runs it in one process. docs/contributing.md: "Run the tests".
+TEST_WORKERS ?= 2
 test: $(STAMP) postgres  # PYTEST_ARGS: extra pytest options (CI: --durations=15)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/surgery sweep recipes/quickstart.yaml

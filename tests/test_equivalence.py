@@ -217,6 +217,7 @@ def _images(size: int) -> list[torch.Tensor]:
     return [torch.rand(3, size, size, generator=g), torch.rand(3, size - 16, size, generator=g)]
 
 
+@pytest.mark.usefixtures("serial_threads")  # Mask R-CNN at 1 thread: a near-tied proposal flips (conftest)
 @pytest.mark.parametrize("name", by_family(list_models()))
 def test_zeroed_channels_cut_leaves_outputs_unchanged(name: str) -> None:
     torch.manual_seed(0)

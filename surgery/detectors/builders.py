@@ -262,6 +262,11 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
             f"cannot read weights file {path}: not a plain tensor file ({e.__class__.__name__}); "
             f"surgery only reads weights that load with weights_only=True{hint}"
         ) from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
+        # a pickled module that loaded anyway: Ultralytics' restricted loading registers its classes with
+        # torch for the rest of the process once any Ultralytics checkpoint was read (same hint as above)
+        raise CheckpointError(f"cannot read weights file {path}: it holds a pickled model, not weights; if it is an "
+                              f"Ultralytics model pickle: load it as --model ultralytics:{path} with --trust-code")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):

@@ -104,6 +104,8 @@ def build_with_weights_file(spec: ModelSpec, path: str | Path) -> tuple[nn.Modul
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - missing, unreadable or not a tensor file: load_weights_file's line says which
         raise first from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), nn.Module):
+        raise first from None  # a pickled model (an Ultralytics one, its classes allowed to torch): not weights
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict) and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
             obj = obj[key]
