@@ -30,6 +30,7 @@ def prune(
     min_channels: int = typer.Option(None, help="Never keep fewer channels in a group."),
     override: list[str] = typer.Option(None, "--override", help="LAYER_GLOB=RATIO (repeatable)."),
     skip: list[str] = typer.Option(None, "--skip", help="LAYER_GLOB never cut (repeatable)."),
+    keep_head: bool = typer.Option(None, "--keep-head/--cut-head", help="Keep the detection head's own widths (YOLO: the Detect branches); the MACs target is met by cutting the rest more."),
     anchors: str = typer.Option(None, help="Keep only these anchor shapes: 'ratios=1.0;sizes=0,1'."),
     target_macs: float = typer.Option(
         None, "--keep-macs", "--target-macs", help="Fraction of the dense MACs KEPT (0.5): the cut ratio is searched."
@@ -66,6 +67,7 @@ def prune(
         "prune.min_channels": min_channels,
         "prune.overrides": parse_ratios(override, "--override"),
         "prune.skip": list(skip) if skip else None,
+        "prune.keep_head": keep_head,
         "prune.anchors": parse_anchor_spec(anchors),
         "prune.sparsity": sparsity,
         "prune.scope": scope,
@@ -113,7 +115,7 @@ def prune(
 FLAGS = {
     "prune.ratio": "--cut-ratio", "prune.method": "--method", "prune.global_ranking": "--global/--uniform",
     "prune.round_to": "--round-to", "prune.min_channels": "--min-channels", "prune.overrides": "--override",
-    "prune.skip": "--skip", "prune.anchors": "--anchors", "prune.sparsity": "--sparsity", "prune.scope": "--scope",
+    "prune.skip": "--skip", "prune.keep_head": "--keep-head", "prune.anchors": "--anchors", "prune.sparsity": "--sparsity", "prune.scope": "--scope",
     "prune.target_macs": "--keep-macs", "prune.target_params": "--keep-params", "prune.target_latency": "--keep-latency",
     "prune.runtime": "--runtime", "prune.latency_device": "--latency-device", "prune.calib_batches": "--calib-batches", "prune.recover": "--recover",
     "prune.allocation": "--allocation", "prune.sensitivity": "--sensitivity",

@@ -3,6 +3,8 @@ FrozenBatchNorm2d detectors, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -131,6 +133,25 @@ def test_skip_and_override_patterns() -> None:
             assert after[n] == before[n], n
     assert after["head.classification_head.conv.0"] == 96  # 128 * 0.75, GroupNorm(32)-divisible
     assert after["backbone.body.layer1.0.conv1"] == 32  # the default ratio elsewhere
+
+
+def test_keep_head_keeps_the_head_widths_and_meets_the_macs_target() -> None:
+    """``keep_head`` on a torchvision one-stage detector: the ``head`` module's convs keep their widths
+    (the output layers aside, already never cut), the rest is cut more so that the MACs target holds;
+    turning it off again drops its ``skip`` entry, and a model naming no head is refused in one line."""
+    model = _slim()
+    before = _widths(model)
+    cfg = PruneSection(target_macs=0.5, keep_head=True)
+    assert cfg.skip == ["@head"]
+    res = prune_model(model, cfg, macs_input_size=TEST_SIZE)
+    after = _widths(model)
+    assert all(after[n] == before[n] for n in before if n.startswith("head.")), "a head conv was cut"
+    assert any(after[n] < before[n] for n in before if n.startswith("backbone."))
+    assert abs(res.report.macs_ratio - 0.5) <= 0.02, res.report.macs_ratio
+    assert dataclasses.replace(cfg, keep_head=False).skip == []
+    headless = nn.Sequential(nn.Conv2d(3, 8, 3))
+    with pytest.raises(PruningError, match="names no detection head"):
+        prune_model(headless, PruneSection(ratio=0.5, keep_head=True))
 
 
 def test_global_ranking_varies_widths_and_hits_the_ratio() -> None:

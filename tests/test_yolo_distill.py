@@ -69,3 +69,25 @@ def test_yolo_student_learns_from_its_dense_teacher(tmp_path):
     # a response-only hook on the same pair has no imitation term
     only = distill_hook_for(teacher, student, DistillSection(type="response", weight=1.0))
     assert not only.imitate and only.response_weight == 1.0
+
+
+def test_yolo26_end_to_end_student_distils_from_the_teachers_one_to_one_branch(tmp_path):
+    """YOLO26's end-to-end head: the teacher's eval forward runs only the one-to-one branch, so the
+    student's one-to-one outputs are compared with it (the branch read used to be the empty
+    one-to-many dict: a KeyError on the first distilled step)."""
+    from surgery.detectors.builders import ModelSpec, build_model
+    from surgery.yolo.distill import end_to_end_branch
+
+    spec = ModelSpec("ultralytics:yolo26n.yaml", {"nc": 2, "size": 96})
+    teacher = build_model(spec)
+    student = copy.deepcopy(teacher)
+    prune_model(student, PruneSection(method="l1", ratio=0.5), trace_size=96)
+    hook = distill_hook_for(teacher, student, DistillSection(type="imitation", weight=1.0, response_weight=1.0))
+    cfg = TrainSection(steps=2, batch_size=2, warmup_steps=0, checkpoint_every=0, log_every=1)
+    trainer = build_trainer(student, spec, _Tiny(), cfg, hooks=[hook], out=tmp_path / "s.pt")
+    trainer.train()
+    for k in ("imitation", "response_cls"):
+        assert k in trainer.last_losses and trainer.last_losses[k] > 0, k
+    assert end_to_end_branch((None, {"one2many": {}, "one2one": {"boxes": 1}})) == "one2one"
+    assert end_to_end_branch({"one2many": {"boxes": 1}, "one2one": {"boxes": 1}}) == "one2many"
+    assert end_to_end_branch({"boxes": 1, "scores": 1}) is None

@@ -146,7 +146,7 @@ def test_nms_free_zeroed_channels_equivalence(yaml: str, ultralytics) -> None:
     _cut_zeroed_and_compare(model, graph)
 
 
-def _cut_zeroed_and_compare(model: nn.Module, graph) -> None:
+def _cut_zeroed_and_compare(model: nn.Module, graph, max_params: float = 0.5) -> None:
     """Zero what the ratio-0.5 plan cuts, cut it, compare the head's raw outputs."""
     from surgery.config.recipe import PruneSection
     from surgery.pruning.prune import apply_channel_plan, plan_channels
@@ -171,11 +171,60 @@ def _cut_zeroed_and_compare(model: nn.Module, graph) -> None:
     before = _branches(model)
     apply_channel_plan(graph, plan)
     after = _branches(model)
-    assert count_params(model).total < 0.5 * params_before
+    assert count_params(model).total < max_params * params_before
     if hasattr(model.net.model[-1], "one2one_cv2"):
         _check_head_matches_neck(model)
     for k in before:
         torch.testing.assert_close(after[k], before[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def _head_widths(model: nn.Module) -> dict[str, int]:
+    """Output widths of the Detect head's convs, depthwise ones left out (a depthwise conv at a branch's
+    entry passes the neck's width through, so it follows the neck's cut)."""
+    head = model.net.model[-1]
+    return {n: m.out_channels for n, m in head.named_modules()
+            if isinstance(m, nn.Conv2d) and not (m.groups > 1 and m.groups == m.in_channels)}  # fmt: skip
+
+
+@pytest.mark.parametrize("yaml", ["yolo26n.yaml", "yolov8n.yaml"])
+def test_keep_head_keeps_detect_widths_and_meets_a_75pct_macs_cut(yaml: str, tmp_path, ultralytics) -> None:
+    """``--keep-head``: every conv of the Detect branches (YOLO26: both, one-to-one included) keeps its
+    width, the neck and backbone are cut more so that the MACs target is still met (within 2%), and
+    the branches read the neck's new widths."""
+    from surgery.storage.checkpoint import read_checkpoint
+
+    out = tmp_path / "pruned.pt"
+    res = CliRunner().invoke(
+        app, ["prune", "--model", f"ultralytics:{yaml}", "-k", "nc=4", "-k", f"size={SIZE}", "--keep-macs", "0.25",
+              "--keep-head", "--round-to", "8", "--macs-size", str(SIZE), "--out", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    dense = build_model(ModelSpec(f"ultralytics:{yaml}", {"nc": 4, "size": SIZE}))
+    model = load(out)
+    plan = read_checkpoint(out).plan
+    assert abs(plan.achieved_macs_ratio - 0.25) <= 0.02, plan.achieved_macs_ratio
+    assert plan.skip == ["@head"]
+    assert _head_widths(model) == _head_widths(dense)
+    assert all(a < b for a, b in zip(_neck_widths(model), _neck_widths(dense)))  # the neck outputs are cut
+    if hasattr(model.net.model[-1], "one2one_cv2"):
+        _check_head_matches_neck(model)
+    boxes, scores = model.eval().predict(model.transform(images())[0])
+    assert torch.isfinite(boxes).all() and torch.isfinite(scores).all()
+
+
+def test_keep_head_zeroed_channels_equivalence(ultralytics) -> None:
+    """With the head kept (YOLO26n), zeroing what the cut removes, then cutting, leaves both branches'
+    raw outputs unchanged: the neck groups the head's entry depthwise convs share are cut consistently."""
+    from surgery.pruning.graph import HEAD, trace
+
+    model = build_model(ModelSpec("ultralytics:yolo26n.yaml", {"nc": 4, "size": SIZE}))
+    _vary(model)
+    widths = _head_widths(model)
+    graph = trace(model, trace_size=SIZE, skip=(HEAD,))
+    kept = [g for g in graph.groups if g.reason == "detection head (keep_head)"]
+    assert len(kept) == 24  # 2 inner groups per branch (cv2, cv3, one2one_cv2, one2one_cv3) and level (3)
+    _cut_zeroed_and_compare(model, graph, max_params=0.6)
+    assert _head_widths(model) == widths
 
 
 # --------------------------------------------------------------------------------------------

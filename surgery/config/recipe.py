@@ -120,7 +120,10 @@ class PruneSection:
     strict_round_to: bool = False
     min_channels: int = 8
     overrides: dict[str, float] = field(default_factory=dict)  # layer-name glob -> ratio
-    skip: list[str] = field(default_factory=list)  # layer-name globs never cut
+    skip: list[str] = field(default_factory=list)  # layer-name globs never cut ("@head": what keep_head adds)
+    # keep the detection head's own widths (YOLO: the Detect branches cv2/cv3/one2one_*; torchvision: `head`),
+    # the MACs target met by cutting the backbone and neck more: adds "@head" to skip
+    keep_head: bool = False
     anchors: AnchorSection | None = None
     calib_batches: int = 4  # taylor/fisher: batches of the data section's train split to rank with
     # fraction of the dense MACs / params to KEEP: the ratio is searched (surgery.pruning.target), ratio ignored
@@ -151,6 +154,13 @@ class PruneSection:
     sensitivity: str | None = None  # allocation sensitivity: the CSV `surgery sensitivity` wrote
     sparsify: SparsifySection | None = None  # sparse training before the cut ('+sparse' sweep techniques)
 
+    def __post_init__(self) -> None:
+        self._head_entry()
+
+    def _head_entry(self) -> None:
+        # "@head" in skip is keep_head's own entry (surgery.pruning.graph.HEAD): set and cleared with it
+        self.skip = [p for p in self.skip if p != "@head"] + (["@head"] if self.keep_head else [])
+
     def validate(self) -> None:
         methods = pruning_methods()
         _check(self.method in methods, "method", f"one of {', '.join(methods)}{did_you_mean(self.method, methods)}")
@@ -178,6 +188,8 @@ class PruneSection:
                "an integer in [0, 1000000]")
         _check(math.isfinite(self.recover_seconds) and self.recover_seconds > 0, "recover_seconds", "a number > 0")
         _check(math.isfinite(self.recover_lr) and 0 < self.recover_lr < 1, "recover_lr", "a number in (0, 1)")
+        _check(isinstance(self.keep_head, bool), "keep_head", "true or false")
+        self._head_entry()
         _check(self.allocation in ALLOCATIONS, "allocation", f"one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "global":
             self.global_ranking = True

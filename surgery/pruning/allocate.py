@@ -37,7 +37,7 @@ from ..errors import PruningError
 from ..registry import close_matches
 from .budget import CutRatio, Rounding
 from .candidate import Candidates
-from .graph import ChannelGroup, DetectorGraph, match_layer
+from .graph import HEAD, ChannelGroup, DetectorGraph, head_layers, match_layer
 from .importance import get_importance
 
 ChannelPlan = dict[int, list[int]]  # group index -> sorted root channel indices to cut
@@ -68,6 +68,9 @@ def check_patterns(model: nn.Module, patterns: Sequence[str], what: str) -> None
     """Every layer pattern must match at least one module, else one clear error."""
     names = [n for n, _ in model.named_modules() if n]
     for p in patterns:
+        if p == HEAD:
+            head_layers(model)  # refuses a model that names no head
+            continue
         if not any(match_layer(n, [p]) for n in names):
             close = close_matches(p, names, n=3)
             hint = f" Close names: {', '.join(close)}." if close else " Run `surgery inspect` for the layer names."

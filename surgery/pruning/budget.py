@@ -209,7 +209,7 @@ class PruneJob:
 
 # section fields that only masked pruning (method magnitude) reads, and those only a structured cut reads
 MASKED_ONLY = ("sparsity", "scope", "agp")
-STRUCTURED_ONLY = ("ratio", "global_ranking", "round_to", "min_channels", "overrides", "skip", "anchors",
+STRUCTURED_ONLY = ("ratio", "global_ranking", "round_to", "min_channels", "overrides", "skip", "keep_head", "anchors",
                    "target_macs", "target_params", "target_latency", "runtime", "allocation", "sensitivity",
                    "recover", "calib_batches", "macs_input_size")
 # budgets: the fields that each say how much to cut (at most one may be given)

@@ -32,6 +32,8 @@ into ``Linear``, depthwise convs, norm layers) and fix what it gets wrong on det
    ``trace_context()`` (a context manager around the trace) and ``fixed_channels()`` (``{layer:
    reason}``: groups producing from those layers are never cut). The Ultralytics adapter uses
    them for C2PSA attention (see :mod:`surgery.yolo.ultralytics_adapter`).
+   ``head_layers()`` names the detection head (the ``skip`` entry :data:`HEAD`, recipe key
+   ``prune.keep_head``: every group produced entirely inside the head keeps its width).
 8. **Speed.** The detector's input transform is shrunk to a small size for the trace (channel
    coupling does not depend on resolution), so analysis takes about a second on 2 CPU cores.
 """
@@ -303,11 +305,33 @@ def output_layers(model: nn.Module, trace_size: int = 128) -> list[str]:
     return [names[m] for m in found]
 
 
+HEAD = "@head"  # a ``skip`` entry: the detection head's own widths are kept (recipe key prune.keep_head)
+
+
+def head_layers(model: nn.Module) -> list[str]:
+    """The module names of ``model``'s detection head: its ``head_layers()`` when it has one (the
+    Ultralytics adapter: the Detect module), else torchvision's ``head`` (one-stage: FCOS, RetinaNet,
+    SSD) or ``rpn.head`` and ``roi_heads`` (two-stage). A model with none of these is refused."""
+    named = getattr(model, "head_layers", None)
+    if callable(named):
+        return list(named())
+    modules = dict(model.named_modules())
+    if isinstance(modules.get("head"), nn.Module):
+        return ["head"]
+    if isinstance(modules.get("roi_heads"), nn.Module):
+        return [n for n in ("rpn.head", "roi_heads") if n in modules]
+    raise PruningError(f"keep_head: {type(model).__name__} names no detection head (no head_layers(), 'head' or "
+                       "'roi_heads' module); list the head's layers in prune.skip instead")
+
+
 def trace(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str] = ()) -> DetectorGraph:
     """Build the channel-dependency graph of ``model`` and its coupled channel groups.
 
     ``skip``: layer-name globs whose channels must never be cut (groups containing them are
-    marked not prunable).
+    marked not prunable). The entry :data:`HEAD` keeps the detection head's widths
+    (:func:`head_layers`): a group is kept when *every* layer producing its channels lies inside
+    the head, so the head's inner convs keep their widths while the neck outputs it reads (which a
+    depthwise conv at a branch's entry shares with the neck) are still cut.
     """
     all_names = {m: n for n, m in model.named_modules()}
     leaf_outputs: list[torch.Tensor] = []
@@ -343,7 +367,9 @@ def trace(model: nn.Module, *, trace_size: int = 256, skip: Sequence[str] = ()) 
 
     output_names = [all_names[m] for m in output_modules]
     fixed = getattr(model, "fixed_channels", None)
-    groups = _collect_groups(dg, model, output_modules, skip, fixed() if callable(fixed) else {})
+    head = head_layers(model) if HEAD in skip else []
+    groups = _collect_groups(dg, model, output_modules, [p for p in skip if p != HEAD],
+                             fixed() if callable(fixed) else {}, head)
     return DetectorGraph(model=model, dg=dg, output_layers=output_names, groups=groups, trace_size=trace_size)
 
 
@@ -360,7 +386,7 @@ def match_layer(name: str, patterns: Sequence[str]) -> str | None:
 
 def _collect_groups(
     dg: tp.DependencyGraph, model: nn.Module, output_modules: list[nn.Module], skip: Sequence[str],
-    fixed: dict[str, str] | None = None,
+    fixed: dict[str, str] | None = None, head: Sequence[str] = (),
 ) -> list[ChannelGroup]:
     names = compat.tp_module_names(dg)
     groups: list[ChannelGroup] = []
@@ -416,6 +442,8 @@ def _collect_groups(
             hit = next((p for p in (match_layer(x, skip) for x in producers) if p), None)
             if hit:
                 cg.prunable, cg.reason = False, f"skipped by {hit!r}"
+            elif head and producers and all(match_layer(x, head) for x in producers):
+                cg.prunable, cg.reason = False, "detection head (keep_head)"
             elif n <= 1:
                 cg.prunable, cg.reason = False, "single channel"
         groups.append(cg)

@@ -81,13 +81,24 @@ def letterbox_masks(feature_shapes: list[tuple[int, int]], canvas: int, targets:
     return masks
 
 
-def head_outputs(out: Any, head: nn.Module) -> tuple[Tensor, Tensor]:
+def end_to_end_branch(out: Any) -> str | None:
+    """Which branch of an end-to-end head (YOLOv10, YOLO26) ``out`` carries outputs of: ``one2many``
+    when it ran, else ``one2one`` (an eval forward runs the one-to-one branch alone); ``None`` for
+    a head with one branch."""
+    raw = out[1] if isinstance(out, tuple) and len(out) == 2 else out
+    if not (isinstance(raw, dict) and "one2one" in raw):
+        return None
+    return "one2many" if raw.get("one2many") else "one2one"
+
+
+def head_outputs(out: Any, head: nn.Module, branch: str | None = None) -> tuple[Tensor, Tensor]:
     """``(boxes [B, 4*reg_max, A], scores [B, nc, A])`` (logits) from what Detect returned, in
-    train mode (a dict, or a per-level list in older Ultralytics) or eval mode (``(y, raw)``)."""
+    train mode (a dict, or a per-level list in older Ultralytics) or eval mode (``(y, raw)``).
+    ``branch``: of an end-to-end head, the one to read (default :func:`end_to_end_branch`)."""
     if isinstance(out, tuple) and len(out) == 2:
         out = out[1]
-    if isinstance(out, dict) and "one2many" in out:
-        out = out["one2many"]
+    if isinstance(out, dict) and "one2one" in out:
+        out = out[branch or end_to_end_branch(out)]
     if isinstance(out, dict):
         return out["boxes"], out["scores"]
     if isinstance(out, (list, tuple)) and all(torch.is_tensor(x) and x.ndim == 4 for x in out):
@@ -188,8 +199,11 @@ class YoloDistillation(TeacherHook):
                 terms["imitation"] = self.cfg.weight * error / (2 * energy)
         if self.response_weight > 0:
             head = _head(trainer.module)
-            s_boxes, s_scores = head_outputs(seen["out"], head)
-            t_boxes, t_scores = head_outputs(captured["out"], t_head)
+            # the teacher's eval forward ran only the one-to-one branch of an end-to-end head: the
+            # student's same branch is compared with it (the one that predicts at inference)
+            branch = end_to_end_branch(captured["out"])
+            s_boxes, s_scores = head_outputs(seen["out"], head, branch)
+            t_boxes, t_scores = head_outputs(captured["out"], t_head, branch)
             cls, dfl = response_losses(s_boxes, s_scores, t_boxes, t_scores, int(head.reg_max), self.cfg.temperature)
             terms["response_cls"] = self.response_weight * CLS_GAIN * cls
             terms["response_dfl"] = self.response_weight * DFL_GAIN * dfl
@@ -222,4 +236,4 @@ def _feature_widths(model: nn.Module) -> list[int]:
     return [int(f.shape[1]) for f in seen["feats"]]
 
 
-__all__ = ["YoloDistillation", "head_outputs", "is_ultralytics", "letterbox_masks", "response_losses"]
+__all__ = ["YoloDistillation", "end_to_end_branch", "head_outputs", "is_ultralytics", "letterbox_masks", "response_losses"]

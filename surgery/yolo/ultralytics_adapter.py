@@ -423,6 +423,12 @@ class UltralyticsDetector(YoloInterface):
                     out[f"net.{name}.{part}.{sub}" if sub else f"net.{name}.{part}"] = why
         return out
 
+    def head_layers(self) -> list[str]:
+        """The Detect module (both branches of an end-to-end head): what ``prune.keep_head`` keeps
+        (read by :func:`surgery.pruning.graph.head_layers`)."""
+        head = self.net.model[-1]
+        return [n for n, m in self.named_modules() if m is head]
+
     def fixed_weights(self) -> list[str]:
         """Layers holding constants, never masked (read by :func:`surgery.pruning.masked.prunable_parameters`):
         the Detect head's DFL conv, whose weights are 0..reg_max-1."""
