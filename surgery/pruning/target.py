@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -385,16 +385,40 @@ def allocate_for_target(candidates: Candidates, scores: dict[int, torch.Tensor],
     """The :class:`~surgery.pruning.budget.KeepMacs` / :class:`~surgery.pruning.budget.KeepParams` allocator: the
     uniform or global plan at the ratio that keeps the budget's fraction."""
     graph = candidates.graph
+    macs = isinstance(budget, KeepMacs)
+    weights = weighted_groups(graph, budget.group_weights) if macs and budget.group_weights else None
+
+    def shaped(ratio: float) -> dict[int, float] | None:
+        return None if weights is None else {i: min(MAX_WEIGHTED_RATIO, ratio * w) for i, w in weights.items()}
 
     def plan_at(ratio: float) -> ChannelPlan:
         return channel_plan(graph, scores, ratio, rounding, global_ranking=budget.global_ranking,
-                            overrides=budget.overrides)
+                            overrides=budget.overrides, group_ratios=shaped(ratio))
 
-    macs = isinstance(budget, KeepMacs)
     result = search_ratio(candidates, plan_at, target_macs=budget.fraction if macs else None,
                           target_params=None if macs else budget.fraction,
-                          macs_input_size=budget.input_size if macs else None)
+                          macs_input_size=budget.input_size if macs else None, tol=budget.tol if macs else 0.02)
+    if weights is not None:  # per-group ratios: the plan records each group's, the report their mean
+        return Allocation(plan=plan_at(result.ratio), group_ratios=shaped(result.ratio) or {}, target=result)
     return Allocation(plan=plan_at(result.ratio), ratio=result.ratio, target=result)
 
 
-__all__ = ["CostModel", "TargetResult", "allocate_for_target", "find_ratio_for_target", "search_ratio"]
+MAX_WEIGHTED_RATIO = 0.9  # with group weights, never cut more of one group
+
+
+def weighted_groups(graph: DetectorGraph, weights: Mapping[str, float]) -> dict[int, float]:
+    """Prunable group index -> its weight over the lightest (so the lightest is cut by the searched
+    ratio itself); groups ``weights`` does not name weigh 1. A name that is no prunable group's root
+    is refused."""
+    roots = {g.root: g.index for g in graph.groups if g.prunable}
+    unknown = [k for k in weights if k not in roots]
+    if unknown:
+        raise PruningError(f"group weights name {unknown[0]!r}, not the root of a prunable group "
+                           "(`surgery inspect` lists the roots)")
+    raw = {i: float(weights.get(root, 1.0)) for root, i in roots.items()}
+    lightest = min(raw.values(), default=1.0)
+    return {i: w / lightest for i, w in raw.items()}
+
+
+__all__ = ["MAX_WEIGHTED_RATIO", "CostModel", "TargetResult", "allocate_for_target", "find_ratio_for_target",
+           "search_ratio", "weighted_groups"]
