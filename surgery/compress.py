@@ -239,7 +239,7 @@ class Allocator:
                 for r in self.roots}
 
     def budget(self, cfg: TrialConfig) -> KeepMacs:
-        return KeepMacs(cfg.keep, self.macs_input_size, group_weights=self.shape(cfg), tol=BUDGET_TOL)
+        return KeepMacs(cfg.keep, self.macs_input_size, group_weights=self.shape(cfg), tol=BUDGET_TOL, at_most=True)
 
     def job(self, cfg: TrialConfig, recover_batches: int, budget: Budget | None = None) -> PruneJob:
         """The trial as a pipeline job: ``budget`` (default :meth:`budget`), the trial's criterion

@@ -67,7 +67,9 @@ class KeepMacs:
     ``group_weights`` (group root -> weight > 0; groups not named weigh 1) shapes the cut: the
     searched ratio ``r`` cuts each group by ``min(0.9, r * weight / lightest weight)``, so the
     relative cut between groups is fixed and only its scale is searched (`surgery compress`'s
-    trials). ``tol``: the relative miss of the fraction accepted on a verified cut."""
+    trials). ``tol``: the relative miss of the fraction accepted on a verified cut; ``at_most``: the
+    fraction is a ceiling (the cut returned is the closest at or below it, within ``tol``, when the
+    search verified one)."""
 
     fraction: float
     input_size: int
@@ -75,6 +77,7 @@ class KeepMacs:
     overrides: Mapping[str, float] = field(default_factory=dict)
     group_weights: Mapping[str, float] = field(default_factory=dict)
     tol: float = 0.02
+    at_most: bool = False
 
     def __post_init__(self) -> None:
         _fraction(self.fraction, "the MACs fraction to keep")
