@@ -157,6 +157,7 @@ class Goal:
 class SearchSpace:
     keep: tuple[float, float] = (0.15, 0.95)  # fraction of dense MACs the scale aims at (no MACs budget)
     multiplier: tuple[float, float] = (0.5, 1.5)
+    max_stages: int = MAX_STAGES  # stages get one multiplier each: more stages, a finer allocation
     criteria: tuple[str, ...] = DEFAULT_CRITERIA
     round_to: tuple[int, ...] = DEFAULT_ROUND_TO
     sensitivity: str | None = None  # a `surgery sensitivity` CSV: adds the sens_power parameter
@@ -230,7 +231,7 @@ class Allocator:
         self.base, self.macs_input_size = base, macs_input_size
         graph = trace(copy.deepcopy(dense), trace_size=trace_size, skip=base.skip)
         self.roots = [g.root for g in graph.groups if g.prunable]
-        self.stages = stages_of(self.roots)
+        self.stages = stages_of(self.roots, space.max_stages)
         self.weights = sensitivity_weights(space.sensitivity, self.roots) if space.sensitivity else {}
 
     def shape(self, cfg: TrialConfig) -> dict[str, float]:
