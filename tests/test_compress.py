@@ -98,7 +98,8 @@ def test_allocator_lands_on_the_macs_budget_and_multipliers_move_the_cut(trained
                                     calib_data=None, recover_data=None)
         achieved[name] = (group_ratios(result), result.report.macs_ratio)  # counted by fvcore on the real cut
     for name, (_, macs) in achieved.items():
-        assert abs(macs - 0.5) <= 0.5 * BUDGET_TOL, f"{name}: {macs:.4f} of the MACs kept, budget 0.5"
+        # within the budget's tolerance above, within the MACs search's 2% below (round_to steps)
+        assert 0.5 * 0.98 <= macs <= 0.5 * (1 + BUDGET_TOL), f"{name}: {macs:.4f} of the MACs kept, budget 0.5"
     u, s = achieved["uniform"][0], achieved["skewed"][0]
     assert len(u) == len(alloc.roots) and len(set(u.values())) == 1  # one ratio everywhere
     body = [r for r in s if alloc.stages[r] == "backbone.body"]
@@ -421,7 +422,7 @@ def test_sensitivity_power_cuts_insensitive_groups_more_and_sensitive_ones_less(
         assert cfg.sens_power == power  # the search space samples it
         _, result = cut_and_recover(model, alloc.job(cfg, 0), macs_input_size=64, trace_size=64, calib_data=None,
                                     recover_data=None)
-        assert abs(result.report.macs_ratio / 0.5 - 1) <= BUDGET_TOL
+        assert 0.5 * 0.98 <= result.report.macs_ratio <= 0.5 * (1 + BUDGET_TOL)
         ratios[power] = group_ratios(result)
     assert len(set(ratios[0.0].values())) == 1  # power 0: the uniform cut
     cut = ratios[1.0]
