@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--max-stages", type=int, default=8, help="at most this many stages (one multiplier each)")
     ap.add_argument("--sensitivity", default=None, help="a `surgery sensitivity` CSV: sens_power searched too")
     ap.add_argument("--study", default="bench")
+    ap.add_argument("--time", type=float, default=None, help="stop the search after this many minutes")
     ap.add_argument("--retrain", type=int, default=0, help="retrain this many finished trials (rank correlation)")
     ap.add_argument("--retrain-steps", type=int, default=None)
     ap.add_argument("--csv", type=Path, default=Path("benchmarks/compress_bench.csv"))
@@ -79,6 +80,7 @@ def main() -> None:
         train_from_recipe(train_rec, dense_path, evaluate=False)
     dense, _ = load_checkpoint(dense_path)
     settings = SearchSettings(trials=args.trials, recover_batches=args.recover, holdout=args.holdout,
+                              seconds=args.time * 60 if args.time else None,
                               macs_input_size=rec.bench.input_size, study_name=args.study)
     lo, hi = (float(x) for x in args.multiplier.split(","))
     space = SearchSpace(criteria=tuple(args.criteria.split(",")), round_to=tuple(int(x) for x in args.round_to.split(",")),
@@ -100,7 +102,8 @@ def main() -> None:
                         f"{retrained[t.number]:.4f}" if t.number in retrained else "", mults])
     uniform = next(t for t in done if t.number == 0)
     best = result.chosen
-    print(f"{rec.model.name}: {len(done)} trials in {seconds / 60:.1f} min (load {load0[0]:.1f} -> "
+    trial_min = sum(t.seconds or 0 for t in done) / 60
+    print(f"{rec.model.name}: {len(done)} trials ({trial_min:.1f} min of trials) in {seconds / 60:.1f} min (load {load0[0]:.1f} -> "
           f"{os.getloadavg()[0]:.1f}); dense proxy mAP {result.dense_map:.4f}; uniform #0 {uniform.proxy_map:.4f} "
           f"at {uniform.macs_ratio:.1%} MACs; best #{best.number} {best.proxy_map:.4f} at {best.macs_ratio:.1%} "
           f"({100 * (best.proxy_map - uniform.proxy_map):+.2f} points)")
