@@ -61,6 +61,12 @@ def main() -> None:
     ap.add_argument("--recover", type=int, default=16)
     ap.add_argument("--holdout", type=int, default=64)
     ap.add_argument("--criteria", default="l1,l2,bn")
+    ap.add_argument("--round-to", default="1,8")
+    ap.add_argument("--multiplier", default="0.5,1.5", help="range of the per-stage multipliers")
+    ap.add_argument("--max-stages", type=int, default=8, help="at most this many stages (one multiplier each)")
+    ap.add_argument("--sensitivity", default=None, help="a `surgery sensitivity` CSV: sens_power searched too")
+    ap.add_argument("--study", default="bench")
+    ap.add_argument("--time", type=float, default=None, help="stop the search after this many minutes")
     ap.add_argument("--retrain", type=int, default=0, help="retrain this many finished trials (rank correlation)")
     ap.add_argument("--retrain-steps", type=int, default=None)
     ap.add_argument("--csv", type=Path, default=Path("benchmarks/compress_bench.csv"))
@@ -74,25 +80,30 @@ def main() -> None:
         train_from_recipe(train_rec, dense_path, evaluate=False)
     dense, _ = load_checkpoint(dense_path)
     settings = SearchSettings(trials=args.trials, recover_batches=args.recover, holdout=args.holdout,
-                              macs_input_size=rec.bench.input_size, study_name="bench")
-    space = SearchSpace(criteria=tuple(args.criteria.split(",")))
+                              seconds=args.time * 60 if args.time else None,
+                              macs_input_size=rec.bench.input_size, study_name=args.study)
+    lo, hi = (float(x) for x in args.multiplier.split(","))
+    space = SearchSpace(criteria=tuple(args.criteria.split(",")), round_to=tuple(int(x) for x in args.round_to.split(",")),
+                        multiplier=(lo, hi), max_stages=args.max_stages, sensitivity=args.sensitivity)
     t0, load0 = time.perf_counter(), os.getloadavg()
     result = search(dense, rec, Goal(keep_macs=args.keep_macs), args.work / "search", space=space, settings=settings,
                     callbacks=Callbacks(on_note=lambda s: print(s, flush=True)))
     seconds = time.perf_counter() - t0
     done = sorted(result.complete, key=lambda t: t.number)
-    retrained = _retrain(dense_path, rec, result, done[: args.retrain], settings, args) if args.retrain else {}
+    retrained = _retrain(dense_path, rec, result, done[: args.retrain], settings, space, args) if args.retrain else {}
     with open(args.csv, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "trial", "uniform", "proxy_map", "macs_ratio", "criterion", "round_to", "seconds",
-                    "retrained_map"])
+                    "retrained_map", "multipliers"])
         for t in done:
+            mults = " ".join(f"{k.split(':', 1)[1]}={v:.2f}" for k, v in sorted(t.params.items()) if k.startswith("mult:"))
             w.writerow([rec.model.name, t.number, int(t.number == 0), f"{t.proxy_map:.4f}", f"{t.macs_ratio:.4f}",
                         t.params["criterion"], t.params["round_to"], t.seconds,
-                        f"{retrained[t.number]:.4f}" if t.number in retrained else ""])
+                        f"{retrained[t.number]:.4f}" if t.number in retrained else "", mults])
     uniform = next(t for t in done if t.number == 0)
     best = result.chosen
-    print(f"{rec.model.name}: {len(done)} trials in {seconds / 60:.1f} min (load {load0[0]:.1f} -> "
+    trial_min = sum(t.seconds or 0 for t in done) / 60
+    print(f"{rec.model.name}: {len(done)} trials ({trial_min:.1f} min of trials) in {seconds / 60:.1f} min (load {load0[0]:.1f} -> "
           f"{os.getloadavg()[0]:.1f}); dense proxy mAP {result.dense_map:.4f}; uniform #0 {uniform.proxy_map:.4f} "
           f"at {uniform.macs_ratio:.1%} MACs; best #{best.number} {best.proxy_map:.4f} at {best.macs_ratio:.1%} "
           f"({100 * (best.proxy_map - uniform.proxy_map):+.2f} points)")
@@ -102,13 +113,13 @@ def main() -> None:
         print(f"Spearman rho (proxy vs retrained, {len(nums)} trials): {rho:.3f}")
 
 
-def _retrain(dense_path: Path, rec, result, trials, settings, args) -> dict[int, float]:  # noqa: ANN001
+def _retrain(dense_path: Path, rec, result, trials, settings, space, args) -> dict[int, float]:  # noqa: ANN001
     dense, ckpt = load_checkpoint(dense_path)
     val = dataset_for(rec.data, "val", train=False)
     out: dict[int, float] = {}
     r2 = apply_overrides(copy.deepcopy(rec), {"retrain.steps": args.retrain_steps})
     for t in trials:
-        model, pruned = rebuild_trial(dense, rec, t, settings)
+        model, pruned = rebuild_trial(dense, rec, t, settings, space)
         pruned.plan.source = str(dense_path.resolve())
         path = save_pruned(args.work / f"trial{t.number}.pt", model, ckpt.spec, pruned.plan, recipe=r2.to_dict())
         outcome = retrain_checkpoint(path, copy.deepcopy(r2), args.work / f"trial{t.number}.retrained.pt", evaluate=False)

@@ -5,15 +5,17 @@ A study is two objectives, proxy mAP (maximised) and cost (minimised: the kept f
 dense MACs or of its measured network latency), with the goal's floor and budget as Optuna
 constraints, so its Pareto front is the report's and the chosen trial is the best feasible one.
 
-Each trial (:func:`cut_and_recover`, the one place that builds a :class:`PruneSection` and calls
-:func:`surgery.pruning.prune.prune_model` + :func:`surgery.pruning.recover.recover`) cuts a copy of the dense
-model with per-group ratios, recovers it without retraining, scores mAP on a *held-out
-calibration split* (training images the recovery did not see; the validation split stays for the
-final check) and measures its cost. The parameters Optuna samples:
+Each trial is one pipeline job (:meth:`Allocator.job`, run by :func:`cut_and_recover` through
+:func:`surgery.pruning.prune.run_job`, what ``surgery prune`` runs): a copy of the dense model is
+ranked, allocated to the trial's budget, cut and recovered without retraining; its mAP is scored
+on a *held-out calibration split* (training images the recovery did not see; the validation
+split stays for the final check) and its cost measured. The parameters Optuna samples:
 
 - ``keep``: the fraction of the dense MACs the cut aims at (the global ratio, re-expressed so that
-  every trial of a MACs budget lands on the budget: the scale of the per-group ratios is bisected
-  on :class:`surgery.pruning.target.CostModel`, which counts MACs from widths without cutting);
+  every trial of a MACs budget lands on the budget): the trial's budget is a
+  :class:`surgery.pruning.budget.KeepMacs` with per-group weights, so the pipeline's MACs-target
+  search (:func:`surgery.pruning.target.allocate_for_target`) scales the cut and verifies the MACs on
+  a cut copy (:mod:`surgery.pruning.candidate`) exactly as for ``surgery prune --keep-macs``;
 - ``mult:<stage>``: a multiplier of the ratio per stage (groups whose roots share a name prefix);
 - ``sens_power`` (with a sensitivity table from ``surgery sensitivity``): per-group multipliers
   ``(mean loss / group loss) ** p`` from the table's mAP loss at its middle ratio;
@@ -54,17 +56,14 @@ from .data import dataset_for
 from .deployment.export import export_onnx
 from .deployment.quantize import quantize_checkpoint
 from .errors import RecipeError, SurgeryError, require_extra
-from .measure import count_macs
 from .measure.evaluate import evaluate
-from .measure.workload import MACS_ROIS
-from .pruning.allocate import plan_channels
-from .pruning.calibrate import calibration_data, group_scores
+from .pruning.budget import Budget, CutRatio, KeepMacs, PruneJob, Recovery, Rounding
+from .pruning.calibrate import calibration_data
 from .pruning.graph import trace
 from .pruning.latency import network_ms
-from .pruning.prune import PruneResult, prune_model
-from .pruning.recover import RECOVER_BATCH_SIZE, recover
+from .pruning.prune import PruneResult, run_job
+from .pruning.recover import RECOVER_BATCH_SIZE
 from .pruning.sensitivity import DENSE, read_table
-from .pruning.target import CostModel
 from .storage.atomic import atomic_open, atomic_path
 from .storage.checkpoint import load_checkpoint, save_pruned
 from .training.callbacks import Callbacks
@@ -158,6 +157,7 @@ class Goal:
 class SearchSpace:
     keep: tuple[float, float] = (0.15, 0.95)  # fraction of dense MACs the scale aims at (no MACs budget)
     multiplier: tuple[float, float] = (0.5, 1.5)
+    max_stages: int = MAX_STAGES  # stages get one multiplier each: more stages, a finer allocation
     criteria: tuple[str, ...] = DEFAULT_CRITERIA
     round_to: tuple[int, ...] = DEFAULT_ROUND_TO
     sensitivity: str | None = None  # a `surgery sensitivity` CSV: adds the sens_power parameter
@@ -217,76 +217,58 @@ class TrialConfig:
 
 
 class Allocator:
-    """Per-group ratios of a :class:`TrialConfig`, scaled so the cost model's MACs fraction is the
-    trial's ``keep`` (one trace of the dense model; scores cached per criterion)."""
+    """The search space on one model: its prunable groups, their stages and sensitivity weights,
+    and the pipeline job (:class:`surgery.pruning.budget.PruneJob`) of a :class:`TrialConfig`.
+
+    A trial's budget is a :class:`~surgery.pruning.budget.KeepMacs` with per-group weights (stage
+    multiplier x sensitivity weight ** power): the pipeline's MACs-target search
+    (:func:`surgery.pruning.target.allocate_for_target`) finds the scale of the cut that keeps
+    ``keep`` of the dense MACs and verifies it on a cut copy (:mod:`surgery.pruning.candidate`), as
+    ``surgery prune --keep-macs`` does. Nothing here counts MACs or cuts a model."""
 
     def __init__(self, dense: nn.Module, base: PruneSection, macs_input_size: int, trace_size: int,
-                 calib_data: Iterable[Any] | None, space: SearchSpace) -> None:
-        self.base, self.calib_data = base, calib_data
-        self.graph = trace(copy.deepcopy(dense), trace_size=trace_size, skip=base.skip)
-        self.roots = [g.root for g in self.graph.groups if g.prunable]
-        self.stages = stages_of(self.roots)
-        self.cost = CostModel(self.graph, macs_input_size, int(count_macs(dense, macs_input_size, rois=MACS_ROIS).total))
+                 space: SearchSpace) -> None:
+        self.base, self.macs_input_size = base, macs_input_size
+        graph = trace(copy.deepcopy(dense), trace_size=trace_size, skip=base.skip)
+        self.roots = [g.root for g in graph.groups if g.prunable]
+        self.stages = stages_of(self.roots, space.max_stages)
         self.weights = sensitivity_weights(space.sensitivity, self.roots) if space.sensitivity else {}
-        self._scores: dict[str, Any] = {}
-
-    def scores(self, criterion: str) -> Any:
-        if criterion not in self._scores:
-            self._scores[criterion] = group_scores(self.graph, criterion, calib_data=self.calib_data,
-                                                   calib_batches=self.base.calib_batches)
-        return self._scores[criterion]
 
     def shape(self, cfg: TrialConfig) -> dict[str, float]:
-        """Relative per-group ratios (before scaling)."""
+        """Relative per-group cut weights (the pipeline scales them to the budget)."""
         return {r: cfg.multipliers.get(self.stages[r], 1.0) * self.weights.get(r, 1.0) ** cfg.sens_power
                 for r in self.roots}
 
-    def section(self, cfg: TrialConfig, ratios: dict[str, float]) -> PruneSection:
-        # one override per prunable group (0: not cut); a root names exactly its own group
-        overrides = {r: float(ratios.get(r, 0.0)) for r in self.roots}
-        cut = [v for v in overrides.values() if v > 0]
-        return dataclasses.replace(self.base, method=cfg.criterion, round_to=cfg.round_to, overrides=overrides,
-                                   global_ranking=False, target_macs=None, target_params=None, allocation="uniform",
-                                   ratio=round(sum(cut) / len(cut), 4) if cut else self.base.ratio)
+    def budget(self, cfg: TrialConfig) -> KeepMacs:
+        return KeepMacs(cfg.keep, self.macs_input_size, group_weights=self.shape(cfg), tol=BUDGET_TOL, at_most=True)
 
-    def macs_fraction(self, cfg: TrialConfig, ratios: dict[str, float]) -> float:
-        plan = plan_channels(self.graph, self.section(cfg, ratios), scores=self.scores(cfg.criterion))
-        return self.cost.macs(self.cost.widths(plan)) / self.cost.macs_before
+    def job(self, cfg: TrialConfig, recover_batches: int, budget: Budget | None = None) -> PruneJob:
+        """The trial as a pipeline job: ``budget`` (default :meth:`budget`), the trial's criterion
+        and rounding, the recipe's skip, anchors and min_channels, the re-fit on ``recover_batches``."""
+        b = self.base
+        return PruneJob(budget=budget or self.budget(cfg), method=cfg.criterion,
+                        rounding=Rounding(cfg.round_to, b.min_channels, strict=b.strict_round_to), skip=tuple(b.skip),
+                        anchors=b.anchors, calib_batches=b.calib_batches,
+                        recovery=Recovery(recover_batches) if recover_batches > 0 else None)
 
-    def ratios(self, cfg: TrialConfig) -> dict[str, float]:
-        """Per-group ratios ``min(0.9, s * shape)`` with ``s`` bisected to keep ``cfg.keep`` of the MACs."""
-        shape = self.shape(cfg)
-        top = max(shape.values())
 
-        def at(s: float) -> dict[str, float]:
-            return {r: round(min(MAX_GROUP_RATIO, s * v), 4) for r, v in shape.items()}
-
-        lo, hi = 0.0, MAX_GROUP_RATIO / min(shape.values())
-        if self.macs_fraction(cfg, at(hi)) > cfg.keep:
-            return at(hi)  # the most this shape can cut
-        for _ in range(20):
-            mid = 0.5 * (lo + hi)
-            if self.macs_fraction(cfg, at(mid)) > cfg.keep:
-                lo = mid
-            else:
-                hi = mid
-            if (hi - lo) * top < 2e-3:
-                break
-        return at(hi)
+def group_ratios(result: PruneResult) -> dict[str, float]:
+    """Root -> the fraction of its channels a pipeline result cut (the groups it cut)."""
+    assert result.allocation is not None and result.graph is not None
+    roots = {g.index: g.root for g in result.graph.groups}
+    return {roots[i]: float(r) for i, r in result.allocation.group_ratios.items() if r > 0}
 
 
 def cut_and_recover(
-    dense: nn.Module, section: PruneSection, *, macs_input_size: int, trace_size: int,
-    calib_data: Iterable[Any] | None, recover_data: Iterable[Any] | None, recover_batches: int,
+    dense: nn.Module, job: PruneJob, *, macs_input_size: int, trace_size: int,
+    calib_data: Iterable[Any] | None, recover_data: Iterable[Any] | None,
 ) -> tuple[nn.Module, PruneResult]:
-    """A copy of ``dense`` cut with ``section`` and recovered without retraining on
-    ``recover_batches`` batches of ``recover_data``: the one call into the pruning pipeline
-    (:func:`surgery.pruning.prune.prune_model`, :func:`surgery.pruning.recover.recover`) the search makes."""
+    """A copy of ``dense`` cut and recovered (no retraining) by the pipeline
+    (:func:`surgery.pruning.prune.run_job`: rank, allocate, cut, recover; MACs counted before and
+    after at ``macs_input_size``): the one call into pruning the search makes."""
     model = copy.deepcopy(dense)
-    result = prune_model(model, section, trace_size=trace_size, macs_input_size=macs_input_size,
-                         calib_data=calib_data)
-    if recover_data is not None and recover_batches > 0:
-        recover(model, dense, recover_data, kept=result.kept, batches=recover_batches)
+    result = run_job(model, job, data=calib_data, recover_data=recover_data, trace_size=trace_size,
+                     macs_size=macs_input_size)
     return model.eval(), result
 
 
@@ -527,14 +509,11 @@ def latency_ratio(dense: nn.Module, model: nn.Module, runtime: str, input_size: 
 def run_trial(ctx: _Context, cfg: TrialConfig) -> dict[str, Any]:
     """Cut, recover, score and measure one trial: its user attributes."""
     t0 = time.perf_counter()
-    ratios = ctx.allocator.ratios(cfg)
-    section = ctx.allocator.section(cfg, ratios)
     model, result = cut_and_recover(
-        ctx.dense, section, macs_input_size=ctx.settings.macs_input_size, trace_size=ctx.settings.trace_size,
-        calib_data=ctx.calib_data, recover_data=ctx.recover_data, recover_batches=ctx.settings.recover_batches)
+        ctx.dense, ctx.allocator.job(cfg, ctx.settings.recover_batches), macs_input_size=ctx.settings.macs_input_size,
+        trace_size=ctx.settings.trace_size, calib_data=ctx.calib_data, recover_data=ctx.recover_data)
     attrs: dict[str, Any] = {"proxy_map": _score(model, ctx.holdout), "macs_ratio": result.report.macs_ratio,
-                             "params_ratio": result.report.params_ratio,
-                             "ratios": {k: v for k, v in ratios.items() if v > 0}}
+                             "params_ratio": result.report.params_ratio, "ratios": group_ratios(result)}
     if ctx.goal.cost_kind == "latency":
         attrs["latency_ratio"] = latency_ratio(ctx.dense, model, ctx.goal.runtime, ctx.settings.macs_input_size,
                                                runs=ctx.settings.latency_runs, rounds=ctx.settings.latency_rounds)
@@ -573,7 +552,7 @@ def search(
                                     model=dense)
     needs = any(c in ("taylor", "fisher") for c in space.criteria)
     calib = calibration_data(recipe.data, batches=recipe.prune.calib_batches, model=dense) if needs else None
-    allocator = Allocator(dense, recipe.prune, settings.macs_input_size, settings.trace_size, calib, space)
+    allocator = Allocator(dense, recipe.prune, settings.macs_input_size, settings.trace_size, space)
     stages = sorted(set(allocator.stages.values()))
     study = open_study(url, settings.study_name, settings.seed)
     dense_map = study.user_attrs.get("dense_proxy_map")
@@ -671,17 +650,22 @@ class Delivery:
 
 def rebuild_trial(dense: nn.Module, recipe: Recipe, trial: TrialRecord, settings: SearchSettings,
                   space: SearchSpace | None = None) -> tuple[nn.Module, PruneResult]:
-    """The chosen trial's cut and recovery again, from its recorded per-group ratios."""
-    allocator = Allocator(dense, recipe.prune, settings.macs_input_size, settings.trace_size, None, space or SearchSpace())
+    """The chosen trial's cut and recovery again through the same pipeline job: its recorded
+    per-group ratios as a :class:`~surgery.pruning.budget.CutRatio` (the same widths, channels and
+    MACs), or, for a trial without them, its parameters searched again (``space``: the one searched)."""
+    allocator = Allocator(dense, recipe.prune, settings.macs_input_size, settings.trace_size, space or SearchSpace())
     cfg = TrialConfig.from_params(trial.params)
+    budget = None
+    if trial.ratios:  # every prunable group named: 0 for a group the trial did not cut
+        overrides = {r: float(trial.ratios.get(r, 0.0)) for r in allocator.roots}
+        budget = CutRatio(statistics.fmean(trial.ratios.values()), overrides=overrides)
     needs = cfg.criterion in ("taylor", "fisher")
     calib = calibration_data(recipe.data, batches=recipe.prune.calib_batches, model=dense) if needs else None
     recover_data = calibration_data(recipe.data, batches=settings.recover_batches, batch_size=RECOVER_BATCH_SIZE,
                                     model=dense)
-    ratios = trial.ratios or allocator.ratios(cfg)
-    return cut_and_recover(dense, allocator.section(cfg, ratios), macs_input_size=settings.macs_input_size,
-                           trace_size=settings.trace_size, calib_data=calib, recover_data=recover_data,
-                           recover_batches=settings.recover_batches)
+    return cut_and_recover(dense, allocator.job(cfg, settings.recover_batches, budget),
+                           macs_input_size=settings.macs_input_size, trace_size=settings.trace_size, calib_data=calib,
+                           recover_data=recover_data)
 
 
 def deliver(

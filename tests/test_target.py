@@ -70,3 +70,22 @@ def test_target_errors() -> None:
         prune_model(model, PruneSection(target_macs=0.5))
     with pytest.raises(PruningError, match="exactly one"):
         find_ratio_for_target(model, PruneSection(), target_macs=0.5, target_params=0.5, macs_input_size=SIZE)
+
+
+def test_a_ceiling_target_returns_the_closest_verified_cut_at_or_below_it() -> None:
+    from surgery.pruning.target import _search
+
+    # a step function: the cost model says 0.51 at ratio 0.3, 0.48 at 0.4; the real cuts agree
+    def fraction(r: float) -> float:
+        return 1.0 if r < 0.3 else (0.51 if r < 0.4 else 0.48)
+
+    def measure(r: float) -> tuple[int, int]:
+        return 0, int(1000 * fraction(r))
+
+    def achieved(params: int, macs: int) -> float:
+        return macs / 1000
+
+    closest, _, _ = _search(fraction, 0.5, 3, 0.01, measure, achieved)
+    ceiling, tried, _ = _search(fraction, 0.5, 3, 0.01, measure, achieved, at_most=True)
+    assert fraction(closest) == 0.51  # closest to the target, above it
+    assert fraction(ceiling) == 0.48 and ceiling in tried  # the closest verified cut under the ceiling

@@ -64,17 +64,33 @@ class CutRatio:
 @dataclass(frozen=True)
 class KeepMacs:
     """Keep ``fraction`` of the dense MACs, counted on one ``input_size`` square image: the cut
-    ratio (uniform or global, overrides keep theirs) is searched."""
+    ratio (uniform or global, overrides keep theirs) is searched.
+
+    ``group_weights`` (group root -> weight > 0; groups not named weigh 1) shapes the cut: the
+    searched ratio ``r`` cuts each group by ``min(0.9, r * weight / lightest weight)``, so the
+    relative cut between groups is fixed and only its scale is searched (`surgery compress`'s
+    trials). ``tol``: the relative miss of the fraction accepted on a verified cut; ``at_most``: the
+    fraction is a ceiling (the cut returned is the closest at or below it, within ``tol``, when the
+    search verified one)."""
 
     fraction: float
     input_size: int
     global_ranking: bool = False
     overrides: Mapping[str, float] = field(default_factory=dict)
+    group_weights: Mapping[str, float] = field(default_factory=dict)
+    tol: float = 0.02
+    at_most: bool = False
 
     def __post_init__(self) -> None:
         _fraction(self.fraction, "the MACs fraction to keep")
         _input_size(self.input_size, "the MACs input size")
         _overrides(self.overrides)
+        _fraction(self.tol, "the MACs tolerance")
+        for k, v in self.group_weights.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < math.inf:
+                raise PruningError(f"group weight {k}={v!r}: a weight is a positive number")
+        if self.group_weights and self.global_ranking:
+            raise PruningError("group weights set each group's ratio: they do not combine with a global ranking")
 
 
 @dataclass(frozen=True)

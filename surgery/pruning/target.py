@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,8 +221,9 @@ class CostModel:
 # search
 
 
-def _bisect(fraction, goal: float) -> tuple[float, float, int]:  # noqa: ANN001 - callable
-    """Ratio whose (non-increasing, step-wise) ``fraction(ratio)`` is closest to ``goal``."""
+def _bisect(fraction, goal: float, at_most: bool = False) -> tuple[float, float, int]:  # noqa: ANN001 - callable
+    """Ratio whose (non-increasing, step-wise) ``fraction(ratio)`` is closest to ``goal``
+    (``at_most``: closest at or below it, when one was seen)."""
     seen: dict[float, float] = {}
 
     def f(r: float) -> float:
@@ -241,7 +242,8 @@ def _bisect(fraction, goal: float) -> tuple[float, float, int]:  # noqa: ANN001 
                 hi = mid
             if hi - lo < 1e-4:
                 break
-    best = min(seen, key=lambda r: (abs(seen[r] - goal), r))
+    under = [r for r in seen if seen[r] <= goal] if at_most else []
+    best = min(under or seen, key=lambda r: (abs(seen[r] - goal), r))
     return best, seen[best], len(seen)
 
 
@@ -297,9 +299,11 @@ def find_ratio_for_target(
 
 def search_ratio(candidates: Candidates, plan_at: Callable[[float], ChannelPlan], *, target_macs: float | None,
                  target_params: float | None, macs_input_size: int | None, tol: float = 0.02,
-                 max_rounds: int = 3) -> TargetResult:
+                 max_rounds: int = 3, at_most: bool = False) -> TargetResult:
     """The ratio whose plan (``plan_at(ratio)``) keeps the target: bisected on the cost model,
-    verified on cut copies (see the module docstring)."""
+    verified on cut copies (see the module docstring). ``at_most``: the target is a ceiling, so
+    a verified cut within ``tol`` above it is accepted but the one returned is the closest at or
+    below ``target x (1 + tol)`` when one was verified."""
     macs_before = candidates.dense_macs(macs_input_size) if macs_input_size is not None else None
     target = float(target_macs if target_macs is not None else target_params)
     cost = CostModel(candidates.graph, macs_input_size, macs_before)
@@ -314,7 +318,8 @@ def search_ratio(candidates: Candidates, plan_at: Callable[[float], ChannelPlan]
         return counts.params, counts.macs
 
     best, tried, estimates = _search(fraction, target, max_rounds, tol, measure,
-                                     lambda p, m: m / macs_before if target_macs is not None else p / params_before)
+                                     lambda p, m: m / macs_before if target_macs is not None else p / params_before,
+                                     at_most=at_most)
     params_after, macs_after = tried[best]
     achieved = macs_after / macs_before if target_macs is not None else params_after / params_before
     result = TargetResult(
@@ -337,7 +342,8 @@ def search_ratio(candidates: Candidates, plan_at: Callable[[float], ChannelPlan]
     return result
 
 
-def _search(fraction, target: float, max_rounds: int, tol: float, measure, achieved_of):  # noqa: ANN001
+def _search(fraction, target: float, max_rounds: int, tol: float, measure, achieved_of,  # noqa: ANN001
+            at_most: bool = False):
     """Bisect on the cost model, verify the ratio on a real cut (``measure(ratio) -> (params,
     MACs)``), correct the goal by the observed error; returns the best verified ratio, every
     verified ``{ratio: (params, MACs)}`` and the number of cost-model estimates."""
@@ -349,13 +355,16 @@ def _search(fraction, target: float, max_rounds: int, tol: float, measure, achie
     def achieved(r: float) -> float:
         return achieved_of(*tried[r])
 
+    def key(r: float) -> tuple[bool, float]:  # at_most: a cut over the ceiling ranks after every one under it
+        return (at_most and achieved(r) > target * (1.0 + tol), abs(achieved(r) - target))
+
     for _ in range(max_rounds):
-        ratio, _est, n = _bisect(fraction, goal)
+        ratio, _est, n = _bisect(fraction, goal, at_most)
         estimates += n
         if ratio not in tried:
             tried[ratio] = measure(ratio)
         real = achieved(ratio)
-        if best is None or abs(real - target) < abs(achieved(best) - target):
+        if best is None or key(ratio) < key(best):
             best = ratio
         if abs(real / target - 1.0) <= tol:
             break
@@ -385,16 +394,41 @@ def allocate_for_target(candidates: Candidates, scores: dict[int, torch.Tensor],
     """The :class:`~surgery.pruning.budget.KeepMacs` / :class:`~surgery.pruning.budget.KeepParams` allocator: the
     uniform or global plan at the ratio that keeps the budget's fraction."""
     graph = candidates.graph
+    macs = isinstance(budget, KeepMacs)
+    weights = weighted_groups(graph, budget.group_weights) if macs and budget.group_weights else None
+
+    def shaped(ratio: float) -> dict[int, float] | None:
+        return None if weights is None else {i: min(MAX_WEIGHTED_RATIO, ratio * w) for i, w in weights.items()}
 
     def plan_at(ratio: float) -> ChannelPlan:
         return channel_plan(graph, scores, ratio, rounding, global_ranking=budget.global_ranking,
-                            overrides=budget.overrides)
+                            overrides=budget.overrides, group_ratios=shaped(ratio))
 
-    macs = isinstance(budget, KeepMacs)
     result = search_ratio(candidates, plan_at, target_macs=budget.fraction if macs else None,
                           target_params=None if macs else budget.fraction,
-                          macs_input_size=budget.input_size if macs else None)
+                          macs_input_size=budget.input_size if macs else None, tol=budget.tol if macs else 0.02,
+                          at_most=macs and budget.at_most)
+    if weights is not None:  # per-group ratios: the plan records each group's, the report their mean
+        return Allocation(plan=plan_at(result.ratio), group_ratios=shaped(result.ratio) or {}, target=result)
     return Allocation(plan=plan_at(result.ratio), ratio=result.ratio, target=result)
 
 
-__all__ = ["CostModel", "TargetResult", "allocate_for_target", "find_ratio_for_target", "search_ratio"]
+MAX_WEIGHTED_RATIO = 0.9  # with group weights, never cut more of one group
+
+
+def weighted_groups(graph: DetectorGraph, weights: Mapping[str, float]) -> dict[int, float]:
+    """Prunable group index -> its weight over the lightest (so the lightest is cut by the searched
+    ratio itself); groups ``weights`` does not name weigh 1. A name that is no prunable group's root
+    is refused."""
+    roots = {g.root: g.index for g in graph.groups if g.prunable}
+    unknown = [k for k in weights if k not in roots]
+    if unknown:
+        raise PruningError(f"group weights name {unknown[0]!r}, not the root of a prunable group "
+                           "(`surgery inspect` lists the roots)")
+    raw = {i: float(weights.get(root, 1.0)) for root, i in roots.items()}
+    lightest = min(raw.values(), default=1.0)
+    return {i: w / lightest for i, w in raw.items()}
+
+
+__all__ = ["MAX_WEIGHTED_RATIO", "CostModel", "TargetResult", "allocate_for_target", "find_ratio_for_target",
+           "search_ratio", "weighted_groups"]
