@@ -156,10 +156,15 @@ def _env() -> dict[str, str]:
 
 def _trials(url: str) -> list:
     optuna = require("optuna")
+    # sqlalchemy comes with optuna (imported after require: a missing extra is require's one message)
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
     try:
         return optuna.load_study(study_name="compress", storage=url).get_trials(deepcopy=False)
     except KeyError:  # the worker has created the tables but not the study yet
         return []
+    except (IntegrityError, OperationalError):  # opened while the worker creates the schema: both
+        return []  # stamp its version (surgery.compress retries the same race for its workers)
 
 
 def _complete(url: str) -> list:
