@@ -20,6 +20,10 @@ FOLDER_OUTPUTS = ("sweep", "predict")  # their --out is a folder
 # a sweep's --out is its run folder: re-running the sweep resumes it (steps keyed by their settings);
 # so does compress's (its study; workers on one machine share it)
 RESUMED_FOLDERS = ("sweep", "compress")
+# output files a re-run continues: sensitivity's table keeps its rows (keyed by checkpoint and settings,
+# so another run's table is refused by the library) and its plot is redrawn from that table;
+# --overwrite starts the table again
+RESUMED_FILES = {("sensitivity", "--csv"), ("sensitivity", "--plot")}
 
 OVERWRITE_HELP = "Replace outputs that already exist (without it an existing output is refused before any work)."
 _OVERWRITE: ContextVar[bool] = ContextVar("surgery_overwrite", default=False)
@@ -65,7 +69,7 @@ def check_outputs(command: str, bound: dict[str, Any], inputs: list[Any]) -> Non
                 refuse_existing(path, flag, folder=True, hint=", or another folder")
         else:
             check_output(path, inputs=inputs, what=flag)
-            if not bound.get("resume"):  # train/retrain --resume continues the run its --out holds
+            if not bound.get("resume") and (command, flag) not in RESUMED_FILES:  # --resume: train/retrain continue
                 hint = ", --resume to continue that run" if "resume" in bound else ""
                 refuse_existing(path, flag, hint=f"{hint}, or another {flag.split()[0]}")
         key = os.path.realpath(os.path.abspath(os.fspath(path)))

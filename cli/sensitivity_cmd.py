@@ -9,6 +9,7 @@ import typer
 
 from .console import console
 from .display import working
+from .outputs import overwrite_allowed
 
 DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | yolo:DATA_YAML | a dataset folder | a COCO .json (default: the checkpoint's recipe)."
 
@@ -23,7 +24,8 @@ def sensitivity(
     group: list[str] = typer.Option(None, "--group", help="Only this group (root layer name; repeatable)."),
     method: str = typer.Option(None, "--method", help="Ranking criterion (default: the checkpoint's recipe, else l1)."),
     macs_size: int = typer.Option(None, help="Input size for the MACs count (default: recipe bench.input_size)."),
-    csv: Path = typer.Option(Path("sensitivity.csv"), "--csv", help="The table (rows already in it are kept: resume)."),
+    csv: Path = typer.Option(Path("sensitivity.csv"), "--csv", help="The table (rows already in it are kept: resume; --overwrite "
+                           "measures them again)."),
     plot: Path | None = typer.Option(None, "--plot", help="Write the sensitivity plot (PNG) here."),
 ) -> None:
     """Sensitivity of each coupled group to cutting (Distiller's analysis), for --allocation sensitivity."""
@@ -67,7 +69,7 @@ def sensitivity(
 
     rows, resumed = analyse(model, csv_path=csv, key=key, calib_data=calib, recover_batches=recover,
                             ratios=fractions, cfg=rec.prune, macs_input_size=size, groups=group or None, score=score,
-                            on_row=on_row)
+                            on_row=on_row, restart=overwrite_allowed())
     if resumed:
         console.print(f"resumed: {resumed} rows were already in {csv}", highlight=False)
     console.print(f"sensitivity table written to {csv} ({len(rows)} rows)", soft_wrap=True, highlight=False)

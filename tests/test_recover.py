@@ -288,6 +288,26 @@ def test_sensitivity_irrelevant_group_keeps_the_dense_map_and_resumes(trained_fc
     assert plot_table(rows, tmp_path / "s.png").stat().st_size > 1000
 
 
+def test_sensitivity_command_resumes_its_table_and_overwrite_measures_again(trained_fcos: Path, tmp_path: Path):
+    """The CLI keeps the table's rows on a re-run (a killed analysis resumes), and --overwrite starts
+    it again; the output guard must not refuse the existing table."""
+    table = tmp_path / "s.csv"
+    first, second = "backbone.body.layer2.1.conv1", "backbone.body.layer1.0.conv1"
+
+    def run(*extra: str):
+        res = CliRunner().invoke(app, ["sensitivity", str(trained_fcos), "--ratios", "0.5", "--val-images", "2",
+                                       "--recover", "0", "--macs-size", str(SIZE), "--csv", str(table), *extra])
+        assert res.exit_code == 0, res.output
+        return res.output, {r.group for r in read_table(table)[1]}
+
+    out, groups = run("--group", first, "--plot", str(tmp_path / "s.png"))
+    assert "resumed" not in out and groups == {DENSE, first}
+    out, groups = run("--group", first, "--group", second, "--plot", str(tmp_path / "s.png"))
+    assert "resumed: 2 rows" in out and groups == {DENSE, first, second}
+    out, groups = run("--group", second, "--overwrite")
+    assert "resumed" not in out and groups == {DENSE, second}
+
+
 def _table() -> list[SensitivityRow]:
     d = SensitivityRow(DENSE, 0.0, 0, 0, 1000, 1.0, 0.5, 0.8)
     rows = [d]

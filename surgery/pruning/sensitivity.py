@@ -193,8 +193,10 @@ def analyse(
     groups: Sequence[str] | None = None,
     score: Callable[[nn.Module], dict[str, float]],
     on_row: Callable[[SensitivityRow, int, int], None] | None = None,
+    restart: bool = False,
 ) -> tuple[list[SensitivityRow], int]:
-    """Measure every (group, ratio) not yet in ``csv_path`` (rows of another ``key`` are refused).
+    """Measure every (group, ratio) not yet in ``csv_path`` (rows of another ``key`` are refused;
+    ``restart``: the rows already there are dropped and every row is measured again).
     ``score(model)`` returns ``{"mAP", "mAP50"}`` on the validation subset; ``calib_data``: the
     recovery batches (``None`` or ``recover_batches=0``: no recovery). Returns (rows, resumed)."""
     cfg = cfg or PruneSection()
@@ -202,7 +204,7 @@ def analyse(
         raise RecipeError("sensitivity ratios must be fractions strictly between 0 and 1")
     csv_path = Path(csv_path)
     done: list[SensitivityRow] = []
-    if csv_path.exists():
+    if csv_path.exists() and not restart:
         old_key, done = read_table(csv_path)
         if old_key is not None and old_key != key:
             raise RecipeError(f"{csv_path} holds the sensitivity of another checkpoint or other settings; "
