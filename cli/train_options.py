@@ -32,7 +32,8 @@ def batch_option(section: str) -> Any:
 
 
 def lr_option(section: str) -> Any:
-    return typer.Option(None, "--lr", help="Peak learning rate." + _default(section, "lr"))
+    return typer.Option(None, "--lr", help="Peak learning rate, a pruned model's too (replaces the recipe's pruned_lr)."
+                        + _default(section, "lr"))
 
 
 def warmup_option(section: str) -> Any:
@@ -59,6 +60,7 @@ OUT_HELP = ("Checkpoint to write (default: a new run folder {root}/exp, exp2, ..
 def overrides(section: str, **flags: Any) -> dict[str, Any]:
     names = ("steps", "epochs", "batch_size", "lr", "warmup_steps", "eval_every", "seed", "checkpoint_every")
     out = {f"{section}.{k}": flags.get(k) for k in names}
+    out[f"{section}.pruned_lr"] = flags.get("lr")  # --lr is the peak lr, whatever the checkpoint
     out["data.source"] = flags.get("data")
     out["data.num_workers"] = flags.get("workers")
     return out

@@ -374,6 +374,26 @@ def test_sensitivity_allocation_meets_the_macs_target(tmp_path: Path):
     assert res.plan.extra["allocation"]["kind"] == "sensitivity" and res.plan.target_macs == target
 
 
+def test_sensitivity_allocation_with_keep_head_ignores_the_head_rows_and_keeps_its_widths(tmp_path: Path):
+    """A table measured with the head's groups serves a cut that keeps the head (prune.keep_head):
+    their rows are left out (they were refused as 'another model'), the rest meets the target."""
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", num_classes=5, min_size=SIZE, max_size=SIZE).eval()
+    dense_widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    groups = ["backbone.body.layer2.0.conv1", "backbone.body.layer3.0.conv1", "backbone.body.layer3.1.conv1",
+              "head.classification_head.conv.0", "head.regression_head.conv.0"]
+    analyse(model, csv_path=tmp_path / "s.csv", key="k", calib_data=None, groups=groups, recover_batches=0,
+            ratios=(0.25, 0.75), macs_input_size=SIZE, trace_size=SIZE, score=lambda m: {"mAP": 0.0, "mAP50": 0.0})
+    cfg = PruneSection(target_macs=0.9, allocation="sensitivity", sensitivity=str(tmp_path / "s.csv"), keep_head=True)
+    cfg.validate()
+    res = prune_model(model, cfg, trace_size=SIZE, macs_input_size=SIZE)
+    alloc = res.allocation.info["sensitivity"]
+    assert alloc.met and alloc.ratios and not any(g.startswith("head") for g in alloc.ratios)
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert all(widths[n] == w for n, w in dense_widths.items() if n.startswith("head."))
+    assert any(widths[n] < w for n, w in dense_widths.items() if n.startswith("backbone.body"))
+
+
 def test_sweep_records_map_right_after_the_cut_and_after_recovery(tmp_path: Path):
     import csv
 

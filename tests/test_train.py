@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from surgery.config.recipe import TrainSection
+from cli.train_options import overrides
+from surgery.config.recipe import Recipe, TrainSection, apply_overrides, recipe_from_dict
 from surgery.detectors.builders import ModelSpec, build_model
-from surgery.errors import TrainingError
+from surgery.errors import RecipeError, TrainingError
 from surgery.pruning.masked import (
     AGPSchedule,
     magnitude_masks,
@@ -130,6 +131,27 @@ def test_loss_goes_down_on_a_tiny_set():
     assert set(infos[0].losses) == {"classification", "bbox_regression", "bbox_ctrness"}
     assert infos[-1].images_per_s > 0 and infos[-1].lr == pytest.approx(2e-3)
     assert result.images_per_s > 0 and result.checkpoint is None
+
+
+def test_pruned_models_retrain_at_pruned_lr_and_dense_ones_at_lr():
+    """retrain.pruned_lr: a structured or masked model's peak lr; a dense one (the sweep's control)
+    keeps lr; the --lr flag sets both."""
+    cfg = _cfg(steps=1, warmup_steps=0, lr=1e-3, pruned_lr=4e-3)
+
+    def peak_lr(kind: str, masks=None) -> float:
+        infos: list[StepInfo] = []
+        build_trainer(_model(), SPEC, Shapes(4), cfg, kind=kind, masks=masks, hooks=[LoggingHook(infos.append)]).train()
+        return infos[-1].lr
+
+    assert peak_lr("dense") == pytest.approx(1e-3)
+    assert peak_lr("structured") == pytest.approx(4e-3)
+    masks = magnitude_masks(_model(), 0.5, "layer")
+    assert peak_lr("dense", masks) == pytest.approx(4e-3)  # dense weights masked here: a pruned model
+    assert _cfg().pruned_lr is None and _cfg().for_kind("structured").lr == pytest.approx(1e-3)
+    flagged = apply_overrides(Recipe(retrain=cfg), overrides("retrain", lr=2e-3)).retrain
+    assert flagged.for_kind("structured").lr == flagged.for_kind("dense").lr == pytest.approx(2e-3)
+    with pytest.raises(RecipeError, match="retrain.pruned_lr"):
+        recipe_from_dict({"version": 1, "retrain": {"pruned_lr": -1.0}}, "bad.yaml")
 
 
 def test_epochs_convert_to_steps():

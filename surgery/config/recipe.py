@@ -243,6 +243,8 @@ class TrainSection:
     batch_size: int = 8
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
+    # retraining a pruned model (structured or masked): its peak learning rate (null: lr); dense models keep lr
+    pruned_lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 100
@@ -265,6 +267,8 @@ class TrainSection:
         _check(1 <= self.batch_size <= 4096, "batch_size", "an integer in [1, 4096]")
         _check(self.optimizer in ("adamw", "sgd"), "optimizer", "'adamw' or 'sgd'")
         _check(math.isfinite(self.lr) and 0 < self.lr <= 10, "lr", "a finite number in (0, 10]")
+        _check(self.pruned_lr is None or (math.isfinite(self.pruned_lr) and 0 < self.pruned_lr <= 10), "pruned_lr",
+               "a finite number in (0, 10], or null for lr")
         _check(math.isfinite(self.momentum) and 0 <= self.momentum < 1, "momentum", "a number in [0, 1)")
         _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
         _check(self.clip_grad is None or (math.isfinite(self.clip_grad) and self.clip_grad > 0), "clip_grad",
@@ -279,6 +283,13 @@ class TrainSection:
         _check(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
         _check(0.0 <= self.hflip <= 1.0, "hflip", "a probability in [0, 1]")
         _check(math.isfinite(self.ema) and 0.0 <= self.ema < 1.0, "ema", "a decay in [0, 1) (0: off)")
+
+    def for_kind(self, kind: str) -> TrainSection:
+        """This section as it trains a checkpoint of ``kind``: a pruned one (``structured`` or
+        ``masked``) at ``pruned_lr`` when set, a dense one (the sweep's control) at ``lr``."""
+        if kind == "dense" or self.pruned_lr is None:
+            return self
+        return dataclasses.replace(self, lr=self.pruned_lr)
 
 
 @dataclass

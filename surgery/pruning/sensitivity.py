@@ -436,6 +436,9 @@ def allocate_sensitivity(candidates: Candidates, scores: dict[int, torch.Tensor]
     _, table = read_table(budget.table)
     graph = candidates.graph
     index = {g.root: g.index for g in graph.groups if g.prunable}
+    # rows of groups this model has but keeps whole (prune.skip, keep_head) have nothing to allocate
+    whole = {g.root for g in graph.groups if not g.prunable}
+    table = [r for r in table if r.group not in whole]
     dense = candidates.dense_macs(budget.input_size)
 
     def plan(ratios: dict[str, float]) -> ChannelPlan:

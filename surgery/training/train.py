@@ -477,6 +477,8 @@ def build_trainer(
     weights by validation mAP), then the rest of ``hooks`` as given.
     ``trainer_kw`` goes to :class:`Trainer` (``device``, ``dist_info``, ``num_workers``...)."""
     hooks = list(hooks)
+    trained_kind = "masked" if masks and kind == "dense" else kind
+    cfg = cfg.for_kind(trained_kind)  # a pruned model retrains at retrain.pruned_lr, the dense control at lr
     # hooks that change the weights after each step (masks, sparse training's proximal step) run
     # first, so a checkpoint written in the same step holds the weights they produced
     mask_hooks = [h for h in hooks if isinstance(h, MaskHook) or getattr(h, "edits_weights", False)]
@@ -499,7 +501,7 @@ def build_trainer(
                                     best_path=best_path)
     ordered += [h for h in hooks if h not in ordered]
     trainer = Trainer(model, train_set, cfg, hooks=ordered, **trainer_kw)
-    trainer.kind = "masked" if masks and kind == "dense" else kind
+    trainer.kind = trained_kind
     trainer.masks = dict(masks) if masks else None
     return trainer
 
