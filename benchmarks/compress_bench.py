@@ -93,11 +93,11 @@ def main() -> None:
     retrained = _retrain(dense_path, rec, result, done[: args.retrain], settings, space, args) if args.retrain else {}
     with open(args.csv, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["model", "trial", "uniform", "proxy_map", "macs_ratio", "criterion", "round_to", "seconds",
+        w.writerow(["study", "model", "trial", "uniform", "proxy_map", "macs_ratio", "criterion", "round_to", "seconds",
                     "retrained_map", "multipliers"])
         for t in done:
             mults = " ".join(f"{k.split(':', 1)[1]}={v:.2f}" for k, v in sorted(t.params.items()) if k.startswith("mult:"))
-            w.writerow([rec.model.name, t.number, int(t.number == 0), f"{t.proxy_map:.4f}", f"{t.macs_ratio:.4f}",
+            w.writerow([args.study, rec.model.name, t.number, int(t.number == 0), f"{t.proxy_map:.4f}", f"{t.macs_ratio:.4f}",
                         t.params["criterion"], t.params["round_to"], t.seconds,
                         f"{retrained[t.number]:.4f}" if t.number in retrained else "", mults])
     uniform = next(t for t in done if t.number == 0)

@@ -49,6 +49,8 @@ def compress(
     holdout: int = typer.Option(64, "--holdout", help="Held-out training images the proxy mAP is scored on."),
     criteria: str = typer.Option("l1,l2,bn", "--criteria", help="Ranking criteria searched (comma-separated)."),
     round_to: str = typer.Option("1,8", "--round-to", help="Width roundings searched (comma-separated)."),
+    multiplier: str = typer.Option("0.5,1.5", "--multiplier", help="LO,HI: range of the per-stage multipliers of the cut searched (0.25,2.0: a wider space)."),
+    max_stages: int = typer.Option(8, "--max-stages", help="At most this many stages, one multiplier each (groups sharing a name prefix; more: a finer allocation)."),
     sensitivity: Path = typer.Option(None, "--sensitivity", help="CSV from `surgery sensitivity`: per-group multipliers searched too."),
     input_size: int = typer.Option(None, "--input-size", help="Image side MACs and latency are measured at (default: recipe bench.input_size)."),
     retrain_steps: int = typer.Option(None, "--retrain-steps", help="Retraining steps of the chosen trial (default: the recipe's retrain.steps)."),
@@ -75,8 +77,13 @@ def compress(
     rec = resolve_recipe_flags(rec, data, retrain_steps)
     settings = SearchSettings(trials=trials, seconds=parse_duration(time_limit), recover_batches=recover, holdout=holdout,
                               macs_input_size=input_size or rec.bench.input_size, seed=seed, study_name=study)
+    mult = _csv(multiplier, float, "--multiplier")
+    if len(mult) != 2:
+        raise typer.BadParameter(f"{multiplier!r}: expected LO,HI (two numbers)", param_hint="--multiplier")
     space = SearchSpace(criteria=_csv(criteria, str, "--criteria"), round_to=_csv(round_to, int, "--round-to"),
+                        multiplier=(mult[0], mult[1]), max_stages=max_stages,
                         sensitivity=str(sensitivity) if sensitivity is not None else None)
+    space.validate()
     from surgery.storage.checkpoint import load_checkpoint
     from surgery.workflows import Callbacks
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import math
 import os
 import re
 import statistics
@@ -162,23 +161,46 @@ class SearchSpace:
     round_to: tuple[int, ...] = DEFAULT_ROUND_TO
     sensitivity: str | None = None  # a `surgery sensitivity` CSV: adds the sens_power parameter
 
+    def validate(self) -> None:
+        lo, hi = self.multiplier
+        if not 0.0 < lo <= hi:
+            raise RecipeError(f"--multiplier: LO,HI with 0 < LO <= HI, got {lo},{hi}")
+        if self.max_stages < 1:
+            raise RecipeError(f"--max-stages must be >= 1, got {self.max_stages}")
+        if not self.criteria or not self.round_to:
+            raise RecipeError("--criteria and --round-to each need at least one value")
+
 
 def stage_of(root: str, depth: int = 3) -> str:
-    """A group's stage: the first ``depth`` parts of its root's name, digits dropped
-    (``backbone.body.layer2.0.conv1`` -> ``backbone.body.layer2``)."""
-    parts = [p for p in root.split(".") if not p.isdigit()]
-    return ".".join(parts[:depth]) or root
+    """A group's stage: the first ``depth`` parts of its root's name (``backbone.body.layer2.0.conv1``
+    -> ``backbone.body.layer2``; an Ultralytics YOLO's ``net.model.4.m.0.cv1.conv`` -> ``net.model.4``)."""
+    return ".".join(root.split(".")[:depth]) or root
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key: numeric parts as numbers (``net.model.4`` before ``net.model.12``)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
 def stages_of(roots: Sequence[str], max_stages: int = MAX_STAGES) -> dict[str, str]:
-    """root -> stage, with the name depth lowered until at most ``max_stages`` stages remain
-    (then contiguous chunks of the groups in trace order)."""
+    """root -> stage: the deepest name depth (3, 2, 1) that gives at most ``max_stages`` stages and
+    more than one; else the depth-3 stages in name order (numbers as numbers: a YOLO's module
+    indices, in forward order) merged into ``max_stages`` contiguous runs (``net.model.0..net.model.4``).
+
+    Numeric parts are kept: they are a YOLO's stages (``net.model.4``). Dropping them (as this did)
+    put every YOLO group into five stages by layer type (``net.model.cv1`` held C2f inputs of the
+    backbone, the neck and the SPPF alike): a multiplier moved one layer type everywhere."""
     for depth in (3, 2, 1):
         mapping = {r: stage_of(r, depth) for r in roots}
-        if len(set(mapping.values())) <= max_stages:
+        if 1 < len(set(mapping.values())) <= max_stages:
             return mapping
-    per = math.ceil(len(roots) / max_stages)
-    return {r: f"chunk{i // per}" for i, r in enumerate(roots)}
+    fine = {r: stage_of(r, 3) for r in roots}
+    names = sorted(set(fine.values()), key=_natural)
+    k = max(1, min(max_stages, len(names)))
+    cuts = [round(i * len(names) / k) for i in range(k + 1)]  # k runs as even as the names allow
+    runs = [names[a:b] for a, b in zip(cuts, cuts[1:])]
+    label = {n: (run[0] if len(run) == 1 else f"{run[0]}..{run[-1]}") for run in runs for n in run}
+    return {r: label[fine[r]] for r in roots}
 
 
 def sensitivity_weights(path: str | Path, roots: Sequence[str]) -> dict[str, float]:
@@ -542,6 +564,7 @@ def search(
     optuna = _optuna()
     goal.validate()
     space, settings, cb = space or SearchSpace(), settings or SearchSettings(), callbacks or Callbacks()
+    space.validate()
     t0 = time.perf_counter()
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     url = storage_url(run_dir, storage)

@@ -76,6 +76,24 @@ def test_stages_merge_until_at_most_the_limit() -> None:
     assert set(stages_of(roots, max_stages=3).values()) == {"backbone.body", "head.cls", "backbone.fpn"}
 
 
+def test_yolo_stages_are_contiguous_runs_of_its_modules_not_layer_types() -> None:
+    # an Ultralytics YOLOv8n's group roots (modules 0..22, Detect at 22): a multiplier must move a
+    # part of the network (modules next to each other), not a layer type spread over all of it
+    idx = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 18, 19, 21, 22]
+    roots = [f"net.model.{i}.cv1.conv" for i in idx] + [f"net.model.{i}.m.0.cv2.conv" for i in (2, 4, 21)]
+    roots += [f"net.model.22.cv{b}.{k}.0.conv" for b in (2, 3) for k in range(3)]
+    stages = stages_of(roots)
+    assert 2 <= len(set(stages.values())) <= 8
+    members: dict[str, set[int]] = {}
+    for r, s in stages.items():
+        members.setdefault(s, set()).add(idx.index(int(r.split(".")[2])))
+    for s, m in members.items():  # each stage: consecutive modules of the network
+        assert m == set(range(min(m), max(m) + 1)), (s, sorted(m))
+    assert stages["net.model.2.cv1.conv"] != stages["net.model.21.cv1.conv"]  # backbone and neck apart
+    # a larger limit: every module its own stage
+    assert set(stages_of(roots, max_stages=17).values()) == {f"net.model.{i}" for i in idx}
+
+
 # --------------------------------------------------------------------------------------------
 # the allocator: every trial lands on the MACs budget, multipliers shape where the cut goes
 
@@ -396,6 +414,30 @@ def test_latency_budget_costs_each_trial_its_measured_onnxruntime_latency(traine
         assert 0 < a["latency_ratio"] and a["cost"] == a["latency_ratio"] != a["macs_ratio"]  # the cost is latency
         assert a["constraints"][0] == pytest.approx(a["latency_ratio"] - 0.9 * (1 + BUDGET_TOL))
         assert a["feasible"] == (a["latency_ratio"] <= 0.9 * (1 + BUDGET_TOL))
+
+
+def test_multiplier_and_max_stages_flags_widen_the_sampled_space(trained_slim: Path, tmp_path: Path) -> None:
+    require("optuna")
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["compress", str(trained_slim), "--out", str(out), "--keep-macs", "0.5", "--trials", "1",
+                                   "--search-only", "--multiplier", "0.25,2.0", "--max-stages", "9", *FAST])
+    assert res.exit_code == 0, (res.output, res.exception)
+    trials = _complete(f"sqlite:///{out / 'study.db'}")
+    assert len(trials) == 1
+    nine = {"backbone.body.conv1", "backbone.body.layer1", "backbone.body.layer2", "backbone.body.layer3",
+            "backbone.body.layer4", "backbone.fpn.inner_blocks", "backbone.fpn.layer_blocks",
+            "head.classification_head.conv", "head.regression_head.conv"}
+    for t in trials:  # nine stages (the default 8 merges them into body, FPN and the two heads), each in [0.25, 2]
+        mults = {k.split(":", 1)[1]: d for k, d in t.distributions.items() if k.startswith("mult:")}
+        assert set(mults) == nine
+        assert all((d.low, d.high) == (0.25, 2.0) for d in mults.values())
+    res = CliRunner().invoke(app, ["compress", str(trained_slim), "--out", str(tmp_path / "bad"), "--keep-macs", "0.5",
+                                   "--multiplier", "2,1", *FAST])
+    assert res.exit_code != 0 and "--multiplier: LO,HI" in res.output + str(res.exception)
 
 
 def _sensitivity_table(path: Path, losses: dict[str, float]) -> Path:
