@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -205,3 +206,29 @@ def test_reconstruction_runs_on_a_two_stage_detector_and_yolo(ultralytics):
         else:
             assert fixed and all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in fixed.items())
 
+
+
+def test_variance_loss_floor_keeps_a_near_constant_channel_from_dominating(trained_slim: Path):
+    """The default error divides each head channel's error by the teacher's variance of that channel.
+    A channel the teacher holds (nearly) constant -- a background logit -- has a variance near zero:
+    a student whose only difference is a small offset on that channel must not get an error orders of
+    magnitude above the same student without the offset (the variance floor bounds the channel's weight)."""
+    model, dense, result, _ = _cut_slim(trained_slim)
+    head = matched_layers(model, dense)[0]
+    with torch.no_grad():  # channel 0 of the first matched layer: near-constant in the teacher
+        dict(dense.named_modules())[head].weight[0].mul_(1e-6)
+        dict(model.named_modules())[head].weight[0].mul_(1e-6)
+    calib = [_images(4, seed=s) for s in range(3)]
+    errors = []
+    for offset in (0.0, 0.05):
+        student = copy.deepcopy(model)
+        with torch.no_grad():
+            dict(student.named_modules())[head].bias[0].add_(offset)
+        report = reconstruct(dense, student, calib, kept=result.kept, batches=3, steps=0, refit=False)
+        errors.append(report.error_cut)
+    assert all(math.isfinite(e) for e in errors), errors
+    # the offset on one channel of one layer moves the mean error by a bounded amount, not by 1/variance
+    assert errors[1] < errors[0] + 0.5, errors
+    energy = reconstruct(dense, copy.deepcopy(model), calib, kept=result.kept, batches=3, steps=0, refit=False,
+                         loss="energy")
+    assert energy.error_cut > 0 and energy.error_cut != errors[0]
