@@ -209,7 +209,7 @@ def test_reconstruction_runs_on_a_two_stage_detector_and_yolo(ultralytics):
 
 
 def test_variance_loss_floor_keeps_a_near_constant_channel_from_dominating(trained_slim: Path):
-    """The default error divides each head channel's error by the teacher's variance of that channel.
+    """The variance-normalised error divides each head channel's error by the teacher's variance of that channel.
     A channel the teacher holds (nearly) constant -- a background logit -- has a variance near zero:
     a student whose only difference is a small offset on that channel must not get an error orders of
     magnitude above the same student without the offset (the variance floor bounds the channel's weight)."""
@@ -224,7 +224,7 @@ def test_variance_loss_floor_keeps_a_near_constant_channel_from_dominating(train
         student = copy.deepcopy(model)
         with torch.no_grad():
             dict(student.named_modules())[head].bias[0].add_(offset)
-        report = reconstruct(dense, student, calib, kept=result.kept, batches=3, steps=0, refit=False)
+        report = reconstruct(dense, student, calib, kept=result.kept, batches=3, steps=0, refit=False, loss="variance")
         errors.append(report.error_cut)
     assert all(math.isfinite(e) for e in errors), errors
     # the offset on one channel of one layer moves the mean error by a bounded amount, not by 1/variance
@@ -232,3 +232,24 @@ def test_variance_loss_floor_keeps_a_near_constant_channel_from_dominating(train
     energy = reconstruct(dense, copy.deepcopy(model), calib, kept=result.kept, batches=3, steps=0, refit=False,
                          loss="energy")
     assert energy.error_cut > 0 and energy.error_cut != errors[0]
+
+
+def test_augmented_steps_show_teacher_and_student_the_same_new_views(trained_slim: Path):
+    """With augmentation (the default) the steps run on crops mixed with other calibration images:
+    images that are none of the calibration images, and every one the student is stepped on is one
+    the teacher was shown too (function matching needs both to see the same view)."""
+    model, dense, result, _ = _cut_slim(trained_slim)
+    calib = [_images(4, seed=s) for s in range(3)]
+    seen: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
+    dense.register_forward_pre_hook(lambda m, i: seen["teacher"].extend(t.detach().clone() for t in i[0]))
+    model.register_forward_pre_hook(lambda m, i: seen["student"].extend(t.detach().clone() for t in i[0]))
+    report = reconstruct(dense, model, calib, kept=result.kept, batches=3, steps=4, eval_every=2, refit=False)
+    assert report.steps == 4
+    originals = [t for b in calib for t in b] + [t.flip(-1) for b in calib for t in b]
+    new_views = [s for s in seen["student"] if not any(torch.equal(s, o) for o in originals)]
+    assert len(new_views) == 4 * 4, len(new_views)  # every image of every step is a new view
+    assert all(any(torch.equal(v, t) for t in seen["teacher"]) for v in new_views)
+    plain = copy.deepcopy(model)
+    seen["student"].clear()
+    reconstruct(dense, plain, calib, kept=result.kept, batches=3, steps=4, eval_every=2, refit=False, augment=False)
+    assert all(any(torch.equal(s, o) for o in originals) for s in seen["student"])

@@ -189,7 +189,7 @@ class Recovery:
     method: str = "refit"
     # the "reconstruct" method's budget (prune.recover_steps / recover_seconds / recover_lr): Adam
     # steps after the re-fit, a wall-clock limit on the whole recovery (re-fit included), the learning rate
-    steps: int = 300
+    steps: int = 600
     seconds: float = 240.0
     lr: float = 1e-4
 
