@@ -16,11 +16,23 @@ Recovery by reconstruction (the ``reconstruct`` recovery method, ``prune.recover
      (layer-wise reconstruction, as post-training quantization does). A checkpoint does not record
      ``kept``, so ``surgery recover`` matches the boundary layers only.
 
-   The error of a layer is relative, ``||student - teacher||^2 / ||teacher||^2`` summed over the
-   calls of the layer (shared heads run once per pyramid level), and the loss is the mean over
-   the layers. Images only: the data may yield ``(images, targets)`` batches, the targets are
-   dropped unread. Each step sees one calibration batch, flipped left-right half of the time (the
-   teacher sees the same flipped images).
+   The error of a layer (``loss="energy"``, the default) is relative, ``||student - teacher||^2 /
+   ||teacher||^2`` summed over the calls of the layer (shared heads run once per pyramid level), and
+   the loss is the mean over the layers. ``loss="variance"`` divides each channel's mean squared
+   error by the teacher's variance of that channel instead (1 = as far off as predicting the
+   channel's mean), floored at ``floor`` x the layer's mean channel variance (and a layer's level
+   at a thousandth of its mean energy), so that a near-constant channel -- a background logit, a
+   dead unit -- cannot dominate the loss; measured below the energy error on the YOLOs
+   (docs/benchmarks/label-free-recovery.md). ``response > 0`` adds, for Ultralytics detectors,
+   the head's response distillation terms (:func:`surgery.yolo.distill.response_losses`: class-score
+   KL, DFL KL weighted by the teacher's confidence). Images only: the data may yield ``(images,
+   targets)`` batches, the targets are dropped unread.
+
+   Each step sees one calibration batch, flipped left-right half of the time; with ``augment``
+   (the default) each image is replaced by a new view, a random crop (a quarter to all of its area,
+   resized back) mixed with another calibration image: the teacher labels any image, so the steps
+   match the two models on views the calibration set does not hold (function matching, Beyer et
+   al., CVPR 2022) rather than over-fitting its 96 images. The teacher sees the same views.
 
 A held-out part of the calibration batches (``held_out``, at least one batch) is never stepped on:
 its error is measured before the re-fit, after it, and every ``eval_every`` steps; the weights with
@@ -385,7 +397,6 @@ def reconstruct(
     response: float = DEFAULT_RESPONSE,
     refit: bool = True,
     batchnorm_after: bool = False,
-    schedule: str = "constant",
     flip: bool = True,
     augment: bool = DEFAULT_AUGMENT,
     seed: int = 0,
@@ -421,9 +432,6 @@ def reconstruct(
         best_state, best_step, history = _state(pruned), 0, [(0, error_refit)]
         _outside_inference_mode(pruned)
         opt = torch.optim.Adam(_trainable(pruned), lr=lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, (lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1)))) if schedule == "cosine"
-            else (lambda i: 1.0))
         gen = torch.Generator().manual_seed(seed)
         stopped, step, bad = "steps", 0, 0
         while step < steps:
@@ -444,7 +452,6 @@ def reconstruct(
                 stopped = "non-finite loss"
                 break
             opt.step()
-            sched.step()
             step += 1
             if step % eval_every == 0 or step == steps:
                 err = _held_out_error(matcher, held, held_targets)
