@@ -42,7 +42,10 @@ from surgery.pruning.reconstruct import (  # noqa: E402
     DEFAULT_AUGMENT,
     DEFAULT_FLOOR,
     DEFAULT_LOSS,
+    DEFAULT_LR,
     DEFAULT_RESPONSE,
+    DEFAULT_SECONDS,
+    DEFAULT_STEPS,
     reconstruct,
 )
 from surgery.pruning.recover import RECOVER_BATCH_SIZE  # noqa: E402
@@ -93,11 +96,11 @@ def main() -> None:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--dense", action="append", default=[], metavar="FAMILY=CKPT")
     ap.add_argument("--targets", default="0.5,0.25", help="fractions of the dense MACs kept")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seconds", type=float, default=240.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--seconds", type=float, default=DEFAULT_SECONDS)
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--match", default="outputs", help="outputs | features (surgery.pruning.reconstruct.MATCHES)")
-    ap.add_argument("--loss", default=DEFAULT_LOSS, help="variance | energy (surgery.pruning.reconstruct.LOSSES)")
+    ap.add_argument("--loss", default=DEFAULT_LOSS, help="energy | variance (surgery.pruning.reconstruct.LOSSES)")
     ap.add_argument("--floor", type=float, default=DEFAULT_FLOOR)
     ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULT_AUGMENT)
     ap.add_argument("--response", type=float, default=DEFAULT_RESPONSE)
