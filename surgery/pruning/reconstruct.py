@@ -72,7 +72,6 @@ from .recover import (
     _out_width,
     _proposals_module,
     recover,
-    reestimate_batchnorm,
 )
 
 DEFAULT_STEPS = Recovery.steps  # optimiser steps after the re-fit (prune.recover_steps)
@@ -396,7 +395,6 @@ def reconstruct(
     floor: float = DEFAULT_FLOOR,
     response: float = DEFAULT_RESPONSE,
     refit: bool = True,
-    batchnorm_after: bool = False,
     flip: bool = True,
     augment: bool = DEFAULT_AUGMENT,
     seed: int = 0,
@@ -464,22 +462,11 @@ def reconstruct(
                         stopped = "no improvement"
                         break
         pruned.load_state_dict(best_state)
-        extra: dict[str, Any] = {}
-        if batchnorm_after and best_step > 0:
-            reestimate_batchnorm(pruned, calib)
-            err = _held_out_error(matcher, held, held_targets)
-            extra["batchnorm_after_error"] = err
-            if err < best_error:
-                best_error, extra["batchnorm_after"] = err, True
-            else:
-                pruned.load_state_dict(best_state)
-                extra["batchnorm_after"] = False
     return ReconstructReport(refit=rec, layers=layers, steps=step, best_step=best_step, stopped=stopped,
                              error_cut=error_cut, error_refit=error_refit, error_best=best_error, history=history,
                              calibration_images=sum(len(b) for b in calib),
                              held_out_images=0 if held is calib else sum(len(b) for b in held),
-                             seconds=time.perf_counter() - t0, lr=lr, cpu_seconds=time.process_time() - cpu0,
-                             extra=extra)
+                             seconds=time.perf_counter() - t0, lr=lr, cpu_seconds=time.process_time() - cpu0)
 
 
 __all__ = ["DEFAULT_AUGMENT", "DEFAULT_FLOOR", "DEFAULT_LOSS", "DEFAULT_RESPONSE", "DEFAULT_LR", "DEFAULT_SECONDS", "DEFAULT_STEPS", "LOSSES", "MATCHES",
