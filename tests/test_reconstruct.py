@@ -91,12 +91,26 @@ def test_reconstruction_keeps_the_refit_when_no_step_helps(trained_slim: Path):
     model, dense, result, _ = _cut_slim(trained_slim)
     calib = [_images(4, seed=s) for s in range(3)]
     ref = copy.deepcopy(model)
-    report = reconstruct(dense, model, calib, kept=result.kept, batches=3, steps=50, lr=0.5, eval_every=2, patience=2)
+    report = reconstruct(dense, model, calib, kept=result.kept, batches=3, steps=50, lr=0.5, eval_every=2, patience=2,
+                         restarts=0)
     assert report.best_step == 0 and report.steps <= 4, report.history
     assert report.stopped in ("no improvement", "non-finite loss") and report.error_best == report.error_refit
     recover(ref, dense, calib[:2], kept=result.kept, batches=2)
     for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_reconstruction_restarts_at_a_smaller_learning_rate_when_no_step_helps(trained_slim: Path):
+    """At a learning rate far too large no step helps: the steps start again from the re-fit's
+    weights at the rate divided by ``backoff`` until one does, and the kept weights come from the
+    smaller rate, closer to the teacher on held-out images than the re-fit."""
+    model, dense, result, _ = _cut_slim(trained_slim)
+    calib = [_images(4, seed=s) for s in range(4)]
+    report = reconstruct(dense, model, calib, kept=result.kept, batches=4, steps=30, lr=0.5, eval_every=5,
+                         restarts=2, backoff=50.0)
+    assert report.best_step > 0 and report.lr == pytest.approx(0.5 / 50**2), report.history
+    assert report.error_best < report.error_refit, report.history
+    assert report.history[1][1] >= report.error_refit  # the first evaluation, at lr 0.5, was no better
 
 
 def _garble_labels(root: Path) -> None:
