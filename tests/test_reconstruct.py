@@ -267,3 +267,28 @@ def test_augmented_steps_show_teacher_and_student_the_same_new_views(trained_sli
     seen["student"].clear()
     reconstruct(dense, plain, calib, kept=result.kept, batches=3, steps=4, eval_every=2, refit=False, augment=False)
     assert all(any(torch.equal(s, o) for o in originals) for s in seen["student"])
+
+
+def test_response_terms_join_the_error_of_ultralytics_models_only(ultralytics, trained_slim: Path):
+    """``response``: the YOLO head's class-score and box-distribution KL against the teacher join the
+    matched layers' error (what the steps lower and the held-out rule reads); a detector without a
+    Detect head (the FCOS) gets exactly the layer error."""
+    torch.manual_seed(0)
+    yolo = build_model("ultralytics:yolov8n.yaml", nc=4, size=96).eval()
+    dense = copy.deepcopy(yolo)
+    result = prune_model(yolo, PruneSection(ratio=0.5), trace_size=96)
+    mods = dict(yolo.named_modules())
+    with torch.no_grad():  # the student's class logits off the teacher's (an untrained head's differ by ~0)
+        for name in matched_layers(yolo, dense):
+            if mods[name].out_channels == 4:
+                mods[name].bias.add_(3.0)
+    data = [_images(2, seed=s, size=96) for s in range(3)]
+    errors = [reconstruct(dense, copy.deepcopy(yolo), data, kept=result.kept, batches=3, steps=0, refit=False,
+                          response=w).error_cut for w in (0.0, 1.0, 2.0)]
+    assert errors[0] < errors[1] < errors[2], errors
+    assert errors[2] - errors[0] == pytest.approx(2 * (errors[1] - errors[0]), rel=1e-3)  # linear in the weight
+    model, dense, result, _ = _cut_slim(trained_slim)
+    calib = [_images(4, seed=s) for s in range(3)]
+    plain, weighted = (reconstruct(dense, copy.deepcopy(model), calib, kept=result.kept, batches=3, steps=0,
+                                   refit=False, response=w).error_cut for w in (0.0, 1.0))
+    assert plain == weighted
