@@ -38,14 +38,23 @@ from surgery.measure import count_macs  # noqa: E402
 from surgery.measure.evaluate import evaluate  # noqa: E402
 from surgery.pruning.calibrate import calibration_data  # noqa: E402
 from surgery.pruning.prune import prune_model  # noqa: E402
-from surgery.pruning.reconstruct import reconstruct  # noqa: E402
+from surgery.pruning.reconstruct import (  # noqa: E402
+    DEFAULT_AUGMENT,
+    DEFAULT_FLOOR,
+    DEFAULT_LOSS,
+    DEFAULT_LR,
+    DEFAULT_RESPONSE,
+    DEFAULT_SECONDS,
+    DEFAULT_STEPS,
+    reconstruct,
+)
 from surgery.pruning.recover import RECOVER_BATCH_SIZE  # noqa: E402
 from surgery.storage.checkpoint import load_checkpoint  # noqa: E402
 
-COLUMNS = ("date", "family", "model", "target_macs", "macs_ratio", "dense_map", "map_cut", "map_refit",
+COLUMNS = ("variant", "date", "family", "model", "target_macs", "macs_ratio", "dense_map", "map_cut", "map_refit",
            "map_reconstruct", "retained_refit", "retained_reconstruct", "steps", "best_step", "stopped",
            "held_out_error_cut", "held_out_error_refit", "held_out_error_best", "calibration_images",
-           "held_out_images", "seconds", "cpu_seconds", "budget_steps", "budget_seconds", "lr", "match", "load1_start", "load1_end")
+           "held_out_images", "seconds", "cpu_seconds", "budget_steps", "budget_seconds", "lr", "match", "load1_start", "load1_end", "loss", "floor", "augment", "response", "threads")
 
 
 def measure(family: str, dense_path: str, target: float, args: argparse.Namespace, dense_map: float) -> dict:
@@ -64,7 +73,8 @@ def measure(family: str, dense_path: str, target: float, args: argparse.Namespac
     scored: dict[str, float] = {}
     data = calibration_data(rec.data, batches=rec.prune.recover, batch_size=RECOVER_BATCH_SIZE, model=model)
     report = reconstruct(dense, model, data, kept=result.kept, batches=rec.prune.recover, steps=args.steps,
-                         seconds=args.seconds, lr=args.lr, match=args.match,
+                         seconds=args.seconds, lr=args.lr, match=args.match, loss=args.loss, floor=args.floor,
+                         augment=args.augment, response=args.response,
                          on_refit=lambda m: scored.__setitem__("refit", evaluate(m, val, batch_size=8).metrics["mAP"]))
     map_rec = evaluate(model, val, batch_size=8).metrics["mAP"]
     s = report.summary()
@@ -77,7 +87,8 @@ def measure(family: str, dense_path: str, target: float, args: argparse.Namespac
             "held_out_error_best": s["held_out_error_best"], "calibration_images": s["calibration_images"],
             "held_out_images": s["held_out_images"], "seconds": s["seconds"], "cpu_seconds": s["cpu_seconds"], "budget_steps": args.steps,
             "budget_seconds": args.seconds, "lr": args.lr, "match": args.match, "load1_start": round(load0, 2),
-            "load1_end": round(os.getloadavg()[0], 2)}
+            "load1_end": round(os.getloadavg()[0], 2), "variant": args.variant, "loss": args.loss, "floor": args.floor,
+            "augment": args.augment, "response": args.response, "threads": args.threads}
 
 
 def main() -> None:
@@ -85,13 +96,19 @@ def main() -> None:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--dense", action="append", default=[], metavar="FAMILY=CKPT")
     ap.add_argument("--targets", default="0.5,0.25", help="fractions of the dense MACs kept")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seconds", type=float, default=240.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--seconds", type=float, default=DEFAULT_SECONDS)
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--match", default="outputs", help="outputs | features (surgery.pruning.reconstruct.MATCHES)")
+    ap.add_argument("--loss", default=DEFAULT_LOSS, help="energy | variance (surgery.pruning.reconstruct.LOSSES)")
+    ap.add_argument("--floor", type=float, default=DEFAULT_FLOOR)
+    ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=DEFAULT_AUGMENT)
+    ap.add_argument("--response", type=float, default=DEFAULT_RESPONSE)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the cost is reported as CPU seconds)")
+    ap.add_argument("--variant", default="default", help="a label for the CSV rows")
     ap.add_argument("--csv", default="benchmarks/label_free_recovery.csv")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     dense = {f: f"runs/dense/{f}.pt" for f in FAMILIES} | dict(d.split("=", 1) for d in args.dense)
     out = Path(args.csv)
     new = not out.is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -90,12 +91,26 @@ def test_reconstruction_keeps_the_refit_when_no_step_helps(trained_slim: Path):
     model, dense, result, _ = _cut_slim(trained_slim)
     calib = [_images(4, seed=s) for s in range(3)]
     ref = copy.deepcopy(model)
-    report = reconstruct(dense, model, calib, kept=result.kept, batches=3, steps=50, lr=0.5, eval_every=2, patience=2)
+    report = reconstruct(dense, model, calib, kept=result.kept, batches=3, steps=50, lr=0.5, eval_every=2, patience=2,
+                         restarts=0)
     assert report.best_step == 0 and report.steps <= 4, report.history
     assert report.stopped in ("no improvement", "non-finite loss") and report.error_best == report.error_refit
     recover(ref, dense, calib[:2], kept=result.kept, batches=2)
     for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_reconstruction_restarts_at_a_smaller_learning_rate_when_no_step_helps(trained_slim: Path):
+    """At a learning rate far too large no step helps: the steps start again from the re-fit's
+    weights at the rate divided by ``backoff`` until one does, and the kept weights come from the
+    smaller rate, closer to the teacher on held-out images than the re-fit."""
+    model, dense, result, _ = _cut_slim(trained_slim)
+    calib = [_images(4, seed=s) for s in range(4)]
+    report = reconstruct(dense, model, calib, kept=result.kept, batches=4, steps=30, lr=0.5, eval_every=5,
+                         restarts=2, backoff=50.0)
+    assert report.best_step > 0 and report.lr == pytest.approx(0.5 / 50**2), report.history
+    assert report.error_best < report.error_refit, report.history
+    assert report.history[1][1] >= report.error_refit  # the first evaluation, at lr 0.5, was no better
 
 
 def _garble_labels(root: Path) -> None:
@@ -205,3 +220,75 @@ def test_reconstruction_runs_on_a_two_stage_detector_and_yolo(ultralytics):
         else:
             assert fixed and all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in fixed.items())
 
+
+
+def test_variance_loss_floor_keeps_a_near_constant_channel_from_dominating(trained_slim: Path):
+    """The variance-normalised error divides each head channel's error by the teacher's variance of that channel.
+    A channel the teacher holds (nearly) constant -- a background logit -- has a variance near zero:
+    a student whose only difference is a small offset on that channel must not get an error orders of
+    magnitude above the same student without the offset (the variance floor bounds the channel's weight)."""
+    model, dense, result, _ = _cut_slim(trained_slim)
+    head = matched_layers(model, dense)[0]
+    with torch.no_grad():  # channel 0 of the first matched layer: near-constant in the teacher
+        dict(dense.named_modules())[head].weight[0].mul_(1e-6)
+        dict(model.named_modules())[head].weight[0].mul_(1e-6)
+    calib = [_images(4, seed=s) for s in range(3)]
+    errors = []
+    for offset in (0.0, 0.05):
+        student = copy.deepcopy(model)
+        with torch.no_grad():
+            dict(student.named_modules())[head].bias[0].add_(offset)
+        report = reconstruct(dense, student, calib, kept=result.kept, batches=3, steps=0, refit=False, loss="variance")
+        errors.append(report.error_cut)
+    assert all(math.isfinite(e) for e in errors), errors
+    # the offset on one channel of one layer moves the mean error by a bounded amount, not by 1/variance
+    assert errors[1] < errors[0] + 0.5, errors
+    energy = reconstruct(dense, copy.deepcopy(model), calib, kept=result.kept, batches=3, steps=0, refit=False,
+                         loss="energy")
+    assert energy.error_cut > 0 and energy.error_cut != errors[0]
+
+
+def test_augmented_steps_show_teacher_and_student_the_same_new_views(trained_slim: Path):
+    """With augmentation (the default) the steps run on crops mixed with other calibration images:
+    images that are none of the calibration images, and every one the student is stepped on is one
+    the teacher was shown too (function matching needs both to see the same view)."""
+    model, dense, result, _ = _cut_slim(trained_slim)
+    calib = [_images(4, seed=s) for s in range(3)]
+    seen: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
+    dense.register_forward_pre_hook(lambda m, i: seen["teacher"].extend(t.detach().clone() for t in i[0]))
+    model.register_forward_pre_hook(lambda m, i: seen["student"].extend(t.detach().clone() for t in i[0]))
+    report = reconstruct(dense, model, calib, kept=result.kept, batches=3, steps=4, eval_every=2, refit=False)
+    assert report.steps == 4
+    originals = [t for b in calib for t in b] + [t.flip(-1) for b in calib for t in b]
+    new_views = [s for s in seen["student"] if not any(torch.equal(s, o) for o in originals)]
+    assert len(new_views) == 4 * 4, len(new_views)  # every image of every step is a new view
+    assert all(any(torch.equal(v, t) for t in seen["teacher"]) for v in new_views)
+    plain = copy.deepcopy(model)
+    seen["student"].clear()
+    reconstruct(dense, plain, calib, kept=result.kept, batches=3, steps=4, eval_every=2, refit=False, augment=False)
+    assert all(any(torch.equal(s, o) for o in originals) for s in seen["student"])
+
+
+def test_response_terms_join_the_error_of_ultralytics_models_only(ultralytics, trained_slim: Path):
+    """``response``: the YOLO head's class-score and box-distribution KL against the teacher join the
+    matched layers' error (what the steps lower and the held-out rule reads); a detector without a
+    Detect head (the FCOS) gets exactly the layer error."""
+    torch.manual_seed(0)
+    yolo = build_model("ultralytics:yolov8n.yaml", nc=4, size=96).eval()
+    dense = copy.deepcopy(yolo)
+    result = prune_model(yolo, PruneSection(ratio=0.5), trace_size=96)
+    mods = dict(yolo.named_modules())
+    with torch.no_grad():  # the student's class logits off the teacher's (an untrained head's differ by ~0)
+        for name in matched_layers(yolo, dense):
+            if mods[name].out_channels == 4:
+                mods[name].bias.add_(3.0)
+    data = [_images(2, seed=s, size=96) for s in range(3)]
+    errors = [reconstruct(dense, copy.deepcopy(yolo), data, kept=result.kept, batches=3, steps=0, refit=False,
+                          response=w).error_cut for w in (0.0, 1.0, 2.0)]
+    assert errors[0] < errors[1] < errors[2], errors
+    assert errors[2] - errors[0] == pytest.approx(2 * (errors[1] - errors[0]), rel=1e-3)  # linear in the weight
+    model, dense, result, _ = _cut_slim(trained_slim)
+    calib = [_images(4, seed=s) for s in range(3)]
+    plain, weighted = (reconstruct(dense, copy.deepcopy(model), calib, kept=result.kept, batches=3, steps=0,
+                                   refit=False, response=w).error_cut for w in (0.0, 1.0))
+    assert plain == weighted

@@ -16,17 +16,32 @@ Recovery by reconstruction (the ``reconstruct`` recovery method, ``prune.recover
      (layer-wise reconstruction, as post-training quantization does). A checkpoint does not record
      ``kept``, so ``surgery recover`` matches the boundary layers only.
 
-   The error of a layer is relative, ``||student - teacher||^2 / ||teacher||^2`` summed over the
-   calls of the layer (shared heads run once per pyramid level), and the loss is the mean over
-   the layers. Images only: the data may yield ``(images, targets)`` batches, the targets are
-   dropped unread. Each step sees one calibration batch, flipped left-right half of the time (the
-   teacher sees the same flipped images).
+   The error of a layer (``loss="energy"``, the default) is relative, ``||student - teacher||^2 /
+   ||teacher||^2`` summed over the calls of the layer (shared heads run once per pyramid level), and
+   the loss is the mean over the layers. ``loss="variance"`` divides each channel's mean squared
+   error by the teacher's variance of that channel instead (1 = as far off as predicting the
+   channel's mean), floored at ``floor`` x the layer's mean channel variance (and a layer's level
+   at a thousandth of its mean energy), so that a near-constant channel -- a background logit, a
+   dead unit -- cannot dominate the loss; measured below the energy error on the YOLOs
+   (docs/benchmarks/label-free-recovery.md). ``response > 0`` (1, the default) adds, for Ultralytics detectors,
+   the head's response distillation terms (:func:`surgery.yolo.distill.response_losses`: class-score
+   KL, DFL KL weighted by the teacher's confidence). Images only: the data may yield ``(images,
+   targets)`` batches, the targets are dropped unread.
+
+   Each step sees one calibration batch, flipped left-right half of the time; with ``augment``
+   (the default) each image is replaced by a new view, a random crop (a quarter to all of its area,
+   resized back) mixed with another calibration image: the teacher labels any image, so the steps
+   match the two models on views the calibration set does not hold (function matching, Beyer et
+   al., CVPR 2022) rather than over-fitting its 96 images. The teacher sees the same views.
 
 A held-out part of the calibration batches (``held_out``, at least one batch) is never stepped on:
 its error is measured before the re-fit, after it, and every ``eval_every`` steps; the weights with
 the lowest held-out error are kept (the re-fit's own when no step helped), and the steps stop after
 ``patience`` evaluations without a new best, at ``steps``, or once ``seconds`` have passed since the
-start (re-fit included) -- whichever comes first.
+start (re-fit included) -- whichever comes first. While no step has helped, an evaluation without a
+new best (or a non-finite loss) restarts the steps from the re-fit's weights at the learning rate
+divided by ``backoff``, at most ``restarts`` times: on YOLO11n no step at 1e-4 lowered the held-out
+error, steps at 2e-5 did.
 
 Detectors return losses in train mode and BatchNorm layers update their statistics there, so both
 models run in eval mode throughout (with gradients for the student): BatchNorm statistics stay
@@ -48,6 +63,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
+from ..yolo.distill import CLS_GAIN, DFL_GAIN, _head, head_outputs, is_ultralytics, response_losses
 from .budget import Recovery
 from .recover import (
     DEFAULT_RECOVER_BATCHES,
@@ -67,7 +83,16 @@ DEFAULT_LR = Recovery.lr  # Adam's learning rate (prune.recover_lr)
 DEFAULT_HELD_OUT = 0.25  # fraction of the calibration batches kept out of the steps, to decide when to stop
 DEFAULT_EVAL_EVERY = 25  # steps between held-out evaluations
 DEFAULT_PATIENCE = 4  # evaluations without a new best before stopping
+DEFAULT_RESTARTS = 2  # restarts from the re-fit at a smaller learning rate while no step has helped...
+DEFAULT_BACKOFF = 5.0  # ...each dividing it by this (1e-4 -> 2e-5 -> 4e-6)
 MATCHES = ("outputs", "features")
+LOSSES = ("energy", "variance")
+DEFAULT_LOSS = "energy"  # measured against "variance" on the 800-step YOLOs: docs/benchmarks/label-free-recovery.md
+DEFAULT_FLOOR = 0.1  # a channel's variance counts at least this fraction of its layer's mean channel variance
+DEFAULT_AUGMENT = True  # steps on random crops mixed with other calibration images (not only the images themselves)
+DEFAULT_RESPONSE = 1.0  # weight of the YOLO head's response terms (class-score KL, DFL KL) added to the error:
+# YOLOv8n 91.5 -> 93.7% at a 50% cut, 71.2 -> 82.3% at 75% (docs/benchmarks/label-free-recovery.md)
+ENERGY_LEVEL = 1e-3  # ...and a layer's level is at least this fraction of its mean channel energy
 
 
 @dataclass
@@ -88,7 +113,7 @@ class ReconstructReport:
     calibration_images: int
     held_out_images: int
     seconds: float
-    lr: float
+    lr: float  # the learning rate of the steps whose weights were kept (after any restart)
     cpu_seconds: float = 0.0  # this process's CPU time (all threads): the cost on a machine shared with others
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -163,6 +188,10 @@ class _Matcher:
     def __init__(self, dense: nn.Module, pruned: nn.Module, layers: list[str], kept: dict[str, Sequence[int]]) -> None:
         self.dense, self.pruned, self.layers = dense, pruned, layers
         self.keep = {n: torch.as_tensor(list(kept[n]), dtype=torch.long) for n in layers if n in kept}
+        mods = dict(pruned.named_modules())
+        self.dims = {n: -1 if isinstance(mods[n], nn.Linear) else 1 for n in layers}  # the channel dimension
+        self.scales: dict[str, torch.Tensor] | None = None  # per-channel normalisers (loss "variance")
+        self.response = 0.0  # weight of the YOLO head's response terms (set by reconstruct for Ultralytics models)
         self.outs: dict[str, list[torch.Tensor]] = {}
         self.proposals: Any = None
 
@@ -183,10 +212,17 @@ class _Matcher:
             handles.append(rpn.register_forward_hook(lambda m, i, o: setattr(self, "proposals", o)))
         elif rpn is not None:
             handles.append(rpn.register_forward_hook(lambda m, i, o: self.proposals))
+        head = _head(model) if self.response > 0 else None
+        if head is not None:
+            handles.append(head.register_forward_hook(
+                lambda m, i, o: self.outs.__setitem__("__head__", [head_outputs(o, m), int(m.reg_max)])))
         self.outs = {}
         with _hooks(handles):
             model(images)
         outs, self.outs = self.outs, {}
+        if teacher and "__head__" in outs:
+            (boxes, scores), reg_max = outs["__head__"]
+            outs["__head__"] = [(boxes.detach(), scores.detach()), reg_max]
         return outs
 
     def teacher(self, images: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
@@ -196,15 +232,71 @@ class _Matcher:
     def student(self, images: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         return self._run(self.pruned, images, teacher=False)
 
+    def error(self, student: dict[str, Any], teacher: dict[str, Any]) -> torch.Tensor:
+        err = _error(student, teacher, self.scales, self.dims)
+        if self.response > 0 and "__head__" in teacher and "__head__" in student:
+            (sb, ss), reg_max = student["__head__"]
+            (tb, ts), _ = teacher["__head__"]
+            cls, dfl = response_losses(sb, ss, tb, ts, reg_max)
+            err = err + self.response * (CLS_GAIN * cls + (DFL_GAIN * dfl if reg_max > 1 else 0.0))
+        return err
 
-def _error(student: dict[str, list[torch.Tensor]], teacher: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-    """Mean over layers of the relative squared error, each layer summed over its calls."""
+
+def _channel_dim(out: torch.Tensor, linear: bool) -> int:
+    return out.dim() - 1 if linear else 1
+
+
+def _per_channel(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` as ``[positions, channels]`` (channels: dimension ``dim``)."""
+    return t.movedim(dim, -1).reshape(-1, t.shape[dim])
+
+
+def channel_scales(outs: Iterable[dict[str, list[torch.Tensor]]], dims: dict[str, int], floor: float) -> dict[str, torch.Tensor]:
+    """Per layer, per channel: the teacher's variance over every position, call and batch of ``outs``,
+    floored at ``floor`` x the layer's mean channel variance (a near-constant channel -- a background
+    logit, a dead unit -- would otherwise divide its error by ~0 and dominate the loss)."""
+    acc: dict[str, list[torch.Tensor | int]] = {}
+    for batch in outs:
+        for name, calls in batch.items():
+            if name not in dims:
+                continue
+            for t in calls:
+                x = _per_channel(t.detach().double(), dims[name])
+                a = acc.setdefault(name, [x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1]), 0])
+                a[0] = a[0] + x.sum(0)
+                a[1] = a[1] + (x * x).sum(0)
+                a[2] = int(a[2]) + x.shape[0]
+    scales = {}
+    for name, (s1, s2, n) in acc.items():
+        mean = s1 / max(int(n), 1)
+        var = (s2 / max(int(n), 1) - mean * mean).clamp_min(0.0)
+        # the layer's level: its mean channel variance, or where the whole layer is (nearly) constant
+        # (an untrained head, a layer the teacher does not use), a thousandth of its mean energy
+        level = max(float(var.mean()), ENERGY_LEVEL * float((s2 / max(int(n), 1)).mean())) or 1.0
+        scales[name] = var.clamp_min(floor * level).float()
+    return scales
+
+
+def _error(student: dict[str, list[torch.Tensor]], teacher: dict[str, list[torch.Tensor]],
+           scales: dict[str, torch.Tensor] | None = None, dims: dict[str, int] | None = None) -> torch.Tensor:
+    """Mean over layers of the layer's error, summed over its calls: without ``scales``, relative to
+    the teacher's energy (``||s - t||^2 / ||t||^2``); with them, per channel the mean squared error
+    over the channel's (floored) variance, averaged over channels (1 = as far off as the channel's
+    mean would be)."""
     errs = []
     for name, t_outs in teacher.items():
+        if name.startswith("__"):  # the RPN's proposals, the YOLO head's outputs
+            continue
         s_outs = student.get(name, [])
         if len(s_outs) != len(t_outs):
             raise PruningError(f"reconstruction: {name} ran {len(s_outs)} times in the pruned model, "
                                f"{len(t_outs)} in the teacher")
+        if scales is not None and dims is not None and name in scales:
+            d = dims[name]
+            sq = [_per_channel((s.float() - t.float()) ** 2, d) for s, t in zip(s_outs, t_outs)]
+            per_channel = sum(q.sum(0) for q in sq) / max(sum(q.shape[0] for q in sq), 1)
+            errs.append((per_channel / scales[name]).mean())
+            continue
         num = sum(((s.float() - t.float()) ** 2).sum() for s, t in zip(s_outs, t_outs))
         den = sum((t.float() ** 2).sum() for t in t_outs)
         errs.append(num / den.clamp_min(1e-12))
@@ -219,7 +311,7 @@ def _held_out_error(matcher: _Matcher, batches: list[list[torch.Tensor]], target
         for images, t in zip(batches, targets):
             matcher.proposals = t.get("__proposals__")
             s = matcher.student(images)
-            errs.append(float(_error(s, {k: v for k, v in t.items() if k != "__proposals__"})))
+            errs.append(float(matcher.error(s, t)))
     return sum(errs) / len(errs)
 
 
@@ -247,6 +339,28 @@ def _split(batches: list[list[torch.Tensor]], held_out: float) -> tuple[list[lis
         return [images[:half]], [images[half:]]
     n_held = min(len(batches) - 1, max(1, round(len(batches) * held_out)))
     return batches[: len(batches) - n_held], batches[len(batches) - n_held :]
+
+
+def _augment(batch: list[torch.Tensor], pool: list[list[torch.Tensor]], gen: torch.Generator) -> list[torch.Tensor]:
+    """Function matching on new views (Beyer et al., CVPR 2022: the teacher labels any image): each
+    image is a random crop (a quarter to all of its area, resized back) mixed with another calibration
+    image (weight 0 to 0.5 on the other)."""
+    out = []
+    flat = [t for b in pool for t in b]
+    for img in batch:
+        _, h, w = img.shape
+        area = float(torch.empty(()).uniform_(0.25, 1.0, generator=gen))
+        ch, cw = max(8, round(h * area**0.5)), max(8, round(w * area**0.5))
+        y0 = int(torch.randint(0, h - ch + 1, (), generator=gen))
+        x0 = int(torch.randint(0, w - cw + 1, (), generator=gen))
+        view = torch.nn.functional.interpolate(img[None, :, y0 : y0 + ch, x0 : x0 + cw], size=(h, w),
+                                               mode="bilinear", align_corners=False)[0]
+        other = flat[int(torch.randint(0, len(flat), (), generator=gen))]
+        if other.shape == view.shape:
+            lam = float(torch.empty(()).uniform_(0.0, 0.5, generator=gen))
+            view = (1 - lam) * view + lam * other
+        out.append(view)
+    return out
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -282,9 +396,15 @@ def reconstruct(
     held_out: float = DEFAULT_HELD_OUT,
     eval_every: int = DEFAULT_EVAL_EVERY,
     patience: int = DEFAULT_PATIENCE,
+    restarts: int = DEFAULT_RESTARTS,
+    backoff: float = DEFAULT_BACKOFF,
     match: str = "outputs",
+    loss: str = DEFAULT_LOSS,
+    floor: float = DEFAULT_FLOOR,
+    response: float = DEFAULT_RESPONSE,
     refit: bool = True,
     flip: bool = True,
+    augment: bool = DEFAULT_AUGMENT,
     seed: int = 0,
     on_refit: Callable[[nn.Module], Any] | None = None,
 ) -> ReconstructReport:
@@ -293,15 +413,21 @@ def reconstruct(
     whose targets are never read): least-squares re-fit, then Adam steps on the matched layers'
     error, the best weights by held-out error kept (see the module docstring). ``on_refit(pruned)``
     is called between the two stages (a benchmark scores the re-fit there). ``dense`` is unchanged."""
-    if steps < 0 or not seconds > 0 or not lr > 0 or eval_every < 1 or patience < 1 or not 0 < held_out < 1:
-        raise PruningError("reconstruction: steps >= 0, seconds > 0, lr > 0, eval_every >= 1, patience >= 1 and "
-                           "0 < held_out < 1")
+    if steps < 0 or not seconds > 0 or not lr > 0 or eval_every < 1 or patience < 1 or not 0 < held_out < 1 \
+            or not 0 < floor <= 1 or restarts < 0 or not backoff > 1:
+        raise PruningError("reconstruction: steps >= 0, seconds > 0, lr > 0, eval_every >= 1, patience >= 1, "
+                           "0 < held_out < 1, 0 < floor <= 1, restarts >= 0 and backoff > 1")
+    if loss not in LOSSES:
+        raise PruningError(f"reconstruction loss must be one of {', '.join(LOSSES)}, not {loss!r}")
     t0, cpu0 = time.perf_counter(), time.process_time()
     imgs = _calibration_images(pruned, images, batches)
     calib, held = _split(imgs, held_out)
     layers = matched_layers(pruned, dense, kept, match=match)
     matcher = _Matcher(dense, pruned, layers, kept or {})
+    matcher.response = response if is_ultralytics(pruned) and is_ultralytics(dense) else 0.0
     with _eval_mode(pruned, dense):
+        if loss == "variance":
+            matcher.scales = channel_scales((matcher.teacher(b) for b in calib), matcher.dims, floor)
         held_targets = _teacher_targets(matcher, held)
         error_cut = _held_out_error(matcher, held, held_targets)
     rec = recover(pruned, dense, calib, kept=kept, batches=len(calib)) if refit else None
@@ -311,9 +437,10 @@ def reconstruct(
         best_error = error_refit = _held_out_error(matcher, held, held_targets)
         best_state, best_step, history = _state(pruned), 0, [(0, error_refit)]
         _outside_inference_mode(pruned)
-        opt = torch.optim.Adam(_trainable(pruned), lr=lr)
+        params = _trainable(pruned)
+        opt = torch.optim.Adam(params, lr=lr)
         gen = torch.Generator().manual_seed(seed)
-        stopped, step, bad = "steps", 0, 0
+        stopped, step, bad, lr_now, lr_kept, left = "steps", 0, 0, lr, lr, restarts
         while step < steps:
             if time.perf_counter() - t0 > seconds:
                 stopped = "seconds"
@@ -321,21 +448,31 @@ def reconstruct(
             batch = calib[step % len(calib)]
             if flip and bool(torch.rand((), generator=gen) < 0.5):
                 batch = [t.flip(-1) for t in batch]
+            if augment:
+                batch = _augment(batch, calib, gen)
             target = matcher.teacher(batch)
             with torch.enable_grad():
-                loss = _error(matcher.student(batch), target)
+                value = matcher.error(matcher.student(batch), target)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-            if not math.isfinite(float(loss.detach())):
-                stopped = "non-finite loss"
-                break
-            opt.step()
-            step += 1
-            if step % eval_every == 0 or step == steps:
-                err = _held_out_error(matcher, held, held_targets)
+                value.backward()
+            finite = math.isfinite(float(value.detach()))
+            if finite:
+                opt.step()
+                step += 1
+            if not finite or step % eval_every == 0 or step == steps:
+                err = _held_out_error(matcher, held, held_targets) if finite else math.inf
                 history.append((step, err))
                 if err < best_error:
-                    best_error, best_state, best_step, bad = err, _state(pruned), step, 0
+                    best_error, best_state, best_step, bad, lr_kept = err, _state(pruned), step, 0, lr_now
+                elif best_step == 0 and left > 0:
+                    # no step has helped yet: the learning rate is too large for this model; start
+                    # again from the re-fit's weights at a smaller one
+                    pruned.load_state_dict(best_state)
+                    lr_now, left, bad = lr_now / backoff, left - 1, 0
+                    opt = torch.optim.Adam(params, lr=lr_now)
+                elif not finite:
+                    stopped = "non-finite loss"
+                    break
                 else:
                     bad += 1
                     if bad >= patience:
@@ -346,7 +483,8 @@ def reconstruct(
                              error_cut=error_cut, error_refit=error_refit, error_best=best_error, history=history,
                              calibration_images=sum(len(b) for b in calib),
                              held_out_images=0 if held is calib else sum(len(b) for b in held),
-                             seconds=time.perf_counter() - t0, lr=lr, cpu_seconds=time.process_time() - cpu0)
+                             seconds=time.perf_counter() - t0, lr=lr_kept, cpu_seconds=time.process_time() - cpu0)
 
 
-__all__ = ["DEFAULT_LR", "DEFAULT_SECONDS", "DEFAULT_STEPS", "MATCHES", "ReconstructReport", "matched_layers", "reconstruct"]
+__all__ = ["DEFAULT_AUGMENT", "DEFAULT_FLOOR", "DEFAULT_LOSS", "DEFAULT_RESPONSE", "DEFAULT_LR", "DEFAULT_SECONDS", "DEFAULT_STEPS", "LOSSES", "MATCHES",
+           "ReconstructReport", "channel_scales", "matched_layers", "reconstruct"]
