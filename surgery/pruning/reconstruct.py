@@ -24,7 +24,7 @@ Recovery by reconstruction (the ``reconstruct`` recovery method, ``prune.recover
    at a thousandth of its mean energy), so that a near-constant channel -- a background logit, a
    dead unit -- cannot dominate the loss; measured below the energy error on the YOLOs
    (docs/benchmarks/label-free-recovery.md). ``response > 0`` (1, the default) adds, for Ultralytics detectors,
-   the head's response distillation terms (:func:`surgery.yolo.distill.response_losses`: class-score
+   the head's response distillation terms (:func:`surgery.yolo.response.response_losses`: class-score
    KL, DFL KL weighted by the teacher's confidence). Images only: the data may yield ``(images,
    targets)`` batches, the targets are dropped unread.
 
@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ..errors import PruningError
-from ..yolo.distill import CLS_GAIN, DFL_GAIN, _head, head_outputs, is_ultralytics, response_losses
+from ..yolo.response import CLS_GAIN, DFL_GAIN, detect_head, head_outputs, is_ultralytics, response_losses
 from .budget import Recovery
 from .recover import (
     DEFAULT_RECOVER_BATCHES,
@@ -212,7 +212,7 @@ class _Matcher:
             handles.append(rpn.register_forward_hook(lambda m, i, o: setattr(self, "proposals", o)))
         elif rpn is not None:
             handles.append(rpn.register_forward_hook(lambda m, i, o: self.proposals))
-        head = _head(model) if self.response > 0 else None
+        head = detect_head(model) if self.response > 0 else None
         if head is not None:
             handles.append(head.register_forward_hook(
                 lambda m, i, o: self.outs.__setitem__("__head__", [head_outputs(o, m), int(m.reg_max)])))

@@ -23,33 +23,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import TrainingError
 from ..pruning.masked import unwrap
 from ..training.hooks import TeacherHook
-from .interface import LetterboxTransform
+from .response import (
+    CLS_GAIN,
+    DFL_GAIN,
+    detect_head,
+    end_to_end_branch,
+    head_outputs,
+    is_ultralytics,
+    response_losses,
+)
 
 if TYPE_CHECKING:
     from ..config.recipe import DistillSection
     from ..training.train import Trainer
 
-CLS_GAIN, DFL_GAIN = 0.5, 1.5  # Ultralytics' default loss gains (cls, dfl)
-
-
-def is_ultralytics(model: nn.Module) -> bool:
-    head = _head(model)
-    return isinstance(getattr(model, "transform", None), LetterboxTransform) and head is not None
-
-
-def _head(model: nn.Module) -> nn.Module | None:
-    net = getattr(unwrap(model), "net", None)
-    layers = getattr(net, "model", None)
-    if layers is None:
-        return None
-    head = layers[-1]
-    return head if all(hasattr(head, a) for a in ("reg_max", "nc", "stride")) else None
 
 
 def letterbox_masks(feature_shapes: list[tuple[int, int]], canvas: int, targets: list[dict[str, Tensor]],
@@ -81,50 +73,6 @@ def letterbox_masks(feature_shapes: list[tuple[int, int]], canvas: int, targets:
     return masks
 
 
-def end_to_end_branch(out: Any) -> str | None:
-    """Which branch of an end-to-end head (YOLOv10, YOLO26) ``out`` carries outputs of: ``one2many``
-    when it ran, else ``one2one`` (an eval forward runs the one-to-one branch alone); ``None`` for
-    a head with one branch."""
-    raw = out[1] if isinstance(out, tuple) and len(out) == 2 else out
-    if not (isinstance(raw, dict) and "one2one" in raw):
-        return None
-    return "one2many" if raw.get("one2many") else "one2one"
-
-
-def head_outputs(out: Any, head: nn.Module, branch: str | None = None) -> tuple[Tensor, Tensor]:
-    """``(boxes [B, 4*reg_max, A], scores [B, nc, A])`` (logits) from what Detect returned, in
-    train mode (a dict, or a per-level list in older Ultralytics) or eval mode (``(y, raw)``).
-    ``branch``: of an end-to-end head, the one to read (default :func:`end_to_end_branch`)."""
-    if isinstance(out, tuple) and len(out) == 2:
-        out = out[1]
-    if isinstance(out, dict) and "one2one" in out:
-        out = out[branch or end_to_end_branch(out)]
-    if isinstance(out, dict):
-        return out["boxes"], out["scores"]
-    if isinstance(out, (list, tuple)) and all(torch.is_tensor(x) and x.ndim == 4 for x in out):
-        b = out[0].shape[0]
-        cat = torch.cat([x.view(b, x.shape[1], -1) for x in out], dim=-1)
-        return cat[:, : 4 * head.reg_max], cat[:, 4 * head.reg_max :]
-    raise TrainingError(f"YOLO distillation: cannot read the Detect head's outputs ({type(out).__name__})")
-
-
-def response_losses(s_boxes: Tensor, s_scores: Tensor, t_boxes: Tensor, t_scores: Tensor, reg_max: int,
-                    temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """``(cls, dfl)`` response distillation terms (see the module docstring); 0 when equal."""
-    temp = float(temperature)
-    p = torch.sigmoid(t_scores / temp)
-    bce = F.binary_cross_entropy_with_logits(s_scores / temp, p, reduction="none")
-    floor = F.binary_cross_entropy_with_logits(t_scores / temp, p, reduction="none")
-    cls = (bce - floor).sum() / p.sum().clamp_min(1.0) * temp**2
-    b, _, a = s_boxes.shape
-    ls = F.log_softmax(s_boxes.view(b, 4, reg_max, a) / temp, dim=2)
-    lt = F.log_softmax(t_boxes.view(b, 4, reg_max, a) / temp, dim=2)
-    kl = (lt.exp() * (lt - ls)).sum(2).mean(1)  # (B, A): mean over the 4 sides
-    weight = p.max(dim=1).values  # (B, A): the teacher's confidence there
-    dfl = (kl * weight).sum() / weight.sum().clamp_min(1.0) * temp**2
-    return cls, dfl
-
-
 class YoloDistillation(TeacherHook):
     """Trainer hook for Ultralytics students: ``imitation`` (``cfg.type == "imitation"``, weight
     ``cfg.weight``) and ``response_cls`` / ``response_dfl`` (``cfg.response_weight``; for
@@ -149,7 +97,7 @@ class YoloDistillation(TeacherHook):
     def before_train(self, trainer: Trainer) -> None:
         super().before_train(trainer)
         student = trainer.module
-        head = _head(student)
+        head = detect_head(student)
         assert head is not None
         self._handles = [
             student.transform.register_forward_hook(lambda m, i, o: self._seen.__setitem__("batch", o)),
@@ -172,7 +120,7 @@ class YoloDistillation(TeacherHook):
             terms["response_dfl"] = zero
         if trainer.step < self.cfg.warmup_steps or scaled is None:
             return terms
-        t_head = _head(self.teacher)
+        t_head = detect_head(self.teacher)
         captured: dict[str, Any] = {}
         handles = [t_head.register_forward_pre_hook(lambda m, i: captured.__setitem__("feats", list(i[0]))),
                    t_head.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))]
@@ -198,7 +146,7 @@ class YoloDistillation(TeacherHook):
             if energy > 0:
                 terms["imitation"] = self.cfg.weight * error / (2 * energy)
         if self.response_weight > 0:
-            head = _head(trainer.module)
+            head = detect_head(trainer.module)
             # the teacher's eval forward ran only the one-to-one branch of an end-to-end head: the
             # student's same branch is compared with it (the one that predicts at inference)
             branch = end_to_end_branch(captured["out"])
@@ -220,7 +168,7 @@ class YoloDistillation(TeacherHook):
 def _feature_widths(model: nn.Module) -> list[int]:
     """Channels of each level the Detect head reads (one eval forward at the model's size)."""
     model = unwrap(model)
-    head = _head(model)
+    head = detect_head(model)
     assert head is not None
     seen: dict[str, Any] = {}
     handle = head.register_forward_pre_hook(lambda m, i: seen.__setitem__("feats", list(i[0])))
