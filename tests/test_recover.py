@@ -117,6 +117,73 @@ def test_refit_lowers_the_error_of_every_refit_layer():
         "fcos_resnet18_slim", num_classes=5, min_size=SIZE, max_size=SIZE).parameters()))
 
 
+def test_replaying_finished_modules_gives_the_same_fit_with_fewer_passes():
+    """Oracle: the re-fit with the outputs of finished modules replayed (the default) gives exactly the
+    weights of the re-fit that recomputes every pass; the stem then runs once per batch, not once per
+    layer and batch; a memory bound too small for any output gives the same weights too."""
+    from unittest import mock
+
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", num_classes=5, min_size=SIZE, max_size=SIZE).eval()
+    dense, result = _cut(model)
+    batches = [_images(4, seed=s) for s in range(3)]
+    fitted, stem_runs = {}, {}
+    for budget in (0, 1, 1 << 30):
+        m = copy.deepcopy(model)
+        stem = m.backbone.body.conv1
+        with mock.patch.object(stem, "forward", wraps=stem.forward) as runs:
+            rec = recover(m, dense, batches, kept=result.kept, batches=3, replay_bytes=budget)
+        assert "forward" not in vars(stem) and "forward" not in vars(m.backbone)  # every replay undone
+        fitted[budget], stem_runs[budget] = m.state_dict(), runs.call_count
+        assert len(rec.refit) >= 20
+    for budget in (1, 1 << 30):
+        assert fitted[budget].keys() == fitted[0].keys()
+        assert all(torch.equal(fitted[budget][k], fitted[0][k]) for k in fitted[0]), budget
+    layers = len(rec.layers)
+    assert stem_runs[0] >= layers * len(batches)  # one pass per layer and batch (+ capture and BatchNorm)
+    assert stem_runs[1] == stem_runs[0] + 1  # nothing fits in one byte: all recomputed (+ the pass that times calls)
+    assert stem_runs[1 << 30] <= stem_runs[0] / 5, stem_runs
+
+
+class _InPlaceSkips(nn.Module):
+    """a -> (in place x2) -> b -> c(b + a) -> d(c + a): a's output is changed in place by the parent
+    and read again after b and c, so a replayed output that is not a copy would drift."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)
+        self.c, self.d = nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, 4, 3, padding=1)
+
+    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+        h = self.a(torch.stack(images))
+        h.mul_(2)
+        k = self.c(torch.relu(self.b(h)) + h)
+        return self.d(torch.relu(k) + h)
+
+
+def test_replayed_outputs_are_copies_that_in_place_ops_downstream_cannot_change():
+    torch.manual_seed(0)
+    dense, keep = _InPlaceSkips(8).eval(), torch.tensor([0, 2, 5, 7])
+    cut = _InPlaceSkips(4).eval()
+    with torch.no_grad():
+        for n in "abc":  # the same channels cut from a, b and c (they are added together)
+            getattr(cut, n).bias.copy_(getattr(dense, n).bias[keep])
+        cut.a.weight.copy_(dense.a.weight[keep])
+        cut.b.weight.copy_(dense.b.weight[keep][:, keep])
+        cut.c.weight.copy_(dense.c.weight[keep][:, keep])
+        cut.d.weight.copy_(dense.d.weight[:, keep])
+        cut.d.bias.copy_(dense.d.bias)
+    kept = {n: keep.tolist() for n in "abc"}
+    batches = [_images(2, seed=s) for s in range(3)]
+    fitted = {}
+    for budget in (0, 1 << 30):
+        m = copy.deepcopy(cut)
+        rec = recover(m, dense, batches, kept=kept, batches=3, replay_bytes=budget, batchnorm=False)
+        assert rec.refit == ["b", "c", "d"]
+        fitted[budget] = m.state_dict()
+    assert all(torch.equal(fitted[1 << 30][k], fitted[0][k]) for k in fitted[0])
+
+
 def test_default_calibration_size_generalises_better_than_four_batches():
     """The default number of calibration batches re-fits layers that reproduce the dense layers'
     outputs better on images the fit never saw than 4 batches do (the deep layers' systems are
