@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--time", type=float, default=None, help="stop the search after this many minutes")
     ap.add_argument("--retrain", type=int, default=0, help="retrain this many finished trials (rank correlation)")
     ap.add_argument("--retrain-steps", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=1, help="processes searching together (torch threads split)")
     ap.add_argument("--csv", type=Path, default=Path("benchmarks/compress_bench.csv"))
     args = ap.parse_args()
 
@@ -81,7 +82,7 @@ def main() -> None:
     dense, _ = load_checkpoint(dense_path)
     settings = SearchSettings(trials=args.trials, recover_batches=args.recover, holdout=args.holdout,
                               seconds=args.time * 60 if args.time else None,
-                              macs_input_size=rec.bench.input_size, study_name=args.study)
+                              macs_input_size=rec.bench.input_size, study_name=args.study, workers=args.workers)
     lo, hi = (float(x) for x in args.multiplier.split(","))
     space = SearchSpace(criteria=tuple(args.criteria.split(",")), round_to=tuple(int(x) for x in args.round_to.split(",")),
                         multiplier=(lo, hi), max_stages=args.max_stages, sensitivity=args.sensitivity)

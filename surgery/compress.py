@@ -35,9 +35,11 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import multiprocessing
 import os
 import re
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -347,6 +349,7 @@ class SearchSettings:
     study_name: str = "compress"
     latency_runs: int = 10
     latency_rounds: int = 3
+    workers: int = 1  # processes on this machine sharing the study (the torch threads are split between them)
 
 
 @dataclass
@@ -589,6 +592,8 @@ def search(
     uniform = uniform_params(goal, space, stages, recipe.prune)
     study.enqueue_trial(uniform, skip_if_exists=True)
     ctx = _Context(dense, recipe, goal, space, settings, allocator, holdout, float(dense_map), recover_data, calib)
+    threads_before = torch.get_num_threads()
+    helpers, threads = _start_workers(dense, recipe, goal, run_dir, space, settings, url)
     ran: list[int] = []
 
     def objective(trial: Any) -> tuple[float, float]:
@@ -613,16 +618,64 @@ def search(
     done_already = _count_complete(study)
     if done_already:
         cb.note(f"resuming study {settings.study_name!r}: {done_already} finished trials kept")
-    cb.stage("searching")
-    if done_already < settings.trials:
-        stop = optuna.study.MaxTrialsCallback(settings.trials, states=(optuna.trial.TrialState.COMPLETE,))
-        study.optimize(objective, n_trials=settings.trials - done_already, timeout=settings.seconds,
-                       callbacks=[stop, progress], gc_after_trial=True)
+    cb.stage("searching" + (f" ({settings.workers} workers, {threads} torch threads each)" if helpers else ""))
+    try:
+        if done_already < settings.trials:
+            stop = optuna.study.MaxTrialsCallback(settings.trials, states=(optuna.trial.TrialState.COMPLETE,))
+            study.optimize(objective, n_trials=settings.trials - done_already, timeout=settings.seconds,
+                           callbacks=[stop, progress], gc_after_trial=True)
+        for p in helpers:  # they stop on the same count of finished trials (or time) as this one
+            p.join()
+    finally:
+        _stop_workers(helpers)
+        torch.set_num_threads(threads_before)
     records = [_record(t) for t in study.get_trials(deepcopy=False)]
     chosen, met, miss = choose(records, goal, float(dense_map))
     return SearchResult(goal=goal, study_name=settings.study_name, storage=_redact(url), dense_map=float(dense_map),
                         trials=records, ran=ran, chosen=chosen, met=met, seconds=time.perf_counter() - t0,
                         stages=allocator.stages, miss=miss)
+
+
+def _start_workers(dense: nn.Module, recipe: Recipe, goal: Goal, run_dir: str | Path, space: SearchSpace,
+                   settings: SearchSettings, url: str) -> tuple[list[Any], int]:
+    """``settings.workers - 1`` more processes on this machine searching the same study (this one is
+    the first), the torch threads split between them: small detectors at batch 8 use a second thread
+    poorly, a second process fully. Returns the processes and each one's thread count."""
+    if settings.workers <= 1:
+        return [], torch.get_num_threads()
+    threads = max(1, torch.get_num_threads() // settings.workers)
+    one = dataclasses.replace(settings, workers=1)
+    spawn = multiprocessing.get_context("spawn")  # never fork a process that holds torch's thread pools
+    procs = [spawn.Process(target=_search_worker, args=(dense, recipe, goal, str(run_dir), space, one, url, threads,
+                                                        os.getpid()), daemon=True, name=f"compress-worker-{i + 1}")
+             for i in range(settings.workers - 1)]
+    for p in procs:
+        p.start()
+    torch.set_num_threads(threads)
+    return procs, threads
+
+
+def _stop_workers(procs: Sequence[Any]) -> None:
+    """End the helper processes still running (this worker failed or was interrupted): their
+    unfinished trials are failed by the heartbeat, never counted as finished."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+        p.join(timeout=30)
+
+
+def _search_worker(dense: nn.Module, recipe: Recipe, goal: Goal, run_dir: str, space: SearchSpace,
+                   settings: SearchSettings, url: str, threads: int, parent: int) -> None:
+    """A helper process: the same search on the same study, no output; it ends with its parent."""
+    torch.set_num_threads(threads)
+
+    def watch() -> None:  # a parent killed with SIGKILL cannot terminate it: leave when orphaned
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    search(dense, recipe, goal, run_dir, space=space, settings=settings, storage=url)
 
 
 def _duplicate_of_earlier(study: Any, trial: Any, uniform: dict[str, Any]) -> bool:

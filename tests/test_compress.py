@@ -236,6 +236,67 @@ def test_two_workers_share_one_sqlite_study_without_losing_or_repeating_a_trial(
     assert len(workers) == 2, "both workers should have run trials"
 
 
+def test_workers_flag_searches_one_study_in_two_processes_without_losing_or_repeating_a_trial(
+        trained_slim: Path, tmp_path: Path) -> None:
+    require("optuna")
+    out = tmp_path / "run"
+    run = subprocess.run(_compress(trained_slim, out, "--trials", "4", "--workers", "2"), env=_env(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 workers, 1 torch threads each" in run.stdout
+    trials = _complete(f"sqlite:///{out / 'study.db'}")
+    assert 4 <= len(trials) <= 5  # each process stops once 4 are finished: at most one more was in flight
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, "both processes should have run trials"
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == len(params), "two finished trials with the same parameters"
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while listed
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_killing_the_command_ends_its_worker_processes(trained_slim: Path, tmp_path: Path) -> None:
+    require("optuna")
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("reads the process table from /proc (Linux)")
+    proc = subprocess.Popen(_compress(trained_slim, tmp_path / "run", "--trials", "50", "--workers", "2"), env=_env(),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, kids = time.monotonic() + 300, []
+    while time.monotonic() < deadline and proc.poll() is None and not any(_spawned(k) for k in kids):
+        kids = _children(proc.pid)
+        time.sleep(0.5)
+    assert any(_spawned(k) for k in kids) and proc.poll() is None, "the worker process never started"
+    time.sleep(3)  # the worker is searching now
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{k}").exists() and _alive(k) for k in kids):
+        time.sleep(0.5)
+    assert not [k for k in kids if Path(f"/proc/{k}").exists() and _alive(k)], "a worker outlived its command"
+
+
+def _spawned(pid: int) -> bool:
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
