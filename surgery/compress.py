@@ -132,6 +132,14 @@ class Goal:
     def budget(self) -> float | None:
         return self.keep_latency if self.keep_latency is not None else self.keep_macs
 
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """The study's objectives: proxy mAP up, and cost down unless a MACs budget fixes it. With
+        ``--keep-macs`` every trial keeps the budget's MACs (``keep`` is the budget), so the cost
+        differs only by rounding (48.9-50.1% for 0.5); as a second objective that noise put
+        low-mAP trials on the sampler's front and spread its search over them."""
+        return ("maximize",) if self.keep_macs is not None else ("maximize", "minimize")
+
     def floor(self, dense_map: float) -> float | None:
         if self.min_map is not None:
             return self.min_map
@@ -394,8 +402,9 @@ def storage_url(run_dir: str | Path, storage: str | None) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / STUDY_FILE}"
 
 
-def open_study(url: str, name: str, seed: int, heartbeat: int = 30) -> Any:
-    """Create or load the study (two objectives: proxy mAP up, cost down; the constraints come
+def open_study(url: str, name: str, seed: int, heartbeat: int = 30,
+               directions: Sequence[str] = ("maximize", "minimize")) -> Any:
+    """Create or load the study (objectives :attr:`Goal.directions`; the constraints come
     from each trial's ``constraints`` attribute). Heartbeats: a trial whose worker died is failed
     by the next worker after ``2 x heartbeat`` seconds (it was not finished, so it is not repeated)."""
     optuna = _optuna()
@@ -418,7 +427,7 @@ def open_study(url: str, name: str, seed: int, heartbeat: int = 30) -> Any:
     for attempt in range(3):  # workers starting together race to create the tables and the study
         try:
             return optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
-                                       directions=["maximize", "minimize"])
+                                       directions=list(directions))
         except Exception:  # noqa: BLE001 - sqlalchemy's IntegrityError / OperationalError: retry once created
             if attempt == 2:
                 raise
@@ -580,7 +589,10 @@ def search(
     calib = calibration_data(recipe.data, batches=recipe.prune.calib_batches, model=dense) if needs else None
     allocator = Allocator(dense, recipe.prune, settings.macs_input_size, settings.trace_size, space)
     stages = sorted(set(allocator.stages.values()))
-    study = open_study(url, settings.study_name, settings.seed)
+    study = open_study(url, settings.study_name, settings.seed, directions=goal.directions)
+    if len(study.directions) != len(goal.directions):
+        raise CompressError(f"the study {settings.study_name!r} at {_redact(url)} has {len(study.directions)} objectives, "
+                            f"this goal {len(goal.directions)} (an older surgery made it); use another --out or --study")
     dense_map = study.user_attrs.get("dense_proxy_map")
     if dense_map is None:
         dense_map = _score(dense, holdout)
@@ -596,7 +608,7 @@ def search(
     helpers, threads = _start_workers(dense, recipe, goal, run_dir, space, settings, url)
     ran: list[int] = []
 
-    def objective(trial: Any) -> tuple[float, float]:
+    def objective(trial: Any) -> tuple[float, float] | float:
         cfg = suggest(trial, goal, space, stages)
         if _duplicate_of_earlier(study, trial, uniform):
             raise optuna.TrialPruned("the uniform trial, enqueued twice by workers starting together")
@@ -604,7 +616,7 @@ def search(
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         ran.append(trial.number)
-        return attrs["proxy_map"], attrs["cost"]
+        return (attrs["proxy_map"], attrs["cost"]) if len(goal.directions) == 2 else attrs["proxy_map"]
 
     def progress(study: Any, trial: Any) -> None:
         records = [_record(t) for t in study.get_trials(deepcopy=False)]

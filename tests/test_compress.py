@@ -247,6 +247,8 @@ def test_workers_flag_searches_one_study_in_two_processes_without_losing_or_repe
     trials = _complete(f"sqlite:///{out / 'study.db'}")
     assert 4 <= len(trials) <= 5  # each process stops once 4 are finished: at most one more was in flight
     assert len({t.user_attrs["worker"] for t in trials}) == 2, "both processes should have run trials"
+    # the MACs budget fixes the cost: the sampler optimises the proxy mAP alone
+    assert all(t.values == [t.user_attrs["proxy_map"]] for t in trials)
     params = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(params)) == len(params), "two finished trials with the same parameters"
 
@@ -470,6 +472,7 @@ def test_latency_budget_costs_each_trial_its_measured_onnxruntime_latency(traine
     trials = _complete(f"sqlite:///{out / 'study.db'}")
     assert len(trials) == 1
     assert timed == [(2, "onnxruntime", 64)]  # the trial timed against the dense model, on the runtime asked
+    assert [t.values for t in trials] == [[trials[0].user_attrs["proxy_map"], trials[0].user_attrs["latency_ratio"]]]
     for t in trials:
         a = t.user_attrs
         assert 0 < a["latency_ratio"] and a["cost"] == a["latency_ratio"] != a["macs_ratio"]  # the cost is latency
