@@ -308,6 +308,37 @@ def test_sensitivity_command_resumes_its_table_and_overwrite_measures_again(trai
     assert "resumed" not in out and groups == {DENSE, second}
 
 
+@pytest.mark.slow
+def test_label_free_sensitivity_scores_against_the_dense_model_and_reads_no_annotation(trained_fcos: Path, tmp_path: Path):
+    """`surgery sensitivity --label-free`: the dense row scores 1 (its own detections are the
+    reference), a cut scores below it, and a copy of the data whose annotations are garbage gives
+    the same table; the labelled table differs on that copy."""
+    import json
+    import shutil
+
+    rec = load_checkpoint(trained_fcos)[1].recipe
+    src = next(Path(rec["data"]["root"]).rglob("instances_val.json")).parent.parent  # the synthetic set's folder
+    bad = tmp_path / "garbage"
+    shutil.copytree(src, bad)
+    ann = bad / "annotations" / "instances_val.json"
+    coco = json.loads(ann.read_text())
+    for a in coco["annotations"]:
+        a["bbox"], a["area"] = [1, 1, 3, 3], 9
+    ann.write_text(json.dumps(coco))
+    group = "backbone.body.layer2.1.conv1"
+
+    def table(data: str, name: str, *extra: str) -> dict[str, float]:
+        res = CliRunner().invoke(app, ["sensitivity", str(trained_fcos), "--data", data, "--ratios", "0.75", "--val-images", "4",
+                                       "--recover", "0", "--macs-size", str(SIZE), "--csv", str(tmp_path / name), "--group", group, *extra])
+        assert res.exit_code == 0, res.output
+        return {r.group: r.map for r in read_table(tmp_path / name)[1]}
+
+    free = table(str(src), "free.csv", "--label-free")
+    assert free[DENSE] == pytest.approx(1.0) and free[group] < 0.95
+    assert table(str(bad), "free_bad.csv", "--label-free") == pytest.approx(free)
+    assert table(str(bad), "bad.csv")[DENSE] != pytest.approx(table(str(src), "good.csv")[DENSE])
+
+
 def _table() -> list[SensitivityRow]:
     d = SensitivityRow(DENSE, 0.0, 0, 0, 1000, 1.0, 0.5, 0.8)
     rows = [d]
