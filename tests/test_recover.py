@@ -339,6 +339,31 @@ def test_label_free_sensitivity_scores_against_the_dense_model_and_reads_no_anno
     assert table(str(bad), "bad.csv")[DENSE] != pytest.approx(table(str(src), "good.csv")[DENSE])
 
 
+@pytest.mark.slow
+def test_label_free_allocation_measures_the_table_at_prune_time_and_a_second_cut_reuses_it(trained_fcos: Path, tmp_path: Path):
+    """`prune.sensitivity: label-free` (no table given): the prune measures the dense checkpoint's
+    label-free table next to its output, allocates per group from it, and a second cut of the same
+    checkpoint (another MACs target) reads the same table instead of measuring it again."""
+    def prune(name: str, keep: str) -> str:
+        res = CliRunner().invoke(app, ["prune", "--model", str(trained_fcos), "--allocation", "sensitivity", "--sensitivity",
+                                       "label-free", "--keep-macs", keep, "--macs-size", str(SIZE), "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    prune("a.pt", "0.7")
+    tables = list(tmp_path.glob("sensitivity-*.csv"))
+    assert len(tables) == 1
+    rows = read_table(tables[0])[1]
+    assert next(r.map for r in rows if r.group == DENSE) == pytest.approx(1.0) and len(rows) > 5
+    plan = load_checkpoint(tmp_path / "a.pt")[1].plan
+    assert plan.extra["allocation"]["kind"] == "sensitivity" and plan.extra["allocation"]["table"] == str(tables[0])
+    cut = [len(g["pruned"]) / g["channels"] for g in plan.groups if g["pruned"]]
+    assert cut and max(cut) - min(cut) > 0.2  # per-group ratios, not one uniform cut
+    before = tables[0].stat().st_mtime_ns
+    prune("b.pt", "0.5")
+    assert list(tmp_path.glob("sensitivity-*.csv")) == tables and tables[0].stat().st_mtime_ns == before
+
+
 def _table() -> list[SensitivityRow]:
     d = SensitivityRow(DENSE, 0.0, 0, 0, 1000, 1.0, 0.5, 0.8)
     rows = [d]
