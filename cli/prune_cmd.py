@@ -46,7 +46,7 @@ def prune(
     recover: int = typer.Option(None, "--recover", help=RECOVER_HELP),
     recover_method: str = typer.Option(None, "--recover-method", help="refit (least squares + BatchNorm) | reconstruct (then Adam steps matching the dense model's head outputs; images only)."),
     allocation: str = typer.Option(None, "--allocation", help=ALLOCATION_HELP),
-    sensitivity: Path = typer.Option(None, "--sensitivity", help="CSV from `surgery sensitivity` (--allocation sensitivity)."),
+    sensitivity: Path = typer.Option(None, "--sensitivity", help="CSV from `surgery sensitivity` (--allocation sensitivity), or label-free: measure the checkpoint's table now, scored against its own detections."),
     sparsity: float = typer.Option(None, help="Masked pruning: fraction of conv/linear weights ZEROED (shapes kept)."),
     scope: str = typer.Option(None, help="Masked pruning: layer | global."),
     weights: str = typer.Option(None, help="torchvision weights name (DEFAULT) or a local weights file."),

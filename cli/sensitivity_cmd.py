@@ -11,6 +11,7 @@ from .console import console
 from .display import working
 from .outputs import overwrite_allowed
 
+LABEL_FREE_MIN_SCORE = 0.25  # the dense model's detections kept as the reference (Ultralytics' default conf)
 DATA_HELP = "synthetic | coco:ROOT | voc:ROOT | yolo:DATA_YAML | a dataset folder | a COCO .json (default: the checkpoint's recipe)."
 
 
@@ -27,13 +28,15 @@ def sensitivity(
     csv: Path = typer.Option(Path("sensitivity.csv"), "--csv", help="The table (rows already in it are kept: resume; --overwrite "
                            "measures them again)."),
     plot: Path | None = typer.Option(None, "--plot", help="Write the sensitivity plot (PNG) here."),
+    label_free: bool = typer.Option(False, "--label-free", help="Score each cut by its mAP against the checkpoint's own "
+                                    f"detections (score >= {LABEL_FREE_MIN_SCORE}) on the same images: no annotation read."),
 ) -> None:
     """Sensitivity of each coupled group to cutting (Distiller's analysis), for --allocation sensitivity."""
     from torch.utils.data import Subset
 
     from surgery.data import dataset_for
     from surgery.errors import RecipeError
-    from surgery.measure.evaluate import evaluate
+    from surgery.measure.evaluate import evaluate, reference_ground_truth
     from surgery.pruning.calibrate import calibration_data
     from surgery.pruning.recover import RECOVER_BATCH_SIZE
     from surgery.pruning.sensitivity import analyse, plot_table, run_key
@@ -56,10 +59,15 @@ def sensitivity(
     size = macs_size or rec.bench.input_size
     key = run_key(sha256_file(ckpt), {"data": vars(rec.data), "val_images": len(subset), "recover": recover,
                                       "method": rec.prune.method, "skip": rec.prune.skip, "macs_size": size,
-                                      "round_to": rec.prune.round_to, "min_channels": rec.prune.min_channels})
+                                      "round_to": rec.prune.round_to, "min_channels": rec.prune.min_channels,
+                                      **({"label_free": LABEL_FREE_MIN_SCORE} if label_free else {})})
+    reference = None
+    if label_free:
+        with working("the dense model's detections (the label-free reference)"):
+            reference = reference_ground_truth(model, subset, min_score=LABEL_FREE_MIN_SCORE)
 
     def score(m):  # noqa: ANN001, ANN202
-        r = evaluate(m, subset, batch_size=8).metrics
+        r = evaluate(m, subset, batch_size=8, ground_truth=reference).metrics
         return {"mAP": float(r["mAP"]), "mAP50": float(r["mAP50"])}
 
     def on_row(row, i, total) -> None:  # noqa: ANN001

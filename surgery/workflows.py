@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .config.recipe import (
     AGPSection,
@@ -35,6 +35,7 @@ from .data.image_folder import image_batches, image_files
 from .detectors.builders import ModelSpec, _is_local_file, accepts, build_model, get_builder
 from .errors import DataError, PruningError, RecipeError
 from .measure import count_params
+from .measure.evaluate import evaluate, reference_ground_truth
 from .pruning import reconstruct as reconstruction
 from .pruning.budget import check_combination, from_config
 from .pruning.calibrate import calibration_data
@@ -43,9 +44,11 @@ from .pruning.masked import AGPSchedule, apply_masks, magnitude_masks, masks_spa
 from .pruning.plan import MaskedPlan
 from .pruning.prune import PruneResult, prune_to
 from .pruning.recover import DEFAULT_RECOVER_BATCHES, RECOVER_BATCH_SIZE
+from .pruning.sensitivity import LABEL_FREE, analyse, run_key
 from .pruning.sparsify import SparsityHook, check_target_ratio
 from .pruning.target import find_ratio_for_target
 from .storage.checkpoint import Checkpoint, load_checkpoint, resolve_model, save_pruned
+from .storage.trust import sha256_file
 from .training.callbacks import Callbacks, WarmupCheck
 from .training.distill import distill_hook_for, teacher_path
 from .training.distributed import DistInfo, current_dist, main_process_first
@@ -177,6 +180,12 @@ def prune_loaded(
             f"{origin} is a masked (unstructured) checkpoint: cutting channels would silently drop its masks. "
             "Prune the dense model it came from, or mask again with --method magnitude"
         )
+    if cfg.allocation == "sensitivity" and cfg.sensitivity == LABEL_FREE:
+        checkpoint = prior.path if prior is not None and prior.path is not None else source
+        table = label_free_sensitivity(model, recipe, checkpoint, Path(out).parent,
+                                       macs_input_size or recipe.bench.input_size)
+        cfg = dataclasses.replace(cfg, sensitivity=str(table))
+        recipe = dataclasses.replace(recipe, prune=cfg)
     job = from_config(cfg, given=given, macs_input_size=macs_input_size or recipe.bench.input_size)
     recover_data = (calibration_data(recipe.data, batches=cfg.recover, batch_size=RECOVER_BATCH_SIZE, model=model)
                     if job.recovery is not None else None)
@@ -193,6 +202,44 @@ def prune_loaded(
     path = save_pruned(out, model, spec, result.plan, recipe=recipe.to_dict(), metrics=metrics, class_names=class_names)
     return PruneOutcome(path=path, kind="structured", spec=spec, structured=result, recovery=result.recovery,
                         cut_metrics=result.cut_metrics, allocation=result.allocation.info.get("sensitivity"))
+
+
+# `prune.sensitivity: label-free`: the table measured at prune time, as `surgery sensitivity --label-free`
+# was measured in docs/benchmarks/yolo-75.md (each group cut by 0.8 alone, 2 recovery batches, 50 images)
+LABEL_FREE_RATIO, LABEL_FREE_IMAGES, LABEL_FREE_RECOVER, LABEL_FREE_MIN_SCORE = 0.8, 50, 2, 0.25
+
+
+def label_free_sensitivity(model: nn.Module, recipe: Recipe, checkpoint: str | Path | None, folder: Path,
+                           macs_input_size: int) -> Path:
+    """The sensitivity table of ``model`` (the checkpoint at ``checkpoint``) scored label-free: each
+    coupled group cut by :data:`LABEL_FREE_RATIO` alone, recovered, and scored by its mAP against the
+    model's own detections (score >= :data:`LABEL_FREE_MIN_SCORE`) on the first :data:`LABEL_FREE_IMAGES`
+    validation images of the recipe's data; no annotation is read. Written to
+    ``folder/sensitivity-KEY.csv`` (KEY: the checkpoint's hash and these settings), so a second cut
+    of the same model (the sweep's other MACs targets) reuses it and a killed run resumes it."""
+    if checkpoint is None or not _is_local_file(str(checkpoint)):
+        raise RecipeError("prune.sensitivity: label-free measures the table of a checkpoint: prune a checkpoint "
+                          "(or give a table from `surgery sensitivity`)")
+    cfg = recipe.prune
+    method = "l1" if cfg.method == "magnitude" else cfg.method
+    val = dataset_for(recipe.data, "val", train=False)
+    subset = Subset(val, list(range(min(LABEL_FREE_IMAGES, len(val)))))
+    key = run_key(sha256_file(checkpoint), {"data": vars(recipe.data), "val_images": len(subset), "recover": LABEL_FREE_RECOVER,
+                                             "method": method, "skip": cfg.skip, "macs_size": macs_input_size,
+                                             "round_to": cfg.round_to, "min_channels": cfg.min_channels,
+                                             "label_free": LABEL_FREE_MIN_SCORE})
+    table = Path(folder) / f"sensitivity-{key}.csv"
+    calib = list(calibration_data(recipe.data, batches=LABEL_FREE_RECOVER, batch_size=RECOVER_BATCH_SIZE, model=model))
+    reference = reference_ground_truth(model, subset, min_score=LABEL_FREE_MIN_SCORE)
+
+    def score(m: nn.Module) -> dict[str, float]:
+        r = evaluate(m, subset, batch_size=8, ground_truth=reference).metrics
+        return {"mAP": float(r["mAP"]), "mAP50": float(r["mAP50"])}
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    analyse(model, csv_path=table, key=key, calib_data=calib, recover_batches=LABEL_FREE_RECOVER, ratios=[LABEL_FREE_RATIO],
+            cfg=dataclasses.replace(cfg, method=method), macs_input_size=macs_input_size, score=score)
+    return table
 
 
 def _inherit_data(recipe: Recipe, prior: Checkpoint | None) -> Recipe:

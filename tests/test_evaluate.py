@@ -18,6 +18,7 @@ from surgery.measure.evaluate import (
     coco_map_from_detections,
     evaluate,
     metric_keys,
+    reference_ground_truth,
     voc_ap,
     voc_map50,
 )
@@ -210,6 +211,49 @@ def test_results_file_maps_back_sparse_category_ids(tmp_path: Path) -> None:
     got = sorted((r["image_id"], r["category_id"], tuple(r["bbox"])) for r in written)
     assert got == [(10, 3, (30, 10, 30, 30)), (10, 7, (4, 5, 20, 10)), (20, 3, (10, 12, 16, 20))]
     assert not [p for p in (tmp_path / "out").iterdir() if p.name != "results.json"]  # no temp files left
+
+
+class FixedBoxes(nn.Module):
+    """The same detections on every image, whatever it shows (``shift`` moves them right)."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.shift = shift
+
+    def forward(self, images):
+        boxes = torch.tensor([[4.0, 5.0, 24.0, 15.0], [30.0, 10.0, 60.0, 40.0], [10.0, 12.0, 26.0, 32.0]])
+        boxes[:, 0::2] += self.shift
+        return [{"boxes": boxes.clone(), "labels": torch.tensor([2, 1, 1]), "scores": torch.tensor([0.9, 0.6, 0.1])}
+                for _ in images]
+
+
+def test_reference_ground_truth_scores_agreement_with_the_reference_and_reads_no_annotation(tmp_path: Path) -> None:
+    """Label-free scoring: the reference's own detections (score >= min_score) are the ground
+    truth, so the reference scores 1 and a model that moves its boxes scores less; garbage
+    annotations change nothing, although they change the labelled mAP."""
+    ds = CocoDetection(tmp_path / "c" / "images", _coco_folder(tmp_path / "c"))
+    garbage_json = tmp_path / "garbage.json"
+    coco = json.loads((tmp_path / "c" / "ann.json").read_text())
+    for a in coco["annotations"]:
+        a["bbox"], a["category_id"] = [40, 30, 5, 5], 3
+    garbage_json.write_text(json.dumps(coco))
+    garbage = CocoDetection(tmp_path / "c" / "images", garbage_json)
+
+    def boxes(gt):  # (COCOeval adds fields to the annotations it scores against)
+        return [(a["image_id"], a["category_id"], a["bbox"]) for a in gt.dataset["annotations"]]
+
+    ref = reference_ground_truth(FixedBoxes(), ds, min_score=0.25)
+    assert len(boxes(ref)) == 2 * 2  # two images, the 0.1-score box left out
+    assert evaluate(FixedBoxes(), ds, ground_truth=ref).metrics["mAP"] == pytest.approx(1.0)
+    moved = evaluate(FixedBoxes(shift=6.0), ds, ground_truth=ref).metrics["mAP"]
+    assert moved < 0.5
+
+    ref_g = reference_ground_truth(FixedBoxes(), garbage, min_score=0.25)
+    assert boxes(ref_g) == boxes(ref)
+    assert evaluate(FixedBoxes(shift=6.0), garbage, ground_truth=ref_g).metrics["mAP"] == pytest.approx(moved)
+    labelled = evaluate(FixedBoxes(), ds).metrics["mAP"]
+    assert evaluate(FixedBoxes(), garbage).metrics["mAP"] != pytest.approx(labelled)  # the labels would have mattered
 
 
 def test_evaluate_voc_reports_voc_map(tmp_path: Path) -> None:

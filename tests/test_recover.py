@@ -375,6 +375,62 @@ def test_sensitivity_command_resumes_its_table_and_overwrite_measures_again(trai
     assert "resumed" not in out and groups == {DENSE, second}
 
 
+@pytest.mark.slow
+def test_label_free_sensitivity_scores_against_the_dense_model_and_reads_no_annotation(trained_fcos: Path, tmp_path: Path):
+    """`surgery sensitivity --label-free`: the dense row scores 1 (its own detections are the
+    reference), a cut scores below it, and a copy of the data whose annotations are garbage gives
+    the same table; the labelled table differs on that copy."""
+    import json
+    import shutil
+
+    rec = load_checkpoint(trained_fcos)[1].recipe
+    src = next(Path(rec["data"]["root"]).rglob("instances_val.json")).parent.parent  # the synthetic set's folder
+    bad = tmp_path / "garbage"
+    shutil.copytree(src, bad)
+    ann = bad / "annotations" / "instances_val.json"
+    coco = json.loads(ann.read_text())
+    for a in coco["annotations"]:
+        a["bbox"], a["area"] = [1, 1, 3, 3], 9
+    ann.write_text(json.dumps(coco))
+    group = "backbone.body.layer2.1.conv1"
+
+    def table(data: str, name: str, *extra: str) -> dict[str, float]:
+        res = CliRunner().invoke(app, ["sensitivity", str(trained_fcos), "--data", data, "--ratios", "0.75", "--val-images", "4",
+                                       "--recover", "0", "--macs-size", str(SIZE), "--csv", str(tmp_path / name), "--group", group, *extra])
+        assert res.exit_code == 0, res.output
+        return {r.group: r.map for r in read_table(tmp_path / name)[1]}
+
+    free = table(str(src), "free.csv", "--label-free")
+    assert free[DENSE] == pytest.approx(1.0) and free[group] < 0.95
+    assert table(str(bad), "free_bad.csv", "--label-free") == pytest.approx(free)
+    assert table(str(bad), "bad.csv")[DENSE] != pytest.approx(table(str(src), "good.csv")[DENSE])
+
+
+@pytest.mark.slow
+def test_label_free_allocation_measures_the_table_at_prune_time_and_a_second_cut_reuses_it(trained_fcos: Path, tmp_path: Path):
+    """`prune.sensitivity: label-free` (no table given): the prune measures the dense checkpoint's
+    label-free table next to its output, allocates per group from it, and a second cut of the same
+    checkpoint (another MACs target) reads the same table instead of measuring it again."""
+    def prune(name: str, keep: str) -> str:
+        res = CliRunner().invoke(app, ["prune", "--model", str(trained_fcos), "--allocation", "sensitivity", "--sensitivity",
+                                       "label-free", "--keep-macs", keep, "--macs-size", str(SIZE), "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    prune("a.pt", "0.7")
+    tables = list(tmp_path.glob("sensitivity-*.csv"))
+    assert len(tables) == 1
+    rows = read_table(tables[0])[1]
+    assert next(r.map for r in rows if r.group == DENSE) == pytest.approx(1.0) and len(rows) > 5
+    plan = load_checkpoint(tmp_path / "a.pt")[1].plan
+    assert plan.extra["allocation"]["kind"] == "sensitivity" and plan.extra["allocation"]["table"] == str(tables[0])
+    cut = [len(g["pruned"]) / g["channels"] for g in plan.groups if g["pruned"]]
+    assert cut and max(cut) - min(cut) > 0.2  # per-group ratios, not one uniform cut
+    before = tables[0].stat().st_mtime_ns
+    prune("b.pt", "0.5")
+    assert list(tmp_path.glob("sensitivity-*.csv")) == tables and tables[0].stat().st_mtime_ns == before
+
+
 def _table() -> list[SensitivityRow]:
     d = SensitivityRow(DENSE, 0.0, 0, 0, 1000, 1.0, 0.5, 0.8)
     rows = [d]

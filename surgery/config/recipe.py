@@ -151,7 +151,9 @@ class PruneSection:
     # across groups, = global_ranking), sensitivity (per-group ratios from a `surgery sensitivity`
     # CSV that meet target_macs while cutting the insensitive groups more)
     allocation: str = "uniform"
-    sensitivity: str | None = None  # allocation sensitivity: the CSV `surgery sensitivity` wrote
+    # allocation sensitivity: the CSV `surgery sensitivity` wrote, or "label-free": the prune measures the table of the
+    # checkpoint it cuts, scored against that model's own detections (no annotation read; surgery.workflows)
+    sensitivity: str | None = None
     sparsify: SparsifySection | None = None  # sparse training before the cut ('+sparse' sweep techniques)
 
     def __post_init__(self) -> None:

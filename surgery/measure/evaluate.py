@@ -272,6 +272,7 @@ def evaluate(
     iou_types: tuple[str, ...] | None = None,
     results_file: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    ground_truth: Any | None = None,
 ) -> EvalResult:
     """Evaluate a torchvision-style detector on a :class:`~surgery.data.DetectionDataset` (or a
     ``Subset`` of one) with COCO metrics.
@@ -281,10 +282,13 @@ def evaluate(
     masks / keypoints and the ground truth has them. The model's train/eval mode (and device, if it
     had to be moved to ``device``) is restored afterwards. ``results_file`` receives the COCO
     results list with the dataset's original category ids. ``progress(done, total)`` is called after
-    every batch.
+    every batch. ``ground_truth``: a pycocotools ``COCO`` to score against instead of the dataset's
+    annotations (:func:`reference_ground_truth`: a dense model's own detections, label-free).
     """
     t0 = time.perf_counter()
     base, indices, gt = _selection(dataset, batch_size, max_images, iou_types)
+    if ground_truth is not None:
+        gt = ground_truth
     label_map: dict[int, int] = dict(getattr(base, "label_to_cat_id", None) or {c: c for c in gt.getCatIds()})
     device = torch.device(device)
     was_training = model.training
@@ -321,6 +325,53 @@ def evaluate(
         inference_seconds=inference,
         undefined=undefined,
     )
+
+
+def reference_ground_truth(
+    reference: nn.Module,
+    dataset: Any,
+    *,
+    min_score: float = 0.25,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> Any:
+    """A pycocotools ``COCO`` ground truth made of ``reference``'s own detections with a score of at
+    least ``min_score`` on ``dataset``'s images (read with ``load_image``; no annotation is read:
+    the image sizes come from the images, the category ids from the class list). Passed to
+    :func:`evaluate` as ``ground_truth``, it scores how well another model (a cut copy of
+    ``reference``) agrees with it: mAP against the dense model, for label-free sensitivity."""
+    from pycocotools.coco import COCO
+
+    base, indices = _unwrap(dataset)
+    if not (hasattr(base, "load_image") and hasattr(base, "image_ids")):
+        raise TypeError(f"reference_ground_truth() needs a surgery DetectionDataset, got {type(base).__name__}")
+    if not indices:
+        raise DataError(f"nothing to evaluate: dataset {getattr(base, 'name', type(base).__name__)} has no images selected")
+    cats = sorted(int(c) for c in (getattr(base, "label_to_cat_id", None) or {}) or base.coco.getCatIds())
+    was_training, images, annotations = reference.training, [], []
+    reference.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(indices), batch_size):
+                batch = [(base.load_image(i), int(base.image_ids[i])) for i in indices[start : start + batch_size]]
+                outputs = reference([img.to(device) for img, _ in batch])
+                if isinstance(outputs, tuple):  # (losses, detections) from some wrappers
+                    outputs = outputs[-1]
+                for (img, iid), out in zip(batch, outputs, strict=True):
+                    images.append({"id": iid, "width": int(img.shape[-1]), "height": int(img.shape[-2])})
+                    keep = out["scores"].detach().float().cpu() >= min_score
+                    boxes = out["boxes"].detach().float().cpu()[keep]
+                    for box, label in zip(boxes.tolist(), out["labels"].detach().cpu()[keep].tolist(), strict=True):
+                        w, h = box[2] - box[0], box[3] - box[1]
+                        annotations.append({"id": len(annotations) + 1, "image_id": iid, "category_id": int(label),
+                                            "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
+    finally:
+        reference.train(was_training)
+    gt = COCO()
+    gt.dataset = {"info": {}, "images": images, "annotations": annotations, "categories": [{"id": c, "name": str(c)} for c in cats]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
 
 
 def _selection(dataset: Any, batch_size: int, max_images: int | None, iou_types: tuple[str, ...] | None) -> tuple[Any, list[int], Any]:

@@ -48,6 +48,9 @@ from .recover import recover
 COLUMNS = ("key", "group", "ratio", "channels", "kept", "macs", "macs_ratio", "map", "map50", "seconds")
 DENSE = "dense"
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
+# `prune.sensitivity: label-free`: no table given, the prune measures one of the model being cut,
+# scored against its own detections (surgery.workflows.label_free_sensitivity)
+LABEL_FREE = "label-free"
 
 
 @dataclass
@@ -454,6 +457,7 @@ def allocate_sensitivity(candidates: Candidates, scores: dict[int, torch.Tensor]
 
 __all__ = [
     "COLUMNS",
+    "LABEL_FREE",
     "SensitivityAllocation",
     "SensitivityResult",
     "SensitivityRow",
