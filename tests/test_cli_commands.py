@@ -148,6 +148,16 @@ def test_info_provenance_and_saved_recipe_names_the_pruned_model(dense: Path, tm
     assert "backbone.body.layer1" in text and "from " + str(dense) in text
 
 
+def test_info_names_a_per_group_allocation_instead_of_calling_it_uniform() -> None:
+    from surgery.pruning.plan import StructuredPlan
+    from surgery.storage.info import _describe_plan
+
+    assert "(uniform" in _describe_plan(StructuredPlan(ratio=0.5))
+    assert "(global" in _describe_plan(StructuredPlan(ratio=0.5, global_ranking=True))
+    allocated = _describe_plan(StructuredPlan(ratio=0.5, overrides={"backbone.body.layer1.0.conv1": 0.8}))
+    assert "(per-group ratios" in allocated and "uniform" not in allocated
+
+
 def test_weights_with_other_num_classes_keeps_all_but_class_outputs(tmp_path: Path, shapes: Path) -> None:
     from surgery.training.transfer import build_with_weights_file
 

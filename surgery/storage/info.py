@@ -75,7 +75,7 @@ def stage_of(layer: str, depth: int = 3) -> str:
 def _describe_plan(plan: Any) -> str:
     if isinstance(plan, MaskedPlan):
         return f"masked {plan.sparsity:.0%} of weights ({plan.scope})"
-    how = "global" if plan.global_ranking else "uniform"
+    how = "global" if plan.global_ranking else "per-group ratios" if plan.overrides else "uniform"  # sensitivity, compress
     target = ""
     if plan.target_macs is not None or plan.target_params is not None:
         what, t = ("MACs", plan.target_macs) if plan.target_macs is not None else ("params", plan.target_params)
