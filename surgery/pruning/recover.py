@@ -38,8 +38,8 @@ to return the dense model's proposals, so box-head layers compare the same regio
 Cost: each layer's fit runs the calibration batches through the pruned model up to that layer.
 The outputs of modules that no later fit can change (the backbone, once the head's layers are
 being fitted) are kept and replayed rather than recomputed (:class:`_Replay`, at most
-``REPLAY_BYTES``): the same weights, 1.7x (FCOS, RetinaNet) to 2.8x (YOLOv8n) less time
-(``benchmarks/recovery_speed.py``).
+``REPLAY_BYTES``): the same weights in 1.7x (FCOS, RetinaNet at 128 px) to 4-5.5x (Faster R-CNN,
+SSDlite at 320 px) less time (``benchmarks/recovery_speed.py``).
 """
 
 from __future__ import annotations
