@@ -403,6 +403,7 @@ def reconstruct(
     floor: float = DEFAULT_FLOOR,
     response: float = DEFAULT_RESPONSE,
     refit: bool = True,
+    ridges: Sequence[float] | None = None,
     flip: bool = True,
     augment: bool = DEFAULT_AUGMENT,
     seed: int = 0,
@@ -430,7 +431,7 @@ def reconstruct(
             matcher.scales = channel_scales((matcher.teacher(b) for b in calib), matcher.dims, floor)
         held_targets = _teacher_targets(matcher, held)
         error_cut = _held_out_error(matcher, held, held_targets)
-    rec = recover(pruned, dense, calib, kept=kept, batches=len(calib)) if refit else None
+    rec = recover(pruned, dense, calib, kept=kept, batches=len(calib), ridges=ridges) if refit else None
     if on_refit is not None:
         on_refit(pruned)
     with _eval_mode(pruned, dense):
