@@ -23,7 +23,7 @@ Recovery by reconstruction (the ``reconstruct`` recovery method, ``prune.recover
    channel's mean), floored at ``floor`` x the layer's mean channel variance (and a layer's level
    at a thousandth of its mean energy), so that a near-constant channel -- a background logit, a
    dead unit -- cannot dominate the loss; measured below the energy error on the YOLOs
-   (docs/benchmarks/label-free-recovery.md). ``response > 0`` (1, the default) adds, for Ultralytics detectors,
+   (docs/benchmarks/label-free-recovery.md). ``response > 0`` (10, the default) adds, for Ultralytics detectors,
    the head's response distillation terms (:func:`surgery.yolo.response.response_losses`: class-score
    KL, DFL KL weighted by the teacher's confidence). Images only: the data may yield ``(images,
    targets)`` batches, the targets are dropped unread.
@@ -90,8 +90,10 @@ LOSSES = ("energy", "variance")
 DEFAULT_LOSS = "energy"  # measured against "variance" on the 800-step YOLOs: docs/benchmarks/label-free-recovery.md
 DEFAULT_FLOOR = 0.1  # a channel's variance counts at least this fraction of its layer's mean channel variance
 DEFAULT_AUGMENT = True  # steps on random crops mixed with other calibration images (not only the images themselves)
-DEFAULT_RESPONSE = 1.0  # weight of the YOLO head's response terms (class-score KL, DFL KL) added to the error:
-# YOLOv8n 91.5 -> 93.7% at a 50% cut, 71.2 -> 82.3% at 75% (docs/benchmarks/label-free-recovery.md)
+DEFAULT_RESPONSE = 10.0  # weight of the YOLO head's response terms (class-score KL, DFL KL) added to the error:
+# 0 -> 1: YOLOv8n 91.5 -> 93.7% at a 50% cut, 71.2 -> 82.3% at 75%; 1 -> 3 -> 10 (50% / 75% cuts): YOLO11n
+# 83.6 -> 88.4 -> 90.7% / 68.3 -> 73.4 -> 75.1%, YOLO26n 69.8 -> 72.9 -> 83.9% / 54.7 -> 57.5 -> 60.2%, YOLOv8n
+# 93.7 -> 94.1 -> 94.1% / 82.3 -> 82.2 -> 82.3% (docs/benchmarks/label-free-recovery.md)
 ENERGY_LEVEL = 1e-3  # ...and a layer's level is at least this fraction of its mean channel energy
 
 
@@ -403,6 +405,7 @@ def reconstruct(
     floor: float = DEFAULT_FLOOR,
     response: float = DEFAULT_RESPONSE,
     refit: bool = True,
+    ridges: Sequence[float] | None = None,
     flip: bool = True,
     augment: bool = DEFAULT_AUGMENT,
     seed: int = 0,
@@ -430,7 +433,7 @@ def reconstruct(
             matcher.scales = channel_scales((matcher.teacher(b) for b in calib), matcher.dims, floor)
         held_targets = _teacher_targets(matcher, held)
         error_cut = _held_out_error(matcher, held, held_targets)
-    rec = recover(pruned, dense, calib, kept=kept, batches=len(calib)) if refit else None
+    rec = recover(pruned, dense, calib, kept=kept, batches=len(calib), ridges=ridges) if refit else None
     if on_refit is not None:
         on_refit(pruned)
     with _eval_mode(pruned, dense):

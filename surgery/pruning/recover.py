@@ -61,6 +61,7 @@ from .budget import Recovery
 
 DEFAULT_POSITIONS = 1024  # sampled spatial positions per layer call and batch
 DEFAULT_RIDGE = 1e-2  # lam = ridge x mean diagonal of X'^T X'
+HOLD_EVERY = 4  # with recover(ridges=...): every fourth calibration batch scores each layer's candidate ridges
 RECOVER_BATCH_SIZE = 8  # images per calibration batch for recovery
 DEFAULT_RECOVER_BATCHES = Recovery.batches  # calibration batches (why 16: the comment at Recovery)
 
@@ -77,6 +78,7 @@ class LayerFit:
     error_before: float
     error_after: float
     refit: bool  # False: the fit did not lower the error, the weights were kept
+    ridge: float | None = None  # the ridge used (chosen by held-out error when recover() had ``ridges``)
 
 
 @dataclass
@@ -432,8 +434,31 @@ class _Replay:
 # least squares
 
 
+def _solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``argmin_W ||X W^T - Y||^2 + lam ||W - W0||^2`` from the moments ``X^T X``, ``X^T Y``
+    (``lam = ridge x`` the mean diagonal of ``X^T X``)."""
+    d = gram.shape[0]
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    rhs = cross + lam * w0.T
+    system = gram + lam * torch.eye(d, dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(system)  # symmetric positive definite when lam > 0: half LU's work
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor).T  # [o, d]
+    try:
+        return torch.linalg.solve(system, rhs).T
+    except RuntimeError:
+        return torch.linalg.lstsq(system, rhs).solution.T
+
+
+def _held_batch(b: int, batches: int) -> bool:
+    """Whether calibration batch ``b`` is held out of a layer's fit to choose its ridge: every
+    fourth batch (none when there are fewer than two)."""
+    return batches >= 2 and b % HOLD_EVERY == HOLD_EVERY - 1
+
+
 def _fit_layer(pruned: nn.Module, name: str, li: int, batches: list[list[torch.Tensor]], targets, proposals, calls,
-               kept: Sequence[int] | None, ridge: float, replay: _Replay) -> LayerFit:
+               kept: Sequence[int] | None, ridge: float, replay: _Replay,
+               ridges: Sequence[float] | None = None) -> LayerFit:
     layer = dict(pruned.named_modules())[name]
     has_bias = layer.bias is not None
     w0 = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()  # [o, d]
@@ -443,12 +468,17 @@ def _fit_layer(pruned: nn.Module, name: str, li: int, batches: list[list[torch.T
     gram = torch.zeros(d, d, dtype=torch.float64)
     cross = torch.zeros(d, o, dtype=torch.float64)
     yy, n = 0.0, 0
+    # with ``ridges``: the moments of the held-out batches apart (those of the fit are the totals minus them)
+    select = bool(ridges) and any(_held_batch(b, len(batches)) for b in range(len(batches)))
+    gram_h = torch.zeros(d, d, dtype=torch.float64) if select else None
+    cross_h = torch.zeros(d, o, dtype=torch.float64) if select else None
+    yy_h = 0.0
     b_now = [0]
     seen: dict[int, int] = {}
     keep = torch.as_tensor(list(kept), dtype=torch.long) if kept is not None else None
 
     def hook(m: nn.Module, inp: Any, out: torch.Tensor) -> None:
-        nonlocal yy, n
+        nonlocal yy, n, yy_h
         b = b_now[0]
         c = seen.get(b, 0)
         seen[b] = c + 1
@@ -461,11 +491,16 @@ def _fit_layer(pruned: nn.Module, name: str, li: int, batches: list[list[torch.T
         if y.shape[1] != o or x.shape[0] != y.shape[0]:
             raise PruningError(f"recovery: {name} output {tuple(y.shape)} does not match the pruned layer ({x.shape[0]}, {o})")
         # one batch's products in float32 (relative error ~3e-7, far below the ridge), summed over
-        # batches in float64: the float64 products were 4 to 6 times slower for the same fit
-        gram.add_(x.T @ x)  # in-place add into float64: no float64 copy of the product
-        cross.add_(x.T @ y)
-        yy += float((y.double() * y.double()).sum())
+        # batches in float64 by an in-place add: the float64 products were 4 to 6 times slower
+        xx, xy, y2 = x.T @ x, x.T @ y, float((y.double() * y.double()).sum())
+        gram.add_(xx)
+        cross.add_(xy)
+        yy += y2
         n += x.shape[0]
+        if gram_h is not None and cross_h is not None and _held_batch(b, len(batches)):
+            gram_h.add_(xx)
+            cross_h.add_(xy)
+            yy_h += y2
         if seen[b] == calls.get((name, b), 0):
             raise _Stop
 
@@ -487,30 +522,28 @@ def _fit_layer(pruned: nn.Module, name: str, li: int, batches: list[list[torch.T
     if n == 0:
         return LayerFit(name, kind, 0, d, float("nan"), float("nan"), False)
 
-    def err(w: torch.Tensor) -> float:  # ||X w^T - Y||^2 from the accumulated moments
-        return float((w * (w @ gram)).sum() - 2 * (w * cross.T).sum() + yy)
+    def err(w: torch.Tensor, g: torch.Tensor = gram, c: torch.Tensor = cross, y2: float = yy) -> float:
+        return float((w * (w @ g)).sum() - 2 * (w * c.T).sum() + y2)  # ||X w^T - Y||^2 from the moments
 
-    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-    rhs = cross + lam * w0.T
-    system = gram + lam * torch.eye(d, dtype=torch.float64)
-    factor, info = torch.linalg.cholesky_ex(system)  # symmetric positive definite when lam > 0: half LU's work
-    if int(info) == 0:
-        w = torch.cholesky_solve(rhs, factor).T  # [o, d]
-    else:
-        try:
-            w = torch.linalg.solve(system, rhs).T
-        except RuntimeError:
-            w = torch.linalg.lstsq(system, rhs).solution.T
+    chosen: float | None = ridge
+    if select and gram_h is not None and cross_h is not None and yy_h > 0:
+        # each candidate fitted without the held-out batches and scored on them; the cut weights
+        # (an infinite ridge) are a candidate too: a layer whose fit does not generalise keeps them
+        g_fit, c_fit = gram - gram_h, cross - cross_h
+        scores = {r: err(_solve(g_fit, c_fit, w0, r), gram_h, cross_h, yy_h) for r in ridges or ()}
+        best = min(scores, key=lambda r: scores[r])
+        chosen = best if scores[best] < err(w0, gram_h, cross_h, yy_h) else None
+    w = _solve(gram, cross, w0, chosen) if chosen is not None else w0
     scale = max(yy, 1e-12)
     before, after = err(w0) / scale, err(w) / scale
-    ok = bool(torch.isfinite(w).all()) and after < before
+    ok = chosen is not None and bool(torch.isfinite(w).all()) and after < before
     if ok:
         with torch.no_grad():
             wt = w[:, : d - 1] if has_bias else w
             layer.weight.copy_(wt.reshape(layer.weight.shape).to(layer.weight.dtype))
             if has_bias:
                 layer.bias.copy_(w[:, -1].to(layer.bias.dtype))
-    return LayerFit(name, kind, n, d, before, after, ok)
+    return LayerFit(name, kind, n, d, before, after, ok, chosen)
 
 
 def _forward_order(model: nn.Module, names: list[str], images: list[torch.Tensor]) -> list[str]:
@@ -567,6 +600,7 @@ def recover(
     batches: int = DEFAULT_RECOVER_BATCHES,
     positions: int = DEFAULT_POSITIONS,
     ridge: float = DEFAULT_RIDGE,
+    ridges: Sequence[float] | None = None,
     scope: str = "consumers",
     refit: bool = True,
     batchnorm: bool = True,
@@ -579,7 +613,7 @@ def recover(
     outputs were cut but is not in ``kept`` is skipped. No gradient step; ``dense`` is unchanged."""
     if batches < 1:
         raise PruningError("recovery needs at least one calibration batch")
-    if ridge < 0 or positions < 1:
+    if ridge < 0 or positions < 1 or any(not r >= 0 for r in ridges or ()):
         raise PruningError("recovery: ridge must be >= 0 and positions >= 1")
     t0 = time.perf_counter()
     kept = dict(kept or {})
@@ -606,7 +640,8 @@ def recover(
             try:
                 for li, n in enumerate(order):
                     replay.prepare(li)
-                    fits.append(_fit_layer(pruned, n, li, imgs, targets, proposals, calls, kept.get(n), ridge, replay))
+                    fits.append(_fit_layer(pruned, n, li, imgs, targets, proposals, calls, kept.get(n), ridge, replay,
+                                           ridges))
                     for key in [k for k in targets if k[0] == n]:
                         del targets[key]  # free what this layer used
             finally:
