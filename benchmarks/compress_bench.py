@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--recover", type=int, default=16)
     ap.add_argument("--holdout", type=int, default=64)
     ap.add_argument("--criteria", default="l1,l2,bn")
-    ap.add_argument("--round-to", default="1,8")
+    ap.add_argument("--round-to", default="8")
     ap.add_argument("--multiplier", default="0.5,1.5", help="range of the per-stage multipliers")
     ap.add_argument("--max-stages", type=int, default=8, help="at most this many stages (one multiplier each)")
     ap.add_argument("--sensitivity", default=None, help="a `surgery sensitivity` CSV: sens_power searched too")
