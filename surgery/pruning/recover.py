@@ -332,9 +332,8 @@ class _Replay:
     finished for the layer being fitted when every call of it ends before that layer's first call
     starts: its inputs are final, and so are its weights, since the layers still to fit are fitted in
     forward order and all start later; its outputs are then the same on every later pass (eval
-    mode, no gradient). Only the outermost
-    finished modules replay; a miss (a batch not yet seen) computes and stores. Replayed outputs
-    are copies, so an in-place op downstream cannot change what is kept. Memory is bounded by
+    mode, no gradient). Only the outermost finished modules replay; a miss (a batch not yet seen)
+    computes and stores. Replayed outputs are copies, so an in-place op downstream cannot change what is kept. Memory is bounded by
     ``max_bytes``; past it, outputs are recomputed as before. Results are the same as without."""
 
     def __init__(self, model: nn.Module, images: list[torch.Tensor], order: list[str], max_bytes: int) -> None:
