@@ -68,7 +68,7 @@ from .pruning.sensitivity import DENSE, read_table
 from .storage.atomic import atomic_open, atomic_path
 from .storage.checkpoint import load_checkpoint, save_pruned
 from .training.callbacks import Callbacks
-from .workflows import retrain_checkpoint
+from .workflows import holdout_split, retrain_checkpoint
 from .yolo.ultralytics_adapter import UltralyticsDetector
 from .yolo.ultralytics_handback import save_for_ultralytics
 
@@ -306,24 +306,6 @@ def cut_and_recover(
     result = run_job(model, job, data=calib_data, recover_data=recover_data, trace_size=trace_size,
                      macs_size=macs_input_size)
     return model.eval(), result
-
-
-# --------------------------------------------------------------------------------------------
-# data: recovery batches and the held-out calibration split
-
-
-def holdout_split(recipe: Recipe, images: int, recover_batches: int) -> Subset:
-    """``images`` training images the recovery never sees (the calibration batches are the first
-    ``recover_batches x 8`` of the same seeded permutation, :func:`surgery.pruning.calibrate.calibration_data`):
-    the split the proxy mAP is scored on, so the validation split stays for the final check."""
-    dataset = dataset_for(recipe.data, "train", train=False)
-    used = recover_batches * RECOVER_BATCH_SIZE
-    if len(dataset) < used + images:
-        raise CompressError(f"the training split has {len(dataset)} images: too few for {recover_batches} recovery "
-                            f"batches ({used} images) and a held-out calibration split of {images}; "
-                            "lower --holdout or --recover")
-    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(recipe.data.seed))).tolist()
-    return Subset(dataset, perm[len(perm) - images:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -943,7 +925,6 @@ __all__ = [
     "TrialRecord",
     "choose",
     "cut_and_recover",
-    "holdout_split",
     "latency_ratio",
     "miss_line",
     "open_study",

@@ -204,6 +204,24 @@ def prune_loaded(
                         cut_metrics=result.cut_metrics, allocation=result.allocation.info.get("sensitivity"))
 
 
+def holdout_split(recipe: Recipe, images: int, recover_batches: int, *, fewer: bool = False) -> Subset:
+    """``images`` training images the recovery never sees (the recovery batches are the first
+    ``recover_batches x 8`` of the same seeded permutation, :func:`surgery.pruning.calibrate.calibration_data`):
+    what compress's proxy mAP and the label-free sensitivity table are scored on, so the validation
+    split stays for the final check. ``fewer``: a small training split gives what it has left
+    (at least one image) instead of an error."""
+    dataset = dataset_for(recipe.data, "train", train=False)
+    used = recover_batches * RECOVER_BATCH_SIZE
+    if fewer:
+        images = max(1, min(images, len(dataset) - used))
+    if len(dataset) < used + images:
+        raise DataError(f"the training split has {len(dataset)} images: too few for {recover_batches} recovery "
+                        f"batches ({used} images) and a held-out calibration split of {images}; "
+                        "lower --holdout or --recover")
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(recipe.data.seed))).tolist()
+    return Subset(dataset, perm[len(perm) - images:])
+
+
 # `prune.sensitivity: label-free`: the table measured at prune time, as `surgery sensitivity --label-free`
 # was measured in docs/benchmarks/yolo-75.md (each group cut by 0.8 alone, 2 recovery batches, 50 images)
 LABEL_FREE_RATIO, LABEL_FREE_IMAGES, LABEL_FREE_RECOVER, LABEL_FREE_MIN_SCORE = 0.8, 50, 2, 0.25
@@ -213,8 +231,9 @@ def label_free_sensitivity(model: nn.Module, recipe: Recipe, checkpoint: str | P
                            macs_input_size: int) -> Path:
     """The sensitivity table of ``model`` (the checkpoint at ``checkpoint``) scored label-free: each
     coupled group cut by :data:`LABEL_FREE_RATIO` alone, recovered, and scored by its mAP against the
-    model's own detections (score >= :data:`LABEL_FREE_MIN_SCORE`) on the first :data:`LABEL_FREE_IMAGES`
-    validation images of the recipe's data; no annotation is read. Written to
+    model's own detections (score >= :data:`LABEL_FREE_MIN_SCORE`) on :data:`LABEL_FREE_IMAGES` held-out
+    training images of the recipe's data (:func:`holdout_split`: neither the recovery's batches nor the
+    validation split the cut model is finally scored on); no annotation is read. Written to
     ``folder/sensitivity-KEY.csv`` (KEY: the checkpoint's hash and these settings), so a second cut
     of the same model (the sweep's other MACs targets) reuses it and a killed run resumes it."""
     if checkpoint is None or not _is_local_file(str(checkpoint)):
@@ -222,9 +241,8 @@ def label_free_sensitivity(model: nn.Module, recipe: Recipe, checkpoint: str | P
                           "(or give a table from `surgery sensitivity`)")
     cfg = recipe.prune
     method = "l1" if cfg.method == "magnitude" else cfg.method
-    val = dataset_for(recipe.data, "val", train=False)
-    subset = Subset(val, list(range(min(LABEL_FREE_IMAGES, len(val)))))
-    key = run_key(sha256_file(checkpoint), {"data": vars(recipe.data), "val_images": len(subset), "recover": LABEL_FREE_RECOVER,
+    subset = holdout_split(recipe, LABEL_FREE_IMAGES, max(cfg.recover, LABEL_FREE_RECOVER), fewer=True)
+    key = run_key(sha256_file(checkpoint), {"data": vars(recipe.data), "holdout_images": len(subset), "recover": LABEL_FREE_RECOVER,
                                              "method": method, "skip": cfg.skip, "macs_size": macs_input_size,
                                              "round_to": cfg.round_to, "min_channels": cfg.min_channels,
                                              "label_free": LABEL_FREE_MIN_SCORE})

@@ -457,6 +457,29 @@ def test_label_free_allocation_measures_the_table_at_prune_time_and_a_second_cut
     assert list(tmp_path.glob("sensitivity-*.csv")) == tables and tables[0].stat().st_mtime_ns == before
 
 
+def test_holdout_split_is_training_images_that_neither_the_recovery_nor_the_validation_split_holds(tmp_path: Path):
+    """What the label-free table (and compress's proxy) is scored on: training images outside the
+    recovery's batches, never the validation images the cut model is finally scored on."""
+    from surgery.data import dataset_for
+    from surgery.pruning.calibrate import calibration_data
+    from surgery.pruning.recover import RECOVER_BATCH_SIZE
+    from surgery.workflows import holdout_split
+
+    recipe = recipe_from_dict({"data": {"source": "synthetic", "root": str(tmp_path), "images": 48, "size": 64, "seed": 3}})
+    held = [img for img, _ in holdout_split(recipe, 8, recover_batches=2)]
+    seen = [img for images, _ in calibration_data(recipe.data, batches=2, batch_size=RECOVER_BATCH_SIZE) for img in images]
+    val = [img for img, _ in dataset_for(recipe.data, "val", train=False)]
+    train = [img for img, _ in dataset_for(recipe.data, "train", train=False)]
+    assert len(held) == 8 and len(seen) == 2 * RECOVER_BATCH_SIZE
+
+    def index(img: torch.Tensor, pool: list[torch.Tensor]) -> list[int]:
+        return [i for i, p in enumerate(pool) if p.shape == img.shape and torch.equal(p, img)]
+
+    assert all(len(index(h, train)) == 1 for h in held)
+    assert not any(index(h, seen) for h in held) and not any(index(h, val) for h in held)
+    assert len(holdout_split(recipe, 1000, recover_batches=2, fewer=True)) == 48 - 2 * RECOVER_BATCH_SIZE
+
+
 def _table() -> list[SensitivityRow]:
     d = SensitivityRow(DENSE, 0.0, 0, 0, 1000, 1.0, 0.5, 0.8)
     rows = [d]
@@ -478,15 +501,28 @@ def test_allocation_cuts_the_insensitive_group_first():
 
 def test_allocation_weighs_the_loss_by_the_macs_saved():
     """Group ``big`` loses twice ``small``'s mAP per ratio but saves eight times its MACs: per MAC
-    saved it is four times cheaper, so it is cut first; an allocator ranking by mAP loss alone
-    would cut ``small`` first."""
+    saved it is four times cheaper, so it is cut far deeper; an allocator ranking by mAP loss alone
+    would cut ``small`` first and deeper."""
     rows = [SensitivityRow(DENSE, 0.0, 0, 0, 1000, 1.0, 0.5, 0.8)]
     for ratio in (0.25, 0.5, 0.75):
         for group, saves, loss in (("big", 800, 0.2), ("small", 100, 0.1)):
             macs = 1000 - int(saves * ratio)
             rows.append(SensitivityRow(group, ratio, 64, 0, macs, macs / 1000, 0.5 - loss * ratio, 0.8))
     alloc = allocate_by_sensitivity(["big", "small"], rows, 0.75)  # 250 MACs to save: big alone gives 600
-    assert alloc.met and alloc.ratios.get("big", 0) > 0 and alloc.ratios.get("small", 0) == 0
+    assert alloc.met and alloc.ratios.get("big", 0) >= 4 * alloc.ratios.get("small", 0) and alloc.ratios["big"] > 0
+
+
+def test_a_one_ratio_table_spreads_the_cut_in_inverse_proportion_to_the_loss_per_mac():
+    """Measured at 0.8 only, ``a`` loses half of ``b``'s mAP for the same MACs. The loss grows with
+    the square of the ratio up to the measured one (a ranked cut removes the least important
+    channels first), so the cheapest allocation cuts both, ``a`` twice as deep: 0.4 and 0.2 for 300
+    MACs saved. A loss linear from zero would cut ``a`` alone to 0.6 and leave ``b`` whole."""
+    rows = [SensitivityRow(DENSE, 0.0, 0, 0, 1000, 1.0, 0.5, 0.8)]
+    for group, loss in (("a", 0.02), ("b", 0.04)):
+        rows.append(SensitivityRow(group, 0.8, 64, 0, 600, 0.6, 0.5 - loss, 0.8))
+    alloc = allocate_by_sensitivity(["a", "b"], rows, 0.7)
+    assert alloc.met
+    assert alloc.ratios["a"] == pytest.approx(0.4, abs=0.051) and alloc.ratios["b"] == pytest.approx(0.2, abs=0.051)
 
 
 def test_sensitivity_allocation_meets_the_macs_target(tmp_path: Path):

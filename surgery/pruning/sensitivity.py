@@ -10,8 +10,15 @@ another run and is refused rather than overwritten or mixed.
 
 :func:`allocate_by_sensitivity` turns the table into per-group ratios that meet a MACs target while
 cutting the insensitive groups more: starting from nothing cut, it repeatedly raises by ``step``
-the ratio of the group with the smallest estimated mAP loss per MAC saved (both interpolated
-linearly between the table's ratios, made monotone), which gives a path of ever-deeper cuts.
+the ratio of the group with the smallest estimated mAP loss per MAC saved, which gives a path of
+ever-deeper cuts. The MACs saved are interpolated linearly between the table's ratios; so is the
+loss, except from nothing cut to the first measured ratio, where it grows with the square of the
+ratio (both made monotone). A ranked cut removes the least important channels first, so the loss of
+its first channels is smaller than their share: a loss linear from zero makes every group's marginal
+cost constant, and the greedy path then cuts the cheapest groups all the way to the table's ratio
+and leaves the others whole (a one-ratio table, measured at 0.8, did exactly that on YOLO11n and
+lost 12 points against a uniform cut, docs/benchmarks/yolo-75.md). The square is the second-order
+(optimal-brain-damage) form of a loss whose ranked channels matter in proportion to their rank.
 Single-group savings do not add up exactly (a layer between two cut groups loses ``r1 + r2 -
 r1 r2``, not ``r1 + r2``), so the MACs of the candidate allocations are measured on cut copies
 (``measure``) and the first point of the path that meets the target is chosen by bisection.
@@ -324,6 +331,14 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
     return ys[-1]
 
 
+def _loss_at(xs: list[float], loss: list[float], x: float) -> float:
+    """The estimated mAP loss at ratio ``x``: quadratic from 0 to the first measured ratio, then
+    linear between the measured ratios (the module docstring says why)."""
+    if len(xs) > 1 and x < xs[1]:
+        return loss[1] * (x / xs[1]) ** 2 if xs[1] > 0 else 0.0
+    return _interp(xs, loss, x)
+
+
 def greedy_path(groups: Sequence[str], table: Sequence[SensitivityRow], *, step: float = 0.05) -> list[dict[str, float]]:
     """Allocations of ever-deeper cuts: each point raises one group's ratio by ``step``, the group
     with the least estimated mAP loss per MAC saved (ties: the larger saving)."""
@@ -348,7 +363,7 @@ def greedy_path(groups: Sequence[str], table: Sequence[SensitivityRow], *, step:
             if ds <= 0:
                 state[g] = r2  # no saving here: move on without a point
                 continue
-            dl = _interp(xs, loss, r2) - _interp(xs, loss, r)
+            dl = _loss_at(xs, loss, r2) - _loss_at(xs, loss, r)
             k = (dl / ds, -ds)
             if best_key is None or k < best_key:
                 best, best_key = (g, r2), k
