@@ -447,6 +447,8 @@ def _structured_round(run: _Run, tech: Technique, point: dict[str, Any], rounds:
     def prune(k: int) -> dict[str, Any]:
         args: dict[str, Any] = {"method": tech.criterion, "target_macs": None, "target_params": None,
                                 "target_latency": None}
+        if "target_macs" not in point and run.recipe.prune.allocation == "sensitivity":
+            args.update(allocation="uniform", sensitivity=None)  # the table spreads MACs budgets only
         if "target_latency" in point:  # each round keeps target^(1/rounds) of the latency left
             args["target_latency"] = point["target_latency"] ** (1.0 / rounds)
         elif "ratio" in point:  # each round keeps (1 - r)^(1/rounds) of the channels left

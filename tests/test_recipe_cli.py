@@ -56,6 +56,32 @@ def test_overrides_and_roundtrip() -> None:
     assert recipe_from_dict(r.to_dict()).to_dict() == r.to_dict()
 
 
+def test_an_amount_flag_replaces_the_recipes_amount_and_a_recipes_sensitivity_allocation_yields_to_it() -> None:
+    """``--ratio`` on a recipe with ``prune.target_macs`` cuts by the ratio (it used to be ignored: the
+    recipe's MACs target won); a recipe's sensitivity allocation, which spreads MACs budgets only,
+    leaves a ratio, parameter or latency flag to the uniform allocation, and spreads ``--keep-macs``."""
+    from surgery.pruning.budget import CutRatio, KeepLatency, KeepMacs, KeepParams, Sensitivity, budget_of
+
+    plain = recipe_from_dict({"prune": {"target_macs": 0.5}})
+    sens = recipe_from_dict({"prune": {"target_macs": 0.25, "allocation": "sensitivity", "sensitivity": "label-free"}})
+    cases = [
+        (plain, {"prune.ratio": 0.3}, CutRatio),
+        (plain, {"prune.target_params": 0.4}, KeepParams),
+        (plain, {"prune.target_macs": 0.4}, KeepMacs),
+        (sens, {"prune.ratio": 0.3}, CutRatio),
+        (sens, {"prune.target_latency": 0.5}, KeepLatency),
+        (sens, {"prune.target_macs": 0.4}, Sensitivity),
+        (sens, {}, Sensitivity),
+    ]
+    for recipe, flags, kind in cases:
+        budget = budget_of(apply_overrides(recipe, flags).prune, 128)
+        assert type(budget) is kind, (flags, budget)
+    assert budget_of(apply_overrides(plain, {"prune.ratio": 0.3}).prune, 128).ratio == 0.3
+    assert budget_of(apply_overrides(sens, {"prune.target_macs": 0.4}).prune, 128).keep_macs == 0.4
+    with pytest.raises(RecipeError, match="target_macs"):  # naming the allocation keeps it, and its need of a MACs budget
+        apply_overrides(sens, {"prune.ratio": 0.3, "prune.allocation": "sensitivity"})
+
+
 def _one_clear_line(code: int, output: str) -> str:
     assert code == 2, output
     lines = [ln for ln in output.strip().splitlines() if ln.strip()]

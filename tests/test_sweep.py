@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -124,3 +125,24 @@ def test_sweep_techniques_at_a_macs_target(tmp_path) -> None:
     assert final.train_state["step"] == 2
     model = load(out / "taylor+progressive-keep-macs0.5.pt")
     assert sum(p.numel() for p in model.parameters()) == chain[0].params_after
+
+
+def test_a_sensitivity_recipe_spreads_the_sweeps_macs_targets_and_cuts_its_ratio_points_uniformly() -> None:
+    """The table spreads a MACs budget; a sweep's ratio points of the same recipe are uniform cuts
+    (a sensitivity budget without a MACs target could not be built)."""
+    from types import SimpleNamespace
+
+    from surgery.config.recipe import Technique
+    from surgery.pruning.budget import CutRatio, Sensitivity, budget_of
+    from surgery.sweep import _structured_round
+
+    recipe = recipe_from_dict({"prune": {"target_macs": 0.25, "allocation": "sensitivity", "sensitivity": "label-free"}})
+    run = SimpleNamespace(recipe=recipe)
+    tech = Technique(text="l1", criterion="l1")
+    kinds = {}
+    for point in ({"ratio": 0.3}, {"target_macs": 0.5}):
+        args = _structured_round(run, tech, point, 1, "v")(1)
+        section = dataclasses.replace(recipe.prune, **args)
+        section.validate()
+        kinds[next(iter(point))] = type(budget_of(section, 128))
+    assert kinds == {"ratio": CutRatio, "target_macs": Sensitivity}

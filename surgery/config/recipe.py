@@ -547,9 +547,28 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe_from_dict(data, str(path))
 
 
+# the prune fields that each say how much to cut: one set by a flag replaces the recipe's
+PRUNE_AMOUNTS = ("ratio", "target_macs", "target_params", "target_latency")
+
+
 def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
-    """Return a new recipe with dotted keys (``"prune.ratio"``) replaced; ``None`` values are ignored."""
+    """Return a new recipe with dotted keys (``"prune.ratio"``) replaced; ``None`` values are ignored.
+
+    An amount to cut given as an override (``prune.ratio``, ``prune.target_*``) replaces the
+    recipe's amount instead of competing with it (a recipe's ``target_macs`` would otherwise win over
+    ``--ratio``); a recipe's ``allocation: sensitivity``, which spreads a MACs budget, leaves a ratio,
+    parameter or latency budget to the uniform allocation unless the overrides name it too."""
     data = recipe.to_dict()
+    amounts = [k for k in PRUNE_AMOUNTS if overrides.get(f"prune.{k}") is not None]
+    if amounts and isinstance(data.get("prune"), dict):
+        section = data["prune"]
+        for k in PRUNE_AMOUNTS:
+            if k not in amounts:
+                section.pop(k, None)
+        if (section.get("allocation") == "sensitivity" and "target_macs" not in amounts
+                and overrides.get("prune.allocation") is None):
+            section["allocation"] = "uniform"
+            section.pop("sensitivity", None)
     for dotted, value in overrides.items():
         if value is None:
             continue
