@@ -149,7 +149,8 @@ class PruneSection:
     recover_lr: float = Recovery.lr  # reconstruct: Adam's learning rate
     # how the cut is spread over the groups: uniform (one ratio, or overrides), global (one ranking
     # across groups, = global_ranking), sensitivity (per-group ratios from a `surgery sensitivity`
-    # CSV that meet target_macs while cutting the insensitive groups more)
+    # CSV that meet target_macs while cutting the insensitive groups more; a --ratio, --keep-params or
+    # --keep-latency flag on a recipe with it cuts uniformly)
     allocation: str = "uniform"
     # allocation sensitivity: the CSV `surgery sensitivity` wrote, or "label-free": the prune measures the table of the
     # checkpoint it cuts, scored against that model's own detections (no annotation read; surgery.workflows)
