@@ -100,3 +100,34 @@ def test_the_model_name_is_read_whole_from_the_sweeps_report(tmp_path: Path) -> 
     assert rf._model_name(tmp_path) == "ultralytics:yolov8n.yaml"
     (tmp_path / "results.md").write_text("# fcos_resnet18_slim: structured vs masked pruning\n")
     assert rf._model_name(tmp_path) == "fcos_resnet18_slim"
+
+
+def test_rows_of_two_data_seeds_share_a_cell_with_their_mean_and_range() -> None:
+    recovered, retained = {"0": 0.6112, "1": 0.5731}, {"0": 0.9487, "1": 0.9104}
+    rows = [{**_row("l1", "0.25", f"{retained[s]:.4f}"), "data_seed": s, "map_recovered": f"{recovered[s]:.4f}",
+             "map_retrained": f"{0.5 + int(s) / 10:.4f}"} for s in ("0", "1")]
+    md = rf.markdown(rows)
+    rec, ret = sorted(recovered.values()), sorted(retained.values())
+    want_rec = f"{sum(rec) / 2:.3f} ({rec[0]:.3f}-{rec[1]:.3f}, 2 seeds)"
+    want_ret = f"{100 * sum(ret) / 2:.1f}% ({100 * ret[0]:.1f}-{100 * ret[1]:.1f}, 2 seeds)"
+    assert f"| f | l1 | - | - | - | - | 0.000 | {want_rec} | {(0.5 + 0.6) / 2:.3f} | {want_ret} |" in md
+    assert "Over data seeds 0, 1" in md
+    # one seed reads as before: the bare values
+    assert f"| 0.000 | {recovered['0']:.3f} | 0.500 | {100 * retained['0']:.1f}% |" in rf.markdown(rows[:1])
+
+
+def test_each_data_seed_sweeps_a_recipe_copy_that_changes_only_its_seed(tmp_path: Path) -> None:
+    recipe = "recipes/recovery_retinanet.yaml"
+    shipped = yaml.safe_load((ROOT / recipe).read_text())
+    own, other = shipped["data"]["seed"], shipped["data"]["seed"] + 1
+    ckpt, runs = tmp_path / "dense.pt", tmp_path / "runs"
+    # the recipe's own seed alone: the shipped recipe, today's folder (earlier runs resume)
+    for seeds in (None, [own]):
+        assert rf.seed_runs("retinanet", runs, seeds, None) == [(own, ROOT / recipe, runs / "retinanet")]
+    got = rf.seed_runs("retinanet", runs, [own, other], str(ckpt))
+    assert [(s, out) for s, _, out in got] == [(own, runs / "retinanet" / f"seed{own}"),
+                                              (other, runs / "retinanet" / f"seed{other}")]
+    # the dense checkpoint was trained on the recipe's own data: only that seed loads it
+    assert yaml.safe_load(got[0][1].read_text()) == {**shipped, "model": {**shipped["model"], "weights": str(ckpt)}}
+    assert yaml.safe_load(got[1][1].read_text()) == {**shipped, "data": {**shipped["data"], "seed": other}}
+    assert got[1][1] != got[0][1] and got[1][1].parent == runs / "retinanet"
