@@ -425,12 +425,30 @@ def _constraints(trial: Any) -> Sequence[float]:
     return trial.user_attrs.get("constraints", [0.0])
 
 
-def suggest(trial: Any, goal: Goal, space: SearchSpace, stages: Sequence[str]) -> TrialConfig:
-    """Sample a :class:`TrialConfig` (a MACs budget fixes ``keep`` to the budget)."""
+# A latency budget B: the MACs a trial aims at are searched in [LO x B, HI x B]. A cut network's
+# latency falls no faster than its MACs (what does not shrink with the widths: layout reorders,
+# per-operator dispatch, the input layer), and on every detector measured here not less than half as
+# fast (the quickstart FCOS in ONNX Runtime: 0.53-0.62 of the dense network at half the MACs, 0.28-0.33
+# at a quarter; docs/benchmarks/runtimes.md); HI leaves room for widths that run faster per MAC.
+# The whole (0.15, 0.95) range spent most trials far from the budget (0.30 or 0.93 of the latency for
+# a budget of 0.58: docs/benchmarks/compress.md, fourth run).
+LATENCY_KEEP = (0.5, 1.1)
+
+
+def keep_range(goal: Goal, space: SearchSpace) -> tuple[float, float]:
+    """The fraction of the dense MACs a trial's cut aims at: the budget itself for a MACs budget,
+    around a latency budget (:data:`LATENCY_KEEP`), else the space's whole range."""
     if goal.keep_macs is not None:
-        keep = trial.suggest_float("keep", goal.keep_macs, goal.keep_macs)
-    else:
-        keep = trial.suggest_float("keep", *space.keep)
+        return goal.keep_macs, goal.keep_macs
+    lo, hi = space.keep
+    if goal.keep_latency is not None:
+        return max(lo, LATENCY_KEEP[0] * goal.keep_latency), min(hi, LATENCY_KEEP[1] * goal.keep_latency)
+    return lo, hi
+
+
+def suggest(trial: Any, goal: Goal, space: SearchSpace, stages: Sequence[str]) -> TrialConfig:
+    """Sample a :class:`TrialConfig` (``keep`` from :func:`keep_range`)."""
+    keep = trial.suggest_float("keep", *keep_range(goal, space))
     params: dict[str, Any] = {"keep": keep}
     for s in stages:
         params[f"mult:{s}"] = trial.suggest_float(f"mult:{s}", *space.multiplier)
@@ -442,8 +460,12 @@ def suggest(trial: Any, goal: Goal, space: SearchSpace, stages: Sequence[str]) -
 
 
 def uniform_params(goal: Goal, space: SearchSpace, stages: Sequence[str], base: PruneSection) -> dict[str, Any]:
-    """The uniform allocation as a trial: every multiplier 1, the recipe's criterion and rounding."""
-    params: dict[str, Any] = {"keep": goal.keep_macs if goal.keep_macs is not None else 0.5}
+    """The uniform allocation as a trial: every multiplier 1, the recipe's criterion and rounding,
+    the MACs of a MACs budget, of a latency budget (what ``surgery prune --keep-macs B`` gives),
+    else half."""
+    budget = goal.keep_macs if goal.keep_macs is not None else goal.keep_latency
+    lo, hi = keep_range(goal, space)
+    params: dict[str, Any] = {"keep": min(hi, max(lo, budget if budget is not None else 0.5))}
     params.update({f"mult:{s}": 1.0 for s in stages})
     params["criterion"] = base.method if base.method in space.criteria else space.criteria[0]
     params["round_to"] = base.round_to if base.round_to in space.round_to else space.round_to[0]
