@@ -461,11 +461,10 @@ def suggest(trial: Any, goal: Goal, space: SearchSpace, stages: Sequence[str]) -
 
 def uniform_params(goal: Goal, space: SearchSpace, stages: Sequence[str], base: PruneSection) -> dict[str, Any]:
     """The uniform allocation as a trial: every multiplier 1, the recipe's criterion and rounding,
-    the MACs of a MACs budget, of a latency budget (what ``surgery prune --keep-macs B`` gives),
-    else half."""
-    budget = goal.keep_macs if goal.keep_macs is not None else goal.keep_latency
+    the MACs of a MACs budget, the middle of a latency budget's MACs range (:func:`keep_range`), else
+    half."""
     lo, hi = keep_range(goal, space)
-    params: dict[str, Any] = {"keep": min(hi, max(lo, budget if budget is not None else 0.5))}
+    params: dict[str, Any] = {"keep": (lo + hi) / 2 if goal.keep_latency is not None else min(hi, max(lo, 0.5))}
     params.update({f"mult:{s}": 1.0 for s in stages})
     params["criterion"] = base.method if base.method in space.criteria else space.criteria[0]
     params["round_to"] = base.round_to if base.round_to in space.round_to else space.round_to[0]

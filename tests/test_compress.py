@@ -573,8 +573,8 @@ def test_yolo_compress_delivers_the_int8_onnx_and_the_ultralytics_file(ultralyti
 
 def test_a_latency_budget_searches_the_macs_around_it_and_starts_from_a_uniform_cut_at_the_budget() -> None:
     """Trials of ``--keep-latency B`` aim their cut at [0.5 B, 1.1 B] of the dense MACs (the
-    network's latency falls no faster than its MACs), trial 0 at B; a MACs budget fixes the MACs, a
-    floor alone searches the whole range."""
+    network's latency falls no faster than its MACs), trial 0 (the uniform cut) at the middle; a MACs
+    budget fixes the MACs, a floor alone searches the whole range."""
     optuna = require("optuna")
     from surgery.compress import LATENCY_KEEP, SearchSpace, keep_range, suggest, uniform_params
     from surgery.config.recipe import PruneSection
@@ -588,5 +588,6 @@ def test_a_latency_budget_searches_the_macs_around_it_and_starts_from_a_uniform_
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     keeps = [suggest(study.ask(), goal, space, ["s"]).keep for _ in range(40)]
     assert lo <= min(keeps) and max(keeps) <= hi and max(keeps) - min(keeps) > 0.5 * (hi - lo)
-    assert uniform_params(goal, space, ["s"], PruneSection())["keep"] == budget
+    assert uniform_params(goal, space, ["s"], PruneSection())["keep"] == pytest.approx((lo + hi) / 2)
+    assert uniform_params(Goal(keep_macs=0.4), space, ["s"], PruneSection())["keep"] == 0.4
     assert uniform_params(Goal(keep_map=0.99), space, ["s"], PruneSection())["keep"] == 0.5
