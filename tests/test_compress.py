@@ -571,7 +571,7 @@ def test_yolo_compress_delivers_the_int8_onnx_and_the_ultralytics_file(ultralyti
     assert "model.int8.onnx" in (out / "report.md").read_text()
 
 
-def test_a_latency_budget_searches_the_macs_around_it_and_starts_from_a_uniform_cut_at_the_budget() -> None:
+def test_a_latency_budget_searches_the_macs_around_it_and_starts_from_a_uniform_cut_in_their_middle() -> None:
     """Trials of ``--keep-latency B`` aim their cut at [0.5 B, 1.1 B] of the dense MACs (the
     network's latency falls no faster than its MACs), trial 0 (the uniform cut) at the middle; a MACs
     budget fixes the MACs, a floor alone searches the whole range."""
