@@ -51,7 +51,7 @@ def compress(
     round_to: str = typer.Option("8", "--round-to", help="Width roundings searched (comma-separated; 1,8 also tries exact widths, which run slower for the same MACs)."),
     multiplier: str = typer.Option("0.5,1.5", "--multiplier", help="LO,HI: range of the per-stage multipliers of the cut searched (0.25,2.0: a wider space)."),
     max_stages: int = typer.Option(8, "--max-stages", help="At most this many stages, one multiplier each (groups sharing a name prefix; more: a finer allocation)."),
-    sensitivity: Path = typer.Option(None, "--sensitivity", help="CSV from `surgery sensitivity`: per-group multipliers searched too."),
+    sensitivity: str = typer.Option(None, "--sensitivity", help="CSV from `surgery sensitivity`, or label-free (the table measured first on held-out training images, no annotation read): per-group multipliers searched too."),
     input_size: int = typer.Option(None, "--input-size", help="Image side MACs and latency are measured at (default: recipe bench.input_size)."),
     retrain_steps: int = typer.Option(None, "--retrain-steps", help="Retraining steps of the chosen trial (default: the recipe's retrain.steps)."),
     workers: int = typer.Option(1, "--workers", help="Processes on this machine searching together (torch threads split between them; 2 on 2 cores: about twice the trials)."),
@@ -60,7 +60,15 @@ def compress(
 ) -> None:
     """Search for the fastest detector above an mAP floor, or the most accurate within a budget; retrain it
     and write the checkpoint, ONNX and a report (Pareto front, every trial, goal met or not)."""
-    from surgery.compress import Goal, SearchSettings, SearchSpace, deliver, search, write_report
+    from surgery.compress import (
+        Goal,
+        SearchSettings,
+        SearchSpace,
+        deliver,
+        resolve_sensitivity,
+        search,
+        write_report,
+    )
     from surgery.errors import RecipeError
     from surgery.storage.checkpoint import read_checkpoint
     from surgery.workflows import recipe_for_checkpoint
@@ -94,6 +102,9 @@ def compress(
     dense, _ = load_checkpoint(model)
     cb = Callbacks(on_note=_line, on_stage=lambda s: _line(f"[{s}]"), on_warning=lambda s: _line(f"warning: {s}"))
     _line(f"goal: {goal.describe()}")
+    if space.sensitivity is not None:
+        cb.stage(f"sensitivity table ({space.sensitivity})")
+        space = resolve_sensitivity(space, dense, rec, model, out, settings.macs_input_size)
     result = search(dense, rec, goal, out, space=space, settings=settings, storage=storage, callbacks=cb)
     if search_only:
         _line(f"this worker ran trials {', '.join(map(str, result.ran)) or 'none'}; the study holds "

@@ -64,11 +64,11 @@ from .pruning.graph import trace
 from .pruning.latency import network_ms
 from .pruning.prune import PruneResult, run_job
 from .pruning.recover import RECOVER_BATCH_SIZE
-from .pruning.sensitivity import DENSE, read_table
+from .pruning.sensitivity import DENSE, LABEL_FREE, read_table
 from .storage.atomic import atomic_open, atomic_path
 from .storage.checkpoint import load_checkpoint, save_pruned
 from .training.callbacks import Callbacks
-from .workflows import holdout_split, retrain_checkpoint
+from .workflows import holdout_split, label_free_sensitivity, retrain_checkpoint
 from .yolo.ultralytics_adapter import UltralyticsDetector
 from .yolo.ultralytics_handback import save_for_ultralytics
 
@@ -233,6 +233,17 @@ def sensitivity_weights(path: str | Path, roots: Sequence[str]) -> dict[str, flo
         raise RecipeError(f"{path}: no row names a group of this model (measured on another model?)")
     mean = statistics.fmean(loss.values())
     return {r: mean / loss.get(r, mean) for r in roots}
+
+
+def resolve_sensitivity(space: SearchSpace, dense: nn.Module, recipe: Recipe, checkpoint: str | Path,
+                        run_dir: str | Path, macs_input_size: int) -> SearchSpace:
+    """``space`` with ``sensitivity: label-free`` replaced by the table it names: measured on the dense
+    checkpoint as ``surgery prune --sensitivity label-free`` measures it (held-out training images,
+    no annotation read), kept in ``run_dir`` so a resumed search and other workers reuse it."""
+    if space.sensitivity != LABEL_FREE:
+        return space
+    table = label_free_sensitivity(dense, recipe, checkpoint, Path(run_dir), macs_input_size)
+    return dataclasses.replace(space, sensitivity=str(table))
 
 
 @dataclass
@@ -949,6 +960,7 @@ __all__ = [
     "latency_ratio",
     "miss_line",
     "open_study",
+    "resolve_sensitivity",
     "search",
     "stages_of",
     "storage_url",

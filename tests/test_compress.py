@@ -591,3 +591,32 @@ def test_a_latency_budget_searches_the_macs_around_it_and_starts_from_a_uniform_
     assert uniform_params(goal, space, ["s"], PruneSection())["keep"] == pytest.approx((lo + hi) / 2)
     assert uniform_params(Goal(keep_macs=0.4), space, ["s"], PruneSection())["keep"] == 0.4
     assert uniform_params(Goal(keep_map=0.99), space, ["s"], PruneSection())["keep"] == 0.5
+
+
+@pytest.mark.slow
+def test_label_free_sensitivity_measures_a_table_in_the_run_folder_and_adds_its_power_to_the_space(
+        trained_slim: Path, tmp_path: Path) -> None:
+    """``--sensitivity label-free``: the table is measured on the dense checkpoint (one row per group
+    and a dense row scored 1 against the model's own detections), kept in ``--out``, and the trial
+    samples ``sens_power``; a rerun reuses the table."""
+    require("optuna")
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from surgery.pruning.sensitivity import DENSE, read_table
+
+    out = tmp_path / "run"
+    args = ["compress", str(trained_slim), "--out", str(out), "--keep-macs", "0.5", "--trials", "1", "--search-only",
+            "--sensitivity", "label-free", *FAST]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    tables = list(out.glob("sensitivity-*.csv"))
+    assert len(tables) == 1
+    rows = read_table(tables[0])[1]
+    assert next(r.map for r in rows if r.group == DENSE) == pytest.approx(1.0) and len(rows) > 5
+    trials = _complete(f"sqlite:///{out / 'study.db'}")
+    assert "sens_power" in trials[0].params
+    before = tables[0].stat().st_mtime_ns
+    res = CliRunner().invoke(app, [*args[:7], "2", *args[8:]])  # one more trial: the study resumes
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert list(out.glob("sensitivity-*.csv")) == tables and tables[0].stat().st_mtime_ns == before
