@@ -25,7 +25,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spin-waitin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from surgery.compress import Goal, SearchSettings, SearchSpace, rebuild_trial, search  # noqa: E402
+from surgery.compress import (  # noqa: E402
+    Goal,
+    SearchSettings,
+    SearchSpace,
+    rebuild_trial,
+    resolve_sensitivity,
+    search,
+)
 from surgery.config.catalog import find_recipe  # noqa: E402
 from surgery.config.recipe import apply_overrides, load_recipe  # noqa: E402
 from surgery.data import dataset_for  # noqa: E402
@@ -64,7 +71,9 @@ def main() -> None:
     ap.add_argument("--round-to", default="8")
     ap.add_argument("--multiplier", default="0.5,1.5", help="range of the per-stage multipliers")
     ap.add_argument("--max-stages", type=int, default=8, help="at most this many stages (one multiplier each)")
-    ap.add_argument("--sensitivity", default=None, help="a `surgery sensitivity` CSV: sens_power searched too")
+    ap.add_argument("--sensitivity", default=None,
+                    help="a `surgery sensitivity` CSV, or label-free (measured first, as `surgery compress` does by default): "
+                         "sens_power searched too")
     ap.add_argument("--study", default="bench")
     ap.add_argument("--time", type=float, default=None, help="stop the search after this many minutes")
     ap.add_argument("--retrain", type=int, default=0, help="retrain this many finished trials (rank correlation)")
@@ -87,6 +96,7 @@ def main() -> None:
     space = SearchSpace(criteria=tuple(args.criteria.split(",")), round_to=tuple(int(x) for x in args.round_to.split(",")),
                         multiplier=(lo, hi), max_stages=args.max_stages, sensitivity=args.sensitivity)
     t0, load0 = time.perf_counter(), os.getloadavg()
+    space = resolve_sensitivity(space, dense, rec, dense_path, args.work / "search", settings.macs_input_size)
     result = search(dense, rec, Goal(keep_macs=args.keep_macs), args.work / "search", space=space, settings=settings,
                     callbacks=Callbacks(on_note=lambda s: print(s, flush=True)))
     seconds = time.perf_counter() - t0
