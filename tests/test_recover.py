@@ -554,6 +554,10 @@ def test_sensitivity_allocation_meets_the_macs_target(tmp_path: Path):
     head = [r for g, r in alloc.ratios.items() if g.startswith("head")]
     body = [r for g, r in alloc.ratios.items() if g.startswith("backbone.body")]
     assert (sum(body) / len(body)) > (sum(head) / len(head) if head else 0.0)
+    # the plan's one ratio ("% channels" in the reports) is the fraction of the prunable channels removed
+    prunable = [g for g in res.report.groups if g.prunable]
+    removed = sum(g.channels_before - g.channels_after for g in prunable) / sum(g.channels_before for g in prunable)
+    assert res.report.ratio == pytest.approx(removed, abs=1e-4) and res.plan.ratio == res.report.ratio
     # the real cut lands where the allocator's measurement on a cut copy said
     assert res.report.macs_ratio == pytest.approx(alloc.measured_macs_ratio, abs=1e-6)
     assert res.plan.extra["allocation"]["kind"] == "sensitivity" and res.plan.target_macs == target
