@@ -96,7 +96,7 @@ def main() -> None:
     space = SearchSpace(criteria=tuple(args.criteria.split(",")), round_to=tuple(int(x) for x in args.round_to.split(",")),
                         multiplier=(lo, hi), max_stages=args.max_stages, sensitivity=args.sensitivity)
     t0, load0 = time.perf_counter(), os.getloadavg()
-    space = resolve_sensitivity(space, dense, rec, dense_path, args.work / "search", settings.macs_input_size)
+    space = resolve_sensitivity(space, dense, rec, args.work / "search", settings.macs_input_size)
     result = search(dense, rec, Goal(keep_macs=args.keep_macs), args.work / "search", space=space, settings=settings,
                     callbacks=Callbacks(on_note=lambda s: print(s, flush=True)))
     seconds = time.perf_counter() - t0

@@ -78,7 +78,7 @@ def measure(family: str, dense_path: str, target: float, args: argparse.Namespac
     table_seconds = 0.0
     if cfg.allocation == "sensitivity" and cfg.sensitivity == LABEL_FREE:
         t0 = time.perf_counter()
-        table = label_free_sensitivity(model, rec, dense_path, Path(args.work) / family, size)
+        table = label_free_sensitivity(model, rec, Path(args.work) / family, size)
         cfg, table_seconds = dataclasses.replace(cfg, sensitivity=str(table)), time.perf_counter() - t0
     result = prune_model(model, cfg, macs_input_size=size)
     macs_ratio = count_macs(model, size).total / macs0

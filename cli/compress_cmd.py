@@ -104,7 +104,7 @@ def compress(
     _line(f"goal: {goal.describe()}")
     if space.sensitivity is not None:
         cb.stage(f"sensitivity table ({space.sensitivity})")
-        space = resolve_sensitivity(space, dense, rec, model, out, settings.macs_input_size)
+        space = resolve_sensitivity(space, dense, rec, out, settings.macs_input_size)
     result = search(dense, rec, goal, out, space=space, settings=settings, storage=storage, callbacks=cb)
     if search_only:
         _line(f"this worker ran trials {', '.join(map(str, result.ran)) or 'none'}; the study holds "

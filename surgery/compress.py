@@ -235,14 +235,14 @@ def sensitivity_weights(path: str | Path, roots: Sequence[str]) -> dict[str, flo
     return {r: mean / loss.get(r, mean) for r in roots}
 
 
-def resolve_sensitivity(space: SearchSpace, dense: nn.Module, recipe: Recipe, checkpoint: str | Path,
-                        run_dir: str | Path, macs_input_size: int) -> SearchSpace:
+def resolve_sensitivity(space: SearchSpace, dense: nn.Module, recipe: Recipe, run_dir: str | Path,
+                        macs_input_size: int) -> SearchSpace:
     """``space`` with ``sensitivity: label-free`` replaced by the table it names: measured on the dense
-    checkpoint as ``surgery prune --sensitivity label-free`` measures it (held-out training images,
+    model as ``surgery prune --sensitivity label-free`` measures it (held-out training images,
     no annotation read), kept in ``run_dir`` so a resumed search and other workers reuse it."""
     if space.sensitivity != LABEL_FREE:
         return space
-    table = label_free_sensitivity(dense, recipe, checkpoint, Path(run_dir), macs_input_size)
+    table = label_free_sensitivity(dense, recipe, Path(run_dir), macs_input_size)
     return dataclasses.replace(space, sensitivity=str(table))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,6 @@ from .pruning.sensitivity import LABEL_FREE, analyse, run_key
 from .pruning.sparsify import SparsityHook, check_target_ratio
 from .pruning.target import find_ratio_for_target
 from .storage.checkpoint import Checkpoint, load_checkpoint, resolve_model, save_pruned
-from .storage.trust import sha256_file
 from .training.callbacks import Callbacks, WarmupCheck
 from .training.distill import distill_hook_for, teacher_path
 from .training.distributed import DistInfo, current_dist, main_process_first
@@ -181,9 +181,7 @@ def prune_loaded(
             "Prune the dense model it came from, or mask again with --method magnitude"
         )
     if cfg.allocation == "sensitivity" and cfg.sensitivity == LABEL_FREE:
-        checkpoint = prior.path if prior is not None and prior.path is not None else source
-        table = label_free_sensitivity(model, recipe, checkpoint, Path(out).parent,
-                                       macs_input_size or recipe.bench.input_size)
+        table = label_free_sensitivity(model, recipe, Path(out).parent, macs_input_size or recipe.bench.input_size)
         cfg = dataclasses.replace(cfg, sensitivity=str(table))
         recipe = dataclasses.replace(recipe, prune=cfg)
     job = from_config(cfg, given=given, macs_input_size=macs_input_size or recipe.bench.input_size)
@@ -227,22 +225,29 @@ def holdout_split(recipe: Recipe, images: int, recover_batches: int, *, fewer: b
 LABEL_FREE_RATIO, LABEL_FREE_IMAGES, LABEL_FREE_RECOVER, LABEL_FREE_MIN_SCORE = 0.8, 50, 2, 0.25
 
 
-def label_free_sensitivity(model: nn.Module, recipe: Recipe, checkpoint: str | Path | None, folder: Path,
-                           macs_input_size: int) -> Path:
-    """The sensitivity table of ``model`` (the checkpoint at ``checkpoint``) scored label-free: each
+def weights_digest(model: nn.Module) -> str:
+    """A SHA-256 of the model's parameters and buffers (names, shapes, values): the key of what was
+    measured on these weights, whatever file or builder they came from (an ``ultralytics:best.pt``
+    source is not a file path, and a surgery checkpoint's bytes also hold metadata)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def label_free_sensitivity(model: nn.Module, recipe: Recipe, folder: Path, macs_input_size: int) -> Path:
+    """The sensitivity table of ``model`` scored label-free: each
     coupled group cut by :data:`LABEL_FREE_RATIO` alone, recovered, and scored by its mAP against the
     model's own detections (score >= :data:`LABEL_FREE_MIN_SCORE`) on :data:`LABEL_FREE_IMAGES` held-out
     training images of the recipe's data (:func:`holdout_split`: neither the recovery's batches nor the
     validation split the cut model is finally scored on); no annotation is read. Written to
-    ``folder/sensitivity-KEY.csv`` (KEY: the checkpoint's hash and these settings), so a second cut
+    ``folder/sensitivity-KEY.csv`` (KEY: :func:`weights_digest` and these settings), so a second cut
     of the same model (the sweep's other MACs targets) reuses it and a killed run resumes it."""
-    if checkpoint is None or not _is_local_file(str(checkpoint)):
-        raise RecipeError("prune.sensitivity: label-free measures the table of a checkpoint: prune a checkpoint "
-                          "(or give a table from `surgery sensitivity`)")
     cfg = recipe.prune
     method = "l1" if cfg.method == "magnitude" else cfg.method
     subset = holdout_split(recipe, LABEL_FREE_IMAGES, max(cfg.recover, LABEL_FREE_RECOVER), fewer=True)
-    key = run_key(sha256_file(checkpoint), {"data": vars(recipe.data), "holdout_images": len(subset), "recover": LABEL_FREE_RECOVER,
+    key = run_key(weights_digest(model), {"data": vars(recipe.data), "holdout_images": len(subset), "recover": LABEL_FREE_RECOVER,
                                              "method": method, "skip": cfg.skip, "macs_size": macs_input_size,
                                              "round_to": cfg.round_to, "min_channels": cfg.min_channels,
                                              "label_free": LABEL_FREE_MIN_SCORE})

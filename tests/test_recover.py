@@ -480,6 +480,33 @@ def test_holdout_split_is_training_images_that_neither_the_recovery_nor_the_vali
     assert len(holdout_split(recipe, 1000, recover_batches=2, fewer=True)) == 48 - 2 * RECOVER_BATCH_SIZE
 
 
+def test_the_label_free_tables_key_is_the_weights_not_the_file_they_came_from():
+    """The table of an ``ultralytics:best.pt`` source (not a file path) or a built-in model is keyed by
+    its weights: an identical copy has the same digest, one changed value another."""
+    from surgery.workflows import weights_digest
+
+    model = build_model("fcos_resnet18_slim", num_classes=5, min_size=SIZE, max_size=SIZE)
+    copy_ = copy.deepcopy(model)
+    assert weights_digest(copy_) == weights_digest(model)
+    with torch.no_grad():
+        next(copy_.parameters()).view(-1)[0] += 1e-6
+    assert weights_digest(copy_) != weights_digest(model)
+
+
+@pytest.mark.slow
+def test_label_free_allocation_cuts_an_ultralytics_source_that_is_not_a_file_path(ultralytics, tmp_path: Path):
+    """``--model ultralytics:PATH`` is not a file path: the table used to be keyed by hashing that
+    string as a file, and the prune stopped with a traceback."""
+    tiny = Path(__file__).resolve().parent / "data" / "yolo_tiny.yaml"
+    res = CliRunner().invoke(app, ["prune", "--model", f"ultralytics:{tiny}", "-k", "nc=4", "-k", "size=64",
+                                   "--allocation", "sensitivity", "--sensitivity", "label-free", "--keep-macs", "0.5",
+                                   "--macs-size", "64", "--recover", "1", "--data", "synthetic", "--out",
+                                   str(tmp_path / "p.pt")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert len(list(tmp_path.glob("sensitivity-*.csv"))) == 1
+    assert load_checkpoint(tmp_path / "p.pt")[1].plan.extra["allocation"]["kind"] == "sensitivity"
+
+
 def _table() -> list[SensitivityRow]:
     d = SensitivityRow(DENSE, 0.0, 0, 0, 1000, 1.0, 0.5, 0.8)
     rows = [d]
