@@ -29,6 +29,7 @@ import contextlib
 import copy
 import json
 import time
+import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -147,7 +148,9 @@ def _export(
 def no_identity_resize(model: nn.Module, size: tuple[int, int], enabled: bool = True) -> Iterator[int]:
     """Inside the block, each of ``model``'s pre-processing transforms (torchvision's
     ``GeneralizedRCNNTransform``) that would resize an image of ``size`` to that same size passes
-    it through instead; yields how many were bypassed (restored after).
+    it through instead, and its post-processing leaves the boxes as they are (torchvision scales
+    them back by a ratio of 1, an exact copy traced as a split, four multiplications and a stack);
+    yields how many were bypassed (restored after).
 
     A static-size export traced at the model's own ``min_size`` (the quickstart FCOS at 128 px)
     otherwise keeps a bilinear ``Resize`` at scale 1, which copies the image exactly but is not
@@ -167,15 +170,27 @@ def no_identity_resize(model: nn.Module, size: tuple[int, int], enabled: bool = 
                 bypassed.append(mod)
     for mod in bypassed:
         mod.resize = _unresized
+        mod.postprocess = types.MethodType(_boxes_unscaled, mod)
     try:
         yield len(bypassed)
     finally:
         for mod in bypassed:
             del mod.resize
+            del mod.postprocess
 
 
 def _unresized(image: torch.Tensor, target: Any = None) -> tuple[torch.Tensor, Any]:
     return image, target
+
+
+def _boxes_unscaled(self: nn.Module, result: list[dict[str, torch.Tensor]], image_shapes: list[tuple[int, int]],
+                    original_image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    """The transform's ``postprocess`` where nothing was resized: boxes kept as they are (masks and
+    keypoints, and any image whose size changed, go through torchvision's own)."""
+    same = all(tuple(a) == tuple(b) for a, b in zip(image_shapes, original_image_sizes))
+    if same and not any("masks" in r or "keypoints" in r for r in result):
+        return result
+    return type(self).postprocess(self, result, image_shapes, original_image_sizes)
 
 
 def _network_scopes(model: nn.Module) -> tuple[str, ...]:

@@ -133,11 +133,12 @@ def _dense_postprocess(
     ctr_l = head_outputs.get("bbox_ctrness")
     out = []
     for i, shape in enumerate(image_shapes):
-        logits = torch.cat([lv[i] for lv in logits_l])
+        # one Concat and one Gather per output, not a Gather per level (traced: 5x fewer nodes)
+        logits = torch.cat(logits_l, dim=-2)[i]
         num_classes = logits.shape[-1]
         scores = torch.sigmoid(logits)
         if ctr_l is not None:
-            scores = torch.sqrt(scores * torch.sigmoid(torch.cat([lv[i] for lv in ctr_l])))
+            scores = torch.sqrt(scores * torch.sigmoid(torch.cat(ctr_l, dim=-2)[i]))
         flat = scores.flatten()
         cand = _level_candidates(flat, [int(lv[i].shape[0]) * int(num_classes) for lv in logits_l], self.topk_candidates)
         if cand is None:
@@ -147,14 +148,43 @@ def _dense_postprocess(
             score = flat[cand]
             keep = score > self.score_thresh
             idx, score = cand[keep], score[keep]
-        anchor_idx = torch.div(idx, num_classes, rounding_mode="floor")
+        # indices are >= 0: truncation is the floor, one integer Div in ONNX (floor rounding exports ~9 nodes)
+        anchor_idx = torch.div(idx, num_classes, rounding_mode="trunc")
         labels = idx % num_classes
-        reg = torch.cat([lv[i] for lv in reg_l])[anchor_idx]
-        anc = torch.cat(anchors[i])[anchor_idx]
-        boxes = self.box_coder.decode(reg, anc) if ctr_l is not None else self.box_coder.decode_single(reg, anc)
-        boxes = box_ops.clip_boxes_to_image(boxes, shape)
-        out.append(_select(self, boxes, score, labels))
+        reg = torch.cat(reg_l, dim=-2)[i][anchor_idx]
+        anc = torch.cat(anchors[i])
+        if ctr_l is not None:
+            base, scale = _linear_decode_terms(self.box_coder, anc)
+            boxes = base[anchor_idx] + reg * scale[anchor_idx]
+        else:
+            boxes = self.box_coder.decode_single(reg, anc[anchor_idx])
+        out.append(_select(self, _clip(boxes, shape), score, labels))
     return out
+
+
+def _linear_decode_terms(coder: nn.Module, anchors: Tensor) -> tuple[Tensor, Tensor]:
+    """FCOS's ``BoxLinearCoder.decode`` as ``base + code * scale`` per anchor, bit for bit:
+    ``base = (cx, cy, cx, cy)``, ``scale = (-w, -h, w, h)`` (``(-1, -1, 1, 1)`` without
+    ``normalize_by_size``), since ``cx - c * w == cx + c * (-w)`` exactly in floating point.
+    Traced at a fixed size the anchors are constants, so both fold into the graph: a Gather, a Mul
+    and an Add decode the candidates where torchvision's slicing and stacking were ~20 nodes."""
+    ctr_x = 0.5 * (anchors[:, 0] + anchors[:, 2])
+    ctr_y = 0.5 * (anchors[:, 1] + anchors[:, 3])
+    base = torch.stack((ctr_x, ctr_y, ctr_x, ctr_y), dim=-1)
+    sign = anchors.new_tensor([-1.0, -1.0, 1.0, 1.0])
+    if not getattr(coder, "normalize_by_size", True):
+        return base, sign.expand_as(base)
+    w = anchors[:, 2] - anchors[:, 0]
+    h = anchors[:, 3] - anchors[:, 1]
+    return base, torch.stack((w, h, w, h), dim=-1) * sign
+
+
+def _clip(boxes: Tensor, shape: tuple[int, int]) -> Tensor:
+    """``clip_boxes_to_image`` as two element-wise operations against ``(w, h, w, h)`` (same
+    values; traced at a fixed size the bound is a constant, where torchvision slices, clamps and
+    stacks each coordinate pair)."""
+    h, w = shape
+    return torch.minimum(boxes.clamp(min=0), boxes.new_tensor([w, h, w, h]))
 
 
 def _dense_postprocess_batched(
