@@ -381,6 +381,34 @@ def test_sensitivity_irrelevant_group_keeps_the_dense_map_and_resumes(trained_fc
     assert plot_table(rows, tmp_path / "s.png").stat().st_size > 1000
 
 
+def test_a_recovered_table_compares_each_cut_with_the_model_recovered_uncut(trained_fcos: Path, tmp_path: Path):
+    """The recovery re-estimates every BatchNorm on a few images, which moves the score with nothing
+    cut. The dense row is that recovered, uncut model: a cut that changes nothing (a group whose
+    consumer reads none of it) then loses exactly nothing, whatever the recovery did by itself."""
+    from surgery.pruning.calibrate import calibration_data
+
+    model, ck = load_checkpoint(trained_fcos)
+    rec = recipe_from_dict(ck.recipe, "ckpt")
+    silent = "backbone.body.layer2.1.conv1"
+    _silence_group(model, silent)
+    calib = list(calibration_data(rec.data, batches=1, batch_size=4, model=model))
+    image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+
+    def score(m):  # continuous in the weights: the raw classification logits on one image
+        m.eval()
+        with torch.no_grad():
+            feats = m.backbone(m.transform([image])[0].tensors)
+            logits = m.head(list(feats.values()))["cls_logits"]
+        return {"mAP": float(logits.mean()), "mAP50": 0.0}
+
+    rows, _ = analyse(model, csv_path=tmp_path / "s.csv", key="k", calib_data=calib, recover_batches=1,
+                      ratios=(0.5,), macs_input_size=SIZE, trace_size=SIZE, groups=[silent], score=score)
+    dense = next(r for r in rows if r.group == DENSE)
+    cut = next(r for r in rows if r.group == silent)
+    assert abs(score(model)["mAP"] - dense.map) > 1e-4  # the recovery alone moves the score
+    assert cut.macs < dense.macs and cut.map == pytest.approx(dense.map, abs=1e-5)
+
+
 def test_sensitivity_command_resumes_its_table_and_overwrite_measures_again(trained_fcos: Path, tmp_path: Path):
     """The CLI keeps the table's rows on a re-run (a killed analysis resumes), and --overwrite starts
     it again; the output guard must not refuse the existing table."""
