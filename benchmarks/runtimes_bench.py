@@ -102,6 +102,10 @@ def main() -> None:
     ap.add_argument("--runtimes", nargs="*", default=["onnxruntime", "openvino"])
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--profile", action="store_true", help="print OpenVINO's time per node type, no CSV")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--spinning", action="store_true",
+                    help="ONNX Runtime's threads spin between operators (its own default; off by default here, "
+                         "where a shared machine's other jobs need the cores)")
     ap.add_argument("--keep-latency", type=float, default=None,
                     help="instead of the MACs cuts: prune to keep this fraction of the network latency on the (one) "
                          "runtime of --runtimes, then bench it against the dense model there")
@@ -120,7 +124,8 @@ def main() -> None:
             profile(paths, Path(tmp))
             return
         for runtime in args.runtimes:
-            cfg = BenchSection(input_size=SIZE, batch_sizes=[1], warmup=5, runs=args.runs, threads=2, runtime=runtime)
+            cfg = BenchSection(input_size=SIZE, batch_sizes=[1], warmup=5, runs=args.runs, threads=args.threads,
+                               runtime=runtime, spinning=args.spinning)
             rows += bench_checkpoints(paths, cfg)
     write_csv(rows, args.csv)
     for r in rows:
