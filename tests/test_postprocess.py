@@ -168,3 +168,34 @@ def test_a_batch_of_different_sizes_is_post_processed_at_once(monkeypatch, name:
     for r, o in zip(ref, got):
         assert len(r["boxes"]) == len(o["boxes"]) == 50
         assert _unmatched(r, o) == 0
+
+
+def _post_nodes(model: torch.nn.Module, path, vectorized: bool) -> tuple[int, int]:  # noqa: ANN001
+    """(network nodes, post-processing nodes) of a static export once ONNX Runtime has folded its
+    constants (what a deployment runs)."""
+    import onnx
+    import onnxruntime as ort
+
+    from surgery.deployment.export import export_onnx
+
+    export_onnx(model, path, 96, vectorized_postprocess=vectorized, verify=False)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(path.with_suffix(".folded.onnx"))
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    net = sum(n.name.startswith(("/model/backbone", "/model/head")) for n in nodes)
+    return net, len(nodes) - net
+
+
+def test_the_exported_fcos_post_processing_is_a_fifth_of_torchvisions_nodes(tmp_path) -> None:  # noqa: ANN001
+    """Each node is a fixed cost the cut does not shrink (docs/benchmarks/runtimes.md): the decode,
+    clip, candidate indexing and box scaling of the fast path fold into a handful of nodes."""
+    require("onnxruntime")
+    torch.manual_seed(0)
+    model = build_model("fcos_resnet18_slim", fpn_channels=64, min_size=96, max_size=96).eval()
+    model.score_thresh = 0.0
+    net_fast, fast = _post_nodes(model, tmp_path / "fast.onnx", vectorized=True)
+    net_tv, torchvision_own = _post_nodes(model, tmp_path / "tv.onnx", vectorized=False)
+    assert net_fast == net_tv > 0
+    assert 0 < fast * 5 <= torchvision_own
