@@ -5,9 +5,10 @@ recovers it without retraining (:mod:`surgery.pruning.recover`), and measures MA
 subset: one row per (group, ratio) plus a ``dense`` row, the model put through the same recovery
 with nothing cut (the baseline of every loss: the recovery's own effect is not the cut's). Rows are
 written to the CSV as they are measured (the whole file rewritten atomically after each row), so a
-killed run resumes where it stopped: rows already in the CSV are skipped. Each CSV row carries a ``key`` (a hash of the
-checkpoint's bytes and every setting that changes a value); a CSV with another key belongs to
-another run and is refused rather than overwritten or mixed.
+killed run resumes where it stopped: rows already in the CSV are skipped. Each CSV row carries a
+``key`` (a hash of the checkpoint's bytes, the table's version and every setting that changes a
+value); a CSV with another key belongs to another run and is refused rather than overwritten or
+mixed.
 
 :func:`allocate_by_sensitivity` turns the table into per-group ratios that meet a MACs target while
 cutting the insensitive groups more: starting from nothing cut, it repeatedly raises by ``step``
@@ -91,14 +92,16 @@ class SensitivityResult:
 # the table on disk
 
 
+TABLE_VERSION = 2  # 2: the dense row is scored after the recovery (_recovered_uncut); tables of 1 are measured again
+
+
 def run_key(checkpoint_digest: str, settings: dict[str, Any]) -> str:
-    """The key a table's rows carry: the checkpoint's SHA-256 (:func:`surgery.storage.trust.sha256_file`)
-    and the settings they were measured with."""
+    """The key a table's rows carry: the checkpoint's SHA-256 (:func:`surgery.storage.trust.sha256_file`),
+    :data:`TABLE_VERSION` and the settings they were measured with."""
     text = json.dumps({"checkpoint": checkpoint_digest, "table": TABLE_VERSION, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-TABLE_VERSION = 2  # 2: the dense row is scored after the recovery (_recovered_uncut); tables of 1 are measured again
 MAX_TABLE_BYTES = 16 << 20  # a few thousand rows are ~1 MB
 
 
