@@ -206,7 +206,10 @@ def test_openvino_split_counts_groupnorm_in_the_network(onnx_file) -> None:
     assert generated  # the FCOS head's GroupNorms
     split = onnx_split_ms(onnx_file, feeds, scopes, threads=1, warmup=0, runs=1, runtime="openvino")
     # OpenVINO's counters list nodes in its own order, so a generated node can follow a pipeline
-    # node: most GroupNorms (not necessarily all) count as network; counting none fails. The split
-    # compiles the file again, and two compilations listed 132 and 133 such nodes (a full-suite run,
-    # 2026-12-07): a slack of 2, far below the 70 pipeline nodes that counting them as network would add
-    assert len(scoped) + len(generated) // 2 <= split.network_nodes <= len(scoped | generated) + 2
+    # node: most GroupNorms (not necessarily all) count as network; counting none fails
+    assert len(scoped) + len(generated) // 2 <= split.network_nodes
+    # and no node the exporter scoped to the post-processing does. (The split compiles the file again,
+    # and OpenVINO's generated nodes, reorders among them, vary between compilations: 132 to 135
+    # network nodes in full-suite runs, so the bound is on the stable, scoped pipeline names.)
+    pipeline_scoped = {n for n in names if "/" in n and not n.startswith(scopes)}
+    assert pipeline_scoped and split.pipeline_nodes >= len(pipeline_scoped)
