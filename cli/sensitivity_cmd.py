@@ -71,7 +71,8 @@ def sensitivity(
         return {"mAP": float(r["mAP"]), "mAP50": float(r["mAP50"])}
 
     def on_row(row, i, total) -> None:  # noqa: ANN001
-        what = "dense" if row.group == "dense" else f"{row.group} cut {row.ratio:g} ({row.kept}/{row.channels} kept)"
+        baseline = f"dense, recovered on {recover} batches with nothing cut (the baseline)" if recover else "dense"
+        what = baseline if row.group == "dense" else f"{row.group} cut {row.ratio:g} ({row.kept}/{row.channels} kept)"
         console.print(f"[{i}/{total}] {what}: MACs {row.macs_ratio:.1%}, mAP {row.map:.3f} (mAP50 {row.map50:.3f}), "
                       f"{row.seconds:.1f}s", soft_wrap=True, highlight=False, markup=False)
 
