@@ -84,6 +84,21 @@ def test_static_export_at_the_model_size_leaves_out_the_identity_resize(tmp_path
     assert "resize" not in vars(model.transform)
 
 
+def test_where_nothing_was_resized_the_boxes_are_not_scaled_back():
+    """Inside ``no_identity_resize`` the transform's post-processing hands the boxes back as they are
+    (torchvision would multiply them by 1: nodes the export need not carry); an image whose size did
+    change still goes through torchvision's scaling, and the caller's model is restored after."""
+    model = build_model("fcos_resnet18_slim", fpn_channels=64, min_size=96, max_size=96).eval()
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
+    with sexport.no_identity_resize(model, (96, 96)) as bypassed:
+        assert bypassed == 1
+        kept = model.transform.postprocess([{"boxes": boxes}], [(96, 96)], [(96, 96)])
+        scaled = model.transform.postprocess([{"boxes": boxes}], [(96, 96)], [(192, 192)])
+    assert kept[0]["boxes"] is boxes
+    assert torch.equal(scaled[0]["boxes"], boxes * 2)
+    assert "postprocess" not in vars(model.transform) and "resize" not in vars(model.transform)
+
+
 def test_no_detections_verifies_a_relaxed_copy(tmp_path):
     torch.manual_seed(0)
     model = build_model("fcos_resnet18_slim").eval()  # untrained: nothing above score_thresh=0.2
